@@ -1,0 +1,30 @@
+"""svdfuse: multi-source knowledge transfer by model merging (AXIS), fast.
+
+    result = svdfuse.merge(sources, k=76, base=base_model)
+    model = result.to_module(base_model)
+    svdfuse.adapt(model, loader, n=0.1)
+"""
+
+from svdfuse import nn, ops
+from svdfuse.adapt import AdaptReport, adapt
+from svdfuse.io import save_hf_directory, save_safetensors
+from svdfuse.merge import SVDOptions, merge
+from svdfuse.result import LayerReport, MergeReport, MergeResult
+from svdfuse.sources import SourceError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "merge",
+    "adapt",
+    "ops",
+    "nn",
+    "SVDOptions",
+    "MergeResult",
+    "MergeReport",
+    "LayerReport",
+    "AdaptReport",
+    "SourceError",
+    "save_safetensors",
+    "save_hf_directory",
+]

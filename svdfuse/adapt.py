@@ -1,0 +1,130 @@
+"""`svdfuse.adapt`: Stage 2 of AXIS, training only the top-N singular values of merged layers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from svdfuse.nn import Excess, set_trainable, svd_layers
+
+__all__ = ["AdaptReport", "adapt", "default_loss"]
+
+
+@dataclass
+class AdaptReport:
+    """What Stage 2 did: trainable scalars, mean loss per epoch, wall time."""
+
+    trainable: int
+    layers: int
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def default_loss(model: nn.Module, batch: Any) -> Tensor:
+    """Loss of one batch: `(inputs, targets)` -> cross-entropy of `model(inputs)`; a dict -> `model(**batch).loss`
+    (Hugging Face models with labels)."""
+    if isinstance(batch, dict):
+        out = model(**batch)
+        if getattr(out, "loss", None) is None:
+            raise ValueError("a dict batch needs a model that returns .loss (pass labels), or give loss_fn=")
+        return out.loss
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, targets = batch
+        logits = model(inputs)
+        return nn.functional.cross_entropy(logits, targets)
+    raise TypeError(f"cannot compute a loss from a batch of type {type(batch).__name__}; pass loss_fn=(model, batch) -> loss")
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def adapt(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    n: int | float = 0.1,
+    epochs: int = 10,
+    lr: float = 1e-1,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    loss_fn: Callable[[nn.Module, Any], Tensor] = default_loss,
+    excess: Excess = "error",
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> AdaptReport:
+    """Stage 2: train only the top-`n` singular values of every svdfuse layer on the target task.
+
+    Everything else in `model` (U, V, the other singular values, biases, norms, heads) is frozen.
+    Defaults follow the AXIS paper: 10 epochs at lr 1e-1 (AdamW without weight decay, cosine
+    schedule over all steps).
+
+    Args:
+        model: a module from `MergeResult.to_module` (has `SVDLinear` / `SVDWeight` layers).
+        data: a re-iterable of batches (a DataLoader); each `(inputs, targets)`, a dict for
+            Hugging Face models, or anything `loss_fn` understands.
+        n: N per layer: an int, or a fraction of min(m, n) (floor).
+        epochs, lr: training length and peak learning rate.
+        optimizer: factory `params -> Optimizer` replacing the default AdamW.
+        loss_fn: `(model, batch) -> scalar loss`.
+        excess: what to do where N exceeds a layer's merged rank: "error", "clip" or "extend"
+            (see `svdfuse.nn`).
+        device: where to train (default: where the model is).
+        progress: show a progress bar.
+
+    Returns:
+        An `AdaptReport`; the model is trained in place and left in eval mode.
+
+    Example::
+
+        model = result.to_module(base_model)
+        report = svdfuse.adapt(model, loader, n=0.1)
+        print(report.trainable, report.epoch_losses[-1])
+    """
+    start = time.perf_counter()
+    trainable = set_trainable(model, n, excess)
+    if trainable == 0:
+        raise ValueError(f"adapt: n={n} leaves no singular value to train")
+    params = [p for p in model.parameters() if p.requires_grad]
+    layers = len(list(svd_layers(model)))
+    if device is not None:
+        model.to(device)
+    device = params[0].device
+    opt = optimizer(params) if optimizer is not None else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps = epochs * max(1, len(data)) if hasattr(data, "__len__") else None
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if steps and optimizer is None else None
+    report = AdaptReport(trainable=trainable, layers=layers)
+    model.train()
+    bar = tqdm(total=steps, desc=f"adapt ({trainable} σ)", unit="step", disable=not progress)
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for batch in data:
+            loss = loss_fn(model, _to(batch, device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"adapt: loss became {loss.item()} at epoch {len(report.epoch_losses) + 1}; lower lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total, count = total + loss.item(), count + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if count == 0:
+            raise ValueError("adapt: data yielded no batches")
+        report.epoch_losses.append(total / count)
+    bar.close()
+    model.eval()
+    report.seconds = time.perf_counter() - start
+    return report

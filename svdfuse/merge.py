@@ -1,0 +1,157 @@
+"""`svdfuse.merge`: AXIS over a whole model, one group of same-shape matrices at a time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from svdfuse import ops
+from svdfuse.reference import compute_dtype
+from svdfuse.plan import DEFAULT_EXCLUDE, MatrixEntry, make_plan
+from svdfuse.result import LayerReport, MergeReport, MergeResult
+from svdfuse.sources import ModelLike, Source, SourceError, open_source
+
+__all__ = ["SVDOptions", "merge"]
+
+
+@dataclass(frozen=True)
+class SVDOptions:
+    """How each source's task matrices are decomposed (see `svdfuse.ops.truncated_svd`)."""
+
+    method: ops.SVDMethod | str = ops.SVDMethod.AUTO
+    oversample: int = ops.DEFAULT_OVERSAMPLE
+    power_iters: int = ops.DEFAULT_POWER_ITERS
+    seed: int = 0
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _Reader:
+    """Reads a tensor from the base and every source, checking values as they arrive."""
+
+    def __init__(self, base: Source, sources: list[Source], dtype: torch.dtype | None, device: torch.device) -> None:
+        self.base, self.sources, self.dtype, self.device = base, sources, dtype, device
+        self.differs = [False] * len(sources)  # whether source i differs from the base anywhere
+
+    def _load(self, source: Source, key: str) -> Tensor:
+        t = source.get(key)
+        if self.dtype is not None:
+            t = t.to(self.dtype)
+        return t.to(self.device)
+
+    def _check_finite(self, t: Tensor, source: Source, key: str) -> None:
+        if not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise SourceError(f"{source.label}: {key!r} holds {bad} NaN/Inf values of {t.numel()}")
+
+    def read(self, key: str, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """(base (*shape), sources (T, *shape)) on the merge device."""
+        base = self._load(self.base, key).reshape(shape)
+        self._check_finite(base, self.base, key)
+        stack = torch.empty((len(self.sources), *shape), dtype=base.dtype, device=self.device)
+        for i, source in enumerate(self.sources):
+            stack[i] = self._load(source, key).reshape(shape)
+            self._check_finite(stack[i], source, key)
+            self.differs[i] = self.differs[i] or not torch.equal(stack[i], base)
+        return base, stack
+
+
+def _axis_group(W0: Tensor, W: Tensor, k: int, svd: SVDOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """AXIS on G same-shape layers. W0: (G, m, n), W: (G, T, m, n) -> U_t (G, m, k), S_t (G, k), V_t (G, n, k), counts (G, T)."""
+    G, T = W.shape[:2]
+    U, S, V = ops.truncated_svd(
+        W, k, base=W0.unsqueeze(1), method=svd.method, oversample=svd.oversample, power_iters=svd.power_iters, seed=svd.seed
+    )
+    values, source, comp = ops.topk_components(S, k)  # (G, k) each
+    layer = torch.arange(G, device=W.device).unsqueeze(1)
+    U_s = U[layer, source, :, comp].mT  # (G, m, k)
+    V_s = V[layer, source, :, comp].mT  # (G, n, k)
+    U_t, S_t, V_t = ops.reorthogonalize(U_s, values, V_s)
+    counts = torch.nn.functional.one_hot(source, T).sum(1)
+    return U_t, S_t, V_t, counts
+
+
+def merge(
+    models: Sequence[ModelLike],
+    k: int | float,
+    base: ModelLike,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    svd: SVDOptions = SVDOptions(),
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    group_bytes: int = 1 << 29,
+    progress: bool = False,
+) -> MergeResult:
+    """Merge fine-tuned `models` of one `base` by AXIS (arXiv 2508.19353).
+
+    Per matrix: decompose every task matrix `Δ_i = W_i - W0` into rank-one components, keep the
+    global top-k by singular value across all sources, sum them and re-orthogonalize. Tensors that
+    are not matrices (biases, norms) are averaged over the sources; integer buffers are the base's.
+
+    Args:
+        models: the T source models; each an nn.Module, a state dict, a .safetensors file or a
+            Hugging Face model directory, with the base's tensor names and shapes.
+        k: components kept per matrix: an int, or a float in (0, 1] as floor(k * min(m, n)).
+        base: the pre-trained model the sources were fine-tuned from (same kinds as `models`).
+        include: glob patterns of tensor names to merge as matrices (default: every weight with
+            2 or more dims; conv kernels as out × in·kh·kw).
+        exclude: glob patterns of names never merged as matrices (default: embedding tables).
+        svd: decomposition options; the default picks randomized or exact SVD by shape.
+        dtype: cast every tensor to this dtype first; by default mixed dtypes are an error.
+        device: where to compute (default: CUDA when available).
+        group_bytes: budget for one group of same-shape matrices over all sources.
+        progress: show a progress bar.
+
+    Returns:
+        A `MergeResult` with `state_dict()`, `components[name] = (U_t (m, k), S_t (k,), V_t (n, k))`,
+        `report` (selected components per source per matrix) and `to_module(base)`.
+
+    Example::
+
+        result = svdfuse.merge(["ft-cars.safetensors", "ft-dtd.safetensors"], k=76, base="vit-b32.safetensors")
+        result.save("merged.safetensors")
+    """
+    start = time.perf_counter()
+    device = torch.device(device) if device is not None else _default_device()
+    base_source = open_source(base, "base")
+    sources = [open_source(model, f"source {i}") for i, model in enumerate(models)]
+    plan = make_plan(base_source, sources, k, include=include, exclude=exclude, dtype=dtype, group_bytes=group_bytes)
+    reader = _Reader(base_source, sources, dtype, device)
+    components: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    layers: list[LayerReport] = []
+    bar = tqdm(total=len(plan.matrices) + len(plan.averaged), unit="tensor", desc="merge", disable=not progress)
+    for group in plan.groups:
+        entries: list[MatrixEntry] = group
+        m, n, rank = entries[0].m, entries[0].n, entries[0].k
+        pairs = [reader.read(e.key, (m, n)) for e in entries]
+        W0 = torch.stack([p[0] for p in pairs])
+        W = torch.stack([p[1] for p in pairs])
+        del pairs
+        U_t, S_t, V_t, counts = _axis_group(W0, W, rank, svd)
+        del W0, W
+        for i, entry in enumerate(entries):
+            components[entry.key] = (U_t[i], S_t[i], V_t[i])
+            layers.append(LayerReport(entry.key, entry.shape, rank, counts[i].tolist()))
+        bar.update(len(entries))
+    averaged: dict[str, Tensor] = {}
+    for key in plan.averaged:
+        shape, _ = base_source.meta(key)
+        base_t, stack = reader.read(key, shape)
+        acc = compute_dtype(stack.dtype)
+        averaged[key] = stack.to(acc).mean(0).to(base_t.dtype)
+        bar.update(1)
+    bar.close()
+    unchanged = [s.label for s, d in zip(sources, reader.differs) if not d]
+    if unchanged:
+        raise SourceError(f"{', '.join(unchanged)}: identical to the base in every tensor; a source must be fine-tuned from it")
+    report = MergeReport([s.label for s in sources], layers, time.perf_counter() - start)
+    return MergeResult(base_source, plan, components, averaged, report, dtype)

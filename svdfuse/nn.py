@@ -1,0 +1,227 @@
+"""Merged layers whose only trainable numbers are their top singular values.
+
+`SVDLinear` replaces an `nn.Linear`: `y = x W0ᵀ + ((x V) ⊙ σ) Uᵀ + b` through
+`svdfuse.ops.lowrank_matmul`, never building the dense matrix. `SVDWeight` is a parametrization
+for weights that a module uses directly (`nn.MultiheadAttention.in_proj_weight`, conv kernels):
+`W = W0 + U diag(σ) Vᵀ`, reshaped to the weight's shape.
+
+N, the number of trainable singular values, may exceed the merged rank k only by explicit choice
+(`excess`): "error" (the default) refuses, "clip" trains all k and warns, "extend" adds N - k
+directions orthogonal to U and V with σ = 0 and trains them too.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from svdfuse import ops
+from svdfuse.plan import resolve_rank
+
+if TYPE_CHECKING:
+    from svdfuse.result import MergeResult
+
+__all__ = ["SVDLinear", "SVDWeight", "Excess", "svd_layers", "set_trainable", "materialize"]
+
+Excess = Literal["error", "clip", "extend"]
+
+
+def _complement(Q: Tensor, extra: int, seed: int = 0) -> Tensor:
+    """`extra` orthonormal columns orthogonal to the orthonormal columns of Q: (d, k) -> (d, extra)."""
+    gen = torch.Generator().manual_seed(seed)
+    fill = torch.randn(Q.shape[0], extra, generator=gen, dtype=torch.float64).to(Q.device)
+    full = torch.linalg.qr(torch.cat([Q.to(torch.float64), fill], dim=1)).Q
+    return full[:, Q.shape[1] :].to(Q.dtype)
+
+
+def _requested(n: int | float, layer: "_SingularValues", name: str) -> int:
+    return 0 if n == 0 else resolve_rank(n, layer.U.shape[0], layer.V.shape[0], f"{name}: trainable singular values")
+
+
+class _SingularValues(nn.Module):
+    """U (m, K), V (n, K) frozen; σ split into a trainable head `sigma` (N,) and a frozen tail."""
+
+    def __init__(self, U: Tensor, S: Tensor, V: Tensor, trainable: int | float | None = None) -> None:
+        super().__init__()
+        self.register_buffer("U", U.detach().clone())
+        self.register_buffer("V", V.detach().clone())
+        self.sigma = nn.Parameter(S.detach().clone())
+        self.register_buffer("sigma_frozen", S.new_empty(0))
+        if trainable is not None:
+            self.set_trainable(trainable)
+
+    @property
+    def S(self) -> Tensor:
+        """All K singular values, (K,), trainable head first."""
+        return torch.cat([self.sigma, self.sigma_frozen])
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    def set_trainable(self, n: int | float, excess: Excess = "error", *, name: str = "layer") -> int:
+        """Make the top `n` singular values trainable (int, or fraction of min(m, n)); returns N."""
+        m, d = self.U.shape[0], self.V.shape[0]
+        N = _requested(n, self, name)
+        S = self.S.detach()
+        if N > self.rank:
+            if excess == "error":
+                raise ValueError(
+                    f"{name}: {N} trainable singular values requested but the merged rank is {self.rank}; merge with "
+                    f"k >= {N}, or pass excess='clip' (train all {self.rank}) or excess='extend' (add {N - self.rank} "
+                    "orthogonal directions with σ = 0)"
+                )
+            if excess == "clip":
+                N = self.rank
+            elif excess == "extend":
+                if N > min(m, d):
+                    raise ValueError(f"{name}: cannot extend to {N} directions in a {m}x{d} matrix")
+                extra = N - self.rank
+                self.U = torch.cat([self.U, _complement(self.U, extra)], dim=1)
+                self.V = torch.cat([self.V, _complement(self.V, extra, seed=1)], dim=1)
+                S = torch.cat([S, S.new_zeros(extra)])
+            else:
+                raise ValueError(f"excess must be 'error', 'clip' or 'extend', found {excess!r}")
+        self.sigma = nn.Parameter(S[:N].clone())
+        self.sigma_frozen = S[N:].clone()
+        return N
+
+    def delta(self) -> Tensor:
+        """The dense task matrix `U diag(σ) Vᵀ`, (m, n)."""
+        return (self.U * self.S) @ self.V.T
+
+
+class SVDLinear(_SingularValues):
+    """`nn.Linear` with weight `W0 + U diag(σ) Vᵀ` served low-rank; only the top-N σ train.
+
+    Args:
+        weight0: (m, n) base weight W0 (frozen buffer).
+        U: (m, K), S: (K,), V: (n, K) merged factors.
+        bias: optional (m,), frozen.
+        trainable: N, top singular values to train (int or fraction of min(m, n)); None: all K.
+
+    Example::
+
+        layer = SVDLinear(W0, *result.components["encoder.layer.0.output.dense.weight"], bias=b, trainable=38)
+        y = layer(x)  # x: (..., n) -> (..., m)
+    """
+
+    def __init__(
+        self, weight0: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Tensor | None = None, trainable: int | float | None = None
+    ) -> None:
+        dtype = weight0.dtype
+        super().__init__(U.to(dtype), S.to(dtype), V.to(dtype), trainable)
+        self.register_buffer("weight0", weight0.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = weight0.shape[1], weight0.shape[0]
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight `W0 + U diag(σ) Vᵀ`, (m, n), built on demand (for code that reads `.weight`)."""
+        return self.weight0 + self.delta().to(self.weight0.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.lowrank_matmul(x, self.U, self.S, self.V, base=self.weight0, bias=self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, trainable={self.sigma.numel()}"
+
+
+class SVDWeight(_SingularValues):
+    """Parametrization `W0 -> W0 + (U diag(σ) Vᵀ).reshape(W0.shape)` for weights used directly by a module."""
+
+    def forward(self, weight0: Tensor) -> Tensor:
+        return weight0 + self.delta().to(weight0.dtype).reshape(weight0.shape)
+
+
+def svd_layers(model: nn.Module) -> Iterator[tuple[str, _SingularValues]]:
+    """(name, layer) of every `SVDLinear` and `SVDWeight` in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, _SingularValues):
+            yield name, module
+
+
+def set_trainable(model: nn.Module, n: int | float, excess: Excess = "error") -> int:
+    """Freeze everything in `model` but the top-`n` singular values of each svdfuse layer.
+
+    Returns the number of trainable scalars. Raises if `model` has no svdfuse layers.
+    """
+    layers = list(svd_layers(model))
+    if not layers:
+        raise ValueError("model has no svdfuse layers; convert it with result.to_module(base) first")
+    model.requires_grad_(False)
+    clipped = []
+    for name, layer in layers:
+        rank = layer.rank
+        if layer.set_trainable(n, excess, name=name) < _requested(n, layer, name):
+            clipped.append(f"{name!r} ({rank})")
+    if clipped:
+        warnings.warn(
+            f"excess='clip': {len(clipped)} layers train all their merged singular values, fewer than the n={n} "
+            f"asked for: {', '.join(clipped[:3])}{' ...' if len(clipped) > 3 else ''}",
+            stacklevel=2,
+        )
+    return sum(layer.sigma.numel() for _, layer in layers)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def attach(base: nn.Module, result: "MergeResult", trainable: int | float | None = None) -> nn.Module:
+    """Implementation of `MergeResult.to_module`: a deep copy of `base` holding the merge."""
+    model = copy.deepcopy(base)
+    own = model.state_dict()
+    for key in list(result.components) + list(result.averaged):
+        if key not in own:
+            raise ValueError(f"module {type(base).__name__} has no tensor {key!r} that the merge produced")
+    with torch.no_grad():
+        for key, value in result.averaged.items():
+            own[key].copy_(value)
+    modules = dict(model.named_modules())
+    for key, (U, S, V) in result.components.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = modules[owner_name]
+        weight0 = result._base.get(key).to(own[key])
+        if own[key].shape != weight0.shape:
+            raise ValueError(f"{key!r}: module has shape {tuple(own[key].shape)}, merge base has {tuple(weight0.shape)}")
+        parent = modules.get(owner_name.rpartition(".")[0]) if owner_name else None
+        if isinstance(owner, nn.Linear) and attr == "weight" and not isinstance(parent, nn.MultiheadAttention):
+            # nn.MultiheadAttention reads out_proj.weight itself, so its out_proj stays an nn.Linear.
+            _replace(model, owner_name, SVDLinear(weight0, U, S, V, owner.bias, trainable))
+        else:
+            with torch.no_grad():
+                getattr(owner, attr).copy_(weight0)
+            getattr(owner, attr).requires_grad_(False)
+            layer = SVDWeight(U.to(weight0.dtype), S.to(weight0.dtype), V.to(weight0.dtype), trainable)
+            parametrize.register_parametrization(owner, attr, layer, unsafe=True)
+    return model
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Fold every svdfuse layer of `model` back into dense weights, in place; returns `model`.
+
+    `SVDLinear` becomes `nn.Linear(W0 + U diag(σ) Vᵀ)`, `SVDWeight` parametrizations are removed
+    leaving the dense weight; the state dict then has the base architecture's names again.
+    """
+    for name, layer in list(svd_layers(model)):
+        if isinstance(layer, SVDLinear):
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            dense = dense.to(device=layer.weight0.device, dtype=layer.weight0.dtype)
+            with torch.no_grad():
+                dense.weight.copy_(layer.weight)
+                if layer.bias is not None:
+                    dense.bias.copy_(layer.bias)
+            _replace(model, name, dense)
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for attr in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+    return model

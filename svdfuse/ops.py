@@ -1,0 +1,195 @@
+"""The single front door to svdfuse's compute.
+
+Users and the merge pipeline call these functions; each checks its inputs, then runs the fastest
+backend available for the tensors' device: the compiled extension (`svdfuse._C`) where it is
+built, otherwise the pure-torch reference in `svdfuse.reference` (which is also the test oracle).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import Tensor
+
+from svdfuse import _native, reference
+
+__all__ = [
+    "SVDMethod",
+    "DEFAULT_OVERSAMPLE",
+    "DEFAULT_POWER_ITERS",
+    "truncated_svd",
+    "topk_components",
+    "reorthogonalize",
+    "lowrank_matmul",
+]
+
+# Chosen by measurement on task-matrix-like spectra (bench/bench_rsvd_accuracy.py): with these,
+# reconstruction error stays within 1.02x of Eckart-Young and the top-k singular values within
+# 1e-3 relative of exact.
+DEFAULT_OVERSAMPLE = 16
+DEFAULT_POWER_ITERS = 3
+
+
+class SVDMethod(str, enum.Enum):
+    """How `truncated_svd` decomposes: randomized sketch, full SVD, or whichever is cheaper."""
+
+    AUTO = "auto"
+    EXACT = "exact"
+    RANDOMIZED = "randomized"
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _resolve_method(method: SVDMethod | str, rank: int, oversample: int, m: int, n: int) -> SVDMethod:
+    method = SVDMethod(method)
+    if method is SVDMethod.AUTO:
+        # A sketch as wide as half the matrix does as much work as a full SVD and is less exact.
+        return SVDMethod.EXACT if 2 * (rank + oversample) >= min(m, n) else SVDMethod.RANDOMIZED
+    return method
+
+
+def truncated_svd(
+    A: Tensor,
+    rank: int,
+    base: Tensor | None = None,
+    *,
+    method: SVDMethod | str = SVDMethod.AUTO,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    power_iters: int = DEFAULT_POWER_ITERS,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-`rank` SVD of `A - base` for a batch of matrices, without forming `A - base`.
+
+    Args:
+        A: (..., m, n) source matrices, fp32/bf16/fp16/fp64; accumulation is fp32 (fp64 for fp64).
+        rank: number of leading components to return, 1 <= rank <= min(m, n).
+        base: (m, n) or any shape broadcastable to A; subtracted from every matrix of A.
+        method: "randomized" (Halko–Martinsson–Tropp), "exact" (`torch.linalg.svd`) or "auto".
+        oversample: extra sketch columns of the randomized method.
+        power_iters: subspace iterations of the randomized method.
+        seed: seed of the Gaussian test matrix; the same seed gives the same result.
+
+    Returns:
+        U (..., m, rank), S (..., rank) descending, V (..., n, rank), in the accumulation dtype,
+        with `A - base ≈ U diag(S) Vᵀ`.
+
+    Example::
+
+        U, S, V = svdfuse.ops.truncated_svd(finetuned, 76, base=pretrained)
+    """
+    if A.dim() < 2:
+        raise ValueError(f"truncated_svd: A must be (..., m, n), found shape {_shape(A)}")
+    m, n = A.shape[-2:]
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"truncated_svd: rank must be in [1, {min(m, n)}] for {m}x{n} matrices, found {rank}")
+    if not A.is_floating_point():
+        raise TypeError(f"truncated_svd: A must be floating point, found {A.dtype}")
+    if base is not None:
+        if base.shape[-2:] != A.shape[-2:]:
+            raise ValueError(f"truncated_svd: base has shape {_shape(base)}, A has {_shape(A)}; the last two dims must match")
+        if base.device != A.device:
+            raise ValueError(f"truncated_svd: base is on {base.device}, A on {A.device}")
+    if oversample < 0 or power_iters < 0:
+        raise ValueError(f"truncated_svd: oversample and power_iters must be >= 0, found {oversample}, {power_iters}")
+    if _resolve_method(method, rank, oversample, m, n) is SVDMethod.EXACT:
+        return reference.exact_svd(A, rank, base)
+    return reference.randomized_svd(A, rank, base, oversample=oversample, power_iters=power_iters, seed=seed)
+
+
+def topk_components(S: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Global top-k singular components across sources, per layer.
+
+    Args:
+        S: (..., sources, r) singular values of every source's components; leading dims are layers.
+        k: how many to keep, 1 <= k <= sources * r.
+
+    Returns:
+        values (..., k) descending, source index (..., k) and component index (..., k), int64.
+        Ties go to the lower source index, then the lower component index.
+
+    Example::
+
+        values, source, component = svdfuse.ops.topk_components(S, 76)
+    """
+    if S.dim() < 2:
+        raise ValueError(f"topk_components: S must be (..., sources, r), found shape {_shape(S)}")
+    total = S.shape[-2] * S.shape[-1]
+    if not 1 <= k <= total:
+        raise ValueError(f"topk_components: k must be in [1, {total}] for S of shape {_shape(S)}, found {k}")
+    if torch.isnan(S).any():
+        raise ValueError("topk_components: S contains NaN")
+    return reference.topk_components(S, k)
+
+
+def reorthogonalize(U_s: Tensor, S_s: Tensor, V_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of a merged low-rank matrix `U_s diag(S_s) V_sᵀ` whose factors are not orthogonal.
+
+    Uses QR of the stacked factors and an SVD of the K×K core; never an SVD of an m×n matrix.
+
+    Args:
+        U_s: (..., m, K), S_s: (..., K), V_s: (..., n, K) with K <= min(m, n).
+
+    Returns:
+        U_t (..., m, K) and V_t (..., n, K) with orthonormal columns, S_t (..., K) descending.
+
+    Example::
+
+        U_t, S_t, V_t = svdfuse.ops.reorthogonalize(U_s, S_s, V_s)
+    """
+    K = S_s.shape[-1]
+    if U_s.shape[-1] != K or V_s.shape[-1] != K or K > min(U_s.shape[-2], V_s.shape[-2]):
+        raise ValueError(
+            f"reorthogonalize: expected U_s (..., m, K), S_s (..., K), V_s (..., n, K) with K <= min(m, n), "
+            f"found {_shape(U_s)}, {_shape(S_s)}, {_shape(V_s)}"
+        )
+    return reference.reorthogonalize(U_s, S_s, V_s)
+
+
+def _check_lowrank(x: Tensor, U: Tensor, S: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None) -> None:
+    if U.dim() != 2 or V.dim() != 2 or S.dim() != 1:
+        raise ValueError(f"lowrank_matmul: expected U (m, K), S (K,), V (n, K), found {_shape(U)}, {_shape(S)}, {_shape(V)}")
+    (m, K), n = U.shape, V.shape[0]
+    if V.shape[1] != K or S.shape[0] != K:
+        raise ValueError(f"lowrank_matmul: rank mismatch: U {_shape(U)}, S {_shape(S)}, V {_shape(V)}")
+    if x.dim() == 0 or x.shape[-1] != n:
+        raise ValueError(f"lowrank_matmul: x must be (..., {n}) to match V {_shape(V)}, found {_shape(x)}")
+    if base is not None and tuple(base.shape) != (m, n):
+        raise ValueError(f"lowrank_matmul: base must be ({m}, {n}), found {_shape(base)}")
+    if bias is not None and tuple(bias.shape) != (m,):
+        raise ValueError(f"lowrank_matmul: bias must be ({m},), found {_shape(bias)}")
+    named = {"x": x, "U": U, "S": S, "V": V, "base": base, "bias": bias}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"lowrank_matmul: {name} is {t.dtype}, x is {x.dtype}; all tensors must share one dtype")
+        if t.device != x.device:
+            raise ValueError(f"lowrank_matmul: {name} is on {t.device}, x on {x.device}")
+
+
+def lowrank_matmul(
+    x: Tensor, U: Tensor, S: Tensor, V: Tensor, base: Tensor | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """`y = x Wbᵀ + ((x V) ⊙ S) Uᵀ + bias` without forming the dense m×n matrix.
+
+    Args:
+        x: (..., n) inputs; fp32, bf16, fp16 or fp64, shared by every tensor.
+        U: (m, K) left factors, S: (K,) singular values, V: (n, K) right factors.
+        base: optional (m, n) dense base weight Wb.
+        bias: optional (m,).
+
+    Returns:
+        (..., m) in x's dtype; accumulation is fp32 (fp64 for fp64). Differentiable in every input.
+
+    Example::
+
+        y = svdfuse.ops.lowrank_matmul(x, U_t, S_t, V_t, base=W0, bias=b)
+    """
+    _check_lowrank(x, U, S, V, base, bias)
+    op = _native.lowrank_matmul_op(x.device)
+    if op is not None:
+        return op(x, U, S, V, base, bias)
+    return reference.lowrank_matmul(x, U, S, V, base, bias)

@@ -1,0 +1,111 @@
+"""Pure-torch reference implementations of every op in `svdfuse.ops`.
+
+They are the CPU backend and the test oracle for the Triton and C++/CUDA kernels. All of them
+accumulate in float32 (float64 when the inputs are float64) whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype svdfuse accumulates in for data stored in `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lowrank_matmul(
+    x: Tensor, U: Tensor, S: Tensor, V: Tensor, base: Tensor | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """`x Wbᵀ + ((x V) ⊙ S) Uᵀ + bias`; x: (..., n), U: (m, K), S: (K,), V: (n, K) -> (..., m)."""
+    acc = compute_dtype(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1]).to(acc)
+    y = ((x2 @ V.to(acc)) * S.to(acc)) @ U.to(acc).T
+    if base is not None:
+        y = y + x2 @ base.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype).reshape(*x.shape[:-1], U.shape[0])
+
+
+def _gaussian(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
+    # Drawn on the CPU so that a seed gives the same test matrix on every device.
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=dtype).to(device)
+
+
+def _minus_base(A: Tensor, base: Tensor | None, acc: torch.dtype) -> Tensor:
+    return A.to(acc) if base is None else A.to(acc) - base.to(acc)
+
+
+def exact_svd(A: Tensor, rank: int, base: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Truncated SVD of `A - base` by a full `torch.linalg.svd`; A: (..., m, n) -> U (..., m, r), S (..., r), V (..., n, r)."""
+    delta = _minus_base(A, base, compute_dtype(A.dtype))
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    return U[..., :rank], S[..., :rank], Vh[..., :rank, :].mT
+
+
+def randomized_svd(
+    A: Tensor,
+    rank: int,
+    base: Tensor | None = None,
+    *,
+    oversample: int,
+    power_iters: int,
+    seed: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Halko–Martinsson–Tropp randomized SVD of `A - base`, batched over the leading dims.
+
+    `A - base` is never formed: every product is `A X - base X`. The sketch width is
+    `min(rank + oversample, m, n)`; each power iteration re-orthonormalizes with a Householder QR,
+    which keeps rank-deficient and zero task matrices exact.
+    """
+    acc = compute_dtype(A.dtype)
+    m, n = A.shape[-2:]
+    width = min(rank + oversample, m, n)
+    Ac = A.to(acc)
+    Bc = None if base is None else base.to(acc)
+
+    def times(X: Tensor) -> Tensor:  # (A - base) X
+        return Ac @ X if Bc is None else Ac @ X - Bc @ X
+
+    def times_t(X: Tensor) -> Tensor:  # (A - base)ᵀ X
+        return Ac.mT @ X if Bc is None else Ac.mT @ X - Bc.mT @ X
+
+    omega = _gaussian((n, width), acc, A.device, seed)
+    Q = torch.linalg.qr(times(omega)).Q
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(times_t(Q)).Q
+        Q = torch.linalg.qr(times(Q)).Q
+    B_t = times_t(Q)  # (..., n, width) = ((A - base)ᵀ Q) = Bᵀ
+    Vb, S, Ubh = torch.linalg.svd(B_t, full_matrices=False)  # Bᵀ = Vb S Ubᵀ
+    U = Q @ Ubh.mT
+    return U[..., :rank], S[..., :rank], Vb[..., :rank]
+
+
+def topk_components(S: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Global top-k of `S: (..., sources, r)` over sources × components.
+
+    Ties go to the lower source index, then the lower component index (a stable sort), so the
+    selection is deterministic on every device.
+    """
+    sources, r = S.shape[-2:]
+    flat = S.reshape(*S.shape[:-2], sources * r)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices[..., :k]
+    values = torch.gather(flat, -1, order)
+    return values, torch.div(order, r, rounding_mode="floor"), order % r
+
+
+def reorthogonalize(U_s: Tensor, S_s: Tensor, V_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of `U_s diag(S_s) V_sᵀ` through QR of the factors and an SVD of the K×K core.
+
+    U_s: (..., m, K), S_s: (..., K), V_s: (..., n, K) -> U_t (..., m, K), S_t (..., K), V_t (..., n, K)
+    with orthonormal U_t, V_t and S_t descending.
+    """
+    acc = compute_dtype(U_s.dtype)
+    Qu, Ru = torch.linalg.qr(U_s.to(acc))
+    Qv, Rv = torch.linalg.qr(V_s.to(acc))
+    core = (Ru * S_s.to(acc).unsqueeze(-2)) @ Rv.mT
+    Uc, S_t, Vch = torch.linalg.svd(core)
+    return Qu @ Uc, S_t, Qv @ Vch.mT
