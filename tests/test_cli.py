@@ -1,0 +1,71 @@
+"""The `svdfuse` command line and the package's import surface."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import svdfuse
+from svdfuse.cli import main
+
+
+@pytest.fixture
+def model_files(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    base = {"layer.weight": torch.randn(20, 12, generator=gen), "layer.bias": torch.randn(20, generator=gen)}
+    save_file(base, tmp_path / "base.safetensors")
+    paths = []
+    for i in range(3):
+        src = {key: value + 0.1 * torch.randn(value.shape, generator=gen) for key, value in base.items()}
+        save_file(src, tmp_path / f"ft{i}.safetensors")
+        paths.append(str(tmp_path / f"ft{i}.safetensors"))
+    return tmp_path, paths
+
+
+def test_cli_merge_writes_the_same_model_as_the_api(model_files, capsys):
+    tmp_path, sources = model_files
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "-k", "4", "-o", str(out), "--quiet", *sources]) == 0
+    printed = capsys.readouterr().out
+    assert "ft1.safetensors" in printed and "1 matrices merged" in printed and f"wrote {out}" in printed
+    expected = svdfuse.merge(sources, k=4, base=tmp_path / "base.safetensors").state_dict()
+    written = load_file(out)
+    assert written.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(written[key], expected[key], atol=0, rtol=0)
+
+
+def test_cli_merge_reports_errors_without_traceback_or_output(model_files, capsys):
+    tmp_path, sources = model_files
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "-k", "13", "-o", str(out), "--quiet", *sources]) == 2
+    err = capsys.readouterr().err
+    assert "k=13 is larger than min(m, n)" in err and "'layer.weight' 20x12" in err
+    assert not out.exists()
+    out.write_text("keep me")
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "-k", "2", "-o", str(out), *sources]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_text() == "keep me"
+
+
+def test_cli_rejects_a_malformed_k(model_files):
+    tmp_path, sources = model_files
+    with pytest.raises(SystemExit):
+        main(["merge", "--base", str(tmp_path / "base.safetensors"), "-k", "ten", "-o", "x.safetensors", *sources])
+
+
+def test_demo_runs_end_to_end_and_stage2_helps(capsys):
+    assert main(["demo", "--epochs", "3", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("build sources", "merge (AXIS)", "adapt (Stage 2)", "serve (low-rank vs dense)"):
+        assert stage in printed
+    accuracy = {line.rsplit(None, 1)[0].strip(): float(line.rsplit(None, 1)[1]) for line in printed.splitlines() if line.startswith("  AXIS")}
+    assert accuracy["AXIS + Stage 2"] > accuracy["AXIS merge"]
+
+
+def test_import_stays_lean():
+    # Heavy optional dependencies load only when a feature needs them.
+    code = "import sys, svdfuse; print(sorted(m for m in ('triton', 'transformers', 'open_clip', 'sklearn') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
