@@ -1,4 +1,9 @@
-"""Loading of the compiled extension `svdfuse._C` and the ops it registers with `torch.library`."""
+"""Loading of the compiled extension `svdfuse._C`, and the Python halves of the ops it defines.
+
+`svdfuse._C` defines `torch.ops.svdfuse.*` and their CPU/CUDA kernels in C++. This module adds what
+tracing and training need on top: a fake (meta) impl for each op, so that FakeTensor, torch.compile
+and torch.export see output shapes without running a kernel, and its autograd formula.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +12,90 @@ import warnings
 from typing import Callable
 
 import torch
+from torch import Tensor
+
+from svdfuse.reference import compute_dtype
+
+# Loaded at import, quietly (it is cheap and initializes no CUDA), so that the ops are complete for
+# torch.compile from the start; a missing extension is reported at the first call instead.
+try:
+    import svdfuse._C  # noqa: F401  (loading it defines torch.ops.svdfuse.*)
+
+    _LOAD_ERROR: ImportError | None = None
+except ImportError as err:
+    _LOAD_ERROR = err
 
 
 @functools.cache
-def _loaded() -> bool:
-    try:
-        import svdfuse._C  # noqa: F401  (registers torch.ops.svdfuse.*)
-    except ImportError as err:
+def _available() -> bool:
+    # Cached, so that a missing extension warns once per process; stacklevel 4 is the code that
+    # called the svdfuse.ops function.
+    if _LOAD_ERROR is not None:
         warnings.warn(
-            f"svdfuse: the compiled extension svdfuse._C is not available ({err}); using the pure-torch "
+            f"svdfuse: the compiled extension svdfuse._C is not available ({_LOAD_ERROR}); using the pure-torch "
             "reference ops. Reinstall with `pip install --no-build-isolation -e .` to build it.",
-            stacklevel=3,
+            stacklevel=4,
         )
-        return False
-    return True
+    return _LOAD_ERROR is None
 
 
 def lowrank_matmul_op(device: torch.device) -> Callable | None:
     """`torch.ops.svdfuse.lowrank_matmul` if the extension has a kernel for `device`, else None."""
-    if not _loaded():
+    if not _available():
         return None
     op = torch.ops.svdfuse.lowrank_matmul.default
     key = torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
     return op if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key) else None
+
+
+def _lowrank_matmul_fake(
+    x: Tensor, U: Tensor, S: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    return x.new_empty((*x.shape[:-1], U.shape[0]))
+
+
+def _lowrank_matmul_setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    x, U, S, V, base, _ = inputs
+    ctx.save_for_backward(x, U, S, V, base)
+
+
+def _lowrank_matmul_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    # In the forward's accumulation dtype, like the kernels, and cast once per gradient.
+    x, U, S, V, base = ctx.saved_tensors
+    need_x, need_U, need_S, need_V, need_base, need_bias = ctx.needs_input_grad
+    acc = compute_dtype(x.dtype)
+    x2 = x.reshape(-1, V.shape[0]).to(acc)
+    g2 = grad.reshape(-1, U.shape[0]).to(acc)
+    U_, S_, V_ = U.to(acc), S.to(acc), V.to(acc)
+    gU = g2 @ U_  # gradient with respect to (x V) ⊙ S
+    t = x2 @ V_ if need_U or need_S else None
+    grad_x = grad_U = grad_S = grad_V = grad_base = grad_bias = None
+    if need_x:
+        gx = (gU * S_) @ V_.T
+        if base is not None:
+            gx = gx + g2 @ base.to(acc)
+        grad_x = gx.to(x.dtype).reshape(x.shape)
+    if need_U:
+        grad_U = (g2.T @ (t * S_)).to(U.dtype)
+    if need_S:
+        grad_S = (gU * t).sum(0).to(S.dtype)
+    if need_V:
+        grad_V = (x2.T @ (gU * S_)).to(V.dtype)
+    if need_base:
+        grad_base = (g2.T @ x2).to(base.dtype)
+    if need_bias:
+        grad_bias = g2.sum(0).to(x.dtype)
+    return grad_x, grad_U, grad_S, grad_V, grad_base, grad_bias
+
+
+if _LOAD_ERROR is None:
+    # The registrations belong to this library object: re-executing the module (importlib.reload)
+    # replaces them when the old object is released, instead of failing on a duplicate.
+    _LIB = torch.library.Library("svdfuse", "FRAGMENT")
+    torch.library.register_fake("svdfuse::lowrank_matmul", _lowrank_matmul_fake, lib=_LIB)
+    torch.library.register_autograd(
+        "svdfuse::lowrank_matmul",
+        _lowrank_matmul_backward,
+        setup_context=_lowrank_matmul_setup_context,
+        lib=_LIB,
+    )
