@@ -51,6 +51,18 @@ def save_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike) -> No
         raise
 
 
+def _template_ignore(*outputs: Path):
+    # Weight files are replaced, never copied; and when the output lies inside the template
+    # (saving into the base directory) its temporary directory must not be copied into itself.
+    weights = shutil.ignore_patterns(*_WEIGHT_FILES)
+    skip = {out.resolve() for out in outputs}
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        return set(weights(directory, names)) | {name for name in names if (Path(directory) / name).resolve() in skip}
+
+    return ignore
+
+
 def save_hf_directory(state: Mapping[str, Tensor], path: str | os.PathLike, template: str | os.PathLike) -> None:
     """Write a Hugging Face model directory at the new path `path`: every non-weight file of
     `template` (config, tokenizer, ...) plus `model.safetensors` holding `state`."""
@@ -59,7 +71,7 @@ def save_hf_directory(state: Mapping[str, Tensor], path: str | os.PathLike, temp
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        shutil.copytree(template, tmp, ignore=shutil.ignore_patterns(*_WEIGHT_FILES), dirs_exist_ok=True)
+        shutil.copytree(template, tmp, ignore=_template_ignore(tmp, path), dirs_exist_ok=True)
         save_file(_contiguous(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.replace(tmp, path)
     except BaseException:

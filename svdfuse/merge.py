@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,23 +44,28 @@ class _Reader:
 
     def _load(self, source: Source, key: str) -> Tensor:
         t = source.get(key)
+        stored = t.dtype
         if self.dtype is not None:
             t = t.to(self.dtype)
-        return t.to(self.device)
-
-    def _check_finite(self, t: Tensor, source: Source, key: str) -> None:
+        t = t.to(self.device)
         if not torch.isfinite(t).all():
-            bad = (~torch.isfinite(t)).sum().item()
-            raise SourceError(f"{source.label}: {key!r} holds {bad} NaN/Inf values of {t.numel()}")
+            nan, inf = torch.isnan(t).sum().item(), torch.isinf(t).sum().item()
+            cast = f" after casting from {stored} to {t.dtype}" if t.dtype != stored else ""
+            raise SourceError(
+                f"{source.label}: {key!r} of shape {tuple(t.shape)} holds {nan} NaN and {inf} Inf values{cast} "
+                f"(of {t.numel()}); expected finite values"
+            )
+        return t
 
-    def read(self, key: str, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """(base (*shape), sources (T, *shape)) on the merge device."""
+    def read(self, key: str, shape: tuple[int, ...], out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """(base (*shape), sources (T, *shape)) on the merge device, written into `out` when given."""
         base = self._load(self.base, key).reshape(shape)
-        self._check_finite(base, self.base, key)
-        stack = torch.empty((len(self.sources), *shape), dtype=base.dtype, device=self.device)
+        if out is None:
+            stack = torch.empty((len(self.sources), *shape), dtype=base.dtype, device=self.device)
+        else:
+            base, stack = out[0].copy_(base), out[1]
         for i, source in enumerate(self.sources):
             stack[i] = self._load(source, key).reshape(shape)
-            self._check_finite(stack[i], source, key)
             self.differs[i] = self.differs[i] or not torch.equal(stack[i], base)
         return base, stack
 
@@ -121,6 +128,11 @@ def merge(
         result.save("merged.safetensors")
     """
     start = time.perf_counter()
+    if isinstance(models, (str, bytes, os.PathLike, Mapping, torch.nn.Module, Source)):
+        raise TypeError(
+            f"models must be a list of source models, found a single {type(models).__name__}; "
+            "wrap one model in a list: merge([model], ...)"
+        )
     device = torch.device(device) if device is not None else _default_device()
     base_source = open_source(base, "base")
     sources = [open_source(model, f"source {i}") for i, model in enumerate(models)]
@@ -132,10 +144,12 @@ def merge(
     for group in plan.groups:
         entries: list[MatrixEntry] = group
         m, n, rank = entries[0].m, entries[0].n, entries[0].k
-        pairs = [reader.read(e.key, (m, n)) for e in entries]
-        W0 = torch.stack([p[0] for p in pairs])
-        W = torch.stack([p[1] for p in pairs])
-        del pairs
+        # Read straight into the group's buffers: stacking per-matrix reads would hold the group twice.
+        group_dtype = functools.reduce(torch.promote_types, [dtype or plan.dtypes[e.key] for e in entries])
+        W0 = torch.empty((len(entries), m, n), dtype=group_dtype, device=device)
+        W = torch.empty((len(entries), len(sources), m, n), dtype=group_dtype, device=device)
+        for i, entry in enumerate(entries):
+            reader.read(entry.key, (m, n), out=(W0[i], W[i]))
         U_t, S_t, V_t, counts = _axis_group(W0, W, rank, svd)
         del W0, W
         for i, entry in enumerate(entries):

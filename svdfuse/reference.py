@@ -46,6 +46,24 @@ def exact_svd(A: Tensor, rank: int, base: Tensor | None = None) -> tuple[Tensor,
     return U[..., :rank], S[..., :rank], Vh[..., :rank, :].mT
 
 
+def _broadcast_matmul(B: Tensor, X: Tensor) -> Tensor:
+    """B @ X where B broadcasts over batch dims of X, without expanding B (torch.matmul would copy
+    B once per broadcast batch entry): those dims are folded into the columns of X instead."""
+    if X.dim() == 2 or B.shape[:-2] == X.shape[:-2]:
+        return B @ X
+    batch = torch.broadcast_shapes(B.shape[:-2], X.shape[:-2])
+    nb = len(batch)
+    B = B.reshape((1,) * (nb - (B.dim() - 2)) + B.shape)
+    X = X.expand(*batch, *X.shape[-2:])
+    spread = [i for i in range(nb) if B.shape[i] == 1 and batch[i] != 1]
+    keep = [i for i in range(nb) if i not in spread]
+    perm = keep + [nb] + spread + [nb + 1]
+    folded = X.permute(*perm).reshape(*[batch[i] for i in keep], X.shape[-2], -1)
+    Y = B.reshape(*[B.shape[i] for i in keep], *B.shape[-2:]) @ folded
+    Y = Y.reshape(*[batch[i] for i in keep], B.shape[-2], *[batch[i] for i in spread], X.shape[-1])
+    return Y.permute(*[perm.index(d) for d in range(nb + 2)])
+
+
 def randomized_svd(
     A: Tensor,
     rank: int,
@@ -68,10 +86,10 @@ def randomized_svd(
     Bc = None if base is None else base.to(acc)
 
     def times(X: Tensor) -> Tensor:  # (A - base) X
-        return Ac @ X if Bc is None else Ac @ X - Bc @ X
+        return Ac @ X if Bc is None else Ac @ X - _broadcast_matmul(Bc, X)
 
     def times_t(X: Tensor) -> Tensor:  # (A - base)ᵀ X
-        return Ac.mT @ X if Bc is None else Ac.mT @ X - Bc.mT @ X
+        return Ac.mT @ X if Bc is None else Ac.mT @ X - _broadcast_matmul(Bc.mT, X)
 
     omega = _gaussian((n, width), acc, A.device, seed)
     Q = torch.linalg.qr(times(omega)).Q

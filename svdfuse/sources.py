@@ -21,9 +21,13 @@ ModelLike = Union[nn.Module, Mapping[str, Tensor], str, os.PathLike]
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+    "BOOL": torch.bool, "C64": torch.complex64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # torch >= 2.7
+    _SAFETENSORS_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 
 
 class SourceError(ValueError):
@@ -95,7 +99,13 @@ class SafetensorsSource(Source):
 
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         sl = self._file_of[key].get_slice(key)
-        return tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()]
+        name = sl.get_dtype()
+        if name not in _SAFETENSORS_DTYPES:
+            raise SourceError(
+                f"{self.label}: {key!r} has safetensors dtype {name}, which svdfuse cannot read; "
+                f"expected one of {', '.join(_SAFETENSORS_DTYPES)}"
+            )
+        return tuple(sl.get_shape()), _SAFETENSORS_DTYPES[name]
 
     def get(self, key: str) -> Tensor:
         try:
@@ -104,13 +114,22 @@ class SafetensorsSource(Source):
             raise SourceError(f"{self.label}: cannot read tensor {key!r} ({err})") from err
 
 
-def _hf_weight_files(directory: Path) -> list[Path] | None:
+def _hf_weight_files(directory: Path, label: str) -> list[Path] | None:
     single = directory / "model.safetensors"
     if single.is_file():
         return [single]
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise SourceError(
+                f"{label}: {str(index)!r} is not a safetensors index: expected JSON with a 'weight_map' of "
+                f"name -> shard file ({type(err).__name__}: {err})"
+            ) from err
+        missing = [shard for shard in shards if not (directory / shard).is_file()]
+        if missing:
+            raise SourceError(f"{label}: {str(index)!r} lists {len(missing)} shard files that do not exist (e.g. {missing[:3]})")
         return [directory / shard for shard in shards]
     return None
 
@@ -131,12 +150,17 @@ def open_source(model: ModelLike, label: str) -> Source:
     path = Path(model)
     label = f"{label} ({path.name!r})"
     if path.is_dir():
-        files = _hf_weight_files(path)
+        files = _hf_weight_files(path, label)
         if files is not None:
             return SafetensorsSource(label, files, directory=path)
         bin_file = path / "pytorch_model.bin"
         if bin_file.is_file():
-            state = torch.load(bin_file, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                state = torch.load(bin_file, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as err:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... on bad files
+                raise SourceError(f"{label}: cannot read {str(bin_file)!r} as a torch checkpoint ({type(err).__name__}: {err})") from err
+            if not isinstance(state, Mapping):
+                raise SourceError(f"{label}: {str(bin_file)!r} holds a {type(state).__name__}, expected a state dict")
             source = MappingSource(label, state)
             source.directory = path
             return source

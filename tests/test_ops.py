@@ -131,3 +131,16 @@ def test_reorthogonalize_reproduces_the_merged_matrix():
     eye = torch.eye(6, dtype=torch.float64).expand(2, -1, -1)
     torch.testing.assert_close(U_t.mT @ U_t, eye)
     torch.testing.assert_close(V_t.mT @ V_t, eye)
+
+
+@pytest.mark.parametrize(
+    "b_shape,x_shape",
+    [((5, 4), (3, 7, 4, 2)), ((3, 1, 5, 4), (3, 7, 4, 2)), ((1, 5, 4), (6, 4, 3)), ((2, 1, 1, 5, 4), (2, 3, 2, 4, 1)), ((3, 5, 4), (3, 4, 2))],
+)
+def test_broadcast_base_product_equals_matmul_without_expanding(b_shape, x_shape):
+    from svdfuse.reference import _broadcast_matmul
+
+    gen = torch.Generator().manual_seed(9)
+    B = torch.randn(b_shape, generator=gen, dtype=torch.float64)
+    X = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(_broadcast_matmul(B, X), B @ X, atol=1e-12, rtol=0)
