@@ -99,11 +99,9 @@ def run_demo(
     accuracy["average of sources"] = _accuracy(averaged, xt_test, y_test)
 
     tic = time.perf_counter()
-    result = svdfuse.merge(list(sources.values()), k=k, base=base, device=device)
+    result = svdfuse.merge(sources, k=k, base=base, device=device)
     times["merge (AXIS)"] = time.perf_counter() - tic
-    out(result.report.table().replace("source ", "task "))
-    labels = dict(zip(result.report.sources, sources))
-    out("  (" + ", ".join(f"{label} = {task}" for label, task in labels.items()) + ")\n")
+    out(result.report.table() + "\n")
     model = result.to_module(base)
     accuracy["AXIS merge"] = _accuracy(model, xt_test, y_test)
 

@@ -70,6 +70,20 @@ class _Reader:
         return base, stack
 
 
+def _labelled(models: Sequence[ModelLike] | Mapping[str, ModelLike]) -> list[tuple[str, ModelLike]]:
+    """(label, model) pairs: "source 2" for a list, "source 2 ('cars')" for a name -> model mapping."""
+    single = (str, bytes, os.PathLike, torch.nn.Module, Source)
+    is_state_dict = isinstance(models, Mapping) and any(isinstance(v, Tensor) for v in models.values())
+    if isinstance(models, single) or is_state_dict:
+        raise TypeError(
+            f"models must be a list of source models (or a name -> model mapping), found a single "
+            f"{type(models).__name__}; wrap one model in a list: merge([model], ...)"
+        )
+    if isinstance(models, Mapping):
+        return [(f"source {i} ({name!r})", model) for i, (name, model) in enumerate(models.items())]
+    return [(f"source {i}", model) for i, model in enumerate(models)]
+
+
 def _axis_group(W0: Tensor, W: Tensor, k: int, svd: SVDOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """AXIS on G same-shape layers. W0: (G, m, n), W: (G, T, m, n) -> U_t (G, m, k), S_t (G, k), V_t (G, n, k), counts (G, T)."""
     G, T = W.shape[:2]
@@ -105,8 +119,9 @@ def merge(
     are not matrices (biases, norms) are averaged over the sources; integer buffers are the base's.
 
     Args:
-        models: the T source models; each an nn.Module, a state dict, a .safetensors file or a
-            Hugging Face model directory, with the base's tensor names and shapes.
+        models: the T source models, a list or a name -> model mapping (names label the report);
+            each an nn.Module, a state dict, a .safetensors file or a Hugging Face model
+            directory, with the base's tensor names and shapes.
         k: components kept per matrix: an int, or a float in (0, 1] as floor(k * min(m, n)).
         base: the pre-trained model the sources were fine-tuned from (same kinds as `models`).
         include: glob patterns of tensor names to merge as matrices (default: every weight with
@@ -128,14 +143,9 @@ def merge(
         result.save("merged.safetensors")
     """
     start = time.perf_counter()
-    if isinstance(models, (str, bytes, os.PathLike, Mapping, torch.nn.Module, Source)):
-        raise TypeError(
-            f"models must be a list of source models, found a single {type(models).__name__}; "
-            "wrap one model in a list: merge([model], ...)"
-        )
     device = torch.device(device) if device is not None else _default_device()
     base_source = open_source(base, "base")
-    sources = [open_source(model, f"source {i}") for i, model in enumerate(models)]
+    sources = [open_source(model, label) for label, model in _labelled(models)]
     plan = make_plan(base_source, sources, k, include=include, exclude=exclude, dtype=dtype, group_bytes=group_bytes)
     reader = _Reader(base_source, sources, dtype, device)
     components: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -167,5 +177,9 @@ def merge(
     unchanged = [s.label for s, d in zip(sources, reader.differs) if not d]
     if unchanged:
         raise SourceError(f"{', '.join(unchanged)}: identical to the base in every tensor; a source must be fine-tuned from it")
+    # Groups follow shapes; users read results in the model's own order.
+    position = {key: i for i, key in enumerate(plan.keys)}
+    layers.sort(key=lambda layer: position[layer.key])
+    components = {layer.key: components[layer.key] for layer in layers}
     report = MergeReport([s.label for s in sources], layers, time.perf_counter() - start)
     return MergeResult(base_source, plan, components, averaged, report, dtype)

@@ -137,7 +137,7 @@ def test_a_single_model_instead_of_a_list_is_an_error(single, good_file, base):
     # Iterating a path or a state dict would "open" its characters or keys as models.
     model = {"path": str(good_file), "dict": finetune(base, 0), "module": module_from(finetune(base, 0))}[single]
     kind = {"path": "str", "dict": "dict", "module": "Module"}[single]
-    with pytest.raises(TypeError, match=rf"models must be a list of source models, found a single {kind}; wrap"):
+    with pytest.raises(TypeError, match=rf"models must be a list of source models \(or a name -> model mapping\), found a single {kind}; wrap"):
         merge(model, base)
 
 

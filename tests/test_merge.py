@@ -183,3 +183,11 @@ def test_report_table_names_every_source():
     assert all(f"source {i}" in table for i in range(3))
     assert sum(result.report.totals()) == 5 * 3
     assert "3 matrices merged" in table
+
+
+def test_named_sources_label_the_report_and_results_follow_model_order():
+    base, sources = _planted_sources(T=2, rank=2, seed=7)
+    result = svdfuse.merge({"cars": sources[0], "dtd": sources[1]}, k=2, base=base, device="cpu")
+    assert result.report.sources == ["source 0 ('cars')", "source 1 ('dtd')"]
+    matrices = [key for key in base if key in result.components]
+    assert list(result.components) == matrices == [layer.key for layer in result.report.layers]
