@@ -1,4 +1,4 @@
-"""`svdfuse.merge`: AXIS over a whole model, one group of same-shape matrices at a time."""
+"""`svdfuse.merge`: any registered method over a whole model, one group of same-shape matrices at a time."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from svdfuse import ops
+from svdfuse.methods import Factors, Method, get_method
+from svdfuse.plan import DEFAULT_EXCLUDE, make_plan
 from svdfuse.reference import compute_dtype
-from svdfuse.plan import DEFAULT_EXCLUDE, MatrixEntry, make_plan
 from svdfuse.result import LayerReport, MergeReport, MergeResult
 from svdfuse.sources import ModelLike, Source, SourceError, open_source
 
@@ -84,26 +86,37 @@ def _labelled(models: Sequence[ModelLike] | Mapping[str, ModelLike]) -> list[tup
     return [(f"source {i}", model) for i, model in enumerate(models)]
 
 
-def _axis_group(W0: Tensor, W: Tensor, k: int, svd: SVDOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """AXIS on G same-shape layers. W0: (G, m, n), W: (G, T, m, n) -> U_t (G, m, k), S_t (G, k), V_t (G, n, k), counts (G, T)."""
-    G, T = W.shape[:2]
-    U, S, V = ops.truncated_svd(
-        W, k, base=W0.unsqueeze(1), method=svd.method, oversample=svd.oversample, power_iters=svd.power_iters, seed=svd.seed
-    )
-    values, source, comp = ops.topk_components(S, k)  # (G, k) each
-    layer = torch.arange(G, device=W.device).unsqueeze(1)
-    U_s = U[layer, source, :, comp].mT  # (G, m, k)
-    V_s = V[layer, source, :, comp].mT  # (G, n, k)
-    U_t, S_t, V_t = ops.reorthogonalize(U_s, values, V_s)
-    counts = torch.nn.functional.one_hot(source, T).sum(1)
-    return U_t, S_t, V_t, counts
+def _adaptable(merged: Factors | Tensor, k: int | None, svd: SVDOptions) -> tuple[Factors | None, Tensor | None]:
+    """Split a group's merged task matrices into top-k SVD factors (what Stage 2 adapts) and a
+    dense residual (kept frozen), exactly: factors + residual = merged.
+
+    k None keeps a method's own factors whole and leaves a dense result dense.
+    """
+    if isinstance(merged, Factors):
+        if k is None or merged.S.shape[-1] <= k:
+            return merged, None
+        U, S, V, counts = merged
+        rest = (U[..., k:] * S[..., k:].unsqueeze(-2)) @ V[..., k:].mT
+        return Factors(U[..., :k], S[..., :k], V[..., :k], counts), rest
+    if k is None:
+        return None, merged
+    U, S, V = ops.truncated_svd(merged, k, method=svd.method, oversample=svd.oversample, power_iters=svd.power_iters, seed=svd.seed)
+    return Factors(U, S, V), merged - (U * S.unsqueeze(-2)) @ V.mT
+
+
+def _call(method: Method, fn, W0: Tensor, W: Tensor, **context) -> Factors | Tensor:
+    if method.upcast:
+        acc = compute_dtype(W.dtype)
+        W0, W = W0.to(acc), W.to(acc)
+    return fn(W0, W, **method.bind(fn, context))
 
 
 def merge(
-    models: Sequence[ModelLike],
-    k: int | float,
-    base: ModelLike,
+    models: Sequence[ModelLike] | Mapping[str, ModelLike],
+    k: int | float | None = None,
+    base: ModelLike | None = None,
     *,
+    method: str = "axis",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     svd: SVDOptions = SVDOptions(),
@@ -111,19 +124,25 @@ def merge(
     device: torch.device | str | None = None,
     group_bytes: int = 1 << 29,
     progress: bool = False,
+    **params: Any,
 ) -> MergeResult:
-    """Merge fine-tuned `models` of one `base` by AXIS (arXiv 2508.19353).
+    """Merge fine-tuned `models` of one `base`, by AXIS (arXiv 2508.19353) or another method.
 
-    Per matrix: decompose every task matrix `Δ_i = W_i - W0` into rank-one components, keep the
-    global top-k by singular value across all sources, sum them and re-orthogonalize. Tensors that
-    are not matrices (biases, norms) are averaged over the sources; integer buffers are the base's.
+    AXIS, per matrix: decompose every task matrix `Δ_i = W_i - W0` into rank-one components,
+    keep the global top-k by singular value across all sources, sum them and re-orthogonalize.
+    Tensors that are not matrices (biases, norms) are averaged; integer buffers are the base's.
+    Other methods (`svdfuse.methods.METHODS`): "average", "task_arithmetic", "ties", "dare",
+    "tsv_m", "iso_c", "iso_cts"; their parameters go in `params`.
 
     Args:
         models: the T source models, a list or a name -> model mapping (names label the report);
             each an nn.Module, a state dict, a .safetensors file or a Hugging Face model
             directory, with the base's tensor names and shapes.
-        k: components kept per matrix: an int, or a float in (0, 1] as floor(k * min(m, n)).
+        k: per matrix, an int or a float in (0, 1] as floor(k * min(m, n)). For AXIS (required)
+            the components kept; for other methods the rank adapted in Stage 2: the merged task
+            matrix's top-k SVD components become `components`, the rest stays dense and frozen.
         base: the pre-trained model the sources were fine-tuned from (same kinds as `models`).
+        method: the merge method's registered name.
         include: glob patterns of tensor names to merge as matrices (default: every weight with
             2 or more dims; conv kernels as out × in·kh·kw).
         exclude: glob patterns of names never merged as matrices (default: embedding tables).
@@ -132,6 +151,7 @@ def merge(
         device: where to compute (default: CUDA when available).
         group_bytes: budget for one group of same-shape matrices over all sources.
         progress: show a progress bar.
+        params: the method's parameters, e.g. `density=0.2` for "ties".
 
     Returns:
         A `MergeResult` with `state_dict()`, `components[name] = (U_t (m, k), S_t (k,), V_t (n, k))`,
@@ -140,19 +160,26 @@ def merge(
     Example::
 
         result = svdfuse.merge(["ft-cars.safetensors", "ft-dtd.safetensors"], k=76, base="vit-b32.safetensors")
+        ties = svdfuse.merge(sources, base=base, method="ties", density=0.2, k=0.1)
         result.save("merged.safetensors")
     """
     start = time.perf_counter()
+    spec = get_method(method)
+    spec.check_params(params)
+    if base is None:
+        raise TypeError("merge needs base=, the pre-trained model the sources were fine-tuned from")
+    if spec.needs_k and k is None:
+        raise TypeError(f"method {method!r} needs k, the number of components kept per matrix (int or fraction)")
     device = torch.device(device) if device is not None else _default_device()
     base_source = open_source(base, "base")
     sources = [open_source(model, label) for label, model in _labelled(models)]
     plan = make_plan(base_source, sources, k, include=include, exclude=exclude, dtype=dtype, group_bytes=group_bytes)
     reader = _Reader(base_source, sources, dtype, device)
     components: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    residuals: dict[str, Tensor] = {}
     layers: list[LayerReport] = []
-    bar = tqdm(total=len(plan.matrices) + len(plan.averaged), unit="tensor", desc="merge", disable=not progress)
-    for group in plan.groups:
-        entries: list[MatrixEntry] = group
+    bar = tqdm(total=len(plan.matrices) + len(plan.elementwise), unit="tensor", desc=f"merge ({method})", disable=not progress)
+    for entries in plan.groups:
         m, n, rank = entries[0].m, entries[0].n, entries[0].k
         # Read straight into the group's buffers: stacking per-matrix reads would hold the group twice.
         group_dtype = functools.reduce(torch.promote_types, [dtype or plan.dtypes[e.key] for e in entries])
@@ -160,18 +187,24 @@ def merge(
         W = torch.empty((len(entries), len(sources), m, n), dtype=group_dtype, device=device)
         for i, entry in enumerate(entries):
             reader.read(entry.key, (m, n), out=(W0[i], W[i]))
-        U_t, S_t, V_t, counts = _axis_group(W0, W, rank, svd)
+        keys = [e.key for e in entries]
+        merged = _call(spec, spec.matrices, W0, W, k=rank, svd=svd, seed=svd.seed, keys=keys, **params)
         del W0, W
+        factors, rest = _adaptable(merged, rank, svd)
         for i, entry in enumerate(entries):
-            components[entry.key] = (U_t[i], S_t[i], V_t[i])
-            layers.append(LayerReport(entry.key, entry.shape, rank, counts[i].tolist()))
+            if factors is not None:
+                components[entry.key] = (factors.U[i], factors.S[i], factors.V[i])
+            if rest is not None:
+                residuals[entry.key] = rest[i]
+            counts = None if factors is None or factors.counts is None else factors.counts[i].tolist()
+            layers.append(LayerReport(entry.key, entry.shape, 0 if factors is None else factors.S.shape[-1], counts))
         bar.update(len(entries))
-    averaged: dict[str, Tensor] = {}
-    for key in plan.averaged:
+    tensors: dict[str, Tensor] = {}
+    for key in plan.elementwise:
         shape, _ = base_source.meta(key)
         base_t, stack = reader.read(key, shape)
-        acc = compute_dtype(stack.dtype)
-        averaged[key] = stack.to(acc).mean(0).to(base_t.dtype)
+        delta = _call(spec, spec.tensors, base_t[None], stack[None], seed=svd.seed, keys=[key], **params)[0]
+        tensors[key] = (base_t.to(delta.dtype) + delta).to(base_t.dtype)
         bar.update(1)
     bar.close()
     unchanged = [s.label for s, d in zip(sources, reader.differs) if not d]
@@ -180,6 +213,6 @@ def merge(
     # Groups follow shapes; users read results in the model's own order.
     position = {key: i for i, key in enumerate(plan.keys)}
     layers.sort(key=lambda layer: position[layer.key])
-    components = {layer.key: components[layer.key] for layer in layers}
-    report = MergeReport([s.label for s in sources], layers, time.perf_counter() - start)
-    return MergeResult(base_source, plan, components, averaged, report, dtype)
+    components = {layer.key: components[layer.key] for layer in layers if layer.key in components}
+    report = MergeReport(method, [s.label for s in sources], layers, time.perf_counter() - start)
+    return MergeResult(base_source, plan, components, residuals, tensors, report, dtype)

@@ -179,19 +179,33 @@ def attach(base: nn.Module, result: "MergeResult", trainable: int | float | None
     """Implementation of `MergeResult.to_module`: a deep copy of `base` holding the merge."""
     model = copy.deepcopy(base)
     own = model.state_dict()
-    for key in list(result.components) + list(result.averaged):
+    for key in result.matrices + list(result.tensors):
         if key not in own:
             raise ValueError(f"module {type(base).__name__} has no tensor {key!r} that the merge produced")
+    if result.matrices and not result.components:
+        raise ValueError(
+            f"this {result.report.method} merge has no components to adapt: pass k to svdfuse.merge to make the top-k "
+            "singular components of each merged matrix trainable"
+        )
     with torch.no_grad():
-        for key, value in result.averaged.items():
+        for key, value in result.tensors.items():
             own[key].copy_(value)
     modules = dict(model.named_modules())
-    for key, (U, S, V) in result.components.items():
+    for key in result.matrices:
         owner_name, _, attr = key.rpartition(".")
         owner = modules[owner_name]
-        weight0 = result._base.get(key).to(own[key])
+        # The frozen part of the weight: the base plus whatever of the merge is not in the components.
+        weight0 = result.base_tensor(key).to(own[key])
         if own[key].shape != weight0.shape:
             raise ValueError(f"{key!r}: module has shape {tuple(own[key].shape)}, merge base has {tuple(weight0.shape)}")
+        rest = result.frozen_delta(key)
+        if rest is not None:
+            weight0 = weight0 + rest.to(weight0)
+        if key not in result.components:
+            with torch.no_grad():
+                own[key].copy_(weight0)
+            continue
+        U, S, V = result.components[key]
         parent = modules.get(owner_name.rpartition(".")[0]) if owner_name else None
         if isinstance(owner, nn.Linear) and attr == "weight" and not isinstance(parent, nn.MultiheadAttention):
             # nn.MultiheadAttention reads out_proj.weight itself, so its out_proj stays an nn.Linear.

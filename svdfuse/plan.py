@@ -28,17 +28,17 @@ class MatrixEntry:
     shape: tuple[int, ...]
     m: int
     n: int
-    k: int
+    k: int | None
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Matrices in groups of one shape; floating non-matrix tensors averaged; the rest copied from the base."""
+    """Matrices in groups of one shape (k None: no rank asked for); other floating tensors merged elementwise; the rest copied from the base."""
 
     keys: list[str]
     dtypes: dict[str, torch.dtype]
     groups: list[list[MatrixEntry]]
-    averaged: list[str]
+    elementwise: list[str]
     copied: list[str]
 
     @property
@@ -99,7 +99,7 @@ def _check_sources(base: Source, sources: list[Source], dtype: torch.dtype | Non
 def make_plan(
     base: Source,
     sources: list[Source],
-    k: int | float,
+    k: int | float | None,
     *,
     include: Sequence[str] | None,
     exclude: Sequence[str],
@@ -115,7 +115,7 @@ def make_plan(
         raise SourceError("merge needs at least one source model, found an empty list")
     keys, meta = _check_sources(base, sources, dtype)
     by_shape: dict[tuple[int, int], list[MatrixEntry]] = {}
-    averaged, copied, too_small = [], [], []
+    elementwise, copied, too_small = [], [], []
     for key in keys:
         shape, key_dtype = meta[key]
         if not key_dtype.is_floating_point:
@@ -123,11 +123,11 @@ def make_plan(
             continue
         wanted = (include is None or _matches(key, include)) and not _matches(key, exclude)
         if not (wanted and _is_matrix(key, shape, key_dtype)):
-            averaged.append(key)
+            elementwise.append(key)
             continue
         m, n = shape[0], math.prod(shape[1:])
-        rank = resolve_rank(k, m, n, "k")
-        if rank > min(m, n):
+        rank = None if k is None else resolve_rank(k, m, n, "k")
+        if rank is not None and rank > min(m, n):
             too_small.append(f"{key!r} {m}x{n}")
         by_shape.setdefault((m, n), []).append(MatrixEntry(key, shape, m, n, rank))
     if too_small:
@@ -141,4 +141,4 @@ def make_plan(
         per_matrix = (len(sources) + 1) * m * n * max(itemsize, 4)
         size = max(1, group_bytes // per_matrix)
         groups += [entries[i : i + size] for i in range(0, len(entries), size)]
-    return Plan(keys, {key: meta[key][1] for key in keys}, groups, averaged, copied)
+    return Plan(keys, {key: meta[key][1] for key in keys}, groups, elementwise, copied)

@@ -1,4 +1,4 @@
-"""What a merge returns: merged factors, averaged tensors, a report, and ways to use them."""
+"""What a merge returns: merged factors, other merged tensors, a report, and ways to use them."""
 
 from __future__ import annotations
 
@@ -14,28 +14,33 @@ from svdfuse.sources import Source
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One merged matrix: its name, shape, rank k and how many of its k components came from each source."""
+    """One merged matrix: its name, shape, the rank k of its components and, for methods that
+    select components (AXIS, TSV-M), how many came from each source."""
 
     key: str
     shape: tuple[int, ...]
     k: int
-    counts: list[int]
+    counts: list[int] | None
 
 
 @dataclass(frozen=True)
 class MergeReport:
-    """Per-matrix selection counts of a merge, and how long it took."""
+    """Which method merged what, per-matrix selection counts, and how long it took."""
 
+    method: str
     sources: list[str]
     layers: list[LayerReport]
     seconds: float
 
     def totals(self) -> list[int]:
-        """Components selected from each source over all matrices."""
-        return [sum(layer.counts[i] for layer in self.layers) for i in range(len(self.sources))]
+        """Components selected from each source over all matrices (methods that select)."""
+        return [sum(layer.counts[i] for layer in self.layers if layer.counts) for i in range(len(self.sources))]
 
     def table(self, max_rows: int = 12) -> str:
         """A plain-text table: one row per source with its share of all selected components."""
+        done = f"{len(self.layers)} matrices merged by {self.method} in {self.seconds:.2f} s"
+        if not any(layer.counts for layer in self.layers):
+            return "\n".join([f"sources: {', '.join(self.sources)}", done])
         totals = self.totals()
         grand = max(1, sum(totals))
         width = max([len("source")] + [len(s) for s in self.sources])
@@ -45,18 +50,20 @@ class MergeReport:
             lines.append(f"{self.sources[i]:<{width}}  {totals[i]:>10}  {100 * totals[i] / grand:4.1f}%")
         if len(order) > max_rows:
             lines.append(f"... {len(order) - max_rows} more sources")
-        lines.append(f"{len(self.layers)} matrices merged in {self.seconds:.2f} s")
+        lines.append(done)
         return "\n".join(lines)
 
 
 class MergeResult:
-    """The merged model as factors: `W = W0 + U_t diag(S_t) V_tᵀ` per matrix, averages elsewhere.
+    """The merged model: `W = W0 + U_t diag(S_t) V_tᵀ (+ R)` per matrix, merged values elsewhere.
 
     Attributes:
         components: name -> (U_t (m, k), S_t (k,), V_t (n, k)), U_t and V_t orthonormal, S_t
             descending, in the accumulation dtype (fp32, fp64 for fp64 models). Conv kernels are
-            (out, in·kh·kw) matrices here.
-        averaged: name -> element-wise mean over the sources of every non-matrix floating tensor.
+            (out, in·kh·kw) matrices here. AXIS merges are exactly rank k.
+        residuals: name -> dense (m, n) part R of the merged task matrix beyond its top-k
+            components, for methods whose merge is not rank k (kept frozen in Stage 2).
+        tensors: name -> merged value of every other floating tensor (AXIS: the sources' mean).
         report: a `MergeReport`.
     """
 
@@ -65,12 +72,14 @@ class MergeResult:
         base: Source,
         plan: Plan,
         components: dict[str, tuple[Tensor, Tensor, Tensor]],
-        averaged: dict[str, Tensor],
+        residuals: dict[str, Tensor],
+        tensors: dict[str, Tensor],
         report: MergeReport,
         dtype: torch.dtype | None,
     ) -> None:
         self.components = components
-        self.averaged = averaged
+        self.residuals = residuals
+        self.tensors = tensors
         self.report = report
         self._base = base
         self._plan = plan
@@ -82,25 +91,44 @@ class MergeResult:
         """The base's Hugging Face directory, when the base was given as one."""
         return self._base.directory
 
+    @property
+    def matrices(self) -> list[str]:
+        """Names of the tensors merged as matrices, in model order."""
+        return [layer.key for layer in self.report.layers]
+
+    def base_tensor(self, key: str) -> Tensor:
+        """The base model's tensor `key`, read from the base source."""
+        return self._base.get(key)
+
+    def frozen_delta(self, key: str) -> Tensor | None:
+        """The residual R of `key` in its original shape, or None."""
+        rest = self.residuals.get(key)
+        return None if rest is None else rest.reshape(self._shapes[key])
+
     def delta(self, key: str) -> Tensor:
-        """The merged task matrix `U_t diag(S_t) V_tᵀ` of `key`, in its original shape."""
-        U, S, V = self.components[key]
-        return ((U * S) @ V.T).reshape(self._shapes[key])
+        """The merged task matrix `U_t diag(S_t) V_tᵀ + R` of `key`, in its original shape."""
+        parts = []
+        if key in self.components:
+            U, S, V = self.components[key]
+            parts.append((U * S) @ V.T)
+        if key in self.residuals:
+            parts.append(self.residuals[key])
+        return sum(parts[1:], parts[0]).reshape(self._shapes[key])
 
     def _dtype_of(self, key: str) -> torch.dtype:
         return self._dtype or self._plan.dtypes[key]
 
     def state_dict(self) -> dict[str, Tensor]:
         """Dense merged tensors under the base's names and order: `W0 + Δ_m` for matrices,
-        averages for other floating tensors, the base's own values for integer buffers."""
+        merged values for other floating tensors, the base's own values for integer buffers."""
         out: dict[str, Tensor] = {}
         for key in self._plan.keys:
-            if key in self.components:
+            if key in self._shapes:
                 W0 = self._base.get(key)
                 delta = self.delta(key)
                 out[key] = (W0.to(delta) + delta).to(self._dtype_of(key))
-            elif key in self.averaged:
-                out[key] = self.averaged[key]
+            elif key in self.tensors:
+                out[key] = self.tensors[key]
             else:
                 out[key] = self._base.get(key)
         return out

@@ -230,7 +230,7 @@ def test_overflow_when_casting_is_reported_as_a_cast(base):
         (True, TypeError, r"k must be an int or a float fraction, found bool$"),
         (False, TypeError, r"k must be an int or a float fraction, found bool$"),
         ("4", TypeError, r"k must be an int or a float fraction, found str$"),
-        (None, TypeError, r"k must be an int or a float fraction, found NoneType$"),
+        (None, TypeError, r"method .axis. needs k, the number of components kept per matrix"),
     ],
 )
 def test_bad_k_is_refused_before_any_work(k, error, pattern, base):

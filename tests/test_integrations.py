@@ -423,7 +423,7 @@ def test_clip_report_has_the_48_visual_block_matrices(clip_merge, clip_sources):
     assert report.totals() == [48 * c for c in CLIP_COUNTS]
     assert "48 matrices merged" in report.table()
     # Everything outside the visual blocks is averaged, even 2-D weights such as conv1 and proj.
-    assert {"visual.conv1.weight", "visual.proj", "text_projection", "logit_scale"} <= set(clip_merge.averaged)
+    assert {"visual.conv1.weight", "visual.proj", "text_projection", "logit_scale"} <= set(clip_merge.tensors)
     # The top k of the pooled planted σ, summed: the exact AXIS merge of these sources.
     threshold = sorted((s for sigmas in CLIP_SIGMAS for s in sigmas), reverse=True)[CLIP_K - 1]
     for key in ["visual.transformer.resblocks.7.attn.in_proj_weight", "visual.transformer.resblocks.11.mlp.c_proj.weight"]:

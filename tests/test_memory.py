@@ -88,7 +88,7 @@ done.set()
 thread.join()
 peak = max(peak, rss_anon())
 result_bytes = sum(sum(t.numel() * t.element_size() for t in f) for f in result.components.values())
-result_bytes += sum(t.numel() * t.element_size() for t in result.averaged.values())
+result_bytes += sum(t.numel() * t.element_size() for t in result.tensors.values())
 print(json.dumps({
     "peak_delta": peak - before, "before": before, "result_bytes": result_bytes, "seconds": seconds,
     "samples": samples, "groups": len(result._plan.groups), "matrices": len(result.components),

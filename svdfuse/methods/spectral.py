@@ -1,0 +1,103 @@
+"""Merges defined on the singular vectors of task matrices: TSV-M, Iso-C, Iso-CTS.
+
+All SVDs go through `svdfuse.ops.truncated_svd`, so they run on its fastest backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from svdfuse import ops
+from svdfuse.methods import Factors, register
+
+
+def _polar(A: Tensor) -> Tensor:
+    """Closest matrix with orthonormal columns to A (..., d, c), c <= d: P Qᵀ from A = P Σ Qᵀ."""
+    P, _, Q = ops.truncated_svd(A, A.shape[-1], method="exact")
+    return P @ Q.mT
+
+
+def _sorted(U: Tensor, S: Tensor, V: Tensor, counts: Tensor | None = None) -> Factors:
+    order = S.argsort(dim=-1, descending=True, stable=True)
+    take = lambda X: torch.gather(X, -1, order.unsqueeze(-2).expand(*X.shape[:-1], -1))  # noqa: E731
+    return Factors(take(U), torch.gather(S, -1, order), take(V), counts)
+
+
+def _check_scaling(name: str, scaling: float) -> None:
+    if not math.isfinite(scaling):
+        raise ValueError(f"{name}: scaling must be a finite number, found {scaling}")
+
+
+@register("tsv_m", reference_url="https://arxiv.org/abs/2412.00081")
+def tsv_m(W0: Tensor, W: Tensor, *, svd, seed: int = 0, budget: int | None = None, scaling: float = 1.0) -> Factors:
+    """TSV-M: keep each task's top `budget` singular components (default floor(min(m, n) / T)),
+    stack them, replace the stacked U and V by their closest orthonormal matrices (polar
+    decomposition) and sum; times `scaling`. More tasks than the matrix has room for
+    (T · budget > min(m, n)) is an error, not a silent truncation."""
+    G, T, m, n = W.shape
+    r = min(m, n)
+    b = r // T if budget is None else budget
+    if b < 1 or T * b > r:
+        raise ValueError(
+            f"tsv_m: {T} sources x {b} components per source do not fit the rank {r} of a {m}x{n} matrix; "
+            f"need 1 <= budget <= {r // T}" + (" (fewer sources than rank: exclude this matrix or merge fewer sources)" if r < T else "")
+        )
+    _check_scaling("tsv_m", scaling)
+    U, S, V = ops.truncated_svd(
+        W, b, base=W0.unsqueeze(1), method=svd.method, oversample=svd.oversample, power_iters=svd.power_iters, seed=seed
+    )
+    U_cat = U.permute(0, 2, 1, 3).reshape(G, m, T * b)
+    V_cat = V.permute(0, 2, 1, 3).reshape(G, n, T * b)
+    counts = torch.full((G, T), b, dtype=torch.int64, device=W.device)
+    return _sorted(_polar(U_cat), scaling * S.reshape(G, T * b), _polar(V_cat), counts)
+
+
+def _summed_svd(W0: Tensor, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Full SVD of the Task Arithmetic sum Σ_i (W_i − W0): (G, m, r), (G, r), (G, n, r)."""
+    T, (m, n) = W.shape[1], W.shape[-2:]
+    return ops.truncated_svd(W.sum(1), min(m, n), base=T * W0, method="exact")
+
+
+@register("iso_c", reference_url="https://arxiv.org/abs/2502.04959")
+def iso_c(W0: Tensor, W: Tensor, *, scaling: float = 1.0) -> Factors:
+    """Iso-C: SVD of the summed task matrix with every singular value replaced by their mean,
+    times `scaling`: `scaling · mean(σ) · U Vᵀ`."""
+    _check_scaling("iso_c", scaling)
+    U, S, V = _summed_svd(W0, W)
+    return Factors(U, scaling * S.mean(-1, keepdim=True).expand_as(S).contiguous(), V)
+
+
+@register("iso_cts", reference_url="https://arxiv.org/abs/2502.04959")
+def iso_cts(W0: Tensor, W: Tensor, *, common: float = 0.8, scaling: float = 1.0) -> Factors:
+    """Iso-CTS: the top floor(common · r) directions of the summed task matrix (the common
+    subspace), plus for each task the top (r − common part) // T directions of its task matrix
+    projected off the common subspace; both sides orthonormalized (polar), every singular value
+    replaced by the mean of the kept ones, times `scaling`."""
+    if not 0.0 <= common <= 1.0:
+        raise ValueError(f"iso_cts: common must be in [0, 1], found {common}")
+    _check_scaling("iso_cts", scaling)
+    G, T, m, n = W.shape
+    r = min(m, n)
+    k_c = math.floor(common * r)
+    s = (r - k_c) // T
+    if s == 0 and k_c < r:
+        raise ValueError(
+            f"iso_cts: {T} sources leave no task-specific direction in a {m}x{n} matrix with common={common} "
+            f"({r - k_c} directions for {T} tasks); lower common, or use iso_c"
+        )
+    U, S, V = _summed_svd(W0, W)
+    U_c, S_c, V_c = U[..., :k_c], S[..., :k_c], V[..., :k_c]
+    parts_u, parts_s, parts_v = [U_c], [S_c], [V_c]
+    if s > 0:
+        tau = W - W0.unsqueeze(1)  # (G, T, m, n)
+        off_common = tau - U_c.unsqueeze(1) @ (U_c.mT.unsqueeze(1) @ tau)
+        U_t, S_t, V_t = ops.truncated_svd(off_common, s, method="exact")  # (G, T, m, s), ...
+        parts_u.append(U_t.permute(0, 2, 1, 3).reshape(G, m, T * s))
+        parts_s.append(S_t.reshape(G, T * s))
+        parts_v.append(V_t.permute(0, 2, 1, 3).reshape(G, n, T * s))
+    sigma = torch.cat(parts_s, -1)
+    iso = scaling * sigma.mean(-1, keepdim=True).expand_as(sigma).contiguous()
+    return Factors(_polar(torch.cat(parts_u, -1)), iso, _polar(torch.cat(parts_v, -1)))
