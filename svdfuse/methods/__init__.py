@@ -110,8 +110,10 @@ def register(
 
 def get_method(name: str) -> Method:
     """The registered method `name`; the error lists the known ones."""
-    from svdfuse.methods import axis, elementwise, spectral  # noqa: F401  (registration)
-
     if name not in METHODS:
         raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+# Registration happens on import; these modules import the names above.
+from svdfuse.methods import axis, elementwise, spectral  # noqa: E402, F401
