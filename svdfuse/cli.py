@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from svdfuse.methods import METHODS, get_method
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -22,6 +24,28 @@ def _k(text: str) -> int | float:
             raise argparse.ArgumentTypeError(f"expected an int (components) or a float fraction, found {text!r}") from None
 
 
+def _add_method_params(parser: argparse.ArgumentParser) -> None:
+    """One flag per method parameter (--density, --drop-rate, ...), typed by its default."""
+    users: dict[str, dict[str, object]] = {}  # parameter -> {method: default}
+    for name, method in sorted(METHODS.items()):
+        for param, default in method.params().items():
+            users.setdefault(param, {})[name] = default
+    group = parser.add_argument_group("method parameters (each method's own default unless given)")
+    for param, defaults in users.items():
+        values = set(map(repr, defaults.values()))
+        if len(values) == 1:
+            help_text = f"for {', '.join(defaults)} (default {next(iter(defaults.values()))})"
+        else:
+            help_text = "for " + ", ".join(f"{m} (default {d})" for m, d in defaults.items())
+        flag = "--" + param.replace("_", "-")
+        default = next(iter(defaults.values()))
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=param, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = int if default is None or isinstance(default, int) else float
+            group.add_argument(flag, dest=param, type=kind, default=None, help=help_text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdfuse", description="Merge fine-tuned models by AXIS and adapt them by their singular values.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,8 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge source models into one (AXIS)")
     merge.add_argument("sources", nargs="+", help=".safetensors files or Hugging Face model directories fine-tuned from BASE")
     merge.add_argument("--base", required=True, help="the pre-trained model: a .safetensors file or a Hugging Face directory")
-    merge.add_argument("-k", type=_k, required=True, help="components kept per matrix: an int, or a fraction of min(m, n)")
+    merge.add_argument("-k", type=_k, help="per matrix, an int or a fraction of min(m, n): components kept (axis, required) or the rank adapted in Stage 2 (other methods)")
     merge.add_argument("-o", "--output", required=True, help="new .safetensors file, or new directory (Hugging Face layout)")
+    merge.add_argument("--method", default="axis", choices=sorted(METHODS), help="merge method (default: axis)")
+    _add_method_params(merge)
     merge.add_argument("--include", action="append", metavar="PATTERN", help="merge only matrices whose name matches (glob; repeatable)")
     merge.add_argument("--exclude", action="append", metavar="PATTERN", help="never merge these as matrices (default: *embed*)")
     merge.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto", help="decomposition (default: auto)")
@@ -50,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _all_params() -> set[str]:
+    return {param for method in METHODS.values() for param in method.params()}
+
+
 def _merge(args: argparse.Namespace) -> None:
     import svdfuse
     from svdfuse.plan import DEFAULT_EXCLUDE
@@ -63,16 +93,23 @@ def _merge(args: argparse.Namespace) -> None:
     )
     if Path(args.output).exists():
         raise FileExistsError(f"output path {args.output!r} already exists; svdfuse never overwrites, choose a new path")
+    method = get_method(args.method)
+    params = {name: getattr(args, name) for name in method.params() if getattr(args, name) is not None}
+    given = {name for name in _all_params() if getattr(args, name) is not None}
+    if given - set(params):
+        raise ValueError(f"method {args.method!r} does not take {', '.join('--' + g.replace('_', '-') for g in sorted(given - set(params)))}")
     result = svdfuse.merge(
         args.sources,
         k=args.k,
         base=args.base,
+        method=args.method,
         include=args.include,
         exclude=args.exclude or DEFAULT_EXCLUDE,
         svd=svd,
         dtype=_DTYPES[args.dtype] if args.dtype else None,
         device=args.device,
         progress=not args.quiet,
+        **params,
     )
     result.save(args.output)
     print(result.report.table())

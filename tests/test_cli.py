@@ -49,6 +49,21 @@ def test_cli_merge_reports_errors_without_traceback_or_output(model_files, capsy
     assert "already exists" in capsys.readouterr().err and out.read_text() == "keep me"
 
 
+def test_cli_merge_runs_any_method_with_its_parameters(model_files, capsys):
+    tmp_path, sources = model_files
+    out = tmp_path / "ties.safetensors"
+    args = ["merge", "--base", str(tmp_path / "base.safetensors"), "--method", "ties", "--density", "0.5", "--scaling", "0.8"]
+    assert main([*args, "-o", str(out), "--quiet", *sources]) == 0
+    assert "merged by ties" in capsys.readouterr().out
+    expected = svdfuse.merge(sources, base=tmp_path / "base.safetensors", method="ties", density=0.5, scaling=0.8).state_dict()
+    torch.testing.assert_close(load_file(out)["layer.weight"], expected["layer.weight"], atol=0, rtol=0)
+    wrong = ["merge", "--base", str(tmp_path / "base.safetensors"), "--method", "ties", "--drop-rate", "0.5"]
+    assert main([*wrong, "-o", str(tmp_path / "x.safetensors"), *sources]) == 2
+    assert "method 'ties' does not take --drop-rate" in capsys.readouterr().err
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "-o", str(tmp_path / "y.safetensors"), *sources]) == 2
+    assert "method 'axis' needs k" in capsys.readouterr().err
+
+
 def test_cli_rejects_a_malformed_k(model_files):
     tmp_path, sources = model_files
     with pytest.raises(SystemExit):
