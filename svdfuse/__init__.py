@@ -5,8 +5,9 @@
     svdfuse.adapt(model, loader, n=0.1)
 """
 
-from svdfuse import nn, ops
+from svdfuse import methods, nn, ops
 from svdfuse.adapt import AdaptReport, adapt
+from svdfuse.atlas import atlas
 from svdfuse.io import save_hf_directory, save_safetensors
 from svdfuse.merge import SVDOptions, merge
 from svdfuse.result import LayerReport, MergeReport, MergeResult
@@ -17,6 +18,8 @@ __version__ = "0.1.0"
 __all__ = [
     "merge",
     "adapt",
+    "atlas",
+    "methods",
     "ops",
     "nn",
     "SVDOptions",

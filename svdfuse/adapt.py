@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from svdfuse.nn import Excess, set_trainable, svd_layers
+from svdfuse.nn import Excess, adaptable_layers, set_trainable
 
 __all__ = ["AdaptReport", "adapt", "default_loss"]
 
@@ -67,6 +67,7 @@ def adapt(
     """Stage 2: train only the top-`n` singular values of every svdfuse layer on the target task.
 
     Everything else in `model` (U, V, the other singular values, biases, norms, heads) is frozen.
+    A model from `svdfuse.atlas` trains its per-source coefficients instead (the aTLAS baseline).
     Defaults follow the AXIS paper: 10 epochs at lr 1e-1 (AdamW without weight decay, cosine
     schedule over all steps).
 
@@ -97,7 +98,7 @@ def adapt(
     if trainable == 0:
         raise ValueError(f"adapt: n={n} leaves no singular value to train")
     params = [p for p in model.parameters() if p.requires_grad]
-    layers = len(list(svd_layers(model)))
+    layers = len(list(adaptable_layers(model)))
     if device is not None:
         model.to(device)
     device = params[0].device

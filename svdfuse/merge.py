@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from svdfuse.methods import Factors, Method, get_method
 from svdfuse.plan import DEFAULT_EXCLUDE, make_plan
 from svdfuse.reference import compute_dtype
 from svdfuse.result import LayerReport, MergeReport, MergeResult
-from svdfuse.sources import ModelLike, Source, SourceError, open_source
+from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 
 __all__ = ["SVDOptions", "merge"]
 
@@ -35,55 +34,6 @@ class SVDOptions:
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class _Reader:
-    """Reads a tensor from the base and every source, checking values as they arrive."""
-
-    def __init__(self, base: Source, sources: list[Source], dtype: torch.dtype | None, device: torch.device) -> None:
-        self.base, self.sources, self.dtype, self.device = base, sources, dtype, device
-        self.differs = [False] * len(sources)  # whether source i differs from the base anywhere
-
-    def _load(self, source: Source, key: str) -> Tensor:
-        t = source.get(key)
-        stored = t.dtype
-        if self.dtype is not None:
-            t = t.to(self.dtype)
-        t = t.to(self.device)
-        if not torch.isfinite(t).all():
-            nan, inf = torch.isnan(t).sum().item(), torch.isinf(t).sum().item()
-            cast = f" after casting from {stored} to {t.dtype}" if t.dtype != stored else ""
-            raise SourceError(
-                f"{source.label}: {key!r} of shape {tuple(t.shape)} holds {nan} NaN and {inf} Inf values{cast} "
-                f"(of {t.numel()}); expected finite values"
-            )
-        return t
-
-    def read(self, key: str, shape: tuple[int, ...], out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """(base (*shape), sources (T, *shape)) on the merge device, written into `out` when given."""
-        base = self._load(self.base, key).reshape(shape)
-        if out is None:
-            stack = torch.empty((len(self.sources), *shape), dtype=base.dtype, device=self.device)
-        else:
-            base, stack = out[0].copy_(base), out[1]
-        for i, source in enumerate(self.sources):
-            stack[i] = self._load(source, key).reshape(shape)
-            self.differs[i] = self.differs[i] or not torch.equal(stack[i], base)
-        return base, stack
-
-
-def _labelled(models: Sequence[ModelLike] | Mapping[str, ModelLike]) -> list[tuple[str, ModelLike]]:
-    """(label, model) pairs: "source 2" for a list, "source 2 ('cars')" for a name -> model mapping."""
-    single = (str, bytes, os.PathLike, torch.nn.Module, Source)
-    is_state_dict = isinstance(models, Mapping) and any(isinstance(v, Tensor) for v in models.values())
-    if isinstance(models, single) or is_state_dict:
-        raise TypeError(
-            f"models must be a list of source models (or a name -> model mapping), found a single "
-            f"{type(models).__name__}; wrap one model in a list: merge([model], ...)"
-        )
-    if isinstance(models, Mapping):
-        return [(f"source {i} ({name!r})", model) for i, (name, model) in enumerate(models.items())]
-    return [(f"source {i}", model) for i, model in enumerate(models)]
 
 
 def _adaptable(merged: Factors | Tensor, k: int | None, svd: SVDOptions) -> tuple[Factors | None, Tensor | None]:
@@ -172,9 +122,9 @@ def merge(
         raise TypeError(f"method {method!r} needs k, the number of components kept per matrix (int or fraction)")
     device = torch.device(device) if device is not None else _default_device()
     base_source = open_source(base, "base")
-    sources = [open_source(model, label) for label, model in _labelled(models)]
+    sources = open_sources(models)
     plan = make_plan(base_source, sources, k, include=include, exclude=exclude, dtype=dtype, group_bytes=group_bytes)
-    reader = _Reader(base_source, sources, dtype, device)
+    reader = Reader(base_source, sources, dtype, device)
     components: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     residuals: dict[str, Tensor] = {}
     layers: list[LayerReport] = []

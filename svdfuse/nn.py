@@ -27,7 +27,7 @@ from svdfuse.plan import resolve_rank
 if TYPE_CHECKING:
     from svdfuse.result import MergeResult
 
-__all__ = ["SVDLinear", "SVDWeight", "Excess", "svd_layers", "set_trainable", "materialize"]
+__all__ = ["SVDLinear", "SVDWeight", "TaskCoefficients", "Excess", "svd_layers", "adaptable_layers", "set_trainable", "materialize"]
 
 Excess = Literal["error", "clip", "extend"]
 
@@ -140,6 +140,30 @@ class SVDWeight(_SingularValues):
         return weight0 + self.delta().to(weight0.dtype).reshape(weight0.shape)
 
 
+class TaskCoefficients(nn.Module):
+    """aTLAS parametrization `W0 -> W0 + Σ_i λ_i τ_i`: one trainable coefficient per source.
+
+    Args:
+        tau: (T, *shape) the sources' task vectors of one weight (frozen buffer).
+        init: initial value of every λ_i.
+    """
+
+    def __init__(self, tau: Tensor, init: float) -> None:
+        super().__init__()
+        self.register_buffer("tau", tau.detach().clone())
+        self.coefficients = nn.Parameter(torch.full((tau.shape[0],), float(init), dtype=tau.dtype, device=tau.device))
+
+    def forward(self, weight0: Tensor) -> Tensor:
+        return weight0 + torch.tensordot(self.coefficients, self.tau, dims=1).to(weight0.dtype)
+
+
+def adaptable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) of every svdfuse layer Stage 2 trains: SVD layers and aTLAS coefficients."""
+    for name, module in model.named_modules():
+        if isinstance(module, (_SingularValues, TaskCoefficients)):
+            yield name, module
+
+
 def svd_layers(model: nn.Module) -> Iterator[tuple[str, _SingularValues]]:
     """(name, layer) of every `SVDLinear` and `SVDWeight` in `model`."""
     for name, module in model.named_modules():
@@ -148,14 +172,18 @@ def svd_layers(model: nn.Module) -> Iterator[tuple[str, _SingularValues]]:
 
 
 def set_trainable(model: nn.Module, n: int | float, excess: Excess = "error") -> int:
-    """Freeze everything in `model` but the top-`n` singular values of each svdfuse layer.
+    """Freeze everything in `model` but the top-`n` singular values of each SVD layer and the
+    coefficients of each aTLAS layer (which ignore `n`).
 
     Returns the number of trainable scalars. Raises if `model` has no svdfuse layers.
     """
     layers = list(svd_layers(model))
-    if not layers:
-        raise ValueError("model has no svdfuse layers; convert it with result.to_module(base) first")
+    coefficients = [layer for _, layer in adaptable_layers(model) if isinstance(layer, TaskCoefficients)]
+    if not layers and not coefficients:
+        raise ValueError("model has no svdfuse layers; convert it with result.to_module(base) or svdfuse.atlas first")
     model.requires_grad_(False)
+    for layer in coefficients:
+        layer.coefficients.requires_grad_(True)
     clipped = []
     for name, layer in layers:
         rank = layer.rank
@@ -167,7 +195,7 @@ def set_trainable(model: nn.Module, n: int | float, excess: Excess = "error") ->
             f"asked for: {', '.join(clipped[:3])}{' ...' if len(clipped) > 3 else ''}",
             stacklevel=2,
         )
-    return sum(layer.sigma.numel() for _, layer in layers)
+    return sum(layer.sigma.numel() for _, layer in layers) + sum(layer.coefficients.numel() for layer in coefficients)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -222,7 +250,7 @@ def attach(base: nn.Module, result: "MergeResult", trainable: int | float | None
 def materialize(model: nn.Module) -> nn.Module:
     """Fold every svdfuse layer of `model` back into dense weights, in place; returns `model`.
 
-    `SVDLinear` becomes `nn.Linear(W0 + U diag(σ) Vᵀ)`, `SVDWeight` parametrizations are removed
+    `SVDLinear` becomes `nn.Linear(W0 + U diag(σ) Vᵀ)`, `SVDWeight` and `TaskCoefficients` are removed
     leaving the dense weight; the state dict then has the base architecture's names again.
     """
     for name, layer in list(svd_layers(model)):
@@ -237,5 +265,6 @@ def materialize(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
             for attr in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+                if isinstance(module.parametrizations[attr][0], (SVDWeight, TaskCoefficients)):
+                    parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
     return model

@@ -60,7 +60,8 @@ def resolve_rank(k: int | float, m: int, n: int, what: str) -> int:
     return k
 
 
-def _matches(key: str, patterns: Sequence[str]) -> bool:
+def matches_any(key: str, patterns: Sequence[str]) -> bool:
+    """Whether `key` matches any of the glob `patterns`."""
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
@@ -121,7 +122,7 @@ def make_plan(
         if not key_dtype.is_floating_point:
             copied.append(key)
             continue
-        wanted = (include is None or _matches(key, include)) and not _matches(key, exclude)
+        wanted = (include is None or matches_any(key, include)) and not matches_any(key, exclude)
         if not (wanted and _is_matrix(key, shape, key_dtype)):
             elementwise.append(key)
             continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -170,3 +170,52 @@ def open_source(model: ModelLike, label: str) -> Source:
             raise SourceError(f"{label}: expected a .safetensors file, found {str(path)!r}")
         return SafetensorsSource(label, [path])
     raise SourceError(f"{label}: {str(path)!r} does not exist")
+
+
+def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike]) -> list[Source]:
+    """Open source models labelled "source 2" (a list) or "source 2 ('cars')" (a name -> model mapping)."""
+    single = (str, bytes, os.PathLike, torch.nn.Module, Source)
+    is_state_dict = isinstance(models, Mapping) and any(isinstance(v, Tensor) for v in models.values())
+    if isinstance(models, single) or is_state_dict:
+        raise TypeError(
+            f"models must be a list of source models (or a name -> model mapping), found a single "
+            f"{type(models).__name__}; wrap one model in a list: merge([model], ...)"
+        )
+    if isinstance(models, Mapping):
+        return [open_source(model, f"source {i} ({name!r})") for i, (name, model) in enumerate(models.items())]
+    return [open_source(model, f"source {i}") for i, model in enumerate(models)]
+
+
+class Reader:
+    """Reads a tensor from the base and every source, checking values as they arrive."""
+
+    def __init__(self, base: Source, sources: list[Source], dtype: torch.dtype | None, device: torch.device) -> None:
+        self.base, self.sources, self.dtype, self.device = base, sources, dtype, device
+        self.differs = [False] * len(sources)  # whether source i differs from the base anywhere
+
+    def _load(self, source: Source, key: str) -> Tensor:
+        t = source.get(key)
+        stored = t.dtype
+        if self.dtype is not None:
+            t = t.to(self.dtype)
+        t = t.to(self.device)
+        if not torch.isfinite(t).all():
+            nan, inf = torch.isnan(t).sum().item(), torch.isinf(t).sum().item()
+            cast = f" after casting from {stored} to {t.dtype}" if t.dtype != stored else ""
+            raise SourceError(
+                f"{source.label}: {key!r} of shape {tuple(t.shape)} holds {nan} NaN and {inf} Inf values{cast} "
+                f"(of {t.numel()}); expected finite values"
+            )
+        return t
+
+    def read(self, key: str, shape: tuple[int, ...], out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """(base (*shape), sources (T, *shape)) on the merge device, written into `out` when given."""
+        base = self._load(self.base, key).reshape(shape)
+        if out is None:
+            stack = torch.empty((len(self.sources), *shape), dtype=base.dtype, device=self.device)
+        else:
+            base, stack = out[0].copy_(base), out[1]
+        for i, source in enumerate(self.sources):
+            stack[i] = self._load(source, key).reshape(shape)
+            self.differs[i] = self.differs[i] or not torch.equal(stack[i], base)
+        return base, stack

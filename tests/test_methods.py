@@ -207,3 +207,23 @@ def test_a_dense_method_without_k_has_nothing_to_adapt():
     assert result.components == {} and set(result.residuals) == {"a.weight", "b.weight"}
     with pytest.raises(ValueError, match="task_arithmetic merge has no components to adapt: pass k"):
         result.to_module(base)
+
+
+def test_atlas_learns_one_coefficient_per_source_and_tensor_and_nothing_else():
+    torch.manual_seed(1)
+    base = _Net().double()
+    sources = [{k: v + 0.1 * torch.randn_like(v) for k, v in base.state_dict().items()} for _ in range(3)]
+    model = svdfuse.atlas(sources, base=base, module=base, exclude=["b.*"])
+    # Starts at the average of the sources (λ = 1/T) on the included tensors, the base elsewhere.
+    average = svdfuse.merge(sources, base=base, method="average", device="cpu").state_dict()
+    torch.testing.assert_close(model.a.weight, average["a.weight"])
+    torch.testing.assert_close(model.b.weight, base.b.weight)
+    x = torch.randn(5, 9, dtype=torch.float64)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("coefficients")}
+    report = svdfuse.adapt(model, [x, x], epochs=2, loss_fn=lambda m, b: m(b).square().mean(), progress=False)
+    assert report.trainable == 2 * 3 and report.layers == 2  # a.weight and a.bias, 3 sources each
+    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items() if not k.endswith("coefficients"))
+    lam = model.a.parametrizations.weight[0].coefficients.detach()
+    assert not torch.allclose(lam, torch.full_like(lam, 1 / 3))
+    taus = torch.stack([s["a.weight"] - base.a.weight.detach() for s in sources])
+    torch.testing.assert_close(model.a.weight, base.a.weight + torch.tensordot(lam, taus, dims=1))
