@@ -57,8 +57,9 @@ def tsv_m(W0: Tensor, W: Tensor, *, svd, seed: int = 0, budget: int | None = Non
 
 def _summed_svd(W0: Tensor, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Full SVD of the Task Arithmetic sum Σ_i (W_i − W0): (G, m, r), (G, r), (G, n, r)."""
-    T, (m, n) = W.shape[1], W.shape[-2:]
-    return ops.truncated_svd(W.sum(1), min(m, n), base=T * W0, method="exact")
+    # Summed as differences: Σ W_i − T·W0 would cancel away the small task matrices' digits.
+    summed = sum(W[:, t] - W0 for t in range(W.shape[1]))
+    return ops.truncated_svd(summed, min(W.shape[-2:]), method="exact")
 
 
 @register("iso_c", reference_url="https://arxiv.org/abs/2502.04959")
@@ -71,7 +72,7 @@ def iso_c(W0: Tensor, W: Tensor, *, scaling: float = 1.0) -> Factors:
 
 
 @register("iso_cts", reference_url="https://arxiv.org/abs/2502.04959")
-def iso_cts(W0: Tensor, W: Tensor, *, common: float = 0.8, scaling: float = 1.0) -> Factors:
+def iso_cts(W0: Tensor, W: Tensor, *, svd, seed: int = 0, common: float = 0.8, scaling: float = 1.0) -> Factors:
     """Iso-CTS: the top floor(common · r) directions of the summed task matrix (the common
     subspace), plus for each task the top (r − common part) // T directions of its task matrix
     projected off the common subspace; both sides orthonormalized (polar), every singular value
@@ -94,7 +95,9 @@ def iso_cts(W0: Tensor, W: Tensor, *, common: float = 0.8, scaling: float = 1.0)
     if s > 0:
         tau = W - W0.unsqueeze(1)  # (G, T, m, n)
         off_common = tau - U_c.unsqueeze(1) @ (U_c.mT.unsqueeze(1) @ tau)
-        U_t, S_t, V_t = ops.truncated_svd(off_common, s, method="exact")  # (G, T, m, s), ...
+        U_t, S_t, V_t = ops.truncated_svd(
+            off_common, s, method=svd.method, oversample=svd.oversample, power_iters=svd.power_iters, seed=seed
+        )  # (G, T, m, s), (G, T, s), (G, T, n, s)
         parts_u.append(U_t.permute(0, 2, 1, 3).reshape(G, m, T * s))
         parts_s.append(S_t.reshape(G, T * s))
         parts_v.append(V_t.permute(0, 2, 1, 3).reshape(G, n, T * s))
