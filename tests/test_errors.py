@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 import svdfuse
 import svdfuse.io
 from svdfuse import SourceError
 from svdfuse.sources import open_source
+
+from _helpers import module_from
 
 # Shapes: the two matrices have min(m, n) = 8 and 6; "norm.weight" is averaged, "step" copied.
 ATTN, MLP, BIAS, NORM = "blocks.0.attn.weight", "blocks.1.mlp.weight", "blocks.0.attn.bias", "norm.weight"
@@ -42,23 +44,6 @@ def tiny_state(seed: int = 0) -> dict[str, Tensor]:
 def finetune(base: dict[str, Tensor], seed: int, scale: float = 0.05) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(1000 + seed)
     return {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone() for k, v in base.items()}
-
-
-def module_from(state: dict[str, Tensor]) -> nn.Module:
-    """An nn.Module whose state_dict() has exactly `state`'s dotted names."""
-    root = nn.Module()
-    for key, t in state.items():
-        *path, leaf = key.split(".")
-        mod = root
-        for part in path:
-            if not hasattr(mod, part):
-                mod.add_module(part, nn.Module())
-            mod = getattr(mod, part)
-        if t.is_floating_point():
-            mod.register_parameter(leaf, nn.Parameter(t.clone()))
-        else:
-            mod.register_buffer(leaf, t.clone())
-    return root
 
 
 def write_hf_dir(state: dict[str, Tensor], path: Path) -> Path:

@@ -7,6 +7,8 @@ from torch import nn
 
 import svdfuse
 
+from _helpers import module_from
+
 SHAPES = {"blocks.0.fc.weight": (24, 16), "blocks.1.fc.weight": (24, 16), "head.weight": (10, 24), "blocks.0.fc.bias": (24,)}
 
 
@@ -151,16 +153,7 @@ def test_every_input_kind_gives_the_same_merge(kind, tmp_path):
         if kind == "state_dict":
             return sd
         if kind == "module":
-            holder = nn.Module()
-            for key, value in sd.items():
-                owner = holder
-                *path, leaf = key.split(".")
-                for part in path:
-                    if not hasattr(owner, part):
-                        owner.add_module(part, nn.Module())
-                    owner = getattr(owner, part)
-                owner.register_buffer(leaf, value)
-            return holder
+            return module_from(sd)
         if kind == "safetensors":
             save_file(sd, tmp_path / f"{name}.safetensors")
             return tmp_path / f"{name}.safetensors"
