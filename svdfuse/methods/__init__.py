@@ -84,10 +84,6 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def _elementwise_mean(W0: Tensor, W: Tensor, *, seed: int = 0) -> Tensor:
-    return mean_delta(W0, W)
-
-
 def register(
     name: str,
     *,
@@ -102,7 +98,7 @@ def register(
     def decorate(fn: Callable) -> Callable:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is already registered")
-        METHODS[name] = Method(name, reference_url, fn, tensors or _elementwise_mean, needs_k, upcast)
+        METHODS[name] = Method(name, reference_url, fn, tensors or mean_delta, needs_k, upcast)
         return fn
 
     return decorate
