@@ -125,3 +125,13 @@ def test_svd_weight_parametrization_trains_sigma_of_attention():
     for name, layer in layers.items():
         assert torch.all(layer.S[:2] != sigmas[name][:2]) and torch.equal(layer.S[2:], sigmas[name][2:])
     assert all(torch.equal(v, others[k]) for k, v in model.state_dict().items() if "sigma" not in k)
+
+
+@pytest.mark.gpu
+def test_adapt_on_cuda_trains_only_the_top_n(cuda):
+    base, result = _merged()
+    model = result.to_module(base).to(cuda)
+    sigmas = {name: layer.S.detach().clone() for name, layer in svdfuse.nn.svd_layers(model)}
+    svdfuse.adapt(model, _data(), n=3, epochs=1, progress=False)
+    for name, layer in svdfuse.nn.svd_layers(model):
+        assert torch.all(layer.S[:3] != sigmas[name][:3]) and torch.equal(layer.S[3:], sigmas[name][3:])

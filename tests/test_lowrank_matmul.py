@@ -19,14 +19,6 @@ def native_op():
     return torch.ops.svdfuse.lowrank_matmul.default
 
 
-@pytest.fixture
-def cuda():
-    # Checked here, not at collection: tests never touch CUDA while being collected.
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    return torch.device("cuda")
-
-
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request):
     return request.getfixturevalue("cuda") if request.param == "cuda" else torch.device("cpu")

@@ -184,3 +184,16 @@ def test_named_sources_label_the_report_and_results_follow_model_order():
     assert result.report.sources == ["source 0 ('cars')", "source 1 ('dtd')"]
     matrices = [key for key in base if key in result.components]
     assert list(result.components) == matrices == [layer.key for layer in result.report.layers]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_merge_on_cuda_equals_merge_on_cpu(method, cuda):
+    base, sources = _planted_sources(T=5, rank=4)
+    options = svdfuse.SVDOptions(method=method)
+    on_gpu = svdfuse.merge(sources, k=7, base=base, svd=options, device=cuda)
+    on_cpu = svdfuse.merge(sources, k=7, base=base, svd=options, device="cpu")
+    assert [layer.counts for layer in on_gpu.report.layers] == [layer.counts for layer in on_cpu.report.layers]
+    for key in on_cpu.components:
+        assert on_gpu.components[key][0].device.type == "cuda"
+        torch.testing.assert_close(on_gpu.delta(key).cpu(), on_cpu.delta(key), atol=1e-10, rtol=0)
