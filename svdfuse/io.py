@@ -36,6 +36,18 @@ def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {key: t.detach().to("cpu").contiguous().clone() for key, t in state.items()}
 
 
+def _publish(tmp: str, path: Path) -> None:
+    # A hard link never replaces an existing file, so a path created while we wrote is not
+    # clobbered; filesystems without hard links get a rename after one more check.
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"output path {str(path)!r} appeared while writing; svdfuse never overwrites") from None
+    except OSError:
+        _refuse_existing(path)
+        os.replace(tmp, path)
+
+
 def save_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
     """Write `state` to the new file `path` (temp file, then rename)."""
     path = Path(path)
@@ -45,10 +57,9 @@ def save_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike) -> No
     os.close(fd)
     try:
         save_file(_contiguous(state), tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
+        _publish(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _template_ignore(*outputs: Path):
