@@ -9,7 +9,8 @@ from svdfuse import methods, nn, ops
 from svdfuse.adapt import AdaptReport, adapt
 from svdfuse.atlas import atlas
 from svdfuse.io import save_hf_directory, save_safetensors
-from svdfuse.merge import SVDOptions, merge
+from svdfuse.merge import merge
+from svdfuse.ops import SVDOptions
 from svdfuse.result import LayerReport, MergeReport, MergeResult
 from svdfuse.sources import SourceError
 

@@ -41,10 +41,14 @@ def _available() -> bool:
 
 def lowrank_matmul_op(device: torch.device) -> Callable | None:
     """`torch.ops.svdfuse.lowrank_matmul` if the extension has a kernel for `device`, else None."""
-    if not _available():
-        return None
+    return _lowrank_matmul_for(device.type) if _available() else None
+
+
+@functools.cache
+def _lowrank_matmul_for(device_type: str) -> Callable | None:
+    # Looked up once per device type: every SVDLinear forward asks.
     op = torch.ops.svdfuse.lowrank_matmul.default
-    key = torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
+    key = torch._C.DispatchKey.CUDA if device_type == "cuda" else torch._C.DispatchKey.CPU
     return op if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key) else None
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from svdfuse.methods import METHODS, get_method
+from svdfuse.ops import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -60,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--include", action="append", metavar="PATTERN", help="merge only matrices whose name matches (glob; repeatable)")
     merge.add_argument("--exclude", action="append", metavar="PATTERN", help="never merge these as matrices (default: *embed*)")
     merge.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto", help="decomposition (default: auto)")
-    merge.add_argument("--oversample", type=int, help="randomized SVD oversampling")
-    merge.add_argument("--power-iters", type=int, help="randomized SVD power iterations")
+    merge.add_argument("--oversample", type=int, default=DEFAULT_OVERSAMPLE, help=f"randomized SVD oversampling (default {DEFAULT_OVERSAMPLE})")
+    merge.add_argument("--power-iters", type=int, default=DEFAULT_POWER_ITERS, help=f"randomized SVD power iterations (default {DEFAULT_POWER_ITERS})")
     merge.add_argument("--seed", type=int, default=0, help="randomized SVD seed")
     merge.add_argument("--dtype", choices=sorted(_DTYPES), help="cast all tensors to this dtype (default: keep; mixed is an error)")
     merge.add_argument("--device", help="compute device (default: cuda if available)")
@@ -84,13 +85,7 @@ def _merge(args: argparse.Namespace) -> None:
     import svdfuse
     from svdfuse.plan import DEFAULT_EXCLUDE
 
-    defaults = svdfuse.SVDOptions()
-    svd = svdfuse.SVDOptions(
-        method=args.svd,
-        oversample=defaults.oversample if args.oversample is None else args.oversample,
-        power_iters=defaults.power_iters if args.power_iters is None else args.power_iters,
-        seed=args.seed,
-    )
+    svd = svdfuse.SVDOptions(method=args.svd, oversample=args.oversample, power_iters=args.power_iters, seed=args.seed)
     if Path(args.output).exists():
         raise FileExistsError(f"output path {args.output!r} already exists; svdfuse never overwrites, choose a new path")
     method = get_method(args.method)

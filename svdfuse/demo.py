@@ -95,7 +95,7 @@ def run_demo(
     xt_train, xt_test = target(x_train), target(x_test)
     accuracy = {"base": _accuracy(base, xt_test, y_test)}
     averaged = _net().to(device)
-    averaged.load_state_dict({key: torch.stack([m.state_dict()[key] for m in sources.values()]).mean(0) for key in base.state_dict()})
+    averaged.load_state_dict(svdfuse.merge(sources, base=base, method="average", device=device).state_dict())
     accuracy["average of sources"] = _accuracy(averaged, xt_test, y_test)
 
     tic = time.perf_counter()

@@ -5,31 +5,20 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from svdfuse import ops
 from svdfuse.methods import Factors, Method, get_method
+from svdfuse.ops import SVDOptions
 from svdfuse.plan import DEFAULT_EXCLUDE, make_plan
 from svdfuse.reference import compute_dtype
 from svdfuse.result import LayerReport, MergeReport, MergeResult
 from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 
 __all__ = ["SVDOptions", "merge"]
-
-
-@dataclass(frozen=True)
-class SVDOptions:
-    """How each source's task matrices are decomposed (see `svdfuse.ops.truncated_svd`)."""
-
-    method: ops.SVDMethod | str = ops.SVDMethod.AUTO
-    oversample: int = ops.DEFAULT_OVERSAMPLE
-    power_iters: int = ops.DEFAULT_POWER_ITERS
-    seed: int = 0
 
 
 def _default_device() -> torch.device:
@@ -50,7 +39,7 @@ def _adaptable(merged: Factors | Tensor, k: int | None, svd: SVDOptions) -> tupl
         return Factors(U[..., :k], S[..., :k], V[..., :k], counts), rest
     if k is None:
         return None, merged
-    U, S, V = ops.truncated_svd(merged, k, method=svd.method, oversample=svd.oversample, power_iters=svd.power_iters, seed=svd.seed)
+    U, S, V = svd.truncated_svd(merged, k)
     return Factors(U, S, V), merged - (U * S.unsqueeze(-2)) @ V.mT
 
 
@@ -138,7 +127,7 @@ def merge(
         for i, entry in enumerate(entries):
             reader.read(entry.key, (m, n), out=(W0[i], W[i]))
         keys = [e.key for e in entries]
-        merged = _call(spec, spec.matrices, W0, W, k=rank, svd=svd, seed=svd.seed, keys=keys, **params)
+        merged = _call(spec, spec.matrices, W0, W, k=rank, svd=svd, keys=keys, **params)
         del W0, W
         factors, rest = _adaptable(merged, rank, svd)
         for i, entry in enumerate(entries):
@@ -153,7 +142,7 @@ def merge(
     for key in plan.elementwise:
         shape, _ = base_source.meta(key)
         base_t, stack = reader.read(key, shape)
-        delta = _call(spec, spec.tensors, base_t[None], stack[None], seed=svd.seed, keys=[key], **params)[0]
+        delta = _call(spec, spec.tensors, base_t[None], stack[None], svd=svd, keys=[key], **params)[0]
         tensors[key] = (base_t.to(delta.dtype) + delta).to(base_t.dtype)
         bar.update(1)
     bar.close()

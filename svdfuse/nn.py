@@ -166,9 +166,7 @@ def adaptable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def svd_layers(model: nn.Module) -> Iterator[tuple[str, _SingularValues]]:
     """(name, layer) of every `SVDLinear` and `SVDWeight` in `model`."""
-    for name, module in model.named_modules():
-        if isinstance(module, _SingularValues):
-            yield name, module
+    return ((name, layer) for name, layer in adaptable_layers(model) if isinstance(layer, _SingularValues))
 
 
 def set_trainable(model: nn.Module, n: int | float, excess: Excess = "error") -> int:

@@ -8,6 +8,7 @@ built, otherwise the pure-torch reference in `svdfuse.reference` (which is also 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -16,6 +17,7 @@ from svdfuse import _native, reference
 
 __all__ = [
     "SVDMethod",
+    "SVDOptions",
     "DEFAULT_OVERSAMPLE",
     "DEFAULT_POWER_ITERS",
     "truncated_svd",
@@ -99,6 +101,23 @@ def truncated_svd(
     if _resolve_method(method, rank, oversample, m, n) is SVDMethod.EXACT:
         return reference.exact_svd(A, rank, base)
     return reference.randomized_svd(A, rank, base, oversample=oversample, power_iters=power_iters, seed=seed)
+
+
+@dataclass(frozen=True)
+class SVDOptions:
+    """How task matrices are decomposed: `truncated_svd`'s method, oversampling, power
+    iterations and seed, carried together through a merge."""
+
+    method: SVDMethod | str = SVDMethod.AUTO
+    oversample: int = DEFAULT_OVERSAMPLE
+    power_iters: int = DEFAULT_POWER_ITERS
+    seed: int = 0
+
+    def truncated_svd(self, A: Tensor, rank: int, base: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """`svdfuse.ops.truncated_svd(A, rank, base)` with these options."""
+        return truncated_svd(
+            A, rank, base, method=self.method, oversample=self.oversample, power_iters=self.power_iters, seed=self.seed
+        )
 
 
 def topk_components(S: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -73,10 +73,11 @@ def _check_sources(base: Source, sources: list[Source], dtype: torch.dtype | Non
     keys = base.keys()
     meta = {key: base.meta(key) for key in keys}
     floating = [key for key in keys if meta[key][1].is_floating_point]
+    known = set(keys)
     for source in sources:
         have = set(source.keys())
         missing = [key for key in floating if key not in have]
-        extra = sorted(key for key in have - set(keys) if source.meta(key)[1].is_floating_point)
+        extra = sorted(key for key in have - known if source.meta(key)[1].is_floating_point)
         if missing or extra:
             raise SourceError(
                 f"{source.label}: its tensors differ from the base's: "

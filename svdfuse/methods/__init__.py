@@ -44,9 +44,10 @@ class Method:
     Attributes:
         name: what users pass as `method=`.
         reference_url: the paper it implements.
-        matrices: `(W0, W, *, k, svd, seed, keys, **params) -> Factors | Tensor` for a group of
-            matrices; it declares only the context arguments it uses.
-        tensors: `(W0, W, *, seed, keys, **params) -> Tensor` merged task vector of other tensors.
+        matrices: `(W0, W, *, k, svd, keys, **params) -> Factors | Tensor` for a group of
+            matrices; it declares only the context arguments it uses (`svd` is an
+            `ops.SVDOptions`, whose seed also seeds random methods).
+        tensors: `(W0, W, *, svd, keys, **params) -> Tensor` merged task vector of other tensors.
         needs_k: whether `k` is required (it is the method's own rank, as in AXIS).
         upcast: whether the driver hands it fp32 (fp64) tensors; False for methods whose ops
             read the storage dtype themselves.
@@ -61,7 +62,7 @@ class Method:
 
     def params(self) -> dict[str, Any]:
         """The method's own parameters and their defaults."""
-        common = {"k", "svd", "seed", "keys"}
+        common = {"k", "svd", "keys"}
         out = {}
         for fn in (self.matrices, self.tensors):
             for name, p in inspect.signature(fn).parameters.items():

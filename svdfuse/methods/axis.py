@@ -10,16 +10,14 @@ from svdfuse.methods import Factors, register
 
 
 @register("axis", reference_url="https://arxiv.org/abs/2508.19353", needs_k=True, upcast=False)
-def axis(W0: Tensor, W: Tensor, *, k: int, svd, seed: int = 0) -> Factors:
+def axis(W0: Tensor, W: Tensor, *, k: int, svd: ops.SVDOptions) -> Factors:
     """Decompose every task matrix, keep the k largest components by singular value over all
     sources, sum them and re-orthogonalize.
 
     W0: (G, m, n), W: (G, T, m, n) -> Factors of rank k, with counts (G, T) per source.
     """
     G, T = W.shape[:2]
-    U, S, V = ops.truncated_svd(
-        W, k, base=W0.unsqueeze(1), method=svd.method, oversample=svd.oversample, power_iters=svd.power_iters, seed=seed
-    )
+    U, S, V = svd.truncated_svd(W, k, base=W0.unsqueeze(1))
     values, source, comp = ops.topk_components(S, k)  # (G, k) each
     layer = torch.arange(G, device=W.device).unsqueeze(1)
     U_s = U[layer, source, :, comp].mT  # (G, m, k)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from svdfuse.methods import mean_delta, register
+from svdfuse.ops import SVDOptions
 
 
 def _check_scaling(scaling: float) -> None:
@@ -75,17 +76,18 @@ def _drop_mask(shape: torch.Size, drop_rate: float, seed: int, key: str, source:
 
 
 def dare(
-    W0: Tensor, W: Tensor, *, keys: list[str], seed: int = 0, drop_rate: float = 0.9, rescale: bool = True, scaling: float = 1.0
+    W0: Tensor, W: Tensor, *, keys: list[str], svd: SVDOptions, drop_rate: float = 0.9, rescale: bool = True, scaling: float = 1.0
 ) -> Tensor:
     """DARE: drop each task-vector entry with probability `drop_rate`, rescale the survivors by
-    1 / (1 − drop_rate) (when `rescale`), then add them up as Task Arithmetic with `scaling`."""
+    1 / (1 − drop_rate) (when `rescale`), then add them up as Task Arithmetic with `scaling`.
+    The masks are seeded by `svd.seed`, the merge's one seed."""
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"dare: drop_rate must be in [0, 1), found {drop_rate}")
     _check_scaling(scaling)
     tau = W - W0.unsqueeze(1)
     G, T = tau.shape[:2]
     masks = torch.stack(
-        [torch.stack([_drop_mask(tau.shape[2:], drop_rate, seed, keys[g], t, tau.device) for t in range(T)]) for g in range(G)]
+        [torch.stack([_drop_mask(tau.shape[2:], drop_rate, svd.seed, keys[g], t, tau.device) for t in range(T)]) for g in range(G)]
     )
     kept = tau * masks
     if rescale:

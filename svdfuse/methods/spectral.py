@@ -32,7 +32,7 @@ def _check_scaling(name: str, scaling: float) -> None:
 
 
 @register("tsv_m", reference_url="https://arxiv.org/abs/2412.00081")
-def tsv_m(W0: Tensor, W: Tensor, *, svd, seed: int = 0, budget: int | None = None, scaling: float = 1.0) -> Factors:
+def tsv_m(W0: Tensor, W: Tensor, *, svd: ops.SVDOptions, budget: int | None = None, scaling: float = 1.0) -> Factors:
     """TSV-M: keep each task's top `budget` singular components (default floor(min(m, n) / T)),
     stack them, replace the stacked U and V by their closest orthonormal matrices (polar
     decomposition) and sum; times `scaling`. More tasks than the matrix has room for
@@ -46,9 +46,7 @@ def tsv_m(W0: Tensor, W: Tensor, *, svd, seed: int = 0, budget: int | None = Non
             f"need 1 <= budget <= {r // T}" + (" (fewer sources than rank: exclude this matrix or merge fewer sources)" if r < T else "")
         )
     _check_scaling("tsv_m", scaling)
-    U, S, V = ops.truncated_svd(
-        W, b, base=W0.unsqueeze(1), method=svd.method, oversample=svd.oversample, power_iters=svd.power_iters, seed=seed
-    )
+    U, S, V = svd.truncated_svd(W, b, base=W0.unsqueeze(1))
     U_cat = U.permute(0, 2, 1, 3).reshape(G, m, T * b)
     V_cat = V.permute(0, 2, 1, 3).reshape(G, n, T * b)
     counts = torch.full((G, T), b, dtype=torch.int64, device=W.device)
@@ -72,7 +70,7 @@ def iso_c(W0: Tensor, W: Tensor, *, scaling: float = 1.0) -> Factors:
 
 
 @register("iso_cts", reference_url="https://arxiv.org/abs/2502.04959")
-def iso_cts(W0: Tensor, W: Tensor, *, svd, seed: int = 0, common: float = 0.8, scaling: float = 1.0) -> Factors:
+def iso_cts(W0: Tensor, W: Tensor, *, svd: ops.SVDOptions, common: float = 0.8, scaling: float = 1.0) -> Factors:
     """Iso-CTS: the top floor(common · r) directions of the summed task matrix (the common
     subspace), plus for each task the top (r − common part) // T directions of its task matrix
     projected off the common subspace; both sides orthonormalized (polar), every singular value
@@ -95,9 +93,7 @@ def iso_cts(W0: Tensor, W: Tensor, *, svd, seed: int = 0, common: float = 0.8, s
     if s > 0:
         tau = W - W0.unsqueeze(1)  # (G, T, m, n)
         off_common = tau - U_c.unsqueeze(1) @ (U_c.mT.unsqueeze(1) @ tau)
-        U_t, S_t, V_t = ops.truncated_svd(
-            off_common, s, method=svd.method, oversample=svd.oversample, power_iters=svd.power_iters, seed=seed
-        )  # (G, T, m, s), (G, T, s), (G, T, n, s)
+        U_t, S_t, V_t = svd.truncated_svd(off_common, s)  # (G, T, m, s), (G, T, s), (G, T, n, s)
         parts_u.append(U_t.permute(0, 2, 1, 3).reshape(G, m, T * s))
         parts_s.append(S_t.reshape(G, T * s))
         parts_v.append(V_t.permute(0, 2, 1, 3).reshape(G, n, T * s))
