@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from svdfuse.methods import METHODS, get_method
-from svdfuse.ops import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
+from svdfuse.ops import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, DEFAULT_PRECISION
+from svdfuse.reference import PRECISIONS
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto", help="decomposition (default: auto)")
     merge.add_argument("--oversample", type=int, default=DEFAULT_OVERSAMPLE, help=f"randomized SVD oversampling (default {DEFAULT_OVERSAMPLE})")
     merge.add_argument("--power-iters", type=int, default=DEFAULT_POWER_ITERS, help=f"randomized SVD power iterations (default {DEFAULT_POWER_ITERS})")
+    merge.add_argument(
+        "--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help=f"input precision of the randomized SVD's GEMMs (default {DEFAULT_PRECISION})"
+    )
     merge.add_argument("--seed", type=int, default=0, help="randomized SVD seed")
     merge.add_argument("--dtype", choices=sorted(_DTYPES), help="cast all tensors to this dtype (default: keep; mixed is an error)")
     merge.add_argument("--device", help="compute device (default: cuda if available)")
@@ -85,7 +89,9 @@ def _merge(args: argparse.Namespace) -> None:
     import svdfuse
     from svdfuse.plan import DEFAULT_EXCLUDE
 
-    svd = svdfuse.SVDOptions(method=args.svd, oversample=args.oversample, power_iters=args.power_iters, seed=args.seed)
+    svd = svdfuse.SVDOptions(
+        method=args.svd, oversample=args.oversample, power_iters=args.power_iters, seed=args.seed, precision=args.precision
+    )
     if Path(args.output).exists():
         raise FileExistsError(f"output path {args.output!r} already exists; svdfuse never overwrites, choose a new path")
     method = get_method(args.method)

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from svdfuse import _native, reference
+from svdfuse import _native, kernels, reference
 
 __all__ = [
     "SVDMethod",
     "SVDOptions",
     "DEFAULT_OVERSAMPLE",
     "DEFAULT_POWER_ITERS",
+    "DEFAULT_PRECISION",
     "truncated_svd",
     "topk_components",
     "reorthogonalize",
@@ -33,6 +34,10 @@ __all__ = [
 # spectrum; the leading ones, which a global top-k selects first, are far more accurate.
 DEFAULT_OVERSAMPLE = 16
 DEFAULT_POWER_ITERS = 3
+# Input precision of the projections' GEMMs (fp32 data): "ieee" until the GPU measurement of
+# "tf32x3" and "tf32" (bench/bench_rsvd_accuracy.py emulates them on the CPU) says otherwise.
+DEFAULT_PRECISION = "ieee"
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class SVDMethod(str, enum.Enum):
@@ -64,6 +69,7 @@ def truncated_svd(
     oversample: int = DEFAULT_OVERSAMPLE,
     power_iters: int = DEFAULT_POWER_ITERS,
     seed: int = 0,
+    precision: str = DEFAULT_PRECISION,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rank-`rank` SVD of `A - base` for a batch of matrices, without forming `A - base`.
 
@@ -75,6 +81,11 @@ def truncated_svd(
         oversample: extra sketch columns of the randomized method.
         power_iters: subspace iterations of the randomized method.
         seed: seed of the Gaussian test matrix; the same seed gives the same result.
+        precision: input precision of the randomized method's products with `A - base`: "ieee"
+            (fp32), "tf32x3" or "tf32" (tensor-core inputs; emulated exactly on the CPU).
+
+    On CUDA the randomized method runs the Triton kernels of `svdfuse.kernels.rsvd` (fp32, bf16
+    and fp16 storage); elsewhere, and for fp64, the pure-torch reference.
 
     Returns:
         U (..., m, rank), S (..., rank) descending, V (..., n, rank), in the accumulation dtype,
@@ -98,25 +109,40 @@ def truncated_svd(
             raise ValueError(f"truncated_svd: base is on {base.device}, A on {A.device}")
     if oversample < 0 or power_iters < 0:
         raise ValueError(f"truncated_svd: oversample and power_iters must be >= 0, found {oversample}, {power_iters}")
+    if precision not in reference.PRECISIONS:
+        raise ValueError(f"truncated_svd: precision must be one of {reference.PRECISIONS}, found {precision!r}")
     if _resolve_method(method, rank, oversample, m, n) is SVDMethod.EXACT:
         return reference.exact_svd(A, rank, base)
-    return reference.randomized_svd(A, rank, base, oversample=oversample, power_iters=power_iters, seed=seed)
+    randomized = reference.randomized_svd
+    if A.is_cuda and A.dtype in _TRITON_DTYPES and kernels.available():
+        from svdfuse.kernels import rsvd
+
+        randomized = rsvd.randomized_svd
+    return randomized(A, rank, base, oversample=oversample, power_iters=power_iters, seed=seed, precision=precision)
 
 
 @dataclass(frozen=True)
 class SVDOptions:
     """How task matrices are decomposed: `truncated_svd`'s method, oversampling, power
-    iterations and seed, carried together through a merge."""
+    iterations, seed and input precision, carried together through a merge."""
 
     method: SVDMethod | str = SVDMethod.AUTO
     oversample: int = DEFAULT_OVERSAMPLE
     power_iters: int = DEFAULT_POWER_ITERS
     seed: int = 0
+    precision: str = DEFAULT_PRECISION
 
     def truncated_svd(self, A: Tensor, rank: int, base: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """`svdfuse.ops.truncated_svd(A, rank, base)` with these options."""
         return truncated_svd(
-            A, rank, base, method=self.method, oversample=self.oversample, power_iters=self.power_iters, seed=self.seed
+            A,
+            rank,
+            base,
+            method=self.method,
+            oversample=self.oversample,
+            power_iters=self.power_iters,
+            seed=self.seed,
+            precision=self.precision,
         )
 
 
@@ -129,7 +155,9 @@ def topk_components(S: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
     Returns:
         values (..., k) descending, source index (..., k) and component index (..., k), int64.
-        Ties go to the lower source index, then the lower component index.
+        Ties go to the lower source index, then the lower component index. On CUDA one Triton
+        launch (`svdfuse.kernels.topk`) serves every layer for k <= 2048; the selection is the
+        reference's, bit for bit.
 
     Example::
 
@@ -142,6 +170,12 @@ def topk_components(S: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f"topk_components: k must be in [1, {total}] for S of shape {_shape(S)}, found {k}")
     if torch.isnan(S).any():
         raise ValueError("topk_components: S contains NaN")
+    if S.is_cuda and S.dtype in _TRITON_DTYPES and kernels.available():
+        from svdfuse.kernels import topk
+
+        if k <= topk.MAX_K:
+            values, source, component = topk.topk_components(S.float(), k)  # fp16/bf16 -> fp32 is exact
+            return values.to(S.dtype), source, component
     return reference.topk_components(S, k)
 
 

@@ -6,6 +6,8 @@ accumulate in float32 (float64 when the inputs are float64) whatever the storage
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -64,6 +66,53 @@ def _broadcast_matmul(B: Tensor, X: Tensor) -> Tensor:
     return Y.permute(*[perm.index(d) for d in range(nb + 2)])
 
 
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def _round_tf32(t: Tensor) -> Tensor:
+    # What an fp32 tensor core reads: the mantissa rounded to 10 bits, to nearest, ties away from
+    # zero (cvt.rna.tf32.f32). Products of tf32 values are exact in fp32, so rounding the inputs and
+    # multiplying in fp32 reproduces the hardware up to the order of the fp32 additions.
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _matmul(X: Tensor, Y: Tensor, precision: str) -> Tensor:
+    """X @ Y (fp32) as a GEMM of the given input precision computes it."""
+    if precision == "ieee" or X.dtype != torch.float32:
+        return X @ Y
+    X_hi, Y_hi = _round_tf32(X), _round_tf32(Y)
+    out = X_hi @ Y_hi
+    if precision == "tf32x3":  # hi*hi + hi*lo + lo*hi recovers ~fp32 accuracy from three tf32 GEMMs
+        out = out + X_hi @ _round_tf32(Y - Y_hi) + _round_tf32(X - X_hi) @ Y_hi
+    return out
+
+
+def rsvd_project(A: Tensor, X: Tensor, base: Tensor | None = None, *, transpose: bool = False, precision: str = "ieee") -> Tensor:
+    """`(A - base) X`, or `(A - base)ᵀ X`, in the accumulation dtype; `A - base` is formed only to
+    emulate tf32 inputs.
+
+    A: (..., m, n) any float dtype; base broadcastable to A (None for zero); X: (..., n, w), or
+    (..., m, w) with `transpose`, fp32 (fp64 for fp64 A), broadcast over A's batch dims.
+    `precision` is that of the GEMM inputs: "ieee" fp32, "tf32x3" or "tf32" (fp32 only).
+    """
+    acc = compute_dtype(A.dtype)
+    if precision != "ieee":
+        # Emulates the fused kernel, which rounds the difference itself to tf32: form it here.
+        delta = _minus_base(A, base, acc)
+        return _matmul(delta.mT if transpose else delta, X, precision)
+    Ac = A.to(acc).mT if transpose else A.to(acc)
+    if base is None:
+        return Ac @ X
+    return Ac @ X - _broadcast_matmul(base.to(acc).mT if transpose else base.to(acc), X)
+
+
+def orthonormalize(Y: Tensor) -> Tensor:
+    """Orthonormal basis Q (..., m, w) of the columns of Y (..., m, w), w <= m, by Householder QR:
+    exact for rank-deficient and zero Y (the basis is completed with orthonormal columns)."""
+    return torch.linalg.qr(Y).Q
+
+
 def randomized_svd(
     A: Tensor,
     rank: int,
@@ -72,31 +121,25 @@ def randomized_svd(
     oversample: int,
     power_iters: int,
     seed: int,
+    precision: str = "ieee",
+    project: Callable[..., Tensor] = rsvd_project,
+    orthonormalize: Callable[[Tensor], Tensor] = orthonormalize,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Halko–Martinsson–Tropp randomized SVD of `A - base`, batched over the leading dims.
 
-    `A - base` is never formed: every product is `A X - base X`. The sketch width is
-    `min(rank + oversample, m, n)`; each power iteration re-orthonormalizes with a Householder QR,
-    which keeps rank-deficient and zero task matrices exact.
+    The algorithm for every backend: the GPU kernels pass their own `project` (the products with
+    `A - base`, which is never formed) and `orthonormalize`. The sketch width is
+    `min(rank + oversample, m, n)`; every power iteration re-orthonormalizes, and the small
+    projected SVD is a library call.
     """
-    acc = compute_dtype(A.dtype)
     m, n = A.shape[-2:]
     width = min(rank + oversample, m, n)
-    Ac = A.to(acc)
-    Bc = None if base is None else base.to(acc)
-
-    def times(X: Tensor) -> Tensor:  # (A - base) X
-        return Ac @ X if Bc is None else Ac @ X - _broadcast_matmul(Bc, X)
-
-    def times_t(X: Tensor) -> Tensor:  # (A - base)ᵀ X
-        return Ac.mT @ X if Bc is None else Ac.mT @ X - _broadcast_matmul(Bc.mT, X)
-
-    omega = _gaussian((n, width), acc, A.device, seed)
-    Q = torch.linalg.qr(times(omega)).Q
+    omega = _gaussian((n, width), compute_dtype(A.dtype), A.device, seed)
+    Q = orthonormalize(project(A, omega, base, precision=precision))
     for _ in range(power_iters):
-        Q = torch.linalg.qr(times_t(Q)).Q
-        Q = torch.linalg.qr(times(Q)).Q
-    B_t = times_t(Q)  # (..., n, width) = ((A - base)ᵀ Q) = Bᵀ
+        Q = orthonormalize(project(A, Q, base, transpose=True, precision=precision))
+        Q = orthonormalize(project(A, Q, base, precision=precision))
+    B_t = project(A, Q, base, transpose=True, precision=precision)  # (..., n, width) = ((A - base)ᵀ Q) = Bᵀ
     Vb, S, Ubh = torch.linalg.svd(B_t, full_matrices=False)  # Bᵀ = Vb S Ubᵀ
     U = Q @ Ubh.mT
     return U[..., :rank], S[..., :rank], Vb[..., :rank]
