@@ -12,9 +12,29 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
+def pytest_configure(config):
+    # Triton kernels run on the CPU under its interpreter, which must be chosen before any kernel
+    # is defined (the kernel modules are imported lazily, by the tests). A GPU run (`-m gpu`)
+    # compiles them for real; an explicit TRITON_INTERPRET always wins.
+    markexpr = config.getoption("markexpr") or ""
+    if "TRITON_INTERPRET" not in os.environ and not ("gpu" in markexpr and "not gpu" not in markexpr):
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 @pytest.fixture
 def cuda():
     # Checked here, not at collection: tests never touch CUDA while being collected.
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     return torch.device("cuda")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def triton_device(request):
+    """Where a Triton kernel test runs: the CPU under the interpreter, and CUDA (`-m gpu`)."""
+    pytest.importorskip("triton")
+    if request.param == "cuda":
+        return request.getfixturevalue("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels run on the CPU only under TRITON_INTERPRET=1")
+    return torch.device("cpu")

@@ -5,9 +5,9 @@
 - `rsvd_project`: `(A - base) X` or `(A - base)ᵀ X` for every matrix of a batch in one Triton
   launch. The difference is taken tile by tile in fp32 registers, so no `A - base` is ever stored,
   and sources are read in their storage dtype (fp32, bf16, fp16).
-- `orthonormalize`: shifted CholeskyQR3, three Gram-matrix passes that are plain GEMMs instead of a
-  batched Householder QR, verified per matrix; the few that fail the check (rank-deficient or
-  zero sketches) take the Householder QR of the reference.
+- `orthonormalize`: CholeskyQR2 with fp64 Grams, two small GEMM passes instead of a batched
+  Householder QR, verified per matrix; the few that fail the check (rank-deficient or zero
+  sketches) take the Householder QR of the reference.
 """
 
 from __future__ import annotations
@@ -108,32 +108,33 @@ def rsvd_project(
     return C
 
 
-def _cholesky_qr(Y: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """One CholeskyQR pass: Q = Y R⁻¹ with RᵀR = YᵀY (+ shift·I); also returns the Gram and the info."""
-    gram = Y.mT @ Y
-    shifted = gram if shift is None else gram + shift[..., None, None] * torch.eye(Y.shape[-1], device=Y.device)
-    R, info = torch.linalg.cholesky_ex(shifted, upper=True)
-    return torch.linalg.solve_triangular(R, Y, upper=True, left=False), gram, info
+def _cholesky_qr(Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One CholeskyQR pass in fp64: Q = Y R⁻¹ with RᵀR = YᵀY; also returns the Gram and Cholesky's info.
+
+    fp64 squares the condition number into a range it can hold: every fp32 sketch that is
+    numerically full-rank (κ up to ~1/eps_fp32) factors, where an fp32 Gram fails from κ ≈ 1e4.
+    The Gram is w×w per matrix, a small GEMM next to one pass over the sources.
+    """
+    Yd = Y.double()
+    gram = Yd.mT @ Yd
+    R, info = torch.linalg.cholesky_ex(gram, upper=True)
+    return torch.linalg.solve_triangular(R, Yd, upper=True, left=False).to(Y.dtype), gram, info
 
 
 def orthonormalize(Y: Tensor) -> Tensor:
     """Orthonormal basis Q (..., m, w) of the columns of Y (..., m, w) fp32, w <= m.
 
-    Shifted CholeskyQR3 (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020): a first pass
-    with a small diagonal shift makes any numerically full-rank Y well-conditioned, two plain
-    passes make it orthonormal. A matrix is accepted when the Gram of the last pass's input
-    certifies its orthogonality (‖QᵀQ - I‖₂ ≤ w·max|G - I| < 1/2 bounds κ² ≤ 3); the others —
-    rank-deficient or zero sketches, where no Cholesky route can complete the basis — take the
-    Householder QR of `reference.orthonormalize`.
+    CholeskyQR2 with fp64 Grams (mixed-precision CholeskyQR): GEMMs and a w×w Cholesky instead
+    of a batched Householder QR. A matrix is accepted when the Gram of the second pass certifies
+    the first pass (‖Q₁ᵀQ₁ - I‖₂ ≤ w·max|G - I| < 1/2 bounds κ(Q₁)² ≤ 3, so the second pass is
+    orthonormal to rounding); the others, rank-deficient or zero sketches, where no Cholesky route
+    can complete the basis, take the Householder QR of `reference.orthonormalize`.
     """
-    m, w = Y.shape[-2:]
-    eps = torch.finfo(torch.float32).eps
-    shift = 11 * (m * w + w * (w + 1)) * eps * Y.square().sum((-2, -1))  # ‖Y‖_F² bounds ‖Y‖₂²
-    Q, _, info1 = _cholesky_qr(Y, shift)
-    Q, _, info2 = _cholesky_qr(Q)
-    Q, gram, info3 = _cholesky_qr(Q)
-    defect = (gram - torch.eye(w, device=Y.device)).abs().amax((-2, -1)) * w
-    ok = (info1 == 0) & (info2 == 0) & (info3 == 0) & (defect < 0.5)  # NaN fails the comparison
+    w = Y.shape[-1]
+    Q, _, info1 = _cholesky_qr(Y)
+    Q, gram, info2 = _cholesky_qr(Q)
+    defect = (gram - torch.eye(w, dtype=gram.dtype, device=Y.device)).abs().amax((-2, -1)) * w
+    ok = (info1 == 0) & (info2 == 0) & (defect < 0.5)  # NaN fails the comparison
     if not bool(ok.all()):
         bad = ~ok
         Q[bad] = reference.orthonormalize(Y[bad])

@@ -1,0 +1,202 @@
+"""The Triton randomized SVD (`svdfuse.kernels.rsvd`): its projection kernel against float64
+truth within torch's own error, its orthonormalization on hard sketches, and the whole SVD against
+Eckart–Young. On the CPU under TRITON_INTERPRET=1 at small shapes; on CUDA with `-m gpu`."""
+
+import pytest
+import torch
+
+from svdfuse import ops, reference
+
+rsvd = pytest.importorskip("svdfuse.kernels.rsvd", reason="needs triton")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PROJECT_SHAPES = [(64, 32, 16), (37, 21, 9)]  # (m, n, w): aligned, and odd everywhere
+
+
+def _randn(*shape, seed=0, dtype=torch.float32, device="cpu", scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+
+def _assert_within_torch_error(out, truth, torch_out):
+    """Pass rule: error <= 2x torch's own error (fp32 GEMM on the same stored inputs) + an eps floor."""
+    assert out.dtype == torch.float32 and not out.isnan().any()
+    torch_error = (torch_out.double() - truth).abs().max().item()
+    floor = torch.finfo(torch.float32).eps * truth.abs().max().item()
+    error = (out.double() - truth).abs()
+    worst = error.argmax().item()
+    assert error.max().item() <= 2 * torch_error + floor, (
+        f"max error {error.max().item():.3g} at flat index {worst} > 2 x torch's {torch_error:.3g} + {floor:.3g}"
+    )
+
+
+@pytest.mark.parametrize("m,n,w", PROJECT_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("base_shape", [None, "matrix", "per_group"])
+def test_rsvd_project_within_torch_error(triton_device, m, n, w, dtype, transpose, base_shape):
+    G, T = 2, 3
+    A = _randn(G, T, m, n, seed=1, dtype=dtype, device=triton_device)
+    base = {None: None, "matrix": _randn(m, n, seed=2), "per_group": _randn(G, 1, m, n, seed=2)}[base_shape]
+    base = None if base is None else base.to(dtype=dtype, device=triton_device)
+    # Ω is shared by every matrix; Q is one per matrix, as in the power iterations.
+    X = _randn(m if transpose else n, w, seed=3, device=triton_device) if not transpose else _randn(G, T, m, w, seed=3, device=triton_device)
+    out = rsvd.rsvd_project(A, X, base, transpose=transpose)
+    truth = reference.rsvd_project(A.double(), X.double(), None if base is None else base.double(), transpose=transpose)
+    delta32 = A.float() if base is None else A.float() - base.float()
+    torch_out = (delta32.mT if transpose else delta32) @ X
+    assert out.shape == truth.shape
+    _assert_within_torch_error(out, truth, torch_out)
+
+
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+def test_rsvd_project_reduced_precision_within_its_emulation_error(triton_device, precision):
+    A, base, X = _randn(3, 37, 21, seed=1, device=triton_device), _randn(37, 21, seed=2, device=triton_device), _randn(21, 9, seed=3, device=triton_device)
+    out = rsvd.rsvd_project(A, X, base, precision=precision)
+    truth = reference.rsvd_project(A.double(), X.double(), base.double())
+    _assert_within_torch_error(out, truth, reference.rsvd_project(A, X, base, precision=precision))
+
+
+def test_rsvd_project_empty_batch_and_bad_shape(triton_device):
+    A, X = _randn(0, 5, 4, device=triton_device), _randn(4, 3, device=triton_device)
+    assert rsvd.rsvd_project(A, X).shape == (0, 5, 3)
+    with pytest.raises(ValueError, match=r"X must be \(\.\.\., 4, w\), found \(5, 3\)"):
+        rsvd.rsvd_project(_randn(2, 5, 4, device=triton_device), _randn(5, 3, device=triton_device))
+
+
+def _hard_sketches(m=60, w=12):
+    """(name, Y) pairs that break plain CholeskyQR: zero, rank-deficient, ill-conditioned, repeated."""
+    gen = torch.Generator().manual_seed(4)
+    P = torch.linalg.qr(torch.randn(m, w, generator=gen, dtype=torch.float64)).Q
+    R = torch.linalg.qr(torch.randn(w, w, generator=gen, dtype=torch.float64)).Q
+    graded = (P * torch.logspace(0, -6, w, dtype=torch.float64)) @ R  # κ = 1e6: an fp32 Gram fails
+    rank3 = P[:, :3] @ torch.randn(3, w, generator=gen, dtype=torch.float64)
+    repeated = torch.cat([P[:, :6], P[:, :6]], dim=1)  # every column twice
+    cases = {"well": torch.randn(m, w, generator=gen, dtype=torch.float64), "graded": graded, "rank3": rank3, "zero": torch.zeros(m, w, dtype=torch.float64), "repeated": repeated}
+    return list(cases), torch.stack(list(cases.values())).float()
+
+
+def test_orthonormalize_is_orthonormal_and_spans_hard_sketches():
+    names, Y = _hard_sketches()
+    Q = rsvd.orthonormalize(Y.clone())
+    eye = torch.eye(Y.shape[-1], dtype=torch.float64)
+    defect = (Q.double().mT @ Q.double() - eye).abs().amax((-2, -1))
+    householder = reference.orthonormalize(Y)
+    ref_defect = (householder.double().mT @ householder.double() - eye).abs().amax((-2, -1))
+    residual = (Y.double() - Q.double() @ (Q.double().mT @ Y.double())).flatten(1).norm(dim=1)
+    scale = Y.double().flatten(1).norm(dim=1).clamp_min(1e-30)
+    eps = torch.finfo(torch.float32).eps
+    for i, name in enumerate(names):
+        assert defect[i] <= max(2 * ref_defect[i].item(), 16 * eps), (name, defect[i].item(), ref_defect[i].item())
+        assert residual[i] <= 64 * eps * scale[i], (name, (residual[i] / scale[i]).item())
+
+
+def test_orthonormalize_falls_back_to_householder_only_where_cholesky_cannot(monkeypatch):
+    names, Y = _hard_sketches()
+    fell_back = []
+    monkeypatch.setattr(rsvd.reference, "orthonormalize", lambda Yb: fell_back.append(Yb) or torch.linalg.qr(Yb).Q)
+    rsvd.orthonormalize(Y.clone())
+    taken = {names[i] for Yb in fell_back for i in range(len(names)) for y in Yb if torch.equal(y, Y[i])}
+    # fp64 Grams carry the κ = 1e6 sketch; only a basis that must be completed falls back.
+    assert taken == {"rank3", "zero", "repeated"}
+
+
+def test_orthonormalize_nan_stays_visible():
+    Y = _randn(2, 20, 5)
+    Y[1, 3, 2] = float("nan")
+    Q = rsvd.orthonormalize(Y)
+    assert Q[1].isnan().any() and not Q[0].isnan().any()
+
+
+def _planted(batch, m, n, spectra, seed=0):
+    """float64 matrices with given singular values (a list per matrix), and a dense base."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.zeros(batch, m, n, dtype=torch.float64)
+    for b, s in enumerate(spectra):
+        s = torch.as_tensor(s, dtype=torch.float64)
+        U = torch.linalg.qr(torch.randn(m, len(s), generator=gen, dtype=torch.float64)).Q
+        V = torch.linalg.qr(torch.randn(n, len(s), generator=gen, dtype=torch.float64)).Q
+        out[b] = (U * s) @ V.T
+    return out, torch.randn(m, n, generator=gen, dtype=torch.float64)
+
+
+def _svd(A, rank, base, **options):
+    options = {"oversample": 8, "power_iters": 3, "seed": 0, **options}
+    return rsvd.randomized_svd(A, rank, base, **options)
+
+
+def test_randomized_svd_matches_eckart_young_on_task_like_spectra(triton_device):
+    m, n, rank = 48, 40, 6
+    decay = torch.arange(1, 41, dtype=torch.float64) ** -1.5
+    delta, base = _planted(3, m, n, [decay, 2 * decay, 0.5 * decay], seed=5)
+    A = (base + delta).float().to(triton_device)
+    U, S, V = (t.double().cpu() for t in _svd(A, rank, base.float().to(triton_device)))
+    exact = torch.linalg.svdvals(delta)
+    optimum = exact[:, rank:].square().sum(-1).sqrt()
+    error = (delta - (U * S.unsqueeze(-2)) @ V.mT).flatten(1).norm(dim=1)
+    assert torch.all(error <= 1.02 * optimum), error / optimum
+    torch.testing.assert_close(S, exact[:, :rank], rtol=1e-3, atol=0)
+    eye = torch.eye(rank, dtype=torch.float64).expand(3, -1, -1)
+    torch.testing.assert_close(U.mT @ U, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(V.mT @ V, eye, atol=1e-5, rtol=0)
+
+
+def test_randomized_svd_zero_rank_deficient_and_repeated(triton_device):
+    m, n, rank = 40, 30, 6
+    delta, base = _planted(3, m, n, [[3.0, 2.0, 1.0], [], [2.0] * 4], seed=6)
+    U, S, V = (t.double().cpu() for t in _svd((base + delta).float().to(triton_device), rank, base.float().to(triton_device)))
+    expected = torch.tensor([[3.0, 2.0, 1.0, 0, 0, 0], [0.0] * 6, [2.0] * 4 + [0, 0]], dtype=torch.float64)
+    torch.testing.assert_close(S, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((U * S.unsqueeze(-2)) @ V.mT, delta, atol=1e-5, rtol=0)
+    eye = torch.eye(rank, dtype=torch.float64).expand(3, -1, -1)  # completed orthonormally, even where σ = 0
+    torch.testing.assert_close(U.mT @ U, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(V.mT @ V, eye, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_randomized_svd_reads_low_precision_sources(triton_device, dtype):
+    delta, base = _planted(2, 33, 27, [[4.0, 2.0, 1.0, 0.5]] * 2, seed=7)
+    A, B = (base + delta).to(dtype), base.to(dtype)
+    U, S, V = _svd(A.to(triton_device), 4, B.to(triton_device))
+    assert S.dtype == torch.float32
+    truth = torch.linalg.svdvals(A.double() - B.double())[:, :4]  # of the stored values
+    torch.testing.assert_close(S.double().cpu(), truth, rtol=1e-4, atol=1e-5)
+
+
+def test_randomized_svd_is_deterministic_per_seed(triton_device):
+    delta, base = _planted(2, 30, 20, [[3.0, 1.0]] * 2, seed=8)
+    A, B = (base + delta).float().to(triton_device), base.float().to(triton_device)
+    first, second, other = _svd(A, 2, B, seed=3), _svd(A, 2, B, seed=3), _svd(A, 2, B, seed=4)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_kernel_backend_agrees_with_reference(triton_device):
+    # The same algorithm and seed: the backends differ only by rounding.
+    delta, base = _planted(2, 37, 29, [[5.0, 3.0, 2.0, 1.0, 0.5]] * 2, seed=9)
+    A, B = (base + delta).float(), base.float()
+    ref = reference.randomized_svd(A, 5, B, oversample=4, power_iters=2, seed=0)
+    out = _svd(A.to(triton_device), 5, B.to(triton_device), oversample=4, power_iters=2)
+    torch.testing.assert_close(out[1].cpu(), ref[1], rtol=1e-5, atol=1e-5)
+    product = lambda U, S, V: (U * S.unsqueeze(-2)) @ V.mT  # noqa: E731  (sign-free comparison)
+    torch.testing.assert_close(product(*(t.cpu() for t in out)), product(*ref), rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_truncated_svd_on_cuda_runs_the_kernels(cuda, dtype):
+    delta, base = _planted(4, 768, 768, [torch.arange(1, 200, dtype=torch.float64) ** -1.0] * 4, seed=10)
+    A, B = (base + delta).to(dtype).to(cuda), base.to(dtype).to(cuda)
+    U, S, V = ops.truncated_svd(A, 76, base=B, method="randomized")
+    expected = rsvd.randomized_svd(
+        A, 76, B, oversample=ops.DEFAULT_OVERSAMPLE, power_iters=ops.DEFAULT_POWER_ITERS, seed=0, precision=ops.DEFAULT_PRECISION
+    )
+    for got, want in zip((U, S, V), expected):
+        assert torch.equal(got, want)
+    truth = torch.linalg.svdvals(A.double() - B.double())[:, :76]
+    optimum = torch.linalg.svdvals(A.double() - B.double())[:, 76:].square().sum(-1).sqrt()
+    error = ((A.double() - B.double()) - (U.double() * S.double().unsqueeze(-2)) @ V.double().mT).flatten(1).norm(dim=1)
+    assert torch.all(error <= 1.02 * optimum), error / optimum
+    # The smallest kept σ of a flat spectrum converge slowest (bench/README.md): the measured bound.
+    assert ((S.double() - truth).abs() / truth).max() < 5e-2
