@@ -41,15 +41,20 @@ def _available() -> bool:
 
 def lowrank_matmul_op(device: torch.device) -> Callable | None:
     """`torch.ops.svdfuse.lowrank_matmul` if the extension has a kernel for `device`, else None."""
-    return _lowrank_matmul_for(device.type) if _available() else None
+    # _LOAD_ERROR first: torch.compile traces this function, and a cached one (_available) only with a warning.
+    if _LOAD_ERROR is None:
+        return _LOWRANK_MATMUL_KERNELS.get(device.type)
+    _available()  # warns, once per process
+    return None
 
 
-@functools.cache
-def _lowrank_matmul_for(device_type: str) -> Callable | None:
-    # Looked up once per device type: every SVDLinear forward asks.
+def _lowrank_matmul_kernels() -> dict[str, Callable]:
+    # Looked up once, at import (every SVDLinear forward asks), into a plain dict that torch.compile
+    # can read while tracing; the dispatcher's own lookup is opaque to it and would break the graph.
     op = torch.ops.svdfuse.lowrank_matmul.default
-    key = torch._C.DispatchKey.CUDA if device_type == "cuda" else torch._C.DispatchKey.CPU
-    return op if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key) else None
+    keys = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    return {device: op for device, key in keys.items() if has_kernel(op.name(), key)}
 
 
 def _lowrank_matmul_fake(
@@ -106,6 +111,8 @@ def _lowrank_matmul_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         grad_bias = g2.sum(0).to(x.dtype)
     return grad_x, grad_U, grad_S, grad_V, grad_base, grad_bias, None
 
+
+_LOWRANK_MATMUL_KERNELS: dict[str, Callable] = _lowrank_matmul_kernels() if _LOAD_ERROR is None else {}
 
 if _LOAD_ERROR is None:
     # The registrations belong to this library object: re-executing the module (importlib.reload)

@@ -44,7 +44,7 @@ class SVDMethod(str, enum.Enum):
 
 
 def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))  # "(3, 7)", "(21,)", "()"
 
 
 def _resolve_method(method: SVDMethod | str, rank: int, oversample: int, m: int, n: int) -> SVDMethod:
@@ -177,7 +177,7 @@ def _check_task(x: Tensor, S: Tensor, task: Tensor | None) -> None:
                 f"{_shape(task)}; pass S as (num_tasks, K) for a σ per row"
             )
         return
-    lead = "(" + ", ".join(str(d) for d in x.shape[:-1]) + ("," if x.dim() == 2 else "") + ")"
+    lead = str(tuple(x.shape[:-1]))
     num_tasks = S.shape[0]
     if num_tasks == 0:
         raise ValueError(f"lowrank_matmul: S must have at least one task row, found {_shape(S)}")
@@ -200,7 +200,8 @@ def _check_task(x: Tensor, S: Tensor, task: Tensor | None) -> None:
         if len(bad):
             where = tuple(bad[0].tolist())
             raise ValueError(
-                f"lowrank_matmul: task ids must be in [0, {num_tasks}) (the rows of S), found {task[where].item()} at {where}"
+                f"lowrank_matmul: task ids must be in [0, {num_tasks}) (the rows of S), "
+                f"found {task[where].item()} at {where}"
             )
 
 
