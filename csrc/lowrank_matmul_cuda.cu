@@ -74,6 +74,21 @@ __device__ __forceinline__ void load_floats(const T* p, int valid, float (&out)[
   }
 }
 
+// p[0, N) from shared memory in 16-byte reads (p is 16-byte aligned). The lanes of a warp read
+// chunks N floats apart; element reads at that stride would conflict N/4 times more on the banks.
+template <int N>
+__device__ __forceinline__ void load_shared(const float* p, float (&out)[N]) {
+  static_assert(N % 4 == 0, "whole float4s");
+#pragma unroll
+  for (int h = 0; h < N / 4; ++h) {
+    const float4 v = reinterpret_cast<const float4*>(p)[h];
+    out[4 * h] = v.x;
+    out[4 * h + 1] = v.y;
+    out[4 * h + 2] = v.z;
+    out[4 * h + 3] = v.w;
+  }
+}
+
 // σ[k] of row r: row task[r] of S, row 0 without task. A bad id is never read: its row gets NaN, so
 // the error shows in the output instead of passing silently (a host-side check would need a sync).
 template <typename acc_t, typename T>
@@ -221,12 +236,13 @@ __device__ void write_outputs(const FusedArgs<T>& a, float* smem) {
 #pragma unroll
       for (int r = 0; r < MAX_ROWS; ++r) {
         if (r < a.rows) {
+          float tr[VEC];
+          load_shared(t + r * a.kp + k0, tr);  // k0 + VEC <= kp: padding is zero, like u there
 #pragma unroll
           for (int q = 0; q < VEC; ++q) {
-            const float tr = t[r * a.kp + k0 + q];  // k0 + q < kp: padding is zero, like u there
 #pragma unroll
             for (int o = 0; o < kOutColsPerWarp; ++o) {
-              acc[o][r] += u[o][q] * tr;
+              acc[o][r] += u[o][q] * tr[q];
             }
           }
         }
