@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from svdfuse import _native, ops, reference
+from svdfuse.nn import SVDLinear
+from svdfuse.ops import lowrank_matmul
 
 SHAPES = [(64, 32, 8), (33, 17, 5)]  # (m, n, K): aligned, and odd everywhere
 
@@ -328,6 +330,21 @@ def test_registrations_survive_reimport(native_op):
     assert fake.shape == (3, 7, 7)
     native_op(x, U, S, V, base, bias).sum().backward()
     assert S.grad is not None
+
+
+def test_svdlinear_serves_through_the_op_with_one_sigma(monkeypatch):
+    x, U, S, V, base, bias = _inputs(33, 17, 5)
+    layer = SVDLinear(base, U, S, V, bias=bias, trainable=2)
+    tasks = []
+
+    def spy(*args, **kwargs):
+        tasks.append(kwargs.get("task"))
+        return lowrank_matmul(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "lowrank_matmul", spy)
+    out = layer(x)
+    assert tasks == [None]
+    torch.testing.assert_close(out, x @ layer.weight.T + bias)
 
 
 def test_import_stays_lean():
