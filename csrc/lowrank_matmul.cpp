@@ -1,15 +1,60 @@
 // Schema of torch.ops.svdfuse.lowrank_matmul and its CPU kernel. The fake (meta) impl and autograd
-// are registered from Python, in svdfuse/_native.py.
+// are registered from Python, in svdfuse/_native.py; the CUDA kernels are in lowrank_matmul_cuda.cu.
 #include <torch/library.h>
 
 #include "lowrank_matmul.h"
 
+namespace svdfuse {
+
+namespace {
+
+// On the CPU reading the ids is free, so a bad one raises here instead of reaching index_select.
+void check_task_range(const at::Tensor& task, int64_t num_tasks) {
+  if (task.numel() == 0) {
+    return;
+  }
+  const auto [lo, hi] = at::aminmax(task);
+  const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
+  TORCH_CHECK(low >= 0 && high < num_tasks, "lowrank_matmul: task ids must be in [0, num_tasks) = [0, ", num_tasks,
+              "), found ", low < 0 ? low : high);
+}
+
+// The GEMM sequence of reference.lowrank_matmul: upcast to the accumulation dtype (fp32, fp64 for
+// fp64), add the terms in the reference's order, cast back once at the end.
+at::Tensor lowrank_matmul_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
+                              const std::optional<at::Tensor>& base, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& task) {
+  check_lowrank_matmul(x, U, S, V, base, bias, task);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t rows = rows_of(x), n = V.size(0);
+  const at::Tensor x2 = x.reshape({rows, n}).to(acc);
+  at::Tensor sigma = S.to(acc);
+  if (task) {
+    check_task_range(*task, S.size(0));
+    sigma = sigma.index_select(0, task->reshape({rows}));  // (rows, K): each row's σ
+  }
+  at::Tensor y = at::mm(at::mm(x2, V.to(acc)).mul_(sigma), U.to(acc).t());
+  if (base) {
+    y.addmm_(x2, base->to(acc).t());
+  }
+  if (bias) {
+    y.add_(bias->to(acc));
+  }
+  return y.to(x.scalar_type()).reshape(output_shape(x, U.size(0)));
+}
+
+}  // namespace
+
+}  // namespace svdfuse
+
 TORCH_LIBRARY(svdfuse, m) {
   // Tells the dispatcher which module holds the Python half, so a trace without it names the fix.
   m.set_python_module("svdfuse._native");
-  m.def("lowrank_matmul(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? base, Tensor? bias) -> Tensor");
+  m.def(
+      "lowrank_matmul(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? base, Tensor? bias, Tensor? task=None) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(svdfuse, CPU, m) {
-  m.impl("lowrank_matmul", &svdfuse::lowrank_matmul);
+  m.impl("lowrank_matmul", &svdfuse::lowrank_matmul_cpu);
 }

@@ -1,4 +1,9 @@
-// svdfuse::lowrank_matmul: y = x Wbᵀ + ((x V) ⊙ S) Uᵀ + bias, shared by the CPU and CUDA kernels.
+// svdfuse::lowrank_matmul: y = x Wbᵀ + ((x V) ⊙ σ) Uᵀ + bias, checks shared by the CPU and CUDA kernels.
+//
+// σ is S (K,), one σ for every row of x, or S (num_tasks, K) with task (x.shape[:-1]) int64 picking
+// each row's σ (serving many target tasks that share U and V in one batch). Task ids are range
+// checked only where reading them is free: the CPU kernel raises; the CUDA kernels never index S
+// with a bad id and give its output row NaN instead, since a check would cost a device-to-host sync.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,13 +26,43 @@ inline void check_like_x(const at::Tensor& t, const char* name, const at::Tensor
               ", found ", t.device());
 }
 
-// x: (..., n), U: (m, K), S: (K,), V: (n, K), base: (m, n), bias: (m,); m and K come from U, n from V.
+// Rows of x, counted explicitly rather than reshape(-1, n), which is ambiguous for empty tensors.
+inline int64_t rows_of(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+}
+
+// S (K,) takes no task; S (num_tasks, K) needs task: int64, shape x.shape[:-1], on x's device.
+inline void check_task(const at::Tensor& S, const std::optional<at::Tensor>& task, const at::Tensor& x) {
+  if (S.dim() == 1) {
+    TORCH_CHECK(!task, "lowrank_matmul: task must be None when S has shape (K,) (one S for every row), found a task ",
+                "of shape ", task->sizes());
+    return;
+  }
+  TORCH_CHECK(S.size(0) >= 1, "lowrank_matmul: S must have at least one task row, found shape ", S.sizes());
+  TORCH_CHECK(task, "lowrank_matmul: task is required when S has shape (num_tasks, K) = ", S.sizes(),
+              ": an int64 tensor of shape x.shape[:-1] = ", x.sizes().slice(0, x.dim() - 1));
+  TORCH_CHECK(task->scalar_type() == at::kLong, "lowrank_matmul: task must have dtype Long (int64), found ",
+              task->scalar_type());
+  check_shape(*task, "task", "x.shape[:-1]", x.sizes().slice(0, x.dim() - 1));
+  TORCH_CHECK(task->device() == x.device(), "lowrank_matmul: task must be on x's device ", x.device(), ", found ",
+              task->device());
+}
+
+// x: (..., n), U: (m, K), S: (K,) or (num_tasks, K), V: (n, K), base: (m, n), bias: (m,), task: x.shape[:-1];
+// m and K come from U, n from V.
 inline void check_lowrank_matmul(const at::Tensor& x, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
-                                 const std::optional<at::Tensor>& base, const std::optional<at::Tensor>& bias) {
+                                 const std::optional<at::Tensor>& base, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& task) {
   TORCH_CHECK(U.dim() == 2, "lowrank_matmul: U must have shape (m, K), found ", U.sizes());
   TORCH_CHECK(V.dim() == 2, "lowrank_matmul: V must have shape (n, K), found ", V.sizes());
   const int64_t m = U.size(0), K = U.size(1), n = V.size(0);
-  check_shape(S, "S", "(K,)", {K});
+  TORCH_CHECK(S.dim() == 1 || S.dim() == 2, "lowrank_matmul: S must have shape (K,) or (num_tasks, K), found ",
+              S.sizes());
+  if (S.dim() == 2) {
+    check_shape(S, "S", "(num_tasks, K)", {S.size(0), K});
+  } else {
+    check_shape(S, "S", "(K,)", {K});
+  }
   check_shape(V, "V", "(n, K)", {n, K});
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == n, "lowrank_matmul: x must have shape (..., n) with n = V.size(0) = ",
               n, ", found ", x.sizes());
@@ -44,28 +79,14 @@ inline void check_lowrank_matmul(const at::Tensor& x, const at::Tensor& U, const
     check_shape(*bias, "bias", "(m,)", {m});
     check_like_x(*bias, "bias", x);
   }
+  check_task(S, task, x);
 }
 
-// The GEMM sequence of reference.lowrank_matmul, on any device: upcast to the accumulation dtype
-// (fp32, fp64 for fp64), add the terms in the reference's order, cast back once at the end.
-inline at::Tensor lowrank_matmul(const at::Tensor& x, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
-                                 const std::optional<at::Tensor>& base, const std::optional<at::Tensor>& bias) {
-  check_lowrank_matmul(x, U, S, V, base, bias);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t m = U.size(0), n = V.size(0);
-  // Rows counted explicitly rather than reshape(-1, n), which is ambiguous for empty tensors.
-  const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-  const at::Tensor x2 = x.reshape({rows, n}).to(acc);
-  at::Tensor y = at::mm(at::mm(x2, V.to(acc)).mul_(S.to(acc)), U.to(acc).t());
-  if (base) {
-    y.addmm_(x2, base->to(acc).t());
-  }
-  if (bias) {
-    y.add_(bias->to(acc));
-  }
-  std::vector<int64_t> out_shape = x.sizes().vec();
-  out_shape.back() = m;
-  return y.to(x.scalar_type()).reshape(out_shape);
+// The output shape x.shape[:-1] + (m,).
+inline std::vector<int64_t> output_shape(const at::Tensor& x, int64_t m) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = m;
+  return shape;
 }
 
 }  // namespace svdfuse

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from svdfuse.reference import compute_dtype
+from svdfuse.reference import compute_dtype, task_ids, task_sigma
 
 # Loaded at import, quietly (it is cheap and initializes no CUDA), so that the ops are complete for
 # torch.compile from the start; a missing extension is reported at the first call instead.
@@ -41,56 +41,78 @@ def _available() -> bool:
 
 def lowrank_matmul_op(device: torch.device) -> Callable | None:
     """`torch.ops.svdfuse.lowrank_matmul` if the extension has a kernel for `device`, else None."""
-    return _lowrank_matmul_for(device.type) if _available() else None
+    # _LOAD_ERROR first: torch.compile traces this function, and a cached one (_available) only with a warning.
+    if _LOAD_ERROR is None:
+        return _LOWRANK_MATMUL_KERNELS.get(device.type)
+    _available()  # warns, once per process
+    return None
 
 
-@functools.cache
-def _lowrank_matmul_for(device_type: str) -> Callable | None:
-    # Looked up once per device type: every SVDLinear forward asks.
+def _lowrank_matmul_kernels() -> dict[str, Callable]:
+    # Looked up once, at import (every SVDLinear forward asks), into a plain dict that torch.compile
+    # can read while tracing; the dispatcher's own lookup is opaque to it and would break the graph.
     op = torch.ops.svdfuse.lowrank_matmul.default
-    key = torch._C.DispatchKey.CUDA if device_type == "cuda" else torch._C.DispatchKey.CPU
-    return op if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key) else None
+    keys = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    return {device: op for device, key in keys.items() if has_kernel(op.name(), key)}
 
 
 def _lowrank_matmul_fake(
-    x: Tensor, U: Tensor, S: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None
+    x: Tensor,
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    base: Tensor | None,
+    bias: Tensor | None,
+    task: Tensor | None = None,
 ) -> Tensor:
     return x.new_empty((*x.shape[:-1], U.shape[0]))
 
 
 def _lowrank_matmul_setup_context(ctx, inputs: tuple, output: Tensor) -> None:
-    x, U, S, V, base, _ = inputs
-    ctx.save_for_backward(x, U, S, V, base)
+    x, U, S, V, base, _, task = inputs
+    ctx.save_for_backward(x, U, S, V, base, task)
 
 
 def _lowrank_matmul_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-    # In the forward's accumulation dtype, like the kernels, and cast once per gradient.
-    x, U, S, V, base = ctx.saved_tensors
-    need_x, need_U, need_S, need_V, need_base, need_bias = ctx.needs_input_grad
+    # In the forward's accumulation dtype, like the kernels, and cast once per gradient. With a
+    # per-row σ, S's gradient sums each row's contribution into the row of S that its task id picked;
+    # task itself is an index and gets none.
+    x, U, S, V, base, task = ctx.saved_tensors
+    need_x, need_U, need_S, need_V, need_base, need_bias = ctx.needs_input_grad[:6]
     acc = compute_dtype(x.dtype)
     x2 = x.reshape(-1, V.shape[0]).to(acc)
     g2 = grad.reshape(-1, U.shape[0]).to(acc)
-    U_, S_, V_ = U.to(acc), S.to(acc), V.to(acc)
-    gU = g2 @ U_  # gradient with respect to (x V) ⊙ S
+    U_, V_ = U.to(acc), V.to(acc)
+    sigma = task_sigma(S.to(acc), task)  # (rows, K), or (1, K) for one σ
+    gU = g2 @ U_  # gradient with respect to (x V) ⊙ σ
     t = x2 @ V_ if need_U or need_S else None
     grad_x = grad_U = grad_S = grad_V = grad_base = grad_bias = None
     if need_x:
-        gx = (gU * S_) @ V_.T
+        gx = (gU * sigma) @ V_.T
         if base is not None:
             gx = gx + g2 @ base.to(acc)
         grad_x = gx.to(x.dtype).reshape(x.shape)
     if need_U:
-        grad_U = (g2.T @ (t * S_)).to(U.dtype)
+        grad_U = (g2.T @ (t * sigma)).to(U.dtype)
     if need_S:
-        grad_S = (gU * t).sum(0).to(S.dtype)
+        if task is None:
+            grad_S = (gU * t).sum(0).to(S.dtype)
+        else:
+            # A row with a bad id adds NaN to the row its clamped id names, as its output row is NaN.
+            ids, valid = task_ids(task, S.shape[0])
+            per_row = (gU * t).masked_fill(~valid[:, None], float("nan"))
+            grad_S = torch.zeros_like(S, dtype=acc).index_add_(0, ids, per_row).to(S.dtype)
     if need_V:
-        grad_V = (x2.T @ (gU * S_)).to(V.dtype)
+        grad_V = (x2.T @ (gU * sigma)).to(V.dtype)
     if need_base:
         grad_base = (g2.T @ x2).to(base.dtype)
     if need_bias:
         grad_bias = g2.sum(0).to(x.dtype)
-    return grad_x, grad_U, grad_S, grad_V, grad_base, grad_bias
+    return grad_x, grad_U, grad_S, grad_V, grad_base, grad_bias, None
 
+
+_LOWRANK_MATMUL_KERNELS: dict[str, Callable] = _lowrank_matmul_kernels() if _LOAD_ERROR is None else {}
 
 if _LOAD_ERROR is None:
     # The registrations belong to this library object: re-executing the module (importlib.reload)

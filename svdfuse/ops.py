@@ -49,7 +49,7 @@ class SVDMethod(str, enum.Enum):
 
 
 def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))  # "(3, 7)", "(21,)", "()"
 
 
 def _resolve_method(method: SVDMethod | str, rank: int, oversample: int, m: int, n: int) -> SVDMethod:
@@ -203,11 +203,52 @@ def reorthogonalize(U_s: Tensor, S_s: Tensor, V_s: Tensor) -> tuple[Tensor, Tens
     return reference.reorthogonalize(U_s, S_s, V_s)
 
 
-def _check_lowrank(x: Tensor, U: Tensor, S: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None) -> None:
-    if U.dim() != 2 or V.dim() != 2 or S.dim() != 1:
-        raise ValueError(f"lowrank_matmul: expected U (m, K), S (K,), V (n, K), found {_shape(U)}, {_shape(S)}, {_shape(V)}")
+def _check_task(x: Tensor, S: Tensor, task: Tensor | None) -> None:
+    if S.dim() == 1:
+        if task is not None:
+            raise ValueError(
+                f"lowrank_matmul: task must be None when S is (K,) (one σ for every row), found a task of shape "
+                f"{_shape(task)}; pass S as (num_tasks, K) for a σ per row"
+            )
+        return
+    lead = str(tuple(x.shape[:-1]))
+    num_tasks = S.shape[0]
+    if num_tasks == 0:
+        raise ValueError(f"lowrank_matmul: S must have at least one task row, found {_shape(S)}")
+    if task is None:
+        raise ValueError(
+            f"lowrank_matmul: task is required when S is (num_tasks, K) = {_shape(S)}: "
+            f"an int64 tensor of shape x.shape[:-1] = {lead}"
+        )
+    if task.dtype != torch.int64:
+        raise TypeError(f"lowrank_matmul: task must be torch.int64, found {task.dtype}")
+    if task.shape != x.shape[:-1]:
+        raise ValueError(f"lowrank_matmul: task must have shape x.shape[:-1] = {lead}, found {_shape(task)}")
+    if task.device != x.device:
+        raise ValueError(f"lowrank_matmul: task is on {task.device}, x on {x.device}")
+    # Range: checked here only where reading the ids is free. On CUDA it would cost a device-to-host
+    # sync per call (more than the decode kernel itself); the kernels there give a bad id's row NaN.
+    # Under torch.compile the native CPU kernel raises instead, with no graph break here.
+    if task.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = ((task < 0) | (task >= num_tasks)).nonzero()
+        if len(bad):
+            where = tuple(bad[0].tolist())
+            raise ValueError(
+                f"lowrank_matmul: task ids must be in [0, {num_tasks}) (the rows of S), "
+                f"found {task[where].item()} at {where}"
+            )
+
+
+def _check_lowrank(
+    x: Tensor, U: Tensor, S: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None, task: Tensor | None
+) -> None:
+    if U.dim() != 2 or V.dim() != 2 or S.dim() not in (1, 2):
+        raise ValueError(
+            f"lowrank_matmul: expected U (m, K), S (K,) or (num_tasks, K), V (n, K), "
+            f"found {_shape(U)}, {_shape(S)}, {_shape(V)}"
+        )
     (m, K), n = U.shape, V.shape[0]
-    if V.shape[1] != K or S.shape[0] != K:
+    if V.shape[1] != K or S.shape[-1] != K:
         raise ValueError(f"lowrank_matmul: rank mismatch: U {_shape(U)}, S {_shape(S)}, V {_shape(V)}")
     if x.dim() == 0 or x.shape[-1] != n:
         raise ValueError(f"lowrank_matmul: x must be (..., {n}) to match V {_shape(V)}, found {_shape(x)}")
@@ -223,28 +264,46 @@ def _check_lowrank(x: Tensor, U: Tensor, S: Tensor, V: Tensor, base: Tensor | No
             raise TypeError(f"lowrank_matmul: {name} is {t.dtype}, x is {x.dtype}; all tensors must share one dtype")
         if t.device != x.device:
             raise ValueError(f"lowrank_matmul: {name} is on {t.device}, x on {x.device}")
+    _check_task(x, S, task)
 
 
 def lowrank_matmul(
-    x: Tensor, U: Tensor, S: Tensor, V: Tensor, base: Tensor | None = None, bias: Tensor | None = None
+    x: Tensor,
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    base: Tensor | None = None,
+    bias: Tensor | None = None,
+    task: Tensor | None = None,
 ) -> Tensor:
-    """`y = x Wbᵀ + ((x V) ⊙ S) Uᵀ + bias` without forming the dense m×n matrix.
+    """`y = x Wbᵀ + ((x V) ⊙ σ) Uᵀ + bias` without forming the dense m×n matrix.
+
+    σ is one vector for every row of x, or, to serve many target tasks that share U and V in one
+    batch, a row of S picked per row of x by `task`.
 
     Args:
-        x: (..., n) inputs; fp32, bf16, fp16 or fp64, shared by every tensor.
-        U: (m, K) left factors, S: (K,) singular values, V: (n, K) right factors.
+        x: (..., n) inputs; fp32, bf16, fp16 or fp64, shared by every float tensor.
+        U: (m, K) left factors.
+        S: (K,) singular values for every row, or (num_tasks, K), one row per task.
+        V: (n, K) right factors.
         base: optional (m, n) dense base weight Wb.
         bias: optional (m,).
+        task: int64 of shape x.shape[:-1] with ids in [0, num_tasks): the row of S for each row of
+            x. Required with a 2-D S, must be None with a 1-D S. Ids are range-checked on the CPU
+            (ValueError); on CUDA a check would need a device-to-host sync, so an out-of-range id
+            is never read and gives its output row NaN instead.
 
     Returns:
-        (..., m) in x's dtype; accumulation is fp32 (fp64 for fp64). Differentiable in every input.
+        (..., m) in x's dtype; accumulation is fp32 (fp64 for fp64). Differentiable in every float
+        input (x, U, S, V, base, bias); with `task`, S's gradient sums into the rows the ids pick.
 
     Example::
 
-        y = svdfuse.ops.lowrank_matmul(x, U_t, S_t, V_t, base=W0, bias=b)
+        sigma = torch.stack([S_cars, S_dtd, S_eurosat])           # (3, K): one σ per target task
+        y = svdfuse.ops.lowrank_matmul(x, U_t, sigma, V_t, base=W0, bias=b, task=request_task)
     """
-    _check_lowrank(x, U, S, V, base, bias)
+    _check_lowrank(x, U, S, V, base, bias, task)
     op = _native.lowrank_matmul_op(x.device)
     if op is not None:
-        return op(x, U, S, V, base, bias)
-    return reference.lowrank_matmul(x, U, S, V, base, bias)
+        return op(x, U, S, V, base, bias, task)
+    return reference.lowrank_matmul(x, U, S, V, base, bias, task)

@@ -17,13 +17,40 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def task_ids(task: Tensor, num_tasks: int) -> tuple[Tensor, Tensor]:
+    """`task` flattened to (rows,) and clamped into [0, num_tasks), safe to index with, and which ids were in range."""
+    ids = task.reshape(-1)
+    return ids.clamp(0, num_tasks - 1), (ids >= 0) & (ids < num_tasks)
+
+
+def task_sigma(S: Tensor, task: Tensor | None) -> Tensor:
+    """σ of each row of x: S (K,) -> (1, K), one for all rows; S (num_tasks, K) and task -> (rows, K).
+
+    A row whose task id is outside [0, num_tasks) gets NaN, as in the CUDA kernels: a bad id is never
+    read, and its row cannot pass silently.
+    """
+    if task is None:
+        return S.reshape(1, -1)
+    ids, valid = task_ids(task, S.shape[0])
+    return S.index_select(0, ids).masked_fill(~valid[:, None], float("nan"))
+
+
 def lowrank_matmul(
-    x: Tensor, U: Tensor, S: Tensor, V: Tensor, base: Tensor | None = None, bias: Tensor | None = None
+    x: Tensor,
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    base: Tensor | None = None,
+    bias: Tensor | None = None,
+    task: Tensor | None = None,
 ) -> Tensor:
-    """`x Wbᵀ + ((x V) ⊙ S) Uᵀ + bias`; x: (..., n), U: (m, K), S: (K,), V: (n, K) -> (..., m)."""
+    """`x Wbᵀ + ((x V) ⊙ σ) Uᵀ + bias`; x: (..., n), U: (m, K), V: (n, K) -> (..., m).
+
+    σ is S (K,) for every row, or row `task[...]` of S (num_tasks, K) for each row, task: x.shape[:-1].
+    """
     acc = compute_dtype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).to(acc)
-    y = ((x2 @ V.to(acc)) * S.to(acc)) @ U.to(acc).T
+    y = ((x2 @ V.to(acc)) * task_sigma(S.to(acc), task)) @ U.to(acc).T
     if base is not None:
         y = y + x2 @ base.to(acc).T
     if bias is not None:

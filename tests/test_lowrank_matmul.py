@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from svdfuse import _native, ops, reference
+from svdfuse.nn import SVDLinear
+from svdfuse.ops import lowrank_matmul
 
 SHAPES = [(64, 32, 8), (33, 17, 5)]  # (m, n, K): aligned, and odd everywhere
 
@@ -36,13 +38,23 @@ def _inputs(m, n, K, lead=(3, 7), dtype=torch.float32, device="cpu", base=True, 
     return x, U, S, V, rand(m, n, scale=n**-0.5) if base else None, rand(m) if bias else None
 
 
+def _with_tasks(args, num_tasks, seed=1):
+    """`_inputs`' args with S (num_tasks, K) and task ids (x.shape[:-1]) covering every task."""
+    x, U, S, V, base, bias = args
+    gen = torch.Generator().manual_seed(seed)
+    S2 = torch.randn((num_tasks, S.shape[0]), generator=gen, dtype=torch.float64).to(S.dtype).to(S.device)
+    task = torch.arange(x[..., 0].numel()).remainder(num_tasks)
+    task = task[torch.randperm(task.numel(), generator=gen)].reshape(x.shape[:-1]).to(x.device)
+    return x, U, S2.requires_grad_(S.requires_grad), V, base, bias, task
+
+
 def _in_float64(args):
-    return [None if t is None else t.detach().double() for t in args]
+    return [t.detach().double() if t is not None and t.is_floating_point() else t for t in args]
 
 
-def _plain_torch(x, U, S, V, base, bias):
+def _plain_torch(x, U, S, V, base, bias, task=None):
     """The same computation as plain torch matmuls in the storage dtype: torch's own error."""
-    y = ((x @ V) * S) @ U.T
+    y = ((x @ V) * (S if task is None else S[task])) @ U.T
     if base is not None:
         y = y + x @ base.T
     return y if bias is None else y + bias
@@ -72,6 +84,20 @@ def test_opcheck(native_op, device, lead, dtype, base, bias):
     torch.library.opcheck(native_op, args)
 
 
+TASK_OPCHECK_CASES = [  # (lead dims of x, dtype, with base, with bias, num_tasks)
+    ((), torch.float32, False, False, 2),
+    ((5,), torch.float32, True, True, 3),
+    ((2, 3), torch.float64, True, False, 4),
+    ((0,), torch.float32, True, True, 2),
+]
+
+
+@pytest.mark.parametrize("lead,dtype,base,bias,num_tasks", TASK_OPCHECK_CASES)
+def test_opcheck_with_task(native_op, device, lead, dtype, base, bias, num_tasks):
+    args = _inputs(7, 6, 3, lead=lead, dtype=dtype, device=device, base=base, bias=bias, grad=True)
+    torch.library.opcheck(native_op, _with_tasks(args, num_tasks))
+
+
 @pytest.mark.parametrize(
     "trainable,with_base_bias",
     [("x,U,S,V,base,bias", True), ("x,U,S,V", False), ("S", True)],  # the last is Stage 2
@@ -85,6 +111,56 @@ def test_gradcheck(device, trainable, with_base_bias):
         return ops.lowrank_matmul(**{**args, **dict(zip(train, trained))})
 
     assert torch.autograd.gradcheck(f, [args[name].requires_grad_() for name in train])
+
+
+@pytest.mark.parametrize("trainable", ["x,S", "x,U,S,V,base,bias", "S"])
+def test_gradcheck_per_task_sigma(device, trainable):
+    names = ["x", "U", "S", "V", "base", "bias", "task"]
+    inputs = _with_tasks(_inputs(5, 4, 3, lead=(2, 3), dtype=torch.float64, device=device), num_tasks=3)
+    args, train = dict(zip(names, inputs)), trainable.split(",")
+
+    def f(*trained):
+        return ops.lowrank_matmul(**{**args, **dict(zip(train, trained))})
+
+    assert torch.autograd.gradcheck(f, [args[name].requires_grad_() for name in train])
+
+
+def test_per_task_sigma_gradient_goes_to_the_picked_rows():
+    # Task 2 picks no row of x: its row of S gets exactly zero gradient; the others get some.
+    x, U, S, V, base, bias, task = _with_tasks(_inputs(5, 4, 3, lead=(6,), grad=True), num_tasks=3)
+    task = torch.tensor([0, 1, 1, 0, 0, 1])
+    ops.lowrank_matmul(x, U, S, V, base, bias, task).square().sum().backward()
+    assert not S.grad[2].any() and S.grad[:2].abs().min() > 0
+
+
+@pytest.mark.parametrize("m,n,K", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("terms", ["lowrank", "lowrank+base+bias"])
+def test_per_task_sigma_within_torch_error(device, native_op, dtype, m, n, K, terms):
+    args = _with_tasks(_inputs(m, n, K, dtype=dtype, device=device, base="base" in terms, bias="bias" in terms), 4)
+    for out in (native_op(*args), reference.lowrank_matmul(*args)):
+        assert out.shape == (3, 7, m) and out.dtype == dtype
+        _assert_within_torch_error(out, args)
+
+
+def test_reference_per_task_sigma_is_one_sigma_per_row():
+    # The float64 oracle of per-request σ against the one-σ path, row by row.
+    x, U, S, V, base, bias, task = _in_float64(_with_tasks(_inputs(33, 17, 5), num_tasks=3))
+    out = reference.lowrank_matmul(x, U, S, V, base, bias, task)
+    for index in torch.cartesian_prod(torch.arange(3), torch.arange(7)):
+        i, j = index.tolist()
+        row = reference.lowrank_matmul(x[i, j], U, S[task[i, j]], V, base, bias)
+        torch.testing.assert_close(out[i, j], row, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_gives_a_bad_task_row_nan():
+    # What the CUDA kernels do with an id they cannot check without a sync.
+    x, U, S, V, base, bias, task = _with_tasks(_inputs(33, 17, 5), num_tasks=3)
+    task[1, 2] = 3
+    out = reference.lowrank_matmul(x, U, S, V, base, bias, task)
+    assert out[1, 2].isnan().all()
+    out[1, 2] = 0
+    assert out.isfinite().all()
 
 
 @pytest.mark.parametrize("m,n,K", SHAPES)
@@ -107,6 +183,23 @@ def test_empty_batch(device, lead):
         assert t.grad.shape == t.shape and not t.grad.any()
 
 
+def test_empty_batch_with_task(device):
+    x, U, S, V, base, bias, task = _with_tasks(_inputs(33, 17, 5, lead=(2, 0), device=device, grad=True), 3)
+    out = ops.lowrank_matmul(x, U, S, V, base, bias, task)
+    assert out.shape == (2, 0, 33)
+    out.sum().backward()
+    assert S.grad.shape == (3, 5) and not S.grad.any()
+
+
+def test_noncontiguous_inputs(device):
+    args = _with_tasks(_inputs(33, 17, 5, lead=(4, 6), device=device), num_tasks=3)
+    x, U, S, V, base, bias, task = args
+    strided = (x.mT.contiguous().mT, U.T.contiguous().T, S.T.contiguous().T, V.T.contiguous().T,
+               base.T.contiguous().T, bias, task.T.contiguous().T)  # fmt: skip
+    assert not any(t.is_contiguous() for t in strided if t.dim() == 2)
+    torch.testing.assert_close(ops.lowrank_matmul(*strided), ops.lowrank_matmul(*args))
+
+
 def test_nan_in_x_poisons_its_output_row(device):
     x, U, S, V, base, bias = _inputs(33, 17, 5, device=device)
     x[1, 2, 4] = float("nan")
@@ -126,6 +219,28 @@ def test_front_door_errors_say_expected_and_found():
         ops.lowrank_matmul(x, U.double(), S, V)
 
 
+def test_front_door_task_errors_say_expected_and_found():
+    x, U, S, V, base, bias, task = _with_tasks(_inputs(33, 17, 5), num_tasks=3)
+    required = r"task is required when S is \(num_tasks, K\) = \(3, 5\).*x.shape\[:-1\] = \(3, 7\)"
+    with pytest.raises(ValueError, match=required):
+        ops.lowrank_matmul(x, U, S, V)
+    with pytest.raises(ValueError, match=r"task must be None when S is \(K,\).*found a task of shape \(3, 7\)"):
+        ops.lowrank_matmul(x, U, S[0], V, task=task)
+    with pytest.raises(ValueError, match=r"task must have shape x.shape\[:-1\] = \(3, 7\), found \(21,\)"):
+        ops.lowrank_matmul(x, U, S, V, task=task.reshape(-1))
+    with pytest.raises(TypeError, match=r"task must be torch.int64, found torch.int32"):
+        ops.lowrank_matmul(x, U, S, V, task=task.int())
+    with pytest.raises(ValueError, match=r"rank mismatch: U \(33, 5\), S \(3, 4\)"):
+        ops.lowrank_matmul(x, U, S[:, :4], V, task=task)
+    with pytest.raises(ValueError, match=r"S must have at least one task row, found \(0, 5\)"):
+        ops.lowrank_matmul(x, U, S[:0], V, task=task)
+    for bad in (3, -1):
+        task[2, 5] = bad
+        range_error = rf"task ids must be in \[0, 3\) \(the rows of S\), found {bad} at \(2, 5\)"
+        with pytest.raises(ValueError, match=range_error):
+            ops.lowrank_matmul(x, U, S, V, task=task)
+
+
 NATIVE_ERRORS = [  # (argument, how to break it, the message expected)
     ("x", lambda t: t[..., :16], r"x must have shape \(\.\.\., n\) with n = V.size\(0\) = 17, found \[3, 7, 16\]"),
     ("U", lambda t: t[0], r"U must have shape \(m, K\), found \[5\]"),
@@ -141,6 +256,39 @@ NATIVE_ERRORS = [  # (argument, how to break it, the message expected)
 @pytest.mark.parametrize("name,break_it,match", NATIVE_ERRORS)
 def test_native_op_errors_name_the_tensor(native_op, name, break_it, match):
     args = dict(zip(["x", "U", "S", "V", "base", "bias"], _inputs(33, 17, 5)))
+    args[name] = break_it(args[name])
+    with pytest.raises(RuntimeError, match=match):
+        native_op(*args.values())
+
+
+def _set(index, value):
+    def set_it(t):
+        t = t.clone()
+        t[index] = value
+        return t
+
+    return set_it
+
+
+NATIVE_TASK_ERRORS = [  # (argument, how to break it, the message expected)
+    (
+        "task",
+        lambda t: None,
+        r"task is required when S has shape \(num_tasks, K\) = \[3, 5\]: an int64 tensor of shape x.shape\[:-1\] = \[3, 7\]",
+    ),
+    ("S", lambda t: t[0], r"task must be None when S has shape \(K,\) .*, found a task of shape \[3, 7\]"),
+    ("task", lambda t: t[0], r"task must have shape x.shape\[:-1\] = \[3, 7\], found \[7\]"),
+    ("task", lambda t: t.int(), r"task must have dtype Long \(int64\), found Int"),
+    ("task", _set((1, 1), 3), r"task ids must be in \[0, num_tasks\) = \[0, 3\), found 3"),
+    ("task", _set((0, 4), -2), r"task ids must be in \[0, num_tasks\) = \[0, 3\), found -2"),
+    ("S", lambda t: t[:0], r"S must have at least one task row, found shape \[0, 5\]"),
+    ("S", lambda t: t[None], r"S must have shape \(K,\) or \(num_tasks, K\), found \[1, 3, 5\]"),
+]
+
+
+@pytest.mark.parametrize("name,break_it,match", NATIVE_TASK_ERRORS)
+def test_native_op_task_errors(native_op, name, break_it, match):
+    args = dict(zip(["x", "U", "S", "V", "base", "bias", "task"], _with_tasks(_inputs(33, 17, 5), num_tasks=3)))
     args[name] = break_it(args[name])
     with pytest.raises(RuntimeError, match=match):
         native_op(*args.values())
@@ -184,6 +332,21 @@ def test_registrations_survive_reimport(native_op):
     assert S.grad is not None
 
 
+def test_svdlinear_serves_through_the_op_with_one_sigma(monkeypatch):
+    x, U, S, V, base, bias = _inputs(33, 17, 5)
+    layer = SVDLinear(base, U, S, V, bias=bias, trainable=2)
+    tasks = []
+
+    def spy(*args, **kwargs):
+        tasks.append(kwargs.get("task"))
+        return lowrank_matmul(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "lowrank_matmul", spy)
+    out = layer(x)
+    assert tasks == [None]
+    torch.testing.assert_close(out, x @ layer.weight.T + bias)
+
+
 def test_import_stays_lean():
     code = "import sys, torch, svdfuse.ops; assert 'triton' not in sys.modules; assert not torch.cuda.is_initialized()"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -192,3 +355,72 @@ def test_import_stays_lean():
 @pytest.mark.gpu
 def test_cuda_kernel_is_built(native_op, cuda):
     assert _native.lowrank_matmul_op(cuda) is native_op
+
+
+def test_torch_compile_fullgraph(device):
+    # Inductor on the GPU; on the CPU aot_eager traces the same graph (fake impl, autograd) without a
+    # C++ compile of the rest.
+    x, U, S, V, base, bias, task = _with_tasks(_inputs(33, 17, 5, lead=(3,), device=device, grad=True), 3)
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    compiled = torch.compile(ops.lowrank_matmul, fullgraph=True, backend=backend)
+    out = compiled(x, U, S, V, base, bias, task)
+    torch.testing.assert_close(out, ops.lowrank_matmul(x, U, S, V, base, bias, task))
+    out.sum().backward()
+    assert S.grad.shape == S.shape and x.grad.shape == x.shape
+
+
+def _first_rows(args, rows):
+    """`args` with x (and task) cut to their first `rows` rows."""
+    x, U, S, V, base, bias, *task = args
+    return (x[:rows], U, S, V, base, bias, *(t[:rows] for t in task))
+
+
+# The CUDA op picks its path by the rows of x (leading dims flattened): the fused kernel up to 16
+# rows (kFusedMaxRows in csrc/lowrank_matmul_cuda.cu) and K <= 512 (kFusedMaxRank), cuBLAS above.
+GPU_SHAPES = [(512, 1024, 64), (4095, 4097, 65), (96, 80, 600)]  # aligned; odd everywhere; K past the fused kernel
+GPU_ROWS = [1, 3, 16, 17, 4096]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,K", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("terms", ["lowrank", "lowrank+base+bias", "lowrank+task", "lowrank+base+bias+task"])
+def test_cuda_paths_within_torch_error(cuda, dtype, m, n, K, terms):
+    args = _inputs(m, n, K, lead=(max(GPU_ROWS),), dtype=dtype, device=cuda, base="base" in terms, bias="bias" in terms)
+    if "task" in terms:
+        args = _with_tasks(args, num_tasks=5)
+    for rows in GPU_ROWS:
+        part = _first_rows(args, rows)
+        out = ops.lowrank_matmul(*part)
+        assert out.shape == (rows, m) and out.dtype == dtype
+        _assert_within_torch_error(out, part)
+    # The same 16 rows through both paths: alone (fused) and as part of 17 rows (GEMMs).
+    part = _first_rows(args, 16)
+    _assert_within_torch_error(ops.lowrank_matmul(*_first_rows(args, 17))[:16], part)
+    _assert_within_torch_error(ops.lowrank_matmul(*part), part)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lead", [(), (2, 8), (3, 1, 5), (2, 9)])  # 1, 16, 15 rows fused; 18 rows GEMMs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_task", [False, True])
+def test_cuda_leading_shapes(cuda, lead, dtype, with_task):
+    args = _inputs(33, 17, 5, lead=lead, dtype=dtype, device=cuda)
+    if with_task:
+        args = _with_tasks(args, num_tasks=3)
+    out = ops.lowrank_matmul(*args)
+    assert out.shape == (*lead, 33)
+    _assert_within_torch_error(out, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [3, 17])  # fused, GEMMs
+@pytest.mark.parametrize("bad", [3, -1])
+def test_cuda_bad_task_id_gives_its_row_nan(cuda, rows, bad):
+    x, U, S, V, base, bias, task = _with_tasks(_inputs(33, 17, 5, lead=(rows,), device=cuda, grad=True), 3)
+    task[1] = bad
+    out = ops.lowrank_matmul(x, U, S, V, base, bias, task)
+    assert out[1].isnan().all()
+    assert out[torch.arange(rows, device=cuda) != 1].isfinite().all()
+    out.sum().backward()
+    assert x.grad[1].isnan().all() and S.grad.isnan().any()
