@@ -5,36 +5,30 @@ reconstruction error as a ratio to the Eckart–Young optimum and the worst rela
 top-r singular values; the defaults in `svdfuse.ops` are chosen from this table.
 
     python bench/bench_rsvd_accuracy.py [--device cuda] [--size 768] [--rank 76]
+    python bench/bench_rsvd_accuracy.py --device cpu --small    # a smoke run (128x128, rank 12)
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import torch
 
-from common import record
+from common import arg_parser, record
 from svdfuse import ops
+from workloads import task_like
 
 SPECTRA = [(0.5, 0.0), (1.0, 0.0), (1.0, 0.02), (2.0, 0.01)]  # (power-law exponent, noise floor)
 
 
-def task_like(batch: int, m: int, n: int, alpha: float, noise: float, gen: torch.Generator) -> torch.Tensor:
-    d = min(m, n)
-    Q1 = torch.linalg.qr(torch.randn(batch, m, d, generator=gen, dtype=torch.float64)).Q
-    Q2 = torch.linalg.qr(torch.randn(batch, n, d, generator=gen, dtype=torch.float64)).Q
-    s = torch.arange(1, d + 1, dtype=torch.float64) ** -alpha
-    return (Q1 * s) @ Q2.mT + noise * torch.randn(batch, m, n, generator=gen, dtype=torch.float64) / m**0.5
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cpu")
+    parser = arg_parser(__doc__)
     parser.add_argument("--size", type=int, default=768)
     parser.add_argument("--rank", type=int, default=76)
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
+    if args.small:
+        args.size, args.rank = 128, 12
     device, r = torch.device(args.device), args.rank
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -51,7 +45,7 @@ def main() -> None:
             rel = ((S - exact[:, :r]).abs() / exact[:, :r]).max().item()
             rows.append({"alpha": alpha, "noise": noise, "oversample": p, "power_iters": q, "rec_over_optimum": rec, "sigma_rel": rel})
             print(f"{alpha:5.1f} {noise:5.2f} {p:3d} {q:2d} {rec:8.4f} {rel:9.2e}")
-    print(f"wrote {record('rsvd_accuracy', device, rows)}")
+    print(f"wrote {record('rsvd_accuracy', device, rows, small=args.small)}")
 
 
 if __name__ == "__main__":
