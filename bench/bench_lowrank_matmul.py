@@ -28,6 +28,7 @@ whichever is larger (bytes for every shape here).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -134,7 +135,7 @@ def model_forwards(batches: tuple[int, ...], device: torch.device, small: bool) 
         built = merged_models.build(name, device, dtype, small=small, sources=2 if small else 3)
         for batch in batches:
             x = built["inputs"](batch)
-            run = {kind: (lambda m=built[kind]: built["forward"](m, x)) for kind in ("lowrank", "dense")}
+            run = {kind: functools.partial(built["forward"], built[kind], x) for kind in ("lowrank", "dense")}
             reps = dict(warmup=1, repeats=2, inner=1) if small else dict(warmup=2, repeats=10, inner=5)
             ms = {kind: median_ms(fn, device, **reps) for kind, fn in run.items()}
             y, y_dense = run["lowrank"]().float(), run["dense"]().float()
