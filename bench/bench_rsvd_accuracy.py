@@ -7,33 +7,25 @@ mostly those); the defaults in `svdfuse.ops` are chosen from this table. Input p
 than "ieee" are what the GPU's tensor cores compute; on the CPU the reference emulates them.
 
     python bench/bench_rsvd_accuracy.py [--device cuda] [--size 768] [--rank 76] [--precision ieee tf32x3 tf32]
+    python bench/bench_rsvd_accuracy.py --device cpu --small    # a smoke run (128x128, rank 12)
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import torch
 
-from common import record
+from common import arg_parser, record
 from svdfuse import ops
 from svdfuse.reference import PRECISIONS
+from workloads import task_like
 
 SPECTRA = [(0.5, 0.0), (1.0, 0.0), (1.0, 0.02), (2.0, 0.01)]  # (power-law exponent, noise floor)
 
 
-def task_like(batch: int, m: int, n: int, alpha: float, noise: float, gen: torch.Generator) -> torch.Tensor:
-    d = min(m, n)
-    Q1 = torch.linalg.qr(torch.randn(batch, m, d, generator=gen, dtype=torch.float64)).Q
-    Q2 = torch.linalg.qr(torch.randn(batch, n, d, generator=gen, dtype=torch.float64)).Q
-    s = torch.arange(1, d + 1, dtype=torch.float64) ** -alpha
-    return (Q1 * s) @ Q2.mT + noise * torch.randn(batch, m, n, generator=gen, dtype=torch.float64) / m**0.5
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cpu")
+    parser = arg_parser(__doc__)
     parser.add_argument("--size", type=int, default=768)
     parser.add_argument("--rank", type=int, default=76)
     parser.add_argument("--batch", type=int, default=2)
@@ -41,6 +33,8 @@ def main() -> None:
     parser.add_argument("--oversample", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--power-iters", type=int, nargs="+", default=[1, 2, 3, 4, 6])
     args = parser.parse_args()
+    if args.small:
+        args.size, args.rank = 128, 12
     device, r = torch.device(args.device), args.rank
     lead = max(1, r // 4)
     gen = torch.Generator().manual_seed(0)
@@ -62,7 +56,7 @@ def main() -> None:
                  "rec_over_optimum": rec, "sigma_rel": worst, "sigma_rel_leading": worst_lead, "leading": lead}
             )  # fmt: skip
             print(f"{alpha:5.1f} {noise:5.2f} {precision:>9} {p:3d} {q:2d} {rec:8.4f} {worst:8.1e} {worst_lead:9.1e}")
-    print(f"wrote {record('rsvd_accuracy', device, rows)}")
+    print(f"wrote {record('rsvd_accuracy', device, rows, small=args.small)}")
 
 
 if __name__ == "__main__":

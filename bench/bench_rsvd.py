@@ -1,0 +1,117 @@
+"""W1–W3 (DESIGN.md §4): `svdfuse.ops.truncated_svd` of a batch of task matrices vs torch.
+
+Sources are `A_i = W0 + Δ_i` (fp32) with W0 dense Gaussian and Δ_i task-matrix-like (power-law
+spectrum σ_j = j^-1 plus a noise floor); every method gets A and W0, never Δ. In one process:
+
+- svdfuse: `ops.truncated_svd(A, r, base=W0)` at its defaults (what a merge runs);
+- `torch.linalg.svd(A - W0)` batched. Seconds per call: timed once on a subset of the batch and
+  scaled linearly to the whole batch (`extrapolated`, `timed_matrices` in the JSON);
+- `torch.svd_lowrank(A, q=r+p, niter=q, M=W0)` batched, same sketch width and power iterations;
+- the plain batched torch rSVD `svdfuse.reference.randomized_svd` (same settings and seed).
+
+Floor: a randomized SVD with q power iterations reads the batch 2 + 2q times (the sketch
+(A - W0)Ω, then (A - W0)ᵀQ and (A - W0)Q per iteration, then the final (A - W0)ᵀQ): 8 passes at
+the defaults (DESIGN.md's 6 counts q = 2), at 3.0 TB/s. The same passes are GEMMs of
+2·batch·m·n·(r + p) FLOP each: the fp32 FLOP floor at 51 TFLOP/s (tf32 at 394 is listed too).
+QRs and the small SVD are left out of both floors.
+
+Accuracy on the first matrices against float64 singular values: reconstruction error over the
+Eckart–Young optimum, and the worst relative error of the top-r σ.
+
+    python bench/bench_rsvd.py                      # W1, W2, W3
+    python bench/bench_rsvd.py --device cpu --small # a smoke run at tiny shapes
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common import FP32_FLOPS, TF32_GEMM_FLOPS, arg_parser, floor_ms, median_ms, pct_of_floor, print_table, record
+from svdfuse import ops, reference
+from workloads import rsvd_sources
+
+# name: (batch, m, n, rank, matrices timed for linalg.svd, matrices checked for accuracy)
+WORKLOADS = {"W1": (100, 768, 768, 76, 100, 2), "W2": (16, 4096, 4096, 128, 2, 1), "W3": (400, 768, 768, 16, 20, 2)}
+SMALL = {"W1": (6, 96, 96, 8, 6, 2), "W2": (2, 192, 192, 16, 1, 1), "W3": (12, 96, 96, 4, 3, 2)}
+
+
+def methods(A: torch.Tensor, W0: torch.Tensor, r: int) -> dict:
+    """The randomized methods, each a zero-argument call returning (U (b, m, r), S (b, r), V (b, n, r))."""
+    p, q = ops.DEFAULT_OVERSAMPLE, ops.DEFAULT_POWER_ITERS
+
+    def svd_lowrank():
+        U, S, V = torch.svd_lowrank(A, q=r + p, niter=q, M=W0)
+        return U[..., :r], S[..., :r], V[..., :r]
+
+    return {
+        "svdfuse": lambda: ops.truncated_svd(A, r, base=W0),
+        "torch_rsvd": lambda: reference.randomized_svd(A, r, W0, oversample=p, power_iters=q, seed=0),
+        "svd_lowrank": svd_lowrank,
+    }
+
+
+def accuracy(delta: torch.Tensor, exact: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> dict:
+    """delta (b, m, n) and exact σ (b, min(m, n)) in float64; worst over the batch."""
+    r = S.shape[-1]
+    U, S, V = U.double(), S.double(), V.double()
+    optimum = exact[:, r:].square().sum(-1).sqrt()
+    rec = (delta - (U * S.unsqueeze(-2)) @ V.mT).flatten(1).norm(dim=1) / optimum
+    rel = (S - exact[:, :r]).abs() / exact[:, :r]
+    return {"rec_over_optimum": rec.max().item(), "sigma_rel": rel.max().item()}
+
+
+def run(name: str, shape: tuple, device: torch.device) -> list[dict]:
+    batch, m, n, r, svd_subset, acc_subset = shape
+    A, W0 = rsvd_sources(batch, m, n, device)
+    width = r + ops.DEFAULT_OVERSAMPLE
+    passes = 2 + 2 * ops.DEFAULT_POWER_ITERS
+    data = A.numel() * A.element_size()
+    flops = passes * 2 * batch * m * n * width
+    common = {"workload": name, "batch": batch, "m": m, "n": n, "rank": r}
+    delta = A[:acc_subset].double() - W0.double()
+    exact = torch.linalg.svdvals(delta)
+    rows = []
+    for method, fn in methods(A, W0, r).items():
+        ms = median_ms(fn, device, warmup=2, repeats=5)
+        U, S, V = fn()
+        rows.append({**common, "method": method, "ms": ms, **accuracy(delta, exact, U[:acc_subset], S[:acc_subset], V[:acc_subset])})
+    torch.linalg.svd(A[0, :64, :64])  # cuSOLVER's one-time set-up is not part of the baseline
+    sub = A[:svd_subset]
+    ms_sub = median_ms(lambda: torch.linalg.svd(sub - W0, full_matrices=False), device, warmup=0, repeats=1)
+    rows.append({**common, "method": "linalg.svd", "ms": ms_sub * batch / svd_subset, "timed_matrices": svd_subset,
+                 "extrapolated": svd_subset < batch})
+    ours = rows[0]["ms"]
+    bytes_floor = floor_ms(bytes_moved=passes * data)
+    ours_row = rows[0]
+    ours_row |= {"passes": passes, "bytes_floor_ms": bytes_floor, "pct_bytes_floor": pct_of_floor(bytes_floor, ours),
+                 "fp32_flop_floor_ms": floor_ms(flops=flops, flops_per_s=FP32_FLOPS),
+                 "tf32_flop_floor_ms": floor_ms(flops=flops, flops_per_s=TF32_GEMM_FLOPS)}
+    ours_row["pct_fp32_flop_floor"] = pct_of_floor(ours_row["fp32_flop_floor_ms"], ours)
+    for row in rows:
+        row["speedup_of_svdfuse"] = row["ms"] / ours  # baseline time over svdfuse's: > 1 means svdfuse is faster
+    return rows
+
+
+def main() -> None:
+    parser = arg_parser(__doc__)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    shapes = SMALL if args.small else WORKLOADS
+    rows = []
+    for name in args.workloads:
+        print(f"{name}: {shapes[name][0]} x {shapes[name][1]}x{shapes[name][2]}, rank {shapes[name][3]}", flush=True)
+        rows += run(name, shapes[name], device)
+    print_table(rows, ["workload", "method", "ms", "speedup_of_svdfuse", "pct_bytes_floor", "pct_fp32_flop_floor",
+                       "rec_over_optimum", "sigma_rel", "extrapolated"])
+    notes = [
+        "linalg.svd: timed once on `timed_matrices` of the batch, scaled linearly to the batch where `extrapolated`",
+        "bytes floor: (2 + 2 * power_iters) reads of the batch at 3.0 TB/s; FLOP floors: the same passes as GEMMs",
+        "accuracy: worst over the first matrices of the batch, against float64 torch.linalg.svdvals",
+    ]
+    print("\n".join(notes))
+    print(f"wrote {record('rsvd', device, rows, small=args.small, notes=notes)}")
+
+
+if __name__ == "__main__":
+    main()
