@@ -63,7 +63,7 @@ step rsvd 120 python3 bench/bench_rsvd.py --device cuda $BENCH_ARGS
 step lowrank_matmul 75 python3 bench/bench_lowrank_matmul.py --device cuda $BENCH_ARGS
 step merge 75 python3 bench/bench_merge.py --device cuda $BENCH_ARGS
 step topk 20 python3 bench/bench_topk.py --device cuda $BENCH_ARGS
-step rsvd_accuracy 30 python3 bench/bench_rsvd_accuracy.py --device cuda $BENCH_ARGS
+step rsvd_accuracy 60 python3 bench/bench_rsvd_accuracy.py --device cuda --oversample 16 32 --power-iters 2 3 4 $BENCH_ARGS
 step methods 100 python3 bench/bench_methods.py --device cuda --blocks 1 --repeats 1 $BENCH_ARGS
 echo "=== session: $(($(date +%s) - START))s of ${BUDGET_S}s" | tee -a "$OUT/session.log"
 bundle
