@@ -140,6 +140,18 @@ def orthonormalize(Y: Tensor) -> Tensor:
     return torch.linalg.qr(Y).Q
 
 
+def tall_svd(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of a batch of tall matrices by `torch.linalg.svd`: B (..., n, w), w <= n ->
+    left (..., n, w), S (..., w) descending, right (..., w, w) with B = left diag(S) rightᵀ."""
+    left, S, right_h = torch.linalg.svd(B, full_matrices=False)
+    return left, S, right_h.mT
+
+
+def small_svd(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of a batch of square matrices: M (..., w, w) -> U, S descending, V with M = U diag(S) Vᵀ."""
+    return tall_svd(M)
+
+
 def randomized_svd(
     A: Tensor,
     rank: int,
@@ -151,13 +163,14 @@ def randomized_svd(
     precision: str = "ieee",
     project: Callable[..., Tensor] = rsvd_project,
     orthonormalize: Callable[[Tensor], Tensor] = orthonormalize,
+    tall_svd: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] = tall_svd,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Halko–Martinsson–Tropp randomized SVD of `A - base`, batched over the leading dims.
 
     The algorithm for every backend: the GPU kernels pass their own `project` (the products with
-    `A - base`, which is never formed) and `orthonormalize`. The sketch width is
-    `min(rank + oversample, m, n)`; every power iteration re-orthonormalizes, and the small
-    projected SVD is a library call.
+    `A - base`, which is never formed), `orthonormalize` and `tall_svd` (of the projected
+    matrix). The sketch width is `min(rank + oversample, m, n)`; every power iteration
+    re-orthonormalizes.
     """
     m, n = A.shape[-2:]
     width = min(rank + oversample, m, n)
@@ -167,8 +180,8 @@ def randomized_svd(
         Q = orthonormalize(project(A, Q, base, transpose=True, precision=precision))
         Q = orthonormalize(project(A, Q, base, precision=precision))
     B_t = project(A, Q, base, transpose=True, precision=precision)  # (..., n, width) = ((A - base)ᵀ Q) = Bᵀ
-    Vb, S, Ubh = torch.linalg.svd(B_t, full_matrices=False)  # Bᵀ = Vb S Ubᵀ
-    U = Q @ Ubh.mT
+    Vb, S, Ub = tall_svd(B_t)  # Bᵀ = Vb S Ubᵀ
+    U = Q @ Ub
     return U[..., :rank], S[..., :rank], Vb[..., :rank]
 
 

@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from svdfuse import reference
+from svdfuse.kernels.small_svd import small_svd
 
 # Untuned starting points (no GPU measurement yet): a tile as wide as the sketch, so that every
 # tile of A is read once per projection when the sketch is at most 128 columns wide.
@@ -141,5 +142,19 @@ def orthonormalize(Y: Tensor) -> Tensor:
     return Q
 
 
-randomized_svd = functools.partial(reference.randomized_svd, project=rsvd_project, orthonormalize=orthonormalize)
+def tall_svd_jacobi(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`reference.tall_svd` through a small core: B = Q_b (Q_bᵀ B), then the Jacobi kernel on the
+    w×w core. B: (..., n, w) fp32 -> left (..., n, w), S (..., w), right (..., w, w)."""
+    Q_b = orthonormalize(B)
+    U_c, S, V_c = small_svd(Q_b.mT @ B)
+    return Q_b @ U_c, S, V_c
+
+
+# The projected SVD: the library's (one matrix after another) or the batched Jacobi kernel. The
+# library until the H100 measures both (bench/bench_rsvd.py --stages).
+TALL_SVD = reference.tall_svd
+
+randomized_svd = functools.partial(
+    reference.randomized_svd, project=rsvd_project, orthonormalize=orthonormalize, tall_svd=TALL_SVD
+)
 randomized_svd.__doc__ = "`reference.randomized_svd` with the GPU primitives of this module."
