@@ -19,6 +19,7 @@ Accuracy on the first matrices against float64 singular values: reconstruction e
 Eckart–Young optimum, and the worst relative error of the top-r σ.
 
     python bench/bench_rsvd.py                      # W1, W2, W3
+    python bench/bench_rsvd.py --stages             # + each step and the alternatives behind the defaults
     python bench/bench_rsvd.py --device cpu --small # a smoke run at tiny shapes
 """
 
@@ -92,9 +93,50 @@ def run(name: str, shape: tuple, device: torch.device) -> list[dict]:
     return rows
 
 
+def stages(name: str, shape: tuple, device: torch.device) -> list[dict]:
+    """Each step of svdfuse's randomized SVD on its own, with the alternatives the defaults choose
+    between: projection input precision, CholeskyQR2 vs Householder, library vs Jacobi projected
+    SVD; and the whole SVD with each choice. Needs Triton (the GPU backend's primitives)."""
+    from svdfuse.kernels import rsvd
+
+    batch, m, n, r = shape[:4]
+    A, W0 = rsvd_sources(batch, m, n, device)
+    width = r + ops.DEFAULT_OVERSAMPLE
+    omega = torch.randn(n, width, device=device)
+    Y = rsvd.rsvd_project(A, omega, W0)
+    Q = rsvd.orthonormalize(Y)
+    B_t = rsvd.rsvd_project(A, Q, W0, transpose=True)
+    steps = {f"project {p}": (lambda p=p: rsvd.rsvd_project(A, omega, W0, precision=p)) for p in reference.PRECISIONS}
+    steps |= {
+        "project transposed": lambda: rsvd.rsvd_project(A, Q, W0, transpose=True),
+        "orthonormalize CholeskyQR2": lambda: rsvd.orthonormalize(Y),
+        "orthonormalize Householder": lambda: reference.orthonormalize(Y),
+        "projected SVD library": lambda: reference.tall_svd(B_t),
+        "projected SVD Jacobi": lambda: rsvd.tall_svd_jacobi(B_t),
+    }
+    options = dict(oversample=ops.DEFAULT_OVERSAMPLE, power_iters=ops.DEFAULT_POWER_ITERS, seed=0,
+                   project=rsvd.rsvd_project, orthonormalize=rsvd.orthonormalize)  # fmt: skip
+    for precision in reference.PRECISIONS:
+        for svd_name, tall in (("library", reference.tall_svd), ("Jacobi", rsvd.tall_svd_jacobi)):
+            steps[f"whole SVD {precision} + {svd_name}"] = (
+                lambda precision=precision, tall=tall: reference.randomized_svd(A, r, W0, precision=precision, tall_svd=tall, **options)
+            )
+    delta = A[:2].double() - W0.double()
+    exact = torch.linalg.svdvals(delta)
+    rows = []
+    for step, fn in steps.items():
+        row = {"workload": name, "step": step, "ms": median_ms(fn, device, warmup=2, repeats=5)}
+        if step.startswith("whole"):
+            U, S, V = fn()
+            row |= accuracy(delta, exact, U[:2], S[:2], V[:2])
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--stages", action="store_true", help="also time each step and its alternatives")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = SMALL if args.small else WORKLOADS
@@ -111,6 +153,10 @@ def main() -> None:
     ]
     print("\n".join(notes))
     print(f"wrote {record('rsvd', device, rows, small=args.small, notes=notes)}")
+    if args.stages:
+        step_rows = [row for name in args.workloads for row in stages(name, shapes[name], device)]
+        print_table(step_rows, ["workload", "step", "ms", "rec_over_optimum", "sigma_rel"])
+        print(f"wrote {record('rsvd_stages', device, step_rows, small=args.small)}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ fi
 # get whatever time is left.
 [ -n "${SKIP_BUILD:-}" ] || step build 180 python3 setup.py build_ext --inplace
 step gpu-tests 75 python3 -m pytest -m gpu -q -p no:cacheprovider tests
-step rsvd 120 python3 bench/bench_rsvd.py --device cuda $BENCH_ARGS
+step rsvd 150 python3 bench/bench_rsvd.py --device cuda --stages $BENCH_ARGS
 step lowrank_matmul 75 python3 bench/bench_lowrank_matmul.py --device cuda $BENCH_ARGS
 step merge 75 python3 bench/bench_merge.py --device cuda $BENCH_ARGS
 step topk 20 python3 bench/bench_topk.py --device cuda $BENCH_ARGS

@@ -79,7 +79,10 @@ def small_svd(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     J = torch.eye(W, dtype=torch.float32, device=M.device).repeat(batch, 1, 1)
     if batch:
         eps = torch.finfo(torch.float32).eps
-        _small_svd_kernel[(batch,)](A, J, W, HALF=triton.next_power_of_2(W) // 2, MAX_SWEEPS=MAX_SWEEPS, TOL=float(eps))
+        half = triton.next_power_of_2(W) // 2
+        # Four (W, W/2) tiles live in registers through a round: spread them over more warps as W grows.
+        warps = 4 if half <= 32 else 8 if half <= 64 else 16
+        _small_svd_kernel[(batch,)](A, J, W, HALF=half, MAX_SWEEPS=MAX_SWEEPS, TOL=float(eps), num_warps=warps)
     S = A.norm(dim=-2)  # (batch, W): column norms are the singular values
     S, order = S.sort(dim=-1, descending=True, stable=True)
     A = A.gather(-1, order.unsqueeze(-2).expand_as(A))
