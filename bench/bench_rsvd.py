@@ -93,6 +93,25 @@ def run(name: str, shape: tuple, device: torch.device) -> list[dict]:
     return rows
 
 
+# (BLOCK_M, BLOCK_K, warps, stages) of the projection kernel, around its untuned defaults.
+TILES = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 8, 4), (128, 32, 8, 4), (32, 64, 4, 4)]
+
+
+def tile_sweep(A: torch.Tensor, omega: torch.Tensor, W0: torch.Tensor, device: torch.device) -> list[tuple[str, float]]:
+    """The sketch projection under each tile configuration: what to set the kernel's constants to."""
+    from svdfuse.kernels import rsvd
+
+    saved = rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES
+    timings = []
+    try:
+        for tile in TILES:
+            rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES = tile
+            timings.append(("m{} k{} w{} s{}".format(*tile), median_ms(lambda: rsvd.rsvd_project(A, omega, W0), device)))
+    finally:
+        rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES = saved
+    return timings
+
+
 def stages(name: str, shape: tuple, device: torch.device) -> list[dict]:
     """Each step of svdfuse's randomized SVD on its own, with the alternatives the defaults choose
     between: projection input precision, CholeskyQR2 vs Householder, library vs Jacobi projected
@@ -123,7 +142,7 @@ def stages(name: str, shape: tuple, device: torch.device) -> list[dict]:
             )
     delta = A[:2].double() - W0.double()
     exact = torch.linalg.svdvals(delta)
-    rows = []
+    rows = [{"workload": name, "step": f"project ieee tile {tile}", "ms": ms} for tile, ms in tile_sweep(A, omega, W0, device)]
     for step, fn in steps.items():
         row = {"workload": name, "step": step, "ms": median_ms(fn, device, warmup=2, repeats=5)}
         if step.startswith("whole"):

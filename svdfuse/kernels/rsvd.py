@@ -22,11 +22,14 @@ from torch import Tensor
 from svdfuse import reference
 from svdfuse.kernels.small_svd import small_svd
 
-# Untuned starting points (no GPU measurement yet): a tile as wide as the sketch, so that every
-# tile of A is read once per projection when the sketch is at most 128 columns wide.
+# Untuned starting points (no GPU measurement yet; `bench_rsvd.py --stages` sweeps them): a tile as
+# wide as the sketch, so that every tile of A is read once per projection when the sketch is at
+# most 128 columns wide.
 _BLOCK_M = 64
 _BLOCK_K = 32
 _MAX_BLOCK_W = 128
+_NUM_WARPS = 4
+_NUM_STAGES = 3
 
 
 @triton.jit
@@ -104,7 +107,7 @@ def rsvd_project(
         M, N, W,
         At.stride(-2), At.stride(-1), Bt_.stride(-2), Bt_.stride(-1), X.stride(-2), X.stride(-1), W,
         HAS_BASE=Bt is not None, PRECISION=precision,
-        BLOCK_M=_BLOCK_M, BLOCK_W=block_w, BLOCK_K=_BLOCK_K,
+        BLOCK_M=_BLOCK_M, BLOCK_W=block_w, BLOCK_K=_BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )  # fmt: skip
     return C
 
