@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -196,6 +196,30 @@ def set_trainable(model: nn.Module, n: int | float, excess: Excess = "error") ->
     return sum(layer.sigma.numel() for _, layer in layers) + sum(layer.coefficients.numel() for layer in coefficients)
 
 
+def _deepcopy_with_own_class(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    # torch's parametrize moves a module into its own subclass holding one property per
+    # parametrized tensor, but its deepcopy shares that class, and each property keys
+    # parametrize.cached() by the module it was made for. So removing a parametrization from a copy
+    # (materialize) deleted the original's property, and under cached() the copies read each
+    # other's weights. The replica gets its own class and properties instead; the private helpers
+    # are the ones register_parametrization itself uses.
+    replica = self.__new__(parametrize.type_before_parametrizations(self))
+    memo[id(self)] = replica
+    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    parametrize._inject_new_class(replica)
+    type(replica).__deepcopy__ = _deepcopy_with_own_class
+    for name in replica.parametrizations:
+        parametrize._inject_property(replica, name)
+    return replica
+
+
+def parametrize_tensor(module: nn.Module, name: str, parametrization: nn.Module) -> None:
+    """`parametrize.register_parametrization(module, name, parametrization, unsafe=True)`, with deep
+    copies of `module` that own their parametrized class (see `_deepcopy_with_own_class`)."""
+    parametrize.register_parametrization(module, name, parametrization, unsafe=True)
+    type(module).__deepcopy__ = _deepcopy_with_own_class
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -241,7 +265,7 @@ def attach(base: nn.Module, result: "MergeResult", trainable: int | float | None
                 getattr(owner, attr).copy_(weight0)
             getattr(owner, attr).requires_grad_(False)
             layer = SVDWeight(U.to(weight0.dtype), S.to(weight0.dtype), V.to(weight0.dtype), trainable)
-            parametrize.register_parametrization(owner, attr, layer, unsafe=True)
+            parametrize_tensor(owner, attr, layer)
     return model
 
 
