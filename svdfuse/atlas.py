@@ -12,9 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
-
-from svdfuse.nn import TaskCoefficients
+from svdfuse.nn import TaskCoefficients, parametrize_tensor
 from svdfuse.plan import make_plan, matches_any
 from svdfuse.sources import ModelLike, Reader, open_source, open_sources
 
@@ -72,5 +70,5 @@ def atlas(
             params[key].copy_(W0)
         params[key].requires_grad_(False)
         tau = (W - W0).to(params[key])
-        parametrize.register_parametrization(owner, attr, TaskCoefficients(tau, lam), unsafe=True)
+        parametrize_tensor(owner, attr, TaskCoefficients(tau, lam))
     return model

@@ -8,14 +8,19 @@ for weights that a module uses directly (`nn.MultiheadAttention.in_proj_weight`,
 N, the number of trainable singular values, may exceed the merged rank k only by explicit choice
 (`excess`): "error" (the default) refuses, "clip" trains all k and warns, "extend" adds N - k
 directions orthogonal to U and V with σ = 0 and trains them too.
+
+Serving: Stage-2 adaptations of one merge differ only in σ. `stack_tasks` turns several of them
+into one model whose `SVDLinear` layers hold a σ bank (num_tasks, K), and `serve_tasks` says which
+task each request of a batch belongs to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +32,18 @@ from svdfuse.plan import resolve_rank
 if TYPE_CHECKING:
     from svdfuse.result import MergeResult
 
-__all__ = ["SVDLinear", "SVDWeight", "TaskCoefficients", "Excess", "svd_layers", "adaptable_layers", "set_trainable", "materialize"]
+__all__ = [
+    "SVDLinear",
+    "SVDWeight",
+    "TaskCoefficients",
+    "Excess",
+    "svd_layers",
+    "adaptable_layers",
+    "set_trainable",
+    "materialize",
+    "stack_tasks",
+    "serve_tasks",
+]
 
 Excess = Literal["error", "clip", "extend"]
 
@@ -45,7 +61,11 @@ def _requested(n: int | float, layer: "_SingularValues", name: str) -> int:
 
 
 class _SingularValues(nn.Module):
-    """U (m, K), V (n, K) frozen; σ split into a trainable head `sigma` (N,) and a frozen tail."""
+    """U (m, K), V (n, K) frozen; σ split into a trainable head `sigma` (N,) and a frozen tail.
+
+    A stacked `SVDLinear` (see `stack_tasks`) holds one σ row per task: `sigma` (num_tasks, N),
+    `sigma_frozen` (num_tasks, K - N).
+    """
 
     def __init__(self, U: Tensor, S: Tensor, V: Tensor, trainable: int | float | None = None) -> None:
         super().__init__()
@@ -58,8 +78,8 @@ class _SingularValues(nn.Module):
 
     @property
     def S(self) -> Tensor:
-        """All K singular values, (K,), trainable head first."""
-        return torch.cat([self.sigma, self.sigma_frozen])
+        """All K singular values, (K,) or a bank (num_tasks, K), trainable head first."""
+        return torch.cat([self.sigma, self.sigma_frozen], dim=-1)
 
     @property
     def rank(self) -> int:
@@ -85,16 +105,22 @@ class _SingularValues(nn.Module):
                 extra = N - self.rank
                 self.U = torch.cat([self.U, _complement(self.U, extra)], dim=1)
                 self.V = torch.cat([self.V, _complement(self.V, extra, seed=1)], dim=1)
-                S = torch.cat([S, S.new_zeros(extra)])
+                S = torch.cat([S, S.new_zeros(*S.shape[:-1], extra)], dim=-1)
             else:
                 raise ValueError(f"excess must be 'error', 'clip' or 'extend', found {excess!r}")
-        self.sigma = nn.Parameter(S[:N].clone())
-        self.sigma_frozen = S[N:].clone()
+        self.sigma = nn.Parameter(S[..., :N].clone())
+        self.sigma_frozen = S[..., N:].clone()
         return N
 
     def delta(self) -> Tensor:
-        """The dense task matrix `U diag(σ) Vᵀ`, (m, n)."""
-        return (self.U * self.S) @ self.V.T
+        """The dense task matrix `U diag(σ) Vᵀ`, (m, n); a σ bank has one per task, so none."""
+        S = self.S
+        if S.dim() != 1:
+            raise ValueError(
+                f"this layer holds a σ bank of {S.shape[0]} tasks, shape {tuple(S.shape)}, so no single dense weight; "
+                "fold one task with svdfuse.nn.materialize(model, task=i)"
+            )
+        return (self.U * S) @ self.V.T
 
 
 class SVDLinear(_SingularValues):
@@ -120,6 +146,7 @@ class SVDLinear(_SingularValues):
         self.register_buffer("weight0", weight0.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = weight0.shape[1], weight0.shape[0]
+        self._task_ids: Tensor | None = None  # (batch,) while inside serve_tasks
 
     @property
     def weight(self) -> Tensor:
@@ -127,10 +154,35 @@ class SVDLinear(_SingularValues):
         return self.weight0 + self.delta().to(self.weight0.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.lowrank_matmul(x, self.U, self.S, self.V, base=self.weight0, bias=self.bias)
+        S, task = self._sigma_of(x)
+        return ops.lowrank_matmul(x, self.U, S, self.V, base=self.weight0, bias=self.bias, task=task)
+
+    def _sigma_of(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """σ for `lowrank_matmul`: S (K,) alone, or a bank (num_tasks, K) with each row's task id."""
+        S = self.S
+        if S.dim() == 1:
+            return S, None
+        ids = self._task_ids
+        if ids is None:
+            if S.shape[0] == 1:
+                return S[0], None
+            raise ValueError(
+                f"{self._name()} holds a σ bank of {S.shape[0]} tasks: run the model inside "
+                "`with svdfuse.nn.serve_tasks(model, task_ids):` to say which task each request belongs to"
+            )
+        if x.dim() < 2 or x.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"serve_tasks: {ids.shape[0]} task ids (one per request) but {self._name()} got input of shape "
+                f"{tuple(x.shape)}; serving needs batch-first inputs (batch, ..., {self.in_features}) at every layer"
+            )
+        return S, ids.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
+
+    def _name(self) -> str:
+        return f"SVDLinear(in_features={self.in_features}, out_features={self.out_features})"
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, trainable={self.sigma.numel()}"
+        sigma = f"tasks={self.sigma.shape[0]}" if self.sigma.dim() == 2 else f"trainable={self.sigma.numel()}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, {sigma}"
 
 
 class SVDWeight(_SingularValues):
@@ -196,6 +248,30 @@ def set_trainable(model: nn.Module, n: int | float, excess: Excess = "error") ->
     return sum(layer.sigma.numel() for _, layer in layers) + sum(layer.coefficients.numel() for layer in coefficients)
 
 
+def _deepcopy_with_own_class(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    # torch's parametrize moves a module into its own subclass holding one property per
+    # parametrized tensor, but its deepcopy shares that class, and each property keys
+    # parametrize.cached() by the module it was made for. So removing a parametrization from a copy
+    # (materialize) deleted the original's property, and under cached() the copies read each
+    # other's weights. The replica gets its own class and properties instead; the private helpers
+    # are the ones register_parametrization itself uses.
+    replica = self.__new__(parametrize.type_before_parametrizations(self))
+    memo[id(self)] = replica
+    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    parametrize._inject_new_class(replica)
+    type(replica).__deepcopy__ = _deepcopy_with_own_class
+    for name in replica.parametrizations:
+        parametrize._inject_property(replica, name)
+    return replica
+
+
+def parametrize_tensor(module: nn.Module, name: str, parametrization: nn.Module) -> None:
+    """`parametrize.register_parametrization(module, name, parametrization, unsafe=True)`, with deep
+    copies of `module` that own their parametrized class (see `_deepcopy_with_own_class`)."""
+    parametrize.register_parametrization(module, name, parametrization, unsafe=True)
+    type(module).__deepcopy__ = _deepcopy_with_own_class
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -241,16 +317,24 @@ def attach(base: nn.Module, result: "MergeResult", trainable: int | float | None
                 getattr(owner, attr).copy_(weight0)
             getattr(owner, attr).requires_grad_(False)
             layer = SVDWeight(U.to(weight0.dtype), S.to(weight0.dtype), V.to(weight0.dtype), trainable)
-            parametrize.register_parametrization(owner, attr, layer, unsafe=True)
+            parametrize_tensor(owner, attr, layer)
     return model
 
 
-def materialize(model: nn.Module) -> nn.Module:
+def materialize(model: nn.Module, task: int | None = None) -> nn.Module:
     """Fold every svdfuse layer of `model` back into dense weights, in place; returns `model`.
 
     `SVDLinear` becomes `nn.Linear(W0 + U diag(σ) Vᵀ)`, `SVDWeight` and `TaskCoefficients` are removed
     leaving the dense weight; the state dict then has the base architecture's names again.
+
+    Args:
+        model: a module with svdfuse layers.
+        task: for a model from `stack_tasks`, which task's σ to fold, in [0, num_tasks); required
+            when it serves more than one task. Must be None for other models.
     """
+    banks = _banks(model)
+    if banks or task is not None:
+        _select_task(banks, task)
     for name, layer in list(svd_layers(model)):
         if isinstance(layer, SVDLinear):
             dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
@@ -266,3 +350,187 @@ def materialize(model: nn.Module) -> nn.Module:
                 if isinstance(module.parametrizations[attr][0], (SVDWeight, TaskCoefficients)):
                     parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
     return model
+
+
+def _banks(model: nn.Module) -> list[tuple[str, SVDLinear]]:
+    """(name, layer) of every `SVDLinear` of `model` holding a σ bank (num_tasks, K)."""
+    return [(name, layer) for name, layer in svd_layers(model) if isinstance(layer, SVDLinear) and layer.sigma.dim() == 2]
+
+
+def _num_tasks(banks: list[tuple[str, SVDLinear]]) -> int:
+    (first, layer), *rest = banks
+    for name, other in rest:
+        if other.sigma.shape[0] != layer.sigma.shape[0]:
+            raise ValueError(
+                f"the σ banks disagree on the number of tasks: {first!r} has {layer.sigma.shape[0]}, "
+                f"{name!r} has {other.sigma.shape[0]}"
+            )
+    return layer.sigma.shape[0]
+
+
+def _set_sigma(layer: _SingularValues, S: Tensor) -> None:
+    """Give `layer` the singular values S, (K,) or (num_tasks, K), all frozen."""
+    layer.sigma = nn.Parameter(S.detach().clone(), requires_grad=False)
+    layer.sigma_frozen = S.new_empty(*S.shape[:-1], 0)
+
+
+def _select_task(banks: list[tuple[str, SVDLinear]], task: int | None) -> None:
+    """Replace every σ bank by its row `task` (the only row when None)."""
+    if not banks:
+        raise ValueError(
+            f"materialize: task={task} picks one task of a model from svdfuse.nn.stack_tasks; this model has no σ bank"
+        )
+    num_tasks = _num_tasks(banks)
+    if task is None:
+        if num_tasks > 1:
+            raise ValueError(
+                f"materialize: the model serves {num_tasks} tasks (σ banks of {num_tasks} rows); pass task=i to fold task i"
+            )
+        task = 0
+    if not 0 <= task < num_tasks:
+        raise ValueError(f"materialize: task must be in [0, {num_tasks}), found {task}")
+    for _, layer in banks:
+        _set_sigma(layer, layer.S[task])
+
+
+def _structure(model: nn.Module) -> dict[str, type]:
+    return {name: parametrize.type_before_parametrizations(module) for name, module in model.named_modules()}
+
+
+def _check_stackable(i: int, model: nn.Module, first: nn.Module, skip: set[str]) -> None:
+    """Model i must be model 0 but for the σ in `skip` (state dict keys)."""
+    structure, expected = _structure(model), _structure(first)
+    for name in sorted(structure.keys() | expected.keys()):
+        found, want = structure.get(name), expected.get(name)
+        if found is not want:
+            found_name, want_name = (getattr(t, "__name__", "missing") for t in (found, want))
+            raise ValueError(f"stack_tasks: model {i}: module {name!r} is {found_name}, in model 0 it is {want_name}")
+    state, reference = model.state_dict(), first.state_dict()
+    for key in sorted(state.keys() ^ reference.keys()):
+        where = "model 0" if key in reference else f"model {i}"
+        raise ValueError(f"stack_tasks: model {i}: tensor {key!r} is only in {where}")
+    for key, want in reference.items():
+        if key in skip:
+            continue
+        found = state[key]
+        if found.shape != want.shape or found.dtype != want.dtype:
+            raise ValueError(
+                f"stack_tasks: model {i}: {key!r} is {found.dtype} {tuple(found.shape)}, in model 0 it is {want.dtype} "
+                f"{tuple(want.shape)}; stacked tasks must be adaptations of one merge"
+            )
+        if not torch.equal(found, want):
+            raise ValueError(
+                f"stack_tasks: model {i}: {key!r} differs from model 0's; stacked tasks share every tensor but the σ of "
+                "their SVD layers (U, V, W0, biases, norms and heads included)"
+            )
+
+
+def stack_tasks(models: Sequence[nn.Module]) -> nn.Module:
+    """One serving model for several Stage-2 adaptations of the same merge.
+
+    The adaptations share U, V, W0 and every other tensor and differ only in σ. The result is a
+    frozen deep copy of `models[0]` whose `SVDLinear` layers hold a σ bank (num_tasks, K), row t
+    from `models[t]`; run it inside `serve_tasks` to give each request of a batch its task.
+
+    `SVDWeight` layers (weights a module reads itself, e.g. `nn.MultiheadAttention.in_proj_weight`,
+    conv kernels) are dense for the whole batch and cannot take a σ per request: their σ must be
+    equal in every model, or stacking fails.
+
+    Args:
+        models: num_tasks >= 1 modules, each a copy of one `MergeResult.to_module` model adapted to
+            its own task (e.g. `copy.deepcopy(model)` then `svdfuse.adapt`).
+
+    Returns:
+        The stacked model. `materialize(stacked, task=t)` folds task t back into dense weights.
+
+    Raises:
+        ValueError: naming the model and the module or tensor where the models differ in anything
+            but σ, or the SVDWeight layer whose σ differs.
+
+    Example::
+
+        stacked = svdfuse.nn.stack_tasks([model_sst2, model_imdb, model_agnews])
+        with svdfuse.nn.serve_tasks(stacked, torch.tensor([2, 0, 0, 1])):
+            out = stacked(**batch)  # batch["input_ids"]: (4, seq); request 0 as model_agnews, 3 as model_imdb
+    """
+    if not models:
+        raise ValueError("stack_tasks: needs at least one model")
+    layers = [dict(svd_layers(model)) for model in models]
+    if not layers[0]:
+        raise ValueError(
+            "stack_tasks: model 0 has no SVD layers; stack models from result.to_module(base) adapted to their tasks"
+        )
+    sigma_keys = {f"{name}.{attr}" for name in layers[0] for attr in ("sigma", "sigma_frozen")}
+    for i, model in enumerate(models[1:], 1):
+        _check_stackable(i, model, models[0], sigma_keys)
+    sigmas = {name: [model_layers[name].S.detach() for model_layers in layers] for name in layers[0]}
+    for name, rows in sigmas.items():
+        for i, S in enumerate(rows):
+            if S.dim() != 1:
+                raise ValueError(
+                    f"stack_tasks: model {i}: {name!r} already holds a σ bank {tuple(S.shape)}; stack single-task models"
+                )
+            if isinstance(layers[0][name], SVDWeight) and not torch.equal(S, rows[0]):
+                raise ValueError(
+                    f"stack_tasks: model {i}: σ of {name!r} differs from model 0's, but it is an SVDWeight (a dense weight "
+                    "its module reads itself), which serves one σ for the whole batch; only SVDLinear layers can hold a "
+                    "σ per task"
+                )
+    stacked = copy.deepcopy(models[0]).requires_grad_(False)
+    for name, layer in svd_layers(stacked):
+        if isinstance(layer, SVDLinear):
+            _set_sigma(layer, torch.stack(sigmas[name]))
+    return stacked
+
+
+@contextlib.contextmanager
+def serve_tasks(model: nn.Module, task_ids: Tensor) -> Iterator[nn.Module]:
+    """Within the block, request b of every batch runs with the σ of task `task_ids[b]`.
+
+    Every σ-bank layer broadcasts `task_ids` over its input's leading dims, so inputs must be
+    batch-first at every `SVDLinear`: `(batch, ..., n)` with the same batch as `task_ids`
+    (a mismatch raises; a model that transposes to sequence-first inside would be misread when
+    sequence length equals batch size). The ids live on the model's layers while the block runs:
+    one batch at a time per model.
+
+    Args:
+        model: a model from `stack_tasks`.
+        task_ids: int64 (batch,) with ids in [0, num_tasks). Checked on the CPU; ids on CUDA are
+            not read (that would cost a sync), and a bad one gives its request's output NaN.
+
+    Yields:
+        `model`.
+
+    Raises:
+        TypeError: `task_ids` is not an int64 tensor.
+        ValueError: the model has no σ bank; `task_ids` is not 1-D or (on the CPU) out of range;
+            later, in the forward, an `SVDLinear` input whose first dim is not the batch.
+
+    Example::
+
+        with svdfuse.nn.serve_tasks(stacked, torch.tensor([2, 0, 1])):
+            out = stacked(**batch)  # batch["input_ids"]: (3, seq)
+    """
+    banks = _banks(model)
+    if not banks:
+        raise ValueError("serve_tasks: the model has no σ bank; build the serving model with svdfuse.nn.stack_tasks")
+    num_tasks = _num_tasks(banks)
+    if not isinstance(task_ids, Tensor) or task_ids.dtype != torch.int64:
+        found = task_ids.dtype if isinstance(task_ids, Tensor) else type(task_ids).__name__
+        raise TypeError(f"serve_tasks: task_ids must be a torch.int64 tensor, found {found}")
+    if task_ids.dim() != 1:
+        raise ValueError(f"serve_tasks: task_ids must be (batch,), one id per request, found {tuple(task_ids.shape)}")
+    if task_ids.device.type == "cpu":
+        bad = ((task_ids < 0) | (task_ids >= num_tasks)).nonzero()
+        if len(bad):
+            where = bad[0, 0].item()
+            raise ValueError(f"serve_tasks: task ids must be in [0, {num_tasks}), found {task_ids[where].item()} at {where}")
+    ids = task_ids.to(banks[0][1].U.device)
+    previous = [layer._task_ids for _, layer in banks]
+    for _, layer in banks:
+        layer._task_ids = ids
+    try:
+        yield model
+    finally:
+        for (_, layer), ids_before in zip(banks, previous):
+            layer._task_ids = ids_before

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 import svdfuse
-from svdfuse.nn import SVDLinear, SVDWeight, materialize, svd_layers
+from svdfuse.nn import SVDLinear, SVDWeight, materialize, serve_tasks, stack_tasks, svd_layers
 
 pytestmark = pytest.mark.slow
 
@@ -351,6 +351,33 @@ def test_minilm_adapt_trains_only_the_top_n_singular_values(minilm_merge, minilm
     for key, value in others.items():
         assert torch.equal(after[key], value), f"{key} changed but is frozen"
     assert all(torch.equal(head.state_dict()[k], v) for k, v in head_before.items())
+
+
+def test_minilm_stacked_tasks_serve_each_request_as_its_adapted_model(minilm_merge, minilm_base, minilm_dir):
+    """Three target adaptations (σ of every layer rescaled differently, as Stage 2 would) served in one
+    mixed batch: each request's outputs are those of its own adapted model."""
+    model = minilm_merge.to_module(minilm_base).eval()
+    gen = torch.Generator().manual_seed(3)
+    models = []
+    for _ in range(3):
+        adapted = copy.deepcopy(model)
+        with torch.no_grad():
+            for _, layer in svd_layers(adapted):
+                layer.sigma.mul_(torch.empty(layer.sigma.shape).uniform_(0.0, 2.0, generator=gen))
+        models.append(adapted)
+    stacked = stack_tasks(models)
+    batch = _bert_inputs(minilm_dir)
+    ids = torch.tensor([2, 0, 1, 1, 0, 2, 0, 1])
+    with torch.no_grad():
+        outputs = [m(**batch) for m in models]
+        with serve_tasks(stacked, ids):
+            y = stacked(**batch)
+    for b, t in enumerate(ids.tolist()):
+        for field in ("last_hidden_state", "pooler_output"):
+            got, expected = getattr(y, field)[b], getattr(outputs[t], field)[b]
+            _assert_finite(f"{field}[{b}]", got)
+            torch.testing.assert_close(got, expected, msg=lambda m: f"request {b} (task {t}) {field}: {m}")
+    assert not torch.allclose(outputs[0].pooler_output, outputs[1].pooler_output, atol=1e-3), "the adaptations did not differ"
 
 
 # ---------------------------------------------------------------------------------------------
