@@ -13,6 +13,8 @@ folded back by `svdfuse.nn.materialize` (plain nn.Linear with W0 + U diag(Ïƒ) Vá
 
 from __future__ import annotations
 
+import copy
+
 import importlib.util
 from collections.abc import Callable
 
@@ -88,7 +90,5 @@ def build(name: str, device: torch.device, dtype: torch.dtype, *, small: bool = 
     merged = lambda key, t: t.dim() == 2 and key.startswith(prefix)  # noqa: E731
     result = svdfuse.merge(_sources(base, sources, merged, device), k=k, base=base, include=include, device=device)
     lowrank = result.to_module(base).to(device=device, dtype=dtype).eval()
-    # A second to_module, not a deepcopy of `lowrank`: a deep copy shares the parametrized class
-    # of nn.MultiheadAttention, and materializing the copy would strip the original's property.
-    dense = materialize(result.to_module(base)).to(device=device, dtype=dtype).eval()
+    dense = materialize(copy.deepcopy(lowrank)).eval()
     return {"lowrank": lowrank, "dense": dense, "inputs": inputs, "forward": forward, "k": k}

@@ -5,7 +5,7 @@
     svdfuse.adapt(model, loader, n=0.1)
 """
 
-from svdfuse import methods, nn, ops
+from svdfuse import methods, nn, ops, serving
 from svdfuse.adapt import AdaptReport, adapt
 from svdfuse.atlas import atlas
 from svdfuse.io import save_hf_directory, save_safetensors
@@ -23,6 +23,7 @@ __all__ = [
     "methods",
     "ops",
     "nn",
+    "serving",
     "SVDOptions",
     "MergeResult",
     "MergeReport",

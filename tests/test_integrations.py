@@ -25,7 +25,8 @@ from safetensors import safe_open
 from torch import nn
 
 import svdfuse
-from svdfuse.nn import SVDLinear, SVDWeight, materialize, serve_tasks, stack_tasks, svd_layers
+from svdfuse.nn import SVDLinear, SVDWeight, materialize, svd_layers
+from svdfuse.serving import serve_tasks, stack_tasks
 
 pytestmark = pytest.mark.slow
 

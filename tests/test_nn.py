@@ -9,7 +9,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import svdfuse
-from svdfuse.nn import SVDLinear, SVDWeight, materialize, serve_tasks, stack_tasks
+from svdfuse.nn import SVDLinear, SVDWeight, materialize
+from svdfuse.serving import serve_tasks, stack_tasks
 
 
 class _Block(nn.Module):
@@ -173,7 +174,7 @@ def test_serving_a_stack_needs_batch_first_task_ids():
     models = _sigma_adapted_blocks()
     stacked = stack_tasks(models)
     x = torch.randn(4, 5, 8)
-    with pytest.raises(ValueError, match=r"σ bank of 3 tasks: run the model inside `with svdfuse.nn.serve_tasks"):
+    with pytest.raises(ValueError, match=r"σ bank of 3 tasks: run the model inside `with svdfuse.serving.serve_tasks"):
         stacked(x)
     bad_ids = [
         (torch.tensor([0, 1, 2, 1], dtype=torch.int32), TypeError, "task_ids must be a torch.int64 tensor, found torch.int32"),
@@ -193,7 +194,7 @@ def test_serving_a_stack_needs_batch_first_task_ids():
             stacked(x)
         with pytest.raises(ValueError, match=r"got input of shape \(8,\)"):
             stacked.fc(torch.randn(8))
-    with pytest.raises(ValueError, match="no σ bank; build the serving model with svdfuse.nn.stack_tasks"):
+    with pytest.raises(ValueError, match="no σ bank; build the serving model with svdfuse.serving.stack_tasks"):
         with serve_tasks(models[0], torch.tensor([0])):
             pass
 
@@ -218,7 +219,7 @@ def test_materialize_of_a_stack_folds_the_task_asked_for():
         materialize(copy.deepcopy(stacked))
     with pytest.raises(ValueError, match=r"task must be in \[0, 3\), found 3"):
         materialize(copy.deepcopy(stacked), task=3)
-    with pytest.raises(ValueError, match="task=0 picks one task of a model from svdfuse.nn.stack_tasks"):
+    with pytest.raises(ValueError, match="task=0 picks one task of a model from svdfuse.serving.stack_tasks"):
         materialize(copy.deepcopy(models[0]), task=0)
     with pytest.raises(ValueError, match="σ bank of 3 tasks"):
         stacked[0].weight
