@@ -49,12 +49,20 @@ def test_rsvd_project_within_torch_error(triton_device, m, n, w, dtype, transpos
     _assert_within_torch_error(out, truth, torch_out)
 
 
-@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
-def test_rsvd_project_reduced_precision_within_its_emulation_error(triton_device, precision):
+def test_rsvd_project_tf32_rounds_its_inputs_to_nearest(triton_device):
+    # The kernel rounds (A - base) and X to tf32 itself; the products of the rounded values are
+    # then exact, so it must match an fp32 GEMM of the rounded inputs within torch's fp32 error.
     A, base, X = _randn(3, 37, 21, seed=1, device=triton_device), _randn(37, 21, seed=2, device=triton_device), _randn(21, 9, seed=3, device=triton_device)
-    out = rsvd.rsvd_project(A, X, base, precision=precision)
+    out = rsvd.rsvd_project(A, X, base, precision="tf32")
+    delta, X_r = reference._round_tf32(A - base), reference._round_tf32(X)
+    _assert_within_torch_error(out, delta.double() @ X_r.double(), delta @ X_r)
+
+
+def test_rsvd_project_tf32x3_within_its_emulation_error(triton_device):
+    A, base, X = _randn(3, 37, 21, seed=1, device=triton_device), _randn(37, 21, seed=2, device=triton_device), _randn(21, 9, seed=3, device=triton_device)
+    out = rsvd.rsvd_project(A, X, base, precision="tf32x3")
     truth = reference.rsvd_project(A.double(), X.double(), base.double())
-    _assert_within_torch_error(out, truth, reference.rsvd_project(A, X, base, precision=precision))
+    _assert_within_torch_error(out, truth, reference.rsvd_project(A, X, base, precision="tf32x3"))
 
 
 def test_rsvd_project_empty_batch_and_bad_shape(triton_device):

@@ -33,6 +33,14 @@ _NUM_STAGES = 3
 
 
 @triton.jit
+def _round_tf32(x):
+    # Round-to-nearest (ties away) onto tf32's 10 mantissa bits, as `reference._round_tf32` does:
+    # fed fp32 registers, the tensor cores would drop those bits (truncate), doubling the error.
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _rsvd_project_kernel(
     A, a_offsets, B, b_offsets, X, x_offsets, C,
     M, N, W,
@@ -61,6 +69,8 @@ def _rsvd_project_kernel(
             a -= base.to(tl.float32)
         in_x = (kk[:, None] < N) & (rw[None, :] < W)
         x = tl.load(x_ptr + kk[:, None] * stride_xn + rw[None, :] * stride_xw, mask=in_x, other=0.0)
+        if PRECISION == "tf32":
+            a, x = _round_tf32(a), _round_tf32(x)
         acc = tl.dot(a, x, acc, input_precision=PRECISION)
     c_ptr = C + batch.to(tl.int64) * M * W
     tl.store(c_ptr + rm[:, None] * stride_cm + rw[None, :], acc, mask=(rm[:, None] < M) & (rw[None, :] < W))
