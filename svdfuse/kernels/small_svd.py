@@ -29,10 +29,11 @@ def _small_svd_kernel(A, J, W, HALF: tl.constexpr, MAX_SWEEPS: tl.constexpr, TOL
     rows = tl.arange(0, 2 * HALF)
     j = tl.arange(0, HALF)
     live = rows < W
-    sweep = 0
-    off = 1.0
+    # Typed scalars: loop-carried values must keep one type through the loops.
+    sweep = tl.full([], 0, tl.int32)
+    off = tl.full([], 1.0, tl.float32)
     while (sweep < MAX_SWEEPS) & (off > TOL):
-        off = 0.0
+        off = tl.full([], 0.0, tl.float32)
         for r in range(W - 1):
             # Round-robin pairing (the circle method): every pair of columns meets once a sweep,
             # and the W/2 pairs of a round are disjoint, so they rotate in parallel.
