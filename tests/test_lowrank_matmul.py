@@ -34,8 +34,8 @@ def _inputs(m, n, K, lead=(3, 7), dtype=torch.float32, device="cpu", base=True, 
         t = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
         return t.requires_grad_(grad)
 
-    x, U, S, V = rand(*lead, n), rand(m, K, scale=K**-0.5), rand(K), rand(n, K, scale=n**-0.5)
-    return x, U, S, V, rand(m, n, scale=n**-0.5) if base else None, rand(m) if bias else None
+    x, U, S, V = rand(*lead, n), rand(m, K, scale=K**-0.5), rand(K), rand(n, K, scale=max(n, 1) ** -0.5)
+    return x, U, S, V, rand(m, n, scale=max(n, 1) ** -0.5) if base else None, rand(m) if bias else None
 
 
 def _with_tasks(args, num_tasks, seed=1):
@@ -181,6 +181,20 @@ def test_empty_batch(device, lead):
     out.sum().backward()
     for t in (x, U, S, V, base, bias):
         assert t.grad.shape == t.shape and not t.grad.any()
+
+
+@pytest.mark.parametrize("m,n,lead", [(0, 17, (3,)), (33, 0, (3,)), (33, 0, (0,)), (0, 17, (2, 0))])
+def test_empty_matrix_dims(device, m, n, lead):
+    # m = 0 or n = 0 leaves 0 elements where a reshape(-1, ...) is ambiguous: forward, reference and
+    # backward must count rows instead. n = 0 gives y = bias (x V and x Wbᵀ are empty sums).
+    x, U, S, V, base, bias = _inputs(m, n, 5, lead=lead, device=device, grad=True)
+    for f in (ops.lowrank_matmul, reference.lowrank_matmul):
+        out = f(x, U, S, V, base, bias)
+        assert out.shape == (*lead, m)
+        torch.testing.assert_close(out, bias.expand_as(out) if n == 0 else out.new_zeros(out.shape))
+    ops.lowrank_matmul(x, U, S, V, base, bias).sum().backward()
+    for t in (x, U, S, V, base, bias):
+        assert t.grad.shape == t.shape
 
 
 def test_empty_batch_with_task(device):
