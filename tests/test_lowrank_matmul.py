@@ -263,7 +263,8 @@ NATIVE_ERRORS = [  # (argument, how to break it, the message expected)
     ("base", lambda t: t.T, r"base must have shape \(m, n\) = \[33, 17\], found \[17, 33\]"),
     ("bias", lambda t: t[:32], r"bias must have shape \(m,\) = \[33\], found \[32\]"),
     ("bias", lambda t: t.double(), r"bias must have x's dtype Float, found Double"),
-    ("x", lambda t: t.long(), r"x must be floating point, found Long"),
+    ("x", lambda t: t.long(), r"x must be floating point \(Float, Double, Half or BFloat16\), found Long"),
+    ("x", lambda t: t.to(torch.float8_e4m3fn), r"x must be floating point .*, found Float8_e4m3fn"),
 ]
 
 
