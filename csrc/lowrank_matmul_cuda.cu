@@ -399,7 +399,10 @@ void run_fused(const at::Tensor& x2, const at::Tensor& U, const at::Tensor& S, c
 bool fused_fits(const at::Tensor& x, int64_t rows, int64_t K) {
   const auto dtype = x.scalar_type();
   return rows <= kFusedMaxRows && K >= 1 && K <= kFusedMaxRank &&
-         (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && supports_cooperative_launch();
+         (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && supports_cooperative_launch() &&
+         // Phase 1 sums the blocks' partial x V with atomics, in an order that varies run to run;
+         // cuBLAS gives the same bits every run.
+         !at::globalContext().deterministicAlgorithms();
 }
 
 at::Tensor fused_lowrank_matmul(const at::Tensor& x2, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,

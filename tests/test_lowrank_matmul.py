@@ -43,7 +43,7 @@ def _with_tasks(args, num_tasks, seed=1):
     x, U, S, V, base, bias = args
     gen = torch.Generator().manual_seed(seed)
     S2 = torch.randn((num_tasks, S.shape[0]), generator=gen, dtype=torch.float64).to(S.dtype).to(S.device)
-    task = torch.arange(x[..., 0].numel()).remainder(num_tasks)
+    task = torch.arange(x.shape[:-1].numel()).remainder(num_tasks)
     task = task[torch.randperm(task.numel(), generator=gen)].reshape(x.shape[:-1]).to(x.device)
     return x, U, S2.requires_grad_(S.requires_grad), V, base, bias, task
 
@@ -439,3 +439,49 @@ def test_cuda_bad_task_id_gives_its_row_nan(cuda, rows, bad):
     assert out[torch.arange(rows, device=cuda) != 1].isfinite().all()
     out.sum().backward()
     assert x.grad[1].isnan().all() and S.grad.isnan().any()
+
+
+def _unaligned(t, offset):
+    """`t` copied to start `offset` elements into its storage: a data_ptr off the 16-byte grid."""
+    if t is None or offset == 0:
+        return t
+    buf = t.new_empty(t.numel() + offset)
+    buf[offset:] = t.reshape(-1)
+    return buf[offset:].view(t.shape)
+
+
+# (m, n, K, rows) of the fused kernel's edges: K = 1, the largest fused K with 16 rows, n = 0
+# (y = bias), odd everything, and L1's decode shape.
+FUSED_EDGES = [(1, 1, 1, 1), (33, 17, 1, 16), (7, 300, 512, 16), (5, 4097, 65, 2), (40, 0, 3, 3), (4096, 4096, 128, 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,K,rows", FUSED_EDGES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [0, 1])  # 1: x, U, S, V, base, bias all start off the 16-byte grid
+@pytest.mark.parametrize("num_tasks", [None, 1])
+def test_cuda_fused_edges(cuda, m, n, K, rows, dtype, offset, num_tasks):
+    args = _inputs(m, n, K, lead=(rows,), dtype=dtype, device=cuda)
+    if num_tasks:
+        args = _with_tasks(args, num_tasks)
+    args = tuple(t if t is None or t.dtype == torch.int64 else _unaligned(t, offset) for t in args)
+    out = ops.lowrank_matmul(*args)
+    assert out.shape == (rows, m)
+    _assert_within_torch_error(out, args)
+
+
+@pytest.mark.gpu
+def test_cuda_deterministic_mode_gives_the_same_bits(cuda, monkeypatch):
+    # The fused kernel sums the blocks' partial x V with atomics, in a run-dependent order; with
+    # deterministic algorithms on, the op takes the cuBLAS path, whose bits repeat.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    args = _inputs(4095, 4097, 65, lead=(3,), device=cuda, base=False)
+    enabled = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        outs = [ops.lowrank_matmul(*args) for _ in range(5)]
+    finally:
+        torch.use_deterministic_algorithms(enabled)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    _assert_within_torch_error(outs[0], args)
