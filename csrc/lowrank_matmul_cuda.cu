@@ -69,7 +69,9 @@ static_assert(kFusedMaxRank <= kThreads * kVec<float>, "phase 1: one thread per 
 static_assert(kThreads % 32 == 0, "whole warps");
 
 // p[0, valid) as floats, zeros beyond. One 128-bit load where the chunk is full and aligned (every
-// chunk of an aligned shape), element loads otherwise (odd K or n, where rows start unaligned).
+// chunk of an aligned shape); for bf16/fp16, two 64-bit loads where it is 8-byte aligned (every
+// other row when K = 4 mod 8, as the paper's K = 76); element loads otherwise (odd K or n, where
+// rows start unaligned). Not for fp32, where the extra path made ptxas spill at 16 rows.
 template <typename T>
 __device__ __forceinline__ void load_floats(const T* p, int valid, float (&out)[kVec<T>]) {
   if (valid == kVec<T> && reinterpret_cast<uintptr_t>(p) % 16 == 0) {
@@ -79,11 +81,22 @@ __device__ __forceinline__ void load_floats(const T* p, int valid, float (&out)[
     for (int q = 0; q < kVec<T>; ++q) {
       out[q] = static_cast<float>(e[q]);
     }
-  } else {
+    return;
+  }
+  if constexpr (sizeof(T) == 2) {
+    if (valid == kVec<T> && reinterpret_cast<uintptr_t>(p) % 8 == 0) {
+      const uint2 raw[2] = {__ldg(reinterpret_cast<const uint2*>(p)), __ldg(reinterpret_cast<const uint2*>(p) + 1)};
+      const T* e = reinterpret_cast<const T*>(raw);
 #pragma unroll
-    for (int q = 0; q < kVec<T>; ++q) {
-      out[q] = q < valid ? static_cast<float>(p[q]) : 0.f;
+      for (int q = 0; q < kVec<T>; ++q) {
+        out[q] = static_cast<float>(e[q]);
+      }
+      return;
     }
+  }
+#pragma unroll
+  for (int q = 0; q < kVec<T>; ++q) {
+    out[q] = q < valid ? static_cast<float>(p[q]) : 0.f;
   }
 }
 

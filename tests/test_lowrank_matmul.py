@@ -451,8 +451,17 @@ def _unaligned(t, offset):
 
 
 # (m, n, K, rows) of the fused kernel's edges: K = 1, the largest fused K with 16 rows, n = 0
-# (y = bias), odd everything, and L1's decode shape.
-FUSED_EDGES = [(1, 1, 1, 1), (33, 17, 1, 16), (7, 300, 512, 16), (5, 4097, 65, 2), (40, 0, 3, 3), (4096, 4096, 128, 1)]
+# (y = bias), odd everything, the paper's K = 76 (bf16 rows alternate 16- and 8-byte aligned) and
+# L1's decode shape.
+FUSED_EDGES = [
+    (1, 1, 1, 1),
+    (33, 17, 1, 16),
+    (7, 300, 512, 16),
+    (5, 4097, 65, 2),
+    (40, 0, 3, 3),
+    (301, 777, 76, 5),
+    (4096, 4096, 128, 1),
+]
 
 
 @pytest.mark.gpu
