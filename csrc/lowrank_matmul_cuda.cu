@@ -1,7 +1,8 @@
 // CUDA kernels of torch.ops.svdfuse.lowrank_matmul: y = x Wbᵀ + ((x V) ⊙ σ) Uᵀ + bias.
 //
 // Two paths, chosen per call by the rows of x (its leading dims flattened):
-// * Decode (rows <= kFusedMaxRows; fp32/bf16/fp16; 1 <= K <= kFusedMaxRank): one cooperative kernel.
+// * Decode (rows <= kFusedMaxRows; fp32/bf16/fp16; 1 <= K <= kFusedMaxRank; not under
+//   torch.use_deterministic_algorithms): one cooperative kernel.
 //   The op is memory-bound there: the floor is reading U and V (and W0) once, and a GEMM pair spends
 //   more on two launches and a round trip of the tiny (rows, K) intermediate than on the bytes.
 //   Phase 1: every block multiplies its slice of x's columns by its slice of V's rows and adds the
