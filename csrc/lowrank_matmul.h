@@ -66,8 +66,11 @@ inline void check_lowrank_matmul(const at::Tensor& x, const at::Tensor& U, const
   check_shape(V, "V", "(n, K)", {n, K});
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == n, "lowrank_matmul: x must have shape (..., n) with n = V.size(0) = ",
               n, ", found ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lowrank_matmul: x must be floating point, found ",
-              x.scalar_type());
+  // The four dtypes the kernels are written for; isFloatingType would also admit the fp8 types, which
+  // the CPU kernel would silently upcast and the CUDA one reject deep inside cuBLAS.
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "lowrank_matmul: x must be floating point (Float, Double, Half or BFloat16), found ", dtype);
   check_like_x(U, "U", x);
   check_like_x(S, "S", x);
   check_like_x(V, "V", x);

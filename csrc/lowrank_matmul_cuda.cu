@@ -1,7 +1,8 @@
 // CUDA kernels of torch.ops.svdfuse.lowrank_matmul: y = x Wbᵀ + ((x V) ⊙ σ) Uᵀ + bias.
 //
 // Two paths, chosen per call by the rows of x (its leading dims flattened):
-// * Decode (rows <= kFusedMaxRows; fp32/bf16/fp16; 1 <= K <= kFusedMaxRank): one cooperative kernel.
+// * Decode (rows <= kFusedMaxRows; fp32/bf16/fp16; 1 <= K <= kFusedMaxRank; not under
+//   torch.use_deterministic_algorithms): one cooperative kernel.
 //   The op is memory-bound there: the floor is reading U and V (and W0) once, and a GEMM pair spends
 //   more on two launches and a round trip of the tiny (rows, K) intermediate than on the bytes.
 //   Phase 1: every block multiplies its slice of x's columns by its slice of V's rows and adds the
@@ -22,8 +23,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 
 #include "lowrank_matmul.h"
 
@@ -55,8 +58,21 @@ constexpr int kOutColsPerWarp = 4;
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);
 
+// The most dynamic shared memory a fused launch for up to MAX_ROWS rows asks for: phase 1 holds the
+// x tile and the lanes' partial sums (at most kThreads chunks of kVec floats), phase 2 holds t.
+template <typename T, int MAX_ROWS>
+constexpr size_t kFusedMaxSmemBytes =
+    sizeof(float) * std::max(MAX_ROWS * kTileN + kThreads * kVec<T>, MAX_ROWS * kFusedMaxRank);
+
+// What the indexing below relies on, so that a retuned constant fails here rather than on the GPU.
+static_assert(kFusedMaxRows <= 32, "phase 2: lane r of a warp writes row r");
+static_assert(kFusedMaxRank <= kThreads * kVec<float>, "phase 1: one thread per 16-byte chunk of a V row");
+static_assert(kThreads % 32 == 0, "whole warps");
+
 // p[0, valid) as floats, zeros beyond. One 128-bit load where the chunk is full and aligned (every
-// chunk of an aligned shape), element loads otherwise (odd K or n, where rows start unaligned).
+// chunk of an aligned shape); for bf16/fp16, two 64-bit loads where it is 8-byte aligned (every
+// other row when K = 4 mod 8, as the paper's K = 76); element loads otherwise (odd K or n, where
+// rows start unaligned). Not for fp32, where the extra path made ptxas spill at 16 rows.
 template <typename T>
 __device__ __forceinline__ void load_floats(const T* p, int valid, float (&out)[kVec<T>]) {
   if (valid == kVec<T> && reinterpret_cast<uintptr_t>(p) % 16 == 0) {
@@ -66,11 +82,22 @@ __device__ __forceinline__ void load_floats(const T* p, int valid, float (&out)[
     for (int q = 0; q < kVec<T>; ++q) {
       out[q] = static_cast<float>(e[q]);
     }
-  } else {
+    return;
+  }
+  if constexpr (sizeof(T) == 2) {
+    if (valid == kVec<T> && reinterpret_cast<uintptr_t>(p) % 8 == 0) {
+      const uint2 raw[2] = {__ldg(reinterpret_cast<const uint2*>(p)), __ldg(reinterpret_cast<const uint2*>(p) + 1)};
+      const T* e = reinterpret_cast<const T*>(raw);
 #pragma unroll
-    for (int q = 0; q < kVec<T>; ++q) {
-      out[q] = q < valid ? static_cast<float>(p[q]) : 0.f;
+      for (int q = 0; q < kVec<T>; ++q) {
+        out[q] = static_cast<float>(e[q]);
+      }
+      return;
     }
+  }
+#pragma unroll
+  for (int q = 0; q < kVec<T>; ++q) {
+    out[q] = q < valid ? static_cast<float>(p[q]) : 0.f;
   }
 }
 
@@ -112,6 +139,33 @@ int device_attribute(cudaDeviceAttr attr) {
   int value = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, c10::cuda::current_device()));
   return value;
+}
+
+// An int per GPU, queried on first use and remembered: device attributes and the occupancy
+// calculator cost host microseconds per query, about the whole budget of a decode call (DESIGN.md
+// §4 L1). A query that throws is retried on the next call.
+class PerDevice {
+ public:
+  template <typename Query>
+  int get(Query query) {
+    const c10::DeviceIndex device = c10::cuda::current_device();
+    std::call_once(once_.at(device), [&] { value_[device] = query(); });
+    return value_[device];
+  }
+
+ private:
+  std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> once_;
+  std::array<int, C10_COMPILE_TIME_MAX_GPUS> value_{};
+};
+
+int sm_count() {
+  static PerDevice cache;
+  return cache.get([] { return device_attribute(cudaDevAttrMultiProcessorCount); });
+}
+
+bool supports_cooperative_launch() {
+  static PerDevice cache;
+  return cache.get([] { return device_attribute(cudaDevAttrCooperativeLaunch); }) != 0;
 }
 
 template <typename T>
@@ -300,15 +354,26 @@ __global__ void __launch_bounds__(kThreads) fused_lowrank_matmul_kernel(FusedArg
 
 template <typename T, int MAX_ROWS>
 void launch_fused(FusedArgs<T> a, cudaStream_t stream) {
+  constexpr size_t max_smem_bytes = kFusedMaxSmemBytes<T, MAX_ROWS>;
+  static_assert(max_smem_bytes <= 48 * 1024,
+                "above the 48 KiB a launch gets without cudaFuncAttributeMaxDynamicSharedMemorySize");
   const auto kernel = fused_lowrank_matmul_kernel<T, MAX_ROWS>;
   const int lanes = kThreads / (a.kp / kVec<T>);
   const size_t smem_bytes = sizeof(float) * std::max(a.rows * kTileN + lanes * a.kp, a.rows * a.kp);
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes));
-  TORCH_INTERNAL_ASSERT(per_sm > 0, "lowrank_matmul: the fused kernel fits no SM (", smem_bytes, " B shared)");
+  TORCH_INTERNAL_ASSERT(smem_bytes <= max_smem_bytes);
+  // Blocks per SM at the largest shared memory this kernel is launched with, once per device: a
+  // lower bound for every launch (occupancy only falls as shared memory grows), so the grid below
+  // is always co-resident. Registers, not shared memory, are what limit it (ptxas: 60-196).
+  static PerDevice blocks_per_sm;
+  const int per_sm = blocks_per_sm.get([&] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, max_smem_bytes));
+    return blocks;
+  });
+  TORCH_INTERNAL_ASSERT(per_sm > 0, "lowrank_matmul: the fused kernel fits no SM");
   // A grid-wide sync needs every block resident at once; within that, one block per kTileN columns of x
   // or per kWarps * kOutColsPerWarp output columns, whichever needs more.
-  const int64_t resident = static_cast<int64_t>(per_sm) * device_attribute(cudaDevAttrMultiProcessorCount);
+  const int64_t resident = static_cast<int64_t>(per_sm) * sm_count();
   const int64_t wanted = std::max(at::ceil_div(a.n, static_cast<int64_t>(kTileN)),
                                   at::ceil_div(a.m, static_cast<int64_t>(kWarps * kOutColsPerWarp)));
   const dim3 grid(static_cast<unsigned>(std::clamp<int64_t>(wanted, 1, resident)));
@@ -348,14 +413,19 @@ void run_fused(const at::Tensor& x2, const at::Tensor& U, const at::Tensor& S, c
 bool fused_fits(const at::Tensor& x, int64_t rows, int64_t K) {
   const auto dtype = x.scalar_type();
   return rows <= kFusedMaxRows && K >= 1 && K <= kFusedMaxRank &&
-         (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) &&
-         device_attribute(cudaDevAttrCooperativeLaunch) != 0;
+         (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && supports_cooperative_launch() &&
+         // Phase 1 sums the blocks' partial x V with atomics, in an order that varies run to run;
+         // cuBLAS gives the same bits every run.
+         !at::globalContext().deterministicAlgorithms();
 }
 
 at::Tensor fused_lowrank_matmul(const at::Tensor& x2, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
                                 const std::optional<at::Tensor>& base, const std::optional<at::Tensor>& bias,
                                 const std::optional<at::Tensor>& task) {
-  const at::Tensor xv = at::zeros({x2.size(0), U.size(1)}, x2.options().dtype(at::kFloat));
+  // Zeroed by a memset on the kernel's stream rather than at::zeros, whose fill kernel costs
+  // several host microseconds more of dispatch (DESIGN.md §4 L1).
+  const at::Tensor xv = at::empty({x2.size(0), U.size(1)}, x2.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cudaMemsetAsync(xv.data_ptr(), 0, xv.nbytes(), c10::cuda::getCurrentCUDAStream()));
   const at::Tensor y = at::empty({x2.size(0), U.size(0)}, x2.options());
   if (x2.scalar_type() == at::kFloat) {
     run_fused<float>(x2, U, S, V, base, bias, task, xv, y);
@@ -387,7 +457,7 @@ void scale_by_sigma(const at::Tensor& t, const at::Tensor& S, const std::optiona
   }
   // Grid-stride: a few blocks per SM cover any size.
   const int64_t blocks = std::min<int64_t>(at::ceil_div(total, static_cast<int64_t>(kThreads)),
-                                           8 * device_attribute(cudaDevAttrMultiProcessorCount));
+                                           8 * static_cast<int64_t>(sm_count()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lowrank_matmul_scale_by_sigma", [&] {
     scale_by_sigma_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         t.data_ptr<scalar_t>(), S.data_ptr<scalar_t>(), task ? task->data_ptr<int64_t>() : nullptr,

@@ -81,8 +81,10 @@ def _lowrank_matmul_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     x, U, S, V, base, task = ctx.saved_tensors
     need_x, need_U, need_S, need_V, need_base, need_bias = ctx.needs_input_grad[:6]
     acc = compute_dtype(x.dtype)
-    x2 = x.reshape(-1, V.shape[0]).to(acc)
-    g2 = grad.reshape(-1, U.shape[0]).to(acc)
+    # rows counted, not reshape(-1, ...): -1 is ambiguous for 0 elements (n = 0 or m = 0).
+    rows = x.shape[:-1].numel()
+    x2 = x.reshape(rows, V.shape[0]).to(acc)
+    g2 = grad.reshape(rows, U.shape[0]).to(acc)
     U_, V_ = U.to(acc), V.to(acc)
     sigma = task_sigma(S.to(acc), task)  # (rows, K), or (1, K) for one σ
     gU = g2 @ U_  # gradient with respect to (x V) ⊙ σ

@@ -49,7 +49,8 @@ def lowrank_matmul(
     σ is S (K,) for every row, or row `task[...]` of S (num_tasks, K) for each row, task: x.shape[:-1].
     """
     acc = compute_dtype(x.dtype)
-    x2 = x.reshape(-1, x.shape[-1]).to(acc)
+    # rows counted, not reshape(-1, n): -1 is ambiguous for 0 elements (n = 0).
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1]).to(acc)
     y = ((x2 @ V.to(acc)) * task_sigma(S.to(acc), task)) @ U.to(acc).T
     if base is not None:
         y = y + x2 @ base.to(acc).T

@@ -34,8 +34,8 @@ def _inputs(m, n, K, lead=(3, 7), dtype=torch.float32, device="cpu", base=True, 
         t = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
         return t.requires_grad_(grad)
 
-    x, U, S, V = rand(*lead, n), rand(m, K, scale=K**-0.5), rand(K), rand(n, K, scale=n**-0.5)
-    return x, U, S, V, rand(m, n, scale=n**-0.5) if base else None, rand(m) if bias else None
+    x, U, S, V = rand(*lead, n), rand(m, K, scale=K**-0.5), rand(K), rand(n, K, scale=max(n, 1) ** -0.5)
+    return x, U, S, V, rand(m, n, scale=max(n, 1) ** -0.5) if base else None, rand(m) if bias else None
 
 
 def _with_tasks(args, num_tasks, seed=1):
@@ -43,7 +43,7 @@ def _with_tasks(args, num_tasks, seed=1):
     x, U, S, V, base, bias = args
     gen = torch.Generator().manual_seed(seed)
     S2 = torch.randn((num_tasks, S.shape[0]), generator=gen, dtype=torch.float64).to(S.dtype).to(S.device)
-    task = torch.arange(x[..., 0].numel()).remainder(num_tasks)
+    task = torch.arange(x.shape[:-1].numel()).remainder(num_tasks)
     task = task[torch.randperm(task.numel(), generator=gen)].reshape(x.shape[:-1]).to(x.device)
     return x, U, S2.requires_grad_(S.requires_grad), V, base, bias, task
 
@@ -183,6 +183,20 @@ def test_empty_batch(device, lead):
         assert t.grad.shape == t.shape and not t.grad.any()
 
 
+@pytest.mark.parametrize("m,n,lead", [(0, 17, (3,)), (33, 0, (3,)), (33, 0, (0,)), (0, 17, (2, 0))])
+def test_empty_matrix_dims(device, m, n, lead):
+    # m = 0 or n = 0 leaves 0 elements where a reshape(-1, ...) is ambiguous: forward, reference and
+    # backward must count rows instead. n = 0 gives y = bias (x V and x Wbᵀ are empty sums).
+    x, U, S, V, base, bias = _inputs(m, n, 5, lead=lead, device=device, grad=True)
+    for f in (ops.lowrank_matmul, reference.lowrank_matmul):
+        out = f(x, U, S, V, base, bias)
+        assert out.shape == (*lead, m)
+        torch.testing.assert_close(out, bias.expand_as(out) if n == 0 else out.new_zeros(out.shape))
+    ops.lowrank_matmul(x, U, S, V, base, bias).sum().backward()
+    for t in (x, U, S, V, base, bias):
+        assert t.grad.shape == t.shape
+
+
 def test_empty_batch_with_task(device):
     x, U, S, V, base, bias, task = _with_tasks(_inputs(33, 17, 5, lead=(2, 0), device=device, grad=True), 3)
     out = ops.lowrank_matmul(x, U, S, V, base, bias, task)
@@ -249,7 +263,8 @@ NATIVE_ERRORS = [  # (argument, how to break it, the message expected)
     ("base", lambda t: t.T, r"base must have shape \(m, n\) = \[33, 17\], found \[17, 33\]"),
     ("bias", lambda t: t[:32], r"bias must have shape \(m,\) = \[33\], found \[32\]"),
     ("bias", lambda t: t.double(), r"bias must have x's dtype Float, found Double"),
-    ("x", lambda t: t.long(), r"x must be floating point, found Long"),
+    ("x", lambda t: t.long(), r"x must be floating point \(Float, Double, Half or BFloat16\), found Long"),
+    ("x", lambda t: t.to(torch.float8_e4m3fn), r"x must be floating point .*, found Float8_e4m3fn"),
 ]
 
 
@@ -424,3 +439,58 @@ def test_cuda_bad_task_id_gives_its_row_nan(cuda, rows, bad):
     assert out[torch.arange(rows, device=cuda) != 1].isfinite().all()
     out.sum().backward()
     assert x.grad[1].isnan().all() and S.grad.isnan().any()
+
+
+def _unaligned(t, offset):
+    """`t` copied to start `offset` elements into its storage: a data_ptr off the 16-byte grid."""
+    if t is None or offset == 0:
+        return t
+    buf = t.new_empty(t.numel() + offset)
+    buf[offset:] = t.reshape(-1)
+    return buf[offset:].view(t.shape)
+
+
+# (m, n, K, rows) of the fused kernel's edges: K = 1, the largest fused K with 16 rows, n = 0
+# (y = bias), odd everything, the paper's K = 76 (bf16 rows alternate 16- and 8-byte aligned) and
+# L1's decode shape.
+FUSED_EDGES = [
+    (1, 1, 1, 1),
+    (33, 17, 1, 16),
+    (7, 300, 512, 16),
+    (5, 4097, 65, 2),
+    (40, 0, 3, 3),
+    (301, 777, 76, 5),
+    (4096, 4096, 128, 1),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,K,rows", FUSED_EDGES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [0, 1])  # 1: x, U, S, V, base, bias all start off the 16-byte grid
+@pytest.mark.parametrize("num_tasks", [None, 1])
+def test_cuda_fused_edges(cuda, m, n, K, rows, dtype, offset, num_tasks):
+    args = _inputs(m, n, K, lead=(rows,), dtype=dtype, device=cuda)
+    if num_tasks:
+        args = _with_tasks(args, num_tasks)
+    args = tuple(t if t is None or t.dtype == torch.int64 else _unaligned(t, offset) for t in args)
+    out = ops.lowrank_matmul(*args)
+    assert out.shape == (rows, m)
+    _assert_within_torch_error(out, args)
+
+
+@pytest.mark.gpu
+def test_cuda_deterministic_mode_gives_the_same_bits(cuda, monkeypatch):
+    # The fused kernel sums the blocks' partial x V with atomics, in a run-dependent order; with
+    # deterministic algorithms on, the op takes the cuBLAS path, whose bits repeat.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    args = _inputs(4095, 4097, 65, lead=(3,), device=cuda, base=False)
+    enabled = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        outs = [ops.lowrank_matmul(*args) for _ in range(5)]
+    finally:
+        torch.use_deterministic_algorithms(enabled)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    _assert_within_torch_error(outs[0], args)
