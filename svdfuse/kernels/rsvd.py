@@ -78,13 +78,20 @@ def _rsvd_project_kernel(
 
 def _batch_offsets(t: Tensor, batch: torch.Size) -> Tensor:
     """Element offset of every matrix of `t` (..., r, c) broadcast to `batch`, flattened: (prod(batch),) int64."""
-    expanded = t.expand(*batch, *t.shape[-2:])
+    strides = t.expand(*batch, *t.shape[-2:]).stride()[:-2]
+    return _offsets(tuple(batch), strides, t.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets(batch: tuple[int, ...], strides: tuple[int, ...], device: torch.device) -> Tensor:
+    # Cached: a randomized SVD asks for the same few tables at every projection, and building one
+    # costs a host-to-device copy.
     offsets = torch.zeros(batch, dtype=torch.int64)
-    for dim, (size, stride) in enumerate(zip(batch, expanded.stride()[:-2])):
+    for dim, (size, stride) in enumerate(zip(batch, strides)):
         shape = [1] * len(batch)
         shape[dim] = size
         offsets += (torch.arange(size, dtype=torch.int64) * stride).view(shape)
-    return offsets.reshape(-1).to(t.device)
+    return offsets.reshape(-1).to(device)
 
 
 def rsvd_project(
@@ -126,7 +133,7 @@ def _cholesky_qr(Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One CholeskyQR pass in fp64: Q = Y R⁻¹ with RᵀR = YᵀY; also returns the Gram and Cholesky's info.
 
     fp64 squares the condition number into a range it can hold: every fp32 sketch that is
-    numerically full-rank (κ up to ~1/eps_fp32) factors, where an fp32 Gram fails from κ ≈ 1e4.
+    numerically full-rank (κ up to ~1/eps_fp32) factors, where fp32 Grams fail from κ ≈ 1e5.
     The Gram is w×w per matrix, a small GEMM next to one pass over the sources.
     """
     Yd = Y.double()
