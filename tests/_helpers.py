@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+
+import svdfuse
 
 
 def module_from(state: dict[str, Tensor]) -> nn.Module:
@@ -20,3 +23,13 @@ def module_from(state: dict[str, Tensor]) -> nn.Module:
         else:
             mod.register_buffer(leaf, t.clone())
     return root
+
+
+def merge_perturbed(base: nn.Module, *, sources: int, scale: float, seed: int, k: int) -> "svdfuse.MergeResult":
+    """AXIS merge (CPU) of `sources` copies of `base` with Gaussian noise of std `scale` on every
+    tensor; source i draws from seed `seed + i`."""
+    perturbed = []
+    for i in range(sources):
+        gen = torch.Generator().manual_seed(seed + i)
+        perturbed.append({key: v + scale * torch.randn(v.shape, generator=gen) for key, v in base.state_dict().items()})
+    return svdfuse.merge(perturbed, k=k, base=base, device="cpu")

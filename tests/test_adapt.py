@@ -7,6 +7,8 @@ from torch import nn
 import svdfuse
 from svdfuse.nn import SVDLinear, SVDWeight, materialize, set_trainable
 
+from _helpers import merge_perturbed
+
 
 def _mlp():
     return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
@@ -15,11 +17,7 @@ def _mlp():
 def _merged(k=6, seed=0):
     torch.manual_seed(seed)
     base = _mlp()
-    sources = []
-    for i in range(4):
-        gen = torch.Generator().manual_seed(100 + i)
-        sources.append({key: v + 0.1 * torch.randn(v.shape, generator=gen) for key, v in base.state_dict().items()})
-    return base, svdfuse.merge(sources, k=k, base=base, device="cpu")
+    return base, merge_perturbed(base, sources=4, scale=0.1, seed=100, k=k)
 
 
 def _data(n_batches=6, seed=1):

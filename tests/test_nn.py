@@ -12,6 +12,8 @@ import svdfuse
 from svdfuse.nn import SVDLinear, SVDWeight, materialize
 from svdfuse.serving import serve_tasks, stack_tasks
 
+from _helpers import merge_perturbed
+
 
 class _Block(nn.Module):
     """Batch-first attention and an MLP: merged into SVDWeight (attention) and SVDLinear (MLP) layers."""
@@ -30,11 +32,7 @@ class _Block(nn.Module):
 def _merged_block(k: int = 3):
     torch.manual_seed(0)
     base = _Block()
-    sources = []
-    for i in range(3):
-        gen = torch.Generator().manual_seed(10 + i)
-        sources.append({key: v + 0.05 * torch.randn(v.shape, generator=gen) for key, v in base.state_dict().items()})
-    return base, svdfuse.merge(sources, k=k, base=base, device="cpu")
+    return base, merge_perturbed(base, sources=3, scale=0.05, seed=10, k=k)
 
 
 def test_materializing_a_deep_copy_leaves_the_original_parametrized():
