@@ -1,5 +1,6 @@
-// Schema of torch.ops.svdfuse.lowrank_matmul and its CPU kernel. The fake (meta) impl and autograd
-// are registered from Python, in svdfuse/_native.py; the CUDA kernels are in lowrank_matmul_cuda.cu.
+// Schema of torch.ops.svdfuse.lowrank_matmul and its CPU kernel. Its autograd is in
+// lowrank_matmul_autograd.cpp, its CUDA kernels in lowrank_matmul_cuda.cu; the fake (meta) impl is
+// registered from Python, in svdfuse/_native.py.
 #include <torch/library.h>
 
 #include "lowrank_matmul.h"

@@ -99,12 +99,13 @@ def test_opcheck_with_task(native_op, device, lead, dtype, base, bias, num_tasks
 
 
 @pytest.mark.parametrize(
-    "trainable,with_base_bias",
-    [("x,U,S,V,base,bias", True), ("x,U,S,V", False), ("S", True)],  # the last is Stage 2
+    "trainable,terms",
+    # "S" is Stage 2; a bias without a base moves bias to the autograd node's input 4.
+    [("x,U,S,V,base,bias", "base+bias"), ("x,U,S,V", ""), ("S", "base+bias"), ("x,S,bias", "bias")],
 )
-def test_gradcheck(device, trainable, with_base_bias):
+def test_gradcheck(device, trainable, terms):
     names = ["x", "U", "S", "V", "base", "bias"]
-    inputs = _inputs(5, 4, 3, lead=(2, 3), dtype=torch.float64, device=device, base=with_base_bias, bias=with_base_bias)
+    inputs = _inputs(5, 4, 3, lead=(2, 3), dtype=torch.float64, device=device, base="base" in terms, bias="bias" in terms)
     args, train = dict(zip(names, inputs)), trainable.split(",")
 
     def f(*trained):
@@ -123,6 +124,16 @@ def test_gradcheck_per_task_sigma(device, trainable):
         return ops.lowrank_matmul(**{**args, **dict(zip(train, trained))})
 
     assert torch.autograd.gradcheck(f, [args[name].requires_grad_() for name in train])
+
+
+def test_no_graph_without_a_gradient(native_op):
+    # The autograd kernel hands such calls straight to the kernel: no node, an output without grad.
+    x, U, S, V, base, bias = _inputs(5, 4, 3)
+    assert native_op(x, U, S, V, base, bias).grad_fn is None
+    S.requires_grad_()
+    with torch.no_grad():
+        assert not native_op(x, U, S, V, base, bias).requires_grad
+    assert native_op(x, U, S, V, base, bias).grad_fn is not None
 
 
 def test_per_task_sigma_gradient_goes_to_the_picked_rows():
