@@ -1,6 +1,9 @@
-// Schema of torch.ops.svdfuse.lowrank_matmul and its CPU kernel. The fake (meta) impl and autograd
-// are registered from Python, in svdfuse/_native.py; the CUDA kernels are in lowrank_matmul_cuda.cu.
+// Schema of torch.ops.svdfuse.lowrank_matmul and its CPU kernel. Its autograd is in
+// lowrank_matmul_autograd.cpp, its CUDA kernels in lowrank_matmul_cuda.cu; the fake (meta) impl is
+// registered from Python, in svdfuse/_native.py.
 #include <torch/library.h>
+
+#include <vector>
 
 #include "lowrank_matmul.h"
 
@@ -8,15 +11,23 @@ namespace svdfuse {
 
 namespace {
 
-// On the CPU reading the ids is free, so a bad one raises here instead of reaching index_select.
+// On the CPU reading the ids is free, so a bad one raises here, with where it is, instead of reaching
+// index_select. A plain loop rather than ATen reductions and item() calls, whose dispatch would add
+// host time to every call (DESIGN.md §4 L1).
 void check_task_range(const at::Tensor& task, int64_t num_tasks) {
-  if (task.numel() == 0) {
-    return;
+  const at::Tensor ids = task.contiguous();
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    if (id[i] < 0 || id[i] >= num_tasks) {
+      std::vector<int64_t> where(task.dim());
+      for (int64_t d = task.dim() - 1, rest = i; d >= 0; --d) {
+        where[d] = rest % task.size(d);
+        rest /= task.size(d);
+      }
+      TORCH_CHECK_VALUE(false, "lowrank_matmul: task ids must be in [0, num_tasks) = [0, ", num_tasks,
+                        ") (the rows of S), found ", id[i], " at ", at::IntArrayRef(where));
+    }
   }
-  const auto [lo, hi] = at::aminmax(task);
-  const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
-  TORCH_CHECK(low >= 0 && high < num_tasks, "lowrank_matmul: task ids must be in [0, num_tasks) = [0, ", num_tasks,
-              "), found ", low < 0 ? low : high);
 }
 
 // The GEMM sequence of reference.lowrank_matmul: upcast to the accumulation dtype (fp32, fp64 for

@@ -4,6 +4,10 @@
 // each row's σ (serving many target tasks that share U and V in one batch). Task ids are range
 // checked only where reading them is free: the CPU kernel raises; the CUDA kernels never index S
 // with a bad id and give its output row NaN instead, since a check would cost a device-to-host sync.
+//
+// These checks are the op's validation for svdfuse.ops.lowrank_matmul too (it does not repeat them),
+// so they raise the Python exceptions its docstring promises: ValueError for shapes, devices and task
+// ids (TORCH_CHECK_VALUE), TypeError for dtypes (TORCH_CHECK_TYPE).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,16 +18,16 @@ namespace svdfuse {
 
 // Flash-attention's CHECK_SHAPE, with values: "base must have shape (m, n) = [33, 17], found [17, 33]".
 inline void check_shape(const at::Tensor& t, const char* name, const char* dims, at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, "lowrank_matmul: ", name, " must have shape ", dims, " = ", expected,
-              ", found ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == expected, "lowrank_matmul: ", name, " must have shape ", dims, " = ", expected,
+                    ", found ", t.sizes());
 }
 
 // One dtype and one device for all tensors: a mixed call fails here instead of being promoted or copied.
 inline void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lowrank_matmul: ", name, " must have x's dtype ",
-              x.scalar_type(), ", found ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "lowrank_matmul: ", name, " must be on x's device ", x.device(),
-              ", found ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "lowrank_matmul: ", name, " must have x's dtype ",
+                   x.scalar_type(), ", found ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "lowrank_matmul: ", name, " must be on x's device ", x.device(),
+                    ", found ", t.device());
 }
 
 // Rows of x, counted explicitly rather than reshape(-1, n), which is ambiguous for empty tensors.
@@ -34,18 +38,18 @@ inline int64_t rows_of(const at::Tensor& x) {
 // S (K,) takes no task; S (num_tasks, K) needs task: int64, shape x.shape[:-1], on x's device.
 inline void check_task(const at::Tensor& S, const std::optional<at::Tensor>& task, const at::Tensor& x) {
   if (S.dim() == 1) {
-    TORCH_CHECK(!task, "lowrank_matmul: task must be None when S has shape (K,) (one S for every row), found a task ",
-                "of shape ", task->sizes());
+    TORCH_CHECK_VALUE(!task, "lowrank_matmul: task must be None when S has shape (K,) (one S for every row), found ",
+                      "a task of shape ", task->sizes());
     return;
   }
-  TORCH_CHECK(S.size(0) >= 1, "lowrank_matmul: S must have at least one task row, found shape ", S.sizes());
-  TORCH_CHECK(task, "lowrank_matmul: task is required when S has shape (num_tasks, K) = ", S.sizes(),
-              ": an int64 tensor of shape x.shape[:-1] = ", x.sizes().slice(0, x.dim() - 1));
-  TORCH_CHECK(task->scalar_type() == at::kLong, "lowrank_matmul: task must have dtype Long (int64), found ",
-              task->scalar_type());
+  TORCH_CHECK_VALUE(S.size(0) >= 1, "lowrank_matmul: S must have at least one task row, found shape ", S.sizes());
+  TORCH_CHECK_VALUE(task, "lowrank_matmul: task is required when S has shape (num_tasks, K) = ", S.sizes(),
+                    ": an int64 tensor of shape x.shape[:-1] = ", x.sizes().slice(0, x.dim() - 1));
+  TORCH_CHECK_TYPE(task->scalar_type() == at::kLong, "lowrank_matmul: task must have dtype Long (int64), found ",
+                   task->scalar_type());
   check_shape(*task, "task", "x.shape[:-1]", x.sizes().slice(0, x.dim() - 1));
-  TORCH_CHECK(task->device() == x.device(), "lowrank_matmul: task must be on x's device ", x.device(), ", found ",
-              task->device());
+  TORCH_CHECK_VALUE(task->device() == x.device(), "lowrank_matmul: task must be on x's device ", x.device(),
+                    ", found ", task->device());
 }
 
 // x: (..., n), U: (m, K), S: (K,) or (num_tasks, K), V: (n, K), base: (m, n), bias: (m,), task: x.shape[:-1];
@@ -53,24 +57,24 @@ inline void check_task(const at::Tensor& S, const std::optional<at::Tensor>& tas
 inline void check_lowrank_matmul(const at::Tensor& x, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
                                  const std::optional<at::Tensor>& base, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& task) {
-  TORCH_CHECK(U.dim() == 2, "lowrank_matmul: U must have shape (m, K), found ", U.sizes());
-  TORCH_CHECK(V.dim() == 2, "lowrank_matmul: V must have shape (n, K), found ", V.sizes());
+  TORCH_CHECK_VALUE(U.dim() == 2, "lowrank_matmul: U must have shape (m, K), found ", U.sizes());
+  TORCH_CHECK_VALUE(V.dim() == 2, "lowrank_matmul: V must have shape (n, K), found ", V.sizes());
   const int64_t m = U.size(0), K = U.size(1), n = V.size(0);
-  TORCH_CHECK(S.dim() == 1 || S.dim() == 2, "lowrank_matmul: S must have shape (K,) or (num_tasks, K), found ",
-              S.sizes());
+  TORCH_CHECK_VALUE(S.dim() == 1 || S.dim() == 2, "lowrank_matmul: S must have shape (K,) or (num_tasks, K), found ",
+                    S.sizes());
   if (S.dim() == 2) {
     check_shape(S, "S", "(num_tasks, K)", {S.size(0), K});
   } else {
     check_shape(S, "S", "(K,)", {K});
   }
   check_shape(V, "V", "(n, K)", {n, K});
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == n, "lowrank_matmul: x must have shape (..., n) with n = V.size(0) = ",
-              n, ", found ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == n,
+                    "lowrank_matmul: x must have shape (..., n) with n = V.size(0) = ", n, ", found ", x.sizes());
   // The four dtypes the kernels are written for; isFloatingType would also admit the fp8 types, which
   // the CPU kernel would silently upcast and the CUDA one reject deep inside cuBLAS.
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "lowrank_matmul: x must be floating point (Float, Double, Half or BFloat16), found ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "lowrank_matmul: x must be floating point (Float, Double, Half or BFloat16), found ", dtype);
   check_like_x(U, "U", x);
   check_like_x(S, "S", x);
   check_like_x(V, "V", x);

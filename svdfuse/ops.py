@@ -3,6 +3,7 @@
 Users and the merge pipeline call these functions; each checks its inputs, then runs the fastest
 backend available for the tensors' device: the compiled extension (`svdfuse._C`) where it is
 built, otherwise the pure-torch reference in `svdfuse.reference` (which is also the test oracle).
+A compiled op checks its inputs itself, raising the exceptions documented here.
 """
 
 from __future__ import annotations
@@ -227,8 +228,8 @@ def _check_task(x: Tensor, S: Tensor, task: Tensor | None) -> None:
     if task.device != x.device:
         raise ValueError(f"lowrank_matmul: task is on {task.device}, x on {x.device}")
     # Range: checked here only where reading the ids is free. On CUDA it would cost a device-to-host
-    # sync per call (more than the decode kernel itself); the kernels there give a bad id's row NaN.
-    # Under torch.compile the native CPU kernel raises instead, with no graph break here.
+    # sync per call (more than the decode kernel itself); the reference there gives a bad id's row
+    # NaN. Not while compiling either: reading the ids would break the graph.
     if task.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = ((task < 0) | (task >= num_tasks)).nonzero()
         if len(bad):
@@ -297,13 +298,18 @@ def lowrank_matmul(
         (..., m) in x's dtype; accumulation is fp32 (fp64 for fp64). Differentiable in every float
         input (x, U, S, V, base, bias); with `task`, S's gradient sums into the rows the ids pick.
 
+    Raises:
+        ValueError: a shape, a device or (on the CPU) a task id does not fit; the message says which
+            tensor, what was expected and what was found.
+        TypeError: a tensor's dtype differs from x's, x is not fp32/bf16/fp16/fp64, or task is not int64.
+
     Example::
 
         sigma = torch.stack([S_cars, S_dtd, S_eurosat])           # (3, K): one σ per target task
         y = svdfuse.ops.lowrank_matmul(x, U_t, sigma, V_t, base=W0, bias=b, task=request_task)
     """
-    _check_lowrank(x, U, S, V, base, bias, task)
     op = _native.lowrank_matmul_op(x.device)
     if op is not None:
-        return op(x, U, S, V, base, bias, task)
+        return op(x, U, S, V, base, bias, task)  # checked in C++ (csrc/lowrank_matmul.h): once per call
+    _check_lowrank(x, U, S, V, base, bias, task)
     return reference.lowrank_matmul(x, U, S, V, base, bias, task)

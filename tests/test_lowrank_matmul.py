@@ -99,12 +99,13 @@ def test_opcheck_with_task(native_op, device, lead, dtype, base, bias, num_tasks
 
 
 @pytest.mark.parametrize(
-    "trainable,with_base_bias",
-    [("x,U,S,V,base,bias", True), ("x,U,S,V", False), ("S", True)],  # the last is Stage 2
+    "trainable,terms",
+    # "S" is Stage 2; a bias without a base moves bias to the autograd node's input 4.
+    [("x,U,S,V,base,bias", "base+bias"), ("x,U,S,V", ""), ("S", "base+bias"), ("x,S,bias", "bias")],
 )
-def test_gradcheck(device, trainable, with_base_bias):
+def test_gradcheck(device, trainable, terms):
     names = ["x", "U", "S", "V", "base", "bias"]
-    inputs = _inputs(5, 4, 3, lead=(2, 3), dtype=torch.float64, device=device, base=with_base_bias, bias=with_base_bias)
+    inputs = _inputs(5, 4, 3, lead=(2, 3), dtype=torch.float64, device=device, base="base" in terms, bias="bias" in terms)
     args, train = dict(zip(names, inputs)), trainable.split(",")
 
     def f(*trained):
@@ -123,6 +124,16 @@ def test_gradcheck_per_task_sigma(device, trainable):
         return ops.lowrank_matmul(**{**args, **dict(zip(train, trained))})
 
     assert torch.autograd.gradcheck(f, [args[name].requires_grad_() for name in train])
+
+
+def test_no_graph_without_a_gradient(native_op):
+    # The autograd kernel hands such calls straight to the kernel: no node, an output without grad.
+    x, U, S, V, base, bias = _inputs(5, 4, 3)
+    assert native_op(x, U, S, V, base, bias).grad_fn is None
+    S.requires_grad_()
+    with torch.no_grad():
+        assert not native_op(x, U, S, V, base, bias).requires_grad
+    assert native_op(x, U, S, V, base, bias).grad_fn is not None
 
 
 def test_per_task_sigma_gradient_goes_to_the_picked_rows():
@@ -223,56 +234,132 @@ def test_nan_in_x_poisons_its_output_row(device):
     assert out.isfinite().all()
 
 
-def test_front_door_errors_say_expected_and_found():
+@pytest.fixture(params=["native", "reference"])
+def backend(request, monkeypatch):
+    """Which backend serves `ops.lowrank_matmul` on the CPU: the C++ op, whose own checks are the
+    validation, or the reference behind the front door's Python checks. Both raise the exceptions
+    the docstring documents, each with its own wording."""
+    if request.param == "native":
+        request.getfixturevalue("native_op")
+    else:
+        monkeypatch.setattr(_native, "lowrank_matmul_op", lambda device: None)
+    return request.param
+
+
+def test_front_door_errors_say_expected_and_found(backend):
     x, U, S, V, base, bias = _inputs(33, 17, 5)
-    with pytest.raises(ValueError, match=r"x must be \(\.\.\., 17\).*found \(3, 7, 16\)"):
-        ops.lowrank_matmul(x[..., :16], U, S, V)
-    with pytest.raises(ValueError, match=r"base must be \(33, 17\), found \(17, 33\)"):
-        ops.lowrank_matmul(x, U, S, V, base.T)
-    with pytest.raises(TypeError, match=r"U is torch.float64, x is torch.float32"):
-        ops.lowrank_matmul(x, U.double(), S, V)
+    cases = [  # (arguments, exception, message of the C++ op, message of the Python checks)
+        (
+            (x[..., :16], U, S, V),
+            ValueError,
+            r"x must have shape \(\.\.\., n\) with n = V.size\(0\) = 17, found \[3, 7, 16\]",
+            r"x must be \(\.\.\., 17\).*found \(3, 7, 16\)",
+        ),
+        (
+            (x, U, S, V, base.T),
+            ValueError,
+            r"base must have shape \(m, n\) = \[33, 17\], found \[17, 33\]",
+            r"base must be \(33, 17\), found \(17, 33\)",
+        ),
+        (
+            (x, U.double(), S, V),
+            TypeError,
+            r"U must have x's dtype Float, found Double",
+            r"U is torch.float64, x is torch.float32",
+        ),
+    ]
+    for args, error, native, python in cases:
+        with pytest.raises(error, match=native if backend == "native" else python):
+            ops.lowrank_matmul(*args)
 
 
-def test_front_door_task_errors_say_expected_and_found():
+def test_front_door_task_errors_say_expected_and_found(backend):
     x, U, S, V, base, bias, task = _with_tasks(_inputs(33, 17, 5), num_tasks=3)
-    required = r"task is required when S is \(num_tasks, K\) = \(3, 5\).*x.shape\[:-1\] = \(3, 7\)"
-    with pytest.raises(ValueError, match=required):
-        ops.lowrank_matmul(x, U, S, V)
-    with pytest.raises(ValueError, match=r"task must be None when S is \(K,\).*found a task of shape \(3, 7\)"):
-        ops.lowrank_matmul(x, U, S[0], V, task=task)
-    with pytest.raises(ValueError, match=r"task must have shape x.shape\[:-1\] = \(3, 7\), found \(21,\)"):
-        ops.lowrank_matmul(x, U, S, V, task=task.reshape(-1))
-    with pytest.raises(TypeError, match=r"task must be torch.int64, found torch.int32"):
-        ops.lowrank_matmul(x, U, S, V, task=task.int())
-    with pytest.raises(ValueError, match=r"rank mismatch: U \(33, 5\), S \(3, 4\)"):
-        ops.lowrank_matmul(x, U, S[:, :4], V, task=task)
-    with pytest.raises(ValueError, match=r"S must have at least one task row, found \(0, 5\)"):
-        ops.lowrank_matmul(x, U, S[:0], V, task=task)
+    cases = [  # (S, task, exception, message of the C++ op, message of the Python checks)
+        (
+            S,
+            None,
+            ValueError,
+            r"task is required when S has shape \(num_tasks, K\) = \[3, 5\].*x.shape\[:-1\] = \[3, 7\]",
+            r"task is required when S is \(num_tasks, K\) = \(3, 5\).*x.shape\[:-1\] = \(3, 7\)",
+        ),
+        (
+            S[0],
+            task,
+            ValueError,
+            r"task must be None when S has shape \(K,\).*found a task of shape \[3, 7\]",
+            r"task must be None when S is \(K,\).*found a task of shape \(3, 7\)",
+        ),
+        (
+            S,
+            task.reshape(-1),
+            ValueError,
+            r"task must have shape x.shape\[:-1\] = \[3, 7\], found \[21\]",
+            r"task must have shape x.shape\[:-1\] = \(3, 7\), found \(21,\)",
+        ),
+        (
+            S,
+            task.int(),
+            TypeError,
+            r"task must have dtype Long \(int64\), found Int",
+            r"task must be torch.int64, found torch.int32",
+        ),
+        (
+            S[:, :4],
+            task,
+            ValueError,
+            r"S must have shape \(num_tasks, K\) = \[3, 5\], found \[3, 4\]",
+            r"rank mismatch: U \(33, 5\), S \(3, 4\)",
+        ),
+        (
+            S[:0],
+            task,
+            ValueError,
+            r"S must have at least one task row, found shape \[0, 5\]",
+            r"S must have at least one task row, found \(0, 5\)",
+        ),
+    ]
     for bad in (3, -1):
+        task = task.clone()
         task[2, 5] = bad
-        range_error = rf"task ids must be in \[0, 3\) \(the rows of S\), found {bad} at \(2, 5\)"
-        with pytest.raises(ValueError, match=range_error):
-            ops.lowrank_matmul(x, U, S, V, task=task)
+        cases.append(
+            (
+                S,
+                task,
+                ValueError,
+                rf"task ids must be in \[0, num_tasks\) = \[0, 3\) \(the rows of S\), found {bad} at \[2, 5\]",
+                rf"task ids must be in \[0, 3\) \(the rows of S\), found {bad} at \(2, 5\)",
+            )
+        )
+    for S_, task_, error, native, python in cases:
+        with pytest.raises(error, match=native if backend == "native" else python):
+            ops.lowrank_matmul(x, U, S_, V, task=task_)
 
 
-NATIVE_ERRORS = [  # (argument, how to break it, the message expected)
-    ("x", lambda t: t[..., :16], r"x must have shape \(\.\.\., n\) with n = V.size\(0\) = 17, found \[3, 7, 16\]"),
-    ("U", lambda t: t[0], r"U must have shape \(m, K\), found \[5\]"),
-    ("S", lambda t: t[:4], r"S must have shape \(K,\) = \[5\], found \[4\]"),
-    ("V", lambda t: t[:, :4], r"V must have shape \(n, K\) = \[17, 5\], found \[17, 4\]"),
-    ("base", lambda t: t.T, r"base must have shape \(m, n\) = \[33, 17\], found \[17, 33\]"),
-    ("bias", lambda t: t[:32], r"bias must have shape \(m,\) = \[33\], found \[32\]"),
-    ("bias", lambda t: t.double(), r"bias must have x's dtype Float, found Double"),
-    ("x", lambda t: t.long(), r"x must be floating point \(Float, Double, Half or BFloat16\), found Long"),
-    ("x", lambda t: t.to(torch.float8_e4m3fn), r"x must be floating point .*, found Float8_e4m3fn"),
+def test_native_op_is_the_only_check(native_op, monkeypatch):
+    # The C++ checks validate a call the op serves; the Python ones would cost host time on every call.
+    monkeypatch.setattr(ops, "_check_lowrank", lambda *args: pytest.fail("the Python checks ran"))
+    ops.lowrank_matmul(*_with_tasks(_inputs(33, 17, 5), num_tasks=3))
+
+
+NATIVE_ERRORS = [  # (argument, how to break it, the exception and message expected)
+    ("x", lambda t: t[..., :16], ValueError, r"x must have shape \(\.\.\., n\) with n = V.size\(0\) = 17, found \[3, 7, 16\]"),
+    ("U", lambda t: t[0], ValueError, r"U must have shape \(m, K\), found \[5\]"),
+    ("S", lambda t: t[:4], ValueError, r"S must have shape \(K,\) = \[5\], found \[4\]"),
+    ("V", lambda t: t[:, :4], ValueError, r"V must have shape \(n, K\) = \[17, 5\], found \[17, 4\]"),
+    ("base", lambda t: t.T, ValueError, r"base must have shape \(m, n\) = \[33, 17\], found \[17, 33\]"),
+    ("bias", lambda t: t[:32], ValueError, r"bias must have shape \(m,\) = \[33\], found \[32\]"),
+    ("bias", lambda t: t.double(), TypeError, r"bias must have x's dtype Float, found Double"),
+    ("x", lambda t: t.long(), TypeError, r"x must be floating point \(Float, Double, Half or BFloat16\), found Long"),
+    ("x", lambda t: t.to(torch.float8_e4m3fn), TypeError, r"x must be floating point .*, found Float8_e4m3fn"),
 ]
 
 
-@pytest.mark.parametrize("name,break_it,match", NATIVE_ERRORS)
-def test_native_op_errors_name_the_tensor(native_op, name, break_it, match):
+@pytest.mark.parametrize("name,break_it,error,match", NATIVE_ERRORS)
+def test_native_op_errors_name_the_tensor(native_op, name, break_it, error, match):
     args = dict(zip(["x", "U", "S", "V", "base", "bias"], _inputs(33, 17, 5)))
     args[name] = break_it(args[name])
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(error, match=match):
         native_op(*args.values())
 
 
@@ -285,27 +372,33 @@ def _set(index, value):
     return set_it
 
 
-NATIVE_TASK_ERRORS = [  # (argument, how to break it, the message expected)
+NATIVE_TASK_ERRORS = [  # (argument, how to break it, the exception and message expected)
     (
         "task",
         lambda t: None,
+        ValueError,
         r"task is required when S has shape \(num_tasks, K\) = \[3, 5\]: an int64 tensor of shape x.shape\[:-1\] = \[3, 7\]",
     ),
-    ("S", lambda t: t[0], r"task must be None when S has shape \(K,\) .*, found a task of shape \[3, 7\]"),
-    ("task", lambda t: t[0], r"task must have shape x.shape\[:-1\] = \[3, 7\], found \[7\]"),
-    ("task", lambda t: t.int(), r"task must have dtype Long \(int64\), found Int"),
-    ("task", _set((1, 1), 3), r"task ids must be in \[0, num_tasks\) = \[0, 3\), found 3"),
-    ("task", _set((0, 4), -2), r"task ids must be in \[0, num_tasks\) = \[0, 3\), found -2"),
-    ("S", lambda t: t[:0], r"S must have at least one task row, found shape \[0, 5\]"),
-    ("S", lambda t: t[None], r"S must have shape \(K,\) or \(num_tasks, K\), found \[1, 3, 5\]"),
+    ("S", lambda t: t[0], ValueError, r"task must be None when S has shape \(K,\) .*, found a task of shape \[3, 7\]"),
+    ("task", lambda t: t[0], ValueError, r"task must have shape x.shape\[:-1\] = \[3, 7\], found \[7\]"),
+    ("task", lambda t: t.int(), TypeError, r"task must have dtype Long \(int64\), found Int"),
+    (
+        "task",
+        _set((1, 1), 3),
+        ValueError,
+        r"task ids must be in \[0, num_tasks\) = \[0, 3\) \(the rows of S\), found 3 at \[1, 1\]",
+    ),
+    ("task", _set((0, 4), -2), ValueError, r"task ids must be in \[0, num_tasks\) = \[0, 3\) .*, found -2 at \[0, 4\]"),
+    ("S", lambda t: t[:0], ValueError, r"S must have at least one task row, found shape \[0, 5\]"),
+    ("S", lambda t: t[None], ValueError, r"S must have shape \(K,\) or \(num_tasks, K\), found \[1, 3, 5\]"),
 ]
 
 
-@pytest.mark.parametrize("name,break_it,match", NATIVE_TASK_ERRORS)
-def test_native_op_task_errors(native_op, name, break_it, match):
+@pytest.mark.parametrize("name,break_it,error,match", NATIVE_TASK_ERRORS)
+def test_native_op_task_errors(native_op, name, break_it, error, match):
     args = dict(zip(["x", "U", "S", "V", "base", "bias", "task"], _with_tasks(_inputs(33, 17, 5), num_tasks=3)))
     args[name] = break_it(args[name])
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(error, match=match):
         native_op(*args.values())
 
 
