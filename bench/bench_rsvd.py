@@ -51,14 +51,18 @@ def methods(A: torch.Tensor, W0: torch.Tensor, r: int) -> dict:
     }
 
 
-def accuracy(delta: torch.Tensor, exact: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> dict:
-    """delta (b, m, n) and exact σ (b, min(m, n)) in float64; worst over the batch."""
+def accuracy(delta: torch.Tensor, exact: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, leading: int = 0) -> dict:
+    """delta (b, m, n) and exact σ (b, min(m, n)) in float64; worst over the batch. With `leading`,
+    also the worst relative error of the first `leading` σ (`sigma_rel_leading`)."""
     r = S.shape[-1]
-    U, S, V = U.double(), S.double(), V.double()
+    U, S, V = (t.to(delta.device, torch.float64) for t in (U, S, V))
     optimum = exact[:, r:].square().sum(-1).sqrt()
     rec = (delta - (U * S.unsqueeze(-2)) @ V.mT).flatten(1).norm(dim=1) / optimum
     rel = (S - exact[:, :r]).abs() / exact[:, :r]
-    return {"rec_over_optimum": rec.max().item(), "sigma_rel": rel.max().item()}
+    out = {"rec_over_optimum": rec.max().item(), "sigma_rel": rel.max().item()}
+    if leading:
+        out["sigma_rel_leading"] = rel[:, :leading].max().item()
+    return out
 
 
 def run(name: str, shape: tuple, device: torch.device) -> list[dict]:

@@ -16,6 +16,7 @@ import itertools
 
 import torch
 
+from bench_rsvd import accuracy
 from common import arg_parser, record
 from svdfuse import ops
 from svdfuse.reference import PRECISIONS
@@ -43,19 +44,13 @@ def main() -> None:
     for alpha, noise in SPECTRA:
         delta = task_like(args.batch, args.size, args.size, alpha, noise, gen)
         exact = torch.linalg.svdvals(delta)
-        optimum = exact[:, r:].square().sum(-1).sqrt()
         A = delta.float().to(device)
         for precision, p, q in itertools.product(args.precision, args.oversample, args.power_iters):
             U, S, V = ops.truncated_svd(A, r, method="randomized", oversample=p, power_iters=q, precision=precision)
-            U, S, V = U.double().cpu(), S.double().cpu(), V.double().cpu()
-            rec = ((delta - (U * S.unsqueeze(-2)) @ V.mT).flatten(1).norm(dim=1) / optimum).max().item()
-            rel = (S - exact[:, :r]).abs() / exact[:, :r]
-            worst, worst_lead = rel.max().item(), rel[:, :lead].max().item()
-            rows.append(
-                {"alpha": alpha, "noise": noise, "precision": precision, "oversample": p, "power_iters": q,
-                 "rec_over_optimum": rec, "sigma_rel": worst, "sigma_rel_leading": worst_lead, "leading": lead}
-            )  # fmt: skip
-            print(f"{alpha:5.1f} {noise:5.2f} {precision:>9} {p:3d} {q:2d} {rec:8.4f} {worst:8.1e} {worst_lead:9.1e}")
+            acc = accuracy(delta, exact, U, S, V, leading=lead)
+            rows.append({"alpha": alpha, "noise": noise, "precision": precision, "oversample": p, "power_iters": q, **acc, "leading": lead})
+            print(f"{alpha:5.1f} {noise:5.2f} {precision:>9} {p:3d} {q:2d} {acc['rec_over_optimum']:8.4f} "
+                  f"{acc['sigma_rel']:8.1e} {acc['sigma_rel_leading']:9.1e}")  # fmt: skip
     print(f"wrote {record('rsvd_accuracy', device, rows, small=args.small)}")
 
 

@@ -75,6 +75,8 @@ class _SingularValues(nn.Module):
     @property
     def S(self) -> Tensor:
         """All K singular values, (K,) or a bank (num_tasks, K), trainable head first."""
+        if self.sigma_frozen.shape[-1] == 0:  # every σ trainable, or a stacked bank: no copy per forward
+            return self.sigma
         return torch.cat([self.sigma, self.sigma_frozen], dim=-1)
 
     @property

@@ -53,6 +53,11 @@ def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))  # "(3, 7)", "(21,)", "()"
 
 
+def _triton_serves(t: Tensor) -> bool:
+    """Whether the Triton kernels take an op on `t`: CUDA, a dtype they read, Triton installed."""
+    return t.is_cuda and t.dtype in _TRITON_DTYPES and kernels.available()
+
+
 def _resolve_method(method: SVDMethod | str, rank: int, oversample: int, m: int, n: int) -> SVDMethod:
     method = SVDMethod(method)
     if method is SVDMethod.AUTO:
@@ -114,12 +119,14 @@ def truncated_svd(
         raise ValueError(f"truncated_svd: precision must be one of {reference.PRECISIONS}, found {precision!r}")
     if _resolve_method(method, rank, oversample, m, n) is SVDMethod.EXACT:
         return reference.exact_svd(A, rank, base)
-    randomized = reference.randomized_svd
-    if A.is_cuda and A.dtype in _TRITON_DTYPES and kernels.available():
+    options = dict(oversample=oversample, power_iters=power_iters, seed=seed, precision=precision)
+    if _triton_serves(A):
         from svdfuse.kernels import rsvd
 
-        randomized = rsvd.randomized_svd
-    return randomized(A, rank, base, oversample=oversample, power_iters=power_iters, seed=seed, precision=precision)
+        return rsvd.randomized_svd(A, rank, base, **options)
+    # The reference computes in the accumulation dtype: upcast once here, not at every projection.
+    acc = reference.compute_dtype(A.dtype)
+    return reference.randomized_svd(A.to(acc), rank, None if base is None else base.to(acc), **options)
 
 
 @dataclass(frozen=True)
@@ -171,7 +178,7 @@ def topk_components(S: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f"topk_components: k must be in [1, {total}] for S of shape {_shape(S)}, found {k}")
     if torch.isnan(S).any():
         raise ValueError("topk_components: S contains NaN")
-    if S.is_cuda and S.dtype in _TRITON_DTYPES and kernels.available():
+    if _triton_serves(S):
         from svdfuse.kernels import topk
 
         if k <= topk.MAX_K:
@@ -231,13 +238,19 @@ def _check_task(x: Tensor, S: Tensor, task: Tensor | None) -> None:
     # sync per call (more than the decode kernel itself); the reference there gives a bad id's row
     # NaN. Not while compiling either: reading the ids would break the graph.
     if task.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = ((task < 0) | (task >= num_tasks)).nonzero()
-        if len(bad):
-            where = tuple(bad[0].tolist())
-            raise ValueError(
-                f"lowrank_matmul: task ids must be in [0, {num_tasks}) (the rows of S), "
-                f"found {task[where].item()} at {where}"
-            )
+        bad = _first_bad_task(task, num_tasks)
+        if bad is not None:
+            raise ValueError(f"lowrank_matmul: task ids must be in [0, {num_tasks}) (the rows of S), found {bad[0]} at {bad[1]}")
+
+
+def _first_bad_task(task: Tensor, num_tasks: int) -> tuple[int, tuple[int, ...]] | None:
+    """The first id of `task` outside [0, num_tasks) and where it is, or None; reads the ids (a
+    device-to-host sync on a GPU)."""
+    bad = ((task < 0) | (task >= num_tasks)).nonzero()
+    if not len(bad):
+        return None
+    where = tuple(bad[0].tolist())
+    return int(task[where]), where
 
 
 def _check_lowrank(

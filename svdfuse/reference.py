@@ -17,12 +17,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def task_ids(task: Tensor, num_tasks: int) -> tuple[Tensor, Tensor]:
-    """`task` flattened to (rows,) and clamped into [0, num_tasks), safe to index with, and which ids were in range."""
-    ids = task.reshape(-1)
-    return ids.clamp(0, num_tasks - 1), (ids >= 0) & (ids < num_tasks)
-
-
 def task_sigma(S: Tensor, task: Tensor | None) -> Tensor:
     """σ of each row of x: S (K,) -> (1, K), one for all rows; S (num_tasks, K) and task -> (rows, K).
 
@@ -31,8 +25,9 @@ def task_sigma(S: Tensor, task: Tensor | None) -> Tensor:
     """
     if task is None:
         return S.reshape(1, -1)
-    ids, valid = task_ids(task, S.shape[0])
-    return S.index_select(0, ids).masked_fill(~valid[:, None], float("nan"))
+    ids = task.reshape(-1)
+    valid = (ids >= 0) & (ids < S.shape[0])
+    return S.index_select(0, ids.clamp(0, S.shape[0] - 1)).masked_fill(~valid[:, None], float("nan"))
 
 
 def lowrank_matmul(

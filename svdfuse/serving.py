@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from svdfuse.nn import SVDLinear, SVDWeight, _banks, _num_tasks, _set_sigma, svd_layers
+from svdfuse.ops import _first_bad_task
 
 __all__ = ["stack_tasks", "serve_tasks"]
 
@@ -149,10 +150,10 @@ def serve_tasks(model: nn.Module, task_ids: Tensor) -> Iterator[nn.Module]:
     if task_ids.dim() != 1:
         raise ValueError(f"serve_tasks: task_ids must be (batch,), one id per request, found {tuple(task_ids.shape)}")
     if task_ids.device.type == "cpu":
-        bad = ((task_ids < 0) | (task_ids >= num_tasks)).nonzero()
-        if len(bad):
-            where = bad[0, 0].item()
-            raise ValueError(f"serve_tasks: task ids must be in [0, {num_tasks}), found {task_ids[where].item()} at {where}")
+        bad = _first_bad_task(task_ids, num_tasks)
+        if bad is not None:
+            (value, (where,)) = bad
+            raise ValueError(f"serve_tasks: task ids must be in [0, {num_tasks}), found {value} at {where}")
     ids = task_ids.to(banks[0][1].U.device)
     previous = [layer._task_ids for _, layer in banks]
     for _, layer in banks:
