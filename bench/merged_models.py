@@ -2,7 +2,7 @@
 
 A base with random weights (nothing is downloaded), a few fine-tuned-like copies (a low-rank
 task matrix plus noise on every merged matrix, small shifts elsewhere), `svdfuse.merge`, then:
-`lowrank` = `result.to_module(base)` (SVDLinear / SVDWeight layers) and `dense` = the same model
+`lowrank` = `result.to_module(base)` (SVDLinear layers, attention as SVDMultiheadAttention) and `dense` = the same model
 folded back by `svdfuse.nn.materialize` (plain nn.Linear with W0 + U diag(σ) Vᵀ).
 
 - "minilm": a `transformers.BertModel` of all-MiniLM-L6-v2's config (6 layers × 384, 12 heads,
@@ -75,7 +75,7 @@ def build(name: str, device: torch.device, dtype: torch.dtype, *, small: bool = 
         import open_clip
 
         base = open_clip.create_model("ViT-B-32", pretrained=None).eval()
-        # Small: one block's 4 matrices, enough to exercise SVDLinear and SVDWeight.
+        # Small: one block's 4 matrices, enough to exercise SVDLinear and SVDMultiheadAttention.
         k, include = (8, ["visual.transformer.resblocks.0.*"]) if small else (76, ["visual.transformer.*"])
 
         def inputs(batch: int):

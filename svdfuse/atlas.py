@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from svdfuse.nn import TaskCoefficients, parametrize_tensor
+from svdfuse.nn.convert import parametrize_tensor
+from svdfuse.nn.layers import TaskCoefficients
 from svdfuse.plan import make_plan, matches_any
 from svdfuse.sources import ModelLike, Reader, open_source, open_sources
 

@@ -136,12 +136,12 @@ class MergeResult:
     def to_module(self, base: nn.Module, trainable: int | float | None = None) -> nn.Module:
         """A copy of `base` carrying the merge, ready for `svdfuse.adapt` and serving.
 
-        `nn.Linear` layers become `svdfuse.nn.SVDLinear` (low-rank forward); other merged weights
-        (`nn.MultiheadAttention.in_proj_weight`, its out_proj, conv kernels) get an
-        `svdfuse.nn.SVDWeight` parametrization. `trainable` is N, the number of top singular values
+        `nn.Linear` layers become `svdfuse.nn.SVDLinear` (low-rank forward), `nn.MultiheadAttention`
+        an `svdfuse.nn.SVDMultiheadAttention` with `SVDLinear` projections; other merged weights
+        (conv kernels) get an `svdfuse.nn.SVDWeight` parametrization. `trainable` is N, the number of top singular values
         each layer trains (int, or fraction of min(m, n)); None trains all k.
         """
-        from svdfuse.nn import attach
+        from svdfuse.nn.convert import attach
 
         return attach(base, self, trainable)
 

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from svdfuse.nn import SVDLinear, SVDWeight, _banks, _num_tasks, _set_sigma, svd_layers
+from svdfuse.nn.convert import _banks, _num_tasks, _set_sigma, svd_layers
+from svdfuse.nn.layers import SVDLinear, SVDWeight
 from svdfuse.ops import _first_bad_task
 
 __all__ = ["stack_tasks", "serve_tasks"]
@@ -61,8 +62,8 @@ def stack_tasks(models: Sequence[nn.Module]) -> nn.Module:
     frozen deep copy of `models[0]` whose `SVDLinear` layers hold a σ bank (num_tasks, K), row t
     from `models[t]`; run it inside `serve_tasks` to give each request of a batch its task.
 
-    `SVDWeight` layers (weights a module reads itself, e.g. `nn.MultiheadAttention.in_proj_weight`,
-    conv kernels) are dense for the whole batch and cannot take a σ per request: their σ must be
+    `SVDWeight` layers (weights a module reads itself: conv kernels, projections of attention
+    modules `SVDMultiheadAttention` cannot take) are dense for the whole batch and cannot take a σ per request: their σ must be
     equal in every model, or stacking fails.
 
     Args:

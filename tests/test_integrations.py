@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 import svdfuse
-from svdfuse.nn import SVDLinear, SVDWeight, materialize, svd_layers
+from svdfuse.nn import SVDLinear, materialize, svd_layers
 from svdfuse.serving import serve_tasks, stack_tasks
 
 pytestmark = pytest.mark.slow
@@ -483,14 +483,12 @@ def test_clip_safetensors_loads_with_open_clip_and_matches_the_svd_module(clip_m
 
     model = clip_merge.to_module(clip_base)
     layers = dict(svd_layers(model))
-    linear = sorted(name for name, layer in layers.items() if isinstance(layer, SVDLinear))
-    weight = sorted(name for name, layer in layers.items() if isinstance(layer, SVDWeight))
-    assert linear == sorted(f"visual.transformer.resblocks.{b}.mlp.{fc}" for b in range(12) for fc in ("c_fc", "c_proj"))
-    # nn.MultiheadAttention reads in_proj_weight and out_proj.weight itself: parametrized in place.
-    assert weight == sorted(
-        f"visual.transformer.resblocks.{b}.attn.{p}"
+    # All 48 low-rank, nothing dense rebuilt per forward: the attention modules became SVDMultiheadAttention.
+    assert all(isinstance(layer, SVDLinear) for layer in layers.values())
+    assert sorted(layers) == sorted(
+        f"visual.transformer.resblocks.{b}.{layer}"
         for b in range(12)
-        for p in ("parametrizations.in_proj_weight.0", "out_proj.parametrizations.weight.0")
+        for layer in ("mlp.c_fc", "mlp.c_proj", "attn.in_proj", "attn.out_proj")
     )
 
     images = _images(open_clip, loaded.visual.image_size)
@@ -500,3 +498,32 @@ def test_clip_safetensors_loads_with_open_clip_and_matches_the_svd_module(clip_m
         ref = loaded.double().encode_image(images.double())
     assert y.shape == (2, 512)
     _assert_within_dense_error("encode_image", y, y_dense, ref)
+
+
+def test_clip_adaptations_stack_and_serve_each_request_with_its_own_sigma(clip_merge, clip_base, open_clip):
+    """ViT-B/32 adapted to two tasks (every σ of the 48 matrices differs, attention included) served in
+    one batch: each image's embedding is its own task model's, and folding a task gives it back."""
+    merged = clip_merge.to_module(clip_base)
+    models = []
+    for t in range(2):
+        model = copy.deepcopy(merged)
+        gen = torch.Generator().manual_seed(300 + t)
+        with torch.no_grad():
+            for _, layer in svd_layers(model):
+                layer.sigma.mul_(1 + torch.rand(layer.sigma.shape, generator=gen))
+        models.append(model)
+    del merged
+    stacked = stack_tasks(models)
+    images = _images(open_clip, clip_base.visual.image_size)
+    images = torch.cat([images, images.flip(-1)])  # (4, 3, 224, 224)
+    ids = torch.tensor([1, 0, 0, 1])
+    with torch.no_grad():
+        with serve_tasks(stacked, ids):
+            y = stacked.encode_image(images)
+        outputs = [model.encode_image(images) for model in models]
+        assert not torch.allclose(outputs[0], outputs[1], atol=1e-3), "the adaptations did not differ"
+        for b, t in enumerate(ids.tolist()):
+            torch.testing.assert_close(y[b], outputs[t][b], msg=lambda m: f"image {b} (task {t}): {m}")
+        dense = materialize(stacked, task=1)
+        assert all(type(block.attn) is nn.MultiheadAttention for block in dense.visual.transformer.resblocks)
+        torch.testing.assert_close(dense.encode_image(images), outputs[1], atol=1e-4, rtol=1e-4)

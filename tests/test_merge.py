@@ -137,12 +137,36 @@ def test_conv_and_attention_weights_are_merged_and_to_module_matches_dense():
     dense.load_state_dict(result.state_dict())
     lowrank = result.to_module(base).eval()
     assert isinstance(lowrank.fc, svdfuse.nn.SVDLinear)
-    assert isinstance(lowrank.attn.out_proj, nn.Linear)  # MultiheadAttention reads its weight itself
+    assert isinstance(lowrank.attn, svdfuse.nn.SVDMultiheadAttention)
+    assert isinstance(lowrank.attn.in_proj, svdfuse.nn.SVDLinear) and isinstance(lowrank.attn.out_proj, svdfuse.nn.SVDLinear)
+    assert isinstance(lowrank.conv.parametrizations.weight[0], svdfuse.nn.SVDWeight)
     x = torch.randn(4, 3, 6, 6)
     torch.testing.assert_close(lowrank(x), dense(x), atol=1e-5, rtol=1e-5)
     # The base module itself is untouched.
     assert isinstance(base.fc, nn.Linear)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_attention_with_one_projection_merged_keeps_the_other_dense():
+    """in_proj_weight excluded from the merge (averaged instead): a frozen dense in-projection beside a
+    low-rank out-projection, and materialize gives back the plain nn.MultiheadAttention."""
+    torch.manual_seed(0)
+    base = _TinyNet().eval()
+    sources = [_perturbed(base, seed) for seed in range(3)]
+    result = svdfuse.merge(sources, k=4, base=base, device="cpu", exclude=["*in_proj_weight"])
+    assert "attn.in_proj_weight" in result.tensors and "attn.out_proj.weight" in result.components
+    dense = _TinyNet().eval()
+    dense.load_state_dict(result.state_dict())
+    lowrank = result.to_module(base).eval()
+    in_proj = lowrank.attn.in_proj
+    assert type(in_proj) is nn.Linear and not in_proj.weight.requires_grad
+    torch.testing.assert_close(in_proj.weight, result.state_dict()["attn.in_proj_weight"])
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(lowrank(x), dense(x), atol=1e-5, rtol=1e-5)
+    folded = svdfuse.nn.materialize(lowrank)
+    assert type(folded.attn) is nn.MultiheadAttention
+    assert folded.state_dict().keys() == dense.state_dict().keys()
+    torch.testing.assert_close(folded(x), dense(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["module", "state_dict", "safetensors", "hf_dir"])

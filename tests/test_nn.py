@@ -16,7 +16,7 @@ from _helpers import merge_perturbed
 
 
 class _Block(nn.Module):
-    """Batch-first attention and an MLP: merged into SVDWeight (attention) and SVDLinear (MLP) layers."""
+    """Batch-first attention and an MLP: merged into SVDMultiheadAttention and SVDLinear layers."""
 
     def __init__(self, d: int = 8) -> None:
         super().__init__()
@@ -29,21 +29,32 @@ class _Block(nn.Module):
         return x + self.proj(torch.relu(self.fc(x)))
 
 
-def _merged_block(k: int = 3):
+class _ConvBlock(nn.Module):
+    """A conv kernel and a linear head: merged into an SVDWeight parametrization and an SVDLinear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 6, 3)
+        self.fc = nn.Linear(6, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 4, length)
+        return self.fc(torch.relu(self.conv(x)).mean(-1))
+
+
+def _merged_block(k: int = 3, block: type[nn.Module] = _Block):
     torch.manual_seed(0)
-    base = _Block()
+    base = block()
     return base, merge_perturbed(base, sources=3, scale=0.05, seed=10, k=k)
 
 
 def test_materializing_a_deep_copy_leaves_the_original_parametrized():
-    base, result = _merged_block()
+    base, result = _merged_block(block=_ConvBlock)
     model = result.to_module(base)
-    x = torch.randn(2, 5, 8)
+    x = torch.randn(2, 4, 5)
     expected = model(x)
     dense = materialize(copy.deepcopy(model))
-    assert not parametrize.is_parametrized(dense.attn)
-    assert parametrize.is_parametrized(model.attn, "in_proj_weight")
-    assert parametrize.is_parametrized(model.attn.out_proj, "weight")
+    assert not parametrize.is_parametrized(dense.conv)
+    assert parametrize.is_parametrized(model.conv, "weight")
     torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
     torch.testing.assert_close(dense(x), expected, atol=1e-5, rtol=1e-5)
     # And the other way round: the copy survives the original's materialization.
@@ -54,13 +65,12 @@ def test_materializing_a_deep_copy_leaves_the_original_parametrized():
 
 def test_deep_copies_do_not_share_cached_parametrizations():
     """Under `parametrize.cached()` each copy computes its own weight: no copy reads another's σ."""
-    base, result = _merged_block()
+    base, result = _merged_block(block=_ConvBlock)
     model = result.to_module(base)
     twin = copy.deepcopy(model)
     with torch.no_grad():
-        for layer in (twin.attn.parametrizations.in_proj_weight[0], twin.attn.out_proj.parametrizations.weight[0]):
-            layer.sigma.mul_(2.0)
-    x = torch.randn(2, 5, 8)
+        twin.conv.parametrizations.weight[0].sigma.mul_(2.0)
+    x = torch.randn(2, 4, 5)
     expected, expected_twin = model(x), twin(x)
     assert not torch.allclose(expected, expected_twin)
     with parametrize.cached():
@@ -70,19 +80,19 @@ def test_deep_copies_do_not_share_cached_parametrizations():
 
 @pytest.mark.parametrize("build", ["to_module", "atlas"])
 def test_deep_copies_of_deep_copies_stay_independent(build):
-    base, result = _merged_block()
+    base, result = _merged_block(block=_ConvBlock)
     if build == "to_module":
         model = result.to_module(base)
     else:
         sources = [{k: v + 0.05 * torch.randn(v.shape) for k, v in base.state_dict().items()} for _ in range(2)]
         model = svdfuse.atlas(sources, base=base, module=base)
-    x = torch.randn(2, 5, 8)
+    x = torch.randn(2, 4, 5)
     expected = model(x)
     copies = [copy.deepcopy(model)]
     copies.append(copy.deepcopy(copies[0]))
     materialize(copies[0])
     for m in (model, copies[1]):
-        assert parametrize.is_parametrized(m.attn, "in_proj_weight")
+        assert parametrize.is_parametrized(m.conv, "weight")
         torch.testing.assert_close(m(x), expected, atol=0, rtol=0)
     torch.testing.assert_close(copies[0](x), expected, atol=1e-5, rtol=1e-5)
 
@@ -112,9 +122,9 @@ def _adapted_mlps(num_tasks: int = 3) -> list[nn.Module]:
     return models
 
 
-def _sigma_adapted_blocks(num_tasks: int = 3) -> list[nn.Module]:
-    """Copies of one merged `_Block` whose SVDLinear σ (not the attention's SVDWeight σ) differ."""
-    base, result = _merged_block()
+def _sigma_adapted_blocks(num_tasks: int = 3, block: type[nn.Module] = _Block) -> list[nn.Module]:
+    """Copies of one merged block whose SVDLinear σ differ (SVDWeight σ, which cannot, stay shared)."""
+    base, result = _merged_block(block=block)
     model = result.to_module(base)
     models = []
     for t in range(num_tasks):
@@ -148,13 +158,27 @@ def test_stacked_model_serves_each_request_with_its_tasks_sigma():
     _assert_rows_match(y, outputs, ids)
 
 
-def test_stacked_block_broadcasts_task_ids_over_the_sequence():
+def test_stacked_block_serves_attention_and_mlp_with_each_requests_sigma():
     models = _sigma_adapted_blocks()
     stacked = stack_tasks(models)
-    kinds = {type(layer) for _, layer in svdfuse.nn.svd_layers(stacked)}
-    assert kinds == {SVDLinear, SVDWeight}
+    layers = dict(svdfuse.nn.svd_layers(stacked))
+    assert set(layers) == {"attn.in_proj", "attn.out_proj", "fc", "proj"}
+    assert all(isinstance(layer, SVDLinear) and layer.S.shape == (3, 3) for layer in layers.values())
     x = torch.randn(4, 5, 8)  # (batch, seq, d): each SVDLinear sees (4, 5, n)
     ids = torch.tensor([1, 2, 0, 1])
+    with torch.no_grad(), serve_tasks(stacked, ids):
+        y = stacked(x)
+    _assert_rows_match(y, [model(x).detach() for model in models], ids)
+    for t, model in enumerate(models):  # the attention's own σ matter: folding one task gives its outputs
+        torch.testing.assert_close(materialize(copy.deepcopy(stacked), task=t)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_conv_block_serves_the_linear_head_per_request():
+    models = _sigma_adapted_blocks(block=_ConvBlock)
+    stacked = stack_tasks(models)
+    assert {type(layer) for _, layer in svdfuse.nn.svd_layers(stacked)} == {SVDLinear, SVDWeight}
+    x = torch.randn(3, 4, 5)
+    ids = torch.tensor([2, 0, 1])
     with torch.no_grad(), serve_tasks(stacked, ids):
         y = stacked(x)
     _assert_rows_match(y, [model(x).detach() for model in models], ids)
@@ -186,7 +210,7 @@ def test_serving_a_stack_needs_batch_first_task_ids():
             with serve_tasks(stacked, ids):
                 pass
     with serve_tasks(stacked, torch.tensor([0, 1, 2])):
-        layer = r"SVDLinear\(in_features=8, out_features=16\)"
+        layer = r"SVDLinear\(in_features=8, out_features=24\)"  # the attention's in-projection, the first layer
         message = rf"3 task ids \(one per request\) but {layer} got input of shape \(4, 5, 8\); .*batch-first"
         with pytest.raises(ValueError, match=message):
             stacked(x)
@@ -242,13 +266,12 @@ def test_stack_tasks_refuses_models_that_differ_beyond_sigma():
         stack_tasks([])
     with pytest.raises(ValueError, match="model 0 has no SVD layers"):
         stack_tasks([_Block(), _Block()])
-    W0 = "attn.parametrizations.in_proj_weight.original"
-    for key in ["fc.U", "proj.V", "fc.weight0", "proj.bias", W0, "attn.in_proj_bias"]:
+    for key in ["fc.U", "proj.V", "fc.weight0", "proj.bias", "attn.in_proj.weight0", "attn.out_proj.bias"]:
         message = rf"model 1: '{re.escape(key)}' differs from model 0's; stacked tasks share every tensor but the σ"
         with pytest.raises(ValueError, match=message):
             stack_tasks([models[0], _with_changed(models[1], key)])
     base, wider = _merged_block(k=4)  # the same sources merged at another rank
-    message = r"model 1: '.*\.U' is torch.float32 \(8, 4\), in model 0 it is torch.float32 \(8, 3\); .*one merge"
+    message = r"model 1: 'attn.in_proj.U' is torch.float32 \(24, 4\), in model 0 it is torch.float32 \(24, 3\); .*one merge"
     with pytest.raises(ValueError, match=message):
         stack_tasks([models[0], wider.to_module(base)])
     extra = copy.deepcopy(models[1])
@@ -263,13 +286,13 @@ def test_stack_tasks_refuses_models_that_differ_beyond_sigma():
     head.register_buffer("scale", torch.ones(1))
     with pytest.raises(ValueError, match="model 1: tensor 'scale' is only in model 1"):
         stack_tasks([models[0], head])
-    attention = copy.deepcopy(models[1])
+    convs = _sigma_adapted_blocks(2, block=_ConvBlock)
     with torch.no_grad():
-        attention.attn.parametrizations.in_proj_weight[0].sigma.mul_(2)
-    message = r"model 1: σ of 'attn.parametrizations.in_proj_weight.0' differs from model 0's, but it is an SVDWeight"
+        convs[1].conv.parametrizations.weight[0].sigma.mul_(2)
+    message = r"model 1: σ of 'conv.parametrizations.weight.0' differs from model 0's, but it is an SVDWeight"
     with pytest.raises(ValueError, match=message):
-        stack_tasks([models[0], attention])
-    with pytest.raises(ValueError, match=r"model 0: 'fc' already holds a σ bank \(2, 3\); stack single-task models"):
+        stack_tasks(convs)
+    with pytest.raises(ValueError, match=r"model 0: 'attn.in_proj' already holds a σ bank \(2, 3\); stack single-task models"):
         stack_tasks([stack_tasks(models)])
 
 

@@ -1,0 +1,236 @@
+"""Converting models to and from svdfuse layers, and choosing what Stage 2 trains."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from svdfuse.nn.attention import SVDMultiheadAttention, convertible
+from svdfuse.nn.layers import Excess, SVDLinear, SVDWeight, TaskCoefficients, _requested, _SingularValues
+
+if TYPE_CHECKING:
+    from svdfuse.result import MergeResult
+
+__all__ = ["svd_layers", "adaptable_layers", "set_trainable", "materialize", "attach", "parametrize_tensor"]
+
+
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An `nn.Linear` holding copies of `weight` (m, n) and `bias` (m,)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def adaptable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) of every svdfuse layer Stage 2 trains: SVD layers and aTLAS coefficients."""
+    for name, module in model.named_modules():
+        if isinstance(module, (_SingularValues, TaskCoefficients)):
+            yield name, module
+
+
+def svd_layers(model: nn.Module) -> Iterator[tuple[str, _SingularValues]]:
+    """(name, layer) of every `SVDLinear` and `SVDWeight` in `model`."""
+    return ((name, layer) for name, layer in adaptable_layers(model) if isinstance(layer, _SingularValues))
+
+
+def set_trainable(model: nn.Module, n: int | float, excess: Excess = "error") -> int:
+    """Freeze everything in `model` but the top-`n` singular values of each SVD layer and the
+    coefficients of each aTLAS layer (which ignore `n`).
+
+    Returns the number of trainable scalars. Raises if `model` has no svdfuse layers.
+    """
+    layers = list(svd_layers(model))
+    coefficients = [layer for _, layer in adaptable_layers(model) if isinstance(layer, TaskCoefficients)]
+    if not layers and not coefficients:
+        raise ValueError("model has no svdfuse layers; convert it with result.to_module(base) or svdfuse.atlas first")
+    model.requires_grad_(False)
+    for layer in coefficients:
+        layer.coefficients.requires_grad_(True)
+    clipped = []
+    for name, layer in layers:
+        rank = layer.rank
+        if layer.set_trainable(n, excess, name=name) < _requested(n, layer, name):
+            clipped.append(f"{name!r} ({rank})")
+    if clipped:
+        warnings.warn(
+            f"excess='clip': {len(clipped)} layers train all their merged singular values, fewer than the n={n} "
+            f"asked for: {', '.join(clipped[:3])}{' ...' if len(clipped) > 3 else ''}",
+            stacklevel=2,
+        )
+    return sum(layer.sigma.numel() for _, layer in layers) + sum(layer.coefficients.numel() for layer in coefficients)
+
+
+def _deepcopy_with_own_class(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    # torch's parametrize moves a module into its own subclass holding one property per
+    # parametrized tensor, but its deepcopy shares that class, and each property keys
+    # parametrize.cached() by the module it was made for. So removing a parametrization from a copy
+    # (materialize) deleted the original's property, and under cached() the copies read each
+    # other's weights. The replica gets its own class and properties instead; the private helpers
+    # are the ones register_parametrization itself uses.
+    replica = self.__new__(parametrize.type_before_parametrizations(self))
+    memo[id(self)] = replica
+    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    parametrize._inject_new_class(replica)
+    type(replica).__deepcopy__ = _deepcopy_with_own_class
+    for name in replica.parametrizations:
+        parametrize._inject_property(replica, name)
+    return replica
+
+
+def parametrize_tensor(module: nn.Module, name: str, parametrization: nn.Module) -> None:
+    """`parametrize.register_parametrization(module, name, parametrization, unsafe=True)`, with deep
+    copies of `module` that own their parametrized class (see `_deepcopy_with_own_class`)."""
+    parametrize.register_parametrization(module, name, parametrization, unsafe=True)
+    type(module).__deepcopy__ = _deepcopy_with_own_class
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _frozen_weight(result: "MergeResult", key: str, own: dict[str, Tensor]) -> Tensor:
+    """The frozen part of merged weight `key`: the base plus whatever of the merge is not in the components."""
+    weight0 = result.base_tensor(key).to(own[key])
+    if own[key].shape != weight0.shape:
+        raise ValueError(f"{key!r}: module has shape {tuple(own[key].shape)}, merge base has {tuple(weight0.shape)}")
+    rest = result.frozen_delta(key)
+    return weight0 if rest is None else weight0 + rest.to(weight0)
+
+
+def _merged_linear(
+    result: "MergeResult", key: str, own: dict[str, Tensor], bias: Tensor | None, trainable: int | float | None
+) -> nn.Module:
+    """The layer computing weight `key`: an `SVDLinear` over its merged components, else a frozen dense `nn.Linear`."""
+    if key in result.components:
+        return SVDLinear(_frozen_weight(result, key, own), *result.components[key], bias, trainable)
+    weight = _frozen_weight(result, key, own) if key in result.matrices else own[key]
+    return _linear(weight, bias).requires_grad_(False)
+
+
+def attach(base: nn.Module, result: "MergeResult", trainable: int | float | None = None) -> nn.Module:
+    """Implementation of `MergeResult.to_module`: a deep copy of `base` holding the merge."""
+    model = copy.deepcopy(base)
+    own = model.state_dict()
+    for key in result.matrices + list(result.tensors):
+        if key not in own:
+            raise ValueError(f"module {type(base).__name__} has no tensor {key!r} that the merge produced")
+    if result.matrices and not result.components:
+        raise ValueError(
+            f"this {result.report.method} merge has no components to adapt: pass k to svdfuse.merge to make the top-k "
+            "singular components of each merged matrix trainable"
+        )
+    with torch.no_grad():
+        for key, value in result.tensors.items():
+            own[key].copy_(value)
+    modules = dict(model.named_modules())
+    done: set[str] = set()
+    for name, attention in modules.items():
+        # nn.MultiheadAttention reads its projection weights itself: the whole module is replaced.
+        if not name or not isinstance(attention, nn.MultiheadAttention) or not convertible(attention):
+            continue
+        keys = (f"{name}.in_proj_weight", f"{name}.out_proj.weight")
+        if any(key in result.components for key in keys):
+            in_proj = _merged_linear(result, keys[0], own, attention.in_proj_bias, trainable)
+            out_proj = _merged_linear(result, keys[1], own, attention.out_proj.bias, trainable)
+            _replace(model, name, SVDMultiheadAttention(attention, in_proj, out_proj))
+            done.update(keys)
+    for key in result.matrices:
+        if key in done:
+            continue
+        owner_name, _, attr = key.rpartition(".")
+        owner = modules[owner_name]
+        weight0 = _frozen_weight(result, key, own)
+        if key not in result.components:
+            with torch.no_grad():
+                own[key].copy_(weight0)
+            continue
+        U, S, V = result.components[key]
+        parent = modules.get(owner_name.rpartition(".")[0]) if owner_name else None
+        if isinstance(owner, nn.Linear) and attr == "weight" and not isinstance(parent, nn.MultiheadAttention):
+            _replace(model, owner_name, SVDLinear(weight0, U, S, V, owner.bias, trainable))
+        else:  # conv kernels; projections of an attention module SVDMultiheadAttention cannot take
+            with torch.no_grad():
+                getattr(owner, attr).copy_(weight0)
+            getattr(owner, attr).requires_grad_(False)
+            layer = SVDWeight(U.to(weight0.dtype), S.to(weight0.dtype), V.to(weight0.dtype), trainable)
+            parametrize_tensor(owner, attr, layer)
+    return model
+
+
+def materialize(model: nn.Module, task: int | None = None) -> nn.Module:
+    """Fold every svdfuse layer of `model` back into dense weights, in place; returns `model`.
+
+    `SVDLinear` becomes `nn.Linear(W0 + U diag(σ) Vᵀ)`, `SVDMultiheadAttention` an
+    `nn.MultiheadAttention`, `SVDWeight` and `TaskCoefficients` are removed leaving the dense weight; the state dict then has the base architecture's names again.
+
+    Args:
+        model: a module with svdfuse layers.
+        task: for a model from `stack_tasks`, which task's σ to fold, in [0, num_tasks); required
+            when it serves more than one task. Must be None for other models.
+    """
+    banks = _banks(model)
+    if banks or task is not None:
+        _select_task(banks, task)
+    for name, layer in list(svd_layers(model)):
+        if isinstance(layer, SVDLinear):
+            _replace(model, name, _linear(layer.weight, layer.bias))
+    for name, attention in list(model.named_modules()):
+        if isinstance(attention, SVDMultiheadAttention):
+            _replace(model, name, attention.to_dense())
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for attr in list(module.parametrizations):
+                if isinstance(module.parametrizations[attr][0], (SVDWeight, TaskCoefficients)):
+                    parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+    return model
+
+
+def _banks(model: nn.Module) -> list[tuple[str, SVDLinear]]:
+    """(name, layer) of every `SVDLinear` of `model` holding a σ bank (num_tasks, K)."""
+    return [(name, layer) for name, layer in svd_layers(model) if isinstance(layer, SVDLinear) and layer.sigma.dim() == 2]
+
+
+def _num_tasks(banks: list[tuple[str, SVDLinear]]) -> int:
+    (first, layer), *rest = banks
+    for name, other in rest:
+        if other.sigma.shape[0] != layer.sigma.shape[0]:
+            raise ValueError(
+                f"the σ banks disagree on the number of tasks: {first!r} has {layer.sigma.shape[0]}, "
+                f"{name!r} has {other.sigma.shape[0]}"
+            )
+    return layer.sigma.shape[0]
+
+
+def _set_sigma(layer: _SingularValues, S: Tensor) -> None:
+    """Give `layer` the singular values S, (K,) or (num_tasks, K), all frozen."""
+    layer.sigma = nn.Parameter(S.detach().clone(), requires_grad=False)
+    layer.sigma_frozen = S.new_empty(*S.shape[:-1], 0)
+
+
+def _select_task(banks: list[tuple[str, SVDLinear]], task: int | None) -> None:
+    """Replace every σ bank by its row `task` (the only row when None)."""
+    if not banks:
+        raise ValueError(
+            f"materialize: task={task} picks one task of a model from svdfuse.serving.stack_tasks; this model has no σ bank"
+        )
+    num_tasks = _num_tasks(banks)
+    if task is None:
+        if num_tasks > 1:
+            raise ValueError(
+                f"materialize: the model serves {num_tasks} tasks (σ banks of {num_tasks} rows); pass task=i to fold task i"
+            )
+        task = 0
+    if not 0 <= task < num_tasks:
+        raise ValueError(f"materialize: task must be in [0, {num_tasks}), found {task}")
+    for _, layer in banks:
+        _set_sigma(layer, layer.S[task])
