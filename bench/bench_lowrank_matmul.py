@@ -11,7 +11,8 @@ and the dense `x @ W.T` with W = U diag(σ) Vᵀ materialized.
   all rows (target: ≤ 1.2×). Runs only where `ops.lowrank_matmul` has the `task` argument.
 - models: a MiniLM-config BertModel (sequence 128) and open_clip ViT-B-32's image encoder (if
   importable) merged by svdfuse, `result.to_module(base)` vs the same model materialized dense,
-  batch 1 and 64, bf16 on the GPU (fp32 on the CPU).
+  batch 1 and 64, bf16 on the GPU (fp32 on the CPU); at batch 64 also 8 adaptations stacked and
+  served in one batch, a σ per request (`served_ms`, `ratio_served` over the one-σ model).
 
 Timing: single ops run µs-scale, so each is timed two ways (common.fast_op_us): `graph` replays
 50 calls from one CUDA graph (the kernels' own time, the headline) and `loop` issues 50 eager
@@ -36,6 +37,7 @@ import torch
 import merged_models
 from common import BF16_GEMM_FLOPS, arg_parser, fast_op_us, floor_ms, median_ms, pct_of_floor, print_table, record
 from svdfuse import ops
+from svdfuse.serving import serve_tasks
 
 FULL = {
     "L1": {"d": (4096, 8192), "K": (64, 128, 256), "batch": (1, 4, 16)},
@@ -43,6 +45,7 @@ FULL = {
     "L3": {"d": (4096, 8192), "K": (64, 128, 256), "batch": (64,)},
     "models": {"batch": (1, 64)},
 }
+SERVED_TASKS = 8  # adaptations served in one batch by the model rows (request b runs task b mod 8)
 SMALL = {
     "L1": {"d": (256,), "K": (16,), "batch": (1, 4)},
     "L2": {"d": (256,), "K": (16,), "batch": (64,)},
@@ -139,9 +142,21 @@ def model_forwards(batches: tuple[int, ...], device: torch.device, small: bool) 
             reps = dict(warmup=1, repeats=2, inner=1) if small else dict(warmup=2, repeats=10, inner=5)
             ms = {kind: median_ms(fn, device, **reps) for kind, fn in run.items()}
             y, y_dense = run["lowrank"]().float(), run["dense"]().float()
-            rows.append({"workload": "model", "model": name, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
-                         "k": built["k"], "timing": "loop", "lowrank_ms": ms["lowrank"], "dense_ms": ms["dense"],
-                         "ratio_dense": ms["lowrank"] / ms["dense"], "rel_diff_vs_dense": _rel_err(y, y_dense)})
+            row = {"workload": "model", "model": name, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+                   "k": built["k"], "timing": "loop", "lowrank_ms": ms["lowrank"], "dense_ms": ms["dense"],
+                   "ratio_dense": ms["lowrank"] / ms["dense"], "rel_diff_vs_dense": _rel_err(y, y_dense)}
+            if batch > 1:  # the whole model serving a σ per request (the model-level L3)
+                stacked = built["stacked"](SERVED_TASKS)
+                ids = torch.arange(batch, device=device) % SERVED_TASKS
+
+                def served():
+                    with serve_tasks(stacked, ids):
+                        return built["forward"](stacked, x)
+
+                ms["served"] = median_ms(served, device, **reps)
+                row.update(tasks=SERVED_TASKS, served_ms=ms["served"], ratio_served=ms["served"] / ms["lowrank"])
+                del stacked
+            rows.append(row)
         del built
     return rows, notes
 
@@ -175,7 +190,8 @@ def main() -> None:
             print(notes[-1])
     if "models" in args.only:
         model_rows, model_notes = model_forwards(grid["models"]["batch"], device, args.small)
-        print_table(model_rows, ["model", "batch", "dtype", "k", "lowrank_ms", "dense_ms", "ratio_dense", "rel_diff_vs_dense"])
+        print_table(model_rows, ["model", "batch", "dtype", "k", "lowrank_ms", "dense_ms", "ratio_dense", "served_ms", "ratio_served",
+                                 "rel_diff_vs_dense"])
         rows, notes = rows + model_rows, notes + model_notes
     print(f"wrote {record('lowrank_matmul', device, rows, small=args.small, notes=notes)}")
 

@@ -2,8 +2,10 @@
 
 A base with random weights (nothing is downloaded), a few fine-tuned-like copies (a low-rank
 task matrix plus noise on every merged matrix, small shifts elsewhere), `svdfuse.merge`, then:
-`lowrank` = `result.to_module(base)` (SVDLinear layers, attention as SVDMultiheadAttention) and `dense` = the same model
-folded back by `svdfuse.nn.materialize` (plain nn.Linear with W0 + U diag(σ) Vᵀ).
+`lowrank` = `result.to_module(base)` (SVDLinear layers, attention as SVDMultiheadAttention),
+`dense` = the same model folded back by `svdfuse.nn.materialize` (plain nn.Linear with
+W0 + U diag(σ) Vᵀ), and `stacked(tasks)`: `tasks` σ-perturbed copies of `lowrank` (as Stage 2
+would leave them) stacked for serving a σ per request.
 
 - "minilm": a `transformers.BertModel` of all-MiniLM-L6-v2's config (6 layers × 384, 12 heads,
   MLP 1536): MiniLM's real architecture; the weights package is not on the GPU machine.
@@ -14,7 +16,7 @@ folded back by `svdfuse.nn.materialize` (plain nn.Linear with W0 + U diag(σ) V�
 from __future__ import annotations
 
 import copy
-
+import functools
 import importlib.util
 from collections.abc import Callable
 
@@ -22,7 +24,8 @@ import torch
 from torch import nn
 
 import svdfuse
-from svdfuse.nn import materialize
+from svdfuse.nn import materialize, svd_layers
+from svdfuse.serving import stack_tasks
 
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
               max_position_embeddings=512, type_vocab_size=2)
@@ -91,4 +94,18 @@ def build(name: str, device: torch.device, dtype: torch.dtype, *, small: bool = 
     result = svdfuse.merge(_sources(base, sources, merged, device), k=k, base=base, include=include, device=device)
     lowrank = result.to_module(base).to(device=device, dtype=dtype).eval()
     dense = materialize(copy.deepcopy(lowrank)).eval()
-    return {"lowrank": lowrank, "dense": dense, "inputs": inputs, "forward": forward, "k": k}
+    stacked = functools.partial(_stacked, lowrank)
+    return {"lowrank": lowrank, "dense": dense, "stacked": stacked, "inputs": inputs, "forward": forward, "k": k}
+
+
+def _stacked(model: nn.Module, tasks: int) -> nn.Module:
+    """`tasks` copies of `model`, each σ scaled by its own factors in [1, 2), stacked for serving."""
+    gen = torch.Generator().manual_seed(1)
+    copies = []
+    for _ in range(tasks):
+        adapted = copy.deepcopy(model)
+        with torch.no_grad():
+            for _, layer in svd_layers(adapted):
+                layer.sigma.mul_(1 + torch.rand(layer.sigma.shape, generator=gen).to(layer.sigma))
+        copies.append(adapted)
+    return stack_tasks(copies)
