@@ -22,6 +22,8 @@ _MIN_CHUNK = 1024  # small k still scans in chunks this wide: fewer, larger sort
 @triton.jit
 def _topk_components_kernel(S, values, indices, total, k, BUFFER: tl.constexpr):
     # One program per layer: S row (total,) fp32 -> its top k values and flat indices, descending.
+    # Offsets are int64 through `layer`; an index within a layer stays below total, which the key's
+    # 31-bit low word bounds by 2³¹ anyway (sources × r, never near it).
     layer = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BUFFER)
     best = tl.full((BUFFER,), -(2**63), tl.int64)  # below every real key; k <= total never picks it
