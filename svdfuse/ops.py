@@ -163,9 +163,15 @@ def topk_components(S: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
     Returns:
         values (..., k) descending, source index (..., k) and component index (..., k), int64.
-        Ties go to the lower source index, then the lower component index. On CUDA one Triton
-        launch (`svdfuse.kernels.topk`) serves every layer for k <= 2048; the selection is the
-        reference's, bit for bit.
+        Ties go to the lower source index, then the lower component index. The order is that of
+        `torch.sort` on the CPU, on every device: NaN, of either sign and any payload, ranks above
+        +inf and NaNs tie; -0.0 ties with +0.0. On CUDA one Triton launch (`svdfuse.kernels.topk`)
+        serves every layer for k <= 2048; the selection is the reference's, bit for bit.
+
+    Raises:
+        ValueError: S holds NaN (the message counts them and names the first). Not checked while
+            a CUDA graph is being captured, where reading S back is not allowed: there a NaN ranks
+            first and shows among the values.
 
     Example::
 
@@ -176,8 +182,16 @@ def topk_components(S: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     total = S.shape[-2] * S.shape[-1]
     if not 1 <= k <= total:
         raise ValueError(f"topk_components: k must be in [1, {total}] for S of shape {_shape(S)}, found {k}")
-    if torch.isnan(S).any():
-        raise ValueError("topk_components: S contains NaN")
+    # The check reads S back to the host, a sync that CUDA-graph capture forbids; a captured call
+    # relies on the NaN order instead (NaN first, so it reaches the values).
+    if not (S.is_cuda and torch.cuda.is_current_stream_capturing()):
+        nan = torch.isnan(S)
+        if nan.any():
+            first = tuple(nan.nonzero()[0].tolist())
+            raise ValueError(
+                f"topk_components: S must hold no NaN, found {int(nan.sum())} in S of shape {_shape(S)}, "
+                f"the first at index {first}"
+            )
     if _triton_serves(S):
         from svdfuse.kernels import topk
 

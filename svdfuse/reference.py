@@ -185,11 +185,15 @@ def topk_components(S: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Global top-k of `S: (..., sources, r)` over sources × components.
 
     Ties go to the lower source index, then the lower component index (a stable sort), so the
-    selection is deterministic on every device.
+    selection is deterministic on every device. NaN, of either sign and any payload, ranks above
+    +inf, and NaNs tie; -0.0 ties with +0.0.
     """
     sources, r = S.shape[-2:]
     flat = S.reshape(*S.shape[:-2], sources * r)
-    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices[..., :k]
+    # Every NaN sorts as the one canonical +NaN: the CPU sort ranks any NaN above +inf, but CUDA's
+    # radix sort orders NaNs by their bits, which puts a negative NaN below -inf, out of the top k.
+    key = torch.where(flat.isnan(), float("nan"), flat)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k]
     values = torch.gather(flat, -1, order)
     return values, torch.div(order, r, rounding_mode="floor"), order % r
 

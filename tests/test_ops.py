@@ -115,8 +115,10 @@ def test_topk_components_equals_torch_topk_and_breaks_ties_by_index():
 def test_topk_components_rejects_bad_input():
     with pytest.raises(ValueError, match=r"k must be in \[1, 6\]"):
         ops.topk_components(torch.rand(2, 3), 7)
-    with pytest.raises(ValueError, match="NaN"):
-        ops.topk_components(torch.tensor([[1.0, float("nan")]]), 1)
+    S = torch.rand(2, 2, 3)
+    S[0, 1, 2] = S[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"S must hold no NaN, found 2 in S of shape \(2, 2, 3\), the first at index \(0, 1, 2\)"):
+        ops.topk_components(S, 1)
 
 
 def test_reorthogonalize_reproduces_the_merged_matrix():

@@ -72,6 +72,28 @@ def test_rsvd_project_empty_batch_and_bad_shape(triton_device):
         rsvd.rsvd_project(_randn(2, 5, 4, device=triton_device), _randn(5, 3, device=triton_device))
 
 
+# A stride that fits int32 while twice it does not: index 2 along that dimension lies past 2³¹
+# elements. The storage, 2³² + 3 bf16 elements (8 GiB), stays virtual memory on the CPU: only the
+# nine viewed elements and the first three, where an int32-wrapped offset lands, are ever written.
+_HUGE_STRIDE = 2**31 - 2**20
+
+
+@pytest.mark.parametrize("operand", ["A", "base"])
+@pytest.mark.parametrize("layout", ["rows", "columns"])  # the large stride on m (output rows) or on n (reduction)
+def test_rsvd_project_offsets_past_2_31_elements(triton_device, operand, layout):
+    lead = 2 * (2**31 - _HUGE_STRIDE)  # where the view starts: a wrapped offset reads storage[:3]
+    storage = torch.empty(lead + 2 * _HUGE_STRIDE + 3, dtype=torch.bfloat16, device=triton_device)
+    storage[:3] = 1e4
+    huge = storage.as_strided((3, 3), (_HUGE_STRIDE, 1) if layout == "rows" else (1, _HUGE_STRIDE), lead)
+    huge.copy_(_randn(3, 3, seed=1))
+    small = _randn(3, 3, seed=2, dtype=torch.bfloat16, device=triton_device)
+    A, base = (huge, small) if operand == "A" else (small, huge)
+    X = _randn(3, 2, seed=3, device=triton_device)
+    out = rsvd.rsvd_project(A, X, base)
+    truth = reference.rsvd_project(A.double(), X.double(), base.double())
+    _assert_within_torch_error(out, truth, (A.float() - base.float()) @ X)
+
+
 def _hard_sketches(m=60, w=12):
     """(name, Y) pairs that break plain CholeskyQR: zero, rank-deficient, ill-conditioned, repeated."""
     gen = torch.Generator().manual_seed(4)

@@ -12,10 +12,19 @@ topk = pytest.importorskip("svdfuse.kernels.topk", reason="needs triton")
 def _assert_same_selection(got, want):
     for name, g, w in zip(("values", "source", "component"), got, want):
         assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape, g.dtype, w.dtype)
-        mismatch = (g != w).nonzero()
+        same = g == w
+        if name == "values":  # NaN matches any NaN (fp16/bf16 round trips canonicalize it); -0.0 only -0.0
+            same = (same & (torch.signbit(g) == torch.signbit(w))) | (g.isnan() & w.isnan())
+        mismatch = (~same).nonzero()
         assert mismatch.numel() == 0, f"{name} differs first at {mismatch[:3].tolist()}"
-        if name == "values":  # -0.0 stays -0.0
-            assert torch.equal(torch.signbit(g), torch.signbit(w))
+
+
+def _nan(dtype, negative=False, payload=0):
+    """A NaN of `dtype` with the sign bit and extra payload bits asked for, made through its bits:
+    a float conversion may canonicalize it."""
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    bits = torch.full((), float("nan"), dtype=dtype).view(as_int) | payload
+    return (bits | torch.iinfo(as_int).min if negative else bits).view(dtype)
 
 
 CASES = [  # (shape of S: (layers..., sources, r), k)
@@ -40,6 +49,21 @@ def test_topk_components_orders_infinities_and_signed_zeros(triton_device):
     S = torch.tensor([[[1.0, float("-inf"), -0.0, float("inf")], [0.0, -3.0, 1.0, float("inf")]]])
     got = topk.topk_components(S.to(triton_device), 8)
     _assert_same_selection([t.cpu() for t in got], reference.topk_components(S, 8))
+
+
+def test_topk_components_ranks_nan_above_inf_like_torch_sort(triton_device):
+    # torch.sort's order: every NaN, of either sign and any payload, above +inf, NaNs tied (lower
+    # index first). A NaN in S is thus selected, never dropped, by the kernel and the reference alike.
+    S = torch.tensor([[[1.0, float("inf"), 0.0, 2.0], [0.0, 3.0, float("-inf"), 0.0]], [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 0.0]]])
+    S[0, 0, 2] = _nan(torch.float32, negative=True)
+    S[0, 1, 0] = _nan(torch.float32, payload=1)
+    S[0, 1, 3] = _nan(torch.float32, negative=True, payload=0x3FFFFF)
+    S[1, 1, 3] = _nan(torch.float32, negative=True)  # the last of its layer
+    got = topk.topk_components(S.to(triton_device), 4)
+    want = reference.topk_components(S, 4)
+    _assert_same_selection([t.cpu() for t in got], want)
+    assert (want[1] * 4 + want[2]).tolist() == [[2, 4, 7, 1], [7, 6, 5, 4]]
+    torch.testing.assert_close(got[0].cpu(), torch.topk(S.flatten(-2), 4).values, rtol=0, atol=0, equal_nan=True)
 
 
 def test_topk_components_merges_chunks(triton_device, monkeypatch):
@@ -71,3 +95,32 @@ def test_topk_components_on_cuda_runs_the_kernel(cuda, monkeypatch, layers, sour
     got = ops.topk_components(S.to(cuda), k)
     _assert_same_selection([t.cpu() for t in got], reference.topk_components(S, k))
     assert len(launches) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,k", [(torch.float32, 76), (torch.bfloat16, 76), (torch.float32, topk.MAX_K + 1), (torch.float64, 76)])
+def test_topk_components_captured_in_a_cuda_graph(cuda, dtype, k):
+    # The kernel (fp32, bf16) and the reference (k > MAX_K, fp64). Rows of 6000 values: CUDA sorts
+    # rows that long by radix, on the bits, where a negative NaN alone would rank last.
+    gen = torch.Generator().manual_seed(3)
+    clean = torch.rand(4, 30, 200, generator=gen).to(dtype)
+    S = clean.to(cuda)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: Triton compiles, the allocator pools
+        eager = ops.topk_components(S, k)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.topk_components(S, k)
+    graph.replay()
+    _assert_same_selection([t.cpu() for t in captured], [t.cpu() for t in eager])
+    # Eager raises on NaN; the graph cannot look, so a NaN must rank first instead.
+    poisoned = clean.clone()
+    poisoned[1, 7, 3] = _nan(dtype, negative=True)
+    poisoned[2, 29, 199] = _nan(dtype)
+    S.copy_(poisoned)
+    graph.replay()
+    got = [t.cpu() for t in captured]
+    _assert_same_selection(got, reference.topk_components(poisoned, k))
+    assert got[0][1, 0].isnan() and got[0][2, 0].isnan() and not got[0][[0, 3]].isnan().any()

@@ -53,9 +53,11 @@ def _rsvd_project_kernel(
     batch = tl.program_id(0)
     tiles_w = tl.cdiv(W, BLOCK_W)
     tile_m, tile_w = tl.program_id(1) // tiles_w, tl.program_id(1) % tiles_w
-    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rw = tile_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    rk = tl.arange(0, BLOCK_K)
+    # Index vectors in int64: with int32 strides, `row * stride` wraps for a matrix (or a view with
+    # a large stride) that spans 2³¹ elements; every offset below inherits the width from them.
+    rm = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rw = tile_w.to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
     a_ptr = A + tl.load(a_offsets + batch)
     x_ptr = X + tl.load(x_offsets + batch)
     b_ptr = B + tl.load(b_offsets + batch) if HAS_BASE else B

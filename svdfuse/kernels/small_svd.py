@@ -23,6 +23,8 @@ MAX_SWEEPS = 16
 def _small_svd_kernel(A, J, W, HALF: tl.constexpr, MAX_SWEEPS: tl.constexpr, TOL: tl.constexpr):
     # A, J: (batch, W, W) fp32 scratch, W even; A holds M (zero-padded), J the identity. On return
     # the columns of A are Ũ Σ (orthogonal) and J the accumulated rotations.
+    # Batch offsets in int64; offsets within a matrix stay below W², and W is a few hundred (its
+    # tiles live in registers), so int32 is ample there.
     b = tl.program_id(0).to(tl.int64)
     A += b * W * W
     J += b * W * W

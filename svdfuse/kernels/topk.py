@@ -1,9 +1,10 @@
 """Global top-k components over sources × components, a batch of layers in one Triton launch.
 
 Each value is packed with its flat index into one int64 key, high word an order-preserving image
-of the fp32 bits, low word `2³¹ - 1 - index`. Keys are unique, so sorting them descending is
-exactly a stable descending sort of the values (equal values: lower index first) — the selection
-of `reference.topk_components`, bit for bit, with no comparison of floats in the kernel.
+of the fp32 bits (-0.0 folded onto +0.0, every NaN onto one NaN above +inf), low word
+`2³¹ - 1 - index`. Keys are unique, so sorting them descending is exactly a stable descending sort
+of the values (equal values: lower index first) — the selection of `reference.topk_components`,
+bit for bit, with no comparison of floats in the kernel.
 """
 
 from __future__ import annotations
@@ -22,14 +23,18 @@ _MIN_CHUNK = 1024  # small k still scans in chunks this wide: fewer, larger sort
 @triton.jit
 def _topk_components_kernel(S, values, indices, total, k, BUFFER: tl.constexpr):
     # One program per layer: S row (total,) fp32 -> its top k values and flat indices, descending.
+    # Offsets are int64 through `layer`; an index within a layer stays below total, which the key's
+    # 31-bit low word bounds by 2³¹ anyway (sources × r, never near it).
     layer = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BUFFER)
     best = tl.full((BUFFER,), -(2**63), tl.int64)  # below every real key; k <= total never picks it
     for start in range(0, total, BUFFER):
         idx = start + offs
-        v = tl.load(S + layer * total + idx, mask=idx < total, other=0.0)
-        v = tl.where(v == 0.0, 0.0, v)  # -0.0 ties with +0.0, as in torch.sort
-        bits = v.to(tl.int32, bitcast=True)
+        bits = tl.load(S + layer * total + idx, mask=idx < total, other=0.0).to(tl.int32, bitcast=True)
+        # torch.sort's order, on the bits: -0.0 ties with +0.0, and every NaN (either sign, any
+        # payload) becomes one value above +inf, so NaNs tie and are selected first, never dropped.
+        bits = tl.where(bits == -(2**31), 0, bits)
+        bits = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, bits)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as signed int order
         key = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)  # 2³¹ - 1 - index
         key = tl.where(idx < total, key, -(2**63))
