@@ -6,8 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from svdfuse.nn import SVDLinear, SVDMultiheadAttention, SVDWeight
+from svdfuse.nn import SVDLinear, SVDMultiheadAttention, SVDWeight, svd_layers
 from svdfuse.nn.convert import parametrize_tensor
+from svdfuse.serving import serve_tasks, stack_tasks
+
+from _helpers import merge_perturbed
 
 E, H, K = 16, 4, 5
 
@@ -141,3 +144,28 @@ def test_bad_configurations_and_inputs_are_refused():
         low(query, key, value, attn_mask=torch.zeros(6, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"key_padding_mask must be \(2, 6\), found \(2, 4\)"):
         low(query, key, value, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_torch_transformer_encoder_merges_serves_and_stacks():
+    """nn.TransformerEncoderLayer in eval under no_grad would take torch's fused path, which reads a
+    dense in_proj_weight; SVDMultiheadAttention routes it through forward, also for a σ bank."""
+    torch.manual_seed(0)
+    base = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True), 2).eval()
+    result = merge_perturbed(base, sources=3, scale=0.05, seed=3, k=4)
+    model = result.to_module(base).eval()
+    assert all(isinstance(layer.self_attn, SVDMultiheadAttention) for layer in model.layers)
+    dense = copy.deepcopy(base)
+    dense.load_state_dict(result.state_dict())
+    x = torch.randn(3, 5, E)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
+    models = [model, copy.deepcopy(model)]
+    with torch.no_grad():
+        for _, layer in svd_layers(models[1]):
+            layer.sigma.mul_(1.5)
+        stacked = stack_tasks(models)
+        ids = torch.tensor([1, 0, 1])
+        with serve_tasks(stacked, ids):
+            y = stacked(x)
+        for b, t in enumerate(ids.tolist()):
+            torch.testing.assert_close(y[b], models[t](x)[b])

@@ -52,6 +52,10 @@ class SVDMultiheadAttention(nn.Module):
         out, _ = attn(x, x, x, need_weights=False)  # x: (batch, seq, E) with batch_first
     """
 
+    # torch's TransformerEncoderLayer reads this to decide whether its fused inference path, which
+    # reads a dense in_proj_weight (none exists for a σ bank), may replace the call to forward.
+    _qkv_same_embed_dim = False
+
     def __init__(self, attention: nn.MultiheadAttention, in_proj: nn.Module, out_proj: nn.Module) -> None:
         super().__init__()
         if not convertible(attention):
