@@ -169,3 +169,13 @@ def test_torch_transformer_encoder_merges_serves_and_stacks():
             y = stacked(x)
         for b, t in enumerate(ids.tolist()):
             torch.testing.assert_close(y[b], models[t](x)[b])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_projects_q_k_and_v_in_one_call(batch_first, monkeypatch):
+    low, dense = _pair(batch_first)
+    calls = []
+    monkeypatch.setattr(low.in_proj, "rows", lambda *args: calls.append(args) or pytest.fail("row-sliced projection"))
+    x = _inputs(batch_first)[0]
+    torch.testing.assert_close(low(x, x, x)[0], dense(x, x, x)[0])
+    assert not calls

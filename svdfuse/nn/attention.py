@@ -113,6 +113,7 @@ class SVDMultiheadAttention(nn.Module):
         heads, (N, H, L, S) per head, or None)."""
         if is_causal and attn_mask is None:
             raise RuntimeError("is_causal is a hint that attn_mask is the causal mask: pass attn_mask too")
+        self_attention = query is key and key is value  # before the reshapes below make new tensors
         batched = query.dim() == 3
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -121,7 +122,7 @@ class SVDMultiheadAttention(nn.Module):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         N, L, E = query.shape
         H, D = self.num_heads, self.head_dim
-        q, k, v = self._project(query, key, value)
+        q, k, v = self._project(query, key, value, self_attention)
         q, k, v = (t.reshape(N, -1, H, D).transpose(1, 2) for t in (q, k, v))  # (N, H, L or S, D)
         mask = self._mask(attn_mask, key_padding_mask, N, L, k.shape[2], q.dtype)
         p = self.dropout if self.training else 0.0
@@ -141,9 +142,9 @@ class SVDMultiheadAttention(nn.Module):
             return out.squeeze(0), None if weights is None else weights.squeeze(0)
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
-    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool) -> tuple[Tensor, Tensor, Tensor]:
         E = self.embed_dim
-        if query is key and key is value:  # self-attention: one launch for q, k and v
+        if self_attention:  # one launch for q, k and v
             return self.in_proj(query).chunk(3, dim=-1)
         return tuple(_rows(self.in_proj, x, i * E, (i + 1) * E) for i, x in enumerate((query, key, value)))
 
