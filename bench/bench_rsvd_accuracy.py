@@ -1,12 +1,18 @@
 """Accuracy of the randomized truncated SVD against exact, over oversampling × power iterations.
 
-Spectra like task matrices': power-law decay with and without a noise floor. Reports the
-reconstruction error as a ratio to the Eckart–Young optimum and the worst relative error of the
-singular values, over all r kept and over the leading r/4 (a global top-k over many sources takes
-mostly those); the defaults in `svdfuse.ops` are chosen from this table. Input precisions other
-than "ieee" are what the GPU's tensor cores compute; on the CPU the reference emulates them.
+Spectra like task matrices': power-law decay with and without a noise floor.
+
+- grid: per matrix, the reconstruction error as a ratio to the Eckart–Young optimum and the worst
+  relative error of the singular values, over all r kept and over the leading r/4; over
+  oversampling × power iterations × input precision ("tf32x3"/"tf32" are what the GPU's tensor
+  cores compute; on the CPU the reference emulates them).
+- pooled: what AXIS keeps. T sources of one layer, each its own scale (log-uniform over 4×), rank
+  r = k each, then the global top-k over all T·r components, as `svdfuse.merge` selects them:
+  the worst relative error of the k selected σ against the exact top-k of the pooled exact
+  spectra, and how many of the k (source, component) picks differ from exact's.
 
     python bench/bench_rsvd_accuracy.py [--device cuda] [--size 768] [--rank 76] [--precision ieee tf32x3 tf32]
+    python bench/bench_rsvd_accuracy.py --part pooled --sources 20
     python bench/bench_rsvd_accuracy.py --device cpu --small    # a smoke run (128x128, rank 12)
 """
 
@@ -25,20 +31,8 @@ from workloads import task_like
 SPECTRA = [(0.5, 0.0), (1.0, 0.0), (1.0, 0.02), (2.0, 0.01)]  # (power-law exponent, noise floor)
 
 
-def main() -> None:
-    parser = arg_parser(__doc__)
-    parser.add_argument("--size", type=int, default=768)
-    parser.add_argument("--rank", type=int, default=76)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
-    parser.add_argument("--oversample", type=int, nargs="+", default=[8, 16, 32, 64])
-    parser.add_argument("--power-iters", type=int, nargs="+", default=[1, 2, 3, 4, 6])
-    args = parser.parse_args()
-    if args.small:
-        args.size, args.rank = 128, 12
-    device, r = torch.device(args.device), args.rank
-    lead = max(1, r // 4)
-    gen = torch.Generator().manual_seed(0)
+def grid(args, device: torch.device, gen: torch.Generator) -> list[dict]:
+    r, lead = args.rank, max(1, args.rank // 4)
     rows = []
     print(f"{'alpha':>5} {'noise':>5} {'precision':>9} {'p':>3} {'q':>2} {'rec/opt':>8} {'σ rel':>8} {f'σ rel ≤{lead}':>9}")
     for alpha, noise in SPECTRA:
@@ -48,10 +42,52 @@ def main() -> None:
         for precision, p, q in itertools.product(args.precision, args.oversample, args.power_iters):
             U, S, V = ops.truncated_svd(A, r, method="randomized", oversample=p, power_iters=q, precision=precision)
             acc = accuracy(delta, exact, U, S, V, leading=lead)
-            rows.append({"alpha": alpha, "noise": noise, "precision": precision, "oversample": p, "power_iters": q, **acc, "leading": lead})
+            rows.append({"part": "grid", "alpha": alpha, "noise": noise, "precision": precision, "oversample": p, "power_iters": q,
+                         **acc, "leading": lead})
             print(f"{alpha:5.1f} {noise:5.2f} {precision:>9} {p:3d} {q:2d} {acc['rec_over_optimum']:8.4f} "
                   f"{acc['sigma_rel']:8.1e} {acc['sigma_rel_leading']:9.1e}")  # fmt: skip
-    print(f"wrote {record('rsvd_accuracy', device, rows, small=args.small)}")
+    return rows
+
+
+def pooled(args, device: torch.device, gen: torch.Generator) -> list[dict]:
+    k, T = args.rank, args.sources
+    rows = []
+    print(f"{'alpha':>5} {'noise':>5} {'precision':>9} {'p':>3} {'q':>2} {'top-k σ rel':>11} {'picks differ':>12}")
+    for alpha, noise in SPECTRA:
+        scales = 2.0 ** (2 * torch.rand(T, 1, 1, generator=gen, dtype=torch.float64) - 1)  # 0.5 .. 2
+        delta = scales * task_like(T, args.size, args.size, alpha, noise, gen)
+        exact = torch.linalg.svdvals(delta)[:, :k]  # (T, k): the global top-k lies in every source's top k
+        exact_values, exact_src, exact_comp = ops.topk_components(exact, k)
+        A = delta.float().to(device)
+        for precision, p, q in itertools.product(args.precision, args.oversample, args.power_iters):
+            _, S, _ = ops.truncated_svd(A, k, method="randomized", oversample=p, power_iters=q, precision=precision)
+            values, src, comp = (t.cpu() for t in ops.topk_components(S, k))
+            rel = ((values.double() - exact_values) / exact_values).abs().max().item()
+            differ = k - len(set(zip(src.tolist(), comp.tolist())) & set(zip(exact_src.tolist(), exact_comp.tolist())))
+            rows.append({"part": "pooled", "alpha": alpha, "noise": noise, "sources": T, "k": k, "precision": precision,
+                         "oversample": p, "power_iters": q, "topk_sigma_rel": rel, "picks_differ": differ})
+            print(f"{alpha:5.1f} {noise:5.2f} {precision:>9} {p:3d} {q:2d} {rel:11.1e} {differ:12d}")
+    return rows
+
+
+def main() -> None:
+    parser = arg_parser(__doc__)
+    parser.add_argument("--part", nargs="+", default=["grid", "pooled"], choices=["grid", "pooled"])
+    parser.add_argument("--size", type=int, default=768)
+    parser.add_argument("--rank", type=int, default=76)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--sources", type=int, default=20, help="T of the pooled part")
+    parser.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    parser.add_argument("--oversample", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--power-iters", type=int, nargs="+", default=[1, 2, 3, 4, 6])
+    args = parser.parse_args()
+    if args.small:
+        args.size, args.rank, args.sources = 128, 12, 4
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    for part in args.part:
+        rows = {"grid": grid, "pooled": pooled}[part](args, device, gen)
+        print(f"wrote {record(f'rsvd_accuracy' if part == 'grid' else 'rsvd_accuracy_pooled', device, rows, small=args.small)}")
 
 
 if __name__ == "__main__":
