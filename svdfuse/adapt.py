@@ -72,7 +72,7 @@ def adapt(
     schedule over all steps).
 
     Args:
-        model: a module from `MergeResult.to_module` (has `SVDLinear` / `SVDWeight` layers).
+        model: a module from `MergeResult.to_module` (has `SVDLinear` / `SVDConv` / `SVDWeight` layers).
         data: a re-iterable of batches (a DataLoader); each `(inputs, targets)`, a dict for
             Hugging Face models, or anything `loss_fn` understands.
         n: N per layer: an int, or a fraction of min(m, n) (floor).

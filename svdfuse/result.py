@@ -136,10 +136,12 @@ class MergeResult:
     def to_module(self, base: nn.Module, trainable: int | float | None = None) -> nn.Module:
         """A copy of `base` carrying the merge, ready for `svdfuse.adapt` and serving.
 
-        `nn.Linear` layers become `svdfuse.nn.SVDLinear` (low-rank forward), `nn.MultiheadAttention`
-        an `svdfuse.nn.SVDMultiheadAttention` with `SVDLinear` projections; other merged weights
-        (conv kernels) get an `svdfuse.nn.SVDWeight` parametrization. `trainable` is N, the number of top singular values
-        each layer trains (int, or fraction of min(m, n)); None trains all k.
+        `nn.Linear` layers become `svdfuse.nn.SVDLinear` (low-rank forward), `nn.Conv1d/2d/3d`
+        `svdfuse.nn.SVDConv` (low-rank too), `nn.MultiheadAttention` an
+        `svdfuse.nn.SVDMultiheadAttention` with `SVDLinear` projections; other merged weights
+        (transposed conv kernels, say) get an `svdfuse.nn.SVDWeight` parametrization. `trainable` is
+        N, the number of top singular values each layer trains (int, or fraction of min(m, n));
+        None trains all k.
         """
         from svdfuse.nn.convert import attach
 

@@ -1,9 +1,10 @@
 """Serving many target adaptations of one merge in one batch.
 
 Stage 2 adapts only σ, so adaptations of the same merge share U, V, W0 and everything else.
-`stack_tasks` turns them into one model whose `SVDLinear` layers hold a σ bank (num_tasks, K);
-inside `serve_tasks`, each request of a batch runs with its own task's σ through
-`svdfuse.ops.lowrank_matmul(..., task=...)`, one launch per layer for the whole batch.
+`stack_tasks` turns them into one model whose `SVDLinear` and `SVDConv` layers hold a σ bank
+(num_tasks, K); inside `serve_tasks`, each request of a batch runs with its own task's σ: through
+`svdfuse.ops.lowrank_matmul(..., task=...)`, one launch per linear layer for the whole batch, and
+in conv layers by scaling each request's rank-K channels with its task's σ.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from svdfuse.nn.convert import _banks, _num_tasks, _set_sigma, svd_layers
-from svdfuse.nn.layers import SVDLinear, SVDWeight
+from svdfuse.nn.layers import SVDWeight, _LowRankLayer
 from svdfuse.ops import _first_bad_task
 
 __all__ = ["stack_tasks", "serve_tasks"]
@@ -59,12 +60,13 @@ def stack_tasks(models: Sequence[nn.Module]) -> nn.Module:
     """One serving model for several Stage-2 adaptations of the same merge.
 
     The adaptations share U, V, W0 and every other tensor and differ only in σ. The result is a
-    frozen deep copy of `models[0]` whose `SVDLinear` layers hold a σ bank (num_tasks, K), row t
-    from `models[t]`; run it inside `serve_tasks` to give each request of a batch its task.
+    frozen deep copy of `models[0]` whose `SVDLinear` and `SVDConv` layers hold a σ bank
+    (num_tasks, K), row t from `models[t]`; run it inside `serve_tasks` to give each request of a
+    batch its task.
 
-    `SVDWeight` layers (weights a module reads itself: conv kernels, projections of attention
-    modules `SVDMultiheadAttention` cannot take) are dense for the whole batch and cannot take a σ per request: their σ must be
-    equal in every model, or stacking fails.
+    `SVDWeight` layers (weights a module reads itself: transposed conv kernels, projections of
+    attention modules `SVDMultiheadAttention` cannot take) are dense for the whole batch and cannot
+    take a σ per request: their σ must be equal in every model, or stacking fails.
 
     Args:
         models: num_tasks >= 1 modules, each a copy of one `MergeResult.to_module` model adapted to
@@ -103,12 +105,12 @@ def stack_tasks(models: Sequence[nn.Module]) -> nn.Module:
             if isinstance(layers[0][name], SVDWeight) and not torch.equal(S, rows[0]):
                 raise ValueError(
                     f"stack_tasks: model {i}: σ of {name!r} differs from model 0's, but it is an SVDWeight (a dense weight "
-                    "its module reads itself), which serves one σ for the whole batch; only SVDLinear layers can hold a "
-                    "σ per task"
+                    "its module reads itself), which serves one σ for the whole batch; only SVDLinear and SVDConv layers can "
+                    "hold a σ per task"
                 )
     stacked = copy.deepcopy(models[0]).requires_grad_(False)
     for name, layer in svd_layers(stacked):
-        if isinstance(layer, SVDLinear):
+        if isinstance(layer, _LowRankLayer):
             _set_sigma(layer, torch.stack(sigmas[name]))
     return stacked
 
@@ -118,10 +120,10 @@ def serve_tasks(model: nn.Module, task_ids: Tensor) -> Iterator[nn.Module]:
     """Within the block, request b of every batch runs with the σ of task `task_ids[b]`.
 
     Every σ-bank layer broadcasts `task_ids` over its input's leading dims, so inputs must be
-    batch-first at every `SVDLinear`: `(batch, ..., n)` with the same batch as `task_ids`
-    (a mismatch raises; a model that transposes to sequence-first inside would be misread when
-    sequence length equals batch size). The ids live on the model's layers while the block runs:
-    one batch at a time per model.
+    batch-first at every `SVDLinear`, `(batch, ..., n)`, and every `SVDConv`, `(batch, in, *spatial)`,
+    with the same batch as `task_ids` (a mismatch raises; a model that transposes to sequence-first
+    inside would be misread when sequence length equals batch size). The ids live on the model's
+    layers while the block runs: one batch at a time per model.
 
     Args:
         model: a model from `stack_tasks`.
@@ -134,7 +136,7 @@ def serve_tasks(model: nn.Module, task_ids: Tensor) -> Iterator[nn.Module]:
     Raises:
         TypeError: `task_ids` is not an int64 tensor.
         ValueError: the model has no σ bank; `task_ids` is not 1-D or (on the CPU) out of range;
-            later, in the forward, an `SVDLinear` input whose first dim is not the batch.
+            later, in the forward, an `SVDLinear` or `SVDConv` input whose first dim is not the batch.
 
     Example::
 

@@ -25,11 +25,17 @@ def module_from(state: dict[str, Tensor]) -> nn.Module:
     return root
 
 
-def merge_perturbed(base: nn.Module, *, sources: int, scale: float, seed: int, k: int) -> "svdfuse.MergeResult":
+def merge_perturbed(
+    base: nn.Module, *, sources: int, scale: float, seed: int, k: int, buffers: bool = True
+) -> "svdfuse.MergeResult":
     """AXIS merge (CPU) of `sources` copies of `base` with Gaussian noise of std `scale` on every
-    tensor; source i draws from seed `seed + i`."""
+    tensor (on parameters only without `buffers`: BatchNorm variances stay positive); source i
+    draws from seed `seed + i`."""
+    skip = set() if buffers else {key for key, _ in base.named_buffers()}
     perturbed = []
     for i in range(sources):
         gen = torch.Generator().manual_seed(seed + i)
-        perturbed.append({key: v + scale * torch.randn(v.shape, generator=gen) for key, v in base.state_dict().items()})
+        perturbed.append(
+            {key: v if key in skip else v + scale * torch.randn(v.shape, generator=gen) for key, v in base.state_dict().items()}
+        )
     return svdfuse.merge(perturbed, k=k, base=base, device="cpu")

@@ -139,7 +139,7 @@ def test_conv_and_attention_weights_are_merged_and_to_module_matches_dense():
     assert isinstance(lowrank.fc, svdfuse.nn.SVDLinear)
     assert isinstance(lowrank.attn, svdfuse.nn.SVDMultiheadAttention)
     assert isinstance(lowrank.attn.in_proj, svdfuse.nn.SVDLinear) and isinstance(lowrank.attn.out_proj, svdfuse.nn.SVDLinear)
-    assert isinstance(lowrank.conv.parametrizations.weight[0], svdfuse.nn.SVDWeight)
+    assert isinstance(lowrank.conv, svdfuse.nn.SVDConv)
     x = torch.randn(4, 3, 6, 6)
     torch.testing.assert_close(lowrank(x), dense(x), atol=1e-5, rtol=1e-5)
     # The base module itself is untouched.

@@ -30,11 +30,12 @@ class _Block(nn.Module):
 
 
 class _ConvBlock(nn.Module):
-    """A conv kernel and a linear head: merged into an SVDWeight parametrization and an SVDLinear."""
+    """A transposed conv kernel (which SVDConv does not take) and a linear head: merged into an
+    SVDWeight parametrization and an SVDLinear."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(4, 6, 3)
+        self.conv = nn.ConvTranspose1d(4, 6, 3)
         self.fc = nn.Linear(6, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 4, length)

@@ -1,4 +1,10 @@
-"""Converting models to and from svdfuse layers, and choosing what Stage 2 trains."""
+"""Converting models to and from svdfuse layers, and choosing what Stage 2 trains.
+
+`attach` (`MergeResult.to_module`) replaces merged `nn.Linear` layers by `SVDLinear`,
+`nn.MultiheadAttention` by `SVDMultiheadAttention`, `nn.Conv1d/2d/3d` by `SVDConv`, and
+parametrizes every other merged weight (transposed convs, attention projections
+`SVDMultiheadAttention` cannot take) with `SVDWeight`; `materialize` folds them all back.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from svdfuse.nn.attention import SVDMultiheadAttention, convertible
-from svdfuse.nn.layers import Excess, SVDLinear, SVDWeight, TaskCoefficients, _requested, _SingularValues
+from svdfuse.nn.conv import SVDConv, is_plain_conv
+from svdfuse.nn.layers import Excess, SVDLinear, SVDWeight, TaskCoefficients, _LowRankLayer, _requested, _SingularValues
 
 if TYPE_CHECKING:
     from svdfuse.result import MergeResult
@@ -38,7 +45,7 @@ def adaptable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def svd_layers(model: nn.Module) -> Iterator[tuple[str, _SingularValues]]:
-    """(name, layer) of every `SVDLinear` and `SVDWeight` in `model`."""
+    """(name, layer) of every `SVDLinear`, `SVDConv` and `SVDWeight` in `model`."""
     return ((name, layer) for name, layer in adaptable_layers(model) if isinstance(layer, _SingularValues))
 
 
@@ -158,7 +165,9 @@ def attach(base: nn.Module, result: "MergeResult", trainable: int | float | None
         parent = modules.get(owner_name.rpartition(".")[0]) if owner_name else None
         if isinstance(owner, nn.Linear) and attr == "weight" and not isinstance(parent, nn.MultiheadAttention):
             _replace(model, owner_name, SVDLinear(weight0, U, S, V, owner.bias, trainable))
-        else:  # conv kernels; projections of an attention module SVDMultiheadAttention cannot take
+        elif is_plain_conv(owner) and attr == "weight" and owner_name:  # a conv that is the model itself keeps SVDWeight
+            _replace(model, owner_name, SVDConv(owner, U, S, V, weight0=weight0, trainable=trainable))
+        else:  # transposed convs; projections of an attention module SVDMultiheadAttention cannot take
             with torch.no_grad():
                 getattr(owner, attr).copy_(weight0)
             getattr(owner, attr).requires_grad_(False)
@@ -170,8 +179,9 @@ def attach(base: nn.Module, result: "MergeResult", trainable: int | float | None
 def materialize(model: nn.Module, task: int | None = None) -> nn.Module:
     """Fold every svdfuse layer of `model` back into dense weights, in place; returns `model`.
 
-    `SVDLinear` becomes `nn.Linear(W0 + U diag(σ) Vᵀ)`, `SVDMultiheadAttention` an
-    `nn.MultiheadAttention`, `SVDWeight` and `TaskCoefficients` are removed leaving the dense weight; the state dict then has the base architecture's names again.
+    `SVDLinear` becomes `nn.Linear(W0 + U diag(σ) Vᵀ)`, `SVDConv` the conv it replaced with the dense
+    kernel, `SVDMultiheadAttention` an `nn.MultiheadAttention`; `SVDWeight` and `TaskCoefficients`
+    are removed leaving the dense weight. The state dict then has the base architecture's names again.
 
     Args:
         model: a module with svdfuse layers.
@@ -184,6 +194,8 @@ def materialize(model: nn.Module, task: int | None = None) -> nn.Module:
     for name, layer in list(svd_layers(model)):
         if isinstance(layer, SVDLinear):
             _replace(model, name, _linear(layer.weight, layer.bias))
+        elif isinstance(layer, SVDConv):
+            _replace(model, name, layer.to_dense())
     for name, attention in list(model.named_modules()):
         if isinstance(attention, SVDMultiheadAttention):
             _replace(model, name, attention.to_dense())
@@ -195,12 +207,12 @@ def materialize(model: nn.Module, task: int | None = None) -> nn.Module:
     return model
 
 
-def _banks(model: nn.Module) -> list[tuple[str, SVDLinear]]:
-    """(name, layer) of every `SVDLinear` of `model` holding a σ bank (num_tasks, K)."""
-    return [(name, layer) for name, layer in svd_layers(model) if isinstance(layer, SVDLinear) and layer.sigma.dim() == 2]
+def _banks(model: nn.Module) -> list[tuple[str, _LowRankLayer]]:
+    """(name, layer) of every `SVDLinear` and `SVDConv` of `model` holding a σ bank (num_tasks, K)."""
+    return [(name, layer) for name, layer in svd_layers(model) if isinstance(layer, _LowRankLayer) and layer.sigma.dim() == 2]
 
 
-def _num_tasks(banks: list[tuple[str, SVDLinear]]) -> int:
+def _num_tasks(banks: list[tuple[str, _LowRankLayer]]) -> int:
     (first, layer), *rest = banks
     for name, other in rest:
         if other.sigma.shape[0] != layer.sigma.shape[0]:
@@ -217,7 +229,7 @@ def _set_sigma(layer: _SingularValues, S: Tensor) -> None:
     layer.sigma_frozen = S.new_empty(*S.shape[:-1], 0)
 
 
-def _select_task(banks: list[tuple[str, SVDLinear]], task: int | None) -> None:
+def _select_task(banks: list[tuple[str, _LowRankLayer]], task: int | None) -> None:
     """Replace every σ bank by its row `task` (the only row when None)."""
     if not banks:
         raise ValueError(

@@ -1,16 +1,17 @@
 """Merged layers whose only trainable numbers are their top singular values.
 
 `SVDLinear` replaces an `nn.Linear`: `y = x W0ᵀ + ((x V) ⊙ σ) Uᵀ + b` through
-`svdfuse.ops.lowrank_matmul`, never building the dense matrix. `SVDWeight` is a parametrization
-for weights that a module uses directly (conv kernels, the projections of attention modules
-`SVDMultiheadAttention` cannot take): `W = W0 + U diag(σ) Vᵀ`, reshaped to the weight's shape.
+`svdfuse.ops.lowrank_matmul`, never building the dense matrix (`svdfuse.nn.conv.SVDConv` does the
+same for convolutions). `SVDWeight` is a parametrization for weights that a module uses directly
+(transposed conv kernels, the projections of attention modules `SVDMultiheadAttention` cannot
+take): `W = W0 + U diag(σ) Vᵀ`, reshaped to the weight's shape, rebuilt every forward.
 
 N, the number of trainable singular values, may exceed the merged rank k only by explicit choice
 (`excess`): "error" (the default) refuses, "clip" trains all k and warns, "extend" adds N - k
 directions orthogonal to U and V with σ = 0 and trains them too.
 
-An `SVDLinear` may hold a σ bank (num_tasks, K) instead of σ (K,): `svdfuse.serving` builds such
-models, serving many target adaptations of one merge in one batch.
+An `SVDLinear` or `SVDConv` (a `_LowRankLayer`) may hold a σ bank (num_tasks, K) instead of σ (K,):
+`svdfuse.serving` builds such models, serving many target adaptations of one merge in one batch.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def _requested(n: int | float, layer: "_SingularValues", name: str) -> int:
 class _SingularValues(nn.Module):
     """U (m, K), V (n, K) frozen; σ split into a trainable head `sigma` (N,) and a frozen tail.
 
-    A stacked `SVDLinear` (see `svdfuse.serving.stack_tasks`) holds one σ row per task: `sigma` (num_tasks, N),
-    `sigma_frozen` (num_tasks, K - N).
+    A stacked `SVDLinear` or `SVDConv` (see `svdfuse.serving.stack_tasks`) holds one σ row per task:
+    `sigma` (num_tasks, N), `sigma_frozen` (num_tasks, K - N).
     """
 
     def __init__(self, U: Tensor, S: Tensor, V: Tensor, trainable: int | float | None = None) -> None:
@@ -105,7 +106,48 @@ class _SingularValues(nn.Module):
         return (self.U * S) @ self.V.T
 
 
-class SVDLinear(_SingularValues):
+class _LowRankLayer(_SingularValues):
+    """An SVD layer that computes its own low-rank forward, so it can hold a σ bank (num_tasks, K)
+    and serve each request of a batch with its task's row (`svdfuse.serving`)."""
+
+    def __init__(self, U: Tensor, S: Tensor, V: Tensor, trainable: int | float | None = None) -> None:
+        super().__init__(U, S, V, trainable)
+        self._task_ids: Tensor | None = None  # (batch,) while inside serve_tasks
+
+    def _sigma_of(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """σ for input x: S (K,) for every request, or the bank (num_tasks, K) with each request's task id (batch,)."""
+        S = self.S
+        if S.dim() == 1:
+            return S, None
+        ids = self._task_ids
+        if ids is None:
+            if S.shape[0] == 1:
+                return S[0], None
+            raise ValueError(
+                f"{self._name()} holds a σ bank of {S.shape[0]} tasks: run the model inside "
+                "`with svdfuse.serving.serve_tasks(model, task_ids):` to say which task each request belongs to"
+            )
+        if not self._batched(x) or x.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"serve_tasks: {ids.shape[0]} task ids (one per request) but {self._name()} got input of shape "
+                f"{tuple(x.shape)}; serving needs batch-first inputs {self._batch_first_shape()} at every layer"
+            )
+        return S, ids
+
+    def _name(self) -> str:
+        raise NotImplementedError
+
+    def _batched(self, x: Tensor) -> bool:
+        raise NotImplementedError
+
+    def _batch_first_shape(self) -> str:
+        raise NotImplementedError
+
+    def _sigma_repr(self) -> str:
+        return f"tasks={self.sigma.shape[0]}" if self.sigma.dim() == 2 else f"trainable={self.sigma.numel()}"
+
+
+class SVDLinear(_LowRankLayer):
     """`nn.Linear` with weight `W0 + U diag(σ) Vᵀ` served low-rank; only the top-N σ train.
 
     Args:
@@ -128,7 +170,6 @@ class SVDLinear(_SingularValues):
         self.register_buffer("weight0", weight0.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = weight0.shape[1], weight0.shape[0]
-        self._task_ids: Tensor | None = None  # (batch,) while inside serve_tasks
 
     @property
     def weight(self) -> Tensor:
@@ -136,42 +177,32 @@ class SVDLinear(_SingularValues):
         return self.weight0 + self.delta().to(self.weight0.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        S, task = self._sigma_of(x)
+        S, task = self._sigma_per_row(x)
         return ops.lowrank_matmul(x, self.U, S, self.V, base=self.weight0, bias=self.bias, task=task)
 
     def rows(self, x: Tensor, start: int, stop: int) -> Tensor:
         """Output features [start, stop) of `self(x)`, reading only those rows of U, W0 and the bias:
         x (..., n) -> (..., stop - start). Used for the q, k and v parts of a fused in-projection."""
-        S, task = self._sigma_of(x)
+        S, task = self._sigma_per_row(x)
         bias = None if self.bias is None else self.bias[start:stop]
         return ops.lowrank_matmul(x, self.U[start:stop], S, self.V, base=self.weight0[start:stop], bias=bias, task=task)
 
-    def _sigma_of(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _sigma_per_row(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """σ for `lowrank_matmul`: S (K,) alone, or a bank (num_tasks, K) with each row's task id."""
-        S = self.S
-        if S.dim() == 1:
-            return S, None
-        ids = self._task_ids
-        if ids is None:
-            if S.shape[0] == 1:
-                return S[0], None
-            raise ValueError(
-                f"{self._name()} holds a σ bank of {S.shape[0]} tasks: run the model inside "
-                "`with svdfuse.serving.serve_tasks(model, task_ids):` to say which task each request belongs to"
-            )
-        if x.dim() < 2 or x.shape[0] != ids.shape[0]:
-            raise ValueError(
-                f"serve_tasks: {ids.shape[0]} task ids (one per request) but {self._name()} got input of shape "
-                f"{tuple(x.shape)}; serving needs batch-first inputs (batch, ..., {self.in_features}) at every layer"
-            )
-        return S, ids.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
+        S, ids = self._sigma_of(x)
+        return S, None if ids is None else ids.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
 
     def _name(self) -> str:
         return f"SVDLinear(in_features={self.in_features}, out_features={self.out_features})"
 
+    def _batched(self, x: Tensor) -> bool:
+        return x.dim() >= 2
+
+    def _batch_first_shape(self) -> str:
+        return f"(batch, ..., {self.in_features})"
+
     def extra_repr(self) -> str:
-        sigma = f"tasks={self.sigma.shape[0]}" if self.sigma.dim() == 2 else f"trainable={self.sigma.numel()}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, {sigma}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, {self._sigma_repr()}"
 
 
 class SVDWeight(_SingularValues):
