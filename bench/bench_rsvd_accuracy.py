@@ -10,9 +10,12 @@ Spectra like task matrices': power-law decay with and without a noise floor.
   r = k each, then the global top-k over all T·r components, as `svdfuse.merge` selects them:
   the worst relative error of the k selected σ against the exact top-k of the pooled exact
   spectra, and how many of the k (source, component) picks differ from exact's.
+- shapes: reconstruction at the default oversampling and each of `--power-iters`, over the
+  shapes and ranks of the workloads (square and ViT MLP/attention rectangles, rank 16/76/128).
 
     python bench/bench_rsvd_accuracy.py [--device cuda] [--size 768] [--rank 76] [--precision ieee tf32x3 tf32]
     python bench/bench_rsvd_accuracy.py --part pooled --sources 20
+    python bench/bench_rsvd_accuracy.py --part shapes --power-iters 2 3
     python bench/bench_rsvd_accuracy.py --device cpu --small    # a smoke run (128x128, rank 12)
 """
 
@@ -29,6 +32,9 @@ from svdfuse.reference import PRECISIONS
 from workloads import task_like
 
 SPECTRA = [(0.5, 0.0), (1.0, 0.0), (1.0, 0.02), (2.0, 0.01)]  # (power-law exponent, noise floor)
+# (batch, m, n, rank) for the shapes part; --small shrinks every size by 8
+SHAPES = [(8, 768, 768, 76), (3, 3072, 768, 76), (3, 768, 3072, 76), (3, 2304, 768, 76), (4, 768, 768, 16),
+          (2, 1536, 1536, 128), (1, 2048, 2048, 128)]
 
 
 def grid(args, device: torch.device, gen: torch.Generator) -> list[dict]:
@@ -70,9 +76,28 @@ def pooled(args, device: torch.device, gen: torch.Generator) -> list[dict]:
     return rows
 
 
+def shapes(args, device: torch.device, gen: torch.Generator) -> list[dict]:
+    rows = []
+    print(f"{'m':>5} {'n':>5} {'rank':>4} {'alpha':>5} {'noise':>5} {'q':>2} {'rec/opt':>8}")
+    for batch, m, n, r in SHAPES:
+        if args.small:
+            m, n, r = m // 8, n // 8, max(2, r // 8)
+        for alpha, noise in SPECTRA[1:] + [(1.5, 0.02)]:
+            delta = task_like(batch, m, n, alpha, noise, gen)
+            exact = torch.linalg.svdvals(delta)
+            A = delta.float().to(device)
+            for q in args.power_iters:
+                U, S, V = ops.truncated_svd(A, r, method="randomized", power_iters=q)
+                rec = accuracy(delta, exact, U, S, V)["rec_over_optimum"]
+                rows.append({"part": "shapes", "batch": batch, "m": m, "n": n, "rank": r, "alpha": alpha, "noise": noise,
+                             "oversample": ops.DEFAULT_OVERSAMPLE, "power_iters": q, "rec_over_optimum": rec})
+                print(f"{m:5d} {n:5d} {r:4d} {alpha:5.1f} {noise:5.2f} {q:2d} {rec:8.4f}")
+    return rows
+
+
 def main() -> None:
     parser = arg_parser(__doc__)
-    parser.add_argument("--part", nargs="+", default=["grid", "pooled"], choices=["grid", "pooled"])
+    parser.add_argument("--part", nargs="+", default=["grid", "pooled", "shapes"], choices=["grid", "pooled", "shapes"])
     parser.add_argument("--size", type=int, default=768)
     parser.add_argument("--rank", type=int, default=76)
     parser.add_argument("--batch", type=int, default=2)
@@ -86,8 +111,9 @@ def main() -> None:
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     for part in args.part:
-        rows = {"grid": grid, "pooled": pooled}[part](args, device, gen)
-        print(f"wrote {record(f'rsvd_accuracy' if part == 'grid' else 'rsvd_accuracy_pooled', device, rows, small=args.small)}")
+        rows = {"grid": grid, "pooled": pooled, "shapes": shapes}[part](args, device, gen)
+        name = "rsvd_accuracy" if part == "grid" else f"rsvd_accuracy_{part}"
+        print(f"wrote {record(name, device, rows, small=args.small)}")
 
 
 if __name__ == "__main__":
