@@ -7,7 +7,7 @@ from torch import nn
 
 import svdfuse
 
-from _helpers import module_from
+from _helpers import merge_perturbed, module_from
 
 SHAPES = {"blocks.0.fc.weight": (24, 16), "blocks.1.fc.weight": (24, 16), "head.weight": (10, 24), "blocks.0.fc.bias": (24,)}
 
@@ -221,3 +221,17 @@ def test_merge_on_cuda_equals_merge_on_cpu(method, cuda):
     for key in on_cpu.components:
         assert on_gpu.components[key][0].device.type == "cuda"
         torch.testing.assert_close(on_gpu.delta(key).cpu(), on_cpu.delta(key), atol=1e-10, rtol=0)
+
+
+def test_a_model_that_is_one_linear_layer_carries_the_merge():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    result = merge_perturbed(base, sources=3, scale=0.05, seed=4, k=2)
+    model = result.to_module(base)
+    assert isinstance(model.parametrizations.weight[0], svdfuse.nn.SVDWeight)
+    dense = nn.Linear(6, 5)
+    dense.load_state_dict(result.state_dict())
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(model(x), dense(x), atol=1e-6, rtol=1e-6)
+    assert svdfuse.nn.set_trainable(model, 1) == 1
+    torch.testing.assert_close(svdfuse.nn.materialize(model)(x), dense(x), atol=1e-6, rtol=1e-6)

@@ -163,9 +163,11 @@ def attach(base: nn.Module, result: "MergeResult", trainable: int | float | None
             continue
         U, S, V = result.components[key]
         parent = modules.get(owner_name.rpartition(".")[0]) if owner_name else None
-        if isinstance(owner, nn.Linear) and attr == "weight" and not isinstance(parent, nn.MultiheadAttention):
+        # A layer that is the model itself cannot be swapped inside it: it keeps SVDWeight.
+        replaceable = attr == "weight" and owner_name != ""
+        if replaceable and isinstance(owner, nn.Linear) and not isinstance(parent, nn.MultiheadAttention):
             _replace(model, owner_name, SVDLinear(weight0, U, S, V, owner.bias, trainable))
-        elif is_plain_conv(owner) and attr == "weight" and owner_name:  # a conv that is the model itself keeps SVDWeight
+        elif replaceable and is_plain_conv(owner):
             _replace(model, owner_name, SVDConv(owner, U, S, V, weight0=weight0, trainable=trainable))
         else:  # transposed convs; projections of an attention module SVDMultiheadAttention cannot take
             with torch.no_grad():
