@@ -19,22 +19,14 @@ from torch.nn.utils import parametrize
 
 from svdfuse.nn.attention import SVDMultiheadAttention, convertible
 from svdfuse.nn.conv import SVDConv, is_plain_conv
-from svdfuse.nn.layers import Excess, SVDLinear, SVDWeight, TaskCoefficients, _LowRankLayer, _requested, _SingularValues
+from svdfuse.nn.layers import (
+    Excess, SVDLinear, SVDWeight, TaskCoefficients, _LowRankLayer, _requested, _SingularValues, _dense_linear,
+)  # fmt: skip
 
 if TYPE_CHECKING:
     from svdfuse.result import MergeResult
 
 __all__ = ["svd_layers", "adaptable_layers", "set_trainable", "materialize", "attach", "parametrize_tensor"]
-
-
-def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    """An `nn.Linear` holding copies of `weight` (m, n) and `bias` (m,)."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer
 
 
 def adaptable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -121,7 +113,7 @@ def _merged_linear(
     if key in result.components:
         return SVDLinear(_frozen_weight(result, key, own), *result.components[key], bias, trainable)
     weight = _frozen_weight(result, key, own) if key in result.matrices else own[key]
-    return _linear(weight, bias).requires_grad_(False)
+    return _dense_linear(weight, bias).requires_grad_(False)
 
 
 def attach(base: nn.Module, result: "MergeResult", trainable: int | float | None = None) -> nn.Module:
@@ -193,14 +185,11 @@ def materialize(model: nn.Module, task: int | None = None) -> nn.Module:
     banks = _banks(model)
     if banks or task is not None:
         _select_task(banks, task)
-    for name, layer in list(svd_layers(model)):
-        if isinstance(layer, SVDLinear):
-            _replace(model, name, _linear(layer.weight, layer.bias))
-        elif isinstance(layer, SVDConv):
-            _replace(model, name, layer.to_dense())
-    for name, attention in list(model.named_modules()):
-        if isinstance(attention, SVDMultiheadAttention):
-            _replace(model, name, attention.to_dense())
+    # Layers first, then the attention modules holding them (which fold whatever projections they hold).
+    for kinds in ((SVDLinear, SVDConv), SVDMultiheadAttention):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, kinds):
+                _replace(model, name, module.to_dense())
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
             for attr in list(module.parametrizations):

@@ -41,6 +41,16 @@ def _requested(n: int | float, layer: "_SingularValues", name: str) -> int:
     return 0 if n == 0 else resolve_rank(n, layer.U.shape[0], layer.V.shape[0], f"{name}: trainable singular values")
 
 
+def _dense_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An `nn.Linear` holding copies of `weight` (m, n) and `bias` (m,)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
 class _SingularValues(nn.Module):
     """U (m, K), V (n, K) frozen; σ split into a trainable head `sigma` (N,) and a frozen tail.
 
@@ -175,6 +185,10 @@ class SVDLinear(_LowRankLayer):
     def weight(self) -> Tensor:
         """The dense weight `W0 + U diag(σ) Vᵀ`, (m, n), built on demand (for code that reads `.weight`)."""
         return self.weight0 + self.delta().to(self.weight0.dtype)
+
+    def to_dense(self) -> nn.Linear:
+        """The equivalent `nn.Linear` with the dense weight (the current σ folded in)."""
+        return _dense_linear(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         S, task = self._sigma_per_row(x)
