@@ -126,6 +126,12 @@ def per_row_sigma(d: int, K: int, batch: int, dtype: torch.dtype, device: torch.
     }
 
 
+def _served(forward, stacked: torch.nn.Module, ids: torch.Tensor, x):
+    """One forward of a stacked model, request b with the σ of task ids[b]."""
+    with serve_tasks(stacked, ids):
+        return forward(stacked, x)
+
+
 @torch.inference_mode()
 def model_forwards(batches: tuple[int, ...], device: torch.device, small: bool) -> tuple[list[dict], list[str]]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -146,16 +152,11 @@ def model_forwards(batches: tuple[int, ...], device: torch.device, small: bool) 
                    "k": built["k"], "timing": "loop", "lowrank_ms": ms["lowrank"], "dense_ms": ms["dense"],
                    "ratio_dense": ms["lowrank"] / ms["dense"], "rel_diff_vs_dense": _rel_err(y, y_dense)}
             if batch > 1:  # the whole model serving a σ per request (the model-level L3)
-                stacked = built["stacked"](SERVED_TASKS)
                 ids = torch.arange(batch, device=device) % SERVED_TASKS
-
-                def served():
-                    with serve_tasks(stacked, ids):
-                        return built["forward"](stacked, x)
-
+                served = functools.partial(_served, built["forward"], built["stacked"](SERVED_TASKS), ids, x)
                 ms["served"] = median_ms(served, device, **reps)
                 row.update(tasks=SERVED_TASKS, served_ms=ms["served"], ratio_served=ms["served"] / ms["lowrank"])
-                del stacked
+                del served
             rows.append(row)
         del built
     return rows, notes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -39,3 +41,20 @@ def merge_perturbed(
             {key: v if key in skip else v + scale * torch.randn(v.shape, generator=gen) for key, v in base.state_dict().items()}
         )
     return svdfuse.merge(perturbed, k=k, base=base, device="cpu")
+
+
+def sigma_perturbed(model: nn.Module, num_tasks: int, *, seed: int, stackable_only: bool = False) -> list[nn.Module]:
+    """`num_tasks` copies of `model` whose σ each scaled by its own factors in [1, 2), as Stage 2
+    would leave them (copy t draws from seed `seed + t`); with `stackable_only`, only the layers that
+    can hold a σ bank (`SVDLinear`, `SVDConv`), the others' σ stay shared."""
+    stackable = (svdfuse.nn.SVDLinear, svdfuse.nn.SVDConv)
+    models = []
+    for t in range(num_tasks):
+        copy_t = copy.deepcopy(model)
+        gen = torch.Generator().manual_seed(seed + t)
+        with torch.no_grad():
+            for _, layer in svdfuse.nn.svd_layers(copy_t):
+                if not stackable_only or isinstance(layer, stackable):
+                    layer.sigma.mul_(1 + torch.rand(layer.sigma.shape, generator=gen, dtype=layer.sigma.dtype))
+        models.append(copy_t)
+    return models

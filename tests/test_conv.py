@@ -12,7 +12,7 @@ from svdfuse.nn import SVDConv, SVDLinear, SVDWeight, materialize, svd_layers
 from svdfuse.nn.convert import parametrize_tensor
 from svdfuse.serving import serve_tasks, stack_tasks
 
-from _helpers import merge_perturbed
+from _helpers import merge_perturbed, sigma_perturbed
 
 K = 3
 
@@ -226,25 +226,12 @@ def _assert_rows_match(y: torch.Tensor, outputs: list[torch.Tensor], ids: torch.
         torch.testing.assert_close(y[b], outputs[t][b], msg=lambda m: f"request {b} (task {t}): {m}")
 
 
-def _sigma_perturbed(model: nn.Module, num_tasks: int) -> list[nn.Module]:
-    """Copies of `model` in which every σ of every SVD layer differs."""
-    models = []
-    for t in range(num_tasks):
-        copy_t = copy.deepcopy(model)
-        gen = torch.Generator().manual_seed(300 + t)
-        with torch.no_grad():
-            for _, layer in svd_layers(copy_t):
-                layer.sigma.mul_(1 + torch.rand(layer.sigma.shape, generator=gen, dtype=layer.sigma.dtype))
-        models.append(copy_t)
-    return models
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_stacked_conv_layer_serves_each_request_with_its_tasks_sigma(case):
     """The σ-bank path (low-rank convs) against each task's own layer (one σ: the rebuilt kernel)."""
     low, _, x = _pair(case)
     x = torch.cat([x + i for i in range(5)])[:5]  # 5 requests, whatever the case's batch
-    models = _sigma_perturbed(nn.Sequential(low), 3)
+    models = sigma_perturbed(nn.Sequential(low), 3, seed=300)
     stacked = stack_tasks(models)
     assert stacked[0].S.shape == (3, K)
     ids = torch.tensor([2, 0, 1, 1, 0])
@@ -277,7 +264,7 @@ def test_stacked_conv_net_serves_each_request_and_materializes_each_task():
     torch.manual_seed(0)
     base = _ConvNet()
     model = merge_perturbed(base, sources=3, scale=0.05, seed=20, k=3).to_module(base)
-    models = _sigma_perturbed(model, 3)
+    models = sigma_perturbed(model, 3, seed=300)
     stacked = stack_tasks(models)
     layers = dict(svd_layers(stacked))
     assert {name: type(layer) for name, layer in layers.items()} == {
@@ -299,7 +286,7 @@ def test_stacked_conv_net_serves_each_request_and_materializes_each_task():
 
 def test_serving_a_conv_stack_needs_batch_first_inputs():
     low, _, x = _pair("2d-depthwise-replicate")  # x: (2, 8, 7, 5)
-    stacked = stack_tasks(_sigma_perturbed(nn.Sequential(low), 2))
+    stacked = stack_tasks(sigma_perturbed(nn.Sequential(low), 2, seed=300))
     with pytest.raises(ValueError, match=r"SVDConv\(Conv2d\(8, 8, .*\)\) holds a σ bank of 2 tasks: run the model inside"):
         stacked(x)
     with serve_tasks(stacked, torch.tensor([0, 1, 1])):

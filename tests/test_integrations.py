@@ -28,6 +28,8 @@ import svdfuse
 from svdfuse.nn import SVDLinear, materialize, svd_layers
 from svdfuse.serving import serve_tasks, stack_tasks
 
+from _helpers import sigma_perturbed
+
 pytestmark = pytest.mark.slow
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -503,16 +505,7 @@ def test_clip_safetensors_loads_with_open_clip_and_matches_the_svd_module(clip_m
 def test_clip_adaptations_stack_and_serve_each_request_with_its_own_sigma(clip_merge, clip_base, open_clip):
     """ViT-B/32 adapted to two tasks (every σ of the 48 matrices differs, attention included) served in
     one batch: each image's embedding is its own task model's, and folding a task gives it back."""
-    merged = clip_merge.to_module(clip_base)
-    models = []
-    for t in range(2):
-        model = copy.deepcopy(merged)
-        gen = torch.Generator().manual_seed(300 + t)
-        with torch.no_grad():
-            for _, layer in svd_layers(model):
-                layer.sigma.mul_(1 + torch.rand(layer.sigma.shape, generator=gen))
-        models.append(model)
-    del merged
+    models = sigma_perturbed(clip_merge.to_module(clip_base), 2, seed=300)
     stacked = stack_tasks(models)
     images = _images(open_clip, clip_base.visual.image_size)
     images = torch.cat([images, images.flip(-1)])  # (4, 3, 224, 224)

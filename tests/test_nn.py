@@ -12,7 +12,7 @@ import svdfuse
 from svdfuse.nn import SVDLinear, SVDWeight, materialize
 from svdfuse.serving import serve_tasks, stack_tasks
 
-from _helpers import merge_perturbed
+from _helpers import merge_perturbed, sigma_perturbed
 
 
 class _Block(nn.Module):
@@ -126,17 +126,7 @@ def _adapted_mlps(num_tasks: int = 3) -> list[nn.Module]:
 def _sigma_adapted_blocks(num_tasks: int = 3, block: type[nn.Module] = _Block) -> list[nn.Module]:
     """Copies of one merged block whose SVDLinear σ differ (SVDWeight σ, which cannot, stay shared)."""
     base, result = _merged_block(block=block)
-    model = result.to_module(base)
-    models = []
-    for t in range(num_tasks):
-        copy_t = copy.deepcopy(model)
-        gen = torch.Generator().manual_seed(200 + t)
-        with torch.no_grad():
-            for _, layer in svdfuse.nn.svd_layers(copy_t):
-                if isinstance(layer, SVDLinear):
-                    layer.sigma.mul_(1 + torch.rand(layer.sigma.shape, generator=gen))
-        models.append(copy_t)
-    return models
+    return sigma_perturbed(result.to_module(base), num_tasks, seed=200, stackable_only=True)
 
 
 def _assert_rows_match(y: torch.Tensor, outputs: list[torch.Tensor], ids: torch.Tensor) -> None:

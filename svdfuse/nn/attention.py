@@ -31,8 +31,10 @@ def _rows(layer: nn.Module, x: Tensor, start: int, stop: int) -> Tensor:
 
 def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A boolean mask (True: may not attend) as 0 / -inf, a float mask as it is."""
-    if mask is None or mask.dtype != torch.bool:
-        return None if mask is None else mask.to(dtype)
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
 
 

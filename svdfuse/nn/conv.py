@@ -93,8 +93,12 @@ class SVDConv(_LowRankLayer):
     @property
     def weight(self) -> Tensor:
         """The dense kernel `W0 + (U diag(σ) Vᵀ).reshape(W0.shape)`, built on demand (for code that reads `.weight`)."""
+        return self._kernel(self.delta())
+
+    def _kernel(self, delta: Tensor) -> Tensor:
+        """W0 + the task matrix `delta` (out, in/groups·∏kernel) in the kernel's shape and dtype."""
         weight0 = self.base.weight
-        return weight0 + self.delta().to(weight0.dtype).reshape(weight0.shape)
+        return weight0 + delta.to(weight0.dtype).reshape(weight0.shape)
 
     @property
     def bias(self) -> Tensor | None:
@@ -107,8 +111,7 @@ class SVDConv(_LowRankLayer):
         S, ids = self._sigma_of(x)
         base = self.base
         if ids is None:  # one σ for the batch: one conv with the rebuilt kernel (see the module docstring)
-            weight = base.weight + ((self.U * S) @ self.V.T).to(base.weight.dtype).reshape(base.weight.shape)
-            return base._conv_forward(x, weight, base.bias)  # not base(x): no hooks of the replaced conv
+            return base._conv_forward(x, self._kernel(self.delta(S)), base.bias)  # not base(x): no hooks of the replaced conv
         # A σ per request. Why a conv with V's filters and a grouped 1×1 conv with U compute the update. Group j
         # reads input channels [j·c, (j+1)·c), c = in/g, and writes output channels [j·o, (j+1)·o),
         # o = out/g. At each output position, output channel r of group j = r // o is W[r] · p_j,

@@ -105,9 +105,10 @@ class _SingularValues(nn.Module):
         self.sigma_frozen = S[..., N:].clone()
         return N
 
-    def delta(self) -> Tensor:
-        """The dense task matrix `U diag(σ) Vᵀ`, (m, n); a σ bank has one per task, so none."""
-        S = self.S
+    def delta(self, S: Tensor | None = None) -> Tensor:
+        """The dense task matrix `U diag(σ) Vᵀ`, (m, n), of the layer's σ or the given S (K,); a σ
+        bank has one per task, so none."""
+        S = self.S if S is None else S
         if S.dim() != 1:
             raise ValueError(
                 f"this layer holds a σ bank of {S.shape[0]} tasks, shape {tuple(S.shape)}, so no single dense weight; "
