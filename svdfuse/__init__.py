@@ -8,10 +8,10 @@
 from svdfuse import methods, nn, ops, serving
 from svdfuse.adapt import AdaptReport, adapt
 from svdfuse.atlas import atlas
-from svdfuse.io import save_hf_directory, save_safetensors
 from svdfuse.merge import merge
 from svdfuse.ops import SVDOptions
 from svdfuse.result import LayerReport, MergeReport, MergeResult
+from svdfuse.sinks import save_hf_directory, save_safetensors
 from svdfuse.sources import SourceError
 
 __version__ = "0.1.0"

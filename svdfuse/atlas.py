@@ -12,10 +12,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+
+from svdfuse.methods import get_method
 from svdfuse.nn.convert import parametrize_tensor
 from svdfuse.nn.layers import TaskCoefficients
-from svdfuse.plan import make_plan, matches_any
-from svdfuse.sources import ModelLike, Reader, open_source, open_sources
+from svdfuse.plan import Role, make_plan, matches_any
+from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 
 __all__ = ["atlas"]
 
@@ -53,18 +55,26 @@ def atlas(
     """
     base_source = open_source(base, "base")
     sources = open_sources(models)
-    plan = make_plan(base_source, sources, None, include=None, exclude=(), dtype=dtype, group_bytes=1)
-    reader = Reader(base_source, sources, dtype, torch.device(device))
+    # The plan only checks the sources against the base here: aTLAS holds every task vector anyway.
+    plan = make_plan(
+        base_source, sources, get_method("average"), None, include=None, exclude=(), dtype=dtype, budget=1 << 62, oversample=0, params={}
+    )
+    reader = Reader(base_source, sources, dtype)
     lam = 1.0 / len(sources) if init is None else init
     model = copy.deepcopy(module)
     params = dict(model.named_parameters())
-    for key in plan.keys:
-        if key not in params or not plan.dtypes[key].is_floating_point:
+    for spec in plan.specs:
+        key = spec.key
+        if key not in params or spec.role is Role.COPIED:
             continue
         if (include is not None and not matches_any(key, include)) or matches_any(key, exclude):
             continue
-        shape, _ = base_source.meta(key)
-        W0, W = reader.read(key, shape)
+        W0 = reader.base_rows(key, 0, spec.rows, torch.empty(spec.shape, dtype=spec.out_dtype, device=device))
+        W = torch.empty((len(sources), *spec.shape), dtype=spec.out_dtype, device=device)
+        for i in range(len(sources)):
+            reader.source_rows(i, key, 0, spec.rows, W[i])
+        if not (torch.isfinite(W0).all() and torch.isfinite(W).all()):
+            raise SourceError(reader.non_finite(key, 0, spec.rows, spec.shape) or f"{key!r}: not finite")
         owner_name, _, attr = key.rpartition(".")
         owner = model.get_submodule(owner_name)
         with torch.no_grad():

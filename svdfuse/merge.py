@@ -1,53 +1,82 @@
-"""`svdfuse.merge`: any registered method over a whole model, one group of same-shape matrices at a time."""
+"""`svdfuse.merge`: sources → plan → compute, piece by piece → a sink (files, or a `MergeResult`)."""
 
 from __future__ import annotations
 
-import functools
+import os
+import resource
+import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from svdfuse.methods import Factors, Method, get_method
+from svdfuse import distributed
+from svdfuse.methods import get_method
 from svdfuse.ops import SVDOptions
-from svdfuse.plan import DEFAULT_EXCLUDE, make_plan
-from svdfuse.reference import compute_dtype
+from svdfuse.pipeline import Compute, Merged, Progress
+from svdfuse.plan import DEFAULT_EXCLUDE, Plan, Role, make_plan
 from svdfuse.result import LayerReport, MergeReport, MergeResult
+from svdfuse.sinks import LowRank, SafetensorsWriter, parse_size, refuse_existing
 from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 
-__all__ = ["SVDOptions", "merge"]
+__all__ = ["SVDOptions", "merge", "default_budget", "default_device"]
+
+# A merge takes this share of the memory available when it starts, unless told otherwise.
+BUDGET_SHARE = 0.5
 
 
-def _default_device() -> torch.device:
+def default_device() -> torch.device:
+    """Where svdfuse computes unless told otherwise: CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _adaptable(merged: Factors | Tensor, k: int | None, svd: SVDOptions) -> tuple[Factors | None, Tensor | None]:
-    """Split a group's merged task matrices into top-k SVD factors (what Stage 2 adapts) and a
-    dense residual (kept frozen), exactly: factors + residual = merged.
-
-    k None keeps a method's own factors whole and leaves a dense result dense.
-    """
-    if isinstance(merged, Factors):
-        if k is None or merged.S.shape[-1] <= k:
-            return merged, None
-        U, S, V, counts = merged
-        rest = (U[..., k:] * S[..., k:].unsqueeze(-2)) @ V[..., k:].mT
-        return Factors(U[..., :k], S[..., :k], V[..., :k], counts), rest
-    if k is None:
-        return None, merged
-    U, S, V = svd.truncated_svd(merged, k)
-    return Factors(U, S, V), merged - (U * S.unsqueeze(-2)) @ V.mT
+def default_budget(processes: int = 1) -> int:
+    """Half of the memory available now, shared by the merging processes on this machine."""
+    return int(BUDGET_SHARE * psutil.virtual_memory().available / max(1, processes))
 
 
-def _call(method: Method, fn, W0: Tensor, W: Tensor, **context) -> Factors | Tensor:
-    if method.upcast:
-        acc = compute_dtype(W.dtype)
-        W0, W = W0.to(acc), W.to(acc)
-    return fn(W0, W, **method.bind(fn, context))
+def _peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+class _MemorySink:
+    """Collects the outputs into a `MergeResult`."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.components: dict = {}
+        self.frozen: dict = {}
+        self.tensors: dict = {}
+        self.plan = plan
+
+    def write(self, item: Merged) -> None:
+        spec, value = item.spec, item.value
+        if isinstance(value, LowRank):
+            self.components[spec.key] = (value.U, value.S, value.V)
+            self.frozen[spec.key] = value.frozen
+        elif item.start == 0 and value.shape == spec.shape:
+            self.tensors[spec.key] = value
+        else:
+            if spec.key not in self.tensors:
+                self.tensors[spec.key] = torch.empty(spec.shape, dtype=spec.out_dtype, device=value.device)
+            self.tensors[spec.key][item.start : item.start + value.shape[0]] = value
+
+
+class _FileSink:
+    """Writes the outputs as they come through a `SafetensorsWriter`."""
+
+    def __init__(self, writer: SafetensorsWriter) -> None:
+        self.writer = writer
+
+    def write(self, item: Merged) -> None:
+        value = item.value
+        if isinstance(value, LowRank):
+            value = value.dense(item.spec.out_dtype)
+        self.writer.write(item.spec.key, value, item.start)
 
 
 def merge(
@@ -61,10 +90,12 @@ def merge(
     svd: SVDOptions = SVDOptions(),
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    group_bytes: int = 1 << 29,
+    output: str | None = None,
+    max_memory: int | str | None = None,
+    shard_size: int | str = "5GB",
     progress: bool = False,
     **params: Any,
-) -> MergeResult:
+) -> MergeResult | MergeReport:
     """Merge fine-tuned `models` of one `base`, by AXIS (arXiv 2508.19353) or another method.
 
     AXIS, per matrix: decompose every task matrix `Δ_i = W_i - W0` into rank-one components,
@@ -73,10 +104,17 @@ def merge(
     Other methods (`svdfuse.methods.METHODS`): "average", "task_arithmetic", "ties", "dare",
     "tsv_m", "iso_c", "iso_cts"; their parameters go in `params`.
 
+    Work is cut into pieces that fit `max_memory`: row blocks over all sources for elementwise
+    tensors, groups of same-shape matrices (or one matrix over chunks of sources) for SVD methods.
+    With `output`, each merged tensor is written the moment it is computed, so peak memory is the
+    budget plus a constant for any number of sources and any model size. Inside an initialized
+    torch.distributed process group (torchrun), the ranks share the work by bytes and write one
+    output together; every tensor is computed exactly as in one process.
+
     Args:
         models: the T source models, a list or a name -> model mapping (names label the report);
             each an nn.Module, a state dict, a .safetensors file or a Hugging Face model
-            directory, with the base's tensor names and shapes.
+            directory with the base's tensor names and shapes, or a `svdfuse.decompose` cache.
         k: per matrix, an int or a float in (0, 1] as floor(k * min(m, n)). For AXIS (required)
             the components kept; for other methods the rank adapted in Stage 2: the merged task
             matrix's top-k SVD components become `components`, the rest stays dense and frozen.
@@ -88,19 +126,24 @@ def merge(
         svd: decomposition options; the default picks randomized or exact SVD by shape.
         dtype: cast every tensor to this dtype first; by default mixed dtypes are an error.
         device: where to compute (default: CUDA when available).
-        group_bytes: budget for one group of same-shape matrices over all sources.
-        progress: show a progress bar.
+        output: write the merged model here instead of returning it: a new `.safetensors` file,
+            or a new directory in the Hugging Face layout (sharded above `shard_size`, with the
+            base directory's config and tokenizer when the base is one).
+        max_memory: memory budget for the pieces, bytes or a size such as "4GB" (default: half
+            of the memory available, split among the processes of this machine).
+        shard_size: largest shard of a directory output, bytes or a size such as "2GB".
+        progress: show a progress bar (bytes read, rate, time left).
         params: the method's parameters, e.g. `density=0.2` for "ties".
 
     Returns:
-        A `MergeResult` with `state_dict()`, `components[name] = (U_t (m, k), S_t (k,), V_t (n, k))`,
-        `report` (selected components per source per matrix) and `to_module(base)`.
+        Without `output`, a `MergeResult` with `state_dict()`, `components[name] = (U_t (m, k),
+        S_t (k,), V_t (n, k))`, `report` and `to_module(base)`. With `output`, the `MergeReport`
+        of what was written.
 
     Example::
 
         result = svdfuse.merge(["ft-cars.safetensors", "ft-dtd.safetensors"], k=76, base="vit-b32.safetensors")
-        ties = svdfuse.merge(sources, base=base, method="ties", density=0.2, k=0.1)
-        result.save("merged.safetensors")
+        svdfuse.merge(checkpoints, k=0.05, base="llama", output="merged/", max_memory="8GB", shard_size="2GB")
     """
     start = time.perf_counter()
     spec = get_method(method)
@@ -109,49 +152,85 @@ def merge(
         raise TypeError("merge needs base=, the pre-trained model the sources were fine-tuned from")
     if spec.needs_k and k is None:
         raise TypeError(f"method {method!r} needs k, the number of components kept per matrix (int or fraction)")
-    device = torch.device(device) if device is not None else _default_device()
+    if isinstance(include, str) or isinstance(exclude, str):
+        raise TypeError("include and exclude take a list of glob patterns, found a str; write include=['fc1.weight']")
+    group = distributed.current()
+    if group.active and output is None:
+        raise ValueError(f"a merge over {group.world} processes writes its result to files: pass output=PATH")
+    budget = parse_size(max_memory, "max_memory") if max_memory is not None else default_budget(_local_processes(group))
+    shard_bytes = parse_size(shard_size, "shard_size")
+    if output is not None:
+        refuse_existing(Path(output))
+    device = torch.device(device) if device is not None else default_device()
     base_source = open_source(base, "base")
     sources = open_sources(models)
-    plan = make_plan(base_source, sources, k, include=include, exclude=exclude, dtype=dtype, group_bytes=group_bytes)
-    reader = Reader(base_source, sources, dtype, device)
-    components: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-    residuals: dict[str, Tensor] = {}
+    plan = make_plan(
+        base_source, sources, spec, k, include=include, exclude=exclude, dtype=dtype, budget=budget,
+        oversample=svd.oversample, params=params,
+    )
+    if include is not None and not plan.matrices:
+        raise ValueError(f"include={list(include)} matches no weight with 2 or more dims (after exclude={list(exclude)}); nothing would be merged as a matrix")
+    mine = distributed.partition([task.nbytes for task in plan.tasks], group.world)[group.rank]
+    tasks = [plan.tasks[i] for i in mine]
+    bar = tqdm(
+        total=sum(task.nbytes for task in tasks), unit="B", unit_scale=True, unit_divisor=1024,
+        desc=f"merge ({method})", disable=not progress or group.rank != 0,
+    )
+    state = Progress([False] * len(sources), bar.update)
+    compute = Compute(spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state)
     layers: list[LayerReport] = []
-    bar = tqdm(total=len(plan.matrices) + len(plan.elementwise), unit="tensor", desc=f"merge ({method})", disable=not progress)
-    for entries in plan.groups:
-        m, n, rank = entries[0].m, entries[0].n, entries[0].k
-        # Read straight into the group's buffers: stacking per-matrix reads would hold the group twice.
-        group_dtype = functools.reduce(torch.promote_types, [dtype or plan.dtypes[e.key] for e in entries])
-        W0 = torch.empty((len(entries), m, n), dtype=group_dtype, device=device)
-        W = torch.empty((len(entries), len(sources), m, n), dtype=group_dtype, device=device)
-        for i, entry in enumerate(entries):
-            reader.read(entry.key, (m, n), out=(W0[i], W[i]))
-        keys = [e.key for e in entries]
-        merged = _call(spec, spec.matrices, W0, W, k=rank, svd=svd, keys=keys, **params)
-        del W0, W
-        factors, rest = _adaptable(merged, rank, svd)
-        for i, entry in enumerate(entries):
-            if factors is not None:
-                components[entry.key] = (factors.U[i], factors.S[i], factors.V[i])
-            if rest is not None:
-                residuals[entry.key] = rest[i]
-            counts = None if factors is None or factors.counts is None else factors.counts[i].tolist()
-            layers.append(LayerReport(entry.key, entry.shape, 0 if factors is None else factors.S.shape[-1], counts))
-        bar.update(len(entries))
-    tensors: dict[str, Tensor] = {}
-    for key in plan.elementwise:
-        shape, _ = base_source.meta(key)
-        base_t, stack = reader.read(key, shape)
-        delta = _call(spec, spec.tensors, base_t[None], stack[None], svd=svd, keys=[key], **params)[0]
-        tensors[key] = (base_t.to(delta.dtype) + delta).to(base_t.dtype)
-        bar.update(1)
+    writer = None
+    if output is not None:
+        template = base_source.directory if Path(output).suffix != ".safetensors" else None
+        entries = [(s.key, s.shape, s.out_dtype) for s in plan.specs]
+        writer = SafetensorsWriter(output, entries, shard_size=shard_bytes, template=template)
+        sink = _FileSink(writer)
+    else:
+        sink = _MemorySink(plan)
+    failure = None
+    try:
+        for i, task in enumerate(tasks):
+            for item in compute.run(task, tasks[i + 1] if i + 1 < len(tasks) else None):
+                sink.write(item)
+                if item.layer is not None:
+                    layers.append(item.layer)
+    except Exception as err:  # every rank must hear of it before anyone publishes
+        failure = err
     bar.close()
-    unchanged = [s.label for s, d in zip(sources, reader.differs) if not d]
+    failures = group.gather(None if failure is None else f"rank {group.rank}: {type(failure).__name__}: {failure}")
+    if any(failures):
+        if writer is not None:
+            writer.abort()
+        if failure is not None:
+            raise failure
+        raise RuntimeError("merge failed on another process: " + "; ".join(f for f in failures if f))
+    differs = [any(flags) for flags in zip(*group.gather(state.differs))]
+    unchanged = [s.label for s, d in zip(sources, differs) if not d]
     if unchanged:
+        if writer is not None:
+            writer.abort()
         raise SourceError(f"{', '.join(unchanged)}: identical to the base in every tensor; a source must be fine-tuned from it")
-    # Groups follow shapes; users read results in the model's own order.
-    position = {key: i for i, key in enumerate(plan.keys)}
-    layers.sort(key=lambda layer: position[layer.key])
-    components = {layer.key: components[layer.key] for layer in layers if layer.key in components}
-    report = MergeReport(method, [s.label for s in sources], layers, time.perf_counter() - start)
-    return MergeResult(base_source, plan, components, residuals, tensors, report, dtype)
+    if writer is not None:
+        try:
+            writer.commit([s.key for t in tasks for s in t.specs])
+        except BaseException:
+            writer.abort()
+            raise
+    layers = [layer for ranks in group.gather(layers) for layer in ranks]
+    position = {s.key: i for i, s in enumerate(plan.specs)}
+    layers.sort(key=lambda layer: position[layer.key])  # groups follow shapes; users read in model order
+    report = MergeReport(
+        method, [s.label for s in sources], layers, time.perf_counter() - start, output=None if output is None else str(output),
+        budget=budget, peak_rss=_peak_rss(), processes=group.world, bytes_read=plan.nbytes,
+    )
+    if output is not None:
+        return report
+    order = [s.key for s in plan.specs]
+    components = {key: sink.components[key] for key in order if key in sink.components}
+    return MergeResult(
+        components, sink.frozen, sink.tensors, {s.key: s.out_dtype for s in plan.specs}, report, base_source.directory, order
+    )
+
+
+def _local_processes(group: distributed.Group) -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", group.world))

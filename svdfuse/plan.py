@@ -1,11 +1,19 @@
-"""The merge plan: which tensors are merged as matrices, at which rank, in which groups.
+"""The merge plan: what happens to every tensor, cut into tasks and pieces that fit a memory budget.
 
 Everything here is decided from shapes and dtypes alone, before any data is read, so a mismatch
-between the base and a source fails at once with the source, tensor and expected vs found.
+between the base and a source fails at once with the source, tensor and expected vs found, and a
+budget too small for the smallest piece fails before any work.
+
+A *task* is a unit of work that is never split between processes: one tensor (merged
+elementwise, in row blocks over all sources) or a group of same-shape matrices (SVD methods, over
+source chunks where the method allows). A *piece* is what is held in memory at once: one row block,
+or one source chunk of a group. Its size comes from the budget, never from the model or the number
+of sources.
 """
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import math
 from collections.abc import Sequence
@@ -13,37 +21,94 @@ from dataclasses import dataclass
 
 import torch
 
+from svdfuse.methods import Kind, Method
+from svdfuse.reference import compute_dtype
 from svdfuse.sources import Source, SourceError
 
-# Embedding tables are lookups, not linear maps of the activations: merged by averaging unless
-# a user includes them on purpose.
+# Embedding tables are lookups, not linear maps of the activations: merged elementwise unless a
+# user includes them on purpose.
 DEFAULT_EXCLUDE: tuple[str, ...] = ("*embed*",)
+
+# Temporaries of an elementwise piece beyond its (T + 1)-row buffer, in units of that buffer
+# (measured peaks, tests/test_memory.py): task vectors are formed in place; TIES adds |τ|, its
+# masks and one product; DARE a mask per source.
+_ELEMENTWISE_WORKSPACE = {"ties": 2.5, "dare": 0.6}
+_DEFAULT_WORKSPACE = 0.5
+
+
+class Role(str, enum.Enum):
+    """What the merge does with a tensor."""
+
+    MATRIX = "matrix"  # merged as an m×n matrix by the method's SVD rule
+    ELEMENTWISE = "elementwise"  # the method's elementwise rule (mean task vector for SVD methods)
+    COPIED = "copied"  # integer buffers: the base's, checked equal in every source
 
 
 @dataclass(frozen=True)
-class MatrixEntry:
-    """One tensor merged as an m×n matrix (conv kernels as out × in·kh·kw) at rank `k`."""
+class TensorSpec:
+    """One tensor of the model: name, shape, stored dtype, the dtype it is written in, its role
+    and, for matrices, the rank k (None: no rank asked for)."""
 
     key: str
     shape: tuple[int, ...]
-    m: int
-    n: int
-    k: int | None
+    dtype: torch.dtype
+    out_dtype: torch.dtype
+    role: Role
+    k: int | None = None
+
+    @property
+    def m(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.shape[1:])
+
+    @property
+    def rows(self) -> int:
+        """Rows of the first dim (a scalar is one row of one entry)."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def out_nbytes(self) -> int:
+        return math.prod(self.shape) * self.out_dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Task:
+    """A unit of work: `specs` (one tensor, or G same-shape matrices), cut into pieces of `block`
+    rows (elementwise) or `block` sources (matrix groups); `nbytes` read from base and sources."""
+
+    specs: tuple[TensorSpec, ...]
+    block: int
+    nbytes: int
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Matrices in groups of one shape (k None: no rank asked for); other floating tensors merged elementwise; the rest copied from the base."""
+    """Every tensor of the model in model order, and the tasks that merge them."""
 
-    keys: list[str]
-    dtypes: dict[str, torch.dtype]
-    groups: list[list[MatrixEntry]]
-    elementwise: list[str]
-    copied: list[str]
+    specs: list[TensorSpec]
+    tasks: list[Task]
+    sources: int
+    budget: int
 
     @property
-    def matrices(self) -> list[MatrixEntry]:
-        return [entry for group in self.groups for entry in group]
+    def matrices(self) -> list[TensorSpec]:
+        return [spec for spec in self.specs if spec.role is Role.MATRIX]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read from the base and all sources over the whole merge."""
+        return sum(task.nbytes for task in self.tasks)
 
 
 def resolve_rank(k: int | float, m: int, n: int, what: str) -> int:
@@ -69,15 +134,13 @@ def _is_matrix(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
     return len(shape) >= 2 and dtype.is_floating_point and key.rsplit(".", 1)[-1].endswith("weight")
 
 
-def _check_sources(base: Source, sources: list[Source], dtype: torch.dtype | None) -> tuple[list[str], dict]:
-    keys = base.keys()
-    meta = {key: base.meta(key) for key in keys}
-    floating = [key for key in keys if meta[key][1].is_floating_point]
-    known = set(keys)
+def _check_sources(base: Source, sources: list[Source], dtype: torch.dtype | None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    meta = {key: base.meta(key) for key in base.keys()}
+    floating = [key for key, (_, d) in meta.items() if d.is_floating_point]
     for source in sources:
         have = set(source.keys())
         missing = [key for key in floating if key not in have]
-        extra = sorted(key for key in have - known if source.meta(key)[1].is_floating_point)
+        extra = sorted(key for key in have - set(meta) if source.meta(key)[1].is_floating_point)
         if missing or extra:
             raise SourceError(
                 f"{source.label}: its tensors differ from the base's: "
@@ -95,52 +158,122 @@ def _check_sources(base: Source, sources: list[Source], dtype: torch.dtype | Non
                     f"{source.label}: {key!r} is {found_dtype}, base is {want_dtype}; mixed dtypes are not cast "
                     "silently: pass dtype=... to merge in one dtype"
                 )
-    return keys, meta
+    return meta
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError
+
+
+def _too_small(budget: int, need: int, what: str) -> ValueError:
+    return ValueError(
+        f"max_memory={_size(budget)} is smaller than the smallest piece this merge can compute: {what} needs "
+        f"{_size(need)}; give at least max_memory={math.ceil(need / 2**20)}MiB"
+    )
+
+
+def _elementwise_tasks(spec: TensorSpec, sources: int, method: Method, budget: int) -> Task:
+    acc = compute_dtype(spec.out_dtype).itemsize
+    if spec.role is Role.COPIED:
+        per_row = 2 * spec.row_numel * spec.dtype.itemsize  # the base's rows and one source's
+        read = (sources + 1) * spec.nbytes
+    else:
+        workspace = _ELEMENTWISE_WORKSPACE.get(method.name, _DEFAULT_WORKSPACE) if method.kind is Kind.ELEMENTWISE else _DEFAULT_WORKSPACE
+        per_row = math.ceil((sources + 1) * (1 + workspace) * spec.row_numel * acc)
+        read = (sources + 1) * spec.nbytes
+    if per_row > budget:
+        raise _too_small(budget, per_row, f"one row of {spec.key!r} {spec.shape} over {sources} sources")
+    return Task((spec,), min(spec.rows, budget // per_row), read)
+
+
+def _svd_piece_bytes(m: int, n: int, matrices: int, sources: int, width: int, itemsize: int) -> int:
+    """Bytes of a group piece: its matrices in their buffer dtype, the sketches and factors of the
+    randomized SVD, and two fp32 matrices of workspace (an upcast source, a product)."""
+    data = matrices * (sources + 1) * m * n * itemsize
+    sketches = 4 * matrices * sources * (m + n) * width * 4
+    return data + sketches + 2 * m * n * 4
+
+
+def _matrix_tasks(
+    entries: list[TensorSpec], sources: int, method: Method, rank: int, oversample: int, budget: int, itemsize: int
+) -> list[Task]:
+    m, n = entries[0].m, entries[0].n
+    width = min(rank + oversample, m, n)
+    read = lambda g: g * (sources + 1) * m * n * entries[0].dtype.itemsize  # noqa: E731
+    per_matrix = _svd_piece_bytes(m, n, 1, sources, width, itemsize)
+    if per_matrix <= budget or method.kind is not Kind.FACTORS:
+        if per_matrix > budget:
+            raise _too_small(budget, per_matrix, f"{method.name} over {sources} sources of one {m}x{n} matrix ({entries[0].key!r})")
+        size = max(1, budget // per_matrix)
+        return [Task(tuple(entries[i : i + size]), sources, read(len(entries[i : i + size]))) for i in range(0, len(entries), size)]
+    # One matrix over all sources does not fit: stream it through source chunks.
+    chunk = 1
+    while chunk < sources and _svd_piece_bytes(m, n, 1, chunk + 1, width, itemsize) <= budget:
+        chunk += 1
+    need = _svd_piece_bytes(m, n, 1, 1, width, itemsize)
+    if need > budget:
+        raise _too_small(budget, need, f"{method.name} of one {m}x{n} matrix ({entries[0].key!r}) one source at a time")
+    return [Task((entry,), chunk, read(1)) for entry in entries]
 
 
 def make_plan(
     base: Source,
     sources: list[Source],
+    method: Method,
     k: int | float | None,
     *,
     include: Sequence[str] | None,
     exclude: Sequence[str],
     dtype: torch.dtype | None,
-    group_bytes: int,
+    budget: int,
+    oversample: int,
+    params: dict,
 ) -> Plan:
-    """Check every source against the base and split the model into matrix groups.
+    """Check every source against the base, give every tensor its role and cut the work into tasks.
 
-    A group holds same-shape matrices whose data over all sources fits in `group_bytes` (at least
-    one matrix), so peak memory is O(sources × one group), never O(sources × model).
+    Matrices of one shape form groups whose pieces fit the budget; everything else is merged in
+    row blocks over all sources. Peak memory is the budget plus a constant, whatever the number of
+    sources or the size of the model.
     """
     if not sources:
         raise SourceError("merge needs at least one source model, found an empty list")
-    keys, meta = _check_sources(base, sources, dtype)
-    by_shape: dict[tuple[int, int], list[MatrixEntry]] = {}
-    elementwise, copied, too_small = [], [], []
-    for key in keys:
-        shape, key_dtype = meta[key]
+    meta = _check_sources(base, sources, dtype)
+    specs: list[TensorSpec] = []
+    too_small = []
+    for key, (shape, key_dtype) in meta.items():
+        out_dtype = dtype or key_dtype if key_dtype.is_floating_point else key_dtype
         if not key_dtype.is_floating_point:
-            copied.append(key)
+            specs.append(TensorSpec(key, shape, key_dtype, out_dtype, Role.COPIED))
             continue
         wanted = (include is None or matches_any(key, include)) and not matches_any(key, exclude)
         if not (wanted and _is_matrix(key, shape, key_dtype)):
-            elementwise.append(key)
+            specs.append(TensorSpec(key, shape, key_dtype, out_dtype, Role.ELEMENTWISE))
             continue
         m, n = shape[0], math.prod(shape[1:])
         rank = None if k is None else resolve_rank(k, m, n, "k")
         if rank is not None and rank > min(m, n):
             too_small.append(f"{key!r} {m}x{n}")
-        by_shape.setdefault((m, n), []).append(MatrixEntry(key, shape, m, n, rank))
+        specs.append(TensorSpec(key, shape, key_dtype, out_dtype, Role.MATRIX, rank))
     if too_small:
         raise ValueError(
             f"k={k} is larger than min(m, n) of {len(too_small)} matrices (e.g. {too_small[:3]}); "
             "give k as a fraction of min(m, n), or exclude them with a name pattern"
         )
-    groups = []
-    for (m, n), entries in by_shape.items():
-        itemsize = (dtype or meta[entries[0].key][1]).itemsize
-        per_matrix = (len(sources) + 1) * m * n * max(itemsize, 4)
-        size = max(1, group_bytes // per_matrix)
-        groups += [entries[i : i + size] for i in range(0, len(entries), size)]
-    return Plan(keys, {key: meta[key][1] for key in keys}, groups, elementwise, copied)
+    tasks = []
+    by_shape: dict[tuple[int, int, int | None, torch.dtype], list[TensorSpec]] = {}
+    for spec in specs:
+        if spec.role is Role.MATRIX and method.kind is not Kind.ELEMENTWISE:
+            by_shape.setdefault((spec.m, spec.n, spec.k, spec.out_dtype), []).append(spec)
+        else:
+            tasks.append(_elementwise_tasks(spec, len(sources), method, budget))
+    for (m, n, rank, out_dtype), entries in by_shape.items():
+        r = rank or 1
+        if method.source_rank is not None:
+            r = method.call(method.source_rank, rank, len(sources), m, n, **params)
+        itemsize = compute_dtype(out_dtype).itemsize if method.kind is Kind.MATRICES else out_dtype.itemsize
+        tasks += _matrix_tasks(entries, len(sources), method, r, oversample, budget, itemsize)
+    return Plan(specs, tasks, len(sources), budget)

@@ -1,15 +1,17 @@
-"""What a merge returns: merged factors, other merged tensors, a report, and ways to use them."""
+"""What a merge returns: merged factors, other merged tensors, a report, and ways to use them.
+
+`MergeResult` is plain data, filled by the merge from its stream of outputs (it is the in-memory
+sink); it holds no source and reads nothing back.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-
-from svdfuse.plan import Plan
-from svdfuse.sources import Source
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,11 @@ class MergeReport:
     sources: list[str]
     layers: list[LayerReport]
     seconds: float
+    output: str | None = None
+    budget: int | None = None
+    peak_rss: int | None = None
+    processes: int = 1
+    bytes_read: int = 0
 
     def totals(self) -> list[int]:
         """Components selected from each source over all matrices (methods that select)."""
@@ -39,6 +46,16 @@ class MergeReport:
     def table(self, max_rows: int = 12) -> str:
         """A plain-text table: one row per source with its share of all selected components."""
         done = f"{len(self.layers)} matrices merged by {self.method} in {self.seconds:.2f} s"
+        if self.bytes_read:
+            done += f", {self.bytes_read / 2**30:.2f} GiB read ({self.bytes_read / 2**30 / max(self.seconds, 1e-9):.2f} GiB/s)"
+        if self.budget is not None:
+            done += f"; memory budget {self.budget / 2**30:.2f} GiB"
+        if self.peak_rss is not None:
+            done += f", peak RSS {self.peak_rss / 2**30:.2f} GiB"
+        if self.processes > 1:
+            done += f" (rank 0 of {self.processes} processes)"
+        if self.output is not None:
+            done += f"\nwrote {self.output}"
         if not any(layer.counts for layer in self.layers):
             return "\n".join([f"sources: {', '.join(self.sources)}", done])
         totals = self.totals()
@@ -54,83 +71,55 @@ class MergeReport:
         return "\n".join(lines)
 
 
+@dataclass
 class MergeResult:
-    """The merged model: `W = W0 + U_t diag(S_t) V_tᵀ (+ R)` per matrix, merged values elsewhere.
+    """The merged model, in memory: `W = frozen + U_t diag(S_t) V_tᵀ` per merged matrix that has
+    components, merged values for everything else.
 
     Attributes:
         components: name -> (U_t (m, k), S_t (k,), V_t (n, k)), U_t and V_t orthonormal, S_t
             descending, in the accumulation dtype (fp32, fp64 for fp64 models). Conv kernels are
             (out, in·kh·kw) matrices here. AXIS merges are exactly rank k.
-        residuals: name -> dense (m, n) part R of the merged task matrix beyond its top-k
-            components, for methods whose merge is not rank k (kept frozen in Stage 2).
-        tensors: name -> merged value of every other floating tensor (AXIS: the sources' mean).
+        frozen: name -> the dense part of each matrix in `components` that Stage 2 leaves alone,
+            in the model's shape: the base weight, plus (methods whose merge is not rank k) the
+            merged task matrix beyond its top-k components, then in the accumulation dtype.
+        tensors: name -> merged value of every other tensor, dense and final (other floating
+            tensors merged by the method's elementwise rule, matrices of a merge without
+            components, integer buffers as the base's).
+        dtypes: name -> dtype each tensor is written in.
         report: a `MergeReport`.
+        template: the base's Hugging Face directory, when the base was given as one (its config
+            and tokenizer are copied on save).
     """
 
-    def __init__(
-        self,
-        base: Source,
-        plan: Plan,
-        components: dict[str, tuple[Tensor, Tensor, Tensor]],
-        residuals: dict[str, Tensor],
-        tensors: dict[str, Tensor],
-        report: MergeReport,
-        dtype: torch.dtype | None,
-    ) -> None:
-        self.components = components
-        self.residuals = residuals
-        self.tensors = tensors
-        self.report = report
-        self._base = base
-        self._plan = plan
-        self._shapes = {entry.key: entry.shape for entry in plan.matrices}
-        self._dtype = dtype
-
-    @property
-    def source_directory(self) -> os.PathLike | None:
-        """The base's Hugging Face directory, when the base was given as one."""
-        return self._base.directory
+    components: dict[str, tuple[Tensor, Tensor, Tensor]]
+    frozen: dict[str, Tensor]
+    tensors: dict[str, Tensor]
+    dtypes: dict[str, torch.dtype]
+    report: MergeReport
+    template: Path | None = None
+    order: list[str] = field(default_factory=list)
 
     @property
     def matrices(self) -> list[str]:
         """Names of the tensors merged as matrices, in model order."""
         return [layer.key for layer in self.report.layers]
 
-    def base_tensor(self, key: str) -> Tensor:
-        """The base model's tensor `key`, read from the base source."""
-        return self._base.get(key)
-
-    def frozen_delta(self, key: str) -> Tensor | None:
-        """The residual R of `key` in its original shape, or None."""
-        rest = self.residuals.get(key)
-        return None if rest is None else rest.reshape(self._shapes[key])
-
     def delta(self, key: str) -> Tensor:
-        """The merged task matrix `U_t diag(S_t) V_tᵀ + R` of `key`, in its original shape."""
-        parts = []
-        if key in self.components:
-            U, S, V = self.components[key]
-            parts.append((U * S) @ V.T)
-        if key in self.residuals:
-            parts.append(self.residuals[key])
-        return sum(parts[1:], parts[0]).reshape(self._shapes[key])
-
-    def _dtype_of(self, key: str) -> torch.dtype:
-        return self._dtype or self._plan.dtypes[key]
+        """The merged weight minus the frozen part, `U_t diag(S_t) V_tᵀ`, in `key`'s shape."""
+        U, S, V = self.components[key]
+        return ((U * S) @ V.T).reshape(self.frozen[key].shape)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Dense merged tensors under the base's names and order: `W0 + Δ_m` for matrices,
-        merged values for other floating tensors, the base's own values for integer buffers."""
-        out: dict[str, Tensor] = {}
-        for key in self._plan.keys:
-            if key in self._shapes:
-                W0 = self._base.get(key)
-                delta = self.delta(key)
-                out[key] = (W0.to(delta) + delta).to(self._dtype_of(key))
-            elif key in self.tensors:
-                out[key] = self.tensors[key]
+        """Dense merged tensors under the base's names and order: `frozen + U_t diag(S_t) V_tᵀ` for
+        matrices with components, the merged values of everything else."""
+        out = {}
+        for key in self.order:
+            if key in self.components:
+                frozen = self.frozen[key]
+                out[key] = (frozen.to(self.components[key][0].dtype) + self.delta(key)).to(self.dtypes[key])
             else:
-                out[key] = self._base.get(key)
+                out[key] = self.tensors[key]
         return out
 
     def to_module(self, base: nn.Module, trainable: int | float | None = None) -> nn.Module:
@@ -145,12 +134,27 @@ class MergeResult:
         """
         from svdfuse.nn.convert import attach
 
-        return attach(base, self, trainable)
+        # Integer buffers are the base's by construction: the module keeps its own.
+        merged = {key: t for key, t in self.tensors.items() if t.is_floating_point()}
+        return attach(base, self.components, self.frozen, merged, self.matrices, self.report.method, trainable)
 
-    def save(self, path: str | os.PathLike, *, format: str = "auto") -> None:
+    def save(self, path: str | os.PathLike, *, format: str = "auto", shard_size: int | str = "5GB") -> None:
         """Write the dense merged model: a `.safetensors` file, or a Hugging Face directory
-        (config and tokenizer files copied from the base directory). Never overwrites; never
-        leaves a partial file behind."""
-        from svdfuse.io import save_merged
+        (config and tokenizer files copied from the base directory; shards above `shard_size`).
+        Never overwrites; never leaves a partial file behind."""
+        from svdfuse.sinks import parse_size, refuse_existing, write_state_dict
 
-        save_merged(self, path, format=format)
+        path = Path(path)
+        refuse_existing(path)
+        if format == "auto":
+            format = "safetensors" if path.suffix == ".safetensors" else "hf"
+        if format not in ("safetensors", "hf"):
+            raise ValueError(f"format must be 'auto', 'safetensors' or 'hf', found {format!r}")
+        if format == "hf" and self.template is None:
+            raise ValueError(
+                f"cannot write {str(path)!r} as a Hugging Face directory: the base was not given as one, so there is no "
+                "config to copy; save to a .safetensors file instead"
+            )
+        if format == "safetensors" and path.suffix != ".safetensors":
+            raise ValueError(f"format='safetensors' writes one file whose name ends in .safetensors, found {str(path)!r}")
+        write_state_dict(self.state_dict(), path, template=self.template, shard_size=parse_size(shard_size, "shard_size"))

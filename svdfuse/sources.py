@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 ModelLike = Union[nn.Module, Mapping[str, Tensor], str, os.PathLike]
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
@@ -27,7 +28,7 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }
 if hasattr(torch, "float8_e8m0fnu"):  # torch >= 2.7
-    _SAFETENSORS_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+    SAFETENSORS_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 
 
 class SourceError(ValueError):
@@ -49,12 +50,25 @@ class Source:
     def keys(self) -> list[str]:
         raise NotImplementedError
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys()
+
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape, dtype) of `key` without reading its data."""
         raise NotImplementedError
 
     def get(self, key: str) -> Tensor:
         raise NotImplementedError
+
+    def read(self, key: str, start: int, stop: int, out: Tensor) -> None:
+        """Copy rows [start, stop) of `key` (its first dim) into `out`, converting to `out`'s dtype."""
+        t = self.get(key)
+        out.copy_((t.reshape(1) if t.dim() == 0 else t[start:stop]).reshape(out.shape))
+
+    def extents(self, key: str, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """(file descriptor, offset, length) of the bytes of rows [start, stop) of `key`, for
+        read-ahead; empty for sources that are not files."""
+        return []
 
 
 class MappingSource(Source):
@@ -70,6 +84,9 @@ class MappingSource(Source):
     def keys(self) -> list[str]:
         return list(self._tensors)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         t = self._tensors[key]
         return tuple(t.shape), t.dtype
@@ -78,50 +95,107 @@ class MappingSource(Source):
         return self._tensors[key].detach()
 
 
-class SafetensorsSource(Source):
-    """One or more `.safetensors` files (shards), memory-mapped and read key by key."""
+def _data_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Where each tensor's bytes start and end in a safetensors file: (data start, name -> (begin, end))."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, {key: tuple(info["data_offsets"]) for key, info in header.items()}
 
-    def __init__(self, label: str, files: list[Path], directory: Path | None = None) -> None:
+
+class SafetensorsSource(Source):
+    """One or more `.safetensors` files (shards), read by row ranges with `pread`.
+
+    Reading copies straight from the page cache into the merge's buffers: no file is mapped, so
+    the process's resident memory is its buffers alone, however much of the sources it has read.
+    """
+
+    def __init__(self, label: str, files: list[Path], directory: Path | None = None, index: Mapping[str, str] | None = None) -> None:
         super().__init__(label, directory)
-        self._handles = {}
-        self._file_of: dict[str, object] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._where: dict[str, tuple[int, int]] = {}  # key -> (fd, absolute offset of its first byte)
+        self._fds: list[int] = []
         for file in files:
             try:
-                handle = safe_open(str(file), framework="pt")
-            except (SafetensorError, OSError) as err:
+                handle = safe_open(str(file), framework="pt")  # validates the header against the file size
+                keys = list(handle.keys())
+                meta = {key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()) for key in keys}
+                start, offsets = _data_offsets(file)
+            except (SafetensorError, OSError, ValueError) as err:
                 raise SourceError(f"{label}: cannot read {str(file)!r} as safetensors ({err}); is it truncated or corrupt?") from err
-            self._handles[file] = handle
-            for key in handle.keys():
-                self._file_of[key] = handle
+            fd = os.open(file, os.O_RDONLY)
+            self._fds.append(fd)
+            for key in keys:
+                if index is not None and index.get(key, file.name) != file.name:
+                    continue  # the index names another shard for this key: that shard's copy is the model's
+                if key in self._where:
+                    raise SourceError(f"{label}: tensor {key!r} is stored in two shards and no index says which one holds it")
+                self._meta[key] = meta[key]
+                self._where[key] = (fd, start + offsets[key][0])
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", []):
+            os.close(fd)
 
     def keys(self) -> list[str]:
-        return list(self._file_of)
+        return list(self._meta)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._meta
 
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        sl = self._file_of[key].get_slice(key)
-        name = sl.get_dtype()
-        if name not in _SAFETENSORS_DTYPES:
+        shape, name = self._meta[key]
+        if name not in SAFETENSORS_DTYPES:
             raise SourceError(
                 f"{self.label}: {key!r} has safetensors dtype {name}, which svdfuse cannot read; "
-                f"expected one of {', '.join(_SAFETENSORS_DTYPES)}"
+                f"expected one of {', '.join(SAFETENSORS_DTYPES)}"
             )
-        return tuple(sl.get_shape()), _SAFETENSORS_DTYPES[name]
+        return shape, SAFETENSORS_DTYPES[name]
+
+    def _span(self, key: str, start: int, stop: int) -> tuple[int, int, int]:
+        shape, dtype = self.meta(key)
+        row = torch.Size(shape[1:]).numel() * dtype.itemsize
+        fd, offset = self._where[key]
+        return fd, offset + start * row, (stop - start) * row
+
+    def extents(self, key: str, start: int, stop: int) -> list[tuple[int, int, int]]:
+        return [self._span(key, start, stop)]
+
+    def read(self, key: str, start: int, stop: int, out: Tensor) -> None:
+        shape, dtype = self.meta(key)
+        fd, offset, length = self._span(key, start, stop)
+        direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
+        staging = out if direct else torch.empty(out.shape, dtype=dtype)
+        view = memoryview(staging.view(-1).view(torch.uint8).numpy()) if length else memoryview(b"")
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise SourceError(
+                    f"{self.label}: tensor {key!r} {shape} {dtype} ends early: the file was truncated after it was opened"
+                )
+            done += n
+        if not direct:
+            out.copy_(staging)
 
     def get(self, key: str) -> Tensor:
-        try:
-            return self._file_of[key].get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise SourceError(f"{self.label}: cannot read tensor {key!r} ({err})") from err
+        shape, dtype = self.meta(key)
+        out = torch.empty(shape, dtype=dtype)
+        self.read(key, 0, shape[0] if shape else 1, out)
+        return out
 
 
-def _hf_weight_files(directory: Path, label: str) -> list[Path] | None:
+def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str, str] | None] | None:
+    """The weight files of a Hugging Face directory and its index's name -> shard map (None: one file)."""
     single = directory / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [single], None
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = dict(json.loads(index.read_text())["weight_map"])
+            shards = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise SourceError(
                 f"{label}: {str(index)!r} is not a safetensors index: expected JSON with a 'weight_map' of "
@@ -130,7 +204,7 @@ def _hf_weight_files(directory: Path, label: str) -> list[Path] | None:
         missing = [shard for shard in shards if not (directory / shard).is_file()]
         if missing:
             raise SourceError(f"{label}: {str(index)!r} lists {len(missing)} shard files that do not exist (e.g. {missing[:3]})")
-        return [directory / shard for shard in shards]
+        return [directory / shard for shard in shards], weight_map
     return None
 
 
@@ -150,9 +224,9 @@ def open_source(model: ModelLike, label: str) -> Source:
     path = Path(model)
     label = f"{label} ({path.name!r})"
     if path.is_dir():
-        files = _hf_weight_files(path, label)
-        if files is not None:
-            return SafetensorsSource(label, files, directory=path)
+        found = _hf_weight_files(path, label)
+        if found is not None:
+            return SafetensorsSource(label, found[0], directory=path, index=found[1])
         bin_file = path / "pytorch_model.bin"
         if bin_file.is_file():
             try:
@@ -187,35 +261,60 @@ def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike]) -> list[
 
 
 class Reader:
-    """Reads a tensor from the base and every source, checking values as they arrive."""
+    """Reads row blocks of one tensor from the base and every source into the merge's buffers.
 
-    def __init__(self, base: Source, sources: list[Source], dtype: torch.dtype | None, device: torch.device) -> None:
-        self.base, self.sources, self.dtype, self.device = base, sources, dtype, device
-        self.differs = [False] * len(sources)  # whether source i differs from the base anywhere
+    Values are cast first to the merge's `dtype` when one is given (so a cast that overflows is
+    seen as such), then to the buffer's dtype. `prefetch` asks the kernel to start reading a block
+    from disk while the current one is computed.
+    """
 
-    def _load(self, source: Source, key: str) -> Tensor:
-        t = source.get(key)
-        stored = t.dtype
-        if self.dtype is not None:
-            t = t.to(self.dtype)
-        t = t.to(self.device)
-        if not torch.isfinite(t).all():
-            nan, inf = torch.isnan(t).sum().item(), torch.isinf(t).sum().item()
-            cast = f" after casting from {stored} to {t.dtype}" if t.dtype != stored else ""
-            raise SourceError(
-                f"{source.label}: {key!r} of shape {tuple(t.shape)} holds {nan} NaN and {inf} Inf values{cast} "
-                f"(of {t.numel()}); expected finite values"
-            )
-        return t
+    def __init__(self, base: Source, sources: list[Source], dtype: torch.dtype | None) -> None:
+        self.base, self.sources, self.dtype = base, sources, dtype
 
-    def read(self, key: str, shape: tuple[int, ...], out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """(base (*shape), sources (T, *shape)) on the merge device, written into `out` when given."""
-        base = self._load(self.base, key).reshape(shape)
-        if out is None:
-            stack = torch.empty((len(self.sources), *shape), dtype=base.dtype, device=self.device)
+    def _read(self, source: Source, key: str, start: int, stop: int, out: Tensor) -> None:
+        stored = source.meta(key)[1]
+        if self.dtype is None or self.dtype == stored:
+            target = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=out.dtype)
+            source.read(key, start, stop, target)
         else:
-            base, stack = out[0].copy_(base), out[1]
-        for i, source in enumerate(self.sources):
-            stack[i] = self._load(source, key).reshape(shape)
-            self.differs[i] = self.differs[i] or not torch.equal(stack[i], base)
-        return base, stack
+            target = torch.empty(out.shape, dtype=self.dtype)
+            source.read(key, start, stop, target)
+        if target is not out:
+            out.copy_(target)
+
+    def base_rows(self, key: str, start: int, stop: int, out: Tensor) -> Tensor:
+        """Rows [start, stop) of the base's `key` into `out` (any shape holding them)."""
+        self._read(self.base, key, start, stop, out)
+        return out
+
+    def source_rows(self, i: int, key: str, start: int, stop: int, out: Tensor) -> Tensor:
+        """Rows [start, stop) of source i's `key` into `out`."""
+        self._read(self.sources[i], key, start, stop, out)
+        return out
+
+    def prefetch(self, key: str, start: int, stop: int) -> None:
+        """Start reading rows [start, stop) of `key` of every file-backed model into the page cache."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for source in (self.base, *self.sources):
+            for fd, offset, length in source.extents(key, start, stop) if key in source else ():
+                if length:
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def non_finite(self, key: str, start: int, stop: int, shape: tuple[int, ...]) -> str | None:
+        """Why rows [start, stop) of `key` are not finite in some model, or None: read again, only
+        to explain a merged value that is not finite."""
+        for source in (self.base, *self.sources):
+            stored = source.meta(key)[1]
+            raw = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=stored)
+            source.read(key, start, stop, raw)
+            cast = raw if self.dtype is None else raw.to(self.dtype)
+            if not torch.isfinite(cast).all():
+                nan, inf = int(torch.isnan(cast).sum()), int(torch.isinf(cast).sum())
+                after = f" after casting from {stored} to {cast.dtype}" if cast.dtype != stored else ""
+                rows = "" if (start, stop) == (0, shape[0] if shape else 1) else f" in rows {start}:{stop}"
+                return (
+                    f"{source.label}: {key!r} of shape {tuple(shape)} holds {nan} NaN and {inf} Inf values{after}{rows} "
+                    f"(of {cast.numel()}); expected finite values"
+                )
+        return None

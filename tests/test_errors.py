@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 import svdfuse
-import svdfuse.io
+import svdfuse.sinks
 from svdfuse import SourceError
 from svdfuse.sources import open_source
 
@@ -435,13 +435,15 @@ def test_hf_format_needs_a_hf_base_and_creates_nothing(tmp_path, result):
     assert listing(out) == {}
 
 
-def _failing_save_file(error: BaseException):
-    def save_file_midway(tensors, filename, metadata=None):
-        # Write part of the file, as a real failure (disk full, interrupt) would, then fail.
-        Path(filename).write_bytes(b"partial" * 1000)
+def _fail_writes(error: BaseException, monkeypatch) -> None:
+    real = os.pwrite
+
+    def pwrite_midway(fd, data, offset):
+        # Write part of the tensor, as a real failure (disk full, interrupt) would, then fail.
+        real(fd, bytes(data[: len(data) // 2]), offset)
         raise error
 
-    return save_file_midway
+    monkeypatch.setattr(svdfuse.sinks.os, "pwrite", pwrite_midway)
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
@@ -450,7 +452,7 @@ def test_failed_safetensors_save_leaves_no_file_and_no_temp_file(error, tmp_path
     out_dir.mkdir()
     (out_dir / "other.txt").write_text("kept")
     before = listing(out_dir)
-    monkeypatch.setattr(svdfuse.io, "save_file", _failing_save_file(error))
+    _fail_writes(error, monkeypatch)
     with pytest.raises(type(error)):
         result.save(out_dir / "merged.safetensors")
     assert listing(out_dir) == before
@@ -460,7 +462,7 @@ def test_failed_safetensors_save_leaves_no_file_and_no_temp_file(error, tmp_path
 def test_failed_hf_save_leaves_no_directory_and_no_temp_directory(error, tmp_path, hf_result, monkeypatch):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    monkeypatch.setattr(svdfuse.io, "save_file", _failing_save_file(error))
+    _fail_writes(error, monkeypatch)
     with pytest.raises(type(error)):
         hf_result.save(out_dir / "merged-hf")
     assert listing(out_dir) == {}

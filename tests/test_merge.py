@@ -97,12 +97,29 @@ def test_include_exclude_patterns_choose_the_matrices():
     torch.testing.assert_close(result.state_dict()["head.weight"], torch.stack([s["head.weight"] for s in sources]).mean(0))
 
 
-def test_grouping_budget_does_not_change_the_result():
+@pytest.mark.parametrize("method,k", [("axis", 5), ("tsv_m", None)])
+def test_memory_budget_does_not_change_the_result(method, k):
+    # 24x16 fp32 matrices, 4 sources: 1 GiB holds every matrix at once; 60 kB one matrix over all
+    # sources at a time (a group piece of one matrix is ~52 kB); 20 kB one matrix over one source
+    # at a time (~16 kB), streamed through the source chunks. Same arithmetic, same bits.
     base, sources = _planted_sources(T=4, rank=3, seed=4, dtype=torch.float32)
-    one_by_one = svdfuse.merge(sources, k=5, base=base, group_bytes=1, device="cpu")
-    together = svdfuse.merge(sources, k=5, base=base, group_bytes=1 << 30, device="cpu")
-    for key in together.components:
-        torch.testing.assert_close(one_by_one.delta(key), together.delta(key), atol=1e-5, rtol=1e-5)
+    results = [svdfuse.merge(sources, k=k, base=base, method=method, max_memory=budget, device="cpu") for budget in ("1GiB", 60_000, 20_000)]
+    for other in results[1:]:
+        assert other.components.keys() == results[0].components.keys()
+        for key, factors in results[0].components.items():
+            for a, b in zip(factors, other.components[key]):
+                assert torch.equal(a, b), key
+        assert [layer.counts for layer in other.report.layers] == [layer.counts for layer in results[0].report.layers]
+        for key, value in results[0].state_dict().items():
+            assert torch.equal(value, other.state_dict()[key]), key
+
+
+def test_a_budget_below_the_smallest_piece_says_the_minimum():
+    base, sources = _planted_sources(T=4, rank=3, seed=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"max_memory=9.8 KiB is smaller than the smallest piece .* needs 16.0 KiB; give at least max_memory=1MiB"):
+        svdfuse.merge(sources, k=5, base=base, max_memory=10_000, device="cpu")
+    with pytest.raises(ValueError, match=r"iso_c over 4 sources of one 24x16 matrix"):
+        svdfuse.merge(sources, base=base, method="iso_c", max_memory=20_000, device="cpu")
 
 
 class _TinyNet(nn.Module):

@@ -1,98 +1,87 @@
 """Elementwise merges of task vectors: Average, Task Arithmetic, TIES, DARE.
 
-Each takes `W0: (G, *shape)` and the sources `W: (G, T, *shape)` and returns the merged task
-vectors `(G, *shape)`; the same rule merges matrices and every other tensor.
+Each takes a row block of one tensor, `W0: (R, *s)` and the sources `W: (T, R, *s)` in the
+accumulation dtype, and returns the merged task vector `(R, *s)`. `W` is the merge's own buffer:
+a method may overwrite it (the task vectors are formed in place, saving a copy of the block).
 """
 
 from __future__ import annotations
 
-import math
 import zlib
 
 import torch
 from torch import Tensor
 
-from svdfuse.methods import mean_delta, register
-from svdfuse.ops import SVDOptions
+from svdfuse.methods.registry import Block, Kind, check_finite_param, register
+from svdfuse.methods.trim import Trim
 
 
-def _check_scaling(scaling: float) -> None:
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite number, found {scaling}")
+def _task_vectors(W0: Tensor, W: Tensor) -> Tensor:
+    return W.sub_(W0)  # in place: (T, R, *s) task vectors τ_i = W_i − W0
 
 
+@register("average", reference_url="https://arxiv.org/abs/2203.05482", kind=Kind.ELEMENTWISE)
 def average(W0: Tensor, W: Tensor) -> Tensor:
     """Model soup: the mean of the sources, i.e. the mean task vector."""
-    return mean_delta(W0, W)
+    return _task_vectors(W0, W).mean(0)
 
 
-register("average", reference_url="https://arxiv.org/abs/2203.05482", tensors=average)(average)
-
-
+@register("task_arithmetic", reference_url="https://arxiv.org/abs/2212.04089", kind=Kind.ELEMENTWISE)
 def task_arithmetic(W0: Tensor, W: Tensor, *, scaling: float = 0.3) -> Tensor:
     """`scaling · Σ_i (W_i − W0)`; 0.3 is the value the paper found best for many tasks."""
-    _check_scaling(scaling)
-    return scaling * (W - W0.unsqueeze(1)).sum(1)
+    check_finite_param("task_arithmetic", "scaling", scaling)
+    return _task_vectors(W0, W).sum(0).mul_(scaling)
 
 
-register("task_arithmetic", reference_url="https://arxiv.org/abs/2212.04089", tensors=task_arithmetic)(task_arithmetic)
-
-
-def _keep_top(tau: Tensor, density: float) -> Tensor:
-    """Zero all but the floor(density · numel) largest-magnitude entries of each task vector.
-
-    tau: (G, T, *shape), trimmed per (layer, source) tensor.
-    """
-    flat = tau.flatten(2)
-    keep = math.floor(density * flat.shape[-1])
-    if keep == 0:
-        return torch.zeros_like(tau)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask.scatter_(-1, flat.abs().topk(keep, dim=-1).indices, True)
-    return (flat * mask).reshape(tau.shape)
-
-
-def ties(W0: Tensor, W: Tensor, *, density: float = 0.2, scaling: float = 1.0) -> Tensor:
-    """TIES: trim each task vector to its top `density` fraction by magnitude (per tensor), elect
-    the sign of each entry by the sum of the trimmed values, and average only the values that
-    agree with it (disjoint mean); times `scaling`."""
+@register("ties", reference_url="https://arxiv.org/abs/2306.01708", kind=Kind.ELEMENTWISE, trim_density="density")
+def ties(W0: Tensor, W: Tensor, *, block: Block, trim: Trim | None = None, density: float = 0.2, scaling: float = 1.0) -> Tensor:
+    """TIES: trim each task vector to its top `density` fraction by magnitude (floor(density ·
+    numel) entries per source and tensor; ties at the threshold go to the entries first in
+    row-major order), elect the sign of each entry by the sum of the trimmed values, and average
+    only the values that agree with it (disjoint mean); times `scaling`."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"ties: density must be in [0, 1], found {density}")
-    _check_scaling(scaling)
-    trimmed = _keep_top(W - W0.unsqueeze(1), density)
-    elected = torch.sign(trimmed.sum(1, keepdim=True))
-    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-    count = agree.sum(1).clamp(min=1)
-    return scaling * (trimmed * agree).sum(1) / count
+    check_finite_param("ties", "scaling", scaling)
+    tau = _task_vectors(W0, W)
+    trimmed = tau.mul_(trim.mask(tau, block.start))  # a multiply, not a select: a NaN survives to be reported
+    elected = torch.sign(trimmed.sum(0))
+    agree = (trimmed * elected) > 0  # same nonzero sign as the elected one
+    count = agree.sum(0).clamp_(min=1)
+    return trimmed.mul_(agree).sum(0).div_(count).mul_(scaling)
 
 
-register("ties", reference_url="https://arxiv.org/abs/2306.01708", tensors=ties)(ties)
+def _fmix32(h: Tensor) -> Tensor:
+    # MurmurHash3's finalizer on 32-bit values held in int64 (no signed overflow, logical shifts).
+    mask = 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & mask
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & mask
+    return h ^ (h >> 16)
 
 
-def _drop_mask(shape: torch.Size, drop_rate: float, seed: int, key: str, source: int, device: torch.device) -> Tensor:
-    # Seeded per (tensor, source), so the masks don't depend on how tensors are grouped.
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}:{source}".encode()))
-    return (torch.rand(shape, generator=gen) >= drop_rate).to(device)
+def survivors(seed: int, key: str, source: int, start: int, shape: torch.Size, drop_rate: float, device: torch.device) -> Tensor:
+    """DARE's keep-mask of `shape` entries of tensor `key`, source `source`, from flat index `start`.
+
+    Each entry's fate is a hash of (seed, key, source, its flat index), so a mask does not depend
+    on how the tensor is cut into blocks, on the device or on the number of processes.
+    """
+    salt = zlib.crc32(f"{seed}:{key}:{source}".encode())
+    index = torch.arange(start, start + shape.numel(), dtype=torch.int64, device=device)
+    h = _fmix32(_fmix32((index & 0xFFFFFFFF) ^ salt) ^ (index >> 32))
+    return (h >= round(drop_rate * 2**32)).reshape(shape)
 
 
-def dare(
-    W0: Tensor, W: Tensor, *, keys: list[str], svd: SVDOptions, drop_rate: float = 0.9, rescale: bool = True, scaling: float = 1.0
-) -> Tensor:
+@register("dare", reference_url="https://arxiv.org/abs/2311.03099", kind=Kind.ELEMENTWISE)
+def dare(W0: Tensor, W: Tensor, *, block: Block, drop_rate: float = 0.9, rescale: bool = True, scaling: float = 1.0) -> Tensor:
     """DARE: drop each task-vector entry with probability `drop_rate`, rescale the survivors by
     1 / (1 − drop_rate) (when `rescale`), then add them up as Task Arithmetic with `scaling`.
-    The masks are seeded by `svd.seed`, the merge's one seed."""
+    The masks are seeded by the merge's seed (`SVDOptions.seed`)."""
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"dare: drop_rate must be in [0, 1), found {drop_rate}")
-    _check_scaling(scaling)
-    tau = W - W0.unsqueeze(1)
-    G, T = tau.shape[:2]
-    masks = torch.stack(
-        [torch.stack([_drop_mask(tau.shape[2:], drop_rate, svd.seed, keys[g], t, tau.device) for t in range(T)]) for g in range(G)]
-    )
-    kept = tau * masks
-    if rescale:
-        kept = kept / (1.0 - drop_rate)
-    return scaling * kept.sum(1)
-
-
-register("dare", reference_url="https://arxiv.org/abs/2311.03099", tensors=dare)(dare)
+    check_finite_param("dare", "scaling", scaling)
+    tau = _task_vectors(W0, W)
+    for i in range(tau.shape[0]):
+        tau[i].mul_(survivors(block.seed, block.key, i, block.start, tau.shape[1:], drop_rate, tau.device))
+    factor = scaling / (1.0 - drop_rate) if rescale else scaling
+    return tau.sum(0).mul_(factor)

@@ -10,8 +10,10 @@ import math
 import torch
 from torch import Tensor
 
+from collections.abc import Iterator
+
 from svdfuse import ops
-from svdfuse.methods import Factors, register
+from svdfuse.methods.registry import Factors, Kind, check_finite_param, register
 
 
 def _polar(A: Tensor) -> Tensor:
@@ -26,18 +28,7 @@ def _sorted(U: Tensor, S: Tensor, V: Tensor, counts: Tensor | None = None) -> Fa
     return Factors(take(U), torch.gather(S, -1, order), take(V), counts)
 
 
-def _check_scaling(name: str, scaling: float) -> None:
-    if not math.isfinite(scaling):
-        raise ValueError(f"{name}: scaling must be a finite number, found {scaling}")
-
-
-@register("tsv_m", reference_url="https://arxiv.org/abs/2412.00081")
-def tsv_m(W0: Tensor, W: Tensor, *, svd: ops.SVDOptions, budget: int | None = None, scaling: float = 1.0) -> Factors:
-    """TSV-M: keep each task's top `budget` singular components (default floor(min(m, n) / T)),
-    stack them, replace the stacked U and V by their closest orthonormal matrices (polar
-    decomposition) and sum; times `scaling`. More tasks than the matrix has room for
-    (T · budget > min(m, n)) is an error, not a silent truncation."""
-    G, T, m, n = W.shape
+def _tsv_rank(k: int | None, T: int, m: int, n: int, *, budget: int | None = None) -> int:
     r = min(m, n)
     b = r // T if budget is None else budget
     if b < 1 or T * b > r:
@@ -45,11 +36,29 @@ def tsv_m(W0: Tensor, W: Tensor, *, svd: ops.SVDOptions, budget: int | None = No
             f"tsv_m: {T} sources x {b} components per source do not fit the rank {r} of a {m}x{n} matrix; "
             f"need 1 <= budget <= {r // T}" + (" (fewer sources than rank: exclude this matrix or merge fewer sources)" if r < T else "")
         )
-    _check_scaling("tsv_m", scaling)
-    U, S, V = svd.truncated_svd(W, b, base=W0.unsqueeze(1))
+    return b
+
+
+@register("tsv_m", reference_url="https://arxiv.org/abs/2412.00081", kind=Kind.FACTORS, source_rank=_tsv_rank)
+def tsv_m(chunks: Iterator[tuple[Tensor, Tensor, Tensor]], *, T: int, budget: int | None = None, scaling: float = 1.0) -> Factors:
+    """TSV-M: keep each task's top `budget` singular components (default floor(min(m, n) / T)),
+    stack them, replace the stacked U and V by their closest orthonormal matrices (polar
+    decomposition) and sum; times `scaling`. More tasks than the matrix has room for
+    (T · budget > min(m, n)) is an error, not a silent truncation.
+
+    chunks: U (G, c, m, r), S (G, c, r), V (G, c, n, r) of consecutive sources, r >= budget.
+    """
+    check_finite_param("tsv_m", "scaling", scaling)
+    parts = list(chunks)
+    G, _, m, r = parts[0][0].shape
+    n = parts[0][2].shape[2]
+    b = _tsv_rank(None, T, m, n, budget=budget)
+    U = torch.cat([p[0][..., :b] for p in parts], 1)  # (G, T, m, b)
+    S = torch.cat([p[1][..., :b] for p in parts], 1)
+    V = torch.cat([p[2][..., :b] for p in parts], 1)
     U_cat = U.permute(0, 2, 1, 3).reshape(G, m, T * b)
     V_cat = V.permute(0, 2, 1, 3).reshape(G, n, T * b)
-    counts = torch.full((G, T), b, dtype=torch.int64, device=W.device)
+    counts = torch.full((G, T), b, dtype=torch.int64, device=S.device)
     return _sorted(_polar(U_cat), scaling * S.reshape(G, T * b), _polar(V_cat), counts)
 
 
@@ -60,16 +69,16 @@ def _summed_svd(W0: Tensor, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return ops.truncated_svd(summed, min(W.shape[-2:]), method="exact")
 
 
-@register("iso_c", reference_url="https://arxiv.org/abs/2502.04959")
+@register("iso_c", reference_url="https://arxiv.org/abs/2502.04959", kind=Kind.MATRICES)
 def iso_c(W0: Tensor, W: Tensor, *, scaling: float = 1.0) -> Factors:
     """Iso-C: SVD of the summed task matrix with every singular value replaced by their mean,
     times `scaling`: `scaling · mean(σ) · U Vᵀ`."""
-    _check_scaling("iso_c", scaling)
+    check_finite_param("iso_c", "scaling", scaling)
     U, S, V = _summed_svd(W0, W)
     return Factors(U, scaling * S.mean(-1, keepdim=True).expand_as(S).contiguous(), V)
 
 
-@register("iso_cts", reference_url="https://arxiv.org/abs/2502.04959")
+@register("iso_cts", reference_url="https://arxiv.org/abs/2502.04959", kind=Kind.MATRICES)
 def iso_cts(W0: Tensor, W: Tensor, *, svd: ops.SVDOptions, common: float = 0.8, scaling: float = 1.0) -> Factors:
     """Iso-CTS: the top floor(common · r) directions of the summed task matrix (the common
     subspace), plus for each task the top (r − common part) // T directions of its task matrix
@@ -77,7 +86,7 @@ def iso_cts(W0: Tensor, W: Tensor, *, svd: ops.SVDOptions, common: float = 0.8, 
     replaced by the mean of the kept ones, times `scaling`."""
     if not 0.0 <= common <= 1.0:
         raise ValueError(f"iso_cts: common must be in [0, 1], found {common}")
-    _check_scaling("iso_cts", scaling)
+    check_finite_param("iso_cts", "scaling", scaling)
     G, T, m, n = W.shape
     r = min(m, n)
     k_c = math.floor(common * r)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +23,8 @@ from svdfuse.nn.layers import (
     Excess, SVDLinear, SVDWeight, TaskCoefficients, _LowRankLayer, _requested, _SingularValues, _dense_linear,
 )  # fmt: skip
 
-if TYPE_CHECKING:
-    from svdfuse.result import MergeResult
+# name -> (U (m, k), S (k,), V (n, k)) of every merged matrix that has components.
+Components = dict[str, tuple[Tensor, Tensor, Tensor]]
 
 __all__ = ["svd_layers", "adaptable_layers", "set_trainable", "materialize", "attach", "parametrize_tensor"]
 
@@ -97,39 +97,46 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _frozen_weight(result: "MergeResult", key: str, own: dict[str, Tensor]) -> Tensor:
+def _frozen_weight(frozen: dict[str, Tensor], key: str, own: dict[str, Tensor]) -> Tensor:
     """The frozen part of merged weight `key`: the base plus whatever of the merge is not in the components."""
-    weight0 = result.base_tensor(key).to(own[key])
+    weight0 = frozen[key].to(own[key])
     if own[key].shape != weight0.shape:
         raise ValueError(f"{key!r}: module has shape {tuple(own[key].shape)}, merge base has {tuple(weight0.shape)}")
-    rest = result.frozen_delta(key)
-    return weight0 if rest is None else weight0 + rest.to(weight0)
+    return weight0
 
 
 def _merged_linear(
-    result: "MergeResult", key: str, own: dict[str, Tensor], bias: Tensor | None, trainable: int | float | None
+    components: Components, frozen: dict[str, Tensor], key: str, own: dict[str, Tensor], bias: Tensor | None, trainable: int | float | None
 ) -> nn.Module:
     """The layer computing weight `key`: an `SVDLinear` over its merged components, else a frozen dense `nn.Linear`."""
-    if key in result.components:
-        return SVDLinear(_frozen_weight(result, key, own), *result.components[key], bias, trainable)
-    weight = _frozen_weight(result, key, own) if key in result.matrices else own[key]
-    return _dense_linear(weight, bias).requires_grad_(False)
+    if key in components:
+        return SVDLinear(_frozen_weight(frozen, key, own), *components[key], bias, trainable)
+    return _dense_linear(own[key], bias).requires_grad_(False)
 
 
-def attach(base: nn.Module, result: "MergeResult", trainable: int | float | None = None) -> nn.Module:
-    """Implementation of `MergeResult.to_module`: a deep copy of `base` holding the merge."""
+def attach(
+    base: nn.Module,
+    components: Components,
+    frozen: dict[str, Tensor],
+    tensors: dict[str, Tensor],
+    matrices: list[str],
+    method: str,
+    trainable: int | float | None = None,
+) -> nn.Module:
+    """Implementation of `MergeResult.to_module`: a deep copy of `base` holding a merge given as
+    plain data (name -> factors, frozen parts, dense tensors; the names merged as matrices)."""
     model = copy.deepcopy(base)
     own = model.state_dict()
-    for key in result.matrices + list(result.tensors):
+    for key in list(components) + list(tensors):
         if key not in own:
             raise ValueError(f"module {type(base).__name__} has no tensor {key!r} that the merge produced")
-    if result.matrices and not result.components:
+    if matrices and not components:
         raise ValueError(
-            f"this {result.report.method} merge has no components to adapt: pass k to svdfuse.merge to make the top-k "
+            f"this {method} merge has no components to adapt: pass k to svdfuse.merge to make the top-k "
             "singular components of each merged matrix trainable"
         )
     with torch.no_grad():
-        for key, value in result.tensors.items():
+        for key, value in tensors.items():
             own[key].copy_(value)
     modules = dict(model.named_modules())
     done: set[str] = set()
@@ -138,22 +145,18 @@ def attach(base: nn.Module, result: "MergeResult", trainable: int | float | None
         if not name or not isinstance(attention, nn.MultiheadAttention) or not convertible(attention):
             continue
         keys = (f"{name}.in_proj_weight", f"{name}.out_proj.weight")
-        if any(key in result.components for key in keys):
-            in_proj = _merged_linear(result, keys[0], own, attention.in_proj_bias, trainable)
-            out_proj = _merged_linear(result, keys[1], own, attention.out_proj.bias, trainable)
+        if any(key in components for key in keys):
+            in_proj = _merged_linear(components, frozen, keys[0], own, attention.in_proj_bias, trainable)
+            out_proj = _merged_linear(components, frozen, keys[1], own, attention.out_proj.bias, trainable)
             _replace(model, name, SVDMultiheadAttention(attention, in_proj, out_proj))
             done.update(keys)
-    for key in result.matrices:
+    for key in components:
         if key in done:
             continue
         owner_name, _, attr = key.rpartition(".")
         owner = modules[owner_name]
-        weight0 = _frozen_weight(result, key, own)
-        if key not in result.components:
-            with torch.no_grad():
-                own[key].copy_(weight0)
-            continue
-        U, S, V = result.components[key]
+        weight0 = _frozen_weight(frozen, key, own)
+        U, S, V = components[key]
         parent = modules.get(owner_name.rpartition(".")[0]) if owner_name else None
         # A layer that is the model itself cannot be swapped inside it: it keeps SVDWeight.
         replaceable = attr == "weight" and owner_name != ""

@@ -1,0 +1,146 @@
+"""The method registry: what a merge method is, and the table of registered ones.
+
+A method is one of three kinds, by what it needs to see at once:
+
+- `Kind.ELEMENTWISE` (Average, Task Arithmetic, TIES, DARE): a row block of one tensor over all
+  sources, `W0: (R, *s)` and `W: (T, R, *s)` -> merged task vector `(R, *s)`. Every tensor of the
+  model goes through it in blocks sized from the memory budget. Context it may declare: `block`
+  (a `Block`: which tensor and where the rows start, for seeded masks) and `trim` (a `Trim`: the
+  exact per-source magnitude threshold over the whole tensor, for methods that trim; `trim_density`
+  names the parameter giving its density).
+- `Kind.FACTORS` (AXIS, TSV-M): per-source truncated SVDs combined. `source_rank(k, T, m, n,
+  **params)` says how many components each source needs; `merge(chunks, *, k, T, **params)` takes
+  an iterator of `(U (G, c, m, r), S (G, c, r), V (G, c, n, r))`, the factors of consecutive
+  sources of a group of G same-shape matrices, and returns `Factors`. The factors may come from an
+  SVD on the fly or from per-source caches (`svdfuse.decompose`), and any number of sources streams
+  through a bounded buffer.
+- `Kind.MATRICES` (Iso-C, Iso-CTS): `W0: (G, m, n)`, `W: (G, T, m, n)` -> `Factors` or a dense
+  `(G, m, n)`; all sources of a group at once.
+
+Tensors that are not merged as matrices take the mean task vector unless the method is
+elementwise. The merge pipeline (`svdfuse.merge`) reads, checks and writes; methods only compute.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+__all__ = ["Kind", "Factors", "Block", "Method", "METHODS", "get_method", "register", "check_finite_param"]
+
+
+class Kind(str, enum.Enum):
+    """What a method sees at once: a row block, per-source factors, or whole matrices."""
+
+    ELEMENTWISE = "elementwise"
+    FACTORS = "factors"
+    MATRICES = "matrices"
+
+
+class Factors(NamedTuple):
+    """Merged task matrices `U diag(S) Vᵀ` of a group, an SVD (orthonormal U, V; S descending).
+
+    U: (G, m, r), S: (G, r), V: (G, n, r); counts: (G, T) components taken from each source, if
+    the method selects components.
+    """
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+    counts: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Block:
+    """Where a row block lies: tensor `key`, its first element's flat index `start`, the merge's `seed`."""
+
+    key: str
+    start: int
+    seed: int
+
+
+def check_finite_param(method: str, name: str, value: float) -> None:
+    """Refuse a non-finite scalar parameter (scaling, weights) before any work."""
+    if not math.isfinite(value):
+        raise ValueError(f"{method}: {name} must be a finite number, found {value}")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merge method.
+
+    Attributes:
+        name: what users pass as `method=`.
+        reference_url: the paper it implements.
+        kind: what it sees at once (`Kind`).
+        merge: the merge rule of its kind (module docstring).
+        needs_k: whether `k` is required (it is the method's own rank, as in AXIS).
+        source_rank: for `Kind.FACTORS`, `(k, T, m, n, **params) -> r` components per source.
+        trim_density: for elementwise methods that trim each task vector to its top magnitudes,
+            the parameter holding the density (the pipeline computes the exact `Trim`).
+    """
+
+    name: str
+    reference_url: str
+    kind: Kind
+    merge: Callable[..., Any]
+    needs_k: bool = False
+    source_rank: Callable[..., int] | None = None
+    trim_density: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        """The method's own parameters and their defaults."""
+        context = {"k", "svd", "keys", "block", "trim", "T", "seed"}
+        out = {}
+        for fn in filter(None, (self.merge, self.source_rank)):
+            for name, p in inspect.signature(fn).parameters.items():
+                if p.kind is p.KEYWORD_ONLY and name not in context:
+                    out[name] = p.default
+        return out
+
+    def check_params(self, given: dict[str, Any]) -> None:
+        unknown = sorted(set(given) - set(self.params()))
+        if unknown:
+            accepted = ", ".join(f"{k}={v!r}" for k, v in self.params().items()) or "none"
+            raise TypeError(f"method {self.name!r} has no parameter {unknown[0]!r}; its parameters: {accepted}")
+
+    def call(self, fn: Callable, *args: Any, **context: Any) -> Any:
+        """`fn(*args, **the subset of context it takes)`."""
+        names = inspect.signature(fn).parameters
+        return fn(*args, **{k: v for k, v in context.items() if k in names})
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(
+    name: str,
+    *,
+    reference_url: str,
+    kind: Kind,
+    needs_k: bool = False,
+    source_rank: Callable[..., int] | None = None,
+    trim_density: str | None = None,
+) -> Callable[[Callable], Callable]:
+    """Register `fn` as the merge rule of method `name`."""
+
+    def decorate(fn: Callable) -> Callable:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} is already registered")
+        METHODS[name] = Method(name, reference_url, kind, fn, needs_k, source_rank, trim_density)
+        return fn
+
+    return decorate
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`; the error lists the known ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -1,0 +1,253 @@
+"""Compute: one task of the plan at a time, piece by piece, through `svdfuse.ops` and the method.
+
+`Compute.run(task)` yields what the sinks take, in plain terms: `Merged(spec, start, value)`, a
+row block of a dense merged tensor (value: rows [start, start + R)) or a whole matrix as
+`LowRank` factors, with the `LayerReport` of every matrix. It reads through the `Reader` and
+knows nothing of where its output goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from svdfuse.methods import Block, Factors, Kind, Method
+from svdfuse.methods.trim import exact_trim
+from svdfuse.ops import SVDOptions
+from svdfuse.plan import Role, Task, TensorSpec
+from svdfuse.reference import compute_dtype
+from svdfuse.result import LayerReport
+from svdfuse.sinks import LowRank
+from svdfuse.sources import Reader, SourceError
+
+
+@dataclass(frozen=True)
+class Merged:
+    """One output of the merge: rows [start, ...) of `spec`'s dense value, or its `LowRank` factors."""
+
+    spec: TensorSpec
+    start: int
+    value: Tensor | LowRank
+    layer: LayerReport | None = None
+
+
+@dataclass
+class Progress:
+    """What compute tells the caller as it goes: bytes read, and which sources differ from the base."""
+
+    differs: list[bool]
+    advance: Callable[[int], None] = lambda nbytes: None
+
+
+def _adaptable(merged: Factors | Tensor, k: int | None, svd: SVDOptions) -> tuple[Factors | None, Tensor | None]:
+    """Split a group's merged task matrices into top-k SVD factors (what Stage 2 adapts) and a
+    dense residual (kept frozen), exactly: factors + residual = merged.
+
+    k None keeps a method's own factors whole and leaves a dense result dense.
+    """
+    if isinstance(merged, Factors):
+        if k is None or merged.S.shape[-1] <= k:
+            return merged, None
+        U, S, V, counts = merged
+        rest = (U[..., k:] * S[..., k:].unsqueeze(-2)) @ V[..., k:].mT
+        return Factors(U[..., :k], S[..., :k], V[..., :k], counts), rest
+    if k is None:
+        return None, merged
+    U, S, V = svd.truncated_svd(merged, k)
+    return Factors(U, S, V), merged - (U * S.unsqueeze(-2)) @ V.mT
+
+
+class Compute:
+    """Merges the tasks of a plan with `method`, reading through `reader`, on `device`.
+
+    `want_factors`: whether matrices of methods whose merge is dense must also be split into
+    top-k factors (for Stage 2); a file sink needs only the dense values.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        reader: Reader,
+        *,
+        svd: SVDOptions,
+        device: torch.device,
+        params: dict[str, Any],
+        want_factors: bool,
+        progress: Progress,
+    ) -> None:
+        self.method, self.reader, self.svd, self.device = method, reader, svd, device
+        self.params, self.want_factors, self.progress = params, want_factors, progress
+        self.T = len(reader.sources)
+
+    def run(self, task: Task, after: Task | None = None) -> Iterator[Merged]:
+        """The outputs of `task`; `after` (the next task) is prefetched while this one computes."""
+        spec = task.specs[0]
+        if spec.role is Role.COPIED:
+            yield from self._copied(spec)
+        elif spec.role is Role.ELEMENTWISE or self.method.kind is Kind.ELEMENTWISE:
+            yield from self._elementwise(spec, task.block)
+        elif self.method.kind is Kind.FACTORS:
+            yield from self._factors(task)
+        else:
+            yield from self._matrices(task)
+        if after is not None:
+            first = after.specs[0]
+            self.reader.prefetch(first.key, 0, min(first.rows, after.block) if first.role is not Role.MATRIX else first.rows)
+
+    # -- elementwise: row blocks of one tensor over all sources ---------------------------------
+
+    def _copied(self, spec: TensorSpec) -> Iterator[Merged]:
+        base = self.reader.base_rows(spec.key, 0, spec.rows, torch.empty(spec.shape, dtype=spec.dtype))
+        for i, source in enumerate(self.reader.sources):
+            if spec.key not in source:
+                continue  # integer buffers a source does not store are the base's
+            if not torch.equal(self.reader.source_rows(i, spec.key, 0, spec.rows, torch.empty(spec.shape, dtype=spec.dtype)), base):
+                raise SourceError(
+                    f"{source.label}: integer tensor {spec.key!r} {spec.shape} {spec.dtype} differs from the base's; "
+                    "svdfuse merges floating tensors only and keeps integer buffers, which must agree"
+                )
+        self.progress.advance((self.T + 1) * spec.nbytes)
+        yield Merged(spec, 0, base)
+
+    def _blocks(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor, check: bool) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+        """(start row, stop row, base rows, source rows) of `spec`, read into the buffers."""
+        for start in range(0, spec.rows, block):
+            stop = min(start + block, spec.rows)
+            if stop < spec.rows:
+                self.reader.prefetch(spec.key, stop, min(stop + block, spec.rows))
+            w0, w = W0[: stop - start], W[:, : stop - start]
+            self.reader.base_rows(spec.key, start, stop, w0)
+            for i in range(self.T):
+                self.reader.source_rows(i, spec.key, start, stop, w[i])
+                if check and not self.progress.differs[i]:
+                    self.progress.differs[i] = not torch.equal(w[i], w0)
+            yield start, stop, w0, w
+
+    def _elementwise(self, spec: TensorSpec, block: int) -> Iterator[Merged]:
+        acc = compute_dtype(spec.out_dtype)
+        c = spec.row_numel
+        W0 = torch.empty((min(block, spec.rows), c), dtype=acc, device=self.device)
+        W = torch.empty((self.T, min(block, spec.rows), c), dtype=acc, device=self.device)
+        method = self.method if self.method.kind is Kind.ELEMENTWISE else None
+        context: dict[str, Any] = {"svd": self.svd, **self.params}
+        if method is not None and method.trim_density is not None:
+            density = self.params.get(method.trim_density, method.params()[method.trim_density])
+
+            def taus() -> Iterator[tuple[int, Tensor]]:
+                for start, _, w0, w in self._blocks(spec, block, W0, W, check=False):
+                    yield start * c, w.sub_(w0)
+
+            if 0.0 <= density <= 1.0:  # else the method says what is wrong
+                context["trim"] = exact_trim(taus, spec.rows * c, self.T, density, acc)
+        whole = None
+        if spec.role is Role.MATRIX and spec.k is not None and self.want_factors:
+            whole = torch.empty((spec.rows, c), dtype=acc, device=self.device)  # the delta, for its SVD
+        for start, stop, w0, w in self._blocks(spec, block, W0, W, check=True):
+            block_info = Block(spec.key, start * c, self.svd.seed)
+            if method is None:
+                delta = w.sub_(w0).mean(0)
+            else:
+                delta = method.call(method.merge, w0, w, block=block_info, **context)
+            self.progress.advance((self.T + 1) * (stop - start) * c * spec.dtype.itemsize)
+            if whole is not None:
+                whole[start:stop] = delta
+                continue
+            out = delta.add_(w0).to(spec.out_dtype)
+            self._check_merged(spec, start, stop, out)
+            layer = LayerReport(spec.key, spec.shape, 0, None) if spec.role is Role.MATRIX and start == 0 else None
+            yield Merged(spec, start, out.reshape((stop - start, *spec.shape[1:]) if spec.shape else ()), layer)
+        if whole is not None:
+            factors, rest = _adaptable(whole[None], spec.k, self.svd)
+            W0_all = self.reader.base_rows(spec.key, 0, spec.rows, torch.empty((spec.rows, c), dtype=acc, device=self.device))
+            frozen = W0_all if rest is None else W0_all.add_(rest[0])
+            yield self._low_rank(spec, frozen, factors, 0, rest is not None)
+
+    def _check_merged(self, spec: TensorSpec, start: int, stop: int, out: Tensor) -> None:
+        if bool(torch.isfinite(out).all()):
+            return
+        why = self.reader.non_finite(spec.key, start, stop, spec.shape)
+        if why is not None:
+            raise SourceError(why)
+        bad = int((~torch.isfinite(out)).sum())
+        raise ValueError(
+            f"{spec.key!r} {spec.shape}: the merged value overflows {spec.out_dtype} in {bad} entries (rows {start}:{stop}) "
+            f"though every input is finite; merge in a wider dtype (dtype=torch.float32) or lower the method's scaling"
+        )
+
+    # -- matrices: groups of same-shape matrices -----------------------------------------------
+
+    def _read_group(self, specs: tuple[TensorSpec, ...], dtype: torch.dtype) -> Tensor:
+        W0 = torch.empty((len(specs), specs[0].m, specs[0].n), dtype=dtype, device=self.device)
+        for g, spec in enumerate(specs):
+            self.reader.base_rows(spec.key, 0, spec.rows, W0[g])
+            self._check_finite(spec, W0[g])
+        return W0
+
+    def _check_finite(self, spec: TensorSpec, t: Tensor) -> None:
+        if not bool(torch.isfinite(t).all()):
+            raise SourceError(self.reader.non_finite(spec.key, 0, spec.rows, spec.shape) or f"{spec.key!r}: not finite")
+
+    def _sources(self, specs: tuple[TensorSpec, ...], W0: Tensor, first: int, out: Tensor) -> Tensor:
+        """Sources first.. of the group into out (G, c, m, n), checked finite and against the base."""
+        for g, spec in enumerate(specs):
+            for j in range(out.shape[1]):
+                i = first + j
+                self.reader.source_rows(i, spec.key, 0, spec.rows, out[g, j])
+                self._check_finite(spec, out[g, j])
+                if not self.progress.differs[i]:
+                    self.progress.differs[i] = not torch.equal(out[g, j], W0[g])
+        self.progress.advance(out[:, :, 0, 0].numel() * specs[0].m * specs[0].n * specs[0].dtype.itemsize)
+        return out
+
+    def _factors(self, task: Task) -> Iterator[Merged]:
+        specs, chunk = task.specs, task.block
+        spec0 = specs[0]
+        dtype = spec0.out_dtype
+        W0 = self._read_group(specs, dtype)
+        self.progress.advance(W0.numel() * spec0.dtype.itemsize)
+        rank = self.method.call(self.method.source_rank, spec0.k, self.T, spec0.m, spec0.n, **self.params)
+        buffer = torch.empty((len(specs), min(chunk, self.T), spec0.m, spec0.n), dtype=dtype, device=self.device)
+
+        def chunks() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+            for first in range(0, self.T, chunk):
+                W = self._sources(specs, W0, first, buffer[:, : min(chunk, self.T - first)])
+                yield self.svd.truncated_svd(W, rank, base=W0.unsqueeze(1))
+
+        merged = self.method.call(self.method.merge, chunks(), k=spec0.k, T=self.T, svd=self.svd, **self.params)
+        del buffer
+        factors, rest = _adaptable(merged, spec0.k, self.svd)
+        yield from self._group_outputs(specs, W0, factors, rest)
+
+    def _matrices(self, task: Task) -> Iterator[Merged]:
+        specs = task.specs
+        acc = compute_dtype(specs[0].out_dtype)
+        W0 = self._read_group(specs, acc)
+        W = self._sources(specs, W0, 0, torch.empty((len(specs), self.T, specs[0].m, specs[0].n), dtype=acc, device=self.device))
+        self.progress.advance(W0.numel() * specs[0].dtype.itemsize)
+        merged = self.method.call(self.method.merge, W0, W, k=specs[0].k, svd=self.svd, keys=[s.key for s in specs], **self.params)
+        del W
+        factors, rest = _adaptable(merged, specs[0].k, self.svd)
+        yield from self._group_outputs(specs, W0, factors, rest)
+
+    def _group_outputs(self, specs, W0: Tensor, factors: Factors | None, rest: Tensor | None) -> Iterator[Merged]:
+        for g, spec in enumerate(specs):
+            if factors is None:  # a dense merge, no rank asked for
+                out = (W0[g].to(rest.dtype) + rest[g]).to(spec.out_dtype)
+                self._check_merged(spec, 0, spec.rows, out)
+                yield Merged(spec, 0, out.reshape(spec.shape), LayerReport(spec.key, spec.shape, 0, None))
+                continue
+            frozen = W0[g] if rest is None else W0[g].to(rest.dtype) + rest[g]
+            yield self._low_rank(spec, frozen, factors, g, rest is not None)
+
+    def _low_rank(self, spec: TensorSpec, frozen: Tensor, factors: Factors, g: int, residual: bool) -> Merged:
+        U, S, V = factors.U[g], factors.S[g], factors.V[g]
+        counts = None if factors.counts is None else factors.counts[g].tolist()
+        value = LowRank(frozen.reshape(spec.shape) if residual else frozen.reshape(spec.shape).to(spec.out_dtype), U, S, V)
+        if not (bool(torch.isfinite(S).all()) and bool(torch.isfinite(U).all()) and bool(torch.isfinite(V).all())):
+            raise ValueError(f"{spec.key!r} {spec.shape}: the merged factors are not finite")
+        return Merged(spec, 0, value, LayerReport(spec.key, spec.shape, S.shape[-1], counts))
+

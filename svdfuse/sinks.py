@@ -1,0 +1,288 @@
+"""Where merged tensors go: safetensors files and Hugging Face directories, written as they come.
+
+The writer is told every tensor's name, shape and dtype before any is computed (the plan knows
+them), so it lays out the files at the start: shards of at most `shard_size` in model order, each
+with its header written and its size reserved. A tensor, or a row block of one, is then written at
+its place the moment it is computed, by whichever process computed it, and nothing is held back in
+memory. Everything is written under a temporary name beside the target and renamed into place at
+the end, so a failure never leaves a partial output and an existing path is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from svdfuse import distributed
+from svdfuse.sources import SAFETENSORS_DTYPES
+
+__all__ = ["LowRank", "SafetensorsWriter", "parse_size", "save_safetensors", "save_hf_directory", "refuse_existing"]
+
+# Files of a Hugging Face directory that hold weights: replaced, never copied from the base.
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx")
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+DEFAULT_SHARD_SIZE = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A merged matrix kept as factors: `frozen + U diag(S) Vᵀ` in the shape of `frozen`.
+
+    frozen: the part Stage 2 leaves alone, in the model's shape (the base weight, plus the dense
+    residual of a method whose merge is not rank k, then in the accumulation dtype); U (m, k),
+    S (k,), V (n, k) in the accumulation dtype.
+    """
+
+    frozen: Tensor
+    U: Tensor
+    S: Tensor
+    V: Tensor
+
+    def dense(self, dtype: torch.dtype) -> Tensor:
+        """The merged weight, rounded once to `dtype`."""
+        acc = self.U.dtype
+        delta = ((self.U * self.S) @ self.V.T).reshape(self.frozen.shape)
+        return delta.add_(self.frozen.to(acc)).to(dtype)
+
+
+def parse_size(size: int | str, what: str) -> int:
+    """Bytes in `size`: an int, or a string such as "4GB" (10⁹), "512MiB" (2²⁰), "1.5GiB"."""
+    if isinstance(size, bool):
+        raise TypeError(f"{what} must be a size such as 4GB or 512MiB, found {size!r}")
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"{what} must be positive, found {size}")
+        return size
+    text = str(size).strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number) :]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"{what} must be a size such as 4GB, 512MiB or a number of bytes, found {size!r}") from None
+    if not value >= 1:
+        raise ValueError(f"{what} must be at least one byte, found {size!r}")
+    return int(value)
+
+
+def refuse_existing(path: Path) -> None:
+    """Raise FileExistsError if `path` exists: svdfuse never overwrites."""
+    if path.exists():
+        raise FileExistsError(f"output path {str(path)!r} already exists; svdfuse never overwrites, choose a new path")
+
+
+def _template_ignore(*outputs: Path):
+    # Weight files are replaced, never copied; and when the output lies inside the template
+    # (saving into the base directory) its temporary directory must not be copied into itself.
+    weights = shutil.ignore_patterns(*_WEIGHT_FILES)
+    skip = {out.resolve() for out in outputs}
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        return set(weights(directory, names)) | {name for name in names if (Path(directory) / name).resolve() in skip}
+
+    return ignore
+
+
+def _header(entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, dict[str, int]]:
+    """A safetensors header for `entries` in order, and each tensor's offset after it."""
+    meta: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offsets, at = {}, 0
+    for name, shape, dtype in entries:
+        size = torch.Size(shape).numel() * dtype.itemsize
+        meta[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [at, at + size]}
+        offsets[name] = at
+        at += size
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data that follows starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text, {name: len(text) + 8 + off for name, off in offsets.items()}
+
+
+class SafetensorsWriter:
+    """Writes a new `.safetensors` file, or a new Hugging Face directory, tensor by tensor.
+
+    Args:
+        path: a `.safetensors` file (one file, whatever its size) or a directory (HF layout:
+            `model.safetensors`, or `model-0000i-of-0000N.safetensors` shards of at most
+            `shard_size` bytes with `model.safetensors.index.json`).
+        tensors: (name, shape, dtype) of every tensor, in model order.
+        shard_size: bytes per shard of a directory (a tensor larger than it gets a shard alone).
+        template: a Hugging Face directory whose non-weight files (config, tokenizer) are copied.
+
+    Under torch.distributed every process creates the writer with the same arguments and writes
+    its own tensors; rank 0 lays out the files and publishes the output after all are done.
+    Use it as a context manager: leaving with an exception removes everything written.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
+        *,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        template: str | os.PathLike | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.single = self.path.suffix == ".safetensors"
+        self._group = distributed.current()
+        refuse_existing(self.path)
+        self._shapes = {name: (tuple(shape), dtype) for name, shape, dtype in tensors}
+        self._shards = self._layout(tensors, shard_size)
+        self._written: dict[str, int] = {}  # name -> bytes written so far
+        tmp = None
+        if self._group.rank == 0:
+            tmp = self._create(template)
+        self._tmp = Path(self._group.broadcast(str(tmp) if tmp else None))
+        self._fds: dict[str, int] = {}
+        self._where: dict[str, tuple[str, int]] = {}
+        for file, entries in self._shards.items():
+            header, offsets = _header(entries)
+            for name, offset in offsets.items():
+                self._where[name] = (file, offset)
+        self._group.barrier()
+
+    def _layout(self, tensors, shard_size: int) -> dict[str, list]:
+        shards: list[list] = [[]]
+        size = 0
+        for entry in tensors:
+            nbytes = torch.Size(entry[1]).numel() * entry[2].itemsize
+            if not self.single and shards[-1] and size + nbytes > shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nbytes
+        # Within a file, wider dtypes first keep every tensor aligned to its element size.
+        shards = [sorted(entries, key=lambda e: -e[2].itemsize) for entries in shards]
+        if self.single:
+            return {self.path.name: shards[0]}
+        if len(shards) == 1:
+            return {"model.safetensors": shards[0]}
+        return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": entries for i, entries in enumerate(shards)}
+
+    def _create(self, template: str | os.PathLike | None) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.single:
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            os.close(fd)
+            tmp = Path(name)
+            files = {self.path.name: tmp}
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
+            if template is not None:
+                shutil.copytree(template, tmp, ignore=_template_ignore(tmp, self.path), dirs_exist_ok=True)
+            files = {name: tmp / name for name in self._shards}
+        try:
+            for name, file in files.items():
+                header, _ = _header(self._shards[name])
+                total = len(header) + sum(torch.Size(s).numel() * d.itemsize for _, s, d in self._shards[name])
+                with open(file, "wb") as f:
+                    f.write(header)
+                    f.truncate(total)
+        except BaseException:
+            _remove(tmp)
+            raise
+        return tmp
+
+    def _file(self, name: str) -> int:
+        file = self._where[name][0]
+        if file not in self._fds:
+            self._fds[file] = os.open(self._tmp if self.single else self._tmp / file, os.O_WRONLY)
+        return self._fds[file]
+
+    def write(self, name: str, value: Tensor, start: int = 0) -> None:
+        """Write `value`, the rows [start, start + len) of tensor `name` (all of it by default)."""
+        shape, dtype = self._shapes[name]
+        if value.dtype != dtype or tuple(value.shape[1:]) != shape[1:] and shape:
+            raise ValueError(f"writer: {name!r} is {shape} {dtype}, given a block {tuple(value.shape)} {value.dtype}")
+        data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        row = torch.Size(shape[1:]).numel() * dtype.itemsize
+        offset = self._where[name][1] + start * row
+        fd, done = self._file(name), 0
+        while done < len(data):
+            done += os.pwrite(fd, memoryview(data)[done:], offset + done)
+        self._written[name] = self._written.get(name, 0) + len(data)
+
+    def commit(self, expected: Iterable[str]) -> None:
+        """Check that this process wrote all of `expected`; once every process has, publish."""
+        missing = [name for name in expected if self._written.get(name, 0) != torch.Size(self._shapes[name][0]).numel() * self._shapes[name][1].itemsize]
+        if missing:
+            raise RuntimeError(f"writer: {len(missing)} tensors were not written completely (e.g. {missing[:3]})")
+        for fd in self._fds.values():
+            os.fsync(fd)
+            os.close(fd)
+        self._fds = {}
+        self._group.barrier()
+        if self._group.rank == 0:
+            if not self.single and len(self._shards) > 1:
+                total = sum(torch.Size(s).numel() * d.itemsize for s, d in self._shapes.values())
+                weight_map = {name: file for file, entries in self._shards.items() for name, _, _ in entries}
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (self._tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            _publish(self._tmp, self.path, self.single)
+        self._group.barrier()
+
+    def abort(self) -> None:
+        """Remove everything written (every process calls it; rank 0 removes)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+        if self._group.rank == 0:
+            _remove(self._tmp)
+
+
+def _remove(tmp: Path) -> None:
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, path: Path, single: bool) -> None:
+    # A hard link never replaces an existing file, so a path created while we wrote is not
+    # clobbered; a directory is renamed after one more check (rename would replace an empty one).
+    try:
+        if single:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"output path {str(path)!r} appeared while writing; svdfuse never overwrites") from None
+            except OSError:
+                refuse_existing(path)
+                os.replace(tmp, path)
+        else:
+            refuse_existing(path)
+            os.rename(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def write_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike, *, template=None, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
+    """Write `state` (name -> tensor) through a `SafetensorsWriter`, all-or-nothing."""
+    items = [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+    writer = SafetensorsWriter(path, items, shard_size=shard_size, template=template)
+    try:
+        for name, t in state.items():
+            writer.write(name, t)
+        writer.commit(state)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def save_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Write `state` to the new file `path` (temp file, then rename)."""
+    write_state_dict(state, path)
+
+
+def save_hf_directory(state: Mapping[str, Tensor], path: str | os.PathLike, template: str | os.PathLike, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
+    """Write a Hugging Face model directory at the new path `path`: every non-weight file of
+    `template` (config, tokenizer, ...) plus the weights of `state`, sharded above `shard_size`."""
+    write_state_dict(state, path, template=template, shard_size=shard_size)
