@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--seed", type=int, default=0, help="randomized SVD seed")
     merge.add_argument("--dtype", choices=sorted(_DTYPES), help="cast all tensors to this dtype (default: keep; mixed is an error)")
-    merge.add_argument("--device", help="compute device (default: cuda if available)")
+    merge.add_argument("--device", help="compute device (default: cuda if available; under torchrun, each rank's GPU)")
+    merge.add_argument("--max-memory", help="memory budget, e.g. 4GB or 512MiB (default: half of the available memory)")
+    merge.add_argument("--shard-size", default="5GB", help="largest shard of a directory output, e.g. 2GB (default 5GB)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in digits task (offline, CPU or GPU)")
@@ -89,17 +91,20 @@ def _merge(args: argparse.Namespace) -> None:
     import svdfuse
     from svdfuse.plan import DEFAULT_EXCLUDE
 
+    from svdfuse import distributed
+    from svdfuse.sinks import refuse_existing
+
     svd = svdfuse.SVDOptions(
         method=args.svd, oversample=args.oversample, power_iters=args.power_iters, seed=args.seed, precision=args.precision
     )
-    if Path(args.output).exists():
-        raise FileExistsError(f"output path {args.output!r} already exists; svdfuse never overwrites, choose a new path")
+    refuse_existing(Path(args.output))
     method = get_method(args.method)
     params = {name: getattr(args, name) for name in method.params() if getattr(args, name) is not None}
     given = {name for name in _all_params() if getattr(args, name) is not None}
     if given - set(params):
         raise ValueError(f"method {args.method!r} does not take {', '.join('--' + g.replace('_', '-') for g in sorted(given - set(params)))}")
-    result = svdfuse.merge(
+    device = distributed.init_from_env(args.device) or args.device
+    report = svdfuse.merge(
         args.sources,
         k=args.k,
         base=args.base,
@@ -108,13 +113,15 @@ def _merge(args: argparse.Namespace) -> None:
         exclude=args.exclude or DEFAULT_EXCLUDE,
         svd=svd,
         dtype=_DTYPES[args.dtype] if args.dtype else None,
-        device=args.device,
+        device=device,
+        output=args.output,
+        max_memory=args.max_memory,
+        shard_size=args.shard_size,
         progress=not args.quiet,
         **params,
     )
-    result.save(args.output)
-    print(result.report.table())
-    print(f"wrote {args.output}")
+    if distributed.current().rank == 0:
+        print(report.table())
 
 
 def main(argv: list[str] | None = None) -> int:

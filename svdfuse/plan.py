@@ -172,7 +172,7 @@ def _size(nbytes: float) -> str:
 def _too_small(budget: int, need: int, what: str) -> ValueError:
     return ValueError(
         f"max_memory={_size(budget)} is smaller than the smallest piece this merge can compute: {what} needs "
-        f"{_size(need)}; give at least max_memory={math.ceil(need / 2**20)}MiB"
+        f"{_size(need)}; give at least max_memory={math.ceil(need / 1024)}KiB"
     )
 
 

@@ -116,7 +116,7 @@ def test_memory_budget_does_not_change_the_result(method, k):
 
 def test_a_budget_below_the_smallest_piece_says_the_minimum():
     base, sources = _planted_sources(T=4, rank=3, seed=4, dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"max_memory=9.8 KiB is smaller than the smallest piece .* needs 16.0 KiB; give at least max_memory=1MiB"):
+    with pytest.raises(ValueError, match=r"max_memory=9.8 KiB is smaller than the smallest piece .* needs 16.0 KiB; give at least max_memory=16KiB"):
         svdfuse.merge(sources, k=5, base=base, max_memory=10_000, device="cpu")
     with pytest.raises(ValueError, match=r"iso_c over 4 sources of one 24x16 matrix"):
         svdfuse.merge(sources, base=base, method="iso_c", max_memory=20_000, device="cpu")

@@ -1,0 +1,187 @@
+"""Streamed merges: output written piece by piece, sharded like the Hub, identical to the in-memory
+merge, on one process or many (torchrun, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import svdfuse
+from svdfuse.cli import main
+
+METHODS = [("axis", {"k": 6}), ("ties", {"density": 0.3, "k": 4}), ("dare", {"drop_rate": 0.5}), ("task_arithmetic", {}), ("tsv_m", {}), ("iso_c", {})]
+
+
+def _model(gen: torch.Generator, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    return {
+        "embed_tokens.weight": torch.randn(300, 32, generator=gen).to(dtype),
+        "layers.0.q.weight": torch.randn(32, 32, generator=gen).to(dtype),
+        "layers.0.mlp.weight": torch.randn(48, 32, generator=gen).to(dtype),
+        "layers.0.norm.weight": torch.randn(32, generator=gen).to(dtype),
+        "layers.1.q.weight": torch.randn(32, 32, generator=gen).to(dtype),
+        "layers.1.mlp.weight": torch.randn(48, 32, generator=gen).to(dtype),
+        "layers.1.norm.weight": torch.randn(32, generator=gen).to(dtype),
+        "steps": torch.tensor([3]),
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A bf16 base and 5 fine-tuned sources as safetensors files, each source sharded in two like the Hub."""
+    root = tmp_path_factory.mktemp("stream")
+    gen = torch.Generator().manual_seed(0)
+    base = _model(gen, torch.bfloat16)
+    save_file(base, root / "base.safetensors")
+    paths = []
+    for i in range(5):
+        src = {k: (v + 0.05 * torch.randn(v.shape, generator=gen).to(v.dtype)) if v.is_floating_point() else v for k, v in base.items()}
+        d = root / f"ft{i}"
+        d.mkdir()
+        keys = list(src)
+        shards = {"model-00001-of-00002.safetensors": keys[:4], "model-00002-of-00002.safetensors": keys[4:]}
+        for name, part in shards.items():
+            save_file({k: src[k] for k in part}, d / name)
+        index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        paths.append(str(d))
+    return root, paths
+
+
+@pytest.mark.parametrize("method,params", METHODS, ids=[m for m, _ in METHODS])
+def test_streamed_output_equals_the_in_memory_merge(method, params, files, tmp_path):
+    root, sources = files
+    base = root / "base.safetensors"
+    expected = svdfuse.merge(sources, base=base, method=method, device="cpu", **params).state_dict()
+    # 200 kB: the embedding table (300 x 32, fp32 in the pieces, ~1.2 kB a row over 6 models) takes two row blocks.
+    report = svdfuse.merge(sources, base=base, method=method, device="cpu", output=tmp_path / "out.safetensors", max_memory="200KB", **params)
+    assert report.output == str(tmp_path / "out.safetensors")
+    written = load_file(tmp_path / "out.safetensors")
+    assert list(written) == sorted(expected) or set(written) == set(expected)
+    for key, value in expected.items():
+        assert written[key].dtype == value.dtype, key
+        if method == "ties" and key.endswith("q.weight") or method == "ties" and key.endswith("mlp.weight"):
+            # In memory, TIES's matrices pass through their top-k SVD split (for Stage 2): rounding.
+            torch.testing.assert_close(written[key].float(), value.float(), atol=2e-2, rtol=2e-2)
+        else:
+            assert torch.equal(written[key], value), key
+
+
+def test_a_directory_output_is_sharded_like_the_hub_and_loads_back(files, tmp_path):
+    root, sources = files
+    out = tmp_path / "merged"
+    svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu", output=out, shard_size="8KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert set(index["weight_map"].values()) == set(shards)
+    loaded = {}
+    for shard in shards:
+        part = load_file(out / shard)
+        assert not loaded.keys() & part.keys()
+        loaded.update(part)
+        # every shard holds at most shard_size, unless one tensor alone is larger
+        assert sum(t.numel() * t.element_size() for t in part.values()) <= 8000 or len(part) == 1
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in loaded.values())
+    expected = svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu").state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    # The output is itself a valid source: sharded directories are read through their index.
+    again = svdfuse.sources.open_source(out, "merged")
+    assert torch.equal(again.get("layers.1.mlp.weight"), expected["layers.1.mlp.weight"])
+    single = tmp_path / "single"
+    svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu", output=single)
+    assert sorted(p.name for p in single.iterdir()) == ["model.safetensors"]
+
+
+def test_bad_sizes_and_an_existing_output_are_refused_before_any_work(files, tmp_path):
+    root, sources = files
+    base = root / "base.safetensors"
+    with pytest.raises(ValueError, match=r"shard_size must be a size such as 4GB, 512MiB or a number of bytes, found 'big'"):
+        svdfuse.merge(sources, k=4, base=base, device="cpu", output=tmp_path / "o", shard_size="big")
+    with pytest.raises(ValueError, match=r"max_memory must be positive, found -1"):
+        svdfuse.merge(sources, k=4, base=base, device="cpu", output=tmp_path / "o", max_memory=-1)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        svdfuse.merge(sources, k=4, base=base, device="cpu", output=tmp_path / "taken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_a_failure_midway_leaves_no_output_and_no_temporary(files, tmp_path, monkeypatch):
+    root, sources = files
+    import svdfuse.pipeline
+
+    real = svdfuse.pipeline.Compute._factors
+    calls = []
+
+    def fail_on_second_group(self, task):
+        calls.append(task)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        yield from real(self, task)
+
+    monkeypatch.setattr(svdfuse.pipeline.Compute, "_factors", fail_on_second_group)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu", output=tmp_path / "out", max_memory="60KB")
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_cli_streams_with_a_budget_and_shards(files, tmp_path, capsys):
+    root, sources = files
+    out = tmp_path / "cli-out"
+    args = ["merge", "--base", str(root / "base.safetensors"), "-k", "4", "-o", str(out), "--max-memory", "64KB", "--shard-size", "8KB"]
+    assert main([*args, "--quiet", *sources]) == 0
+    printed = capsys.readouterr().out
+    assert "memory budget 0.00 GiB" in printed and "peak RSS" in printed and f"wrote {out}" in printed
+    assert (out / "model.safetensors.index.json").is_file()
+    assert main([*args[:-4], "--max-memory", "lots", "-o", str(tmp_path / "x"), *sources]) == 2
+    assert "max_memory must be a size" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}", "-m", "svdfuse", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("method,params", [("axis", ["-k", "4"]), ("ties", ["--density", "0.3"])])
+def test_torchrun_two_processes_write_the_same_bytes_as_one(method, params, files, tmp_path):
+    root, sources = files
+    args = ["merge", "--base", str(root / "base.safetensors"), "--method", method, *params, "--max-memory", "64KB", "--shard-size", "8KB", "--quiet", "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "-o", str(one), *sources]) == 0
+    run = _torchrun([*args, "-o", str(two), *sources], 2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for file in one.iterdir():
+        assert file.read_bytes() == (two / file.name).read_bytes(), file.name
+
+
+def test_torchrun_a_failing_rank_fails_every_rank_and_leaves_nothing(files, tmp_path):
+    root, sources = files
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    # A source whose last tensor holds a NaN: whichever rank merges it fails, every rank exits non-zero.
+    src = load_file(Path(sources[0]) / "model-00002-of-00002.safetensors")
+    src["steps"] = src["steps"]
+    state = {**load_file(Path(sources[0]) / "model-00001-of-00002.safetensors"), **src}
+    state["layers.1.norm.weight"] = state["layers.1.norm.weight"].clone()
+    state["layers.1.norm.weight"][3] = float("nan")
+    save_file(state, bad / "model.safetensors")
+    out = tmp_path / "out"
+    run = _torchrun(["merge", "--base", str(root / "base.safetensors"), "-k", "4", "--quiet", "--device", "cpu", "-o", str(out), *sources[1:], str(bad)], 2)
+    assert run.returncode != 0
+    assert "'layers.1.norm.weight'" in run.stderr and "NaN" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
