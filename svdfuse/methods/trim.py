@@ -54,8 +54,10 @@ class Trim:
 
 
 def _bits(tau: Tensor) -> Tensor:
+    """|τ| as integers of the same order: fp32 -> int32, fp64 -> int64 (one source at a time, so
+    the temporaries stay a fraction of the block)."""
     int_dtype, _ = _BITS[tau.dtype]
-    return tau.abs().contiguous().view(int_dtype).flatten(1).to(torch.int64)
+    return tau.abs().contiguous().view(int_dtype).flatten()
 
 
 def exact_trim(blocks: Callable[[], Iterator[tuple[int, Tensor]]], numel: int, sources: int, density: float, dtype: torch.dtype) -> Trim:
@@ -74,18 +76,18 @@ def exact_trim(blocks: Callable[[], Iterator[tuple[int, Tensor]]], numel: int, s
     int_dtype, nbits = _BITS[dtype]
     prefix = torch.zeros(sources, dtype=torch.int64)  # the top bits of the threshold found so far
     greater = torch.zeros(sources, dtype=torch.int64)  # entries known to lie above the threshold
-    offsets = torch.arange(sources, dtype=torch.int64)[:, None]
     shift, equal = nbits, None
     while shift > 0:
         width = min(_WINDOW, shift)
         shift -= width
-        hist = torch.zeros(sources * (1 << width), dtype=torch.int64)
+        hist = torch.zeros((sources, 1 << width), dtype=torch.int64)
         for _, tau in blocks():
-            bits = _bits(tau)
-            match = (bits >> (shift + width)) == prefix[:, None].to(bits.device)
-            digit = ((bits >> shift) & ((1 << width) - 1)) + (offsets.to(bits.device) << width)
-            hist += torch.bincount(digit[match], minlength=hist.numel()).cpu()
-        at_least = hist.reshape(sources, -1).flip(-1).cumsum(-1).flip(-1)  # entries with digit >= d
+            for i in range(sources):
+                bits = _bits(tau[i])
+                if shift + width < nbits:  # narrowed to the entries that share the bits found so far
+                    bits = bits[(bits >> (shift + width)) == int(prefix[i])]
+                hist[i] += torch.bincount((bits >> shift) & ((1 << width) - 1), minlength=1 << width).cpu()
+        at_least = hist.flip(-1).cumsum(-1).flip(-1)  # entries with digit >= d
         need = keep - greater
         d = (at_least >= need[:, None]).sum(-1) - 1  # the threshold's digit: largest d with enough at or above it
         above = torch.where(d + 1 < at_least.shape[1], at_least.gather(1, (d + 1).clamp(max=at_least.shape[1] - 1)[:, None])[:, 0], 0)
@@ -99,10 +101,10 @@ def exact_trim(blocks: Callable[[], Iterator[tuple[int, Tensor]]], numel: int, s
     if bool(partial.any()):
         seen = torch.zeros(sources, dtype=torch.int64)
         for start, tau in blocks():
-            eq = (tau.abs() == threshold.to(tau.device).reshape((-1,) + (1,) * (tau.dim() - 1))).flatten(1).cpu()
-            running = eq.cumsum(1) + seen[:, None]
-            hit = eq & (running == need[:, None]) & partial[:, None]
-            rows, cols = hit.nonzero(as_tuple=True)
-            cutoff[rows] = start + cols + 1
-            seen += eq.sum(1)
+            for i in partial.nonzero()[:, 0].tolist():
+                where = (tau[i].abs().flatten() == threshold[i].item()).nonzero()[:, 0].cpu()
+                take = int(need[i] - seen[i])
+                if 0 < take <= len(where):
+                    cutoff[i] = start + int(where[take - 1]) + 1
+                seen[i] += len(where)
     return Trim(threshold, cutoff)
