@@ -8,6 +8,7 @@
 from svdfuse import methods, nn, ops, serving
 from svdfuse.adapt import AdaptReport, adapt
 from svdfuse.atlas import atlas
+from svdfuse.decompose import decompose
 from svdfuse.merge import merge
 from svdfuse.ops import SVDOptions
 from svdfuse.result import LayerReport, MergeReport, MergeResult
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "merge",
+    "decompose",
     "adapt",
     "atlas",
     "methods",

