@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -182,17 +183,5 @@ def record(name: str, device: torch.device, rows: list[dict], *, small: bool = F
 
 
 def print_table(rows: list[dict], columns: Sequence[str]) -> None:
-    """The rows as a fixed-width text table: floats to 4 significant digits, missing values as '-'."""
-
-    def cell(value: object) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.5g}"
-        return str(value)
-
-    cells = [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-    for r in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+    """The rows as a text table: floats to 5 significant digits, missing values as '-'."""
+    print(tabulate([[row.get(c) for c in columns] for row in rows], headers=columns, floatfmt=".5g", missingval="-"))

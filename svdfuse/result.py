@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
 from torch import Tensor, nn
 
 
@@ -60,11 +61,9 @@ class MergeReport:
             return "\n".join([f"sources: {', '.join(self.sources)}", done])
         totals = self.totals()
         grand = max(1, sum(totals))
-        width = max([len("source")] + [len(s) for s in self.sources])
-        lines = [f"{'source':<{width}}  components  share", f"{'-' * width}  ----------  -----"]
         order = sorted(range(len(totals)), key=lambda i: -totals[i])
-        for i in order[:max_rows]:
-            lines.append(f"{self.sources[i]:<{width}}  {totals[i]:>10}  {100 * totals[i] / grand:4.1f}%")
+        rows = [(self.sources[i], totals[i], f"{100 * totals[i] / grand:4.1f}%") for i in order[:max_rows]]
+        lines = [tabulate(rows, headers=("source", "components", "share"), colalign=("left", "right", "right"))]
         if len(order) > max_rows:
             lines.append(f"... {len(order) - max_rows} more sources")
         lines.append(done)
