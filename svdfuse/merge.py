@@ -26,11 +26,11 @@ __all__ = ["SVDOptions", "merge"]
 class _MemorySink:
     """Collects the outputs into a `MergeResult`."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, template: Path | None) -> None:
         self.components: dict = {}
         self.frozen: dict = {}
         self.tensors: dict = {}
-        self.plan = plan
+        self.plan, self.template = plan, template
 
     def write(self, item: Merged) -> None:
         spec, value = item.spec, item.value
@@ -44,6 +44,18 @@ class _MemorySink:
                 self.tensors[spec.key] = torch.empty(spec.shape, dtype=spec.out_dtype, device=value.device)
             self.tensors[spec.key][item.start : item.start + value.shape[0]] = value
 
+    def commit(self, keys: list[str]) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def result(self, report: MergeReport) -> MergeResult:
+        order = [s.key for s in self.plan.specs]
+        components = {key: self.components[key] for key in order if key in self.components}
+        dtypes = {s.key: s.out_dtype for s in self.plan.specs}
+        return MergeResult(components, self.frozen, self.tensors, dtypes, report, self.template, order)
+
 
 class _FileSink:
     """Writes the outputs as they come through a `SafetensorsWriter`."""
@@ -56,6 +68,43 @@ class _FileSink:
         if isinstance(value, LowRank):
             value = value.dense(item.spec.out_dtype)
         self.writer.write(item.spec.key, value, item.start)
+
+    def commit(self, keys: list[str]) -> None:
+        self.writer.commit(keys)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def result(self, report: MergeReport) -> MergeReport:
+        return report
+
+
+def _run(tasks: list, compute: Compute, sink, group: distributed.Group) -> list[LayerReport]:
+    """Compute this rank's tasks into the sink; every rank learns of a failure on any rank before
+    anything is published. Returns the layer reports of all ranks."""
+    layers: list[LayerReport] = []
+    failure = None
+    try:
+        for i, task in enumerate(tasks):
+            for item in compute.run(task, tasks[i + 1] if i + 1 < len(tasks) else None):
+                sink.write(item)
+                if item.layer is not None:
+                    layers.append(item.layer)
+    except Exception as err:
+        failure = err
+    failures = group.gather(None if failure is None else f"rank {group.rank}: {type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if any(failures):
+        raise RuntimeError("merge failed on another process: " + "; ".join(f for f in failures if f))
+    return [layer for ranks in group.gather(layers) for layer in ranks]
+
+
+def _check_changed(sources: list, differs: list[bool], group: distributed.Group) -> None:
+    differs = [any(flags) for flags in zip(*group.gather(differs))]
+    unchanged = [s.label for s, d in zip(sources, differs) if not d]
+    if unchanged:
+        raise SourceError(f"{', '.join(unchanged)}: identical to the base in every tensor; a source must be fine-tuned from it")
 
 
 def merge(
@@ -156,58 +205,28 @@ def merge(
     )
     state = Progress([False] * len(sources), bar.update)
     compute = Compute(spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state)
-    layers: list[LayerReport] = []
-    writer = None
     if output is not None:
         template = base_source.directory if Path(output).suffix != ".safetensors" else None
         entries = [(s.key, s.shape, s.out_dtype) for s in plan.specs]
-        writer = SafetensorsWriter(output, entries, shard_size=shard_bytes, template=template)
-        sink = _FileSink(writer)
+        sink = _FileSink(SafetensorsWriter(output, entries, shard_size=shard_bytes, template=template))
     else:
-        sink = _MemorySink(plan)
-    failure = None
+        sink = _MemorySink(plan, base_source.directory)
     try:
-        for i, task in enumerate(tasks):
-            for item in compute.run(task, tasks[i + 1] if i + 1 < len(tasks) else None):
-                sink.write(item)
-                if item.layer is not None:
-                    layers.append(item.layer)
-    except Exception as err:  # every rank must hear of it before anyone publishes
-        failure = err
-    bar.close()
-    failures = group.gather(None if failure is None else f"rank {group.rank}: {type(failure).__name__}: {failure}")
-    if any(failures):
-        if writer is not None:
-            writer.abort()
-        if failure is not None:
-            raise failure
-        raise RuntimeError("merge failed on another process: " + "; ".join(f for f in failures if f))
-    differs = [any(flags) for flags in zip(*group.gather(state.differs))]
-    unchanged = [s.label for s, d in zip(sources, differs) if not d]
-    if unchanged:
-        if writer is not None:
-            writer.abort()
-        raise SourceError(f"{', '.join(unchanged)}: identical to the base in every tensor; a source must be fine-tuned from it")
-    if writer is not None:
-        try:
-            writer.commit([s.key for t in tasks for s in t.specs])
-        except BaseException:
-            writer.abort()
-            raise
-    layers = [layer for ranks in group.gather(layers) for layer in ranks]
+        layers = _run(tasks, compute, sink, group)
+        bar.close()
+        _check_changed(sources, state.differs, group)
+        sink.commit([s.key for t in tasks for s in t.specs])
+    except BaseException:
+        bar.close()
+        sink.abort()
+        raise
     position = {s.key: i for i, s in enumerate(plan.specs)}
     layers.sort(key=lambda layer: position[layer.key])  # groups follow shapes; users read in model order
     report = MergeReport(
         method, [s.label for s in sources], layers, time.perf_counter() - start, output=None if output is None else str(output),
         budget=budget, peak_rss=peak_rss(), processes=group.world, bytes_read=plan.nbytes,
     )
-    if output is not None:
-        return report
-    order = [s.key for s in plan.specs]
-    components = {key: sink.components[key] for key in order if key in sink.components}
-    return MergeResult(
-        components, sink.frozen, sink.tensors, {s.key: s.out_dtype for s in plan.specs}, report, base_source.directory, order
-    )
+    return sink.result(report)
 
 
 def _local_processes(group: distributed.Group) -> int:

@@ -113,7 +113,8 @@ def test_bad_sizes_and_an_existing_output_are_refused_before_any_work(files, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
-def test_a_failure_midway_leaves_no_output_and_no_temporary(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError("disk on fire"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_a_failure_midway_leaves_no_output_and_no_temporary(error, files, tmp_path, monkeypatch):
     root, sources = files
     import svdfuse.pipeline
 
@@ -123,11 +124,11 @@ def test_a_failure_midway_leaves_no_output_and_no_temporary(files, tmp_path, mon
     def fail_on_second_group(self, task):
         calls.append(task)
         if len(calls) == 2:
-            raise RuntimeError("disk on fire")
+            raise error
         yield from real(self, task)
 
     monkeypatch.setattr(svdfuse.pipeline.Compute, "_factors", fail_on_second_group)
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    with pytest.raises(type(error)):
         svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu", output=tmp_path / "out", max_memory="60KB")
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
 
