@@ -134,24 +134,26 @@ class Compute:
         W = torch.empty((self.T, min(block, spec.rows), c), dtype=acc, device=self.device)
         method = self.method if self.method.kind is Kind.ELEMENTWISE else None
         context: dict[str, Any] = {"svd": self.svd, **self.params}
+        # (start, stop, base rows, task vectors): formed in place, the sources' rows are not kept.
+        pieces = ((start, stop, w0, w.sub_(w0)) for start, stop, w0, w in self._blocks(spec, block, W0, W, check=True))
         if method is not None and method.trim_density is not None:
             density = self.params.get(method.trim_density, method.params()[method.trim_density])
-
-            def taus() -> Iterator[tuple[int, Tensor]]:
-                for start, _, w0, w in self._blocks(spec, block, W0, W, check=False):
-                    yield start * c, w.sub_(w0)
-
+            if spec.rows <= block:  # one piece: read it once, trim and merge it in memory
+                resident = [next(pieces)]
+                pieces = iter(resident)
+                taus = lambda: iter([(0, resident[0][3])])  # noqa: E731
+            else:
+                taus = lambda: ((start * c, w.sub_(w0)) for start, _, w0, w in self._blocks(spec, block, W0, W, check=False))  # noqa: E731
             if 0.0 <= density <= 1.0:  # else the method says what is wrong
                 context["trim"] = exact_trim(taus, spec.rows * c, self.T, density, acc)
         whole = None
         if spec.role is Role.MATRIX and spec.k is not None and self.want_factors:
             whole = torch.empty((spec.rows, c), dtype=acc, device=self.device)  # the delta, for its SVD
-        for start, stop, w0, w in self._blocks(spec, block, W0, W, check=True):
-            block_info = Block(spec.key, start * c, self.svd.seed)
+        for start, stop, w0, tau in pieces:
             if method is None:
-                delta = w.sub_(w0).mean(0)
+                delta = tau.mean(0)
             else:
-                delta = method.call(method.merge, w0, w, block=block_info, **context)
+                delta = method.call(method.merge, tau, block=Block(spec.key, start * c, self.svd.seed), **context)
             self.progress.advance((self.T + 1) * (stop - start) * c * spec.dtype.itemsize)
             if whole is not None:
                 whole[start:stop] = delta

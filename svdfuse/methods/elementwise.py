@@ -1,8 +1,8 @@
 """Elementwise merges of task vectors: Average, Task Arithmetic, TIES, DARE.
 
-Each takes a row block of one tensor, `W0: (R, *s)` and the sources `W: (T, R, *s)` in the
-accumulation dtype, and returns the merged task vector `(R, *s)`. `W` is the merge's own buffer:
-a method may overwrite it (the task vectors are formed in place, saving a copy of the block).
+Each takes the task vectors of a row block of one tensor, `tau: (T, R, *s)` (τ_i = W_i − W0) in
+the accumulation dtype, and returns the merged task vector `(R, *s)`. `tau` is the merge's own
+buffer: a method may overwrite it.
 """
 
 from __future__ import annotations
@@ -16,25 +16,25 @@ from svdfuse.methods.registry import Block, Kind, check_finite_param, register
 from svdfuse.methods.trim import Trim
 
 
-def _task_vectors(W0: Tensor, W: Tensor) -> Tensor:
-    return W.sub_(W0)  # in place: (T, R, *s) task vectors τ_i = W_i − W0
+# Elements of one source per step of TIES: the T sources of a step stay in cache across its passes.
+_STEP_BYTES = 1 << 22
 
 
 @register("average", reference_url="https://arxiv.org/abs/2203.05482", kind=Kind.ELEMENTWISE)
-def average(W0: Tensor, W: Tensor) -> Tensor:
+def average(tau: Tensor) -> Tensor:
     """Model soup: the mean of the sources, i.e. the mean task vector."""
-    return _task_vectors(W0, W).mean(0)
+    return tau.mean(0)
 
 
 @register("task_arithmetic", reference_url="https://arxiv.org/abs/2212.04089", kind=Kind.ELEMENTWISE)
-def task_arithmetic(W0: Tensor, W: Tensor, *, scaling: float = 0.3) -> Tensor:
+def task_arithmetic(tau: Tensor, *, scaling: float = 0.3) -> Tensor:
     """`scaling · Σ_i (W_i − W0)`; 0.3 is the value the paper found best for many tasks."""
     check_finite_param("task_arithmetic", "scaling", scaling)
-    return _task_vectors(W0, W).sum(0).mul_(scaling)
+    return tau.sum(0).mul_(scaling)
 
 
 @register("ties", reference_url="https://arxiv.org/abs/2306.01708", kind=Kind.ELEMENTWISE, trim_density="density")
-def ties(W0: Tensor, W: Tensor, *, block: Block, trim: Trim | None = None, density: float = 0.2, scaling: float = 1.0) -> Tensor:
+def ties(tau: Tensor, *, block: Block, trim: Trim | None = None, density: float = 0.2, scaling: float = 1.0) -> Tensor:
     """TIES: trim each task vector to its top `density` fraction by magnitude (floor(density ·
     numel) entries per source and tensor; ties at the threshold go to the entries first in
     row-major order), elect the sign of each entry by the sum of the trimmed values, and average
@@ -42,12 +42,18 @@ def ties(W0: Tensor, W: Tensor, *, block: Block, trim: Trim | None = None, densi
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"ties: density must be in [0, 1], found {density}")
     check_finite_param("ties", "scaling", scaling)
-    tau = _task_vectors(W0, W)
-    trimmed = tau.mul_(trim.mask(tau, block.start))  # a multiply, not a select: a NaN survives to be reported
-    elected = torch.sign(trimmed.sum(0))
-    agree = (trimmed * elected) > 0  # same nonzero sign as the elected one
-    count = agree.sum(0).clamp_(min=1)
-    return trimmed.mul_(agree).sum(0).div_(count).mul_(scaling)
+    T = tau.shape[0]
+    flat = tau.reshape(T, -1)
+    out = torch.empty(flat.shape[1], dtype=tau.dtype, device=tau.device)
+    step = max(1024, _STEP_BYTES // (T * tau.element_size()))
+    for s in range(0, flat.shape[1], step):
+        t = flat[:, s : s + step]
+        t.mul_(trim.mask(t, block.start + s))  # a multiply, not a select: a NaN survives to be reported
+        elected = t.sum(0).sign_()
+        agree = (t * elected) > 0  # same nonzero sign as the elected one
+        count = agree.sum(0).clamp_(min=1)
+        out[s : s + step] = t.mul_(agree).sum(0).div_(count).mul_(scaling)
+    return out.reshape(tau.shape[1:])
 
 
 def _fmix32(h: Tensor) -> Tensor:
@@ -73,14 +79,13 @@ def survivors(seed: int, key: str, source: int, start: int, shape: torch.Size, d
 
 
 @register("dare", reference_url="https://arxiv.org/abs/2311.03099", kind=Kind.ELEMENTWISE)
-def dare(W0: Tensor, W: Tensor, *, block: Block, drop_rate: float = 0.9, rescale: bool = True, scaling: float = 1.0) -> Tensor:
+def dare(tau: Tensor, *, block: Block, drop_rate: float = 0.9, rescale: bool = True, scaling: float = 1.0) -> Tensor:
     """DARE: drop each task-vector entry with probability `drop_rate`, rescale the survivors by
     1 / (1 − drop_rate) (when `rescale`), then add them up as Task Arithmetic with `scaling`.
     The masks are seeded by the merge's seed (`SVDOptions.seed`)."""
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"dare: drop_rate must be in [0, 1), found {drop_rate}")
     check_finite_param("dare", "scaling", scaling)
-    tau = _task_vectors(W0, W)
     for i in range(tau.shape[0]):
         tau[i].mul_(survivors(block.seed, block.key, i, block.start, tau.shape[1:], drop_rate, tau.device))
     factor = scaling / (1.0 - drop_rate) if rescale else scaling
