@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from svdfuse.nn.convert import _banks, _num_tasks, _set_sigma, svd_layers
 from svdfuse.nn.layers import SVDWeight, _LowRankLayer
-from svdfuse.ops import _first_bad_task
+from svdfuse._native import first_bad_task
 
 __all__ = ["stack_tasks", "serve_tasks"]
 
@@ -153,7 +153,7 @@ def serve_tasks(model: nn.Module, task_ids: Tensor) -> Iterator[nn.Module]:
     if task_ids.dim() != 1:
         raise ValueError(f"serve_tasks: task_ids must be (batch,), one id per request, found {tuple(task_ids.shape)}")
     if task_ids.device.type == "cpu":
-        bad = _first_bad_task(task_ids, num_tasks)
+        bad = first_bad_task(task_ids, num_tasks)
         if bad is not None:
             (value, (where,)) = bad
             raise ValueError(f"serve_tasks: task ids must be in [0, {num_tasks}), found {value} at {where}")
