@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from svdfuse.nn.layers import _LowRankLayer
+from svdfuse.nn.layers import LowRankLayer
 
 __all__ = ["SVDConv", "is_plain_conv"]
 
@@ -50,7 +50,7 @@ def is_plain_conv(module: nn.Module) -> bool:
     return type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class SVDConv(_LowRankLayer):
+class SVDConv(LowRankLayer):
     """`nn.Conv1d/2d/3d` with kernel `W0 + (U diag(σ) Vᵀ).reshape(W0.shape)` served low-rank; only
     the top-N σ train. Any groups, stride, padding ("same", "valid" too), dilation, padding_mode, bias.
 

@@ -21,13 +21,16 @@ from torch.nn.utils import parametrize
 from svdfuse.nn.attention import SVDMultiheadAttention, convertible
 from svdfuse.nn.conv import SVDConv, is_plain_conv
 from svdfuse.nn.layers import (
-    Excess, SVDLinear, SVDWeight, TaskCoefficients, _LowRankLayer, _requested, _SingularValues, _dense_linear,
+    Excess, LowRankLayer, SVDLinear, SVDWeight, TaskCoefficients, _requested, _SingularValues, _dense_linear,
 )  # fmt: skip
 
 if TYPE_CHECKING:
     from svdfuse.result import MergeResult
 
-__all__ = ["svd_layers", "adaptable_layers", "set_trainable", "materialize", "attach", "parametrize_tensor"]
+__all__ = [
+    "svd_layers", "adaptable_layers", "set_trainable", "materialize", "attach", "parametrize_tensor", "sigma_banks",
+    "count_tasks",
+]  # fmt: skip
 
 
 def adaptable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -206,7 +209,7 @@ def materialize(model: nn.Module, task: int | None = None) -> nn.Module:
         task: for a model from `stack_tasks`, which task's σ to fold, in [0, num_tasks); required
             when it serves more than one task. Must be None for other models.
     """
-    banks = _banks(model)
+    banks = sigma_banks(model)
     if banks or task is not None:
         _select_task(banks, task)
     # Layers first, then the attention modules holding them (which fold whatever projections they hold).
@@ -222,12 +225,14 @@ def materialize(model: nn.Module, task: int | None = None) -> nn.Module:
     return model
 
 
-def _banks(model: nn.Module) -> list[tuple[str, _LowRankLayer]]:
+def sigma_banks(model: nn.Module) -> list[tuple[str, LowRankLayer]]:
     """(name, layer) of every `SVDLinear` and `SVDConv` of `model` holding a σ bank (num_tasks, K)."""
-    return [(name, layer) for name, layer in svd_layers(model) if isinstance(layer, _LowRankLayer) and layer.sigma.dim() == 2]
+    return [(name, layer) for name, layer in svd_layers(model) if isinstance(layer, LowRankLayer) and layer.sigma.dim() == 2]
 
 
-def _num_tasks(banks: list[tuple[str, _LowRankLayer]]) -> int:
+def count_tasks(banks: list[tuple[str, LowRankLayer]]) -> int:
+    """The number of tasks, num_tasks, of `sigma_banks`' (name, layer) list, one or more; raises
+    ValueError naming two layers whose banks disagree."""
     (first, layer), *rest = banks
     for name, other in rest:
         if other.sigma.shape[0] != layer.sigma.shape[0]:
@@ -238,19 +243,13 @@ def _num_tasks(banks: list[tuple[str, _LowRankLayer]]) -> int:
     return layer.sigma.shape[0]
 
 
-def _set_sigma(layer: _SingularValues, S: Tensor) -> None:
-    """Give `layer` the singular values S, (K,) or (num_tasks, K), all frozen."""
-    layer.sigma = nn.Parameter(S.detach().clone(), requires_grad=False)
-    layer.sigma_frozen = S.new_empty(*S.shape[:-1], 0)
-
-
-def _select_task(banks: list[tuple[str, _LowRankLayer]], task: int | None) -> None:
+def _select_task(banks: list[tuple[str, LowRankLayer]], task: int | None) -> None:
     """Replace every σ bank by its row `task` (the only row when None)."""
     if not banks:
         raise ValueError(
             f"materialize: task={task} picks one task of a model from svdfuse.serving.stack_tasks; this model has no σ bank"
         )
-    num_tasks = _num_tasks(banks)
+    num_tasks = count_tasks(banks)
     if task is None:
         if num_tasks > 1:
             raise ValueError(
@@ -260,4 +259,4 @@ def _select_task(banks: list[tuple[str, _LowRankLayer]], task: int | None) -> No
     if not 0 <= task < num_tasks:
         raise ValueError(f"materialize: task must be in [0, {num_tasks}), found {task}")
     for _, layer in banks:
-        _set_sigma(layer, layer.S[task])
+        layer.set_sigma(layer.S[task])
