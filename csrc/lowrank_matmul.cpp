@@ -1,6 +1,6 @@
-// Schema of torch.ops.svdfuse.lowrank_matmul and its CPU kernel. Its autograd is in
-// lowrank_matmul_autograd.cpp, its CUDA kernels in lowrank_matmul_cuda.cu; the fake (meta) impl is
-// registered from Python, in svdfuse/_native.py.
+// The CPU kernel of torch.ops.svdfuse.lowrank_matmul. Its autograd is in lowrank_matmul_autograd.cpp,
+// its CUDA kernels in lowrank_matmul_cuda.cu. The schema, the pure-torch default kernel (every device
+// without a kernel here) and the fake impl are defined once, in Python: svdfuse/_native.py.
 #include <torch/library.h>
 
 #include <vector>
@@ -57,14 +57,6 @@ at::Tensor lowrank_matmul_cpu(const at::Tensor& x, const at::Tensor& U, const at
 }  // namespace
 
 }  // namespace svdfuse
-
-TORCH_LIBRARY(svdfuse, m) {
-  // Tells the dispatcher which module holds the Python half, so a trace without it names the fix.
-  m.set_python_module("svdfuse._native");
-  m.def(
-      "lowrank_matmul(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? base, Tensor? bias, Tensor? task=None) "
-      "-> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(svdfuse, CPU, m) {
   m.impl("lowrank_matmul", &svdfuse::lowrank_matmul_cpu);

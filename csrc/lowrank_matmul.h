@@ -5,16 +5,45 @@
 // checked only where reading them is free: the CPU kernel raises; the CUDA kernels never index S
 // with a bad id and give its output row NaN instead, since a check would cost a device-to-host sync.
 //
-// These checks are the op's validation for svdfuse.ops.lowrank_matmul too (it does not repeat them),
-// so they raise the Python exceptions its docstring promises: ValueError for shapes, devices and task
-// ids (TORCH_CHECK_VALUE), TypeError for dtypes (TORCH_CHECK_TYPE).
+// These checks are the op's validation: svdfuse.ops.lowrank_matmul calls the op without checking, and
+// every kernel of the op checks its inputs itself. The Python kernels (the pure-torch default kernel
+// and the fake impl, svdfuse/_native.py) run check_lowrank_matmul there, which raises these messages
+// word for word; tests/test_lowrank_matmul.py holds both to the one set. They raise the Python
+// exceptions the docstring promises: ValueError for shapes, devices and task ids (TORCH_CHECK_VALUE),
+// TypeError for dtypes (TORCH_CHECK_TYPE). Dtypes are named as Python prints them (torch.float32).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/accumulate.h>
+#include <cctype>
 #include <optional>
+#include <string>
 
 namespace svdfuse {
+
+// A dtype as Python prints it ("torch.float32"), the language of every svdfuse message.
+inline std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: {  // the rest print as their C++ name in lower case: BFloat16, Bool, Float8_e4m3fn, UInt16, ...
+      std::string name = c10::toString(dtype);
+      for (char& c : name) {
+        c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      }
+      return "torch." + name;
+    }
+  }
+}
 
 // Flash-attention's CHECK_SHAPE, with values: "base must have shape (m, n) = [33, 17], found [17, 33]".
 inline void check_shape(const at::Tensor& t, const char* name, const char* dims, at::IntArrayRef expected) {
@@ -25,7 +54,7 @@ inline void check_shape(const at::Tensor& t, const char* name, const char* dims,
 // One dtype and one device for all tensors: a mixed call fails here instead of being promoted or copied.
 inline void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "lowrank_matmul: ", name, " must have x's dtype ",
-                   x.scalar_type(), ", found ", t.scalar_type());
+                   dtype_name(x.scalar_type()), ", found ", dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.device() == x.device(), "lowrank_matmul: ", name, " must be on x's device ", x.device(),
                     ", found ", t.device());
 }
@@ -45,8 +74,8 @@ inline void check_task(const at::Tensor& S, const std::optional<at::Tensor>& tas
   TORCH_CHECK_VALUE(S.size(0) >= 1, "lowrank_matmul: S must have at least one task row, found shape ", S.sizes());
   TORCH_CHECK_VALUE(task, "lowrank_matmul: task is required when S has shape (num_tasks, K) = ", S.sizes(),
                     ": an int64 tensor of shape x.shape[:-1] = ", x.sizes().slice(0, x.dim() - 1));
-  TORCH_CHECK_TYPE(task->scalar_type() == at::kLong, "lowrank_matmul: task must have dtype Long (int64), found ",
-                   task->scalar_type());
+  TORCH_CHECK_TYPE(task->scalar_type() == at::kLong, "lowrank_matmul: task must have dtype torch.int64, found ",
+                   dtype_name(task->scalar_type()));
   check_shape(*task, "task", "x.shape[:-1]", x.sizes().slice(0, x.dim() - 1));
   TORCH_CHECK_VALUE(task->device() == x.device(), "lowrank_matmul: task must be on x's device ", x.device(),
                     ", found ", task->device());
@@ -74,7 +103,8 @@ inline void check_lowrank_matmul(const at::Tensor& x, const at::Tensor& U, const
   // the CPU kernel would silently upcast and the CUDA one reject deep inside cuBLAS.
   const auto dtype = x.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "lowrank_matmul: x must be floating point (Float, Double, Half or BFloat16), found ", dtype);
+                   "lowrank_matmul: x must be torch.float32, torch.float64, torch.float16 or torch.bfloat16, found ",
+                   dtype_name(dtype));
   check_like_x(U, "U", x);
   check_like_x(S, "S", x);
   check_like_x(V, "V", x);

@@ -227,76 +227,6 @@ def reorthogonalize(U_s: Tensor, S_s: Tensor, V_s: Tensor) -> tuple[Tensor, Tens
     return reference.reorthogonalize(U_s, S_s, V_s)
 
 
-def _check_task(x: Tensor, S: Tensor, task: Tensor | None) -> None:
-    if S.dim() == 1:
-        if task is not None:
-            raise ValueError(
-                f"lowrank_matmul: task must be None when S is (K,) (one σ for every row), found a task of shape "
-                f"{_shape(task)}; pass S as (num_tasks, K) for a σ per row"
-            )
-        return
-    lead = str(tuple(x.shape[:-1]))
-    num_tasks = S.shape[0]
-    if num_tasks == 0:
-        raise ValueError(f"lowrank_matmul: S must have at least one task row, found {_shape(S)}")
-    if task is None:
-        raise ValueError(
-            f"lowrank_matmul: task is required when S is (num_tasks, K) = {_shape(S)}: "
-            f"an int64 tensor of shape x.shape[:-1] = {lead}"
-        )
-    if task.dtype != torch.int64:
-        raise TypeError(f"lowrank_matmul: task must be torch.int64, found {task.dtype}")
-    if task.shape != x.shape[:-1]:
-        raise ValueError(f"lowrank_matmul: task must have shape x.shape[:-1] = {lead}, found {_shape(task)}")
-    if task.device != x.device:
-        raise ValueError(f"lowrank_matmul: task is on {task.device}, x on {x.device}")
-    # Range: checked here only where reading the ids is free. On CUDA it would cost a device-to-host
-    # sync per call (more than the decode kernel itself); the reference there gives a bad id's row
-    # NaN. Not while compiling either: reading the ids would break the graph.
-    if task.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = _first_bad_task(task, num_tasks)
-        if bad is not None:
-            raise ValueError(f"lowrank_matmul: task ids must be in [0, {num_tasks}) (the rows of S), found {bad[0]} at {bad[1]}")
-
-
-def _first_bad_task(task: Tensor, num_tasks: int) -> tuple[int, tuple[int, ...]] | None:
-    """The first id of `task` outside [0, num_tasks) and where it is, or None; reads the ids (a
-    device-to-host sync on a GPU)."""
-    bad = ((task < 0) | (task >= num_tasks)).nonzero()
-    if not len(bad):
-        return None
-    where = tuple(bad[0].tolist())
-    return int(task[where]), where
-
-
-def _check_lowrank(
-    x: Tensor, U: Tensor, S: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None, task: Tensor | None
-) -> None:
-    if U.dim() != 2 or V.dim() != 2 or S.dim() not in (1, 2):
-        raise ValueError(
-            f"lowrank_matmul: expected U (m, K), S (K,) or (num_tasks, K), V (n, K), "
-            f"found {_shape(U)}, {_shape(S)}, {_shape(V)}"
-        )
-    (m, K), n = U.shape, V.shape[0]
-    if V.shape[1] != K or S.shape[-1] != K:
-        raise ValueError(f"lowrank_matmul: rank mismatch: U {_shape(U)}, S {_shape(S)}, V {_shape(V)}")
-    if x.dim() == 0 or x.shape[-1] != n:
-        raise ValueError(f"lowrank_matmul: x must be (..., {n}) to match V {_shape(V)}, found {_shape(x)}")
-    if base is not None and tuple(base.shape) != (m, n):
-        raise ValueError(f"lowrank_matmul: base must be ({m}, {n}), found {_shape(base)}")
-    if bias is not None and tuple(bias.shape) != (m,):
-        raise ValueError(f"lowrank_matmul: bias must be ({m},), found {_shape(bias)}")
-    named = {"x": x, "U": U, "S": S, "V": V, "base": base, "bias": bias}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"lowrank_matmul: {name} is {t.dtype}, x is {x.dtype}; all tensors must share one dtype")
-        if t.device != x.device:
-            raise ValueError(f"lowrank_matmul: {name} is on {t.device}, x on {x.device}")
-    _check_task(x, S, task)
-
-
 def lowrank_matmul(
     x: Tensor,
     U: Tensor,
@@ -337,8 +267,8 @@ def lowrank_matmul(
         sigma = torch.stack([S_cars, S_dtd, S_eurosat])           # (3, K): one σ per target task
         y = svdfuse.ops.lowrank_matmul(x, U_t, sigma, V_t, base=W0, bias=b, task=request_task)
     """
-    op = _native.lowrank_matmul_op(x.device)
-    if op is not None:
-        return op(x, U, S, V, base, bias, task)  # checked in C++ (csrc/lowrank_matmul.h): once per call
-    _check_lowrank(x, U, S, V, base, bias, task)
-    return reference.lowrank_matmul(x, U, S, V, base, bias, task)
+    if _native.LOAD_ERROR is not None and not torch.compiler.is_compiling():
+        _native.warn_if_missing()  # once per process
+    # One op, `torch.ops.svdfuse.lowrank_matmul` (svdfuse/_native.py): the dispatcher picks its kernel by
+    # device, compiled (CPU, CUDA) or the reference, and that kernel checks the call, once.
+    return torch.ops.svdfuse.lowrank_matmul.default(x, U, S, V, base, bias, task)

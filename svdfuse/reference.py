@@ -54,6 +54,55 @@ def lowrank_matmul(
     return y.to(x.dtype).reshape(*x.shape[:-1], U.shape[0])
 
 
+def lowrank_matmul_backward(
+    grad: Tensor,
+    x: Tensor,
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    base: Tensor | None,
+    task: Tensor | None,
+    needs: tuple[bool, ...],
+) -> list[Tensor | None]:
+    """Gradients of `lowrank_matmul` with respect to (x, U, S, V, base, bias), None where `needs` (one
+    flag for each of those six) is False or the input is None; grad: (..., m) like the output.
+
+    The formula of the C++ autograd (csrc/lowrank_matmul_autograd.cpp), in the accumulation dtype and
+    cast once per gradient. With `task`, S's gradient sums each row's contribution into the row its id
+    picked; a row with an id outside [0, num_tasks) adds NaN to the row its clamped id names, as its
+    output row is NaN.
+    """
+    acc = compute_dtype(x.dtype)
+    rows = x.shape[:-1].numel()
+    x2, g2 = x.reshape(rows, V.shape[0]).to(acc), grad.reshape(rows, U.shape[0]).to(acc)
+    U_, V_ = U.to(acc), V.to(acc)
+    sigma = task_sigma(S.to(acc), task)
+    gU = g2 @ U_  # the gradient with respect to (x V) ⊙ σ
+    t = x2 @ V_
+    out: list[Tensor | None] = [None] * 6
+    if needs[0]:
+        gx = (gU * sigma) @ V_.T
+        out[0] = (gx if base is None else gx + g2 @ base.to(acc)).to(x.dtype).reshape(x.shape)
+    if needs[1]:
+        out[1] = (g2.T @ (t * sigma)).to(U.dtype)
+    if needs[2]:
+        per_row = gU * t
+        if task is None:
+            out[2] = per_row.sum(0).to(S.dtype)
+        else:
+            ids = task.reshape(-1)
+            bad = ((ids < 0) | (ids >= S.shape[0]))[:, None]
+            picked = ids.clamp(0, S.shape[0] - 1)
+            out[2] = S.new_zeros(S.shape, dtype=acc).index_add(0, picked, per_row.masked_fill(bad, float("nan"))).to(S.dtype)
+    if needs[3]:
+        out[3] = (x2.T @ (gU * sigma)).to(V.dtype)
+    if needs[4] and base is not None:
+        out[4] = (g2.T @ x2).to(base.dtype)
+    if needs[5]:
+        out[5] = g2.sum(0).to(x.dtype)
+    return out
+
+
 def _gaussian(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
     # Drawn on the CPU so that a seed gives the same test matrix on every device.
     gen = torch.Generator().manual_seed(seed)

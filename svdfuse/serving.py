@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from svdfuse.nn.convert import _banks, _num_tasks, _set_sigma, svd_layers
-from svdfuse.nn.layers import SVDWeight, _LowRankLayer
-from svdfuse.ops import _first_bad_task
+from svdfuse._native import first_bad_task
+from svdfuse.nn.convert import count_tasks, sigma_banks, svd_layers
+from svdfuse.nn.layers import LowRankLayer, SVDWeight
 
 __all__ = ["stack_tasks", "serve_tasks"]
 
@@ -110,8 +110,8 @@ def stack_tasks(models: Sequence[nn.Module]) -> nn.Module:
                 )
     stacked = copy.deepcopy(models[0]).requires_grad_(False)
     for name, layer in svd_layers(stacked):
-        if isinstance(layer, _LowRankLayer):
-            _set_sigma(layer, torch.stack(sigmas[name]))
+        if isinstance(layer, LowRankLayer):
+            layer.set_sigma(torch.stack(sigmas[name]))
     return stacked
 
 
@@ -143,26 +143,26 @@ def serve_tasks(model: nn.Module, task_ids: Tensor) -> Iterator[nn.Module]:
         with svdfuse.serving.serve_tasks(stacked, torch.tensor([2, 0, 1])):
             out = stacked(**batch)  # batch["input_ids"]: (3, seq)
     """
-    banks = _banks(model)
+    banks = sigma_banks(model)
     if not banks:
         raise ValueError("serve_tasks: the model has no σ bank; build the serving model with svdfuse.serving.stack_tasks")
-    num_tasks = _num_tasks(banks)
+    num_tasks = count_tasks(banks)
     if not isinstance(task_ids, Tensor) or task_ids.dtype != torch.int64:
         found = task_ids.dtype if isinstance(task_ids, Tensor) else type(task_ids).__name__
         raise TypeError(f"serve_tasks: task_ids must be a torch.int64 tensor, found {found}")
     if task_ids.dim() != 1:
         raise ValueError(f"serve_tasks: task_ids must be (batch,), one id per request, found {tuple(task_ids.shape)}")
     if task_ids.device.type == "cpu":
-        bad = _first_bad_task(task_ids, num_tasks)
+        bad = first_bad_task(task_ids, num_tasks)
         if bad is not None:
             (value, (where,)) = bad
             raise ValueError(f"serve_tasks: task ids must be in [0, {num_tasks}), found {value} at {where}")
     ids = task_ids.to(banks[0][1].U.device)
-    previous = [layer._task_ids for _, layer in banks]
+    previous = [layer.task_ids for _, layer in banks]
     for _, layer in banks:
-        layer._task_ids = ids
+        layer.task_ids = ids
     try:
         yield model
     finally:
         for (_, layer), ids_before in zip(banks, previous):
-            layer._task_ids = ids_before
+            layer.task_ids = ids_before

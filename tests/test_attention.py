@@ -136,6 +136,9 @@ def test_bad_configurations_and_inputs_are_refused():
     linear = nn.Linear(E, 3 * E)
     with pytest.raises(ValueError, match=r"needs a fused in-projection .* found kdim=8, vdim=8, embed_dim=16"):
         SVDMultiheadAttention(mha, linear, nn.Linear(E, E))
+    for kdim, vdim in ((8, E), (E, 8)):  # either one apart from embed_dim: separate projections
+        with pytest.raises(ValueError, match=rf"found kdim={kdim}, vdim={vdim}, embed_dim=16"):
+            SVDMultiheadAttention(nn.MultiheadAttention(E, H, kdim=kdim, vdim=vdim), linear, nn.Linear(E, E))
     with pytest.raises(ValueError, match=r"in_proj must be 48x16 for embed_dim 16, found 32x16"):
         SVDMultiheadAttention(nn.MultiheadAttention(E, H), nn.Linear(E, 2 * E), nn.Linear(E, E))
     low, _ = _pair()

@@ -33,6 +33,8 @@ CASES = {
     "2d-depthwise-x2-strided-nobias": (lambda: nn.Conv2d(6, 12, 3, groups=6, stride=2, padding=1, bias=False), (3, 6, 9, 9)),
     "2d-pointwise": (lambda: nn.Conv2d(5, 7, 1), (2, 5, 6, 5)),
     "2d-same-dilated": (lambda: nn.Conv2d(4, 6, 3, padding="same", dilation=2), (2, 4, 9, 7)),
+    # Even kernels: "same" pads an odd total, the odd one after; reflect pads with F.pad, not the conv.
+    "2d-same-even-reflect": (lambda: nn.Conv2d(4, 6, (2, 4), padding="same", padding_mode="reflect"), (2, 4, 7, 9)),
     "2d-valid-stride3": (lambda: nn.Conv2d(4, 6, 2, padding="valid", stride=3), (2, 4, 10, 11)),
     "3d-groups2": (
         lambda: nn.Conv3d(4, 6, (2, 3, 3), groups=2, stride=(1, 2, 2), padding=(0, 1, 1)),

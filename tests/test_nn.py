@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 
 import svdfuse
 from svdfuse.nn import SVDLinear, SVDWeight, materialize
+from svdfuse.nn.convert import parametrize_tensor
 from svdfuse.serving import serve_tasks, stack_tasks
 
 from _helpers import merge_perturbed, sigma_perturbed
@@ -96,6 +97,29 @@ def test_deep_copies_of_deep_copies_stay_independent(build):
         assert parametrize.is_parametrized(m.conv, "weight")
         torch.testing.assert_close(m(x), expected, atol=0, rtol=0)
     torch.testing.assert_close(copies[0](x), expected, atol=1e-5, rtol=1e-5)
+
+
+class _Doubled(nn.Module):
+    """A parametrization with a right_inverse, which registering it again would run."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight / 2
+
+
+def test_deep_copies_keep_other_parametrizations_of_the_module_as_they_were():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5)
+    parametrize.register_parametrization(layer, "weight", _Doubled())
+    U, V = torch.linalg.qr(torch.randn(5, 2)).Q, torch.linalg.qr(torch.randn(6, 2)).Q
+    parametrize_tensor(layer, "weight", SVDWeight(U, torch.tensor([1.0, 0.5]), V))
+    x = torch.randn(3, 6)
+    twin = copy.deepcopy(layer)
+    assert [type(p) for p in twin.parametrizations.weight] == [_Doubled, SVDWeight]
+    torch.testing.assert_close(twin(x), layer(x), atol=0, rtol=0)
+    torch.testing.assert_close(twin.parametrizations.weight.original, layer.parametrizations.weight.original, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ __all__ = ["SVDMultiheadAttention", "convertible"]
 def convertible(attention: nn.MultiheadAttention) -> bool:
     """Whether `SVDMultiheadAttention` can take `attention` over: one fused (3E, E) in-projection,
     no bias_k/bias_v, no zero attention (what every transformer in open_clip and torch uses)."""
-    return attention._qkv_same_embed_dim and attention.bias_k is None and not attention.add_zero_attn
+    E = attention.embed_dim
+    return attention.kdim == E and attention.vdim == E and attention.bias_k is None and not attention.add_zero_attn
 
 
 def _rows(layer: nn.Module, x: Tensor, start: int, stop: int) -> Tensor:
@@ -54,8 +55,9 @@ class SVDMultiheadAttention(nn.Module):
         out, _ = attn(x, x, x, need_weights=False)  # x: (batch, seq, E) with batch_first
     """
 
-    # torch's TransformerEncoderLayer reads this to decide whether its fused inference path, which
-    # reads a dense in_proj_weight (none exists for a σ bank), may replace the call to forward.
+    # Not read here: torch's TransformerEncoderLayer asks every self-attention module for it, and
+    # False keeps it off its fused inference path, which reads a dense in_proj_weight (none exists
+    # for a σ bank) instead of calling forward.
     _qkv_same_embed_dim = False
 
     def __init__(self, attention: nn.MultiheadAttention, in_proj: nn.Module, out_proj: nn.Module) -> None:

@@ -21,12 +21,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from svdfuse.nn.layers import _LowRankLayer
+from svdfuse.nn.layers import LowRankLayer
 
 __all__ = ["SVDConv", "is_plain_conv"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _SPATIAL = {1: "length", 2: "height, width", 3: "depth, height, width"}
+
+
+def _pad_widths(conv: nn.Module) -> list[int]:
+    """`conv`'s padding as F.pad widths (last dim first, before then after), as torch's convs pad for
+    a padding_mode other than "zeros": "same" puts the odd one of an odd total after."""
+    if conv.padding == "valid":
+        return [0, 0] * len(conv.kernel_size)
+    widths = []
+    for i in reversed(range(len(conv.kernel_size))):
+        if conv.padding == "same":
+            total = conv.dilation[i] * (conv.kernel_size[i] - 1)
+            widths += [total // 2, total - total // 2]
+        else:
+            widths += [conv.padding[i], conv.padding[i]]
+    return widths
 
 
 def is_plain_conv(module: nn.Module) -> bool:
@@ -35,7 +50,7 @@ def is_plain_conv(module: nn.Module) -> bool:
     return type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class SVDConv(_LowRankLayer):
+class SVDConv(LowRankLayer):
     """`nn.Conv1d/2d/3d` with kernel `W0 + (U diag(σ) Vᵀ).reshape(W0.shape)` served low-rank; only
     the top-N σ train. Any groups, stride, padding ("same", "valid" too), dilation, padding_mode, bias.
 
@@ -111,7 +126,7 @@ class SVDConv(_LowRankLayer):
         S, ids = self._sigma_of(x)
         base = self.base
         if ids is None:  # one σ for the batch: one conv with the rebuilt kernel (see the module docstring)
-            return base._conv_forward(x, self._kernel(self.delta(S)), base.bias)  # not base(x): no hooks of the replaced conv
+            return self._conv(x, self._kernel(self.delta(S)), base.bias)  # not base(x): no hooks of the replaced conv
         # A σ per request. Why a conv with V's filters and a grouped 1×1 conv with U compute the update. Group j
         # reads input channels [j·c, (j+1)·c), c = in/g, and writes output channels [j·o, (j+1)·o),
         # o = out/g. At each output position, output channel r of group j = r // o is W[r] · p_j,
@@ -125,10 +140,19 @@ class SVDConv(_LowRankLayer):
         ones = [1] * self._dims
         g, K = base.groups, self.rank
         filters = self.V.T.reshape(K, -1, *self.kernel_size).repeat(g, 1, *ones)
-        z = base._conv_forward(x, filters, None)  # (batch, g·K, *spatial'), with the base's padding_mode
+        z = self._conv(x, filters, None)  # (batch, g·K, *spatial'), with the base's padding_mode
         z = (z.unflatten(1, (g, K)) * S[ids].view(-1, 1, K, *ones)).flatten(1, 2)  # each request's σ, per group
         update = _CONV[self._dims](z, self.U.view(*self.U.shape, *ones), groups=g)
-        return base._conv_forward(x, base.weight, base.bias) + update
+        return self._conv(x, base.weight, base.bias) + update
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The base conv's convolution of x with `weight`: its stride, padding, dilation, groups and
+        padding_mode, as `nn.Conv*d.forward` applies them (a non-zeros mode pads with F.pad first)."""
+        base, conv = self.base, _CONV[self._dims]
+        if base.padding_mode == "zeros":
+            return conv(x, weight, bias, base.stride, base.padding, base.dilation, base.groups)
+        x = F.pad(x, _pad_widths(base), mode=base.padding_mode)
+        return conv(x, weight, bias, base.stride, 0, base.dilation, base.groups)
 
     def to_dense(self) -> nn.Module:
         """The equivalent conv of the replaced class with the dense kernel (the current σ folded in)."""

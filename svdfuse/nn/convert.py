@@ -9,6 +9,7 @@ parametrizes every other merged weight (transposed convs, attention projections
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -20,13 +21,16 @@ from torch.nn.utils import parametrize
 from svdfuse.nn.attention import SVDMultiheadAttention, convertible
 from svdfuse.nn.conv import SVDConv, is_plain_conv
 from svdfuse.nn.layers import (
-    Excess, SVDLinear, SVDWeight, TaskCoefficients, _LowRankLayer, _requested, _SingularValues, _dense_linear,
+    Excess, LowRankLayer, SVDLinear, SVDWeight, TaskCoefficients, _requested, _SingularValues, _dense_linear,
 )  # fmt: skip
 
 # name -> (U (m, k), S (k,), V (n, k)) of every merged matrix that has components.
 Components = dict[str, tuple[Tensor, Tensor, Tensor]]
 
-__all__ = ["svd_layers", "adaptable_layers", "set_trainable", "materialize", "attach", "parametrize_tensor"]
+__all__ = [
+    "svd_layers", "adaptable_layers", "set_trainable", "materialize", "attach", "parametrize_tensor", "sigma_banks",
+    "count_tasks",
+]  # fmt: skip
 
 
 def adaptable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -68,28 +72,51 @@ def set_trainable(model: nn.Module, n: int | float, excess: Excess = "error") ->
     return sum(layer.sigma.numel() for _, layer in layers) + sum(layer.coefficients.numel() for layer in coefficients)
 
 
-def _deepcopy_with_own_class(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    # torch's parametrize moves a module into its own subclass holding one property per
-    # parametrized tensor, but its deepcopy shares that class, and each property keys
-    # parametrize.cached() by the module it was made for. So removing a parametrization from a copy
-    # (materialize) deleted the original's property, and under cached() the copies read each
-    # other's weights. The replica gets its own class and properties instead; the private helpers
-    # are the ones register_parametrization itself uses.
-    replica = self.__new__(parametrize.type_before_parametrizations(self))
-    memo[id(self)] = replica
-    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
-    parametrize._inject_new_class(replica)
-    type(replica).__deepcopy__ = _deepcopy_with_own_class
-    for name in replica.parametrizations:
-        parametrize._inject_property(replica, name)
+def _copy_with_own_parametrizations(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """`copy.deepcopy(module)` for a module with parametrizations: a replica of its class before
+    parametrization, whose parametrizations are registered again through the public API."""
+    # torch's parametrize moves a module into a subclass of its own class holding one property per
+    # parametrized tensor, and its deep copy shares that subclass, whose properties key
+    # parametrize.cached() by the module they were made for. So removing a parametrization from a
+    # copy (materialize) would delete the original's property, and under cached() the copies would
+    # read each other's weights. Registering the copied parametrizations on a plain replica gives it
+    # a subclass and properties of its own.
+    cls = parametrize.type_before_parametrizations(module)
+    replica = cls.__new__(cls)
+    memo[id(module)] = replica
+    vars(replica).update(copy.deepcopy({key: value for key, value in vars(module).items() if key != "__deepcopy__"}, memo))
+    lists = replica.parametrizations
+    del replica.parametrizations
+    for name, chain in lists.items():
+        if not chain.is_tensor:
+            raise TypeError(f"deepcopy of {cls.__name__}: parametrization of {name!r} holds several tensors")
+        original = chain.original
+        # A right_inverse runs again at registration; the copy keeps the stored value as it was.
+        stored = original.detach().clone() if any(hasattr(p, "right_inverse") for p in chain) else None
+        if isinstance(original, nn.Parameter):
+            replica.register_parameter(name, original)
+        else:
+            replica.register_buffer(name, original)
+        for parametrization in chain:
+            parametrize.register_parametrization(replica, name, parametrization, unsafe=chain.unsafe)
+        if stored is not None:
+            with torch.no_grad():
+                replica.parametrizations[name].original.set_(stored)
+    _copy_parametrizations_too(replica)
     return replica
+
+
+def _copy_parametrizations_too(module: nn.Module) -> None:
+    # An instance attribute, which copy.deepcopy looks up before the class's __deepcopy__ (torch's,
+    # the one that shares the subclass); the module's class is left as torch made it.
+    module.__deepcopy__ = functools.partial(_copy_with_own_parametrizations, module)
 
 
 def parametrize_tensor(module: nn.Module, name: str, parametrization: nn.Module) -> None:
     """`parametrize.register_parametrization(module, name, parametrization, unsafe=True)`, with deep
-    copies of `module` that own their parametrized class (see `_deepcopy_with_own_class`)."""
+    copies of `module` that own their parametrizations (see `_copy_with_own_parametrizations`)."""
     parametrize.register_parametrization(module, name, parametrization, unsafe=True)
-    type(module).__deepcopy__ = _deepcopy_with_own_class
+    _copy_parametrizations_too(module)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -185,7 +212,7 @@ def materialize(model: nn.Module, task: int | None = None) -> nn.Module:
         task: for a model from `stack_tasks`, which task's σ to fold, in [0, num_tasks); required
             when it serves more than one task. Must be None for other models.
     """
-    banks = _banks(model)
+    banks = sigma_banks(model)
     if banks or task is not None:
         _select_task(banks, task)
     # Layers first, then the attention modules holding them (which fold whatever projections they hold).
@@ -201,12 +228,14 @@ def materialize(model: nn.Module, task: int | None = None) -> nn.Module:
     return model
 
 
-def _banks(model: nn.Module) -> list[tuple[str, _LowRankLayer]]:
+def sigma_banks(model: nn.Module) -> list[tuple[str, LowRankLayer]]:
     """(name, layer) of every `SVDLinear` and `SVDConv` of `model` holding a σ bank (num_tasks, K)."""
-    return [(name, layer) for name, layer in svd_layers(model) if isinstance(layer, _LowRankLayer) and layer.sigma.dim() == 2]
+    return [(name, layer) for name, layer in svd_layers(model) if isinstance(layer, LowRankLayer) and layer.sigma.dim() == 2]
 
 
-def _num_tasks(banks: list[tuple[str, _LowRankLayer]]) -> int:
+def count_tasks(banks: list[tuple[str, LowRankLayer]]) -> int:
+    """The number of tasks, num_tasks, of `sigma_banks`' (name, layer) list, one or more; raises
+    ValueError naming two layers whose banks disagree."""
     (first, layer), *rest = banks
     for name, other in rest:
         if other.sigma.shape[0] != layer.sigma.shape[0]:
@@ -217,19 +246,13 @@ def _num_tasks(banks: list[tuple[str, _LowRankLayer]]) -> int:
     return layer.sigma.shape[0]
 
 
-def _set_sigma(layer: _SingularValues, S: Tensor) -> None:
-    """Give `layer` the singular values S, (K,) or (num_tasks, K), all frozen."""
-    layer.sigma = nn.Parameter(S.detach().clone(), requires_grad=False)
-    layer.sigma_frozen = S.new_empty(*S.shape[:-1], 0)
-
-
-def _select_task(banks: list[tuple[str, _LowRankLayer]], task: int | None) -> None:
+def _select_task(banks: list[tuple[str, LowRankLayer]], task: int | None) -> None:
     """Replace every σ bank by its row `task` (the only row when None)."""
     if not banks:
         raise ValueError(
             f"materialize: task={task} picks one task of a model from svdfuse.serving.stack_tasks; this model has no σ bank"
         )
-    num_tasks = _num_tasks(banks)
+    num_tasks = count_tasks(banks)
     if task is None:
         if num_tasks > 1:
             raise ValueError(
@@ -239,4 +262,4 @@ def _select_task(banks: list[tuple[str, _LowRankLayer]], task: int | None) -> No
     if not 0 <= task < num_tasks:
         raise ValueError(f"materialize: task must be in [0, {num_tasks}), found {task}")
     for _, layer in banks:
-        _set_sigma(layer, layer.S[task])
+        layer.set_sigma(layer.S[task])

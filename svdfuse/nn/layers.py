@@ -10,7 +10,7 @@ N, the number of trainable singular values, may exceed the merged rank k only by
 (`excess`): "error" (the default) refuses, "clip" trains all k and warns, "extend" adds N - k
 directions orthogonal to U and V with σ = 0 and trains them too.
 
-An `SVDLinear` or `SVDConv` (a `_LowRankLayer`) may hold a σ bank (num_tasks, K) instead of σ (K,):
+An `SVDLinear` or `SVDConv` (a `LowRankLayer`) may hold a σ bank (num_tasks, K) instead of σ (K,):
 `svdfuse.serving` builds such models, serving many target adaptations of one merge in one batch.
 """
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from svdfuse import ops
 from svdfuse.plan import resolve_rank
 
-__all__ = ["SVDLinear", "SVDWeight", "TaskCoefficients", "Excess"]
+__all__ = ["SVDLinear", "SVDWeight", "TaskCoefficients", "Excess", "LowRankLayer"]
 
 Excess = Literal["error", "clip", "extend"]
 
@@ -117,20 +117,30 @@ class _SingularValues(nn.Module):
         return (self.U * S) @ self.V.T
 
 
-class _LowRankLayer(_SingularValues):
-    """An SVD layer that computes its own low-rank forward, so it can hold a σ bank (num_tasks, K)
-    and serve each request of a batch with its task's row (`svdfuse.serving`)."""
+class LowRankLayer(_SingularValues):
+    """An SVD layer that computes its own low-rank forward (`SVDLinear`, `SVDConv`), so it can hold a
+    σ bank (num_tasks, K) and serve each request of a batch with its task's row (`svdfuse.serving`).
+
+    Attributes:
+        task_ids: int64 (batch,), the task of each request of the batch, while a σ bank serves
+            inside `svdfuse.serving.serve_tasks`; None otherwise.
+    """
 
     def __init__(self, U: Tensor, S: Tensor, V: Tensor, trainable: int | float | None = None) -> None:
         super().__init__(U, S, V, trainable)
-        self._task_ids: Tensor | None = None  # (batch,) while inside serve_tasks
+        self.task_ids: Tensor | None = None
+
+    def set_sigma(self, S: Tensor) -> None:
+        """Give the layer the singular values S, (K,) or a bank (num_tasks, K), all frozen."""
+        self.sigma = nn.Parameter(S.detach().clone(), requires_grad=False)
+        self.sigma_frozen = S.new_empty(*S.shape[:-1], 0)
 
     def _sigma_of(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """σ for input x: S (K,) for every request, or the bank (num_tasks, K) with each request's task id (batch,)."""
         S = self.S
         if S.dim() == 1:
             return S, None
-        ids = self._task_ids
+        ids = self.task_ids
         if ids is None:
             if S.shape[0] == 1:
                 return S[0], None
@@ -158,7 +168,7 @@ class _LowRankLayer(_SingularValues):
         return f"tasks={self.sigma.shape[0]}" if self.sigma.dim() == 2 else f"trainable={self.sigma.numel()}"
 
 
-class SVDLinear(_LowRankLayer):
+class SVDLinear(LowRankLayer):
     """`nn.Linear` with weight `W0 + U diag(σ) Vᵀ` served low-rank; only the top-N σ train.
 
     Args:
