@@ -56,26 +56,27 @@ def ties(tau: Tensor, *, block: Block, trim: Trim | None = None, density: float 
     return out.reshape(tau.shape[1:])
 
 
-def _fmix32(h: Tensor) -> Tensor:
-    # MurmurHash3's finalizer on 32-bit values held in int64 (no signed overflow, logical shifts).
-    mask = 0xFFFFFFFF
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & mask
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & mask
-    return h ^ (h >> 16)
+# DARE's random numbers come in fixed chunks of a tensor's flat index space, each from its own
+# seeded generator: any block of a tensor draws the same numbers whatever the blocks around it.
+_CHUNK = 1 << 16
 
 
 def survivors(seed: int, key: str, source: int, start: int, shape: torch.Size, drop_rate: float, device: torch.device) -> Tensor:
     """DARE's keep-mask of `shape` entries of tensor `key`, source `source`, from flat index `start`.
 
-    Each entry's fate is a hash of (seed, key, source, its flat index), so a mask does not depend
-    on how the tensor is cut into blocks, on the device or on the number of processes.
+    Entry j survives iff a uniform number drawn for (seed, key, source, j) is >= drop_rate; the
+    numbers come from CPU generators seeded per chunk of `_CHUNK` entries, so a mask does not
+    depend on how the tensor is cut into blocks, on the device or on the number of processes.
     """
-    salt = zlib.crc32(f"{seed}:{key}:{source}".encode())
-    index = torch.arange(start, start + shape.numel(), dtype=torch.int64, device=device)
-    h = _fmix32(_fmix32((index & 0xFFFFFFFF) ^ salt) ^ (index >> 32))
-    return (h >= round(drop_rate * 2**32)).reshape(shape)
+    stop = start + shape.numel()
+    salt = f"{seed}:{key}:{source}:"
+    parts = []
+    for chunk in range(start // _CHUNK, -(-stop // _CHUNK)):
+        gen = torch.Generator().manual_seed(zlib.crc32((salt + str(chunk)).encode()))
+        parts.append(torch.rand(_CHUNK, generator=gen))
+    draws = torch.cat(parts) if len(parts) > 1 else parts[0]
+    offset = start - (start // _CHUNK) * _CHUNK
+    return (draws[offset : offset + shape.numel()] >= drop_rate).reshape(shape).to(device)
 
 
 @register("dare", reference_url="https://arxiv.org/abs/2311.03099", kind=Kind.ELEMENTWISE)
