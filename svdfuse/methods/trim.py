@@ -73,14 +73,14 @@ def _sample(blocks: Blocks, numel: int, sources: int) -> Tensor:
 def _bracketed(blocks: Blocks, numel: int, sources: int, keep: int, limit: int) -> tuple[Tensor, Tensor, Tensor] | None:
     """(threshold, entries above it, entries equal to it) per source from a sample's bracket, or
     None where the bracket missed."""
-    sample = _sample(blocks, numel, sources).sort(dim=1, descending=True).values
+    sample = _sample(blocks, numel, sources)
     size = sample.shape[1]
     p = keep / numel
     margin = _MARGIN * math.sqrt(size * p * (1 - p)) + 8
-    hi_at, lo_at = math.floor(p * size - margin), math.ceil(p * size + margin)
-    inf = torch.full((sources,), math.inf)
-    hi = sample[:, hi_at] if hi_at >= 0 else inf
-    lo = sample[:, lo_at] if lo_at < size else torch.full((sources,), -1.0)
+    hi_at, lo_at = math.floor(p * size - margin), math.ceil(p * size + margin)  # ranks from the top
+    # the (r+1)-th largest is the (size - r)-th smallest
+    hi = sample.kthvalue(size - hi_at, dim=1).values if hi_at >= 0 else torch.full((sources,), math.inf)
+    lo = sample.kthvalue(size - lo_at, dim=1).values if lo_at < size else torch.full((sources,), -1.0)
     above = torch.zeros(sources, dtype=torch.int64)
     inside: list[list[Tensor]] = [[] for _ in range(sources)]
     held = 0
@@ -101,7 +101,7 @@ def _bracketed(blocks: Blocks, numel: int, sources: int, keep: int, limit: int) 
         rank = keep - int(above[i])  # the threshold is the rank-th largest inside the bracket
         if not 1 <= rank <= values.numel():
             return None
-        t = values.topk(rank).values[-1]
+        t = values.kthvalue(values.numel() - rank + 1).values
         threshold[i] = t.double()
         greater[i] += int((values > t).sum())
         equal[i] = int((values == t).sum())
