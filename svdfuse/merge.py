@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from svdfuse import distributed
-from svdfuse.methods import get_method
+from svdfuse.methods import Kind, get_method
 from svdfuse.ops import SVDOptions
 from svdfuse.pipeline import Compute, Merged, Progress
 from svdfuse.plan import DEFAULT_EXCLUDE, Plan, Role, make_plan
@@ -195,8 +195,11 @@ def merge(
     plan = make_plan(
         base_source, sources, spec, k, include=include, exclude=exclude, dtype=dtype, budget=budget, svd=svd, params=params,
     )
-    if include is not None and not plan.matrices:
-        raise ValueError(f"include={list(include)} matches no weight with 2 or more dims (after exclude={list(exclude)}); nothing would be merged as a matrix")
+    if not plan.matrices and (include is not None or spec.kind is not Kind.ELEMENTWISE):
+        raise ValueError(
+            f"include={None if include is None else list(include)} and exclude={list(exclude)} leave no weight with 2 or more "
+            f"dims to merge as a matrix; {method} would only average the other tensors"
+        )
     mine = distributed.partition([task.nbytes for task in plan.tasks], group.world)[group.rank]
     tasks = [plan.tasks[i] for i in mine]
     bar = tqdm(

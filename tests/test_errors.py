@@ -484,3 +484,52 @@ def test_hf_save_inside_the_base_directory_copies_no_temp_directory(tmp_path, hf
     assert sorted(listing(base_dir)) == sorted([*before, "merged", "merged/config.json", "merged/model.safetensors"])
     merged = open_source(base_dir / "merged", "merged")
     torch.testing.assert_close(merged.get(ATTN), hf_result.state_dict()[ATTN])
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that used to pass silently
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        ({"include": ["nothing.*"]}, ValueError, r"include=\['nothing.\*'\] and exclude=\['\*embed\*'\] leave no weight"),
+        ({"exclude": ["*"]}, ValueError, r"include=None and exclude=\['\*'\] leave no weight with 2 or more dims"),
+        ({"include": "blocks.0.attn.weight"}, TypeError, r"include and exclude take a list of glob patterns, found a str"),
+    ],
+)
+def test_patterns_that_select_no_matrix_are_refused(kwargs, error, pattern, base):
+    with pytest.raises(error, match=pattern):
+        merge([finetune(base, 0), finetune(base, 1)], base, **kwargs)
+
+
+def test_integer_tensors_that_differ_between_sources_are_refused(base):
+    other = finetune(base, 1)
+    other["step"] = torch.tensor(8)
+    with pytest.raises(SourceError, match=r"source 1: integer tensor 'step' \(\) torch.int64 differs from the base's"):
+        merge([finetune(base, 0), other], base)
+
+
+def test_a_merged_value_that_overflows_its_dtype_is_an_error(base):
+    half = {k: v.half() if v.is_floating_point() else v for k, v in base.items()}
+    sources = []
+    for i in range(2):
+        src = {k: v.half() if v.is_floating_point() else v for k, v in finetune(base, i).items()}
+        src[NORM] = torch.full((6,), 60000.0, dtype=torch.float16)  # finite; their sum is not
+        sources.append(src)
+    with pytest.raises(ValueError, match=r"'norm.weight' \(6,\): the merged value overflows torch.float16 in 6 entries .* though every input is finite"):
+        svdfuse.merge(sources, base=half, method="task_arithmetic", scaling=1.0, device="cpu")
+
+
+def test_a_tensor_in_two_shards_without_an_index_entry_for_it_is_refused(tmp_path, base):
+    directory = tmp_path / "two-shards"
+    directory.mkdir()
+    save_file(base, str(directory / "model-00001-of-00002.safetensors"))
+    save_file({NORM: base[NORM]}, str(directory / "model-00002-of-00002.safetensors"))
+    index = {"weight_map": {key: "model-00001-of-00002.safetensors" for key in base}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    # the index names the first shard: the stray copy in the second is never read
+    assert torch.equal(open_source(directory, "source 0").get(NORM), base[NORM])
+    # without an index, which copy is the model's is unknown: refused, not guessed
+    with pytest.raises(SourceError, match=r"source 0: tensor 'norm.weight' is stored in two shards and no index says which one holds it"):
+        svdfuse.sources.SafetensorsSource("source 0", sorted(directory.glob("*.safetensors")))
