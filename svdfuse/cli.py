@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from svdfuse.distributed import PeerFailure
 from svdfuse.methods import METHODS, get_method
 from svdfuse.ops import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, DEFAULT_PRECISION
 from svdfuse.reference import PRECISIONS
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             from svdfuse.demo import run_demo
 
             run_demo(k=args.k, n=args.n, epochs=args.epochs, device=args.device, seed=args.seed)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, PeerFailure) as err:
         print(f"svdfuse {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

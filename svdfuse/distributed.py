@@ -15,7 +15,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Group", "current", "partition", "init_from_env"]
+__all__ = ["Group", "PeerFailure", "current", "partition", "init_from_env"]
+
+
+class PeerFailure(RuntimeError):
+    """Another process of the merge failed; the message is its error."""
 
 
 @dataclass(frozen=True)

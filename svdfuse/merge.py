@@ -96,7 +96,7 @@ def _run(tasks: list, compute: Compute, sink, group: distributed.Group) -> list[
     if failure is not None:
         raise failure
     if any(failures):
-        raise RuntimeError("merge failed on another process: " + "; ".join(f for f in failures if f))
+        raise distributed.PeerFailure("merge failed on another process: " + "; ".join(f for f in failures if f))
     return [layer for ranks in group.gather(layers) for layer in ranks]
 
 

@@ -185,4 +185,6 @@ def test_torchrun_a_failing_rank_fails_every_rank_and_leaves_nothing(files, tmp_
     run = _torchrun(["merge", "--base", str(root / "base.safetensors"), "-k", "4", "--quiet", "--device", "cpu", "-o", str(out), *sources[1:], str(bad)], 2)
     assert run.returncode != 0
     assert "'layers.1.norm.weight'" in run.stderr and "NaN" in run.stderr
+    # both ranks say why: the one that failed, and the other with the failing rank's message
+    assert run.stderr.count("holds 1 NaN") >= 2 and "merge failed on another process: rank" in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
