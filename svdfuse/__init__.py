@@ -6,10 +6,10 @@
 """
 
 from svdfuse import methods, nn, ops, serving
-from svdfuse.adapt import AdaptReport, adapt
-from svdfuse.atlas import atlas
-from svdfuse.decompose import decompose
-from svdfuse.merge import merge
+from svdfuse.stage2 import AdaptReport, adapt
+from svdfuse.atlas_baseline import atlas
+from svdfuse.caches import decompose
+from svdfuse.merging import merge
 from svdfuse.ops import SVDOptions
 from svdfuse.result import LayerReport, MergeReport, MergeResult
 from svdfuse.sinks import save_hf_directory, save_safetensors

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from svdfuse.resources import default_device
+
 __all__ = ["Group", "PeerFailure", "current", "partition", "init_from_env"]
 
 
@@ -80,7 +82,7 @@ def init_from_env(device: str | None) -> torch.device | None:
     outside torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return None
-    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    cuda = torch.device(device).type == "cuda" if device is not None else default_device().type == "cuda"
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

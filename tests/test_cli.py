@@ -84,3 +84,14 @@ def test_import_stays_lean():
     code = "import sys, svdfuse; print(sorted(m for m in ('triton', 'transformers', 'open_clip', 'sklearn') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_public_functions_are_not_shadowed_by_their_modules():
+    # `import svdfuse.merge` used to load a module whose name the function then hid; every public
+    # function now lives in a module of another name, so imports say what they give.
+    import importlib
+
+    for name in ("merge", "adapt", "atlas", "decompose"):
+        assert callable(getattr(svdfuse, name))
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"svdfuse.{name}")

@@ -18,6 +18,7 @@ from svdfuse.ops import SVDOptions
 from svdfuse.nn.convert import parametrize_tensor
 from svdfuse.nn.layers import TaskCoefficients
 from svdfuse.plan import Role, make_plan, matches_any
+from svdfuse.resources import default_device
 from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 
 __all__ = ["atlas"]
@@ -32,7 +33,7 @@ def atlas(
     exclude: Sequence[str] = (),
     init: float | None = None,
     dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """A copy of `module` whose parameters are `W0 + Σ_i λ_i τ_i`, ready for `svdfuse.adapt`.
 
@@ -44,7 +45,7 @@ def atlas(
             floating parameters); the others keep the base's values.
         init: initial λ of every source (default 1 / T: the average of the sources).
         dtype: cast every tensor to this dtype first.
-        device: where the task vectors live.
+        device: where the task vectors live (default: CUDA when available, as for `merge`).
 
     Returns:
         The model; `svdfuse.adapt(model, data)` trains only its T coefficients per tensor.
@@ -54,6 +55,7 @@ def atlas(
         model = svdfuse.atlas(sources, base="vit-b32.safetensors", module=clip_model)
         svdfuse.adapt(model, loader, epochs=10, lr=1e-1)
     """
+    device = torch.device(device) if device is not None else default_device()
     base_source = open_source(base, "base")
     sources = open_sources(models)
     # The plan only checks the sources against the base here: aTLAS holds every task vector anyway.
