@@ -121,7 +121,7 @@ def merge(
     output: str | None = None,
     max_memory: int | str | None = None,
     shard_size: int | str = "5GB",
-    progress: bool = False,
+    progress: bool | None = None,
     **params: Any,
 ) -> MergeResult | MergeReport:
     """Merge fine-tuned `models` of one `base`, by AXIS (arXiv 2508.19353) or another method.
@@ -160,7 +160,8 @@ def merge(
         max_memory: memory budget for the pieces, bytes or a size such as "4GB" (default: half
             of the memory available, split among the processes of this machine).
         shard_size: largest shard of a directory output, bytes or a size such as "2GB".
-        progress: show a progress bar (bytes read, rate, time left).
+        progress: show a progress bar (bytes read, rate, time left); default: when stderr is a
+            terminal, as for `adapt`.
         params: the method's parameters, e.g. `density=0.2` for "ties".
 
     Returns:
@@ -204,7 +205,7 @@ def merge(
     tasks = [plan.tasks[i] for i in mine]
     bar = tqdm(
         total=sum(task.nbytes for task in tasks), unit="B", unit_scale=True, unit_divisor=1024,
-        desc=f"merge ({method})", disable=not progress or group.rank != 0,
+        desc=f"merge ({method})", disable=True if group.rank != 0 else (None if progress is None else not progress),
     )
     state = Progress([False] * len(sources), bar.update)
     compute = Compute(spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state)

@@ -62,7 +62,7 @@ def adapt(
     loss_fn: Callable[[nn.Module, Any], Tensor] = default_loss,
     excess: Excess = "error",
     device: torch.device | str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> AdaptReport:
     """Stage 2: train only the top-`n` singular values of every svdfuse layer on the target task.
 
@@ -82,7 +82,7 @@ def adapt(
         excess: what to do where N exceeds a layer's merged rank: "error", "clip" or "extend"
             (see `svdfuse.nn`).
         device: where to train (default: where the model is).
-        progress: show a progress bar.
+        progress: show a progress bar (default: when stderr is a terminal, as for `merge`).
 
     Returns:
         An `AdaptReport`; the model is trained in place and left in eval mode.
@@ -107,7 +107,7 @@ def adapt(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if steps and optimizer is None else None
     report = AdaptReport(trainable=trainable, layers=layers)
     model.train()
-    bar = tqdm(total=steps, desc=f"adapt ({trainable} σ)", unit="step", disable=not progress)
+    bar = tqdm(total=steps, desc=f"adapt ({trainable} σ)", unit="step", disable=None if progress is None else not progress)
     for _ in range(epochs):
         total, count = 0.0, 0
         for batch in data:
