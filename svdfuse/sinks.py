@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
+from glob import escape as glob_escape
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from torch import Tensor
 
@@ -31,6 +34,7 @@ _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json", "*.pt", "*.pth", "*.c
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 DEFAULT_SHARD_SIZE = 5 * 10**9
+_OWNER = "svdfuse-"  # temporary outputs are named .NAME.svdfuse-HOST-PID-XXXX.tmp
 
 
 @dataclass(frozen=True)
@@ -172,13 +176,15 @@ class SafetensorsWriter:
 
     def _create(self, template: str | os.PathLike | None) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale(self.path)
+        prefix = f".{self.path.name}.{_OWNER}{socket.gethostname()}-{os.getpid()}-"
         if self.single:
-            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=self.path.parent)
             os.close(fd)
             tmp = Path(name)
             files = {self.path.name: tmp}
         else:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=self.path.parent))
             if template is not None:
                 shutil.copytree(template, tmp, ignore=_template_ignore(tmp, self.path), dirs_exist_ok=True)
             files = {name: tmp / name for name in self._shards}
@@ -239,6 +245,16 @@ class SafetensorsWriter:
         self._fds = {}
         if self._group.rank == 0:
             _remove(self._tmp)
+
+
+def _sweep_stale(path: Path) -> None:
+    """Remove the temporary outputs for `path` left by svdfuse processes of this host that died
+    without cleaning up (killed with SIGKILL, a power cut): their names carry host and pid."""
+    host = socket.gethostname()
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.{_OWNER}{glob_escape(host)}-*.tmp"):
+        pid = stale.name[len(f".{path.name}.{_OWNER}{host}-") :].split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            _remove(stale)
 
 
 def _remove(tmp: Path) -> None:

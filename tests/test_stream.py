@@ -188,3 +188,23 @@ def test_torchrun_a_failing_rank_fails_every_rank_and_leaves_nothing(files, tmp_
     # both ranks say why: the one that failed, and the other with the failing rank's message
     assert run.stderr.count("holds 1 NaN") >= 2 and "merge failed on another process: rank" in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_a_temporary_output_left_by_a_killed_merge_is_swept_by_the_next(files, tmp_path):
+    # A merge killed with SIGKILL cannot clean up: its temporary output stays. The next merge to
+    # the same path removes those of dead processes on this host, and only those.
+    root, sources = files
+    out = tmp_path / "merged"
+    script = (
+        "import os, signal, svdfuse.sinks as s\n"
+        f"w = s.SafetensorsWriter({str(out)!r}, [('a', (4,), __import__('torch').float32)])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert killed.returncode == -9
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.svdfuse-")]
+    assert len(stale) == 1 and stale[0].is_dir()
+    alive = tmp_path / f".merged.svdfuse-{socket.gethostname()}-{os.getpid()}-x.tmp"
+    alive.mkdir()  # a merge still running here (this process): never touched
+    svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu", output=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", alive.name])
