@@ -1,0 +1,40 @@
+"""Streamed merges on the CPU (bench_scale.py): MiniLM-shaped sources written as files, merged to a
+directory under a memory budget, against a plain read of the same files. T = 8 by default
+(SVDFUSE_BENCH_SOURCES); the script adds T = 48, peak RSS and the table."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytest_benchmark")
+
+import svdfuse  # noqa: E402
+from bench_scale import PARAMS, plain_read_gbps, write_sources  # noqa: E402
+
+T = int(os.environ.get("SVDFUSE_BENCH_SOURCES", "8"))
+CACHE = Path(tempfile.gettempdir()) / "svdfuse-bench"
+
+
+@pytest.fixture(scope="module")
+def files():
+    return write_sources(CACHE, "minilm", T)
+
+
+def test_plain_read(benchmark, files):
+    benchmark.group = f"minilm, {T} sources, streamed"
+    base, sources = files
+    benchmark.pedantic(lambda: plain_read_gbps([base, *sources]), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("method", list(PARAMS))
+def test_streamed_merge(benchmark, files, method, tmp_path):
+    benchmark.group = f"minilm, {T} sources, streamed"
+    base, sources = files
+    outputs = iter(range(1000))
+
+    def run():
+        svdfuse.merge(sources, base=base, method=method, device="cpu", output=tmp_path / f"out{next(outputs)}", max_memory="2GB", progress=False, **PARAMS[method])
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
