@@ -78,8 +78,10 @@ class Compute:
         params: dict[str, Any],
         want_factors: bool,
         progress: Progress,
+        budget: int,
     ) -> None:
         self.method, self.reader, self.svd, self.device = method, reader, svd, device
+        self.budget = budget
         self.params, self.want_factors, self.progress = params, want_factors, progress
         self.T = len(reader.sources)
 
@@ -145,7 +147,8 @@ class Compute:
             else:
                 taus = lambda: ((start * c, w.sub_(w0)) for start, _, w0, w in self._blocks(spec, block, W0, W, check=False))  # noqa: E731
             if 0.0 <= density <= 1.0:  # else the method says what is wrong
-                context["trim"] = exact_trim(taus, spec.rows * c, self.T, density, acc)
+                # the values bracketing the thresholds may take a quarter of the budget
+                context["trim"] = exact_trim(taus, spec.rows * c, self.T, density, acc, limit=self.budget // (4 * acc.itemsize))
         whole = None
         if spec.role is Role.MATRIX and spec.k is not None and self.want_factors:
             whole = torch.empty((spec.rows, c), dtype=acc, device=self.device)  # the delta, for its SVD

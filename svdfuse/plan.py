@@ -187,6 +187,8 @@ def _elementwise_tasks(spec: TensorSpec, sources: int, method: Method, budget: i
         workspace = _ELEMENTWISE_WORKSPACE.get(method.name, _DEFAULT_WORKSPACE) if method.kind is Kind.ELEMENTWISE else _DEFAULT_WORKSPACE
         per_row = math.ceil((sources + 1) * (1 + workspace) * spec.row_numel * acc)
         read = (sources + 1) * spec.nbytes
+    if method.trim_density is not None and spec.role is not Role.COPIED:
+        budget -= budget // 4  # the rest holds the values that bracket the trim thresholds
     if per_row > budget:
         raise _too_small(budget, per_row, f"one row of {spec.key!r} {spec.shape} over {sources} sources")
     return Task((spec,), min(spec.rows, budget // per_row), read)
