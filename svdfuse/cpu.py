@@ -1,0 +1,74 @@
+"""The CPU randomized SVD behind `svdfuse.ops.truncated_svd`.
+
+On a CPU the floor is the GEMMs: 2 + 2q passes of an m×n×w product per matrix, at torch's GEMM
+rate. So each matrix is converted to the accumulation dtype with its base subtracted once, into a
+working buffer of a few matrices (never a copy of the whole batch), and every pass runs on that
+buffer: one GEMM per product, where projecting the source and the base apart would cost two and
+cancel digits besides (the base is often 20× the difference). The driver is `svdfuse._rsvd`'s.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor
+
+from svdfuse import _rsvd
+
+# The working buffer: matrices taken together, so that small ones make batched GEMMs instead of
+# a Python loop; at least one matrix whatever its size (an fp32 5632×2048 is 46 MB).
+_CHUNK_BYTES = 32 << 20
+# Rows converted at a time: the copy and the subtraction of a block meet in cache (4× faster
+# than two passes over a whole 5632×2048 matrix, measured).
+_BLOCK_BYTES = 1 << 20
+
+# Householder QR, not `_rsvd.cholesky_qr2`: MKL's blocked QR is faster on this hardware, where fp64
+# GEMMs run at half rate (2026-12-01, 2-core EPYC: 6.4 ms against 7.8–10 ms for one 5632×118
+# sketch, 23 against 34–50 ms for 150 × 384×54; `bench/bench_rsvd_cpu.py --stages`).
+ORTHONORMALIZE = _rsvd.householder
+
+
+def _fill(D: Tensor, A: Tensor, base: Tensor | None) -> None:
+    """D = A - base in D's dtype, row block by row block; A and base (m, n) in any float dtype."""
+    rows = max(1, _BLOCK_BYTES // (A.shape[-1] * D.element_size()))
+    for r in range(0, A.shape[-2], rows):
+        block = D[r : r + rows]
+        block.copy_(A[r : r + rows])
+        if base is not None:
+            block.sub_(base[r : r + rows])
+
+
+def randomized_svd(
+    A: Tensor, rank: int, base: Tensor | None = None, *, oversample: int, power_iters: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomized SVD of `A - base` on the CPU; `svdfuse.reference.randomized_svd` is its oracle.
+
+    A: (..., m, n) fp32/bf16/fp16/fp64; base broadcastable to A, or None. Returns U (..., m, rank),
+    S (..., rank), V (..., n, rank) in fp32 (fp64 for fp64 A), the batch dims broadcast.
+    """
+    acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+    m, n = A.shape[-2:]
+    batch = torch.broadcast_shapes(A.shape[:-2], () if base is None else base.shape[:-2])
+    A = A.expand(*batch, m, n)
+    base = None if base is None else base.expand(*batch, m, n)
+    matrices = list(itertools.product(*map(range, batch)))  # indexing a broadcast view copies nothing
+    omega = _rsvd.gaussian(n, min(rank + oversample, m, n), acc, A.device, seed)
+    U = torch.empty(len(matrices), m, rank, dtype=acc)
+    S = torch.empty(len(matrices), rank, dtype=acc)
+    V = torch.empty(len(matrices), n, rank, dtype=acc)
+    per_chunk = max(1, _CHUNK_BYTES // (m * n * U.element_size()))
+    buffer = torch.empty(min(per_chunk, len(matrices)), m, n, dtype=acc)
+    for start in range(0, len(matrices), per_chunk):
+        chunk = matrices[start : start + per_chunk]
+        D = buffer[: len(chunk)]
+        for j, i in enumerate(chunk):
+            _fill(D[j], A[i], None if base is None else base[i])
+
+        def project(X: Tensor, transpose: bool = False, D: Tensor = D) -> Tensor:
+            return (D.mT if transpose else D) @ X
+
+        out = _rsvd.randomized_svd(project, omega, rank, power_iters, orthonormalize=ORTHONORMALIZE)
+        for full, part in zip((U, S, V), out):
+            full[start : start + len(chunk)] = part
+    return U.reshape(*batch, m, rank), S.reshape(*batch, rank), V.reshape(*batch, n, rank)
