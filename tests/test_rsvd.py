@@ -1,6 +1,9 @@
-"""The Triton randomized SVD (`svdfuse.kernels.rsvd`): its projection kernel against float64
-truth within torch's own error, its orthonormalization on hard sketches, and the whole SVD against
-Eckart–Young. On the CPU under TRITON_INTERPRET=1 at small shapes; on CUDA with `-m gpu`."""
+"""The production randomized SVD against its oracle (`svdfuse.reference.randomized_svd`, which
+shares no code with it) and against float64 truth: the Triton projection kernel within torch's own
+error, CholeskyQR2 and its certified fallback on hard sketches, the whole SVD on every backend
+(`svdfuse.cpu`; Triton on the CPU under TRITON_INTERPRET=1 at small shapes, on CUDA with `-m gpu`)
+against Eckart–Young, and the CPU path over storage dtypes, odd shapes, broadcast bases and its
+chunking."""
 
 import os
 
@@ -263,3 +266,154 @@ def test_truncated_svd_on_cuda_runs_the_kernels(rsvd, cuda, dtype):
     assert torch.all(error <= 1.02 * optimum), error / optimum
     # The smallest kept σ of a flat spectrum converge slowest (bench/README.md): the measured bound.
     assert ((S.double() - truth).abs() / truth).max() < 5e-2
+
+
+# The CPU path (`svdfuse.cpu`): against the reference oracle (same Ω, same algorithm: rounding
+# apart), against float64 truth, and through the front door.
+
+STORAGE = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+CPU_SHAPES = [(48, 40), (37, 29), (29, 37)]  # aligned-ish, odd tall, odd wide
+
+
+def _rounding(dtype, m, n):
+    """Rounding of one randomized SVD relative to σ₁, from the accumulation dtype of `dtype`
+    storage: products of length up to max(m, n), γ = max(m, n)·eps."""
+    return max(m, n) * torch.finfo(reference.compute_dtype(dtype)).eps
+
+
+@pytest.fixture(params=["one chunk", "chunked"])
+def chunking(request, monkeypatch):
+    """The CPU path as it runs (every small matrix in one chunk, one row block each) and cut as
+    fine as it goes: one matrix per chunk, one row per conversion block."""
+    if request.param == "chunked":
+        monkeypatch.setattr(cpu, "_CHUNK_BYTES", 1)
+        monkeypatch.setattr(cpu, "_BLOCK_BYTES", 1)
+    return request.param
+
+
+def _slow(m, n, count, seed):
+    """Task matrices whose σ_j = j^-1/2 decay slowly (every power iteration moves σ_rank by far
+    more than rounding), each its own scale, and a base 20× their size."""
+    decay = torch.arange(1, min(m, n) + 1, dtype=torch.float64) ** -0.5
+    delta, base = _planted(count, m, n, [decay * (1 + i) for i in range(count)], seed=seed)
+    return delta, 20 * base
+
+
+BASE_LAYOUTS = {  # name: (A's batch, base's batch or None); the result's batch is (2, 3)
+    "none": ((2, 3), None),
+    "matrix": ((2, 3), ()),
+    "per group": ((2, 3), (2, 1)),
+    "both broadcast": ((1, 3), (2, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("m,n", CPU_SHAPES)
+@pytest.mark.parametrize("layout", list(BASE_LAYOUTS))
+def test_cpu_path_matches_the_reference_oracle(chunking, dtype, m, n, layout):
+    a_batch, b_batch = BASE_LAYOUTS[layout]
+    delta, base = _slow(m, n, 6, seed=11)
+    base = None if b_batch is None else base.expand(2, 1, m, n)[(0,) * (2 - len(b_batch)) + (slice(None),) * len(b_batch)]
+    A = delta.reshape(2, 3, m, n)[: a_batch[0]] + (0 if base is None else base)
+    A, base = A.to(dtype), None if base is None else base.to(dtype)
+    options = dict(oversample=4, power_iters=2, seed=0)
+    U, S, V = cpu.randomized_svd(A, 5, base, **options)
+    Ur, Sr, Vr = reference.randomized_svd(A, 5, base, **options)
+    acc = reference.compute_dtype(dtype)
+    assert (U.shape, S.shape, V.shape) == ((2, 3, m, 5), (2, 3, 5), (2, 3, n, 5))
+    assert U.dtype == S.dtype == V.dtype == acc
+    scale = _rounding(dtype, m, n) * Sr[..., :1]  # σ moves by at most the perturbation's norm
+    error = (S - Sr).abs()
+    assert (error <= 8 * scale).all(), f"σ off the oracle by {(error / Sr[..., :1]).max():.3g} σ₁ > {8 * scale.max() / Sr.max():.3g}"
+    # Products: the subspace moves by rounding / relative gap; σ_5 - σ_6 ≈ 0.04 σ₁ here.
+    gap = 5**-0.5 - 6**-0.5
+    product_error = (_product(U, S, V) - _product(Ur, Sr, Vr)).abs().amax((-2, -1))
+    assert (product_error <= 8 * scale[..., 0] / gap).all(), (product_error / Sr[..., 0]).max()
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("m,n", CPU_SHAPES)
+def test_cpu_path_against_float64_truth(dtype, m, n):
+    # At the front door's defaults, on task-like spectra: the accuracy targets of DESIGN.md §4.
+    rank = 6
+    decay = torch.arange(1, min(m, n) + 1, dtype=torch.float64) ** -1.5
+    delta, base = _planted(3, m, n, [decay, 2 * decay, 0.5 * decay], seed=12)
+    A, B = (base + delta).to(dtype), base.to(dtype)
+    U, S, V = (t.double() for t in ops.truncated_svd(A, rank, base=B, method="randomized"))
+    Ut, St, Vht = torch.linalg.svd(A.double() - B.double())  # truth: of the stored values
+    optimum = St[:, rank:].square().sum(-1).sqrt()
+    error = ((A.double() - B.double()) - _product(U, S, V)).flatten(1).norm(dim=1)
+    assert torch.all(error <= 1.02 * optimum), error / optimum
+    torch.testing.assert_close(S, St[:, :rank], rtol=1e-3, atol=0)
+    eps = _rounding(dtype, m, n)
+    eye = torch.eye(rank, dtype=torch.float64).expand(3, -1, -1)
+    torch.testing.assert_close(U.mT @ U, eye, atol=8 * eps, rtol=0)
+    torch.testing.assert_close(V.mT @ V, eye, atol=8 * eps, rtol=0)
+    # Subspaces, up to sign: the leading three are separated by gaps of ≥ 0.18 σ₁.
+    for F, T in ((U, Ut), (V, Vht.mT)):
+        cos = (F[..., :3] * T[..., :3]).sum(-2).abs()
+        assert ((1 - cos) <= 1e-3).all(), 1 - cos
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_path_on_an_ill_conditioned_input(dtype):
+    # σ from 1 down to 1e-7 across the sketch: every σ within rounding of σ₁, U and V orthonormal.
+    m, n, rank = 40, 30, 10
+    delta, base = _planted(2, m, n, [torch.logspace(0, -7, 16, dtype=torch.float64)] * 2, seed=13)
+    A, B = (base + delta).to(dtype), base.to(dtype)
+    U, S, V = (t.double() for t in cpu.randomized_svd(A, rank, B, oversample=6, power_iters=3, seed=0))
+    truth = torch.linalg.svdvals(A.double() - B.double())[:, :rank]
+    eps = _rounding(dtype, m, n)
+    assert ((S - truth).abs() <= 8 * eps * truth[:, :1]).all(), ((S - truth).abs() / truth[:, :1]).max()
+    eye = torch.eye(rank, dtype=torch.float64).expand(2, -1, -1)
+    torch.testing.assert_close(U.mT @ U, eye, atol=8 * eps, rtol=0)
+    torch.testing.assert_close(V.mT @ V, eye, atol=8 * eps, rtol=0)
+
+
+def test_cpu_path_with_cholesky_qr2_falls_back_where_it_must_and_stays_correct(monkeypatch):
+    # CholeskyQR2 is the GPU's orthonormalization and the CPU's alternative: through the CPU
+    # driver, a zero or rank-deficient matrix falls back, a full-rank one never, and every
+    # result is exact where the matrix is. (Rank-deficient as
+    # stored, so without a base: fp32 rounding of base + Δ makes Δ full rank at ~1e-6, which
+    # CholeskyQR2 with fp64 Grams rightly carries.)
+    monkeypatch.setattr(cpu, "ORTHONORMALIZE", _rsvd.cholesky_qr2)
+    fell_back = _count_fallbacks(monkeypatch)
+    m, n, rank, q = 40, 30, 6, 2
+    decay = torch.arange(1, 31, dtype=torch.float64) ** -1.0
+    delta, base = _planted(3, m, n, [decay, [3.0, 2.0], []], seed=14)
+    expected = torch.linalg.svdvals(delta.float().double())[:, :rank]
+    for i, name in enumerate(["full rank", "rank 2", "zero"]):
+        fell_back.clear()
+        A, B = (delta[i], None) if name == "rank 2" else ((base + delta[i]).float(), base.float())
+        U, S, V = (t.double() for t in cpu.randomized_svd(A.float(), rank, B, oversample=4, power_iters=q, seed=0))
+        # The sketch of a rank-2 matrix must fall back; later sketches hold the completed basis's
+        # directions at rounding level, κ ≈ 1e7, which fp64 Grams may carry. Zero: every time.
+        expected_fallbacks = {"full rank": [0], "rank 2": range(1, 2 + 2 * q), "zero": [1 + 2 * q]}[name]
+        assert len(fell_back) in expected_fallbacks, (name, len(fell_back))
+        eps = _rounding(torch.float32, m, n)
+        atol = 1e-3 * expected[i, 0].item() if name == "full rank" else 8 * eps * max(1.0, expected[i, 0].item())
+        torch.testing.assert_close(S, expected[i], atol=atol, rtol=0)
+        eye = torch.eye(rank, dtype=torch.float64)  # completed orthonormally, even where σ = 0
+        torch.testing.assert_close(U.mT @ U, eye, atol=8 * eps, rtol=0)
+        torch.testing.assert_close(V.mT @ V, eye, atol=8 * eps, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_truncated_svd_on_cpu_runs_the_cpu_path(dtype):
+    delta, base = _slow(37, 29, 4, seed=15)
+    A, B = (base + delta).to(dtype), base.to(dtype)
+    got = ops.truncated_svd(A, 5, base=B, method="randomized")
+    want = cpu.randomized_svd(A, 5, B, oversample=ops.DEFAULT_OVERSAMPLE, power_iters=ops.DEFAULT_POWER_ITERS, seed=0)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    # tf32 inputs are a GPU's: on the CPU their emulation is the reference's.
+    if dtype == torch.float32:
+        emulated = ops.truncated_svd(A, 5, base=B, method="randomized", precision="tf32")
+        options = dict(oversample=ops.DEFAULT_OVERSAMPLE, power_iters=ops.DEFAULT_POWER_ITERS, seed=0, precision="tf32")
+        for g, w in zip(emulated, reference.randomized_svd(A, 5, B, **options)):
+            assert torch.equal(g, w)
+
+
+def test_cpu_path_empty_batch():
+    U, S, V = cpu.randomized_svd(torch.zeros(0, 7, 5), 2, torch.zeros(7, 5), oversample=2, power_iters=1, seed=0)
+    assert U.shape == (0, 7, 2) and S.shape == (0, 2) and V.shape == (0, 5, 2)
