@@ -281,14 +281,20 @@ def _rounding(dtype, m, n):
     return max(m, n) * torch.finfo(reference.compute_dtype(dtype)).eps
 
 
-@pytest.fixture(params=["one chunk", "chunked"])
+@pytest.fixture(params=["as it runs", "one matrix", "two matrices"])
 def chunking(request, monkeypatch):
-    """The CPU path as it runs (every small matrix in one chunk, one row block each) and cut as
-    fine as it goes: one matrix per chunk, one row per conversion block."""
-    if request.param == "chunked":
-        monkeypatch.setattr(cpu, "_CHUNK_BYTES", 1)
-        monkeypatch.setattr(cpu, "_BLOCK_BYTES", 1)
-    return request.param
+    """How the CPU path cuts the batch, applied for (m, n) matrices in `acc`: as it runs (small
+    matrices in one chunk, one op per row of the batch); one matrix per chunk and one row per
+    conversion block; two matrices per chunk, straddling the rows of three sources."""
+
+    def apply(m, n, acc):
+        if request.param == "one matrix":
+            monkeypatch.setattr(cpu, "_CHUNK_BYTES", 1)
+            monkeypatch.setattr(cpu, "_BLOCK_BYTES", 1)
+        elif request.param == "two matrices":
+            monkeypatch.setattr(cpu, "_CHUNK_BYTES", 2 * m * n * torch.finfo(acc).bits // 8)
+
+    return apply
 
 
 def _slow(m, n, count, seed):
@@ -316,10 +322,11 @@ def test_cpu_path_matches_the_reference_oracle(chunking, dtype, m, n, layout):
     base = None if b_batch is None else base.expand(2, 1, m, n)[(0,) * (2 - len(b_batch)) + (slice(None),) * len(b_batch)]
     A = delta.reshape(2, 3, m, n)[: a_batch[0]] + (0 if base is None else base)
     A, base = A.to(dtype), None if base is None else base.to(dtype)
+    acc = reference.compute_dtype(dtype)
+    chunking(m, n, acc)
     options = dict(oversample=4, power_iters=2, seed=0)
     U, S, V = cpu.randomized_svd(A, 5, base, **options)
     Ur, Sr, Vr = reference.randomized_svd(A, 5, base, **options)
-    acc = reference.compute_dtype(dtype)
     assert (U.shape, S.shape, V.shape) == ((2, 3, m, 5), (2, 3, 5), (2, 3, n, 5))
     assert U.dtype == S.dtype == V.dtype == acc
     scale = _rounding(dtype, m, n) * Sr[..., :1]  # σ moves by at most the perturbation's norm
