@@ -24,9 +24,9 @@ _CHUNK_BYTES = 32 << 20
 # region, which costs a scheduler quantum when a shared machine is oversubscribed.
 _BLOCK_BYTES = 4 << 20
 
-# Householder QR, not `_rsvd.cholesky_qr2`: MKL's blocked QR is as fast or faster on this hardware,
-# where fp64 GEMMs run at half rate (2026-12-01, 2-core EPYC: 6.4 ms against 7.8–10 ms for one
-# 5632×118 sketch, 23 against 34–50 ms for 150 × 384×54; `bench/bench_cpu.py --stages`).
+# Householder QR, not `_rsvd.cholesky_qr2`: MKL's blocked QR is faster on this hardware, where fp64
+# GEMMs run at half rate (2026-12-01, 2-core EPYC, `bench/bench_cpu.py --stages`: 4.4 against
+# 9.2 ms for a 5632×118 sketch, the whole C2 SVD 1.33 against 1.54 s).
 ORTHONORMALIZE = _rsvd.householder
 
 
