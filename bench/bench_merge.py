@@ -32,6 +32,16 @@ from svdfuse import ops
 from workloads import VIT_B32_BLOCK, VIT_B32_PREFIX, vit_b32_sources
 
 
+def merge_components(us: list, ss: list, vs: list, k: int) -> torch.Tensor:
+    """AXIS once every source's components (U (m, r), S (r,), V (n, r) each) are known: the global
+    top-k by raw singular value, their sum, and a re-orthogonalizing SVD; the merged (m, n)."""
+    pooled = torch.cat(ss)
+    top = torch.topk(pooled, k).indices
+    merged = (torch.cat(us, 1)[:, top] * pooled[top]) @ torch.cat(vs, 1)[:, top].T
+    U_t, S_t, Vh_t = torch.linalg.svd(merged, full_matrices=False)
+    return (U_t[:, :k] * S_t[:k]) @ Vh_t[:k]
+
+
 def axis_paper(base: dict, sources: list[dict], k: int) -> dict:
     """AXIS as the paper runs it: key -> merged task matrix (m, n), or the mean for non-matrices."""
     out = {}
@@ -43,11 +53,7 @@ def axis_paper(base: dict, sources: list[dict], k: int) -> dict:
         for src in sources:  # one full SVD per source per layer
             U, S, Vh = torch.linalg.svd(src[key] - W0, full_matrices=False)
             us.append(U), ss.append(S), vs.append(Vh.mT)
-        pooled = torch.cat(ss)
-        top = torch.topk(pooled, k).indices  # global top-k by raw singular value
-        merged = (torch.cat(us, 1)[:, top] * pooled[top]) @ torch.cat(vs, 1)[:, top].T
-        U_t, S_t, Vh_t = torch.linalg.svd(merged, full_matrices=False)  # re-orthogonalize
-        out[key] = (U_t[:, :k] * S_t[:k]) @ Vh_t[:k]
+        out[key] = merge_components(us, ss, vs, k)
     return out
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from common import FP32_FLOPS, TF32_GEMM_FLOPS, arg_parser, floor_ms, median_ms, pct_of_floor, print_table, record
-from svdfuse import ops, reference
+from svdfuse import _rsvd, ops, reference
 from workloads import rsvd_sources
 
 # name: (batch, m, n, rank, matrices timed for linalg.svd, matrices checked for accuracy)
@@ -127,22 +127,21 @@ def stages(name: str, shape: tuple, device: torch.device) -> list[dict]:
     width = r + ops.DEFAULT_OVERSAMPLE
     omega = torch.randn(n, width, device=device)
     Y = rsvd.rsvd_project(A, omega, W0)
-    Q = rsvd.orthonormalize(Y)
+    Q = _rsvd.cholesky_qr2(Y)
     B_t = rsvd.rsvd_project(A, Q, W0, transpose=True)
     steps = {f"project {p}": (lambda p=p: rsvd.rsvd_project(A, omega, W0, precision=p)) for p in reference.PRECISIONS}
     steps |= {
         "project transposed": lambda: rsvd.rsvd_project(A, Q, W0, transpose=True),
-        "orthonormalize CholeskyQR2": lambda: rsvd.orthonormalize(Y),
-        "orthonormalize Householder": lambda: reference.orthonormalize(Y),
-        "projected SVD library": lambda: reference.tall_svd(B_t),
+        "orthonormalize CholeskyQR2": lambda: _rsvd.cholesky_qr2(Y),
+        "orthonormalize Householder": lambda: _rsvd.householder(Y),
+        "projected SVD library": lambda: _rsvd.tall_svd(B_t),
         "projected SVD Jacobi": lambda: rsvd.tall_svd_jacobi(B_t),
     }
-    options = dict(oversample=ops.DEFAULT_OVERSAMPLE, power_iters=ops.DEFAULT_POWER_ITERS, seed=0,
-                   project=rsvd.rsvd_project, orthonormalize=rsvd.orthonormalize)  # fmt: skip
+    options = dict(oversample=ops.DEFAULT_OVERSAMPLE, power_iters=ops.DEFAULT_POWER_ITERS, seed=0)
     for precision in reference.PRECISIONS:
-        for svd_name, tall in (("library", reference.tall_svd), ("Jacobi", rsvd.tall_svd_jacobi)):
+        for svd_name, tall in (("library", _rsvd.tall_svd), ("Jacobi", rsvd.tall_svd_jacobi)):
             steps[f"whole SVD {precision} + {svd_name}"] = (
-                lambda precision=precision, tall=tall: reference.randomized_svd(A, r, W0, precision=precision, tall_svd=tall, **options)
+                lambda precision=precision, tall=tall: rsvd.randomized_svd(A, r, W0, precision=precision, projected_svd=tall, **options)
             )
     delta = A[:2].double() - W0.double()
     exact = torch.linalg.svdvals(delta)

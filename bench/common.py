@@ -110,6 +110,19 @@ def median_ms(
     return statistics.median(times)
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 1, repeats: int = 5) -> dict[str, float]:
+    """Median wall time in ms of each of `fns`, sampled in turns (a, b, c, a, b, c, ...): on a
+    shared machine, load that comes and goes falls on all of them alike, so their ratios hold."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(median_ms(fn, device, warmup=0, repeats=1))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
 def fast_op_us(fn: Callable[[], object], device: torch.device, inner: int = 50, repeats: int = 20) -> dict[str, float | None]:
     """A µs-scale op timed two ways: `loop_us` (`inner` eager calls per sample: includes Python and
     launch overhead) and `graph_us` (the same calls replayed from one CUDA graph: the kernels'

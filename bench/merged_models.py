@@ -26,6 +26,7 @@ from torch import nn
 import svdfuse
 from svdfuse.nn import materialize, svd_layers
 from svdfuse.serving import stack_tasks
+from workloads import perturbed_sources
 
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
               max_position_embeddings=512, type_vocab_size=2)
@@ -41,22 +42,7 @@ def available() -> dict[str, str | None]:
 
 
 def _sources(base: nn.Module, count: int, merged: Callable[[str, torch.Tensor], bool], device: torch.device) -> list[dict]:
-    gen = torch.Generator(device=device).manual_seed(0)
-    state = {key: t.to(device) for key, t in base.state_dict().items()}
-    sources = []
-    for _ in range(count):
-        src = {}
-        for key, W0 in state.items():
-            if not W0.is_floating_point():
-                src[key] = W0
-            elif merged(key, W0):
-                m, n = W0.shape
-                low = torch.randn(m, 16, generator=gen, device=device) @ torch.randn(16, n, generator=gen, device=device)
-                src[key] = W0 + 1e-3 * low + 1e-4 * torch.randn(m, n, generator=gen, device=device)
-            else:
-                src[key] = W0 + 1e-3 * torch.randn(W0.shape, generator=gen, device=device)
-        sources.append(src)
-    return sources
+    return perturbed_sources({key: t.to(device) for key, t in base.state_dict().items()}, count, merged)
 
 
 def build(name: str, device: torch.device, dtype: torch.dtype, *, small: bool = False, sources: int = 3) -> dict:

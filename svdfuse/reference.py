@@ -1,12 +1,13 @@
 """Pure-torch reference implementations of every op in `svdfuse.ops`.
 
-They are the CPU backend and the test oracle for the Triton and C++/CUDA kernels. All of them
-accumulate in float32 (float64 when the inputs are float64) whatever the storage dtype.
+They are the test oracle of every backend: plain torch, each written the obvious way and sharing no
+code with the production paths. Ops without a CPU path of their own (`exact_svd`,
+`topk_components`, `reorthogonalize`, `lowrank_matmul`) also run them on the CPU; the randomized
+SVD has its own (`svdfuse.cpu`). All of them accumulate in float32 (float64 when the inputs are
+float64) whatever the storage dtype.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -179,54 +180,30 @@ def rsvd_project(A: Tensor, X: Tensor, base: Tensor | None = None, *, transpose:
     return Ac @ X - _broadcast_matmul(base.to(acc).mT if transpose else base.to(acc), X)
 
 
-def orthonormalize(Y: Tensor) -> Tensor:
-    """Orthonormal basis Q (..., m, w) of the columns of Y (..., m, w), w <= m, by Householder QR:
-    exact for rank-deficient and zero Y (the basis is completed with orthonormal columns)."""
-    return torch.linalg.qr(Y).Q
-
-
-def tall_svd(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD of a batch of tall matrices by `torch.linalg.svd`: B (..., n, w), w <= n ->
-    left (..., n, w), S (..., w) descending, right (..., w, w) with B = left diag(S) rightᵀ."""
-    left, S, right_h = torch.linalg.svd(B, full_matrices=False)
-    return left, S, right_h.mT
-
-
-def small_svd(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD of a batch of square matrices: M (..., w, w) -> U, S descending, V with M = U diag(S) Vᵀ."""
-    return tall_svd(M)
-
-
 def randomized_svd(
-    A: Tensor,
-    rank: int,
-    base: Tensor | None = None,
-    *,
-    oversample: int,
-    power_iters: int,
-    seed: int,
-    precision: str = "ieee",
-    project: Callable[..., Tensor] = rsvd_project,
-    orthonormalize: Callable[[Tensor], Tensor] = orthonormalize,
-    tall_svd: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] = tall_svd,
+    A: Tensor, rank: int, base: Tensor | None = None, *, oversample: int, power_iters: int, seed: int, precision: str = "ieee"
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Halko–Martinsson–Tropp randomized SVD of `A - base`, batched over the leading dims.
+    """Halko–Martinsson–Tropp randomized SVD of `A - base`, batched over the leading dims: the
+    oracle of every backend's driver (`svdfuse._rsvd`), sharing no code with them.
 
-    The algorithm for every backend: the GPU kernels pass their own `project` (the products with
-    `A - base`, which is never formed), `orthonormalize` and `tall_svd` (of the projected
-    matrix). The sketch width is `min(rank + oversample, m, n)`; every power iteration
-    re-orthonormalizes.
+    A: (..., m, n) any float dtype, base broadcastable to A or None -> U (..., m, rank),
+    S (..., rank), V (..., n, rank) in the accumulation dtype. Plainly: `A - base` formed once, a
+    Gaussian Ω (n, w) from `seed` drawn on the CPU, w = min(rank + oversample, m, n), Householder
+    QR after every product, the SVD of the projected matrix by `torch.linalg.svd`. `precision`
+    emulates the GPU's GEMM inputs ("tf32": `A - base` and the right factor rounded to tf32).
     """
-    m, n = A.shape[-2:]
+    acc = compute_dtype(A.dtype)
+    delta = _minus_base(A, base, acc)
+    m, n = delta.shape[-2:]
     width = min(rank + oversample, m, n)
-    omega = _gaussian((n, width), compute_dtype(A.dtype), A.device, seed)
-    Q = orthonormalize(project(A, omega, base, precision=precision))
+    omega = _gaussian((n, width), acc, A.device, seed)
+    Q = torch.linalg.qr(_matmul(delta, omega, precision)).Q
     for _ in range(power_iters):
-        Q = orthonormalize(project(A, Q, base, transpose=True, precision=precision))
-        Q = orthonormalize(project(A, Q, base, precision=precision))
-    B_t = project(A, Q, base, transpose=True, precision=precision)  # (..., n, width) = ((A - base)ᵀ Q) = Bᵀ
-    Vb, S, Ub = tall_svd(B_t)  # Bᵀ = Vb S Ubᵀ
-    U = Q @ Ub
+        Q = torch.linalg.qr(_matmul(delta.mT, Q, precision)).Q
+        Q = torch.linalg.qr(_matmul(delta, Q, precision)).Q
+    # (A - base)ᵀ Q = Bᵀ = Vb S Ubᵀ, so A - base ≈ Q B = (Q Ub) S Vbᵀ.
+    Vb, S, Ub_t = torch.linalg.svd(_matmul(delta.mT, Q, precision), full_matrices=False)
+    U = Q @ Ub_t.mT
     return U[..., :rank], S[..., :rank], Vb[..., :rank]
 
 

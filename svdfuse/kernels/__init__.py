@@ -1,7 +1,7 @@
 """Triton kernels behind `svdfuse.ops`, imported only when an op runs them (never at `import svdfuse`).
 
 Each module holds one kernel family with its launcher; its oracle is the function of the same name
-in `svdfuse.reference`.
+in `svdfuse.reference` (the Jacobi `small_svd`'s is `torch.linalg.svd`).
 """
 
 from __future__ import annotations

@@ -1,25 +1,26 @@
-"""GPU primitives of the batched randomized truncated SVD.
-
-`reference.randomized_svd` is the algorithm; this module supplies its two primitives for CUDA:
+"""The batched randomized truncated SVD on CUDA: `svdfuse._rsvd`'s driver with a Triton projection.
 
 - `rsvd_project`: `(A - base) X` or `(A - base)ᵀ X` for every matrix of a batch in one Triton
   launch. The difference is taken tile by tile in fp32 registers, so no `A - base` is ever stored,
   and sources are read in their storage dtype (fp32, bf16, fp16).
-- `orthonormalize`: CholeskyQR2 with fp64 Grams, two small GEMM passes instead of a batched
-  Householder QR, verified per matrix; the few that fail the check (rank-deficient or zero
-  sketches) take the Householder QR of the reference.
+- orthonormalization by `_rsvd.cholesky_qr2` (fp64 Grams, certified, Householder where it
+  cannot): two small GEMM passes instead of a batched Householder QR, which is slow on a GPU.
+- `randomized_svd`: the driver, with the library's or the Jacobi kernel's projected SVD.
+
+`reference.rsvd_project` and `reference.randomized_svd` are the oracles.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from svdfuse import reference
+from svdfuse import _rsvd
 from svdfuse.kernels.small_svd import small_svd
 
 # Untuned starting points (no GPU measurement yet; `bench_rsvd.py --stages` sweeps them): a tile as
@@ -131,52 +132,39 @@ def rsvd_project(
     return C
 
 
-def _cholesky_qr(Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One CholeskyQR pass in fp64: Q = Y R⁻¹ with RᵀR = YᵀY; also returns the Gram and Cholesky's info.
-
-    fp64 squares the condition number into a range it can hold: every fp32 sketch that is
-    numerically full-rank (κ up to ~1/eps_fp32) factors, where fp32 Grams fail from κ ≈ 1e5.
-    The Gram is w×w per matrix, a small GEMM next to one pass over the sources.
-    """
-    Yd = Y.double()
-    gram = Yd.mT @ Yd
-    R, info = torch.linalg.cholesky_ex(gram, upper=True)
-    return torch.linalg.solve_triangular(R, Yd, upper=True, left=False).to(Y.dtype), gram, info
-
-
-def orthonormalize(Y: Tensor) -> Tensor:
-    """Orthonormal basis Q (..., m, w) of the columns of Y (..., m, w) fp32, w <= m.
-
-    CholeskyQR2 with fp64 Grams (mixed-precision CholeskyQR): GEMMs and a w×w Cholesky instead
-    of a batched Householder QR. A matrix is accepted when the Gram of the second pass certifies
-    the first pass (‖Q₁ᵀQ₁ - I‖₂ ≤ w·max|G - I| < 1/2 bounds κ(Q₁)² ≤ 3, so the second pass is
-    orthonormal to rounding); the others, rank-deficient or zero sketches, where no Cholesky route
-    can complete the basis, take the Householder QR of `reference.orthonormalize`.
-    """
-    w = Y.shape[-1]
-    Q, _, info1 = _cholesky_qr(Y)
-    Q, gram, info2 = _cholesky_qr(Q)
-    defect = (gram - torch.eye(w, dtype=gram.dtype, device=Y.device)).abs().amax((-2, -1)) * w
-    ok = (info1 == 0) & (info2 == 0) & (defect < 0.5)  # NaN fails the comparison
-    if not bool(ok.all()):
-        bad = ~ok
-        Q[bad] = reference.orthonormalize(Y[bad])
-    return Q
-
-
 def tall_svd_jacobi(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """`reference.tall_svd` through a small core: B = Q_b (Q_bᵀ B), then the Jacobi kernel on the
+    """`_rsvd.tall_svd` through a small core: B = Q_b (Q_bᵀ B), then the Jacobi kernel on the
     w×w core. B: (..., n, w) fp32 -> left (..., n, w), S (..., w), right (..., w, w)."""
-    Q_b = orthonormalize(B)
+    Q_b = _rsvd.cholesky_qr2(B)
     U_c, S, V_c = small_svd(Q_b.mT @ B)
     return Q_b @ U_c, S, V_c
 
 
 # The projected SVD: the library's (one matrix after another) or the batched Jacobi kernel. The
 # library until the H100 measures both (bench/bench_rsvd.py --stages).
-TALL_SVD = reference.tall_svd
+TALL_SVD = _rsvd.tall_svd
 
-randomized_svd = functools.partial(
-    reference.randomized_svd, project=rsvd_project, orthonormalize=orthonormalize, tall_svd=TALL_SVD
-)
-randomized_svd.__doc__ = "`reference.randomized_svd` with the GPU primitives of this module."
+
+def randomized_svd(
+    A: Tensor,
+    rank: int,
+    base: Tensor | None = None,
+    *,
+    oversample: int,
+    power_iters: int,
+    seed: int,
+    precision: str = "ieee",
+    projected_svd: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomized SVD of `A - base` on CUDA; `reference.randomized_svd` is its oracle.
+
+    A: (..., m, n) fp32/bf16/fp16; base broadcastable to A, or None. `projected_svd` defaults to
+    `TALL_SVD`. Returns U (..., m, rank), S (..., rank), V (..., n, rank) fp32.
+    """
+    m, n = A.shape[-2:]
+    omega = _rsvd.gaussian(n, min(rank + oversample, m, n), torch.float32, A.device, seed)
+
+    def project(X: Tensor, transpose: bool = False) -> Tensor:
+        return rsvd_project(A, X, base, transpose=transpose, precision=precision)
+
+    return _rsvd.randomized_svd(project, omega, rank, power_iters, projected_svd=projected_svd or TALL_SVD)

@@ -4,7 +4,7 @@ The randomized SVD ends with the SVD of one w×w core per source (w = rank + ove
 few hundred); a library SVD handles such a batch one matrix after another. Here every program
 orthogonalizes the columns of its matrix with plane rotations (Hestenes), w/2 disjoint pairs at a
 time in round-robin order, and accumulates the rotations: `M J = Ũ Σ`, so `M = Ũ Σ Jᵀ`.
-`reference.small_svd` (`torch.linalg.svd`) is its oracle.
+`torch.linalg.svd` is its oracle.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _small_svd_kernel(A, J, W, HALF: tl.constexpr, MAX_SWEEPS: tl.constexpr, TOL
 
 
 def small_svd(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD of a batch of small square fp32 matrices; `reference.small_svd` is its oracle.
+    """SVD of a batch of small square fp32 matrices; `torch.linalg.svd` is its oracle.
 
     M: (..., w, w) -> U (..., w, w), S (..., w) descending, V (..., w, w), with M = U diag(S) Vᵀ and
     U, V orthonormal (columns of U whose σ is zero are completed orthonormally).
