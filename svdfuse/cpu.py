@@ -30,6 +30,11 @@ _BLOCK_BYTES = 4 << 20
 ORTHONORMALIZE = _rsvd.householder
 
 
+def buffer_matrices(count: int, m: int, n: int, itemsize: int) -> int:
+    """How many of `count` m×n matrices the working buffer holds at once (at least one)."""
+    return max(1, min(count, _CHUNK_BYTES // (m * n * itemsize)))
+
+
 def _fill(D: Tensor, A: Tensor, base: Tensor | None) -> None:
     """D = A - base in D's dtype, block of rows by block of rows. D, A: (k, m, n); base: (k, m, n),
     typically a broadcast view of one matrix, or None."""
@@ -63,7 +68,7 @@ def randomized_svd(
     U = torch.empty(count, m, rank, dtype=acc)
     S = torch.empty(count, rank, dtype=acc)
     V = torch.empty(count, n, rank, dtype=acc)
-    per_chunk = max(1, _CHUNK_BYTES // (m * n * U.element_size()))
+    per_chunk = buffer_matrices(count, m, n, U.element_size())
     if 0 < inner < per_chunk:
         per_chunk -= per_chunk % inner  # whole rows
     buffer = torch.empty(min(per_chunk, count), m, n, dtype=acc)

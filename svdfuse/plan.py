@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from svdfuse import cpu
 from svdfuse.methods import Kind, Method
 from svdfuse.ops import SVDOptions
 from svdfuse.reference import compute_dtype
@@ -195,11 +196,13 @@ def _elementwise_tasks(spec: TensorSpec, sources: int, method: Method, budget: i
 
 
 def _svd_piece_bytes(m: int, n: int, matrices: int, sources: int, width: int, itemsize: int) -> int:
-    """Bytes of a group piece: its matrices in their buffer dtype, the sketches and factors of the
-    randomized SVD, and two fp32 matrices of workspace (an upcast source, a product)."""
+    """Bytes of a group piece: its matrices in their buffer dtype, the randomized SVD's working
+    copy of a few task matrices in fp32 (`svdfuse.cpu`), its sketches and factors, and one fp32
+    matrix of workspace."""
     data = matrices * (sources + 1) * m * n * itemsize
+    working = cpu.buffer_matrices(matrices * sources, m, n, 4) * m * n * 4
     sketches = 4 * matrices * sources * (m + n) * width * 4
-    return data + sketches + 2 * m * n * 4
+    return data + working + sketches + m * n * 4
 
 
 def _matrix_tasks(

@@ -32,15 +32,21 @@ def problem():
     return base, sources
 
 
-def _assert_same_merge(a, b, rtol=1e-6):
+# The on-the-fly merge decomposes c sources per batched GEMM, a cache one: the CPU BLAS rounds a
+# batched product and a single one differently, so the two agree to fp32 rounding, not bit for bit.
+# σ within 1e-6 relative (the contract); the merged matrices within 16 fp32 ulps of their norm.
+MERGED_RTOL = 16 * torch.finfo(torch.float32).eps
+
+
+def _assert_same_merge(a, b):
     assert [layer.counts for layer in a.report.layers] == [layer.counts for layer in b.report.layers]
     for key, (U, S, V) in a.components.items():
         U2, S2, V2 = b.components[key]
-        torch.testing.assert_close(S2, S, rtol=rtol, atol=0)
+        torch.testing.assert_close(S2, S, rtol=1e-6, atol=0)
         dense, dense2 = (U * S) @ V.T, (U2 * S2) @ V2.T
-        assert (dense2 - dense).norm() <= rtol * dense.norm(), key
+        assert (dense2 - dense).norm() <= MERGED_RTOL * dense.norm(), key
     for key, value in a.state_dict().items():
-        torch.testing.assert_close(b.state_dict()[key], value, rtol=rtol, atol=rtol * value.abs().max().item())
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=MERGED_RTOL, atol=MERGED_RTOL * value.abs().max().item())
 
 
 @pytest.mark.parametrize("method,params", [("axis", {"k": 5}), ("tsv_m", {"budget": 2})])

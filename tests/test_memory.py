@@ -39,8 +39,8 @@ DIM, LAYERS, VOCAB, K = 384, 24, 6000, 16
 SOURCES_FEW, SOURCES_MANY = 6, 24
 BUDGET = 48 * 2**20
 # What the process holds beyond the budget: the merged factors of one group, small buffers, torch's
-# own workspaces. Measured on the 2-core dev machine (2026-12-01), budget 48 MiB: AXIS +68 / +54 MiB
-# at 6 / 24 sources, TIES +48 / +52 MiB; unbounded, 24 sources: TIES +722 MiB.
+# own workspaces. Measured on the 2-core dev machine (2026-12-01), budget 48 MiB: AXIS +72 / +68 MiB
+# at 6 / 24 sources, TIES +26 / +51 MiB; unbounded, 24 sources: AXIS +445 MiB, TIES +271 MiB.
 SLACK = 32 * 2**20
 MODEL_BYTES = LAYERS * (DIM * DIM + DIM) * 4 + VOCAB * DIM * 4  # ~23 MB a model
 
