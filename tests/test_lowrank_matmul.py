@@ -20,6 +20,8 @@ from svdfuse import _native, ops, reference
 from svdfuse.nn import SVDLinear
 from svdfuse.ops import lowrank_matmul
 
+from _helpers import assert_within_torch_error
+
 SHAPES = [(64, 32, 8), (33, 17, 5)]  # (m, n, K): aligned, and odd everywhere
 
 
@@ -76,12 +78,7 @@ def _plain_torch(x, U, S, V, base, bias, task=None):
 
 
 def _assert_within_torch_error(out, args):
-    # Pass rule: error <= 2x torch's own error in the same dtype, plus an eps-sized floor so that a
-    # case where torch happens to be exact does not demand exactness. NaN anywhere fails.
-    truth = reference.lowrank_matmul(*_in_float64(args))
-    torch_error = (_plain_torch(*args).double() - truth).abs().max().item()
-    floor = torch.finfo(out.dtype).eps * truth.abs().max().item()
-    torch.testing.assert_close(out.double(), truth, rtol=0, atol=2 * torch_error + floor)
+    assert_within_torch_error(out, reference.lowrank_matmul(*_in_float64(args)), _plain_torch(*args))
 
 
 OPCHECK_CASES = [  # (lead dims of x, dtype, with base, with bias)
