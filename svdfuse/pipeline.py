@@ -86,7 +86,11 @@ class Compute:
         self.T = len(reader.sources)
 
     def run(self, task: Task, after: Task | None = None) -> Iterator[Merged]:
-        """The outputs of `task`; `after` (the next task) is prefetched while this one computes."""
+        """The outputs of `task`; the first piece of `after` (the next task) is read ahead from disk
+        by the kernel while this one computes."""
+        if after is not None:
+            first = after.specs[0]
+            self.reader.prefetch(first.key, 0, first.rows if first.role is Role.MATRIX else min(first.rows, after.block))
         spec = task.specs[0]
         if spec.role is Role.COPIED:
             yield from self._copied(spec)
@@ -96,9 +100,6 @@ class Compute:
             yield from self._factors(task)
         else:
             yield from self._matrices(task)
-        if after is not None:
-            first = after.specs[0]
-            self.reader.prefetch(first.key, 0, min(first.rows, after.block) if first.role is not Role.MATRIX else first.rows)
 
     # -- elementwise: row blocks of one tensor over all sources ---------------------------------
 
