@@ -88,9 +88,8 @@ class Compute:
     def run(self, task: Task, after: Task | None = None) -> Iterator[Merged]:
         """The outputs of `task`; the first piece of `after` (the next task) is read ahead from disk
         by the kernel while this one computes."""
-        if after is not None:
-            first = after.specs[0]
-            self.reader.prefetch(first.key, 0, first.rows if first.role is Role.MATRIX else min(first.rows, after.block))
+        for spec in after.specs if after is not None else ():
+            self.reader.prefetch(spec.key, 0, spec.rows if len(after.specs) > 1 or after.block >= spec.rows else after.block)
         spec = task.specs[0]
         if spec.role is Role.COPIED:
             yield from self._copied(spec)
