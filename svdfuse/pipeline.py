@@ -89,7 +89,8 @@ class Compute:
         """The outputs of `task`; the first piece of `after` (the next task) is read ahead from disk
         by the kernel while this one computes."""
         for spec in after.specs if after is not None else ():
-            self.reader.prefetch(spec.key, 0, spec.rows if len(after.specs) > 1 or after.block >= spec.rows else after.block)
+            in_blocks = spec.role is not Role.MATRIX or self.method.kind is Kind.ELEMENTWISE  # else whole matrices
+            self.reader.prefetch(spec.key, 0, min(spec.rows, after.block) if in_blocks else spec.rows)
         spec = task.specs[0]
         if spec.role is Role.COPIED:
             yield from self._copied(spec)
