@@ -11,7 +11,7 @@ from svdfuse.atlas_baseline import atlas
 from svdfuse.caches import decompose
 from svdfuse.merging import merge
 from svdfuse.ops import SVDOptions
-from svdfuse.result import LayerReport, MergeReport, MergeResult
+from svdfuse.result import LayerReport, MergeReport, MergeResult, SaveFormat
 from svdfuse.sinks import save_hf_directory, save_safetensors
 from svdfuse.sources import SourceError
 
@@ -28,6 +28,7 @@ __all__ = [
     "serving",
     "SVDOptions",
     "MergeResult",
+    "SaveFormat",
     "MergeReport",
     "LayerReport",
     "AdaptReport",

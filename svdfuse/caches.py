@@ -26,9 +26,9 @@ __all__ = ["decompose"]
 
 def decompose(
     source: ModelLike,
+    *,
     base: ModelLike,
     rank: int | float,
-    *,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     svd: SVDOptions = SVDOptions(),

@@ -149,7 +149,7 @@ def _decompose(args: argparse.Namespace) -> None:
     from svdfuse.plan import DEFAULT_EXCLUDE
 
     svdfuse.decompose(
-        args.source, args.base, args.rank, include=args.include, exclude=args.exclude or DEFAULT_EXCLUDE, svd=_svd_options(args),
+        args.source, base=args.base, rank=args.rank, include=args.include, exclude=args.exclude or DEFAULT_EXCLUDE, svd=_svd_options(args),
         device=args.device, output=args.output, max_memory=args.max_memory,
     )
     print(f"wrote {args.output}")

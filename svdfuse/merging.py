@@ -16,10 +16,10 @@ from svdfuse.methods import Kind, get_method
 from svdfuse.ops import SVDOptions
 from svdfuse.pipeline import Compute, Merged, Progress
 from svdfuse.plan import DEFAULT_EXCLUDE, Plan, Role, make_plan
-from svdfuse.resources import default_budget, default_device, peak_rss
+from svdfuse.resources import bound_allocator, default_budget, default_device, peak_rss, release_free_memory
 from svdfuse.result import LayerReport, MergeReport, MergeResult
 from svdfuse.sinks import LowRank, SafetensorsWriter, parse_size, refuse_existing
-from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
+from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources, release_scratch
 
 __all__ = ["SVDOptions", "merge"]
 
@@ -84,14 +84,17 @@ def _run(tasks: list, compute: Compute, sink, group: distributed.Group) -> list[
     anything is published. Returns the layer reports of all ranks."""
     layers: list[LayerReport] = []
     failure = None
+    bound_allocator()
     try:
         for i, task in enumerate(tasks):
             for item in compute.run(task, tasks[i + 1] if i + 1 < len(tasks) else None):
                 sink.write(item)
                 if item.layer is not None:
                     layers.append(item.layer)
+            release_free_memory()
     except Exception as err:
         failure = err
+    release_scratch()
     failures = group.gather(None if failure is None else f"rank {group.rank}: {type(failure).__name__}: {failure}")
     if failure is not None:
         raise failure
@@ -110,8 +113,8 @@ def _check_changed(sources: list, differs: list[bool], group: distributed.Group)
 def merge(
     models: Sequence[ModelLike] | Mapping[str, ModelLike],
     k: int | float | None = None,
-    base: ModelLike | None = None,
     *,
+    base: ModelLike,
     method: str = "axis",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
@@ -177,8 +180,6 @@ def merge(
     start = time.perf_counter()
     spec = get_method(method)
     spec.check_params(params)
-    if base is None:
-        raise TypeError("merge needs base=, the pre-trained model the sources were fine-tuned from")
     if spec.needs_k and k is None:
         raise TypeError(f"method {method!r} needs k, the number of components kept per matrix (int or fraction)")
     if isinstance(include, str) or isinstance(exclude, str):

@@ -19,6 +19,7 @@ from svdfuse import _native, cpu, kernels, reference
 
 __all__ = [
     "SVDMethod",
+    "Precision",
     "SVDOptions",
     "DEFAULT_OVERSAMPLE",
     "DEFAULT_POWER_ITERS",
@@ -42,6 +43,14 @@ DEFAULT_POWER_ITERS = 3
 # "tf32x3" and "tf32" (bench/bench_rsvd_accuracy.py emulates them on the CPU) says otherwise.
 DEFAULT_PRECISION = "ieee"
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Precision(str, enum.Enum):
+    """Input precision of the randomized SVD's products: fp32, or tensor-core inputs (tf32 ×3, tf32)."""
+
+    IEEE = "ieee"
+    TF32X3 = "tf32x3"
+    TF32 = "tf32"
 
 
 class SVDMethod(str, enum.Enum):
@@ -78,7 +87,7 @@ def truncated_svd(
     oversample: int = DEFAULT_OVERSAMPLE,
     power_iters: int = DEFAULT_POWER_ITERS,
     seed: int = 0,
-    precision: str = DEFAULT_PRECISION,
+    precision: Precision | str = DEFAULT_PRECISION,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rank-`rank` SVD of `A - base` for a batch of matrices, without forming `A - base`.
 
@@ -122,6 +131,7 @@ def truncated_svd(
         raise ValueError(f"truncated_svd: oversample and power_iters must be >= 0, found {oversample}, {power_iters}")
     if precision not in reference.PRECISIONS:
         raise ValueError(f"truncated_svd: precision must be one of {reference.PRECISIONS}, found {precision!r}")
+    precision = Precision(precision).value
     if _resolve_method(method, rank, oversample, m, n) is SVDMethod.EXACT:
         return reference.exact_svd(A, rank, base)
     options = dict(oversample=oversample, power_iters=power_iters, seed=seed, precision=precision)
@@ -143,7 +153,7 @@ class SVDOptions:
     oversample: int = DEFAULT_OVERSAMPLE
     power_iters: int = DEFAULT_POWER_ITERS
     seed: int = 0
-    precision: str = DEFAULT_PRECISION
+    precision: Precision | str = DEFAULT_PRECISION
 
     def truncated_svd(self, A: Tensor, rank: int, base: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """`svdfuse.ops.truncated_svd(A, rank, base)` with these options."""

@@ -6,13 +6,23 @@ sink); it holds no source and reads nothing back.
 
 from __future__ import annotations
 
+import enum
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 from torch import Tensor, nn
+
+
+class SaveFormat(str, enum.Enum):
+    """How `MergeResult.save` writes: by the path's suffix, one safetensors file, or a Hugging Face directory."""
+
+    AUTO = "auto"
+    SAFETENSORS = "safetensors"
+    HF = "hf"
 
 
 @dataclass(frozen=True)
@@ -121,23 +131,26 @@ class MergeResult:
                 out[key] = self.tensors[key]
         return out
 
-    def to_module(self, base: nn.Module, trainable: int | float | None = None) -> nn.Module:
+    def to_module(self, base: nn.Module, n: int | float | None = None, *, trainable: int | float | None = None) -> nn.Module:
         """A copy of `base` carrying the merge, ready for `svdfuse.adapt` and serving.
 
         `nn.Linear` layers become `svdfuse.nn.SVDLinear` (low-rank forward), `nn.Conv1d/2d/3d`
         `svdfuse.nn.SVDConv` (low-rank too), `nn.MultiheadAttention` an
         `svdfuse.nn.SVDMultiheadAttention` with `SVDLinear` projections; other merged weights
-        (transposed conv kernels, say) get an `svdfuse.nn.SVDWeight` parametrization. `trainable` is
-        N, the number of top singular values each layer trains (int, or fraction of min(m, n));
-        None trains all k.
+        (transposed conv kernels, say) get an `svdfuse.nn.SVDWeight` parametrization. `n` is N, the
+        number of top singular values each layer trains (int, or fraction of min(m, n)), as in
+        `svdfuse.adapt`; None trains all k. (`trainable=` is its former name, deprecated.)
         """
+        if trainable is not None:
+            warnings.warn("to_module(trainable=...) is deprecated; pass n=..., as to svdfuse.adapt", DeprecationWarning, stacklevel=2)
+            n = trainable if n is None else n
         from svdfuse.nn.convert import attach
 
         # Integer buffers are the base's by construction: the module keeps its own.
         merged = {key: t for key, t in self.tensors.items() if t.is_floating_point()}
-        return attach(base, self.components, self.frozen, merged, self.matrices, self.report.method, trainable)
+        return attach(base, self.components, self.frozen, merged, self.matrices, self.report.method, n)
 
-    def save(self, path: str | os.PathLike, *, format: str = "auto", shard_size: int | str = "5GB") -> None:
+    def save(self, path: str | os.PathLike, *, format: SaveFormat | str = SaveFormat.AUTO, shard_size: int | str = "5GB") -> None:
         """Write the dense merged model: a `.safetensors` file, or a Hugging Face directory
         (config and tokenizer files copied from the base directory; shards above `shard_size`).
         Never overwrites; never leaves a partial file behind."""
@@ -145,15 +158,16 @@ class MergeResult:
 
         path = Path(path)
         refuse_existing(path)
-        if format == "auto":
-            format = "safetensors" if path.suffix == ".safetensors" else "hf"
-        if format not in ("safetensors", "hf"):
+        if format not in tuple(SaveFormat):
             raise ValueError(f"format must be 'auto', 'safetensors' or 'hf', found {format!r}")
-        if format == "hf" and self.template is None:
+        format = SaveFormat(format)
+        if format is SaveFormat.AUTO:
+            format = SaveFormat.SAFETENSORS if path.suffix == ".safetensors" else SaveFormat.HF
+        if format is SaveFormat.HF and self.template is None:
             raise ValueError(
                 f"cannot write {str(path)!r} as a Hugging Face directory: the base was not given as one, so there is no "
                 "config to copy; save to a .safetensors file instead"
             )
-        if format == "safetensors" and path.suffix != ".safetensors":
+        if format is SaveFormat.SAFETENSORS and path.suffix != ".safetensors":
             raise ValueError(f"format='safetensors' writes one file whose name ends in .safetensors, found {str(path)!r}")
         write_state_dict(self.state_dict(), path, template=self.template, shard_size=parse_size(shard_size, "shard_size"))

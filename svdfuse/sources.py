@@ -95,6 +95,24 @@ class MappingSource(Source):
         return self._tensors[key].detach()
 
 
+_SCRATCH: dict[str, Tensor] = {}
+
+
+def _scratch(shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """A reused staging buffer for reads that convert dtypes: grown as needed, never reallocated
+    per read (a fresh buffer per read costs its page faults every time)."""
+    nbytes = shape.numel() * dtype.itemsize
+    held = _SCRATCH.get("buffer")
+    if held is None or held.numel() < nbytes:
+        held = _SCRATCH["buffer"] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    return held[:nbytes].view(dtype).view(shape)
+
+
+def release_scratch() -> None:
+    """Free the staging buffer (at the end of a merge)."""
+    _SCRATCH.clear()
+
+
 def _data_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
     """Where each tensor's bytes start and end in a safetensors file: (data start, name -> (begin, end))."""
     with open(path, "rb") as f:
@@ -168,7 +186,7 @@ class SafetensorsSource(Source):
         shape, dtype = self.meta(key)
         fd, offset, length = self._span(key, start, stop)
         direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
-        staging = out if direct else torch.empty(out.shape, dtype=dtype)
+        staging = out if direct else _scratch(out.shape, dtype)
         view = memoryview(staging.view(-1).view(torch.uint8).numpy()) if length else memoryview(b"")
         done = 0
         while done < length:

@@ -48,7 +48,7 @@ def test_adapt_trains_only_the_top_n_singular_values():
 
 def test_adapted_layer_equals_its_dense_weight():
     base, result = _merged()
-    model = result.to_module(base, trainable=2)
+    model = result.to_module(base, n=2)
     svdfuse.adapt(model, _data(), n=2, epochs=1, progress=False)
     x = torch.randn(5, 12)
     expected = model(x)

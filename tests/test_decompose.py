@@ -55,19 +55,19 @@ def test_caches_give_the_merge_of_decomposing_on_the_fly(method, params, problem
     rank = params.get("k", params.get("budget"))
     files = [tmp_path / f"s{i}.svd.safetensors" for i in range(len(sources))]
     for source, file in zip(sources, files):
-        svdfuse.decompose(source, base, rank, svd=SVD, output=file, device="cpu")
+        svdfuse.decompose(source, base=base, rank=rank, svd=SVD, output=file, device="cpu")
     fly = svdfuse.merge(sources, base=base, method=method, svd=SVD, device="cpu", **params)
     cached = svdfuse.merge(files, base=base, method=method, svd=SVD, device="cpu", **params)
     _assert_same_merge(fly, cached)
     # Caches and raw sources mix, in memory or on disk; the non-matrix tensors come from the cache.
-    mixed = [sources[0], files[1], sources[2], svdfuse.decompose(sources[3], base, rank, svd=SVD, device="cpu"), files[4]]
+    mixed = [sources[0], files[1], sources[2], svdfuse.decompose(sources[3], base=base, rank=rank, svd=SVD, device="cpu"), files[4]]
     _assert_same_merge(fly, svdfuse.merge(mixed, base=base, method=method, svd=SVD, device="cpu", **params))
 
 
 def test_a_cache_records_its_options_and_a_higher_rank_serves_any_smaller_k(problem, tmp_path):
     base, sources = problem
     file = tmp_path / "s0.svd.safetensors"
-    svdfuse.decompose(sources[0], base, 12, svd=SVD, output=file, device="cpu")
+    svdfuse.decompose(sources[0], base=base, rank=12, svd=SVD, output=file, device="cpu")
     with safe_open(str(file), "pt") as f:
         meta = f.metadata()
         assert meta["svdfuse"] == "svdfuse.components/1" and meta["rank"] == "12"
@@ -84,7 +84,7 @@ def test_a_cache_records_its_options_and_a_higher_rank_serves_any_smaller_k(prob
 def test_caches_that_do_not_fit_the_merge_are_refused_before_any_work(problem, tmp_path):
     base, sources = problem
     file = tmp_path / "s0.svd.safetensors"
-    svdfuse.decompose(sources[0], base, 4, svd=SVD, output=file, device="cpu")
+    svdfuse.decompose(sources[0], base=base, rank=4, svd=SVD, output=file, device="cpu")
     with pytest.raises(svdfuse.SourceError, match=r"is a component cache \(rank 4\); method 'ties' needs the full weights"):
         svdfuse.merge([file, sources[1]], base=base, method="ties", device="cpu")
     with pytest.raises(svdfuse.SourceError, match=r"'l0.weight' is cached at rank 4, axis needs 5 components per source"):
@@ -94,7 +94,7 @@ def test_caches_that_do_not_fit_the_merge_are_refused_before_any_work(problem, t
     with pytest.raises(svdfuse.SourceError, match=r"stores factors only of 'head.weight', which this merge does not merge"):
         svdfuse.merge([file, sources[1]], k=4, base=base, svd=SVD, exclude=["head.*"], device="cpu")
     with pytest.raises(svdfuse.SourceError, match="is already a component cache"):
-        svdfuse.decompose(file, base, 4)
+        svdfuse.decompose(file, base=base, rank=4)
 
 
 def test_cli_decompose_then_merge(problem, tmp_path, capsys):

@@ -85,9 +85,13 @@ def _bracketed(blocks: Blocks, numel: int, sources: int, keep: int, limit: int) 
     above = torch.zeros(sources, dtype=torch.int64)
     inside: list[list[Tensor]] = [[] for _ in range(sources)]
     held = 0
+    scratch = None  # |τ| of one source's block, reused: a fresh one per source costs its page faults
     for _, tau in blocks():
         for i in range(sources):
-            a = tau[i].abs().flatten()
+            need = tau[i].numel()
+            if scratch is None or scratch.numel() < need:
+                scratch = torch.empty(need, dtype=tau.dtype, device=tau.device)
+            a = torch.abs(tau[i].reshape(-1), out=scratch[:need])
             h, low = hi[i].item(), lo[i].item()
             above[i] += int((a > h).sum())
             chosen = a[(a >= low) & (a <= h)]

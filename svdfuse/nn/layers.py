@@ -16,7 +16,8 @@ An `SVDLinear` or `SVDConv` (a `LowRankLayer`) may hold a σ bank (num_tasks, K)
 
 from __future__ import annotations
 
-from typing import Literal
+import enum
+
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,12 @@ from svdfuse.plan import resolve_rank
 
 __all__ = ["SVDLinear", "SVDWeight", "TaskCoefficients", "Excess", "LowRankLayer"]
 
-Excess = Literal["error", "clip", "extend"]
+class Excess(str, enum.Enum):
+    """What Stage 2 does where N exceeds a layer's merged rank k: refuse, train all k, or add directions."""
+
+    ERROR = "error"
+    CLIP = "clip"
+    EXTEND = "extend"
 
 
 def _complement(Q: Tensor, extra: int, seed: int = 0) -> Tensor:
