@@ -15,11 +15,11 @@ from svdfuse import distributed
 from svdfuse.methods import Kind, get_method
 from svdfuse.ops import SVDOptions
 from svdfuse.pipeline import Compute, Merged, Progress
-from svdfuse.plan import DEFAULT_EXCLUDE, Plan, Role, make_plan
+from svdfuse.plan import DEFAULT_EXCLUDE, Plan, make_plan
 from svdfuse.resources import bound_allocator, default_budget, default_device, peak_rss, release_free_memory
 from svdfuse.result import LayerReport, MergeReport, MergeResult
 from svdfuse.sinks import LowRank, SafetensorsWriter, parse_size, refuse_existing
-from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources, release_scratch
+from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 
 __all__ = ["SVDOptions", "merge"]
 
@@ -94,7 +94,6 @@ def _run(tasks: list, compute: Compute, sink, group: distributed.Group) -> list[
             release_free_memory()
     except Exception as err:
         failure = err
-    release_scratch()
     failures = group.gather(None if failure is None else f"rank {group.rank}: {type(failure).__name__}: {failure}")
     if failure is not None:
         raise failure

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
@@ -95,31 +96,34 @@ class MappingSource(Source):
         return self._tensors[key].detach()
 
 
-_SCRATCH: dict[str, Tensor] = {}
-
-
-def _scratch(shape: torch.Size, dtype: torch.dtype) -> Tensor:
-    """A reused staging buffer for reads that convert dtypes: grown as needed, never reallocated
-    per read (a fresh buffer per read costs its page faults every time)."""
-    nbytes = shape.numel() * dtype.itemsize
-    held = _SCRATCH.get("buffer")
-    if held is None or held.numel() < nbytes:
-        held = _SCRATCH["buffer"] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-    return held[:nbytes].view(dtype).view(shape)
-
-
-def release_scratch() -> None:
-    """Free the staging buffer (at the end of a merge)."""
-    _SCRATCH.clear()
-
-
-def _data_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
-    """Where each tensor's bytes start and end in a safetensors file: (data start, name -> (begin, end))."""
+def _header(path: Path) -> tuple[int, dict]:
+    """A safetensors file's data start and header: name -> {"dtype", "shape", "data_offsets"}."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return 8 + size, {key: tuple(info["data_offsets"]) for key, info in header.items()}
+    return 8 + size, header
+
+
+class _OpenFiles:
+    """File descriptors of the source files, at most `limit` open at once (least recently used
+    closed first): a merge of hundreds of sharded sources would otherwise exhaust the process's
+    descriptors, one per shard per source."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+
+    def fd(self, path: Path) -> int:
+        if path in self._fds:
+            self._fds.move_to_end(path)
+            return self._fds[path]
+        while len(self._fds) >= self.limit:
+            os.close(self._fds.popitem(last=False)[1])
+        self._fds[path] = fd = os.open(path, os.O_RDONLY)
+        return fd
+
+
+_FILES = _OpenFiles()
 
 
 class SafetensorsSource(Source):
@@ -132,31 +136,23 @@ class SafetensorsSource(Source):
     def __init__(self, label: str, files: list[Path], directory: Path | None = None, index: Mapping[str, str] | None = None) -> None:
         super().__init__(label, directory)
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
-        self._where: dict[str, tuple[int, int]] = {}  # key -> (fd, absolute offset of its first byte)
-        self._fds: list[int] = []
+        self._where: dict[str, tuple[Path, int]] = {}  # key -> (file, absolute offset of its first byte)
         self.metadata: dict[str, str] = {}
         for file in files:
             try:
-                handle = safe_open(str(file), framework="pt")  # validates the header against the file size
-                self.metadata = self.metadata or dict(handle.metadata() or {})
-                keys = list(handle.keys())
-                meta = {key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()) for key in keys}
-                start, offsets = _data_offsets(file)
+                safe_open(str(file), framework="pt")  # validates the header against the file size
+                start, header = _header(file)
             except (SafetensorError, OSError, ValueError) as err:
                 raise SourceError(f"{label}: cannot read {str(file)!r} as safetensors ({err}); is it truncated or corrupt?") from err
-            fd = os.open(file, os.O_RDONLY)
-            self._fds.append(fd)
-            for key in keys:
+            metadata = header.pop("__metadata__", None) or {}
+            self.metadata = self.metadata or metadata
+            for key, info in header.items():
                 if index is not None and index.get(key, file.name) != file.name:
                     continue  # the index names another shard for this key: that shard's copy is the model's
                 if key in self._where:
                     raise SourceError(f"{label}: tensor {key!r} is stored in two shards and no index says which one holds it")
-                self._meta[key] = meta[key]
-                self._where[key] = (fd, start + offsets[key][0])
-
-    def __del__(self) -> None:
-        for fd in getattr(self, "_fds", []):
-            os.close(fd)
+                self._meta[key] = (tuple(info["shape"]), info["dtype"])
+                self._where[key] = (file, start + info["data_offsets"][0])
 
     def keys(self) -> list[str]:
         return list(self._meta)
@@ -176,8 +172,8 @@ class SafetensorsSource(Source):
     def _span(self, key: str, start: int, stop: int) -> tuple[int, int, int]:
         shape, dtype = self.meta(key)
         row = torch.Size(shape[1:]).numel() * dtype.itemsize
-        fd, offset = self._where[key]
-        return fd, offset + start * row, (stop - start) * row
+        file, offset = self._where[key]
+        return _FILES.fd(file), offset + start * row, (stop - start) * row
 
     def extents(self, key: str, start: int, stop: int) -> list[tuple[int, int, int]]:
         return [self._span(key, start, stop)]
@@ -186,7 +182,7 @@ class SafetensorsSource(Source):
         shape, dtype = self.meta(key)
         fd, offset, length = self._span(key, start, stop)
         direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
-        staging = out if direct else _scratch(out.shape, dtype)
+        staging = out if direct else torch.empty(out.shape, dtype=dtype)
         view = memoryview(staging.view(-1).view(torch.uint8).numpy()) if length else memoryview(b"")
         done = 0
         while done < length:
@@ -248,22 +244,22 @@ class ComponentCache(Source):
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         return self._meta[key]
 
-    def read(self, key: str, start: int, stop: int, out: Tensor) -> None:
+    def _whole(self, key: str) -> str:
         if key in self.matrices:
             raise SourceError(
                 f"{self.label}: holds only the top-{self.rank} factors of {key!r}, not the weights; a method that needs "
                 "the full task matrices must merge the source itself"
             )
-        self._store.read(key, start, stop, out)
+        return key
+
+    def read(self, key: str, start: int, stop: int, out: Tensor) -> None:
+        self._store.read(self._whole(key), start, stop, out)
 
     def extents(self, key: str, start: int, stop: int) -> list[tuple[int, int, int]]:
         return [] if key in self.matrices else self._store.extents(key, start, stop)
 
     def get(self, key: str) -> Tensor:
-        shape, dtype = self.meta(key)
-        out = torch.empty(shape, dtype=dtype)
-        self.read(key, 0, shape[0] if shape else 1, out)
-        return out
+        return self._store.get(self._whole(key))
 
     def stored_rank(self, key: str) -> int:
         """Components stored for matrix `key`."""
@@ -363,17 +359,26 @@ class Reader:
 
     def __init__(self, base: Source, sources: list[Source], dtype: torch.dtype | None) -> None:
         self.base, self.sources, self.dtype = base, sources, dtype
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    def _staging(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        # One buffer, grown as needed, for every read that converts: a fresh one per read would
+        # cost its page faults every time (a bf16 row block is tens of MiB).
+        nbytes = shape.numel() * dtype.itemsize
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        return self._scratch[:nbytes].view(dtype).view(shape)
 
     def _read(self, source: Source, key: str, start: int, stop: int, out: Tensor) -> None:
         stored = source.meta(key)[1]
-        if self.dtype is None or self.dtype == stored:
-            target = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=out.dtype)
-            source.read(key, start, stop, target)
-        else:
-            target = torch.empty(out.shape, dtype=self.dtype)
-            source.read(key, start, stop, target)
-        if target is not out:
-            out.copy_(target)
+        cast = self.dtype is not None and self.dtype != stored
+        if not cast and out.dtype == stored and out.is_contiguous() and out.device.type == "cpu":
+            source.read(key, start, stop, out)
+            return
+        staging = self._staging(out.shape, stored)
+        source.read(key, start, stop, staging)
+        # a cast to the merge's dtype first: an overflow is the cast's, and says so
+        out.copy_(staging.to(self.dtype) if cast else staging)
 
     def base_rows(self, key: str, start: int, stop: int, out: Tensor) -> Tensor:
         """Rows [start, stop) of the base's `key` into `out` (any shape holding them)."""

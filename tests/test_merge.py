@@ -252,3 +252,20 @@ def test_a_model_that_is_one_linear_layer_carries_the_merge():
     torch.testing.assert_close(model(x), dense(x), atol=1e-6, rtol=1e-6)
     assert svdfuse.nn.set_trainable(model, 1) == 1
     torch.testing.assert_close(svdfuse.nn.materialize(model)(x), dense(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method,k", [("task_arithmetic", None), ("axis", 3)])
+def test_dtype_casts_every_input_before_merging(method, k, tmp_path):
+    # dtype= means "cast every tensor to this dtype first": the merge of fp32 files at bf16 is the
+    # merge of the same models stored in bf16, bit for bit (read path and cast included).
+    base, sources = _planted_sources(T=3, rank=3, seed=9, dtype=torch.float32)
+    save_file(base, tmp_path / "base.safetensors")
+    files = []
+    for i, src in enumerate(sources):
+        save_file(src, tmp_path / f"s{i}.safetensors")
+        files.append(tmp_path / f"s{i}.safetensors")
+    bf16 = lambda sd: {key: v.bfloat16() if v.is_floating_point() else v for key, v in sd.items()}  # noqa: E731
+    cast = svdfuse.merge(files, k=k, base=tmp_path / "base.safetensors", method=method, dtype=torch.bfloat16, device="cpu")
+    stored = svdfuse.merge([bf16(s) for s in sources], k=k, base=bf16(base), method=method, device="cpu")
+    for key, value in stored.state_dict().items():
+        assert torch.equal(cast.state_dict()[key], value), key

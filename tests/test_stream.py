@@ -208,3 +208,30 @@ def test_a_temporary_output_left_by_a_killed_merge_is_swept_by_the_next(files, t
     alive.mkdir()  # a merge still running here (this process): never touched
     svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu", output=out)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", alive.name])
+
+
+def test_many_source_files_share_a_bounded_set_of_descriptors(files, monkeypatch):
+    # 11 files (a base and 5 sources of 2 shards), at most 3 open at once: same merge.
+    root, sources = files
+    from svdfuse import sources as sources_module
+
+    expected = svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu").state_dict()
+    bounded = sources_module._OpenFiles(limit=3)
+    monkeypatch.setattr(sources_module, "_FILES", bounded)
+    got = svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu").state_dict()
+    assert all(torch.equal(got[key], value) for key, value in expected.items())
+    assert len(bounded._fds) <= 3
+
+
+def test_read_ahead_asks_for_the_bytes_of_the_rows_it_names(files, monkeypatch):
+    root, sources = files
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((fd, offset, length)))
+    base = svdfuse.sources.open_source(root / "base.safetensors", "base")
+    reader = svdfuse.sources.Reader(base, [svdfuse.sources.open_source(sources[0], "source 0")], None)
+    reader.prefetch("embed_tokens.weight", 7, 19)
+    assert len(calls) == 2  # the base's file and the source's shard
+    expected = [base.get("embed_tokens.weight")[7:19], reader.sources[0].get("embed_tokens.weight")[7:19]]
+    for (fd, offset, length), rows in zip(calls, expected):
+        assert length == rows.numel() * rows.element_size()
+        assert os.pread(fd, length, offset) == rows.contiguous().view(torch.uint8).numpy().tobytes()
