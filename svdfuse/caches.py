@@ -9,13 +9,15 @@ decomposing on the fly with the same options.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
+from torch import Tensor
 
 from svdfuse.methods import get_method
 from svdfuse.ops import SVDOptions
-from svdfuse.plan import DEFAULT_EXCLUDE, Role, make_plan, svd_fields
+from svdfuse.pipeline import Compute, Progress
+from svdfuse.plan import DEFAULT_EXCLUDE, Plan, Role, make_plan, svd_fields
 from svdfuse.reference import compute_dtype
 from svdfuse.resources import default_budget, default_device
 from svdfuse.sinks import SafetensorsWriter, parse_size
@@ -81,42 +83,34 @@ def decompose(
         rank, svd_fields(svd), base_source.label, {s.key: (s.shape, s.out_dtype) for s in plan.specs},
         [s.key for s in plan.matrices],
     )
-    produced = _decomposed(plan, Reader(base_source, [src], dtype), svd, device)
+    compute = Compute(axis, Reader(base_source, [src], dtype), svd=svd, device=device, params={}, want_factors=False, progress=Progress([True]), budget=budget)
+    produced = _decomposed(plan, compute)
     if output is None:
-        tensors = dict(produced)
-        return ComponentCache(src.label, MappingSource(src.label, tensors), info)
-    writer = SafetensorsWriter(output, entries, metadata=info)
-    try:
-        for name, t in produced:  # written as computed: one group in memory at a time
-            writer.write(name, t)
+        tensors = {}
+        for name, start, t in produced:
+            tensors.setdefault(name, []).append(t)
+        whole = {name: parts[0] if len(parts) == 1 else torch.cat(parts) for name, parts in tensors.items()}
+        return ComponentCache(src.label, MappingSource(src.label, whole), info)
+    with SafetensorsWriter(output, entries, metadata=info) as writer:
+        for name, start, t in produced:  # written as computed: one piece in memory at a time
+            writer.write(name, t, start)
         writer.commit(name for name, _, _ in entries)
-    except BaseException:
-        writer.abort()
-        raise
     return open_source(output, src.label)
 
 
-def _decomposed(plan, reader: Reader, svd: SVDOptions, device: torch.device):
-    """(name, tensor) of the cache: factors of every matrix group, other tensors as read."""
+def _decomposed(plan: Plan, compute: Compute) -> Iterator[tuple[str, int, Tensor]]:
+    """(name, first row, rows) of the cache: every matrix group's factors, the other tensors as
+    they are, in row blocks of the plan's size."""
+    reader = compute.reader
     for task in plan.tasks:
-        specs = task.specs
-        if specs[0].role is not Role.MATRIX:
-            spec = specs[0]
-            out = torch.empty(spec.shape, dtype=spec.out_dtype)
-            reader.source_rows(0, spec.key, 0, spec.rows, out)
-            yield spec.key, out
+        spec = task.specs[0]
+        if spec.role is Role.MATRIX:
+            W0 = compute.read_group(task.specs, spec.out_dtype)
+            U, S, V = next(compute.source_factors(task, W0, spec.k))  # one source: one chunk
+            for g, spec in enumerate(task.specs):
+                yield from ((f"{spec.key}.{part}", 0, t[g, 0].cpu()) for part, t in zip("USV", (U, S, V)))
             continue
-        G, m, n = len(specs), specs[0].m, specs[0].n
-        W0 = torch.empty((G, m, n), dtype=specs[0].out_dtype, device=device)
-        W = torch.empty((G, 1, m, n), dtype=specs[0].out_dtype, device=device)
-        for g, spec in enumerate(specs):
-            reader.base_rows(spec.key, 0, spec.rows, W0[g])
-            reader.source_rows(0, spec.key, 0, spec.rows, W[g, 0])
-            if not (torch.isfinite(W0[g]).all() and torch.isfinite(W[g, 0]).all()):
-                raise SourceError(reader.non_finite(spec.key, 0, spec.rows, spec.shape) or f"{spec.key!r}: not finite")
-        U, S, V = svd.truncated_svd(W, specs[0].k, base=W0.unsqueeze(1))
-        for g, spec in enumerate(specs):
-            yield f"{spec.key}.U", U[g, 0].cpu()
-            yield f"{spec.key}.S", S[g, 0].cpu()
-            yield f"{spec.key}.V", V[g, 0].cpu()
-
+        for start in range(0, spec.rows, task.block):
+            stop = min(start + task.block, spec.rows)
+            rows = torch.empty((stop - start, *spec.shape[1:]) if spec.shape else (), dtype=spec.out_dtype)
+            yield spec.key, start, reader.source_rows(0, spec.key, start, stop, rows)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from svdfuse.methods import Block, Factors, Kind, Method
-from svdfuse.methods.trim import exact_trim
+from svdfuse.methods.trim import TRIM_SHARE, exact_trim
 from svdfuse.ops import SVDOptions
 from svdfuse.plan import Role, Task, TensorSpec
 from svdfuse.reference import compute_dtype
@@ -148,11 +148,12 @@ class Compute:
             else:
                 taus = lambda: ((start * c, w.sub_(w0)) for start, _, w0, w in self._blocks(spec, block, W0, W, check=False))  # noqa: E731
             if 0.0 <= density <= 1.0:  # else the method says what is wrong
-                # the values bracketing the thresholds may take a quarter of the budget
-                context["trim"] = exact_trim(taus, spec.rows * c, self.T, density, acc, limit=self.budget // (4 * acc.itemsize))
-        whole = None
+                limit = int(TRIM_SHARE * self.budget) // acc.itemsize  # values bracketing the thresholds
+                context["trim"] = exact_trim(taus, spec.rows * c, self.T, density, acc, limit=limit)
+        whole = whole0 = None
         if spec.role is Role.MATRIX and spec.k is not None and self.want_factors:
-            whole = torch.empty((spec.rows, c), dtype=acc, device=self.device)  # the delta, for its SVD
+            # the whole delta, for its SVD, and the base beside it (a matrix kept in memory anyway)
+            whole, whole0 = (torch.empty((spec.rows, c), dtype=acc, device=self.device) for _ in range(2))
         for start, stop, w0, tau in pieces:
             if method is None:
                 delta = tau.mean(0)
@@ -160,7 +161,7 @@ class Compute:
                 delta = method.call(method.merge, tau, block=Block(spec.key, start * c, self.svd.seed), **context)
             self.progress.advance((self.T + 1) * (stop - start) * c * spec.dtype.itemsize)
             if whole is not None:
-                whole[start:stop] = delta
+                whole[start:stop], whole0[start:stop] = delta, w0
                 continue
             out = delta.add_(w0).to(spec.out_dtype)
             self._check_merged(spec, start, stop, out)
@@ -168,9 +169,7 @@ class Compute:
             yield Merged(spec, start, out.reshape((stop - start, *spec.shape[1:]) if spec.shape else ()), layer)
         if whole is not None:
             factors, rest = _adaptable(whole[None], spec.k, self.svd)
-            W0_all = self.reader.base_rows(spec.key, 0, spec.rows, torch.empty((spec.rows, c), dtype=acc, device=self.device))
-            frozen = W0_all if rest is None else W0_all.add_(rest[0])
-            yield self._low_rank(spec, frozen, factors, 0, rest is not None)
+            yield self._low_rank(spec, whole0 if rest is None else whole0.add_(rest[0]), factors, 0, rest is not None)
 
     def _check_merged(self, spec: TensorSpec, start: int, stop: int, out: Tensor) -> None:
         if bool(torch.isfinite(out).all()):
@@ -186,13 +185,6 @@ class Compute:
 
     # -- matrices: groups of same-shape matrices -----------------------------------------------
 
-    def _read_group(self, specs: tuple[TensorSpec, ...], dtype: torch.dtype) -> Tensor:
-        W0 = torch.empty((len(specs), specs[0].m, specs[0].n), dtype=dtype, device=self.device)
-        for g, spec in enumerate(specs):
-            self.reader.base_rows(spec.key, 0, spec.rows, W0[g])
-            self._check_finite(spec, W0[g])
-        return W0
-
     def _check_finite(self, spec: TensorSpec, t: Tensor) -> None:
         if not bool(torch.isfinite(t).all()):
             raise SourceError(self.reader.non_finite(spec.key, 0, spec.rows, spec.shape) or f"{spec.key!r}: not finite")
@@ -205,7 +197,7 @@ class Compute:
                 self._check_finite(spec, out[g, j])
                 if not self.progress.differs[i]:
                     self.progress.differs[i] = not torch.equal(out[g, j], W0[g])
-        self.progress.advance(out[:, :, 0, 0].numel() * specs[0].m * specs[0].n * specs[0].dtype.itemsize)
+        self.progress.advance(out[:, :, 0].numel() * specs[0].n * specs[0].dtype.itemsize)
         return out
 
     def _cached(self, i: int, specs: tuple[TensorSpec, ...], rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -217,43 +209,50 @@ class Compute:
         self.progress.advance(sum(t.numel() * t.element_size() for f in stored for t in f))
         return U, S, V
 
-    def _factors(self, task: Task) -> Iterator[Merged]:
+    def source_factors(self, task: Task, W0: Tensor, rank: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The top-`rank` factors of every source's task matrices of a group, chunk by chunk of
+        `task.block` sources: U (G, c, m, r), S (G, c, r), V (G, c, n, r); decomposed on the fly,
+        or read from component caches. W0: the group's base (G, m, n)."""
         specs, chunk = task.specs, task.block
-        spec0 = specs[0]
-        dtype = spec0.out_dtype
-        W0 = self._read_group(specs, dtype)
-        self.progress.advance(W0.numel() * spec0.dtype.itemsize)
+        buffer = torch.empty((len(specs), min(chunk, self.T), specs[0].m, specs[0].n), dtype=W0.dtype, device=self.device)
+        for first in range(0, self.T, chunk):
+            ids = list(range(first, min(first + chunk, self.T)))
+            cached = [i for i in ids if isinstance(self.reader.sources[i], ComponentCache)]
+            raw = [i for i in ids if i not in cached]
+            parts: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+            if raw:
+                W = self._sources(specs, W0, raw, buffer[:, : len(raw)])
+                U, S, V = self.svd.truncated_svd(W, rank, base=W0.unsqueeze(1))
+                if not cached:
+                    yield U, S, V
+                    continue
+                parts.update({i: (U[:, j], S[:, j], V[:, j]) for j, i in enumerate(raw)})
+            for i in cached:
+                parts[i] = self._cached(i, specs, rank)
+            yield tuple(torch.stack([parts[i][f] for i in ids], 1) for f in range(3))
+
+    def read_group(self, specs: tuple[TensorSpec, ...], dtype: torch.dtype) -> Tensor:
+        """The base's matrices of a group, (G, m, n) in `dtype`, checked finite."""
+        W0 = torch.empty((len(specs), specs[0].m, specs[0].n), dtype=dtype, device=self.device)
+        for g, spec in enumerate(specs):
+            self.reader.base_rows(spec.key, 0, spec.rows, W0[g])
+            self._check_finite(spec, W0[g])
+        self.progress.advance(W0.numel() * specs[0].dtype.itemsize)
+        return W0
+
+    def _factors(self, task: Task) -> Iterator[Merged]:
+        spec0 = task.specs[0]
+        W0 = self.read_group(task.specs, spec0.out_dtype)
         rank = self.method.call(self.method.source_rank, spec0.k, self.T, spec0.m, spec0.n, **self.params)
-        buffer = torch.empty((len(specs), min(chunk, self.T), spec0.m, spec0.n), dtype=dtype, device=self.device)
-
-        def chunks() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-            for first in range(0, self.T, chunk):
-                ids = list(range(first, min(first + chunk, self.T)))
-                cached = [i for i in ids if isinstance(self.reader.sources[i], ComponentCache)]
-                raw = [i for i in ids if i not in cached]
-                parts: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-                if raw:
-                    W = self._sources(specs, W0, raw, buffer[:, : len(raw)])
-                    U, S, V = self.svd.truncated_svd(W, rank, base=W0.unsqueeze(1))
-                    if not cached:
-                        yield U, S, V
-                        continue
-                    parts.update({i: (U[:, j], S[:, j], V[:, j]) for j, i in enumerate(raw)})
-                for i in cached:
-                    parts[i] = self._cached(i, specs, rank)
-                yield tuple(torch.stack([parts[i][f] for i in ids], 1) for f in range(3))
-
-        merged = self.method.call(self.method.merge, chunks(), k=spec0.k, T=self.T, svd=self.svd, **self.params)
-        del buffer
+        merged = self.method.call(self.method.merge, self.source_factors(task, W0, rank), k=spec0.k, T=self.T, svd=self.svd, **self.params)
         factors, rest = _adaptable(merged, spec0.k, self.svd)
-        yield from self._group_outputs(specs, W0, factors, rest)
+        yield from self._group_outputs(task.specs, W0, factors, rest)
 
     def _matrices(self, task: Task) -> Iterator[Merged]:
         specs = task.specs
         acc = compute_dtype(specs[0].out_dtype)
-        W0 = self._read_group(specs, acc)
+        W0 = self.read_group(specs, acc)
         W = self._sources(specs, W0, list(range(self.T)), torch.empty((len(specs), self.T, specs[0].m, specs[0].n), dtype=acc, device=self.device))
-        self.progress.advance(W0.numel() * specs[0].dtype.itemsize)
         merged = self.method.call(self.method.merge, W0, W, k=specs[0].k, svd=self.svd, keys=[s.key for s in specs], **self.params)
         del W
         factors, rest = _adaptable(merged, specs[0].k, self.svd)

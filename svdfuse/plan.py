@@ -24,6 +24,7 @@ import torch
 
 from svdfuse import cpu
 from svdfuse.methods import Kind, Method
+from svdfuse.methods.trim import TRIM_SHARE
 from svdfuse.ops import SVDOptions
 from svdfuse.reference import compute_dtype
 from svdfuse.sources import ComponentCache, Source, SourceError
@@ -183,16 +184,14 @@ def _elementwise_tasks(spec: TensorSpec, sources: int, method: Method, budget: i
     acc = compute_dtype(spec.out_dtype).itemsize
     if spec.role is Role.COPIED:
         per_row = 2 * spec.row_numel * spec.dtype.itemsize  # the base's rows and one source's
-        read = (sources + 1) * spec.nbytes
     else:
         workspace = _ELEMENTWISE_WORKSPACE.get(method.name, _DEFAULT_WORKSPACE) if method.kind is Kind.ELEMENTWISE else _DEFAULT_WORKSPACE
         per_row = math.ceil((sources + 1) * (1 + workspace) * spec.row_numel * acc)
-        read = (sources + 1) * spec.nbytes
     if method.trim_density is not None and spec.role is not Role.COPIED:
-        budget -= budget // 4  # the rest holds the values that bracket the trim thresholds
+        budget -= int(TRIM_SHARE * budget)  # held by the values that bracket the trim thresholds
     if per_row > budget:
         raise _too_small(budget, per_row, f"one row of {spec.key!r} {spec.shape} over {sources} sources")
-    return Task((spec,), min(spec.rows, budget // per_row), read)
+    return Task((spec,), min(spec.rows, budget // per_row), (sources + 1) * spec.nbytes)
 
 
 def _svd_piece_bytes(m: int, n: int, matrices: int, sources: int, width: int, itemsize: int) -> int:

@@ -96,12 +96,16 @@ def _template_ignore(*outputs: Path):
     return ignore
 
 
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * dtype.itemsize
+
+
 def _header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int]]:
     """A safetensors header for `entries` in order, and each tensor's offset after it."""
     meta: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
     offsets, at = {}, 0
     for name, shape, dtype in entries:
-        size = torch.Size(shape).numel() * dtype.itemsize
+        size = _nbytes(shape, dtype)
         meta[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [at, at + size]}
         offsets[name] = at
         at += size
@@ -123,8 +127,8 @@ class SafetensorsWriter:
         metadata: extra string entries of every file's `__metadata__`.
 
     Under torch.distributed every process creates the writer with the same arguments and writes
-    its own tensors; rank 0 lays out the files and publishes the output after all are done.
-    Use it as a context manager: leaving with an exception removes everything written.
+    its own tensors; rank 0 lays out the files and publishes the output after all are done
+    (`commit`). Used as a context manager, leaving with an exception removes everything written.
     """
 
     def __init__(
@@ -137,30 +141,34 @@ class SafetensorsWriter:
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
-        self._metadata = dict(metadata or {})
         self.single = self.path.suffix == ".safetensors"
         self._group = distributed.current()
         refuse_existing(self.path)
         self._shapes = {name: (tuple(shape), dtype) for name, shape, dtype in tensors}
         self._shards = self._layout(tensors, shard_size)
-        self._written: dict[str, int] = {}  # name -> bytes written so far
-        tmp = None
-        if self._group.rank == 0:
-            tmp = self._create(template)
-        self._tmp = Path(self._group.broadcast(str(tmp) if tmp else None))
-        self._fds: dict[str, int] = {}
-        self._where: dict[str, tuple[str, int]] = {}
+        self._headers: dict[str, bytes] = {}
+        self._where: dict[str, tuple[str, int]] = {}  # name -> (file, offset of its first byte)
         for file, entries in self._shards.items():
-            header, offsets = _header(entries, self._metadata)
-            for name, offset in offsets.items():
-                self._where[name] = (file, offset)
+            self._headers[file], offsets = _header(entries, dict(metadata or {}))
+            self._where.update({name: (file, offset) for name, offset in offsets.items()})
+        self._written: dict[str, int] = {}  # name -> bytes written so far
+        self._fds: dict[str, int] = {}
+        tmp = self._create(template) if self._group.rank == 0 else None
+        self._tmp = Path(self._group.broadcast(str(tmp) if tmp else None))
         self._group.barrier()
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            self.abort()
 
     def _layout(self, tensors, shard_size: int) -> dict[str, list]:
         shards: list[list] = [[]]
         size = 0
         for entry in tensors:
-            nbytes = torch.Size(entry[1]).numel() * entry[2].itemsize
+            nbytes = _nbytes(entry[1], entry[2])
             if not self.single and shards[-1] and size + nbytes > shard_size:
                 shards.append([])
                 size = 0
@@ -190,11 +198,9 @@ class SafetensorsWriter:
             files = {name: tmp / name for name in self._shards}
         try:
             for name, file in files.items():
-                header, _ = _header(self._shards[name], self._metadata)
-                total = len(header) + sum(torch.Size(s).numel() * d.itemsize for _, s, d in self._shards[name])
                 with open(file, "wb") as f:
-                    f.write(header)
-                    f.truncate(total)
+                    f.write(self._headers[name])
+                    f.truncate(len(self._headers[name]) + sum(_nbytes(s, d) for _, s, d in self._shards[name]))
         except BaseException:
             _remove(tmp)
             raise
@@ -209,7 +215,7 @@ class SafetensorsWriter:
     def write(self, name: str, value: Tensor, start: int = 0) -> None:
         """Write `value`, the rows [start, start + len) of tensor `name` (all of it by default)."""
         shape, dtype = self._shapes[name]
-        if value.dtype != dtype or tuple(value.shape[1:]) != shape[1:] and shape:
+        if value.dtype != dtype or (shape and tuple(value.shape[1:]) != shape[1:]):
             raise ValueError(f"writer: {name!r} is {shape} {dtype}, given a block {tuple(value.shape)} {value.dtype}")
         data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         row = torch.Size(shape[1:]).numel() * dtype.itemsize
@@ -221,7 +227,7 @@ class SafetensorsWriter:
 
     def commit(self, expected: Iterable[str]) -> None:
         """Check that this process wrote all of `expected`; once every process has, publish."""
-        missing = [name for name in expected if self._written.get(name, 0) != torch.Size(self._shapes[name][0]).numel() * self._shapes[name][1].itemsize]
+        missing = [name for name in expected if self._written.get(name, 0) != _nbytes(*self._shapes[name])]
         if missing:
             raise RuntimeError(f"writer: {len(missing)} tensors were not written completely (e.g. {missing[:3]})")
         for fd in self._fds.values():
@@ -231,7 +237,7 @@ class SafetensorsWriter:
         self._group.barrier()
         if self._group.rank == 0:
             if not self.single and len(self._shards) > 1:
-                total = sum(torch.Size(s).numel() * d.itemsize for s, d in self._shapes.values())
+                total = sum(_nbytes(s, d) for s, d in self._shapes.values())
                 weight_map = {name: file for file, entries in self._shards.items() for name, _, _ in entries}
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (self._tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -286,14 +292,10 @@ def _publish(tmp: Path, path: Path, single: bool) -> None:
 def write_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike, *, template=None, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
     """Write `state` (name -> tensor) through a `SafetensorsWriter`, all-or-nothing."""
     items = [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
-    writer = SafetensorsWriter(path, items, shard_size=shard_size, template=template)
-    try:
+    with SafetensorsWriter(path, items, shard_size=shard_size, template=template) as writer:
         for name, t in state.items():
             writer.write(name, t)
         writer.commit(state)
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def save_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:

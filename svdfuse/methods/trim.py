@@ -24,7 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Trim", "exact_trim"]
+__all__ = ["Trim", "exact_trim", "TRIM_SHARE"]
+
+# Share of a merge's memory budget that the values bracketing the thresholds may take (the
+# plan gives the pieces of a trimmed method the rest).
+TRIM_SHARE = 0.25
 
 Blocks = Callable[[], Iterator[tuple[int, Tensor]]]
 _BITS = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}  # sign bit excluded
