@@ -27,6 +27,14 @@ def _k(text: str) -> int | float:
             raise argparse.ArgumentTypeError(f"expected an int (components) or a float fraction, found {text!r}") from None
 
 
+def _weights(text: str) -> list[float]:
+    """'1,0.5,0.25' -> per-source weights."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, one per source, such as 1,0.5,0.25; found {text!r}") from None
+
+
 def _add_method_params(parser: argparse.ArgumentParser) -> None:
     """One flag per method parameter (--density, --drop-rate, ...), typed by its default."""
     users: dict[str, dict[str, object]] = {}  # parameter -> {method: default}
@@ -44,6 +52,10 @@ def _add_method_params(parser: argparse.ArgumentParser) -> None:
         default = next(iter(defaults.values()))
         if isinstance(default, bool):
             group.add_argument(flag, dest=param, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif param == "weights":
+            group.add_argument(flag, dest=param, type=_weights, metavar="W1,W2,...", default=None, help=f"one per source, in order; {help_text}")
+        elif isinstance(default, str):
+            group.add_argument(flag, dest=param, default=None, help=help_text)
         else:
             kind = int if default is None or isinstance(default, int) else float
             group.add_argument(flag, dest=param, type=kind, default=None, help=help_text)

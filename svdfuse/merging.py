@@ -12,10 +12,11 @@ import torch
 from tqdm.auto import tqdm
 
 from svdfuse import distributed
-from svdfuse.methods import Kind, get_method
+from svdfuse.methods import Kind, check_weights, get_method
 from svdfuse.ops import SVDOptions
 from svdfuse.pipeline import Compute, Merged, Progress
-from svdfuse.plan import DEFAULT_EXCLUDE, Plan, make_plan
+from svdfuse.card import card_files
+from svdfuse.plan import DEFAULT_EXCLUDE, Plan, make_plan, svd_fields
 from svdfuse.resources import bound_allocator, default_budget, default_device, peak_rss, release_free_memory
 from svdfuse.result import LayerReport, MergeReport, MergeResult
 from svdfuse.sinks import LowRank, SafetensorsWriter, parse_size, refuse_existing
@@ -44,7 +45,7 @@ class _MemorySink:
                 self.tensors[spec.key] = torch.empty(spec.shape, dtype=spec.out_dtype, device=value.device)
             self.tensors[spec.key][item.start : item.start + value.shape[0]] = value
 
-    def commit(self, keys: list[str]) -> None:
+    def commit(self, keys: list[str], report: MergeReport) -> None:
         pass
 
     def abort(self) -> None:
@@ -69,8 +70,8 @@ class _FileSink:
             value = value.dense(item.spec.out_dtype)
         self.writer.write(item.spec.key, value, item.start)
 
-    def commit(self, keys: list[str]) -> None:
-        self.writer.commit(keys)
+    def commit(self, keys: list[str], report: MergeReport) -> None:
+        self.writer.commit(keys, card_files(report, self.writer.path))
 
     def abort(self) -> None:
         self.writer.abort()
@@ -124,6 +125,7 @@ def merge(
     max_memory: int | str | None = None,
     shard_size: int | str = "5GB",
     progress: bool | None = None,
+    config_text: str | None = None,
     **params: Any,
 ) -> MergeResult | MergeReport:
     """Merge fine-tuned `models` of one `base`, by AXIS (arXiv 2508.19353) or another method.
@@ -164,6 +166,8 @@ def merge(
         shard_size: largest shard of a directory output, bytes or a size such as "2GB".
         progress: show a progress bar (bytes read, rate, time left); default: when stderr is a
             terminal, as for `adapt`.
+        config_text: the configuration file this merge comes from (`svdfuse.merge_config`),
+            quoted in the model card.
         params: the method's parameters, e.g. `density=0.2` for "ties".
 
     Returns:
@@ -193,6 +197,8 @@ def merge(
     device = torch.device(device) if device is not None else default_device()
     base_source = open_source(base, "base")
     sources = open_sources(models)
+    if params.get("weights") is not None:
+        check_weights(method, params["weights"], len(sources))
     plan = make_plan(
         base_source, sources, spec, k, include=include, exclude=exclude, dtype=dtype, budget=budget, svd=svd, params=params,
     )
@@ -219,18 +225,30 @@ def merge(
         layers = _run(tasks, compute, sink, group)
         bar.close()
         _check_changed(sources, state.differs, group)
-        sink.commit([s.key for t in tasks for s in t.specs])
+        position = {s.key: i for i, s in enumerate(plan.specs)}
+        layers.sort(key=lambda layer: position[layer.key])  # groups follow shapes; users read in model order
+        report = MergeReport(
+            method, [s.label for s in sources], layers, time.perf_counter() - start, output=None if output is None else str(output),
+            budget=budget, peak_rss=peak_rss(), processes=group.world, bytes_read=plan.nbytes, base=str(base) if isinstance(base, (str, os.PathLike)) else base_source.label,
+            parameters=_card_parameters(spec, k, params, include, exclude, dtype, svd), config=config_text,
+        )
+        sink.commit([s.key for t in tasks for s in t.specs], report)
     except BaseException:
         bar.close()
         sink.abort()
         raise
-    position = {s.key: i for i, s in enumerate(plan.specs)}
-    layers.sort(key=lambda layer: position[layer.key])  # groups follow shapes; users read in model order
-    report = MergeReport(
-        method, [s.label for s in sources], layers, time.perf_counter() - start, output=None if output is None else str(output),
-        budget=budget, peak_rss=peak_rss(), processes=group.world, bytes_read=plan.nbytes,
-    )
     return sink.result(report)
+
+
+def _card_parameters(spec, k, params: dict, include, exclude, dtype, svd: SVDOptions) -> dict:
+    """What the model card lists: k, every method parameter (defaults filled in), patterns, dtype,
+    and the SVD options where the method decomposes."""
+    out: dict[str, Any] = {"k": k} if k is not None else {}
+    out.update({name: params.get(name, default) for name, default in spec.params().items()})
+    out.update(include=None if include is None else list(include), exclude=list(exclude), dtype=None if dtype is None else str(dtype).removeprefix("torch."))
+    if spec.kind is not Kind.ELEMENTWISE or k is not None:
+        out["svd"] = svd_fields(svd)
+    return out
 
 
 def _local_processes(group: distributed.Group) -> int:

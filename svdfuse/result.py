@@ -38,7 +38,9 @@ class LayerReport:
 
 @dataclass(frozen=True)
 class MergeReport:
-    """Which method merged what, per-matrix selection counts, and how long it took."""
+    """Which method merged what, per-matrix selection counts, and how long it took; `base`,
+    `parameters` (k, the method's parameters with their defaults, include/exclude, dtype, SVD
+    options) and `config` (the configuration file's text, if any) make the model card."""
 
     method: str
     sources: list[str]
@@ -49,6 +51,9 @@ class MergeReport:
     peak_rss: int | None = None
     processes: int = 1
     bytes_read: int = 0
+    base: str | None = None
+    parameters: dict = field(default_factory=dict)
+    config: str | None = None
 
     def totals(self) -> list[int]:
         """Components selected from each source over all matrices (methods that select)."""
@@ -152,7 +157,8 @@ class MergeResult:
 
     def save(self, path: str | os.PathLike, *, format: SaveFormat | str = SaveFormat.AUTO, shard_size: int | str = "5GB") -> None:
         """Write the dense merged model: a `.safetensors` file, or a Hugging Face directory
-        (config and tokenizer files copied from the base directory; shards above `shard_size`).
+        (config and tokenizer files copied from the base directory, a model card `README.md`
+        of the merge; shards above `shard_size`).
         Never overwrites; never leaves a partial file behind."""
         from svdfuse.sinks import parse_size, refuse_existing, write_state_dict
 
@@ -170,4 +176,7 @@ class MergeResult:
             )
         if format is SaveFormat.SAFETENSORS and path.suffix != ".safetensors":
             raise ValueError(f"format='safetensors' writes one file whose name ends in .safetensors, found {str(path)!r}")
-        write_state_dict(self.state_dict(), path, template=self.template, shard_size=parse_size(shard_size, "shard_size"))
+        from svdfuse.card import card_files
+
+        files = card_files(self.report, path) if format is SaveFormat.HF else {}
+        write_state_dict(self.state_dict(), path, template=self.template, shard_size=parse_size(shard_size, "shard_size"), files=files)

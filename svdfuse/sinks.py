@@ -225,8 +225,11 @@ class SafetensorsWriter:
             done += os.pwrite(fd, memoryview(data)[done:], offset + done)
         self._written[name] = self._written.get(name, 0) + len(data)
 
-    def commit(self, expected: Iterable[str]) -> None:
-        """Check that this process wrote all of `expected`; once every process has, publish."""
+    def commit(self, expected: Iterable[str], files: Mapping[str, str] | None = None) -> None:
+        """Check that this process wrote all of `expected`; once every process has, publish,
+        with `files` (name -> text, e.g. a model card) added to a directory output."""
+        if files and self.single:
+            raise ValueError(f"writer: {str(self.path)!r} is one file; {', '.join(files)} can only go into a directory")
         missing = [name for name in expected if self._written.get(name, 0) != _nbytes(*self._shapes[name])]
         if missing:
             raise RuntimeError(f"writer: {len(missing)} tensors were not written completely (e.g. {missing[:3]})")
@@ -241,6 +244,8 @@ class SafetensorsWriter:
                 weight_map = {name: file for file, entries in self._shards.items() for name, _, _ in entries}
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (self._tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            for name, text in (files or {}).items():
+                (self._tmp / name).write_text(text)  # replaces the base's copy (its README.md)
             _publish(self._tmp, self.path, self.single)
         self._group.barrier()
 
@@ -289,13 +294,17 @@ def _publish(tmp: Path, path: Path, single: bool) -> None:
         _remove(tmp)
 
 
-def write_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike, *, template=None, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
-    """Write `state` (name -> tensor) through a `SafetensorsWriter`, all-or-nothing."""
+def write_state_dict(
+    state: Mapping[str, Tensor], path: str | os.PathLike, *, template=None, shard_size: int = DEFAULT_SHARD_SIZE,
+    files: Mapping[str, str] | None = None,
+) -> None:
+    """Write `state` (name -> tensor) through a `SafetensorsWriter`, all-or-nothing, with `files`
+    (name -> text) beside the weights of a directory."""
     items = [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
     with SafetensorsWriter(path, items, shard_size=shard_size, template=template) as writer:
         for name, t in state.items():
             writer.write(name, t)
-        writer.commit(state)
+        writer.commit(state, files)
 
 
 def save_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:

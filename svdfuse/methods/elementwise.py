@@ -8,11 +8,12 @@ buffer: a method may overwrite it.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from svdfuse.methods.registry import Block, Kind, check_finite_param, register
+from svdfuse.methods.registry import Block, Kind, check_finite_param, check_weights, register
 from svdfuse.methods.trim import Trim
 
 
@@ -20,38 +21,74 @@ from svdfuse.methods.trim import Trim
 _STEP_BYTES = 1 << 22
 
 
+def _weighted(method: str, tau: Tensor, weights: Sequence[float] | None) -> Tensor | None:
+    """Multiply each source's task vector by its weight in place; the weights as (T, 1, ...), or None."""
+    if weights is None:
+        return None
+    check_weights(method, weights, tau.shape[0])
+    w = torch.tensor(weights, dtype=tau.dtype, device=tau.device).reshape((-1,) + (1,) * (tau.dim() - 1))
+    tau.mul_(w)
+    return w
+
+
 @register("average", reference_url="https://arxiv.org/abs/2203.05482", kind=Kind.ELEMENTWISE)
-def average(tau: Tensor) -> Tensor:
-    """Model soup: the mean of the sources, i.e. the mean task vector."""
-    return tau.mean(0)
+def average(tau: Tensor, *, weights: Sequence[float] | None = None) -> Tensor:
+    """Model soup: the mean of the sources, i.e. the mean task vector; with `weights` (one per
+    source) the weighted mean `Σ_i w_i τ_i / Σ_i w_i`."""
+    w = _weighted("average", tau, weights)
+    return tau.mean(0) if w is None else tau.sum(0).div_(w.sum())
 
 
 @register("task_arithmetic", reference_url="https://arxiv.org/abs/2212.04089", kind=Kind.ELEMENTWISE)
-def task_arithmetic(tau: Tensor, *, scaling: float = 0.3) -> Tensor:
-    """`scaling · Σ_i (W_i − W0)`; 0.3 is the value the paper found best for many tasks."""
+def task_arithmetic(tau: Tensor, *, scaling: float = 0.3, weights: Sequence[float] | None = None) -> Tensor:
+    """`scaling · Σ_i w_i (W_i − W0)` (w_i = 1 without `weights`); 0.3 is the value the paper
+    found best for many tasks."""
     check_finite_param("task_arithmetic", "scaling", scaling)
+    _weighted("task_arithmetic", tau, weights)
     return tau.sum(0).mul_(scaling)
 
 
 @register("ties", reference_url="https://arxiv.org/abs/2306.01708", kind=Kind.ELEMENTWISE, trim_density="density")
-def ties(tau: Tensor, *, block: Block, trim: Trim | None = None, density: float = 0.2, scaling: float = 1.0) -> Tensor:
+def ties(
+    tau: Tensor, *, block: Block, trim: Trim | None = None, density: float = 0.2, scaling: float = 1.0,
+    weights: Sequence[float] | None = None, zero_sign: str = "none",
+) -> Tensor:
     """TIES: trim each task vector to its top `density` fraction by magnitude (floor(density ·
     numel) entries per source and tensor; ties at the threshold go to the entries first in
     row-major order), elect the sign of each entry by the sum of the trimmed values, and average
-    only the values that agree with it (disjoint mean); times `scaling`."""
+    only the values that agree with it (disjoint mean); times `scaling`.
+
+    With `weights` (mergekit's TIES), the trimmed task vectors are weighted first, the sign is
+    elected from the weighted sum and the agreeing values are averaged with their weights:
+    `Σ_i w_i τ̂_i [agree] / Σ_i w_i [agree]`. `zero_sign`: the sign elected where the trimmed
+    values sum to exactly 0: "none" (nothing agrees, the entry keeps the base) or "positive"
+    (+1, as mergekit 0.1.5 does)."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"ties: density must be in [0, 1], found {density}")
+    if zero_sign not in ("none", "positive"):
+        raise ValueError(f"ties: zero_sign must be 'none' or 'positive', found {zero_sign!r}")
     check_finite_param("ties", "scaling", scaling)
     T = tau.shape[0]
+    if weights is not None:
+        check_weights("ties", weights, T)
+    w = None if weights is None else torch.tensor(weights, dtype=tau.dtype, device=tau.device)[:, None]
     flat = tau.reshape(T, -1)
     out = torch.empty(flat.shape[1], dtype=tau.dtype, device=tau.device)
     step = max(1024, _STEP_BYTES // (T * tau.element_size()))
     for s in range(0, flat.shape[1], step):
         t = flat[:, s : s + step]
         t.mul_(trim.mask(t, block.start + s))  # a multiply, not a select: a NaN survives to be reported
+        if w is not None:
+            t.mul_(w)
         elected = t.sum(0).sign_()
+        if zero_sign == "positive":
+            elected[elected == 0] = 1
         agree = (t * elected) > 0  # same nonzero sign as the elected one
-        count = agree.sum(0).clamp_(min=1)
+        if w is None:
+            count = agree.sum(0).clamp_(min=1)
+        else:
+            count = (agree * w).sum(0)
+            count[count == 0] = 1
         out[s : s + step] = t.mul_(agree).sum(0).div_(count).mul_(scaling)
     return out.reshape(tau.shape[1:])
 
@@ -80,13 +117,18 @@ def survivors(seed: int, key: str, source: int, start: int, shape: torch.Size, d
 
 
 @register("dare", reference_url="https://arxiv.org/abs/2311.03099", kind=Kind.ELEMENTWISE)
-def dare(tau: Tensor, *, block: Block, drop_rate: float = 0.9, rescale: bool = True, scaling: float = 1.0) -> Tensor:
+def dare(
+    tau: Tensor, *, block: Block, drop_rate: float = 0.9, rescale: bool = True, scaling: float = 1.0,
+    weights: Sequence[float] | None = None,
+) -> Tensor:
     """DARE: drop each task-vector entry with probability `drop_rate`, rescale the survivors by
-    1 / (1 − drop_rate) (when `rescale`), then add them up as Task Arithmetic with `scaling`.
-    The masks are seeded by the merge's seed (`SVDOptions.seed`)."""
+    1 / (1 − drop_rate) (when `rescale`), then add them up as Task Arithmetic with `scaling`
+    (and per-source `weights`, as mergekit's dare_linear). The masks are seeded by the merge's
+    seed (`SVDOptions.seed`)."""
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"dare: drop_rate must be in [0, 1), found {drop_rate}")
     check_finite_param("dare", "scaling", scaling)
+    _weighted("dare", tau, weights)
     for i in range(tau.shape[0]):
         tau[i].mul_(survivors(block.seed, block.key, i, block.start, tau.shape[1:], drop_rate, tau.device))
     factor = scaling / (1.0 - drop_rate) if rescale else scaling

@@ -26,13 +26,13 @@ from __future__ import annotations
 import enum
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from torch import Tensor
 
-__all__ = ["Kind", "Factors", "Block", "Method", "METHODS", "get_method", "register", "check_finite_param"]
+__all__ = ["Kind", "Factors", "Block", "Method", "METHODS", "get_method", "register", "check_finite_param", "check_weights"]
 
 
 class Kind(str, enum.Enum):
@@ -69,6 +69,18 @@ def check_finite_param(method: str, name: str, value: float) -> None:
     """Refuse a non-finite scalar parameter (scaling, weights) before any work."""
     if not math.isfinite(value):
         raise ValueError(f"{method}: {name} must be a finite number, found {value}")
+
+
+def check_weights(method: str, weights: Sequence[float], sources: int) -> None:
+    """Refuse per-source weights that are not one finite number per source."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise TypeError(f"{method}: weights must be a list of numbers, one per source, found {type(weights).__name__}")
+    if len(weights) != sources:
+        raise ValueError(f"{method}: weights must give one number per source: {sources} sources, found {len(weights)} weights")
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise TypeError(f"{method}: weights[{i}] must be a number, found {w!r}")
+        check_finite_param(method, f"weights[{i}]", w)
 
 
 @dataclass(frozen=True)
