@@ -9,6 +9,7 @@ from svdfuse import methods, nn, ops, serving
 from svdfuse.stage2 import AdaptReport, adapt
 from svdfuse.atlas_baseline import atlas
 from svdfuse.caches import decompose
+from svdfuse.config import merge_config
 from svdfuse.merging import merge
 from svdfuse.ops import SVDOptions
 from svdfuse.result import LayerReport, MergeReport, MergeResult, SaveFormat
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "merge",
+    "merge_config",
     "decompose",
     "adapt",
     "atlas",

@@ -6,14 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
+from svdfuse.config import DTYPES as _DTYPES
 from svdfuse.distributed import PeerFailure
 from svdfuse.methods import METHODS, get_method
 from svdfuse.ops import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, DEFAULT_PRECISION
 from svdfuse.reference import PRECISIONS
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def _k(text: str) -> int | float:
@@ -82,10 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="merge source models into one (AXIS)")
-    merge.add_argument("sources", nargs="+", help=".safetensors files or Hugging Face model directories fine-tuned from BASE")
-    merge.add_argument("--base", required=True, help="the pre-trained model: a .safetensors file or a Hugging Face directory")
+    merge.add_argument("sources", nargs="*", help=".safetensors files or Hugging Face model directories fine-tuned from BASE")
+    merge.add_argument("--config", metavar="YAML", help="run the merge a YAML file describes: svdfuse's keys, or a mergekit config (merge_method: ...)")
+    merge.add_argument("--base", help="the pre-trained model: a .safetensors file or a Hugging Face directory")
     merge.add_argument("-k", type=_k, help="per matrix, an int or a fraction of min(m, n): components kept (axis, required) or the rank adapted in Stage 2 (other methods)")
-    merge.add_argument("-o", "--output", required=True, help="new .safetensors file, or new directory (Hugging Face layout)")
+    merge.add_argument("-o", "--output", help="new .safetensors file, or new directory (Hugging Face layout); with --config, overrides its output")
     merge.add_argument("--method", default="axis", choices=sorted(METHODS), help="merge method (default: axis)")
     _add_method_params(merge)
     merge.add_argument("--include", action="append", metavar="PATTERN", help="merge only matrices whose name matches (glob; repeatable)")
@@ -108,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     dec.add_argument("--device", help="compute device (default: cuda if available)")
     dec.add_argument("--max-memory", help="memory budget, e.g. 4GB (default: half of the available memory)")
 
+    _add_inspect(sub)
+
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in digits task (offline, CPU or GPU)")
     demo.add_argument("-k", type=_k, default=0.25, help="components kept per matrix (default 0.25 of min(m, n))")
     demo.add_argument("-n", type=_k, default=0.25, help="singular values trained per layer in Stage 2 (default 0.25)")
@@ -117,8 +118,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_inspect(sub) -> None:
+    inspect = sub.add_parser("inspect", help="list a model's tensors and which a merge would take as matrices")
+    inspect.add_argument("model", help="a .safetensors file, a Hugging Face directory or a component cache")
+    inspect.add_argument("--include", action="append", metavar="PATTERN", help="merge only matrices whose name matches (glob; repeatable)")
+    inspect.add_argument("--exclude", action="append", metavar="PATTERN", help="never merge these as matrices (default: *embed*)")
+    inspect.add_argument("--summary", action="store_true", help="only the totals per role, not every tensor")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from svdfuse.inspection import inspect_model, inspect_report
+    from svdfuse.plan import DEFAULT_EXCLUDE
+
+    tensors = inspect_model(args.model, include=args.include, exclude=args.exclude or DEFAULT_EXCLUDE)
+    print(inspect_report(tensors, per_tensor=not args.summary))
+
+
 def _all_params() -> set[str]:
     return {param for method in METHODS.values() for param in method.params()}
+
+
+_CONFIG_FLAGS = {"device", "output", "quiet", "config", "command"}  # what --config may be combined with
+
+
+def _merge_config(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
+    """`svdfuse merge --config FILE [-o OUT] [--device D] [--quiet]`."""
+    import svdfuse
+    from svdfuse import distributed
+    from svdfuse.config import load_config
+    from svdfuse.sinks import refuse_existing
+
+    given = sorted(k for k, v in vars(args).items() if k not in _CONFIG_FLAGS and v != getattr(defaults, k, None))
+    if given:
+        raise ValueError(f"--config takes the merge from the file; give {', '.join(given)} there, not as flags (only -o, --device, --quiet combine with it)")
+    request = load_config(args.config)
+    output = args.output or request.kwargs.get("output")
+    if output is None:
+        raise ValueError(f"{args.config}: no output: give -o PATH or the file's output key")
+    refuse_existing(Path(output))
+    device = distributed.init_from_env(args.device) or args.device
+    report = svdfuse.merge_config(args.config, output=output, device=device, progress=not args.quiet)
+    if distributed.current().rank == 0:
+        print(report.table())
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -128,6 +169,9 @@ def _merge(args: argparse.Namespace) -> None:
     from svdfuse import distributed
     from svdfuse.sinks import refuse_existing
 
+    missing = [flag for flag, value in (("--base", args.base), ("-o/--output", args.output), ("SOURCES", args.sources)) if not value]
+    if missing:
+        raise ValueError(f"merge needs {', '.join(missing)} (or --config FILE)")
     svd = _svd_options(args)
     refuse_existing(Path(args.output))
     method = get_method(args.method)
@@ -168,12 +212,17 @@ def _decompose(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
-        if args.command == "merge":
+        if args.command == "merge" and args.config:
+            _merge_config(args, parser.parse_args(["merge"]))
+        elif args.command == "merge":
             _merge(args)
         elif args.command == "decompose":
             _decompose(args)
+        elif args.command == "inspect":
+            _inspect(args)
         else:
             from svdfuse.demo import run_demo
 

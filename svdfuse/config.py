@@ -136,13 +136,16 @@ class MergeRequest:
     """What a configuration asks `svdfuse.merge` to do: the sources (label -> path) and the
     keyword arguments, plus the file's text for the model card."""
 
-    models: dict[str, str]
+    models: list[str] | dict[str, str]
     kwargs: dict[str, Any]
     text: str
     notes: list[str] = field(default_factory=list)
 
 
-def _labelled(entries: list[tuple[str, str | None]], path: Path) -> dict[str, str]:
+def _labelled(entries: list[tuple[str, str | None]], path: Path) -> list[str] | dict[str, str]:
+    """The sources as `svdfuse.merge` takes them: a list, or label -> path when any is named."""
+    if all(name is None for _, name in entries):
+        return [model for model, _ in entries]
     models: dict[str, str] = {}
     for i, (model, name) in enumerate(entries):
         label = name or model
@@ -224,4 +227,4 @@ def merge_config(
         kwargs["output"] = str(output)
     if device is not None:
         kwargs["device"] = device
-    return svdfuse.merge(request.models, progress=progress, card_config=request.text, **kwargs)
+    return svdfuse.merge(request.models, progress=progress, config_text=request.text, **kwargs)

@@ -13,8 +13,10 @@ Supported `merge_method`s and what runs them (mergekit's rule, in svdfuse's term
   drop_rate=1 - density, weights, scaling=λ)`. The masks are random in both tools; mergekit
   rescales each source's survivors to the L1 norm of its whole τ_i, svdfuse by 1 / density
   (the DARE paper's rule; equal in expectation). A warning says so when `rescale` is on.
-- `linear`: `Σ_i w_i W_i / Σ_i w_i` -> `task_arithmetic` over the models other than the base
-  (`base_model`, or the first model) with weights `w_i / Σ w`, scaling 1: the same weighted mean.
+- `linear`: `Σ_i w_i W_i / Σ_i w_i` over the models and `base_model` (mergekit counts it as one
+  more input, weighted by `parameters.weight`) -> `task_arithmetic` over the models other than
+  the base (`base_model`, or the first model) with weights `w_i / Σ w`, scaling 1: the same
+  weighted mean, within float32 rounding (mergekit sums the weights, svdfuse the task vectors).
 
 Keys: `merge_method`, `base_model`, `models: [{model, parameters: {weight, density}}]`,
 `parameters` (`weight`, `density` as defaults for every model; `lambda`, `normalize`, `rescale`,
@@ -127,6 +129,12 @@ class MergekitConfig(_Strict):
             raise ValueError("parameters.lambda: linear takes no lambda")
         if self.out_dtype is not None and self.out_dtype != (self.dtype or self.out_dtype):
             raise ValueError(f"out_dtype: svdfuse writes in the merge's dtype ({self.dtype}); give out_dtype equal to dtype or leave it out")
+        listed = {m.model for m in self.models}
+        if method == "linear" and self.base_model is not None and self.base_model not in listed and shared.weight is None:
+            raise ValueError(
+                "base_model: mergekit's linear averages base_model as one more input and needs its weight; "
+                "give parameters.weight, or list it under models with its weight"
+            )
         for i, entry in enumerate(self.models):
             if entry.parameters.weight is None and shared.weight is None and not self._is_base(entry.model):
                 raise ValueError(f"models[{i}].parameters.weight: {method} requires a weight for every model (mergekit has no default)")
@@ -163,7 +171,8 @@ def translate(raw: dict, path: Path, text: str) -> MergeRequest:
     notes: list[str] = []
     if method == "linear":
         base = config.base_model or config.models[0].model
-        total = sum(_weight(m, config) for m in config.models)
+        # mergekit averages base_model too, with the default weight, when models does not list it
+        total = sum(_weight(m, config) for m in config.models) + (config.parameters.weight if base not in {m.model for m in config.models} else 0.0)
         if total == 0:
             raise ConfigError(f"{path}: models[*].parameters.weight: linear divides by the sum of the weights, which is 0")
         models = [m for m in config.models if m.model != base]
@@ -186,11 +195,9 @@ def translate(raw: dict, path: Path, text: str) -> MergeRequest:
                 )
     if not models:
         raise ConfigError(f"{path}: models: no model other than the base ({base}) to merge")
-    sources = {}
-    for i, m in enumerate(models):
-        if m.model in sources:
-            raise ConfigError(f"{path}: models: {m.model!r} appears twice")
-        sources[m.model] = m.model
+    sources = [m.model for m in models]
+    if len(set(sources)) < len(sources):
+        raise ConfigError(f"{path}: models: {next(s for s in sources if sources.count(s) > 1)!r} appears twice")
     for note in notes:
         warnings.warn(f"{path}: {note}", UserWarning, stacklevel=3)
     kwargs = dict(base=base, method=run, dtype=DTYPES[config.dtype] if config.dtype else None, **params)

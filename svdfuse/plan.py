@@ -138,6 +138,16 @@ def _is_matrix(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
     return len(shape) >= 2 and dtype.is_floating_point and key.rsplit(".", 1)[-1].endswith("weight")
 
 
+def tensor_role(key: str, shape: tuple[int, ...], dtype: torch.dtype, include: Sequence[str] | None, exclude: Sequence[str]) -> Role:
+    """What a merge does with tensor `key`: integer tensors are copied; floating weights with 2+
+    dims that `include` (None: all) names and `exclude` does not are merged as matrices; the rest
+    elementwise."""
+    if not dtype.is_floating_point:
+        return Role.COPIED
+    wanted = (include is None or matches_any(key, include)) and not matches_any(key, exclude)
+    return Role.MATRIX if wanted and _is_matrix(key, shape, dtype) else Role.ELEMENTWISE
+
+
 def _check_sources(base: Source, sources: list[Source], dtype: torch.dtype | None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     meta = {key: base.meta(key) for key in base.keys()}
     floating = [key for key, (_, d) in meta.items() if d.is_floating_point]
@@ -252,12 +262,9 @@ def make_plan(
     too_small = []
     for key, (shape, key_dtype) in meta.items():
         out_dtype = dtype or key_dtype if key_dtype.is_floating_point else key_dtype
-        if not key_dtype.is_floating_point:
-            specs.append(TensorSpec(key, shape, key_dtype, out_dtype, Role.COPIED))
-            continue
-        wanted = (include is None or matches_any(key, include)) and not matches_any(key, exclude)
-        if not (wanted and _is_matrix(key, shape, key_dtype)):
-            specs.append(TensorSpec(key, shape, key_dtype, out_dtype, Role.ELEMENTWISE))
+        role = tensor_role(key, shape, key_dtype, include, exclude)
+        if role is not Role.MATRIX:
+            specs.append(TensorSpec(key, shape, key_dtype, out_dtype, role))
             continue
         m, n = shape[0], math.prod(shape[1:])
         rank = None if k is None else resolve_rank(k, m, n, "k")
