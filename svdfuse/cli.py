@@ -138,19 +138,20 @@ def _all_params() -> set[str]:
     return {param for method in METHODS.values() for param in method.params()}
 
 
-_CONFIG_FLAGS = {"device", "output", "quiet", "config", "command"}  # what --config may be combined with
+_CONFIG_FLAGS = {"-o", "--output", "--device", "--quiet", "--config"}  # what --config may be combined with
 
 
-def _merge_config(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
+def _merge_config(args: argparse.Namespace, argv: list[str]) -> None:
     """`svdfuse merge --config FILE [-o OUT] [--device D] [--quiet]`."""
     import svdfuse
     from svdfuse import distributed
     from svdfuse.config import load_config
     from svdfuse.sinks import refuse_existing
 
-    given = sorted(k for k, v in vars(args).items() if k not in _CONFIG_FLAGS and v != getattr(defaults, k, None))
-    if given:
-        raise ValueError(f"--config takes the merge from the file; give {', '.join(given)} there, not as flags (only -o, --device, --quiet combine with it)")
+    given = [token.split("=", 1)[0] for token in argv if token.startswith("-") and token.split("=", 1)[0] not in _CONFIG_FLAGS]
+    if given or args.sources:
+        what = ", ".join(given + ([f"sources {' '.join(args.sources)}"] if args.sources else []))
+        raise ValueError(f"--config takes the merge from the file; give {what} there, not on the command line (only -o, --device, --quiet combine with it)")
     request = load_config(args.config)
     output = args.output or request.kwargs.get("output")
     if output is None:
@@ -212,11 +213,11 @@ def _decompose(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
     try:
         if args.command == "merge" and args.config:
-            _merge_config(args, parser.parse_args(["merge"]))
+            _merge_config(args, argv[1:])
         elif args.command == "merge":
             _merge(args)
         elif args.command == "decompose":
