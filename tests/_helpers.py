@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -71,3 +73,31 @@ def assert_within_torch_error(out: Tensor, truth: Tensor, torch_out: Tensor) -> 
     assert error.max().item() <= 2 * torch_error + floor, (
         f"max error {error.max().item():.3g} at flat index {error.argmax().item()} > 2 x torch's {torch_error:.3g} + {floor:.3g}"
     )
+
+
+def tiny_llama_dirs(root: Path, count: int, *, grid: bool = False, seed: int = 0) -> tuple[Path, list[Path]]:
+    """A tiny Llama (2 layers, hidden 64, vocab 256, fp32) saved with transformers' save_pretrained
+    as `root/base`, and `count` fine-tunes `root/ft{i}` with seeded task vectors (1% of each
+    tensor's mean magnitude). `grid`: every value rounded to the bf16 grid (stored as fp32), as in
+    fine-tunes trained in bf16, so many task-vector entries tie in magnitude."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    base = load_file(root / "base" / "model.safetensors")
+    if grid:
+        base = {k: v.bfloat16().float() for k, v in base.items()}
+        save_file(base, root / "base" / "model.safetensors", metadata={"format": "pt"})
+    sources = []
+    for i in range(count):
+        gen = torch.Generator().manual_seed(seed + 100 + i)
+        tuned = {k: v + 0.01 * v.abs().mean().clamp_min(1e-3) * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        if grid:
+            tuned = {k: v.bfloat16().float() for k, v in tuned.items()}
+        shutil.copytree(root / "base", root / f"ft{i}", ignore=shutil.ignore_patterns("*.safetensors"))
+        save_file(tuned, root / f"ft{i}" / "model.safetensors", metadata={"format": "pt"})
+        sources.append(root / f"ft{i}")
+    return root / "base", sources
