@@ -122,6 +122,8 @@ def test_ties_zero_sign_positive_is_mergekits_election_where_the_trimmed_values_
     torch.testing.assert_close(positive, expected, atol=0, rtol=0)
     assert positive[0, 0] == 2.0  # mergekit elects + and averages the positive value
     assert svdfuse.merge(srcs, **common).state_dict()["w.weight"][0, 0] == 0.0  # svdfuse's default: no sign, the base
+    config = _write(tmp_path, "mk.yml", _mergekit_yaml("ties", tmp_path / "base.safetensors", srcs, [1.0, 1.0], 0.25))
+    torch.testing.assert_close(svdfuse.merge_config(config, device="cpu").state_dict()["w.weight"], expected, atol=0, rtol=0)
 
 
 def test_mergekit_linear_config_is_the_weighted_mean_of_the_models_and_base_within_rounding(models):
