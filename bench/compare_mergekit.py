@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import svdfuse  # noqa: E402
-from _helpers import tiny_llama_dirs  # noqa: E402
+from _helpers import mergekit_ties, tiny_llama_dirs  # noqa: E402
 from common import print_table, record  # noqa: E402
 
 EPS = torch.finfo(torch.float32).eps
@@ -60,25 +60,6 @@ def agreement(ours: dict, theirs: dict, inputs: list[dict]) -> dict:
         scale = torch.stack([m[key].abs() for m in inputs]).amax(0)
         worst = max(worst, float(((ours[key] - value).abs() / (EPS * scale)).max()))
     return {"elements": total, "differ": differ, "agree_pct": 100 * (1 - differ / total), "max_diff_eps_x_input": worst}
-
-
-def ties_formula(W0: dict, W: list[dict], density: float, order) -> dict:
-    """mergekit's TIES (weights 1) with the given order for picking the top magnitudes."""
-    out = {}
-    for key, w0 in W0.items():
-        taus = []
-        for w in W:
-            tau = (w[key] - w0).reshape(-1)
-            mask = torch.zeros_like(tau)
-            mask[order(tau.abs())[: max(1, int(density * tau.numel()))]] = 1
-            taus.append(tau * mask)
-        t = torch.stack(taus)
-        elected = (t.sum(0) >= 0).float() * 2 - 1
-        agree = t.sign() == elected
-        count = agree.float().sum(0)
-        count[count == 0] = 1
-        out[key] = w0 + ((t * agree).sum(0) / count).reshape(w0.shape)
-    return out
 
 
 def dare_stats(ours: dict, theirs: dict, W0: dict, W: dict, density: float) -> dict:
@@ -117,8 +98,8 @@ def main() -> None:
                 ours, theirs = both(text, root, f"case{i}")
                 row = {"values": values, "config": name, **agreement(ours, theirs, [W0, *W])}
                 if name == "ties":
-                    argsort = ties_formula(W0, W, 0.2, lambda a: torch.argsort(a, descending=True))
-                    stable = ties_formula(W0, W, 0.2, lambda a: torch.sort(a, descending=True, stable=True).indices)
+                    argsort = mergekit_ties(W0, W, 0.2, lambda a: torch.argsort(a, descending=True))
+                    stable = mergekit_ties(W0, W, 0.2, lambda a: torch.sort(a, descending=True, stable=True).indices)
                     row["mergekit_vs_formula_argsort_ties"] = agreement(argsort, theirs, [W0, *W])["differ"]
                     row["svdfuse_vs_formula_first_ties"] = agreement(stable, ours, [W0, *W])["differ"]
                     # svdfuse's own default election (no sign where the trimmed values sum to exactly 0)

@@ -1,4 +1,4 @@
-"""The `svdfuse` command line: `svdfuse merge ...` and `svdfuse demo`."""
+"""The `svdfuse` command line: `svdfuse merge ...` (flags or `--config FILE`), `decompose`, `inspect` and `demo`."""
 
 from __future__ import annotations
 

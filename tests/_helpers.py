@@ -101,3 +101,24 @@ def tiny_llama_dirs(root: Path, count: int, *, grid: bool = False, seed: int = 0
         save_file(tuned, root / f"ft{i}" / "model.safetensors", metadata={"format": "pt"})
         sources.append(root / f"ft{i}")
     return root / "base", sources
+
+
+def mergekit_ties(W0: dict[str, Tensor], W: list[dict[str, Tensor]], density: float, order) -> dict[str, Tensor]:
+    """mergekit 0.1.5's TIES with weights 1 (generalized_task_arithmetic.py, sparsify.magnitude),
+    written out: keep the top max(1, int(density · n)) |τ| of each source in `order(|τ|)` (mergekit:
+    torch.argsort descending), elect + where the sum is >= 0, average the agreeing values."""
+    out = {}
+    for key, w0 in W0.items():
+        taus = []
+        for w in W:
+            tau = (w[key] - w0).reshape(-1)
+            mask = torch.zeros_like(tau)
+            mask[order(tau.abs())[: max(1, int(density * tau.numel()))]] = 1
+            taus.append(tau * mask)
+        t = torch.stack(taus)
+        elected = (t.sum(0) >= 0).float() * 2 - 1
+        agree = t.sign() == elected
+        count = agree.float().sum(0)
+        count[count == 0] = 1
+        out[key] = w0 + ((t * agree).sum(0) / count).reshape(w0.shape)
+    return out

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import svdfuse
 
-from _helpers import tiny_llama_dirs
+from _helpers import mergekit_ties, tiny_llama_dirs
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit 0.1.5 is in the test extra")
 pytestmark = pytest.mark.slow
@@ -79,22 +79,5 @@ def test_ties_differs_from_mergekit_only_in_which_tied_magnitudes_it_keeps(tmp_p
     W0 = load_file(base / "model.safetensors")
     W = [load_file(p / "model.safetensors") for p in sources]
 
-    def formula(order):
-        out = {}
-        for key, w0 in W0.items():
-            taus = []
-            for w in W:
-                tau = (w[key] - w0).reshape(-1)
-                mask = torch.zeros_like(tau)
-                mask[order(tau.abs())[: max(1, int(0.2 * tau.numel()))]] = 1
-                taus.append(tau * mask)
-            t = torch.stack(taus)
-            elected = (t.sum(0) >= 0).float() * 2 - 1
-            agree = t.sign() == elected
-            count = agree.float().sum(0)
-            count[count == 0] = 1
-            out[key] = w0 + ((t * agree).sum(0) / count).reshape(w0.shape)
-        return out
-
-    assert differing(formula(lambda a: torch.argsort(a, descending=True)), theirs) == 0
-    assert differing(formula(lambda a: torch.sort(a, descending=True, stable=True).indices), ours) == 0
+    assert differing(mergekit_ties(W0, W, 0.2, lambda a: torch.argsort(a, descending=True)), theirs) == 0
+    assert differing(mergekit_ties(W0, W, 0.2, lambda a: torch.sort(a, descending=True, stable=True).indices), ours) == 0
