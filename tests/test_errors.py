@@ -473,15 +473,15 @@ def test_the_save_failure_is_real(tmp_path, result, hf_result):
     out_dir = tmp_path / "out"
     result.save(out_dir / "merged.safetensors")
     hf_result.save(out_dir / "merged-hf")
-    assert sorted(listing(out_dir)) == ["merged-hf", "merged-hf/config.json", "merged-hf/model.safetensors", "merged.safetensors"]
+    assert sorted(listing(out_dir)) == ["merged-hf", "merged-hf/README.md", "merged-hf/config.json", "merged-hf/model.safetensors", "merged.safetensors"]
 
 
 def test_hf_save_inside_the_base_directory_copies_no_temp_directory(tmp_path, hf_result):
     base_dir = tmp_path / "base-hf"
     before = listing(base_dir)
     hf_result.save(base_dir / "merged")
-    assert sorted(listing(base_dir / "merged")) == ["config.json", "model.safetensors"]
-    assert sorted(listing(base_dir)) == sorted([*before, "merged", "merged/config.json", "merged/model.safetensors"])
+    assert sorted(listing(base_dir / "merged")) == ["README.md", "config.json", "model.safetensors"]  # README.md: the model card
+    assert sorted(listing(base_dir)) == sorted([*before, "merged", "merged/README.md", "merged/config.json", "merged/model.safetensors"])
     merged = open_source(base_dir / "merged", "merged")
     torch.testing.assert_close(merged.get(ATTN), hf_result.state_dict()[ATTN])
 
