@@ -18,7 +18,7 @@ from svdfuse.ops import SVDOptions
 from svdfuse.nn.convert import parametrize_tensor
 from svdfuse.nn.layers import TaskCoefficients
 from svdfuse.plan import Role, make_plan, matches_any
-from svdfuse.resources import default_device
+from svdfuse.resources import resolve_device
 from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 
 __all__ = ["atlas"]
@@ -55,9 +55,9 @@ def atlas(
         model = svdfuse.atlas(sources, base="vit-b32.safetensors", module=clip_model)
         svdfuse.adapt(model, loader, epochs=10, lr=1e-1)
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     base_source = open_source(base, "base")
-    sources = open_sources(models)
+    sources = open_sources(models, base)
     # The plan only checks the sources against the base here: aTLAS holds every task vector anyway.
     plan = make_plan(
         base_source, sources, get_method("average"), None, include=None, exclude=(), dtype=dtype, budget=1 << 62, svd=SVDOptions(), params={}
