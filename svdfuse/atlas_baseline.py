@@ -66,6 +66,10 @@ def atlas(
     lam = 1.0 / len(sources) if init is None else init
     model = copy.deepcopy(module)
     params = dict(model.named_parameters())
+    wrong = [(s.key, tuple(params[s.key].shape), s.shape) for s in plan.specs if s.key in params and tuple(params[s.key].shape) != s.shape]
+    if wrong or not any(s.key in params for s in plan.specs):
+        found = f"tensor {wrong[0][0]!r} is {wrong[0][1]}, the base's is {wrong[0][2]}" if wrong else "none of its parameters has a name of the base's"
+        raise ValueError(f"atlas: module {type(module).__name__} is not the base's architecture: {found}")
     for spec in plan.specs:
         key = spec.key
         if key not in params or spec.role is Role.COPIED:

@@ -315,6 +315,12 @@ def open_source(model: ModelLike, label: str) -> Source:
         )
     path = Path(model)
     label = f"{label} ({path.name!r})"
+    try:
+        path.stat()
+    except PermissionError:
+        raise SourceError(f"{label}: cannot read {str(path)!r}: permission denied (on it or a directory above it)") from None
+    except FileNotFoundError:
+        raise SourceError(f"{label}: {str(path)!r} does not exist" + (" (a broken symbolic link)" if path.is_symlink() else "")) from None
     if path.is_dir():
         found = _hf_weight_files(path, label)
         if found is not None:
@@ -338,12 +344,6 @@ def open_source(model: ModelLike, label: str) -> Source:
         if source.metadata.get("svdfuse") == CACHE_FORMAT:
             return ComponentCache(label, source, source.metadata)
         return source
-    try:
-        path.stat()
-    except PermissionError:
-        raise SourceError(f"{label}: cannot read {str(path)!r}: permission denied (on it or a directory above it)") from None
-    except FileNotFoundError:
-        raise SourceError(f"{label}: {str(path)!r} does not exist" + (" (a broken symbolic link)" if path.is_symlink() else "")) from None
     raise SourceError(f"{label}: {str(path)!r} is neither a .safetensors file nor a model directory")
 
 
