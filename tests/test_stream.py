@@ -97,7 +97,7 @@ def test_a_directory_output_is_sharded_like_the_hub_and_loads_back(files, tmp_pa
     assert torch.equal(again.get("layers.1.mlp.weight"), expected["layers.1.mlp.weight"])
     single = tmp_path / "single"
     svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu", output=single)
-    assert sorted(p.name for p in single.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in single.iterdir()) == ["README.md", "model.safetensors"]  # README.md: the model card
 
 
 def test_bad_sizes_and_an_existing_output_are_refused_before_any_work(files, tmp_path):
@@ -161,7 +161,7 @@ def _torchrun(args: list[str], nproc: int) -> subprocess.CompletedProcess:
 def test_torchrun_two_processes_write_the_same_bytes_as_one(method, params, files, tmp_path):
     root, sources = files
     args = ["merge", "--base", str(root / "base.safetensors"), "--method", method, *params, "--max-memory", "64KB", "--shard-size", "8KB", "--quiet", "--device", "cpu"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two = tmp_path / "one" / "merged", tmp_path / "two" / "merged"  # one name: the model card is titled by it
     assert main([*args, "-o", str(one), *sources]) == 0
     run = _torchrun([*args, "-o", str(two), *sources], 2)
     assert run.returncode == 0, run.stderr[-3000:]
