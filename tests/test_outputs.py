@@ -35,14 +35,6 @@ def files(tmp_path):
     return root, sources
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    def run(*args, **kwargs):
-        raise AssertionError("a merge piece was computed before the refusal")
-
-    monkeypatch.setattr(Compute, "run", run)
-
-
 def merge_to(files, output, **kwargs):
     root, sources = files
     return svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu", output=output, **kwargs)
