@@ -42,11 +42,23 @@ def _round_tf32(x):
 
 
 @triton.jit
+def _matrix_offset(offsets, batch, ptr, ALIGNED: tl.constexpr):
+    # A matrix's start read from its offset table. Triton cannot see that a loaded offset keeps the
+    # base pointer 16-byte aligned, so without the hint every load of the tile is scalar (4-byte
+    # async copies for fp32, 2-byte loads for bf16) and nothing vectorises; the launcher sets
+    # ALIGNED only after checking that every offset is a multiple of 16 bytes.
+    offset = tl.load(offsets + batch)
+    if ALIGNED:
+        offset = tl.multiple_of(offset, 128 // ptr.dtype.element_ty.primitive_bitwidth)
+    return offset
+
+
+@triton.jit
 def _rsvd_project_kernel(
     A, a_offsets, B, b_offsets, X, x_offsets, C,
     M, N, W,
     stride_am, stride_an, stride_bm, stride_bn, stride_xn, stride_xw, stride_cm,
-    HAS_BASE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BASE: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr, X_ROWS_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # C[b] = (A[b] - B[b]) @ X[b]; A[b], B[b]: (M, N) by strides, X[b]: (N, W), C[b]: (M, W) fp32.
@@ -59,9 +71,18 @@ def _rsvd_project_kernel(
     rm = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rw = tile_w.to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W)
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    a_ptr = A + tl.load(a_offsets + batch)
-    x_ptr = X + tl.load(x_offsets + batch)
-    b_ptr = B + tl.load(b_offsets + batch) if HAS_BASE else B
+    a_ptr = A + _matrix_offset(a_offsets, batch, A, ALIGNED)
+    x_ptr = X + _matrix_offset(x_offsets, batch, X, ALIGNED)
+    b_ptr = B + _matrix_offset(b_offsets, batch, B, ALIGNED) if HAS_BASE else B
+    if X_ROWS_ALIGNED:
+        # The sketch's width and row stride (92 = 76 + 16 at W1) are multiples of 16 bytes but not
+        # of 16 elements, the only integers Triton specialises: without this, X's loads (its
+        # column mask) and C's stores stay scalar. The launcher checks both; rounding down to a
+        # multiple of 4 changes nothing then and lets the compiler prove it (`tl.multiple_of`
+        # on a kernel argument is dropped).
+        W = W // 4 * 4
+        stride_xn = stride_xn // 4 * 4
+        stride_cm = stride_cm // 4 * 4
     acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
     for k0 in range(0, N, BLOCK_K):
         kk = k0 + rk
@@ -79,10 +100,15 @@ def _rsvd_project_kernel(
     tl.store(c_ptr + rm[:, None] * stride_cm + rw[None, :], acc, mask=(rm[:, None] < M) & (rw[None, :] < W))
 
 
-def _batch_offsets(t: Tensor, batch: torch.Size) -> Tensor:
-    """Element offset of every matrix of `t` (..., r, c) broadcast to `batch`, flattened: (prod(batch),) int64."""
+def _batch_offsets(t: Tensor, batch: torch.Size) -> tuple[Tensor, bool]:
+    """Element offset of every matrix of `t` (..., r, c) broadcast to `batch`, flattened:
+    (prod(batch),) int64; and whether every offset is a multiple of 16 bytes (the kernel's
+    alignment hint). An offset is a sum of batch strides times indices, so it suffices that every
+    batch dim of more than one matrix strides by a multiple of 16 bytes."""
     strides = t.expand(*batch, *t.shape[-2:]).stride()[:-2]
-    return _offsets(tuple(batch), strides, t.device)
+    per_16_bytes = max(1, 16 // t.element_size())
+    aligned = all(stride % per_16_bytes == 0 for size, stride in zip(batch, strides) if size > 1)
+    return _offsets(tuple(batch), strides, t.device), aligned
 
 
 @functools.lru_cache(maxsize=64)
@@ -122,11 +148,15 @@ def rsvd_project(
     block_w = max(16, min(_MAX_BLOCK_W, triton.next_power_of_2(W)))
     grid = (batch.numel(), triton.cdiv(M, _BLOCK_M) * triton.cdiv(W, block_w))
     Bt_ = At if Bt is None else Bt  # a valid pointer when there is no base; never read
+    (a_offsets, a_aligned), (b_offsets, b_aligned), (x_offsets, x_aligned) = (
+        _batch_offsets(t, batch) for t in (At, Bt_, X)
+    )
     _rsvd_project_kernel[grid](
-        At, _batch_offsets(At, batch), Bt_, _batch_offsets(Bt_, batch), X, _batch_offsets(X, batch), C,
+        At, a_offsets, Bt_, b_offsets, X, x_offsets, C,
         M, N, W,
         At.stride(-2), At.stride(-1), Bt_.stride(-2), Bt_.stride(-1), X.stride(-2), X.stride(-1), W,
-        HAS_BASE=Bt is not None, PRECISION=precision,
+        HAS_BASE=Bt is not None, PRECISION=precision, ALIGNED=a_aligned and b_aligned and x_aligned,
+        X_ROWS_ALIGNED=W % 4 == 0 and X.stride(-2) % 4 == 0 and X.stride(-1) == 1,
         BLOCK_M=_BLOCK_M, BLOCK_W=block_w, BLOCK_K=_BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )  # fmt: skip
     return C
