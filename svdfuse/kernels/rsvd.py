@@ -25,12 +25,19 @@ from svdfuse.kernels.small_svd import small_svd
 
 # Untuned starting points (no GPU measurement yet; `bench_rsvd.py --stages` sweeps them): a tile as
 # wide as the sketch, so that every tile of A is read once per projection when the sketch is at
-# most 128 columns wide.
+# most 128 columns wide. At these, every specialisation compiles for sm_90a without spills
+# (tests/test_triton_compile.py).
 _BLOCK_M = 64
 _BLOCK_K = 32
-_MAX_BLOCK_W = 128
-_NUM_WARPS = 4
+_NUM_WARPS = 4  # per 128 columns of the tile
 _NUM_STAGES = 3
+
+# How a sketch wider than 128 columns (W2: 128 + 16 = 144) is tiled: "split" into tiles of at most
+# 128 columns, each reading its rows of A again (twice at W2); "whole", one tile as wide as the
+# sketch rounded up to a power of two (256 at W2: 112 padded columns), reading A once, with twice
+# the warps. A switch, not a guess: `bench_rsvd.py --stages` times both and records the winner.
+SKETCH_TILINGS = {"split": 128, "whole": 256}
+SKETCH_TILING = "split"
 
 
 @triton.jit
@@ -145,7 +152,7 @@ def rsvd_project(
     C = torch.empty(*batch, M, W, dtype=torch.float32, device=A.device)
     if C.numel() == 0:
         return C.zero_()
-    block_w = max(16, min(_MAX_BLOCK_W, triton.next_power_of_2(W)))
+    block_w = max(16, min(SKETCH_TILINGS[SKETCH_TILING], triton.next_power_of_2(W)))
     grid = (batch.numel(), triton.cdiv(M, _BLOCK_M) * triton.cdiv(W, block_w))
     Bt_ = At if Bt is None else Bt  # a valid pointer when there is no base; never read
     (a_offsets, a_aligned), (b_offsets, b_aligned), (x_offsets, x_aligned) = (
@@ -157,7 +164,8 @@ def rsvd_project(
         At.stride(-2), At.stride(-1), Bt_.stride(-2), Bt_.stride(-1), X.stride(-2), X.stride(-1), W,
         HAS_BASE=Bt is not None, PRECISION=precision, ALIGNED=a_aligned and b_aligned and x_aligned,
         X_ROWS_ALIGNED=W % 4 == 0 and X.stride(-2) % 4 == 0 and X.stride(-1) == 1,
-        BLOCK_M=_BLOCK_M, BLOCK_W=block_w, BLOCK_K=_BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        BLOCK_M=_BLOCK_M, BLOCK_W=block_w, BLOCK_K=_BLOCK_K, num_warps=_NUM_WARPS * max(1, block_w // 128),
+        num_stages=_NUM_STAGES,
     )  # fmt: skip
     return C
 
@@ -170,9 +178,36 @@ def tall_svd_jacobi(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return Q_b @ U_c, S, V_c
 
 
-# The projected SVD: the library's (one matrix after another) or the batched Jacobi kernel. The
-# library until the H100 measures both (bench/bench_rsvd.py --stages).
-TALL_SVD = _rsvd.tall_svd
+def _torch_tall_svd(driver: str | None) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """`_rsvd.tall_svd` with one of cuSOLVER's drivers (`torch.linalg.svd(driver=...)`)."""
+
+    def tall_svd(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        left, S, right_h = torch.linalg.svd(B, full_matrices=False, driver=driver)
+        return left, S, right_h.mT
+
+    return tall_svd
+
+
+def tall_svd_loop(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`_rsvd.tall_svd` one matrix after another: B (..., n, w) -> (..., n, w), (..., w), (..., w, w)."""
+    flat = B.reshape(-1, *B.shape[-2:])
+    parts = [_rsvd.tall_svd(b) for b in flat]
+    return tuple(torch.stack(t).reshape(*B.shape[:-2], *t[0].shape) for t in zip(*parts))  # type: ignore[return-value]
+
+
+# The SVD of the projected matrix (100-400 tall n×w matrices per layer group): torch's batched call
+# (cuSOLVER's default driver, which runs matrices of this size one after another), an explicit
+# loop, the batched gesvdj / gesvda drivers, or the batched Jacobi kernel of `small_svd` on the w×w
+# core. A switch, not a guess: `bench_rsvd.py --stages` times each with its accuracy and records
+# the fastest that meets the accuracy target; until a GPU run has, torch's default.
+PROJECTED_SVDS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]] = {
+    "library": _rsvd.tall_svd,
+    "loop": tall_svd_loop,
+    "gesvdj": _torch_tall_svd("gesvdj"),
+    "gesvda": _torch_tall_svd("gesvda"),
+    "jacobi": tall_svd_jacobi,
+}
+PROJECTED_SVD = "library"
 
 
 def randomized_svd(
@@ -189,7 +224,7 @@ def randomized_svd(
     """Randomized SVD of `A - base` on CUDA; `reference.randomized_svd` is its oracle.
 
     A: (..., m, n) fp32/bf16/fp16; base broadcastable to A, or None. `projected_svd` defaults to
-    `TALL_SVD`. Returns U (..., m, rank), S (..., rank), V (..., n, rank) fp32.
+    `PROJECTED_SVDS[PROJECTED_SVD]`. Returns U (..., m, rank), S (..., rank), V (..., n, rank) fp32.
     """
     m, n = A.shape[-2:]
     omega = _rsvd.gaussian(n, min(rank + oversample, m, n), torch.float32, A.device, seed)
@@ -197,4 +232,4 @@ def randomized_svd(
     def project(X: Tensor, transpose: bool = False) -> Tensor:
         return rsvd_project(A, X, base, transpose=transpose, precision=precision)
 
-    return _rsvd.randomized_svd(project, omega, rank, power_iters, projected_svd=projected_svd or TALL_SVD)
+    return _rsvd.randomized_svd(project, omega, rank, power_iters, projected_svd=projected_svd or PROJECTED_SVDS[PROJECTED_SVD])
