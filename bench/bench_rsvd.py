@@ -26,6 +26,8 @@ Eckart–Young optimum, and the worst relative error of the top-r σ.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from common import FP32_FLOPS, TF32_GEMM_FLOPS, Results, arg_parser, floor_ms, median_ms, pct_of_floor, print_table
@@ -102,19 +104,18 @@ def run(name: str, shape: tuple, device: torch.device) -> list[dict]:
 TILES = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 8, 4), (128, 32, 8, 4), (32, 64, 4, 4)]
 
 
-def tile_sweep(A: torch.Tensor, omega: torch.Tensor, W0: torch.Tensor, device: torch.device) -> list[tuple[str, float]]:
+def tile_sweep(A: torch.Tensor, omega: torch.Tensor, W0: torch.Tensor, device: torch.device) -> Iterator[tuple[str, float]]:
     """The sketch projection under each tile configuration: what to set the kernel's constants to."""
     from svdfuse.kernels import rsvd
 
     saved = rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES
-    timings = []
-    try:
-        for tile in TILES:
-            rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES = tile
-            timings.append(("m{} k{} w{} s{}".format(*tile), median_ms(lambda: rsvd.rsvd_project(A, omega, W0), device)))
-    finally:
-        rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES = saved
-    return timings
+    for tile in TILES:
+        rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES = tile
+        try:
+            ms = median_ms(lambda: rsvd.rsvd_project(A, omega, W0), device)
+        finally:
+            rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES = saved
+        yield "m{} k{} w{} s{}".format(*tile), ms
 
 
 # What a result must meet to be chosen (DESIGN.md §4): reconstruction within 1.02× Eckart–Young.
@@ -145,11 +146,11 @@ def choose(rows: list[dict], choice: str) -> list[dict]:
     return rows
 
 
-def alternatives(name: str, A: torch.Tensor, W0: torch.Tensor, r: int, device: torch.device) -> list[dict]:
+def alternatives(name: str, A: torch.Tensor, W0: torch.Tensor, r: int, device: torch.device) -> Iterator[dict]:
     """The whole randomized SVD under each setting of the GPU backend's switches, timed in the
     same run with its accuracy: the sketch tiling (`rsvd.SKETCH_TILING`, only where the sketch is
     wider than 128 columns) and the projected SVD (`rsvd.PROJECTED_SVD`). Each choice's fastest
-    accurate option is marked `winner`."""
+    accurate option is marked `winner` (by `choose`, once all are in). Yields each row as measured."""
     from svdfuse.kernels import rsvd
 
     delta = A[:2].double() - W0.double()
@@ -161,26 +162,23 @@ def alternatives(name: str, A: torch.Tensor, W0: torch.Tensor, r: int, device: t
         runs |= {("sketch_tiling", t): _switched(rsvd, "SKETCH_TILING", t, whole) for t in rsvd.SKETCH_TILINGS}
     projected = [p for p in rsvd.PROJECTED_SVDS if device.type == "cuda" or not p.startswith("gesvd")]  # drivers: CUDA only
     runs |= {("projected_svd", p): _switched(rsvd, "PROJECTED_SVD", p, whole) for p in projected}
-    rows = []
     for (choice, option), fn in runs.items():
         row = {"workload": name, "step": f"whole SVD, {choice} {option}", "choice": choice, "option": option,
                "default": option == getattr(rsvd, choice.upper())}
         try:
-            row["ms"] = median_ms(fn, device, warmup=1, repeats=5)
+            row["ms"] = median_ms(fn, device, warmup=1, repeats=3)
             U, S, V = fn()
             row |= accuracy(delta, exact, U[:2], S[:2], V[:2])
         except Exception as err:  # a driver this torch or GPU refuses: recorded, never the end of the run
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-        rows.append(row)
-    for choice in ("sketch_tiling", "projected_svd"):
-        choose(rows, choice)
-    return rows
+        yield row
 
 
-def stages(name: str, shape: tuple, device: torch.device) -> list[dict]:
+def stages(name: str, shape: tuple, device: torch.device) -> Iterator[dict]:
     """Each step of svdfuse's randomized SVD on its own, with the alternatives the defaults choose
     between: projection tiles and input precision, CholeskyQR2 vs Householder, the projected SVDs;
-    and the whole SVD with each choice. Needs Triton (the GPU backend's primitives)."""
+    and the whole SVD with each precision. Needs Triton (the GPU backend's primitives). Yields each
+    row as measured."""
     from svdfuse.kernels import rsvd
 
     batch, m, n, r = shape[:4]
@@ -203,7 +201,8 @@ def stages(name: str, shape: tuple, device: torch.device) -> list[dict]:
         steps[f"whole SVD {precision}"] = lambda precision=precision: rsvd.randomized_svd(A, r, W0, precision=precision, **options)
     delta = A[:2].double() - W0.double()
     exact = torch.linalg.svdvals(delta)
-    rows = [{"workload": name, "step": f"project ieee tile {tile}", "ms": ms} for tile, ms in tile_sweep(A, omega, W0, device)]
+    for tile, ms in tile_sweep(A, omega, W0, device):
+        yield {"workload": name, "step": f"project ieee tile {tile}", "ms": ms}
     for step, fn in steps.items():
         row = {"workload": name, "step": step}
         try:
@@ -213,8 +212,7 @@ def stages(name: str, shape: tuple, device: torch.device) -> list[dict]:
                 row |= accuracy(delta, exact, U[:2], S[:2], V[:2])
         except Exception as err:  # recorded, never the end of the run
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-        rows.append(row)
-    return rows
+        yield row
 
 
 def main() -> None:
@@ -248,14 +246,18 @@ def main() -> None:
         for name in args.workloads:
             batch, m, n, r = shapes[name][:4]
             A, W0 = rsvd_sources(batch, m, n, device)
-            print_table(results.add(alternatives(name, A, W0, r, device)),
-                        ["workload", "choice", "option", "ms", "rec_over_optimum", "sigma_rel", "default", "winner", "error"])
+            rows = [results.add([row])[0] for row in alternatives(name, A, W0, r, device)]
+            for choice in ("sketch_tiling", "projected_svd"):
+                choose(rows, choice)
+            results.write()
+            print_table(rows, ["workload", "choice", "option", "ms", "rec_over_optimum", "sigma_rel", "default", "winner", "error"])
             del A, W0
         print(f"wrote {results.path}")
     if "stages" in parts:
         steps = Results("rsvd_stages", device, small=args.small)
         for name in args.workloads:
-            print_table(steps.add(stages(name, shapes[name], device)), ["workload", "step", "ms", "rec_over_optimum", "sigma_rel", "error"])
+            rows = [steps.add([row])[0] for row in stages(name, shapes[name], device)]
+            print_table(rows, ["workload", "step", "ms", "rec_over_optimum", "sigma_rel", "error"])
         print(f"wrote {steps.path}")
 
 

@@ -44,7 +44,7 @@ STEPS=(
     "triton-tests|100|gpu_tests triton ${TRITON_TESTS[*]}"
     "cuda-tests|35|cuda_tests ${CUDA_TESTS[*]}"
     "rsvd|35|python3 bench/bench_rsvd.py --device cuda"
-    "rsvd-alternatives|20|python3 bench/bench_rsvd.py --device cuda --part alternatives"
+    "rsvd-alternatives|20|python3 bench/bench_rsvd.py --device cuda --part alternatives --workloads W2 W3 W1"
     "lowrank|25|python3 bench/bench_lowrank_matmul.py --device cuda --only L1 L2 L3"
     "topk|10|python3 bench/bench_topk.py --device cuda"
     "merge|25|python3 bench/bench_merge.py --device cuda"

@@ -35,6 +35,8 @@ def sm90(tmp_path_factory) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "_sm90_compile.py"), str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    if done.returncode == 3:  # tests/_sm90_compile.MISSING_API
+        pytest.skip(done.stderr.strip())
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text())
 
