@@ -27,6 +27,7 @@ Eckart–Young optimum, and the worst relative error of the top-r σ.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from unittest import mock
 
 import torch
 
@@ -122,20 +123,6 @@ def tile_sweep(A: torch.Tensor, omega: torch.Tensor, W0: torch.Tensor, device: t
 MAX_REC_OVER_OPTIMUM = 1.02
 
 
-def _switched(module, name: str, value, fn):
-    """`fn` run with `module.name` set to `value`: a launcher's switch, restored afterwards."""
-
-    def run():
-        saved = getattr(module, name)
-        setattr(module, name, value)
-        try:
-            return fn()
-        finally:
-            setattr(module, name, saved)
-
-    return run
-
-
 def choose(rows: list[dict], choice: str) -> list[dict]:
     """Mark the fastest row of `choice` whose accuracy meets the target `winner` (the others False)."""
     candidates = [row for row in rows if row.get("choice") == choice and row.get("ms") is not None]
@@ -147,7 +134,8 @@ def choose(rows: list[dict], choice: str) -> list[dict]:
 
 
 def alternatives(name: str, A: torch.Tensor, W0: torch.Tensor, r: int, device: torch.device) -> Iterator[dict]:
-    """The whole randomized SVD under each setting of the GPU backend's switches, timed in the
+    """The whole randomized SVD under each setting of the GPU backend's switches (each call run
+    with the module's switch patched: `mock.patch.object` as a decorator), timed in the
     same run with its accuracy: the sketch tiling (`rsvd.SKETCH_TILING`, only where the sketch is
     wider than 128 columns) and the projected SVD (`rsvd.PROJECTED_SVD`). Each choice's fastest
     accurate option is marked `winner` (by `choose`, once all are in). Yields each row as measured."""
@@ -159,9 +147,9 @@ def alternatives(name: str, A: torch.Tensor, W0: torch.Tensor, r: int, device: t
     whole = lambda: rsvd.randomized_svd(A, r, W0, **options)  # noqa: E731
     runs = {}
     if r + ops.DEFAULT_OVERSAMPLE > rsvd.SKETCH_TILINGS["split"]:
-        runs |= {("sketch_tiling", t): _switched(rsvd, "SKETCH_TILING", t, whole) for t in rsvd.SKETCH_TILINGS}
+        runs |= {("sketch_tiling", t): mock.patch.object(rsvd, "SKETCH_TILING", t)(whole) for t in rsvd.SKETCH_TILINGS}
     projected = [p for p in rsvd.PROJECTED_SVDS if device.type == "cuda" or not p.startswith("gesvd")]  # drivers: CUDA only
-    runs |= {("projected_svd", p): _switched(rsvd, "PROJECTED_SVD", p, whole) for p in projected}
+    runs |= {("projected_svd", p): mock.patch.object(rsvd, "PROJECTED_SVD", p)(whole) for p in projected}
     for (choice, option), fn in runs.items():
         row = {"workload": name, "step": f"whole SVD, {choice} {option}", "choice": choice, "option": option,
                "default": option == getattr(rsvd, choice.upper())}

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -108,20 +109,6 @@ def _counts(found: list, base: int = 10, loads: bool = False) -> dict[str, int]:
     return out
 
 
-def _with(module, name: str, value, launch: Callable[[], object]) -> Callable[[], object]:
-    """`launch` with `module.name` set to `value` (a launcher's switch) while it runs."""
-
-    def run():
-        saved = getattr(module, name)
-        setattr(module, name, value)
-        try:
-            return launch()
-        finally:
-            setattr(module, name, saved)
-
-    return run
-
-
 def cases() -> dict[str, tuple]:
     """name -> (module, kernel attribute, launch): the launchers at the workloads' real shapes
     (DESIGN.md §4: W1/W3 768², W2 4096², sketch widths 92/32/144; AXIS top-k; Jacobi cores)."""
@@ -143,7 +130,7 @@ def cases() -> dict[str, tuple]:
         "rsvd bf16 ieee transposed": project(torch.bfloat16, transpose=True),
         "rsvd fp32 ieee W2": project(torch.float32, n=4096, w=144),
         "rsvd fp32 ieee unaligned": project(torch.float32, n=17, m=33, w=8),
-        "rsvd fp32 ieee W2 whole": _with(rsvd, "SKETCH_TILING", "whole", project(torch.float32, n=4096, w=144)),
+        "rsvd fp32 ieee W2 whole": mock.patch.object(rsvd, "SKETCH_TILING", "whole")(project(torch.float32, n=4096, w=144)),
     }
     cases = {name: (rsvd, "_rsvd_project_kernel", launch) for name, launch in out.items()}
     for sources, r in ((20, 76), (400, 16)):
