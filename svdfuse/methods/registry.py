@@ -26,10 +26,12 @@ from __future__ import annotations
 import enum
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 from torch import Tensor
 
 __all__ = ["Kind", "Factors", "Block", "Method", "METHODS", "get_method", "register", "check_finite_param"]
@@ -104,16 +106,41 @@ class Method:
                     out[name] = p.default
         return out
 
-    def check_params(self, given: dict[str, Any]) -> None:
+    def check_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        """`given` checked against the method's parameters, by name and by annotated type
+        (a numpy scalar is accepted as the Python number it holds); returns them normalized."""
         unknown = sorted(set(given) - set(self.params()))
         if unknown:
             accepted = ", ".join(f"{k}={v!r}" for k, v in self.params().items()) or "none"
             raise TypeError(f"method {self.name!r} has no parameter {unknown[0]!r}; its parameters: {accepted}")
+        annotations = {}
+        for fn in filter(None, (self.merge, self.source_rank)):
+            annotations.update({name: p.annotation for name, p in inspect.signature(fn).parameters.items()})
+        return {name: _typed(f"{self.name}: {name}", value, annotations.get(name)) for name, value in given.items()}
 
     def call(self, fn: Callable, *args: Any, **context: Any) -> Any:
         """`fn(*args, **the subset of context it takes)`."""
         names = inspect.signature(fn).parameters
         return fn(*args, **{k: v for k, v in context.items() if k in names})
+
+
+def _typed(what: str, value: Any, annotation: Any) -> Any:
+    """`value` as the scalar type its annotation ("float", "int | None", "bool") names."""
+    kinds = set(str(annotation).replace(" ", "").split("|"))
+    if value is None and "None" in kinds:
+        return None
+    if "bool" in kinds:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise TypeError(f"{what} must be True or False, found {type(value).__name__} {value!r}")
+    if "int" in kinds and isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if "float" in kinds and isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if kinds & {"int", "float"}:
+        expected = " or ".join(sorted(kinds & {"int", "float", "None"}))
+        raise TypeError(f"{what} must be {expected}, found {type(value).__name__} {value!r}")
+    return value
 
 
 METHODS: dict[str, Method] = {}
