@@ -223,12 +223,14 @@ print(f"device {torch.cuda.get_device_name()} sm_{''.join(map(str, torch.cuda.ge
 print(f"Python.h: {header if os.path.exists(header) else 'MISSING (the extension cannot build)'}")
 print(f"ninja: {cpp_extension.is_ninja_available()}; nvcc: {shutil.which('nvcc') or 'not on PATH'}; CUDA_HOME {cpp_extension.CUDA_HOME}")
 EOF
+    local found=$?  # no GPU seen: reported as the step's failure, and the session goes on
     if compgen -G ".whl/*.whl" > /dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$PYLIB" .whl/*.whl || return 1
         echo "installed: $(cd .whl && echo *.whl)"
     else
         echo "no .whl/: open_clip absent, the ViT forwards are skipped"
     fi
+    return "$found"
 }
 
 build() {
