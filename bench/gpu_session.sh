@@ -2,7 +2,7 @@
 # Every GPU number svdfuse claims, in one device-tool call that ends within 7 minutes (1-2 of them
 # the machine's start): BUDGET_S = 300 s here, and the step caps below add up to it.
 #
-#   run(command="SVDFUSE_COMMIT=<git rev-parse --short HEAD> bash bench/gpu_session.sh", carry=[".whl"], timeout_s=420)
+#   run(command="SVDFUSE_COMMIT=<git rev-parse --short HEAD> bash bench/gpu_session.sh", carry=[".whl"], timeout_s=360)
 #
 # Order: what matters most first, so a run cut short still answers the important questions.
 #   preflight     GPU, versions, Python.h, ninja, nvcc; the carried wheels (open_clip) installed
