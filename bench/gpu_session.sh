@@ -101,6 +101,11 @@ dry_run() {
     check "python3, torch, triton, pytest-xdist, pytest-timeout import" \
         python3 -c "import torch, triton, pytest, xdist, pytest_timeout, svdfuse"
     check "setup.py and csrc/ present" test -f setup.py -a -d csrc
+    check "Python.h and ninja here (the device's: the preflight prints them)" python3 -c "
+import os, sysconfig
+from torch.utils import cpp_extension
+assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')), 'no Python.h'
+assert cpp_extension.is_ninja_available(), 'no ninja'"
     check "every benchmark step's script and arguments (argparse, one process)" check_bench_commands "${commands[@]}"
     check "GPU test selections collect, with the session's pytest options" \
         collect_gpu_tests "${TRITON_TESTS[*]}" "${CUDA_TESTS[*]}"
