@@ -35,7 +35,7 @@ import torch
 import svdfuse
 from bench_merge import axis_paper, merge_components
 from bench_rsvd import accuracy
-from common import arg_parser, interleaved_ms, print_table, record
+from common import Results, arg_parser, interleaved_ms, print_table
 from svdfuse import _rsvd, cpu, ops, reference
 from workloads import minilm_sources, rsvd_sources
 
@@ -191,25 +191,25 @@ def main() -> None:
         parser.error("the CPU workloads run on the CPU: --device cpu")
     repeats = 1 if args.small else args.repeats
     shape = C2_SMALL if args.small else C2
-    rows = []
-    if "C2" in args.only:
-        rows += c2(shape, repeats)
-    if "C1" in args.only:
-        rows += c1(repeats, args.small)
-    print_table(rows, ["workload", "method", "ms", "ratio_to_floor", "speedup_of_svdfuse", "gflops", "rec_over_optimum",
-                       "sigma_rel", "sigma_rel_leading", "max_rel_diff_to_paper"])
     notes = [
         f"threads: {torch.get_num_threads()}; medians of {repeats} samples taken in turns",
         "gemm floor: (1 + q) x (forward + transposed) batched fp32 products on the same shapes, timed in this run",
         "C2 accuracy: the first source against float64 torch.linalg.svdvals; sigma_rel_leading: the leading rank/4",
         "C1: paper and svd_lowrank on the 37 merged matrices only; svdfuse.merge on the whole state dicts",
     ]
+    results = Results("cpu", torch.device("cpu"), small=args.small, notes=notes)
+    if "C2" in args.only:
+        results.add(c2(shape, repeats))
+    if "C1" in args.only:
+        results.add(c1(repeats, args.small))
+    print_table(results.rows, ["workload", "method", "ms", "ratio_to_floor", "speedup_of_svdfuse", "gflops", "rec_over_optimum",
+                       "sigma_rel", "sigma_rel_leading", "max_rel_diff_to_paper"])
     if args.stages and "C2" in args.only:
         steps = c2_stages(shape, repeats)
         print_table(steps, ["workload", "step", "ms", "default"])
-        rows += steps
+        results.add(steps)
     print("\n".join(notes))
-    print(f"wrote {record('cpu', torch.device('cpu'), rows, small=args.small, notes=notes)}")
+    print(f"wrote {results.path}")
 
 
 if __name__ == "__main__":

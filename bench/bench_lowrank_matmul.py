@@ -35,7 +35,7 @@ import inspect
 import torch
 
 import merged_models
-from common import BF16_GEMM_FLOPS, arg_parser, fast_op_us, floor_ms, median_ms, pct_of_floor, print_table, record
+from common import BF16_GEMM_FLOPS, Results, arg_parser, fast_op_us, floor_ms, median_ms, pct_of_floor, print_table
 from svdfuse import ops
 from svdfuse.serving import serve_tasks
 
@@ -169,32 +169,35 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     grid = SMALL if args.small else FULL
-    rows, notes = [], ["timing 'graph': 50 calls replayed from one CUDA graph; 'loop': eager calls; *_loop_us always eager",
-                       "ratio_*: svdfuse time over the baseline's (< 1: svdfuse faster)",
-                       "floor_us: max(bytes of U, V, x, y at 3.0 TB/s, 2*batch*K*2d FLOP at 744 TFLOP/s bf16)"]
+    results = Results("lowrank_matmul", device, small=args.small, notes=[
+        "timing 'graph': 50 calls replayed from one CUDA graph; 'loop': eager calls; *_loop_us always eager",
+        "ratio_*: svdfuse time over the baseline's (< 1: svdfuse faster)",
+        "floor_us: max(bytes of U, V, x, y at 3.0 TB/s, 2*batch*K*2d FLOP at 744 TFLOP/s bf16)"])
+    rows = []  # L1 and L2, each row written the moment it is measured
     for workload in ("L1", "L2"):
         if workload in args.only:
             g = grid[workload]
-            rows += [single_op(workload, d, K, b, dtype, device) for d in g["d"] for K in g["K"] for b in g["batch"]]
+            rows += [results.add([single_op(workload, d, K, b, dtype, device)])[0] for d in g["d"] for K in g["K"] for b in g["batch"]]
     if rows:
         print_table(rows, ["workload", "d", "K", "batch", "timing", "svdfuse_us", "two_matmul_us", "dense_us", "ratio_two_matmul",
                            "ratio_dense", "floor_us", "pct_floor", "svdfuse_loop_us", "err_svdfuse", "err_two_matmul"])
     if "L3" in args.only:
         if supports_task():
             g = grid["L3"]
-            l3 = [per_row_sigma(d, K, b, dtype, device) for d in g["d"] for K in g["K"] for b in g["batch"]]
+            l3 = [results.add([per_row_sigma(d, K, b, dtype, device)])[0] for d in g["d"] for K in g["K"] for b in g["batch"]]
             print_table(l3, ["d", "K", "batch", "timing", "svdfuse_task_us", "svdfuse_one_sigma_us", "torch_task_us",
                              "ratio_one_sigma", "ratio_torch_task", "err_svdfuse_task"])
-            rows += l3
         else:
-            notes.append("L3 skipped: ops.lowrank_matmul in this checkout has no `task` argument")
-            print(notes[-1])
+            results.notes.append("L3 skipped: ops.lowrank_matmul in this checkout has no `task` argument")
+            results.write()
+            print(results.notes[-1])
     if "models" in args.only:
         model_rows, model_notes = model_forwards(grid["models"]["batch"], device, args.small)
+        results.notes += model_notes
+        results.add(model_rows)
         print_table(model_rows, ["model", "batch", "dtype", "k", "lowrank_ms", "dense_ms", "ratio_dense", "served_ms", "ratio_served",
                                  "rel_diff_vs_dense"])
-        rows, notes = rows + model_rows, notes + model_notes
-    print(f"wrote {record('lowrank_matmul', device, rows, small=args.small, notes=notes)}")
+    print(f"wrote {results.write()}")
 
 
 if __name__ == "__main__":

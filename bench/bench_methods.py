@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from common import arg_parser, median_ms, record
+from common import Results, arg_parser, median_ms
 from workloads import vit_b32_sources
 import svdfuse
 
@@ -70,7 +70,8 @@ def main() -> None:
     if args.small:
         args.blocks, args.sources, args.repeats = 1, [3], 1
     device = torch.device(args.device)
-    rows = []
+    results = Results("methods", device, small=args.small,
+                      notes=["published path timed once (no warm-up; seconds per call) and its output used as the truth"])
     print(f"{'method':8} {'T':>3} {'matrices':>8} {'svd':>10} {'published ms':>13} {'svdfuse ms':>11} {'speed-up':>9} {'rel diff':>9}")
     for T in args.sources:
         base, sources = vit_b32_sources(args.blocks, T, device)
@@ -85,11 +86,10 @@ def main() -> None:
                 ours = lambda: result.update(out=svdfuse.merge(sources, base=base, method=method, svd=options, device=device))  # noqa: E731
                 ms_ours = median_ms(ours, device, warmup=1, repeats=args.repeats)
                 diff = max(((result["out"].delta(k) - truth[k]).norm() / truth[k].norm()).item() for k in truth)
-                rows.append({"method": method, "sources": T, "matrices": len(base), "svd": svd, "published_ms": ms_theirs,
-                             "svdfuse_ms": ms_ours, "speedup": ms_theirs / ms_ours, "max_rel_diff": diff})
+                results.add([{"method": method, "sources": T, "matrices": len(base), "svd": svd, "published_ms": ms_theirs,
+                             "svdfuse_ms": ms_ours, "speedup": ms_theirs / ms_ours, "max_rel_diff": diff}])
                 print(f"{method:8} {T:3d} {len(base):8d} {svd:>10} {ms_theirs:13.1f} {ms_ours:11.1f} {ms_theirs / ms_ours:9.2f} {diff:9.2e}")
-    notes = ["published path timed once (no warm-up; seconds per call) and its output used as the truth"]
-    print(f"wrote {record('methods', device, rows, small=args.small, notes=notes)}")
+    print(f"wrote {results.write()}")
 
 
 if __name__ == "__main__":

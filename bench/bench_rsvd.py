@@ -20,14 +20,18 @@ Eckart–Young optimum, and the worst relative error of the top-r σ.
 
     python bench/bench_rsvd.py                      # W1, W2, W3
     python bench/bench_rsvd.py --stages             # + each step and the alternatives behind the defaults
+    python bench/bench_rsvd.py --part alternatives  # the whole SVD under each switch (sketch tiling, projected SVD), winner marked
     python bench/bench_rsvd.py --device cpu --small # a smoke run at tiny shapes
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from unittest import mock
+
 import torch
 
-from common import FP32_FLOPS, TF32_GEMM_FLOPS, arg_parser, floor_ms, median_ms, pct_of_floor, print_table, record
+from common import FP32_FLOPS, TF32_GEMM_FLOPS, Results, arg_parser, floor_ms, median_ms, pct_of_floor, print_table
 from svdfuse import _rsvd, ops, reference
 from workloads import rsvd_sources
 
@@ -101,25 +105,68 @@ def run(name: str, shape: tuple, device: torch.device) -> list[dict]:
 TILES = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 8, 4), (128, 32, 8, 4), (32, 64, 4, 4)]
 
 
-def tile_sweep(A: torch.Tensor, omega: torch.Tensor, W0: torch.Tensor, device: torch.device) -> list[tuple[str, float]]:
+def tile_sweep(A: torch.Tensor, omega: torch.Tensor, W0: torch.Tensor, device: torch.device) -> Iterator[tuple[str, float]]:
     """The sketch projection under each tile configuration: what to set the kernel's constants to."""
     from svdfuse.kernels import rsvd
 
     saved = rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES
-    timings = []
-    try:
-        for tile in TILES:
-            rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES = tile
-            timings.append(("m{} k{} w{} s{}".format(*tile), median_ms(lambda: rsvd.rsvd_project(A, omega, W0), device)))
-    finally:
-        rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES = saved
-    return timings
+    for tile in TILES:
+        rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES = tile
+        try:
+            ms = median_ms(lambda: rsvd.rsvd_project(A, omega, W0), device)
+        finally:
+            rsvd._BLOCK_M, rsvd._BLOCK_K, rsvd._NUM_WARPS, rsvd._NUM_STAGES = saved
+        yield "m{} k{} w{} s{}".format(*tile), ms
 
 
-def stages(name: str, shape: tuple, device: torch.device) -> list[dict]:
+# What a result must meet to be chosen (DESIGN.md §4): reconstruction within 1.02× Eckart–Young.
+MAX_REC_OVER_OPTIMUM = 1.02
+
+
+def choose(rows: list[dict], choice: str) -> list[dict]:
+    """Mark the fastest row of `choice` whose accuracy meets the target `winner` (the others False)."""
+    candidates = [row for row in rows if row.get("choice") == choice and row.get("ms") is not None]
+    good = [row for row in candidates if row.get("rec_over_optimum", 1.0) <= MAX_REC_OVER_OPTIMUM]
+    best = min(good, key=lambda row: row["ms"], default=None)
+    for row in candidates:
+        row["winner"] = row is best
+    return rows
+
+
+def alternatives(name: str, A: torch.Tensor, W0: torch.Tensor, r: int, device: torch.device) -> Iterator[dict]:
+    """The whole randomized SVD under each setting of the GPU backend's switches (each call run
+    with the module's switch patched: `mock.patch.object` as a decorator), timed in the
+    same run with its accuracy: the sketch tiling (`rsvd.SKETCH_TILING`, only where the sketch is
+    wider than 128 columns) and the projected SVD (`rsvd.PROJECTED_SVD`). Each choice's fastest
+    accurate option is marked `winner` (by `choose`, once all are in). Yields each row as measured."""
+    from svdfuse.kernels import rsvd
+
+    delta = A[:2].double() - W0.double()
+    exact = torch.linalg.svdvals(delta)
+    options = dict(oversample=ops.DEFAULT_OVERSAMPLE, power_iters=ops.DEFAULT_POWER_ITERS, seed=0)
+    whole = lambda: rsvd.randomized_svd(A, r, W0, **options)  # noqa: E731
+    runs = {}
+    if r + ops.DEFAULT_OVERSAMPLE > rsvd.SKETCH_TILINGS["split"]:
+        runs |= {("sketch_tiling", t): mock.patch.object(rsvd, "SKETCH_TILING", t)(whole) for t in rsvd.SKETCH_TILINGS}
+    projected = [p for p in rsvd.PROJECTED_SVDS if device.type == "cuda" or not p.startswith("gesvd")]  # drivers: CUDA only
+    runs |= {("projected_svd", p): mock.patch.object(rsvd, "PROJECTED_SVD", p)(whole) for p in projected}
+    for (choice, option), fn in runs.items():
+        row = {"workload": name, "step": f"whole SVD, {choice} {option}", "choice": choice, "option": option,
+               "default": option == getattr(rsvd, choice.upper())}
+        try:
+            row["ms"] = median_ms(fn, device, warmup=1, repeats=3)
+            U, S, V = fn()
+            row |= accuracy(delta, exact, U[:2], S[:2], V[:2])
+        except Exception as err:  # a driver this torch or GPU refuses: recorded, never the end of the run
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        yield row
+
+
+def stages(name: str, shape: tuple, device: torch.device) -> Iterator[dict]:
     """Each step of svdfuse's randomized SVD on its own, with the alternatives the defaults choose
-    between: projection input precision, CholeskyQR2 vs Householder, library vs Jacobi projected
-    SVD; and the whole SVD with each choice. Needs Triton (the GPU backend's primitives)."""
+    between: projection tiles and input precision, CholeskyQR2 vs Householder, the projected SVDs;
+    and the whole SVD with each precision. Needs Triton (the GPU backend's primitives). Yields each
+    row as measured."""
     from svdfuse.kernels import rsvd
 
     batch, m, n, r = shape[:4]
@@ -134,51 +181,72 @@ def stages(name: str, shape: tuple, device: torch.device) -> list[dict]:
         "project transposed": lambda: rsvd.rsvd_project(A, Q, W0, transpose=True),
         "orthonormalize CholeskyQR2": lambda: _rsvd.cholesky_qr2(Y),
         "orthonormalize Householder": lambda: _rsvd.householder(Y),
-        "projected SVD library": lambda: _rsvd.tall_svd(B_t),
-        "projected SVD Jacobi": lambda: rsvd.tall_svd_jacobi(B_t),
     }
+    steps |= {f"projected SVD {p}": (lambda p=p: rsvd.PROJECTED_SVDS[p](B_t)) for p in rsvd.PROJECTED_SVDS
+              if device.type == "cuda" or not p.startswith("gesvd")}
     options = dict(oversample=ops.DEFAULT_OVERSAMPLE, power_iters=ops.DEFAULT_POWER_ITERS, seed=0)
     for precision in reference.PRECISIONS:
-        for svd_name, tall in (("library", _rsvd.tall_svd), ("Jacobi", rsvd.tall_svd_jacobi)):
-            steps[f"whole SVD {precision} + {svd_name}"] = (
-                lambda precision=precision, tall=tall: rsvd.randomized_svd(A, r, W0, precision=precision, projected_svd=tall, **options)
-            )
+        steps[f"whole SVD {precision}"] = lambda precision=precision: rsvd.randomized_svd(A, r, W0, precision=precision, **options)
     delta = A[:2].double() - W0.double()
     exact = torch.linalg.svdvals(delta)
-    rows = [{"workload": name, "step": f"project ieee tile {tile}", "ms": ms} for tile, ms in tile_sweep(A, omega, W0, device)]
+    for tile, ms in tile_sweep(A, omega, W0, device):
+        yield {"workload": name, "step": f"project ieee tile {tile}", "ms": ms}
     for step, fn in steps.items():
-        row = {"workload": name, "step": step, "ms": median_ms(fn, device, warmup=2, repeats=5)}
-        if step.startswith("whole"):
-            U, S, V = fn()
-            row |= accuracy(delta, exact, U[:2], S[:2], V[:2])
-        rows.append(row)
-    return rows
+        row = {"workload": name, "step": step}
+        try:
+            row["ms"] = median_ms(fn, device, warmup=2, repeats=5)
+            if step.startswith("whole"):
+                U, S, V = fn()
+                row |= accuracy(delta, exact, U[:2], S[:2], V[:2])
+        except Exception as err:  # recorded, never the end of the run
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        yield row
 
 
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    parser.add_argument("--stages", action="store_true", help="also time each step and its alternatives")
+    parser.add_argument("--part", nargs="+", default=["workloads"], choices=["workloads", "stages", "alternatives"],
+                        help="workloads: W1-W3 against the baselines; stages: each step and its alternatives; "
+                             "alternatives: the whole SVD under each switch of the GPU backend, winner marked")
+    parser.add_argument("--stages", action="store_true", help="same as --part workloads stages")
     args = parser.parse_args()
+    parts = ["workloads", "stages"] if args.stages else args.part
     device = torch.device(args.device)
     shapes = SMALL if args.small else WORKLOADS
-    rows = []
-    for name in args.workloads:
-        print(f"{name}: {shapes[name][0]} x {shapes[name][1]}x{shapes[name][2]}, rank {shapes[name][3]}", flush=True)
-        rows += run(name, shapes[name], device)
-    print_table(rows, ["workload", "method", "ms", "speedup_of_svdfuse", "pct_bytes_floor", "pct_fp32_flop_floor",
-                       "rec_over_optimum", "sigma_rel", "extrapolated"])
-    notes = [
-        "linalg.svd: timed once on `timed_matrices` of the batch, scaled linearly to the batch where `extrapolated`",
-        "bytes floor: (2 + 2 * power_iters) reads of the batch at 3.0 TB/s; FLOP floors: the same passes as GEMMs",
-        "accuracy: worst over the first matrices of the batch, against float64 torch.linalg.svdvals",
-    ]
-    print("\n".join(notes))
-    print(f"wrote {record('rsvd', device, rows, small=args.small, notes=notes)}")
-    if args.stages:
-        step_rows = [row for name in args.workloads for row in stages(name, shapes[name], device)]
-        print_table(step_rows, ["workload", "step", "ms", "rec_over_optimum", "sigma_rel"])
-        print(f"wrote {record('rsvd_stages', device, step_rows, small=args.small)}")
+    if "workloads" in parts:
+        notes = [
+            "linalg.svd: timed once on `timed_matrices` of the batch, scaled linearly to the batch where `extrapolated`",
+            "bytes floor: (2 + 2 * power_iters) reads of the batch at 3.0 TB/s; FLOP floors: the same passes as GEMMs",
+            "accuracy: worst over the first matrices of the batch, against float64 torch.linalg.svdvals",
+        ]
+        results = Results("rsvd", device, small=args.small, notes=notes)
+        for name in args.workloads:
+            print(f"{name}: {shapes[name][0]} x {shapes[name][1]}x{shapes[name][2]}, rank {shapes[name][3]}", flush=True)
+            print_table(results.add(run(name, shapes[name], device)),
+                        ["workload", "method", "ms", "speedup_of_svdfuse", "pct_bytes_floor", "pct_fp32_flop_floor",
+                         "rec_over_optimum", "sigma_rel", "extrapolated"])
+        print("\n".join(notes))
+        print(f"wrote {results.path}")
+    if "alternatives" in parts:
+        results = Results("rsvd_alternatives", device, small=args.small, notes=[
+            f"winner: the fastest option of its choice with rec_over_optimum <= {MAX_REC_OVER_OPTIMUM}; default: the option in force"])
+        for name in args.workloads:
+            batch, m, n, r = shapes[name][:4]
+            A, W0 = rsvd_sources(batch, m, n, device)
+            rows = [results.add([row])[0] for row in alternatives(name, A, W0, r, device)]
+            for choice in ("sketch_tiling", "projected_svd"):
+                choose(rows, choice)
+            results.write()
+            print_table(rows, ["workload", "choice", "option", "ms", "rec_over_optimum", "sigma_rel", "default", "winner", "error"])
+            del A, W0
+        print(f"wrote {results.path}")
+    if "stages" in parts:
+        steps = Results("rsvd_stages", device, small=args.small)
+        for name in args.workloads:
+            rows = [steps.add([row])[0] for row in stages(name, shapes[name], device)]
+            print_table(rows, ["workload", "step", "ms", "rec_over_optimum", "sigma_rel", "error"])
+        print(f"wrote {steps.path}")
 
 
 if __name__ == "__main__":

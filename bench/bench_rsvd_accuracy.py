@@ -26,7 +26,7 @@ import itertools
 import torch
 
 from bench_rsvd import accuracy
-from common import arg_parser, record
+from common import Results, arg_parser
 from svdfuse import ops
 from svdfuse.reference import PRECISIONS
 from workloads import task_like
@@ -37,9 +37,9 @@ SHAPES = [(8, 768, 768, 76), (3, 3072, 768, 76), (3, 768, 3072, 76), (3, 2304, 7
           (2, 1536, 1536, 128), (1, 2048, 2048, 128)]
 
 
-def grid(args, device: torch.device, gen: torch.Generator) -> list[dict]:
+def grid(args, device: torch.device, gen: torch.Generator, results: Results) -> None:
+    """Each row is written the moment it is measured."""
     r, lead = args.rank, max(1, args.rank // 4)
-    rows = []
     print(f"{'alpha':>5} {'noise':>5} {'precision':>9} {'p':>3} {'q':>2} {'rec/opt':>8} {'σ rel':>8} {f'σ rel ≤{lead}':>9}")
     for alpha, noise in SPECTRA:
         delta = task_like(args.batch, args.size, args.size, alpha, noise, gen)
@@ -48,16 +48,15 @@ def grid(args, device: torch.device, gen: torch.Generator) -> list[dict]:
         for precision, p, q in itertools.product(args.precision, args.oversample, args.power_iters):
             U, S, V = ops.truncated_svd(A, r, method="randomized", oversample=p, power_iters=q, precision=precision)
             acc = accuracy(delta, exact, U, S, V, leading=lead)
-            rows.append({"part": "grid", "alpha": alpha, "noise": noise, "precision": precision, "oversample": p, "power_iters": q,
-                         **acc, "leading": lead})
+            results.add([{"part": "grid", "alpha": alpha, "noise": noise, "precision": precision, "oversample": p, "power_iters": q,
+                          **acc, "leading": lead}])
             print(f"{alpha:5.1f} {noise:5.2f} {precision:>9} {p:3d} {q:2d} {acc['rec_over_optimum']:8.4f} "
                   f"{acc['sigma_rel']:8.1e} {acc['sigma_rel_leading']:9.1e}")  # fmt: skip
-    return rows
 
 
-def pooled(args, device: torch.device, gen: torch.Generator) -> list[dict]:
+def pooled(args, device: torch.device, gen: torch.Generator, results: Results) -> None:
+    """Each row is written the moment it is measured."""
     k, T = args.rank, args.sources
-    rows = []
     print(f"{'alpha':>5} {'noise':>5} {'precision':>9} {'p':>3} {'q':>2} {'top-k σ rel':>11} {'picks differ':>12}")
     for alpha, noise in SPECTRA:
         scales = 2.0 ** (2 * torch.rand(T, 1, 1, generator=gen, dtype=torch.float64) - 1)  # 0.5 .. 2
@@ -70,14 +69,13 @@ def pooled(args, device: torch.device, gen: torch.Generator) -> list[dict]:
             values, src, comp = (t.cpu() for t in ops.topk_components(S, k))
             rel = ((values.double() - exact_values) / exact_values).abs().max().item()
             differ = k - len(set(zip(src.tolist(), comp.tolist())) & set(zip(exact_src.tolist(), exact_comp.tolist())))
-            rows.append({"part": "pooled", "alpha": alpha, "noise": noise, "sources": T, "k": k, "precision": precision,
-                         "oversample": p, "power_iters": q, "topk_sigma_rel": rel, "picks_differ": differ})
+            results.add([{"part": "pooled", "alpha": alpha, "noise": noise, "sources": T, "k": k, "precision": precision,
+                          "oversample": p, "power_iters": q, "topk_sigma_rel": rel, "picks_differ": differ}])
             print(f"{alpha:5.1f} {noise:5.2f} {precision:>9} {p:3d} {q:2d} {rel:11.1e} {differ:12d}")
-    return rows
 
 
-def shapes(args, device: torch.device, gen: torch.Generator) -> list[dict]:
-    rows = []
+def shapes(args, device: torch.device, gen: torch.Generator, results: Results) -> None:
+    """Each row is written the moment it is measured."""
     print(f"{'m':>5} {'n':>5} {'rank':>4} {'alpha':>5} {'noise':>5} {'q':>2} {'rec/opt':>8}")
     for batch, m, n, r in SHAPES:
         if args.small:
@@ -89,10 +87,9 @@ def shapes(args, device: torch.device, gen: torch.Generator) -> list[dict]:
             for q in args.power_iters:
                 U, S, V = ops.truncated_svd(A, r, method="randomized", power_iters=q)
                 rec = accuracy(delta, exact, U, S, V)["rec_over_optimum"]
-                rows.append({"part": "shapes", "batch": batch, "m": m, "n": n, "rank": r, "alpha": alpha, "noise": noise,
-                             "oversample": ops.DEFAULT_OVERSAMPLE, "power_iters": q, "rec_over_optimum": rec})
+                results.add([{"part": "shapes", "batch": batch, "m": m, "n": n, "rank": r, "alpha": alpha, "noise": noise,
+                              "oversample": ops.DEFAULT_OVERSAMPLE, "power_iters": q, "rec_over_optimum": rec}])
                 print(f"{m:5d} {n:5d} {r:4d} {alpha:5.1f} {noise:5.2f} {q:2d} {rec:8.4f}")
-    return rows
 
 
 def main() -> None:
@@ -111,9 +108,9 @@ def main() -> None:
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     for part in args.part:
-        rows = {"grid": grid, "pooled": pooled, "shapes": shapes}[part](args, device, gen)
-        name = "rsvd_accuracy" if part == "grid" else f"rsvd_accuracy_{part}"
-        print(f"wrote {record(name, device, rows, small=args.small)}")
+        results = Results("rsvd_accuracy" if part == "grid" else f"rsvd_accuracy_{part}", device, small=args.small)
+        {"grid": grid, "pooled": pooled, "shapes": shapes}[part](args, device, gen, results)
+        print(f"wrote {results.path}")
 
 
 if __name__ == "__main__":

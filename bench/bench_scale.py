@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import arg_parser, print_table, record
+from common import Results, arg_parser, print_table
 
 _RUN = r"""
 import json, sys, time
@@ -177,7 +177,8 @@ def main() -> None:
     parser.add_argument("--mergekit", help="path of mergekit-yaml (mergekit 0.1.5) to time on the same minilm files")
     args = parser.parse_args()
     counts = args.sources or {"minilm": [8, 48], "llama": [8], "7b-layer": [16]}[args.workload]
-    rows = []
+    results = Results(f"scale_{args.workload}", torch.device("cpu"), notes=[f"2 cores; OMP threads {torch.get_num_threads()}; warm page cache"])
+    rows = results.rows
     for T in counts:
         base, files = write_sources(Path(args.cache), args.workload, T)
         nbytes = sum(os.path.getsize(f) for f in [base, *files])
@@ -191,6 +192,7 @@ def main() -> None:
                 "GB_per_s": gbps, "plain_read_GB_per_s": floor, "pct_of_read": 100 * gbps / floor,
                 "peak_rss_GiB": measured["peak_rss"] / 2**30, "budget": args.budget,
             })
+            results.write()
             print_table(rows[-1:], list(rows[-1]))
             if args.mergekit and args.workload == "minilm":
                 theirs = run_mergekit(args.mergekit, base, files, method, Path(args.cache) / "hf")
@@ -198,10 +200,10 @@ def main() -> None:
                     rows.append({**rows[-1], "method": f"mergekit {method}", "seconds": theirs["seconds"],
                                  "GB_per_s": nbytes / theirs["seconds"] / 1e9, "pct_of_read": 100 * nbytes / theirs["seconds"] / 1e9 / floor,
                                  "peak_rss_GiB": theirs["peak_rss"] / 2**30, "budget": "-"})
+                    results.write()
                     print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))
-    path = record(f"scale_{args.workload}", torch.device("cpu"), rows, notes=[f"2 cores; OMP threads {torch.get_num_threads()}; warm page cache"])
-    print(f"wrote {path}")
+    print(f"wrote {results.write()}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from common import arg_parser, fast_op_us, floor_ms, print_table, record
+from common import Results, arg_parser, fast_op_us, floor_ms, print_table
 from svdfuse import ops
 
 # name: (layers, sources, components per source, k)
@@ -56,14 +56,14 @@ def run(name: str, case: tuple, device: torch.device) -> list[dict]:
 def main() -> None:
     args = arg_parser(__doc__).parse_args()
     device = torch.device(args.device)
-    rows = []
-    for name, case in (SMALL if args.small else CASES).items():
-        rows += run(name, case, device)
-    print_table(rows, ["case", "method", "loop_us", "graph_us", "loop_ratio", "graph_ratio", "floor_us", "selection_exact"])
     notes = ["loop_ratio / graph_ratio on a baseline row: svdfuse time over the baseline's (< 1: svdfuse faster)",
              "floor_us: bytes of S read and of values + int64 indices written, at 3.0 TB/s"]
+    results = Results("topk", device, small=args.small, notes=notes)
+    for name, case in (SMALL if args.small else CASES).items():
+        results.add(run(name, case, device))
+    print_table(results.rows, ["case", "method", "loop_us", "graph_us", "loop_ratio", "graph_ratio", "floor_us", "selection_exact"])
     print("\n".join(notes))
-    print(f"wrote {record('topk', device, rows, small=args.small, notes=notes)}")
+    print(f"wrote {results.path}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the device name, versions and git commit under bench/results/.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -164,7 +165,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def environment(device: torch.device) -> dict[str, str]:
+@functools.cache
+def _commit() -> str:
     # The device tool copies the working tree without .git: gpu_session.sh passes the commit in.
     commit = os.environ.get("SVDFUSE_COMMIT")
     if not commit:
@@ -172,6 +174,11 @@ def environment(device: torch.device) -> dict[str, str]:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             commit = "unknown"
+    return commit
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    commit = _commit()
     return {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -191,8 +198,31 @@ def record(name: str, device: torch.device, rows: list[dict], *, small: bool = F
     env = environment(device)
     slug = env["device"].replace(" ", "_").replace("/", "_") or device.type
     path = RESULTS / f"{name}-{slug}{'-small' if small else ''}.json"
-    path.write_text(json.dumps({"environment": env, "notes": list(notes), "rows": rows}, indent=1) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # never a half-written file, even when a time limit kills the run
+    tmp.write_text(json.dumps({"environment": env, "notes": list(notes), "rows": rows}, indent=1) + "\n")
+    os.replace(tmp, path)
     return path
+
+
+class Results:
+    """One benchmark's JSON, rewritten after every `add`: a run cut off by a time limit (the GPU
+    session's steps) keeps every workload that finished. Notes may be added at any time."""
+
+    def __init__(self, name: str, device: torch.device, *, small: bool = False, notes: Sequence[str] = ()) -> None:
+        self.name, self.device, self.small = name, device, small
+        self.rows: list[dict] = []
+        self.notes = list(notes)
+        self.path: Path | None = None
+
+    def add(self, rows: list[dict]) -> list[dict]:
+        """Append `rows` and rewrite the file; returns `rows`."""
+        self.rows += rows
+        self.write()
+        return rows
+
+    def write(self) -> Path:
+        self.path = record(self.name, self.device, self.rows, small=self.small, notes=self.notes)
+        return self.path
 
 
 def print_table(rows: list[dict], columns: Sequence[str]) -> None:

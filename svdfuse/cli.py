@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -107,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", help="compute device (default: cuda if available; under torchrun, each rank's GPU)")
     merge.add_argument("--max-memory", help="memory budget, e.g. 4GB or 512MiB (default: half of the available memory)")
     merge.add_argument("--shard-size", default="5GB", help="largest shard of a directory output, e.g. 2GB (default 5GB)")
+    merge.add_argument("--allow-non-finite", action="store_true", help="merge non-matrix tensors holding NaN or inf instead of refusing them")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
 
     dec = sub.add_parser("decompose", help="store a source's top-r SVD factors (a component cache, a valid merge source)")
@@ -208,6 +208,7 @@ def _merge(args: argparse.Namespace) -> None:
         max_memory=args.max_memory,
         shard_size=args.shard_size,
         progress=not args.quiet,
+        allow_non_finite=args.allow_non_finite,
         **params,
     )
     if distributed.current().rank == 0:

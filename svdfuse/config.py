@@ -17,6 +17,7 @@ it); any other is svdfuse's, which names every argument of `svdfuse.merge`:
     output: ./merged
     shard_size: 2GB
     max_memory: 4GB
+    allow_non_finite: false
 
 Both are validated by pydantic schemas before any model is opened: an error names the file and
 the key path (`merge.yaml: sources[1].weight: ...`). Paths are taken as written, relative to the
@@ -106,6 +107,7 @@ class SvdfuseConfig(_Strict):
     output: str | None = None
     shard_size: int | str = "5GB"
     max_memory: int | str | None = None
+    allow_non_finite: bool = False
 
     @field_validator("method")
     @classmethod
@@ -168,7 +170,8 @@ def _native(raw: dict, path: Path, text: str) -> MergeRequest:
     kwargs = dict(
         k=config.k, base=config.base, method=config.method, include=config.include, exclude=tuple(config.exclude),
         svd=SVDOptions(**config.svd.model_dump()), dtype=DTYPES[config.dtype] if config.dtype else None,
-        device=config.device, output=config.output, max_memory=config.max_memory, shard_size=config.shard_size, **params,
+        device=config.device, output=config.output, max_memory=config.max_memory, shard_size=config.shard_size,
+        allow_non_finite=config.allow_non_finite, **params,
     )
     return MergeRequest(_labelled(entries, path), kwargs, text)
 

@@ -125,6 +125,7 @@ def merge(
     max_memory: int | str | None = None,
     shard_size: int | str = "5GB",
     progress: bool | None = None,
+    allow_non_finite: bool = False,
     config_text: str | None = None,
     **params: Any,
 ) -> MergeResult | MergeReport:
@@ -168,6 +169,9 @@ def merge(
         shard_size: largest shard of a directory output, bytes or a size such as "2GB".
         progress: show a progress bar (bytes read, rate, time left); default: when stderr is a
             terminal, as for `adapt`.
+        allow_non_finite: merge tensors that are not matrices even where a value is NaN or ±inf
+            (a mask stored as -inf, say) instead of refusing them; matrices merged by an SVD must
+            be finite regardless.
         config_text: the configuration file this merge comes from (`svdfuse.merge_config`),
             quoted in the model card.
         params: the method's parameters, e.g. `density=0.2` for "ties".
@@ -227,7 +231,8 @@ def merge(
     )
     try:
         state = Progress([False] * len(sources), bar.update)
-        compute = Compute(spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state, budget=budget)
+        compute = Compute(spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state, budget=budget,
+                          allow_non_finite=allow_non_finite)
         layers = _run(tasks, compute, sink, group)
         bar.close()
         _check_changed(sources, state.differs, group)

@@ -79,9 +79,10 @@ class Compute:
         want_factors: bool,
         progress: Progress,
         budget: int,
+        allow_non_finite: bool = False,
     ) -> None:
         self.method, self.reader, self.svd, self.device = method, reader, svd, device
-        self.budget = budget
+        self.budget, self.allow_non_finite = budget, allow_non_finite
         self.params, self.want_factors, self.progress = params, want_factors, progress
         self.T = len(reader.sources)
 
@@ -155,7 +156,7 @@ class Compute:
         method = self.method if self.method.kind is Kind.ELEMENTWISE else None
         context: dict[str, Any] = {"svd": self.svd, **self.params}
         # (start, stop, base rows, task vectors): formed in place, the sources' rows are not kept.
-        pieces = ((start, stop, w0, w.sub_(w0)) for start, stop, w0, w in self._blocks(spec, block, W0, W, check=True))
+        pieces = ((start, stop, w0, self._task_vectors(w, w0)) for start, stop, w0, w in self._blocks(spec, block, W0, W, check=True))
         if method is not None and method.trim_density is not None:
             density = self.params.get(method.trim_density, method.params()[method.trim_density])
             if spec.rows <= block:  # one piece: read it once, trim and merge it in memory
@@ -163,7 +164,7 @@ class Compute:
                 pieces = iter(resident)
                 taus = lambda: iter([(0, resident[0][3])])  # noqa: E731
             else:
-                taus = lambda: ((start * c, w.sub_(w0)) for start, _, w0, w in self._blocks(spec, block, W0, W, check=False))  # noqa: E731
+                taus = lambda: ((start * c, self._task_vectors(w, w0)) for start, _, w0, w in self._blocks(spec, block, W0, W, check=False))  # noqa: E731
             if 0.0 <= density <= 1.0:  # else the method says what is wrong
                 limit = int(TRIM_SHARE * self.budget) // acc.itemsize  # values bracketing the thresholds
                 context["trim"] = exact_trim(taus, spec.rows * c, self.T, density, acc, limit=limit)
@@ -188,8 +189,18 @@ class Compute:
             factors, rest = _adaptable(whole[None], spec.k, self.svd)
             yield self._low_rank(spec, whole0 if rest is None else whole0.add_(rest[0]), factors, 0, rest is not None)
 
+    def _task_vectors(self, w: Tensor, w0: Tensor) -> Tensor:
+        """`w - w0` in place (T, R, c); where non-finite values are allowed, an entry equal to the
+        base's is no change even when it is infinite (-inf - -inf would be NaN)."""
+        if not self.allow_non_finite:
+            return w.sub_(w0)
+        same = w == w0
+        return w.sub_(w0).masked_fill_(same, 0.0)
+
     def _check_merged(self, spec: TensorSpec, start: int, stop: int, out: Tensor) -> None:
-        if bool(torch.isfinite(out).all()):
+        """Refuse a merged value that is not finite, naming the source that holds one or the rows
+        that overflowed; unless the merge allows it (masks stored as -inf, say)."""
+        if self.allow_non_finite or bool(torch.isfinite(out).all()):
             return
         why = self.reader.non_finite(spec.key, start, stop, spec.shape)
         if why is not None:

@@ -44,3 +44,14 @@ def triton_device(request):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels run on the CPU only under TRITON_INTERPRET=1")
     return torch.device("cpu")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a merge computes any piece: refusals must come before the work."""
+    from svdfuse.pipeline import Compute
+
+    def run(*args, **kwargs):
+        raise AssertionError("a merge piece was computed before the refusal")
+
+    monkeypatch.setattr(Compute, "run", run)

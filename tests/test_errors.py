@@ -521,6 +521,18 @@ def test_a_merged_value_that_overflows_its_dtype_is_an_error(base):
         sources.append(src)
     with pytest.raises(ValueError, match=r"'norm.weight' \(6,\): the merged value overflows torch.float16 in 6 entries .* though every input is finite"):
         svdfuse.merge(sources, base=half, method="task_arithmetic", scaling=1.0, device="cpu")
+    allowed = svdfuse.merge(sources, base=half, method="task_arithmetic", scaling=1.0, device="cpu", allow_non_finite=True)
+    assert allowed.state_dict()[NORM].isinf().all()
+
+
+def test_non_finite_values_outside_matrices_merge_when_allowed(base):
+    """A float mask stored as -inf is merged (elementwise) when the user allows it, refused otherwise."""
+    masked = dict(base, mask=torch.tensor([0.0, float("-inf"), 0.0]))
+    sources = [dict(finetune(base, i), mask=masked["mask"].clone()) for i in range(2)]
+    with pytest.raises(SourceError, match=r"'mask'"):
+        merge(sources, masked)
+    result = merge(sources, masked, allow_non_finite=True).state_dict()
+    assert torch.equal(result["mask"], masked["mask"]) and all(torch.isfinite(result[k]).all() for k in base if base[k].is_floating_point())
 
 
 def test_a_tensor_in_two_shards_without_an_index_entry_for_it_is_refused(tmp_path, base):

@@ -523,6 +523,29 @@ def test_cuda_paths_within_torch_error(cuda, dtype, m, n, K, terms):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16, 17])  # the fused (cooperative) kernel; cuBLAS GEMMs
+def test_cuda_graph_replay_matches_eager(native_op, cuda, rows):
+    # bench_lowrank_matmul.py times L1 by CUDA-graph replay: the launch must be capturable and a
+    # replay must recompute from the inputs' current contents, not replay stale results.
+    args = _inputs(512, 1024, 64, lead=(rows,), dtype=torch.bfloat16, device=cuda)
+    x = args[0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.lowrank_matmul(*args)  # warm-up outside the capture (allocator, handles)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.lowrank_matmul(*args)
+    for seed in (1, 2):
+        x.copy_(_inputs(512, 1024, 64, lead=(rows,), dtype=torch.bfloat16, device=cuda, seed=seed)[0])
+        out.fill_(float("nan"))  # poisoned: every element must be written by the replay
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_within_torch_error(out, args)  # the kernel may reduce in any order: not bit-exact
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("lead", [(), (2, 8), (3, 1, 5), (2, 9)])  # 1, 16, 15 rows fused; 18 rows GEMMs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_task", [False, True])

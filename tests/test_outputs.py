@@ -35,14 +35,6 @@ def files(tmp_path):
     return root, sources
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    def run(*args, **kwargs):
-        raise AssertionError("a merge piece was computed before the refusal")
-
-    monkeypatch.setattr(Compute, "run", run)
-
-
 def merge_to(files, output, **kwargs):
     root, sources = files
     return svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu", output=output, **kwargs)
@@ -248,3 +240,16 @@ def test_cli_demo_refuses_zero_epochs_at_once(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["demo", "--epochs", "0"])
     assert exit.value.code == 2 and "argument --epochs: expected a positive int, found '0'" in capsys.readouterr().err
+
+
+def test_a_result_in_memory_does_not_depend_on_its_files_after_the_merge(files, tmp_path):
+    """The base or a source changed, truncated or removed between merge and save: the saved model
+    is the one merged (the result holds its data; nothing is re-read lazily)."""
+    root, sources = files
+    result = svdfuse.merge(sources, k=4, base=root / "base.safetensors", device="cpu")
+    expected = {key: t.clone() for key, t in result.state_dict().items()}
+    (root / "base.safetensors").write_bytes((root / "base.safetensors").read_bytes()[:100])
+    Path(sources[0]).unlink()
+    result.save(tmp_path / "saved.safetensors")
+    saved = load_file(tmp_path / "saved.safetensors")
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)

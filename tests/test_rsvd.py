@@ -60,6 +60,35 @@ def test_rsvd_project_within_torch_error(rsvd, triton_device, m, n, w, dtype, tr
     _assert_within_torch_error(out, truth, torch_out, A, X, base, transpose)
 
 
+@pytest.mark.parametrize("tiling", ["split", "whole"])
+@pytest.mark.parametrize("w", [144, 90])
+def test_rsvd_project_sketch_tilings(rsvd, triton_device, monkeypatch, tiling, w):
+    # W2's sketch (144 columns) as two 128-wide tiles or one 256-wide; 90 columns: not a multiple of
+    # 4, so the launcher must not hint the width.
+    launches = []
+    kernel = rsvd._rsvd_project_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, kwargs))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(rsvd, "_rsvd_project_kernel", Recording())
+    monkeypatch.setattr(rsvd, "SKETCH_TILING", tiling)
+    A, base, X = _randn(2, 21, 19, seed=1, device=triton_device), _randn(21, 19, seed=2, device=triton_device), _randn(19, w, seed=3, device=triton_device)
+    out = rsvd.rsvd_project(A, X, base)
+    truth = (A.double() - base.double()) @ X.double()
+    _assert_within_torch_error(out, truth, (A - base) @ X)
+    (grid, kwargs), = launches
+    block_w = min(rsvd.SKETCH_TILINGS[tiling], 1 << (w - 1).bit_length())  # power-of-two tiles
+    assert grid == (2, -(-w // block_w)) and kwargs["BLOCK_W"] == block_w
+    assert block_w == (256 if (tiling, w) == ("whole", 144) else 128)
+    assert kwargs["X_ROWS_ALIGNED"] is (w % 4 == 0)
+
+
 def test_rsvd_project_tf32_rounds_its_inputs_to_nearest(rsvd, triton_device):
     # The kernel rounds (A - base) and X to tf32 itself; the products of the rounded values are
     # then exact, so it must match an fp32 GEMM of the rounded inputs within torch's fp32 error.

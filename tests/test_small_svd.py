@@ -47,16 +47,33 @@ def test_small_svd_keeps_leading_shape_and_empty_batch(triton_device):
     assert U.shape == (0, 4, 4) and S.shape == (0, 4)
 
 
-def test_tall_svd_jacobi_matches_the_library(triton_device):
+def _assert_tall_svd(option, device):
     gen = torch.Generator().manual_seed(3)
     B = torch.randn(3, 30, 7, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, 7, dtype=torch.float64)
     B[1] = 0.0
-    left, S, right = (t.double().cpu() for t in rsvd.tall_svd_jacobi(B.float().to(triton_device)))
+    left, S, right = (t.double().cpu() for t in rsvd.PROJECTED_SVDS[option](B.float().to(device)))
+    assert left.shape == B.shape and S.shape == (3, 7) and right.shape == (3, 7, 7)
     ref_S = torch.linalg.svdvals(B)
     torch.testing.assert_close(S, ref_S, rtol=0, atol=1e-5)
     torch.testing.assert_close((left * S.unsqueeze(-2)) @ right.mT, B, rtol=0, atol=1e-5)
     eye = torch.eye(7, dtype=torch.float64).expand(3, -1, -1)
     torch.testing.assert_close(left.mT @ left, eye, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("option", ["library", "loop", "jacobi"])
+def test_every_projected_svd_option_is_the_svd(triton_device, option):
+    # The options the GPU session times against each other (rsvd.PROJECTED_SVD) compute one thing.
+    _assert_tall_svd(option, triton_device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("option", ["gesvdj", "gesvda"])
+def test_cusolver_projected_svd_options_are_the_svd(cuda, option):
+    _assert_tall_svd(option, cuda)
+
+
+def test_the_switch_names_an_option():
+    assert rsvd.PROJECTED_SVD in rsvd.PROJECTED_SVDS and rsvd.SKETCH_TILING in rsvd.SKETCH_TILINGS
 
 
 def test_randomized_svd_with_the_jacobi_projected_svd(triton_device):
