@@ -208,7 +208,10 @@ def merge(
         desc=f"merge ({method})", disable=True if group.rank != 0 else (None if progress is None else not progress),
     )
     state = Progress([False] * len(sources), bar.update)
-    compute = Compute(spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state, budget=budget)
+    compute = Compute(
+        spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state, budget=budget,
+        model_trim=plan.model_trim,
+    )
     if output is not None:
         template = base_source.directory if Path(output).suffix != ".safetensors" else None
         entries = [(s.key, s.shape, s.out_dtype) for s in plan.specs]

@@ -13,32 +13,56 @@ import torch
 from torch import Tensor
 
 from svdfuse.methods.registry import Block, Kind, check_finite_param, register
-from svdfuse.methods.trim import Trim
+from svdfuse.methods.trim import Trim, TrimKeep, TrimScope
 
 
 # Elements of one source per step of TIES: the T sources of a step stay in cache across its passes.
 _STEP_BYTES = 1 << 22
 
 
-@register("average", reference_url="https://arxiv.org/abs/2203.05482", kind=Kind.ELEMENTWISE)
+@register("average", reference_url="https://arxiv.org/abs/2203.05482", kind=Kind.ELEMENTWISE, follows="the model soups paper: the uniform mean")
 def average(tau: Tensor) -> Tensor:
     """Model soup: the mean of the sources, i.e. the mean task vector."""
     return tau.mean(0)
 
 
-@register("task_arithmetic", reference_url="https://arxiv.org/abs/2212.04089", kind=Kind.ELEMENTWISE)
+@register(
+    "task_arithmetic", reference_url="https://arxiv.org/abs/2212.04089", kind=Kind.ELEMENTWISE,
+    follows="the Task Arithmetic paper: one scaling for the summed task vectors, 0.3",
+)  # fmt: skip
 def task_arithmetic(tau: Tensor, *, scaling: float = 0.3) -> Tensor:
     """`scaling · Σ_i (W_i − W0)`; 0.3 is the value the paper found best for many tasks."""
     check_finite_param("task_arithmetic", "scaling", scaling)
     return tau.sum(0).mul_(scaling)
 
 
-@register("ties", reference_url="https://arxiv.org/abs/2306.01708", kind=Kind.ELEMENTWISE, trim_density="density")
-def ties(tau: Tensor, *, block: Block, trim: Trim | None = None, density: float = 0.2, scaling: float = 1.0) -> Tensor:
-    """TIES: trim each task vector to its top `density` fraction by magnitude (floor(density ·
-    numel) entries per source and tensor; ties at the threshold go to the entries first in
-    row-major order), elect the sign of each entry by the sum of the trimmed values, and average
-    only the values that agree with it (disjoint mean); times `scaling`."""
+@register(
+    "ties", reference_url="https://arxiv.org/abs/2306.01708", kind=Kind.ELEMENTWISE, trim_density="density",
+    follows=(
+        "mergekit for the trim (each tensor on its own, exactly floor(density·n) entries); the TIES paper for the "
+        "sign election and disjoint mean. trim_scope='model' with trim_keep='inclusive' is the TIES authors' code "
+        "and FusionBench (the whole model's task vector, floor(density·n)+1 entries and every tie)"
+    ),
+)  # fmt: skip
+def ties(
+    tau: Tensor,
+    *,
+    block: Block,
+    trim: Trim | None = None,
+    density: float = 0.2,
+    scaling: float = 1.0,
+    trim_scope: TrimScope = TrimScope.TENSOR,
+    trim_keep: TrimKeep = TrimKeep.COUNT,
+) -> Tensor:
+    """TIES: trim each task vector to its top `density` fraction by magnitude, elect the sign of
+    each entry by the sum of the trimmed values, and average only the values that agree with it
+    (disjoint mean); times `scaling`.
+
+    What survives the trim is `trim` (computed by the pipeline, `svdfuse.methods.trim`): per
+    source, over each tensor (`trim_scope="tensor"`) or the whole model's task vector
+    (`"model"`), exactly floor(density · n) entries, ties at the threshold to the entries first in
+    row-major order (`trim_keep="count"`), or every entry at least the (floor(density · n) + 1)-th
+    largest magnitude (`"inclusive"`)."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"ties: density must be in [0, 1], found {density}")
     check_finite_param("ties", "scaling", scaling)
@@ -79,7 +103,10 @@ def survivors(seed: int, key: str, source: int, start: int, shape: torch.Size, d
     return (draws[offset : offset + shape.numel()] >= drop_rate).reshape(shape).to(device)
 
 
-@register("dare", reference_url="https://arxiv.org/abs/2311.03099", kind=Kind.ELEMENTWISE)
+@register(
+    "dare", reference_url="https://arxiv.org/abs/2311.03099", kind=Kind.ELEMENTWISE,
+    follows="the DARE paper: drop at rate p, rescale by 1/(1-p), add as Task Arithmetic; masks seeded per entry (svdfuse)",
+)  # fmt: skip
 def dare(tau: Tensor, *, block: Block, drop_rate: float = 0.9, rescale: bool = True, scaling: float = 1.0) -> Tensor:
     """DARE: drop each task-vector entry with probability `drop_rate`, rescale the survivors by
     1 / (1 − drop_rate) (when `rescale`), then add them up as Task Arithmetic with `scaling`.
