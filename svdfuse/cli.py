@@ -1,9 +1,11 @@
-"""The `svdfuse` command line: `svdfuse merge ...` and `svdfuse demo`."""
+"""The `svdfuse` command line: `svdfuse merge ...`, `svdfuse methods` and `svdfuse demo`."""
 
 from __future__ import annotations
 
 import argparse
+import enum
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -33,20 +35,36 @@ def _add_method_params(parser: argparse.ArgumentParser) -> None:
     for name, method in sorted(METHODS.items()):
         for param, default in method.params().items():
             users.setdefault(param, {})[name] = default
+    shown = lambda value: getattr(value, "value", value)  # noqa: E731  (an enum by its string)
     group = parser.add_argument_group("method parameters (each method's own default unless given)")
     for param, defaults in users.items():
         values = set(map(repr, defaults.values()))
         if len(values) == 1:
-            help_text = f"for {', '.join(defaults)} (default {next(iter(defaults.values()))})"
+            help_text = f"for {', '.join(defaults)} (default {shown(next(iter(defaults.values())))})"
         else:
-            help_text = "for " + ", ".join(f"{m} (default {d})" for m, d in defaults.items())
+            help_text = "for " + ", ".join(f"{m} (default {shown(d)})" for m, d in defaults.items())
         flag = "--" + param.replace("_", "-")
         default = next(iter(defaults.values()))
         if isinstance(default, bool):
             group.add_argument(flag, dest=param, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(default, enum.Enum):
+            choices = [e.value for e in type(default)]
+            group.add_argument(flag, dest=param, choices=choices, default=None, help=help_text)
         else:
             kind = int if default is None or isinstance(default, int) else float
             group.add_argument(flag, dest=param, type=kind, default=None, help=help_text)
+
+
+def methods_table() -> str:
+    """Every registered method: its paper, its parameters with their defaults, and which paper or
+    tool its defaults follow (what `svdfuse methods` prints and `svdfuse merge --help` ends with)."""
+    lines = []
+    for name, method in sorted(METHODS.items()):
+        params = ", ".join(f"{p}={getattr(d, 'value', d)!r}" for p, d in method.params().items()) or "none"
+        lines.append(f"{name} ({method.kind.value}, {method.reference_url})")
+        lines.append(textwrap.fill(f"parameters: {params}", 100, initial_indent="  ", subsequent_indent="    "))
+        lines.append(textwrap.fill(f"defaults follow: {method.follows}", 100, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(lines)
 
 
 def _add_svd_options(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdfuse", description="Merge fine-tuned models by AXIS and adapt them by their singular values.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    merge = sub.add_parser("merge", help="merge source models into one (AXIS)")
+    merge = sub.add_parser(
+        "merge", help="merge source models into one (AXIS)", epilog="methods:\n" + textwrap.indent(methods_table(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     merge.add_argument("sources", nargs="+", help=".safetensors files or Hugging Face model directories fine-tuned from BASE")
     merge.add_argument("--base", required=True, help="the pre-trained model: a .safetensors file or a Hugging Face directory")
     merge.add_argument("-k", type=_k, help="per matrix, an int or a fraction of min(m, n): components kept (axis, required) or the rank adapted in Stage 2 (other methods)")
@@ -95,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     dec.add_argument("--exclude", action="append", metavar="PATTERN", help="never decompose these (default: *embed*)")
     dec.add_argument("--device", help="compute device (default: cuda if available)")
     dec.add_argument("--max-memory", help="memory budget, e.g. 4GB (default: half of the available memory)")
+
+    sub.add_parser("methods", help="list the merge methods: paper, parameters, and which paper or tool each default follows")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in digits task (offline, CPU or GPU)")
     demo.add_argument("-k", type=_k, default=0.25, help="components kept per matrix (default 0.25 of min(m, n))")
@@ -162,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             _merge(args)
         elif args.command == "decompose":
             _decompose(args)
+        elif args.command == "methods":
+            print(methods_table())
         else:
             from svdfuse.demo import run_demo
 

@@ -101,11 +101,14 @@ def common_subspace(r: int, T: int, *, common: float = 0.8, common_size: int | N
     """Iso-CTS's (k_c common directions, s per task) for rank r and T tasks.
 
     k_c is `common_size` if given, else floor(common · r) (the paper); s = floor((r − k_c) / T).
-    `fill_rank` shifts k_c so that the task parts fill the rest exactly, k_c = r − round((r − k_c) / T) · T
-    with Python's round (half to even), as the official iso-merging code and FusionBench do.
+    `fill_rank` shifts floor(common · r) so that the task parts fill the rest exactly,
+    k_c = r − round((r − k_c) / T) · T with Python's round (half to even), as the official
+    iso-merging code and FusionBench do.
     """
     if not 0.0 <= common <= 1.0:
         raise ValueError(f"iso_cts: common must be in [0, 1], found {common}")
+    if common_size is not None and fill_rank:
+        raise ValueError("iso_cts: common_size gives k_c itself and fill_rank shifts the k_c of common; give one of them")
     if common_size is not None and not (isinstance(common_size, int) and 0 <= common_size <= r):
         raise ValueError(f"iso_cts: common_size must be an int in [0, r] = [0, {r}] for every merged matrix, found {common_size!r}")
     k_c = math.floor(common * r) if common_size is None else common_size
@@ -138,8 +141,9 @@ def iso_cts(
     k_c, s = common_subspace(r, T, common=common, common_size=common_size, fill_rank=fill_rank)
     if s == 0 and k_c < r:
         raise ValueError(
-            f"iso_cts: {T} sources leave no task-specific direction in a {m}x{n} matrix with common={common} "
-            f"({r - k_c} directions for {T} tasks); lower common, or use iso_c"
+            f"iso_cts: {T} sources leave no task-specific direction in a {m}x{n} matrix with "
+            + (f"common={common}" if common_size is None else f"common_size={common_size}")
+            + f" ({r - k_c} directions for {T} tasks); lower common, fill_rank=True, or use iso_c"
         )
     U, S, V = _summed_svd(W0, W)
     U_c, S_c, V_c = U[..., :k_c], S[..., :k_c], V[..., :k_c]
