@@ -49,9 +49,10 @@ def _trim_ref(flat, density, keep):
     return torch.zeros_like(a, dtype=torch.bool).scatter_(1, order, True)
 
 
-def _ties_ref(base, sources, density, scaling, scope, keep):
+def _ties_ref(base, sources, density, scaling, scope, keep, disjoint="mean"):
     """TIES (arXiv 2306.01708, eqs. of §3): trim, elect γ = sgn(Σ τ̂), disjoint mean of the entries
-    whose sign is γ; the trim over each tensor or over the model's task vector flattened in model order."""
+    whose sign is γ (or their sum, FusionBench's merge_func="sum"); the trim over each tensor or over
+    the model's task vector flattened in model order."""
     keys = list(base)
     taus = {key: torch.stack([(s[key] - base[key]).double().flatten() for s in sources]) for key in keys}  # τ in the model's dtype
     if scope == "model":
@@ -66,7 +67,7 @@ def _ties_ref(base, sources, density, scaling, scope, keep):
         trimmed = taus[key] * masks[key]
         elected = torch.sign(trimmed.sum(0))
         agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-        merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+        merged = (trimmed * agree).sum(0) / (agree.sum(0).clamp(min=1) if disjoint == "mean" else 1)
         out[key] = base[key].double() + scaling * merged.reshape(base[key].shape)
     return out
 
@@ -102,6 +103,15 @@ def test_ties_trim_scope_and_keep_rule_match_the_formula(dtype, values, keep, sc
         assert any(not torch.allclose(other[k], expected[k]) for k in expected)
 
 
+def test_ties_disjoint_sum_matches_the_formula():
+    base, sources = _problem(torch.float64, "continuous")
+    got = svdfuse.merge(sources, base=base, method="ties", density=0.3, scaling=0.3, trim_scope="model", trim_keep="inclusive", disjoint="sum", device="cpu")
+    expected = _ties_ref(base, sources, 0.3, 0.3, "model", "inclusive", disjoint="sum")
+    _assert_state_close(got.state_dict(), expected, torch.float64)
+    mean = _ties_ref(base, sources, 0.3, 0.3, "model", "inclusive")
+    assert not torch.allclose(mean["a.weight"], expected["a.weight"])
+
+
 def test_ties_whole_model_trim_keeps_its_count_across_tensors():
     """Exactly floor(d·N) or floor(d·N)+1 survivors per source over the model, however they fall across tensors."""
     base, sources = _problem(torch.float32, "continuous", T=1)
@@ -131,6 +141,7 @@ def test_ties_whole_model_trim_refuses_tensors_of_two_accumulation_dtypes():
         ({"trim_scope": "global"}, r"ties: trim_scope must be one of 'tensor', 'model', found 'global'"),
         ({"trim_keep": "floor"}, r"ties: trim_keep must be one of 'count', 'inclusive', found 'floor'"),
         ({"density": 1.5, "trim_scope": "model"}, r"ties: density must be in \[0, 1\], found 1.5"),
+        ({"disjoint": "max"}, r"ties: disjoint must be one of 'mean', 'sum', found 'max'"),
     ],
 )
 def test_bad_trim_options_are_refused_before_any_work(params, pattern, monkeypatch):

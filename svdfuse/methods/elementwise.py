@@ -7,6 +7,7 @@ buffer: a method may overwrite it.
 
 from __future__ import annotations
 
+import enum
 import zlib
 
 import torch
@@ -14,6 +15,13 @@ from torch import Tensor
 
 from svdfuse.methods.registry import Block, Kind, check_finite_param, register
 from svdfuse.methods.trim import Trim, TrimKeep, TrimScope
+
+
+class Disjoint(str, enum.Enum):
+    """How TIES combines the trimmed values that agree with the elected sign."""
+
+    MEAN = "mean"  # their mean (the TIES paper, mergekit)
+    SUM = "sum"  # their sum (FusionBench's default merge_func)
 
 
 # Elements of one source per step of TIES: the T sources of a step stay in cache across its passes.
@@ -41,7 +49,8 @@ def task_arithmetic(tau: Tensor, *, scaling: float = 0.3) -> Tensor:
     follows=(
         "mergekit for the trim (each tensor on its own, exactly floor(density·n) entries); the TIES paper for the "
         "sign election and disjoint mean. trim_scope='model' with trim_keep='inclusive' is the TIES authors' code "
-        "and FusionBench (the whole model's task vector, floor(density·n)+1 entries and every tie)"
+        "and FusionBench (the whole model's task vector, floor(density·n)+1 entries and every tie); disjoint='sum' "
+        "is FusionBench's default merge_func"
     ),
 )  # fmt: skip
 def ties(
@@ -53,10 +62,11 @@ def ties(
     scaling: float = 1.0,
     trim_scope: TrimScope = TrimScope.TENSOR,
     trim_keep: TrimKeep = TrimKeep.COUNT,
+    disjoint: Disjoint = Disjoint.MEAN,
 ) -> Tensor:
     """TIES: trim each task vector to its top `density` fraction by magnitude, elect the sign of
     each entry by the sum of the trimmed values, and average only the values that agree with it
-    (disjoint mean); times `scaling`.
+    (disjoint mean; `disjoint="sum"` adds them instead); times `scaling`.
 
     What survives the trim is `trim` (computed by the pipeline, `svdfuse.methods.trim`): per
     source, over each tensor (`trim_scope="tensor"`) or the whole model's task vector
@@ -66,6 +76,7 @@ def ties(
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"ties: density must be in [0, 1], found {density}")
     check_finite_param("ties", "scaling", scaling)
+    mean = Disjoint(disjoint) is Disjoint.MEAN
     T = tau.shape[0]
     flat = tau.reshape(T, -1)
     out = torch.empty(flat.shape[1], dtype=tau.dtype, device=tau.device)
@@ -75,8 +86,10 @@ def ties(
         t.mul_(trim.mask(t, block.start + s))  # a multiply, not a select: a NaN survives to be reported
         elected = t.sum(0).sign_()
         agree = (t * elected) > 0  # same nonzero sign as the elected one
-        count = agree.sum(0).clamp_(min=1)
-        out[s : s + step] = t.mul_(agree).sum(0).div_(count).mul_(scaling)
+        agreeing = t.mul_(agree).sum(0)
+        if mean:
+            agreeing.div_(agree.sum(0).clamp_(min=1))
+        out[s : s + step] = agreeing.mul_(scaling)
     return out.reshape(tau.shape[1:])
 
 

@@ -118,10 +118,16 @@ class Method:
         return out
 
     def check_params(self, given: dict[str, Any]) -> None:
-        unknown = sorted(set(given) - set(self.params()))
+        """Refuse a parameter the method does not have, or a value outside a choice (a parameter whose default is an enum)."""
+        defaults = self.params()
+        unknown = sorted(set(given) - set(defaults))
         if unknown:
-            accepted = ", ".join(f"{k}={getattr(v, 'value', v)!r}" for k, v in self.params().items()) or "none"
+            accepted = ", ".join(f"{k}={getattr(v, 'value', v)!r}" for k, v in defaults.items()) or "none"
             raise TypeError(f"method {self.name!r} has no parameter {unknown[0]!r}; its parameters: {accepted}")
+        for name, value in given.items():
+            if isinstance(defaults[name], enum.Enum) and value not in [e.value for e in type(defaults[name])]:  # a list: an enum member hashes by its name
+                choices = ", ".join(repr(e.value) for e in type(defaults[name]))
+                raise ValueError(f"{self.name}: {name} must be one of {choices}, found {getattr(value, 'value', value)!r}")
 
     def call(self, fn: Callable, *args: Any, **context: Any) -> Any:
         """`fn(*args, **the subset of context it takes)`."""
