@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from svdfuse import linalg
+
 Project = Callable[..., Tensor]  # project(X, transpose=False) -> (A - base) X, or (A - base)ᵀ X
 
 
@@ -62,9 +64,9 @@ def cholesky_qr2(Y: Tensor) -> Tensor:
 
 
 def tall_svd(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD of tall matrices by `torch.linalg.svd`: B (..., n, w), w <= n -> left (..., n, w),
+    """SVD of tall matrices by `svdfuse.linalg.svd`: B (..., n, w), w <= n -> left (..., n, w),
     S (..., w) descending, right (..., w, w) with B = left diag(S) rightᵀ."""
-    left, S, right_h = torch.linalg.svd(B, full_matrices=False)
+    left, S, right_h = linalg.svd(B)
     return left, S, right_h.mT
 
 

@@ -18,7 +18,7 @@ from svdfuse.ops import SVDOptions
 from svdfuse.nn.convert import parametrize_tensor
 from svdfuse.nn.layers import TaskCoefficients
 from svdfuse.plan import Role, make_plan, matches_any
-from svdfuse.resources import default_device
+from svdfuse.resources import resolve_device
 from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 
 __all__ = ["atlas"]
@@ -55,9 +55,9 @@ def atlas(
         model = svdfuse.atlas(sources, base="vit-b32.safetensors", module=clip_model)
         svdfuse.adapt(model, loader, epochs=10, lr=1e-1)
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     base_source = open_source(base, "base")
-    sources = open_sources(models)
+    sources = open_sources(models, base)
     # The plan only checks the sources against the base here: aTLAS holds every task vector anyway.
     plan = make_plan(
         base_source, sources, get_method("average"), None, include=None, exclude=(), dtype=dtype, budget=1 << 62, svd=SVDOptions(), params={}
@@ -66,6 +66,10 @@ def atlas(
     lam = 1.0 / len(sources) if init is None else init
     model = copy.deepcopy(module)
     params = dict(model.named_parameters())
+    wrong = [(s.key, tuple(params[s.key].shape), s.shape) for s in plan.specs if s.key in params and tuple(params[s.key].shape) != s.shape]
+    if wrong or not any(s.key in params for s in plan.specs):
+        found = f"tensor {wrong[0][0]!r} is {wrong[0][1]}, the base's is {wrong[0][2]}" if wrong else "none of its parameters has a name of the base's"
+        raise ValueError(f"atlas: module {type(module).__name__} is not the base's architecture: {found}")
     for spec in plan.specs:
         key = spec.key
         if key not in params or spec.role is Role.COPIED:

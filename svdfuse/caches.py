@@ -14,13 +14,14 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from svdfuse import arguments
 from svdfuse.methods import get_method
 from svdfuse.ops import SVDOptions
 from svdfuse.pipeline import Compute, Progress
 from svdfuse.plan import DEFAULT_EXCLUDE, Plan, Role, make_plan, svd_fields
 from svdfuse.reference import compute_dtype
-from svdfuse.resources import default_budget, default_device
-from svdfuse.sinks import SafetensorsWriter, parse_size
+from svdfuse.resources import default_budget, resolve_device
+from svdfuse.sinks import SafetensorsWriter, check_output, parse_size
 from svdfuse.sources import ComponentCache, MappingSource, ModelLike, Reader, SourceError, open_source
 
 __all__ = ["decompose"]
@@ -33,8 +34,8 @@ def decompose(
     rank: int | float,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
-    svd: SVDOptions = SVDOptions(),
-    dtype: torch.dtype | None = None,
+    svd: SVDOptions | str = SVDOptions(),
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     output: str | os.PathLike | None = None,
     max_memory: int | str | None = None,
@@ -62,11 +63,17 @@ def decompose(
         svdfuse.decompose("ft-cars", base="vit-b32", rank=128, output="ft-cars.svd.safetensors")
         svdfuse.merge(["ft-cars.svd.safetensors", "ft-dtd.svd.safetensors"], k=76, base="vit-b32")
     """
+    rank = arguments.count(rank, "rank")
+    svd = arguments.svd_options(svd)
+    dtype = None if dtype is None else arguments.dtype(dtype)
+    include, exclude = arguments.patterns(include, "include"), arguments.patterns(exclude, "exclude")
+    if output is not None:
+        check_output(output)
     base_source = open_source(base, "base")
     src = open_source(source, "source 0")
     if isinstance(src, ComponentCache):
         raise SourceError(f"{src.label}: is already a component cache; decompose the fine-tuned model itself")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     budget = parse_size(max_memory, "max_memory") if max_memory is not None else default_budget()
     axis = get_method("axis")
     plan = make_plan(

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from svdfuse.distributed import PeerFailure
 from svdfuse.methods import METHODS, get_method
@@ -27,6 +28,16 @@ def _k(text: str) -> int | float:
             return float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an int (components) or a float fraction, found {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, found {text!r}")
+    return value
 
 
 def _add_method_params(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +96,7 @@ def _svd_options(args: argparse.Namespace):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdfuse", description="Merge fine-tuned models by AXIS and adapt them by their singular values.")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser(
@@ -122,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in digits task (offline, CPU or GPU)")
     demo.add_argument("-k", type=_k, default=0.25, help="components kept per matrix (default 0.25 of min(m, n))")
     demo.add_argument("-n", type=_k, default=0.25, help="singular values trained per layer in Stage 2 (default 0.25)")
-    demo.add_argument("--epochs", type=int, default=10, help="Stage 2 epochs (default 10)")
+    demo.add_argument("--epochs", type=_positive, default=10, help="Stage 2 epochs (default 10)")
     demo.add_argument("--device", help="device (default: cuda if available)")
     demo.add_argument("--seed", type=int, default=0)
     return parser
@@ -137,10 +149,10 @@ def _merge(args: argparse.Namespace) -> None:
     from svdfuse.plan import DEFAULT_EXCLUDE
 
     from svdfuse import distributed
-    from svdfuse.sinks import refuse_existing
+    from svdfuse.sinks import check_output
 
     svd = _svd_options(args)
-    refuse_existing(Path(args.output))
+    check_output(args.output)
     method = get_method(args.method)
     params = {name: getattr(args, name) for name in method.params() if getattr(args, name) is not None}
     given = {name for name in _all_params() if getattr(args, name) is not None}
@@ -178,23 +190,50 @@ def _decompose(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def _describe(err: BaseException) -> str:
+    """One line for an error: an OS error as 'what: path', others as their message."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.strerror}: {err.filename}"
+    return str(err)
+
+
+# Errors in what the user asked for or gave: one line, exit 2. Anything else is a bug: one line
+# too, exit 1, with --debug for the traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, PeerFailure)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"merge": _merge, "decompose": _decompose, "demo": _demo, "methods": lambda _: print(methods_table())}
     try:
-        if args.command == "merge":
-            _merge(args)
-        elif args.command == "decompose":
-            _decompose(args)
-        elif args.command == "methods":
-            print(methods_table())
-        else:
-            from svdfuse.demo import run_demo
-
-            run_demo(k=args.k, n=args.n, epochs=args.epochs, device=args.device, seed=args.seed)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError, PeerFailure) as err:
-        print(f"svdfuse {args.command}: error: {err}", file=sys.stderr)
+        commands[args.command](args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        _say(f"svdfuse {args.command}: interrupted; nothing was written")
+        return 130
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        _say(f"svdfuse {args.command}: error: {_describe(err)}")
         return 2
+    except Exception as err:
+        if args.debug:
+            raise
+        _say(f"svdfuse {args.command}: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)")
+        return 1
     return 0
+
+
+def _say(line: str) -> None:
+    """Print on stderr on a line of its own, above any progress bar still drawn."""
+    tqdm.write(line, file=sys.stderr)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from svdfuse.demo import run_demo
+
+    run_demo(k=args.k, n=args.n, epochs=args.epochs, device=args.device, seed=args.seed)
 
 
 if __name__ == "__main__":

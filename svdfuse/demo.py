@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import svdfuse
-from svdfuse.resources import default_device
+from svdfuse.resources import resolve_device
 
 # Each task is the digits seen through one transformation of the 8×8 image.
 TASKS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -73,7 +73,7 @@ def run_demo(
     k: float = 0.25, n: float = 0.25, epochs: int = 10, device: str | None = None, seed: int = 0, out=print
 ) -> dict[str, float]:
     """Run the demo and print each stage; returns the target-task accuracies (%) by model."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     torch.manual_seed(seed)
     times: dict[str, float] = {}
     tic = time.perf_counter()

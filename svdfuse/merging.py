@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from svdfuse import distributed
+from svdfuse import arguments, distributed
 from svdfuse.methods import Kind, get_method
 from svdfuse.ops import SVDOptions
 from svdfuse.pipeline import Compute, Merged, Progress
-from svdfuse.plan import DEFAULT_EXCLUDE, Plan, make_plan
-from svdfuse.resources import bound_allocator, default_budget, default_device, peak_rss, release_free_memory
+from svdfuse.plan import DEFAULT_EXCLUDE, Plan, Role, make_plan
+from svdfuse.resources import bound_allocator, default_budget, peak_rss, resolve_device, release_free_memory
 from svdfuse.result import LayerReport, MergeReport, MergeResult
-from svdfuse.sinks import LowRank, SafetensorsWriter, parse_size, refuse_existing
+from svdfuse.sinks import LowRank, SafetensorsWriter, check_output, parse_size
 from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 
 __all__ = ["SVDOptions", "merge"]
@@ -117,8 +117,8 @@ def merge(
     method: str = "axis",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
-    svd: SVDOptions = SVDOptions(),
-    dtype: torch.dtype | None = None,
+    svd: SVDOptions | str = SVDOptions(),
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     output: str | None = None,
     max_memory: int | str | None = None,
@@ -153,8 +153,10 @@ def merge(
         include: glob patterns of tensor names to merge as matrices (default: every weight with
             2 or more dims; conv kernels as out × in·kh·kw).
         exclude: glob patterns of names never merged as matrices (default: embedding tables).
-        svd: decomposition options; the default picks randomized or exact SVD by shape.
-        dtype: cast every tensor to this dtype first; by default mixed dtypes are an error.
+        svd: decomposition options, or just the method ("exact", "randomized"); the default
+            picks randomized or exact SVD by shape.
+        dtype: cast every tensor to this dtype (or its name, "bfloat16") first; by default mixed
+            dtypes are an error.
         device: where to compute (default: CUDA when available).
         output: write the merged model here instead of returning it: a new `.safetensors` file,
             or a new directory in the Hugging Face layout (sharded above `shard_size`, with the
@@ -178,24 +180,28 @@ def merge(
     """
     start = time.perf_counter()
     spec = get_method(method)
-    spec.check_params(params)
+    params = spec.check_params(params)
+    svd = arguments.svd_options(svd)
+    k = None if k is None else arguments.count(k, "k")
+    dtype = None if dtype is None else arguments.dtype(dtype)
     if spec.needs_k and k is None:
         raise TypeError(f"method {method!r} needs k, the number of components kept per matrix (int or fraction)")
-    if isinstance(include, str) or isinstance(exclude, str):
-        raise TypeError("include and exclude take a list of glob patterns, found a str; write include=['fc1.weight']")
+    include, exclude = arguments.patterns(include, "include"), arguments.patterns(exclude, "exclude")
     group = distributed.current()
     if group.active and output is None:
         raise ValueError(f"a merge over {group.world} processes writes its result to files: pass output=PATH")
     budget = parse_size(max_memory, "max_memory") if max_memory is not None else default_budget(_local_processes(group))
     shard_bytes = parse_size(shard_size, "shard_size")
     if output is not None:
-        refuse_existing(Path(output))
-    device = torch.device(device) if device is not None else default_device()
+        check_output(output)
+    device = resolve_device(device)
     base_source = open_source(base, "base")
-    sources = open_sources(models)
+    sources = open_sources(models, base)
     plan = make_plan(
         base_source, sources, spec, k, include=include, exclude=exclude, dtype=dtype, budget=budget, svd=svd, params=params,
     )
+    if all(s.role is Role.COPIED for s in plan.specs):
+        raise ValueError(f"{base_source.label}: no floating-point tensor to merge ({len(plan.specs)} integer tensors); svdfuse merges weights")
     if not plan.matrices and (include is not None or spec.kind is not Kind.ELEMENTWISE):
         raise ValueError(
             f"include={None if include is None else list(include)} and exclude={list(exclude)} leave no weight with 2 or more "
@@ -203,22 +209,22 @@ def merge(
         )
     mine = distributed.partition([task.nbytes for task in plan.tasks], group.world)[group.rank]
     tasks = [plan.tasks[i] for i in mine]
-    bar = tqdm(
-        total=sum(task.nbytes for task in tasks), unit="B", unit_scale=True, unit_divisor=1024,
-        desc=f"merge ({method})", disable=True if group.rank != 0 else (None if progress is None else not progress),
-    )
-    state = Progress([False] * len(sources), bar.update)
-    compute = Compute(
-        spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state, budget=budget,
-        model_trim=plan.model_trim,
-    )
     if output is not None:
         template = base_source.directory if Path(output).suffix != ".safetensors" else None
         entries = [(s.key, s.shape, s.out_dtype) for s in plan.specs]
         sink = _FileSink(SafetensorsWriter(output, entries, shard_size=shard_bytes, template=template))
     else:
         sink = _MemorySink(plan, base_source.directory)
+    bar = tqdm(
+        total=sum(task.nbytes for task in tasks), unit="B", unit_scale=True, unit_divisor=1024, delay=0.5,
+        desc=f"merge ({method})", disable=True if group.rank != 0 else (None if progress is None else not progress),
+    )
     try:
+        state = Progress([False] * len(sources), bar.update)
+        compute = Compute(
+            spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state,
+            budget=budget, model_trim=plan.model_trim,
+        )
         layers = _run(tasks, compute, sink, group)
         bar.close()
         _check_changed(sources, state.differs, group)

@@ -10,6 +10,7 @@ A compiled op checks its inputs itself, raising the exceptions documented here.
 from __future__ import annotations
 
 import enum
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,18 @@ class SVDOptions:
     power_iters: int = DEFAULT_POWER_ITERS
     seed: int = 0
     precision: Precision | str = DEFAULT_PRECISION
+
+    def __post_init__(self) -> None:
+        for name, kind in (("method", SVDMethod), ("precision", Precision)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in {m.value for m in kind}:
+                raise ValueError(f"SVDOptions: {name} must be one of {[m.value for m in kind]}, found {value!r}")
+            object.__setattr__(self, name, kind(value))
+        for name in ("oversample", "power_iters", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (value < 0 and name != "seed"):
+                raise ValueError(f"SVDOptions: {name} must be an int{' >= 0' if name != 'seed' else ''}, found {value!r}")
+            object.__setattr__(self, name, int(value))
 
     def truncated_svd(self, A: Tensor, rank: int, base: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """`svdfuse.ops.truncated_svd(A, rank, base)` with these options."""

@@ -122,18 +122,35 @@ class Compute:
         yield Merged(spec, 0, base)
 
     def _blocks(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor, check: bool) -> Iterator[tuple[int, int, Tensor, Tensor]]:
-        """(start row, stop row, base rows, source rows) of `spec`, read into the buffers."""
+        """(start row, stop row, base rows, source rows) of `spec`, read into the buffers; with
+        `check`, noting which sources differ from the base and refusing all-zero ones."""
+        zero, base_zero = [check] * self.T, check  # all zeros so far (checked only while it matters)
         for start in range(0, spec.rows, block):
             stop = min(start + block, spec.rows)
             if stop < spec.rows:
                 self.reader.prefetch(spec.key, stop, min(stop + block, spec.rows))
             w0, w = W0[: stop - start], W[:, : stop - start]
             self.reader.base_rows(spec.key, start, stop, w0)
+            base_zero = base_zero and not bool(w0.any())
             for i in range(self.T):
                 self.reader.source_rows(i, spec.key, start, stop, w[i])
                 if check and not self.progress.differs[i]:
                     self.progress.differs[i] = not torch.equal(w[i], w0)
+                zero[i] = zero[i] and not bool(w[i].any())
             yield start, stop, w0, w
+        if not base_zero:
+            self._refuse_zero(spec, [i for i in range(self.T) if zero[i]])
+
+    def _refuse_zero(self, spec: TensorSpec, zero: list[int]) -> None:
+        """A source whose tensor is all zeros where the base's is not is a checkpoint that was never
+        written or was corrupted, not a fine-tune: merging it would subtract the base."""
+        if zero:
+            source = self.reader.sources[zero[0]]
+            raise SourceError(
+                f"{source.label}: tensor {spec.key!r} {spec.shape} is all zeros where the base's is not"
+                + (f" (and in {len(zero) - 1} other sources)" if len(zero) > 1 else "")
+                + "; a fine-tuned model holds the base's weights plus a change: is this checkpoint complete?"
+            )
 
     def _taus(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor, offset: int = 0) -> Iterator[tuple[int, Tensor]]:
         """(flat index of the block's first entry + offset, task vectors of the block) over `spec`, a trim pass."""
@@ -171,7 +188,7 @@ class Compute:
         pieces = ((start, stop, w0, w.sub_(w0)) for start, stop, w0, w in self._blocks(spec, block, W0, W, check=True))
         if options is not None and options.scope is TrimScope.TENSOR:
             if spec.rows <= block:  # one piece: read it once, trim and merge it in memory
-                resident = [next(pieces)]
+                resident = list(pieces)  # read to the end: the generator's checks run
                 pieces = iter(resident)
                 taus = lambda: iter([(0, resident[0][3])])  # noqa: E731
             else:
@@ -226,6 +243,8 @@ class Compute:
                 self._check_finite(spec, out[g, j])
                 if not self.progress.differs[i]:
                     self.progress.differs[i] = not torch.equal(out[g, j], W0[g])
+                if not out[g, j].any() and W0[g].any():
+                    self._refuse_zero(spec, [i])
         self.progress.advance(out[:, :, 0].numel() * specs[0].n * specs[0].dtype.itemsize)
         return out
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from svdfuse import linalg
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype svdfuse accumulates in for data stored in `dtype`."""
@@ -115,9 +117,9 @@ def _minus_base(A: Tensor, base: Tensor | None, acc: torch.dtype) -> Tensor:
 
 
 def exact_svd(A: Tensor, rank: int, base: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Truncated SVD of `A - base` by a full `torch.linalg.svd`; A: (..., m, n) -> U (..., m, r), S (..., r), V (..., n, r)."""
+    """Truncated SVD of `A - base` by a full SVD (`svdfuse.linalg.svd`); A: (..., m, n) -> U (..., m, r), S (..., r), V (..., n, r)."""
     delta = _minus_base(A, base, compute_dtype(A.dtype))
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    U, S, Vh = linalg.svd(delta)
     return U[..., :rank], S[..., :rank], Vh[..., :rank, :].mT
 
 
@@ -202,7 +204,7 @@ def randomized_svd(
         Q = torch.linalg.qr(_matmul(delta.mT, Q, precision)).Q
         Q = torch.linalg.qr(_matmul(delta, Q, precision)).Q
     # (A - base)ᵀ Q = Bᵀ = Vb S Ubᵀ, so A - base ≈ Q B = (Q Ub) S Vbᵀ.
-    Vb, S, Ub_t = torch.linalg.svd(_matmul(delta.mT, Q, precision), full_matrices=False)
+    Vb, S, Ub_t = linalg.svd(_matmul(delta.mT, Q, precision))
     U = Q @ Ub_t.mT
     return U[..., :rank], S[..., :rank], Vb[..., :rank]
 
@@ -234,5 +236,5 @@ def reorthogonalize(U_s: Tensor, S_s: Tensor, V_s: Tensor) -> tuple[Tensor, Tens
     Qu, Ru = torch.linalg.qr(U_s.to(acc))
     Qv, Rv = torch.linalg.qr(V_s.to(acc))
     core = (Ru * S_s.to(acc).unsqueeze(-2)) @ Rv.mT
-    Uc, S_t, Vch = torch.linalg.svd(core)
+    Uc, S_t, Vch = linalg.svd(core)
     return Qu @ Uc, S_t, Qv @ Vch.mT

@@ -31,6 +31,27 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """`device` as a torch.device (None: `default_device()`), refused with a clear error when it
+    does not name a device that exists here: an unknown name, CUDA without a usable GPU, an index
+    past the last GPU."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', found {device!r}") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no NVIDIA GPU or driver is usable"
+            raise ValueError(f"device {str(device)!r} was asked for, but {why}; use device='cpu' (or leave device unset)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} GPUs (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu":
+        raise ValueError(f"device {str(device)!r}: svdfuse computes on 'cpu' or 'cuda'")
+    return device
+
+
 def default_budget(processes: int = 1) -> int:
     """Half of the memory available now, shared by the merging processes on this machine."""
     return int(BUDGET_SHARE * psutil.virtual_memory().available / max(1, processes))

@@ -154,10 +154,9 @@ class MergeResult:
         """Write the dense merged model: a `.safetensors` file, or a Hugging Face directory
         (config and tokenizer files copied from the base directory; shards above `shard_size`).
         Never overwrites; never leaves a partial file behind."""
-        from svdfuse.sinks import parse_size, refuse_existing, write_state_dict
+        from svdfuse.sinks import check_output, parse_size, write_state_dict
 
-        path = Path(path)
-        refuse_existing(path)
+        path = check_output(path)
         if format not in tuple(SaveFormat):
             raise ValueError(f"format must be 'auto', 'safetensors' or 'hf', found {format!r}")
         format = SaveFormat(format)

@@ -10,6 +10,8 @@ the end, so a failure never leaves a partial output and an existing path is neve
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -27,7 +29,7 @@ from torch import Tensor
 from svdfuse import distributed
 from svdfuse.sources import SAFETENSORS_DTYPES
 
-__all__ = ["LowRank", "SafetensorsWriter", "parse_size", "save_safetensors", "save_hf_directory", "refuse_existing"]
+__all__ = ["LowRank", "SafetensorsWriter", "check_output", "parse_size", "save_safetensors", "save_hf_directory", "refuse_existing"]
 
 # Files of a Hugging Face directory that hold weights: replaced, never copied from the base.
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx")
@@ -80,8 +82,37 @@ def parse_size(size: int | str, what: str) -> int:
 
 def refuse_existing(path: Path) -> None:
     """Raise FileExistsError if `path` exists: svdfuse never overwrites."""
-    if path.exists():
+    if path.exists() or path.is_symlink():
         raise FileExistsError(f"output path {str(path)!r} already exists; svdfuse never overwrites, choose a new path")
+
+
+def check_output(path: str | os.PathLike, nbytes: int = 0) -> Path:
+    """Refuse, before any work, an output `path` that cannot be written: one that exists, whose
+    parent is not a writable directory, whose name is too long for its file system, or that needs
+    more than the free space (`nbytes`). Returns it as a Path."""
+    path = Path(path)
+    refuse_existing(path)
+    parent = path.parent
+    while not parent.exists():  # the writer creates missing parents; the first existing one decides
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"output path {str(path)!r}: {str(parent)!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"output path {str(path)!r}: directory {str(parent)!r} is not writable")
+    longest = os.pathconf(parent, "PC_NAME_MAX")
+    if len(os.fsencode(path.name)) > longest:
+        raise ValueError(f"output name {path.name[:40]!r}... is {len(os.fsencode(path.name))} bytes; this file system allows {longest}")
+    free = shutil.disk_usage(parent).free
+    if nbytes > free:
+        raise OSError(errno.ENOSPC, f"output needs {_human(nbytes)} but {str(parent)!r} has {_human(free)} free", str(path))
+    return path
+
+
+def _human(nbytes: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _template_ignore(*outputs: Path):
@@ -143,7 +174,7 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.single = self.path.suffix == ".safetensors"
         self._group = distributed.current()
-        refuse_existing(self.path)
+        check_output(self.path, sum(_nbytes(shape, dtype) for _, shape, dtype in tensors))
         self._shapes = {name: (tuple(shape), dtype) for name, shape, dtype in tensors}
         self._shards = self._layout(tensors, shard_size)
         self._headers: dict[str, bytes] = {}
@@ -185,7 +216,7 @@ class SafetensorsWriter:
     def _create(self, template: str | os.PathLike | None) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _sweep_stale(self.path)
-        prefix = f".{self.path.name}.{_OWNER}{socket.gethostname()}-{os.getpid()}-"
+        prefix = f"{_temp_start(self.path)}{os.getpid()}-"
         if self.single:
             fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=self.path.parent)
             os.close(fd)
@@ -200,7 +231,7 @@ class SafetensorsWriter:
             for name, file in files.items():
                 with open(file, "wb") as f:
                     f.write(self._headers[name])
-                    f.truncate(len(self._headers[name]) + sum(_nbytes(s, d) for _, s, d in self._shards[name]))
+                    _reserve(f.fileno(), len(self._headers[name]) + sum(_nbytes(s, d) for _, s, d in self._shards[name]), self.path)
         except BaseException:
             _remove(tmp)
             raise
@@ -241,7 +272,7 @@ class SafetensorsWriter:
                 weight_map = {name: file for file, entries in self._shards.items() for name, _, _ in entries}
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (self._tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            _publish(self._tmp, self.path, self.single)
+            _publish(self._tmp, self.path)
         self._group.barrier()
 
     def abort(self) -> None:
@@ -253,12 +284,34 @@ class SafetensorsWriter:
             _remove(self._tmp)
 
 
+def _temp_start(path: Path) -> str:
+    """`.NAME.svdfuse-HOST-`, the start of every temporary name for the output `path` (then
+    `PID-XXXXXXXX.tmp`), NAME cut so that the whole fits the file system's name limit."""
+    owner = f".{_OWNER}{socket.gethostname()}-"
+    room = os.pathconf(path.parent, "PC_NAME_MAX") - len(os.fsencode(owner)) - len(".") - len("4294967295-XXXXXXXX.tmp")
+    name = os.fsencode(path.name)[: max(room, 1)].decode(errors="ignore")
+    return f".{name}{owner}"
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Give the file `fd` its final `size` with its blocks allocated, so that a full disk fails
+    here, before any work, rather than in the middle of the merge."""
+    os.ftruncate(fd, size)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left for the output ({_human(size)} to reserve)", str(path)) from None
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without it: sparse file
+            raise
+
+
 def _sweep_stale(path: Path) -> None:
     """Remove the temporary outputs for `path` left by svdfuse processes of this host that died
     without cleaning up (killed with SIGKILL, a power cut): their names carry host and pid."""
-    host = socket.gethostname()
-    for stale in path.parent.glob(f".{glob_escape(path.name)}.{_OWNER}{glob_escape(host)}-*.tmp"):
-        pid = stale.name[len(f".{path.name}.{_OWNER}{host}-") :].split("-", 1)[0]
+    start = _temp_start(path)
+    for stale in path.parent.glob(f"{glob_escape(start)}*.tmp"):
+        pid = stale.name[len(start) :].split("-", 1)[0]
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             _remove(stale)
 
@@ -270,21 +323,35 @@ def _remove(tmp: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _publish(tmp: Path, path: Path, single: bool) -> None:
-    # A hard link never replaces an existing file, so a path created while we wrote is not
-    # clobbered; a directory is renamed after one more check (rename would replace an empty one).
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path` unless something exists there, atomically (Linux renameat2); where
+    the file system lacks it, a hard link (files) or an exclusive mkdir first (directories)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None and renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_NOREPLACE) == 0:
+        return
+    code = ctypes.get_errno() if renameat2 is not None else errno.ENOSYS
+    if code == errno.EEXIST:
+        raise FileExistsError(code, os.strerror(code), str(path))
+    if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        raise OSError(code, os.strerror(code), str(path))
+    if tmp.is_dir():
+        os.mkdir(path)  # raises FileExistsError if anything is there; the empty directory is ours
+        os.rename(tmp, path)
+    else:
+        os.link(tmp, path)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    # Never replace a path created while we wrote (os.rename would replace a file or an empty directory).
     try:
-        if single:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"output path {str(path)!r} appeared while writing; svdfuse never overwrites") from None
-            except OSError:
-                refuse_existing(path)
-                os.replace(tmp, path)
-        else:
-            refuse_existing(path)
-            os.rename(tmp, path)
+        _rename_noreplace(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"output path {str(path)!r} appeared while writing; svdfuse never overwrites, nothing was written") from None
     finally:
         _remove(tmp)
 

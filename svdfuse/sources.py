@@ -80,6 +80,12 @@ class MappingSource(Source):
         bad = [k for k, v in tensors.items() if not isinstance(v, Tensor)]
         if bad:
             raise SourceError(f"{label}: expected a mapping of name -> Tensor, {bad[0]!r} is {type(tensors[bad[0]]).__name__}")
+        empty = [k for k, v in tensors.items() if v.is_meta]
+        if empty:
+            raise SourceError(
+                f"{label}: tensor {empty[0]!r} {tuple(tensors[empty[0]].shape)} is on the meta device and holds no data "
+                f"({len(empty)} such tensors); load the weights first (e.g. from_pretrained without device_map='meta')"
+            )
         self._tensors = tensors
 
     def keys(self) -> list[str]:
@@ -309,6 +315,12 @@ def open_source(model: ModelLike, label: str) -> Source:
         )
     path = Path(model)
     label = f"{label} ({path.name!r})"
+    try:
+        path.stat()
+    except PermissionError:
+        raise SourceError(f"{label}: cannot read {str(path)!r}: permission denied (on it or a directory above it)") from None
+    except FileNotFoundError:
+        raise SourceError(f"{label}: {str(path)!r} does not exist" + (" (a broken symbolic link)" if path.is_symlink() else "")) from None
     if path.is_dir():
         found = _hf_weight_files(path, label)
         if found is not None:
@@ -332,11 +344,25 @@ def open_source(model: ModelLike, label: str) -> Source:
         if source.metadata.get("svdfuse") == CACHE_FORMAT:
             return ComponentCache(label, source, source.metadata)
         return source
-    raise SourceError(f"{label}: {str(path)!r} does not exist")
+    raise SourceError(f"{label}: {str(path)!r} is neither a .safetensors file nor a model directory")
 
 
-def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike]) -> list[Source]:
-    """Open source models labelled "source 2" (a list) or "source 2 ('cars')" (a name -> model mapping)."""
+def _identity(model: ModelLike) -> tuple:
+    """What makes two arguments the same model: the file or directory (device and inode, so links
+    and other spellings of a path agree), or the very object."""
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            stat = os.stat(model)
+        except OSError:
+            return ("path", os.fspath(model))  # opening it says what is wrong
+        return ("file", stat.st_dev, stat.st_ino)
+    return ("object", id(model))
+
+
+def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike], base: ModelLike | None = None) -> list[Source]:
+    """Open source models labelled "source 2" (a list) or "source 2 ('cars')" (a name -> model
+    mapping). The same model twice, or the base among them, is refused: its components would
+    count twice, or it adds nothing."""
     single = (str, bytes, os.PathLike, torch.nn.Module, Source)
     is_state_dict = isinstance(models, Mapping) and any(isinstance(v, Tensor) for v in models.values())
     if isinstance(models, single) or is_state_dict:
@@ -344,9 +370,16 @@ def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike]) -> list[
             f"models must be a list of source models (or a name -> model mapping), found a single "
             f"{type(models).__name__}; wrap one model in a list: merge([model], ...)"
         )
-    if isinstance(models, Mapping):
-        return [open_source(model, f"source {i} ({name!r})") for i, (name, model) in enumerate(models.items())]
-    return [open_source(model, f"source {i}") for i, model in enumerate(models)]
+    named = list(models.items()) if isinstance(models, Mapping) else [(None, model) for model in models]
+    labels = [f"source {i}" + (f" ({name!r})" if name is not None else "") for i, (name, _) in enumerate(named)]
+    seen: dict[tuple, str] = {} if base is None else {_identity(base): "the base"}
+    for label, (_, model) in zip(labels, named):
+        first = seen.setdefault(_identity(model), label)
+        if first != label:
+            what = f" ({os.fspath(model)!r})" if isinstance(model, (str, os.PathLike)) else ""
+            raise SourceError(f"{label} is the same model as {first}{what}; give each source once (its components would count twice)"
+                              if first != "the base" else f"{label} is the base itself{what}; a source must be a model fine-tuned from it")
+    return [open_source(model, label) for label, (_, model) in zip(labels, named)]
 
 
 class Reader:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from svdfuse import arguments
 from svdfuse.nn import Excess, adaptable_layers, set_trainable
 
 __all__ = ["AdaptReport", "adapt", "default_loss"]
@@ -37,7 +40,14 @@ def default_loss(model: nn.Module, batch: Any) -> Tensor:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         inputs, targets = batch
         logits = model(inputs)
-        return nn.functional.cross_entropy(logits, targets)
+        try:
+            return nn.functional.cross_entropy(logits, targets)
+        except (RuntimeError, ValueError, IndexError) as err:
+            raise ValueError(
+                f"adapt: cross-entropy of the model's output {tuple(logits.shape)} {logits.dtype} against targets "
+                f"{tuple(targets.shape)} {targets.dtype}: expected targets of shape {tuple(logits.shape[:1])} holding class "
+                f"indices below {logits.shape[-1]} (or probabilities of the output's shape); torch says: {err}"
+            ) from err
     raise TypeError(f"cannot compute a loss from a batch of type {type(batch).__name__}; pass loss_fn=(model, batch) -> loss")
 
 
@@ -94,6 +104,11 @@ def adapt(
         print(report.trainable, report.epoch_losses[-1])
     """
     start = time.perf_counter()
+    n = arguments.count(n, "n")
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+        raise ValueError(f"adapt: epochs must be a positive int, found {epochs!r}")
+    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"adapt: lr must be a positive finite number, found {lr!r}")
     trainable = set_trainable(model, n, excess)
     if trainable == 0:
         raise ValueError(f"adapt: n={n} leaves no singular value to train")
@@ -107,7 +122,18 @@ def adapt(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if steps and optimizer is None else None
     report = AdaptReport(trainable=trainable, layers=layers)
     model.train()
-    bar = tqdm(total=steps, desc=f"adapt ({trainable} σ)", unit="step", disable=None if progress is None else not progress)
+    with tqdm(total=steps, desc=f"adapt ({trainable} σ)", unit="step", disable=None if progress is None else not progress) as bar:
+        _train(model, data, loss_fn, opt, sched, epochs, device, bar, report)
+    model.eval()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _train(
+    model: nn.Module, data: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor], opt: torch.optim.Optimizer,
+    sched: Any, epochs: int, device: torch.device, bar: tqdm, report: AdaptReport,
+) -> None:
+    """`epochs` passes over `data`, one optimizer step a batch; each epoch's mean loss into `report`."""
     for _ in range(epochs):
         total, count = 0.0, 0
         for batch in data:
@@ -125,7 +151,3 @@ def adapt(
         if count == 0:
             raise ValueError("adapt: data yielded no batches")
         report.epoch_losses.append(total / count)
-    bar.close()
-    model.eval()
-    report.seconds = time.perf_counter() - start
-    return report

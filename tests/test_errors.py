@@ -14,6 +14,7 @@ import re
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -212,9 +213,10 @@ def test_overflow_when_casting_is_reported_as_a_cast(base):
         (-0.5, ValueError, r"must be in \(0, 1\], found -0\.5$"),
         (1.5, ValueError, r"must be in \(0, 1\], found 1\.5$"),
         (float("nan"), ValueError, r"must be in \(0, 1\], found nan$"),
-        (True, TypeError, r"k must be an int or a float fraction, found bool$"),
-        (False, TypeError, r"k must be an int or a float fraction, found bool$"),
-        ("4", TypeError, r"k must be an int or a float fraction, found str$"),
+        (True, TypeError, r"k must be an int \(components\) or a float fraction of min\(m, n\), found bool True$"),
+        (False, TypeError, r"k must be an int \(components\) or a float fraction of min\(m, n\), found bool False$"),
+        ("4", TypeError, r"k must be an int \(components\) or a float fraction of min\(m, n\), found str '4'$"),
+        (np.float32(1.5), ValueError, r"must be in \(0, 1\], found 1\.5$"),
         (None, TypeError, r"method .axis. needs k, the number of components kept per matrix"),
     ],
 )
@@ -337,9 +339,9 @@ def test_truncated_model_safetensors_in_a_hf_directory(tmp_path, base, base_file
         merge([directory], base_file)
 
 
-def test_nonexistent_path_is_named(tmp_path, base_file):
+def test_nonexistent_path_is_named(tmp_path, base_file, good_file):
     with pytest.raises(SourceError, match=r"source 1 \('nope\.safetensors'\): '.*nope\.safetensors' does not exist"):
-        merge([base_file, tmp_path / "nope.safetensors"], base_file)
+        merge([good_file, tmp_path / "nope.safetensors"], base_file)
     with pytest.raises(SourceError, match=r"^base \('missing-dir'\): '.*missing-dir' does not exist"):
         merge([base_file], tmp_path / "missing-dir")
 
@@ -495,7 +497,7 @@ def test_hf_save_inside_the_base_directory_copies_no_temp_directory(tmp_path, hf
     [
         ({"include": ["nothing.*"]}, ValueError, r"include=\['nothing.\*'\] and exclude=\['\*embed\*'\] leave no weight"),
         ({"exclude": ["*"]}, ValueError, r"include=None and exclude=\['\*'\] leave no weight with 2 or more dims"),
-        ({"include": "blocks.0.attn.weight"}, TypeError, r"include and exclude take a list of glob patterns, found a str"),
+        ({"include": "blocks.0.attn.weight"}, TypeError, r"include takes a list of glob patterns, found a str; write include=\[.blocks\.0\.attn\.weight.\]"),
     ],
 )
 def test_patterns_that_select_no_matrix_are_refused(kwargs, error, pattern, base):

@@ -30,10 +30,15 @@ def _randn(*shape, seed=0, dtype=torch.float32, device="cpu", scale=1.0):
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
 
 
-def _assert_within_torch_error(out, truth, torch_out):
-    """Against torch's fp32 GEMM on the same stored inputs."""
+def _assert_within_torch_error(out, truth, torch_out, A=None, X=None, base=None, transpose=False):
+    """Against torch's fp32 GEMM on the same stored inputs; a `truth` from the oracle
+    (`reference.rsvd_project` of A, X, base) is first checked against plain float64 torch."""
     assert out.dtype == torch.float32
-    assert_within_torch_error(out, truth, torch_out)
+    check = None
+    if A is not None:
+        delta = A.double() if base is None else A.double() - base.double()
+        check = (delta.mT if transpose else delta) @ X.double()
+    assert_within_torch_error(out, truth, torch_out, truth_check=check)
 
 
 @pytest.mark.parametrize("m,n,w", PROJECT_SHAPES)
@@ -52,7 +57,7 @@ def test_rsvd_project_within_torch_error(rsvd, triton_device, m, n, w, dtype, tr
     delta32 = A.float() if base is None else A.float() - base.float()
     torch_out = (delta32.mT if transpose else delta32) @ X
     assert out.shape == truth.shape
-    _assert_within_torch_error(out, truth, torch_out)
+    _assert_within_torch_error(out, truth, torch_out, A, X, base, transpose)
 
 
 def test_rsvd_project_tf32_rounds_its_inputs_to_nearest(rsvd, triton_device):
@@ -68,7 +73,7 @@ def test_rsvd_project_tf32x3_within_its_emulation_error(rsvd, triton_device):
     A, base, X = _randn(3, 37, 21, seed=1, device=triton_device), _randn(37, 21, seed=2, device=triton_device), _randn(21, 9, seed=3, device=triton_device)
     out = rsvd.rsvd_project(A, X, base, precision="tf32x3")
     truth = reference.rsvd_project(A.double(), X.double(), base.double())
-    _assert_within_torch_error(out, truth, reference.rsvd_project(A, X, base, precision="tf32x3"))
+    _assert_within_torch_error(out, truth, reference.rsvd_project(A, X, base, precision="tf32x3"), A, X, base)
 
 
 def test_rsvd_project_empty_batch_and_bad_shape(rsvd, triton_device):
@@ -97,7 +102,7 @@ def test_rsvd_project_offsets_past_2_31_elements(rsvd, triton_device, operand, l
     X = _randn(3, 2, seed=3, device=triton_device)
     out = rsvd.rsvd_project(A, X, base)
     truth = reference.rsvd_project(A.double(), X.double(), base.double())
-    _assert_within_torch_error(out, truth, (A.float() - base.float()) @ X)
+    _assert_within_torch_error(out, truth, (A.float() - base.float()) @ X, A, X, base)
 
 
 def _hard_sketches(m=60, w=12):

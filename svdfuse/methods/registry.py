@@ -32,10 +32,12 @@ from __future__ import annotations
 import enum
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 from torch import Tensor
 
 from svdfuse.methods.trim import TrimKeep, TrimOptions, TrimScope, trim_options
@@ -117,8 +119,10 @@ class Method:
                     out[name] = p.default
         return out
 
-    def check_params(self, given: dict[str, Any]) -> None:
-        """Refuse a parameter the method does not have, or a value outside a choice (a parameter whose default is an enum)."""
+    def check_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        """`given` checked against the method's parameters, by name, by annotated type (a numpy
+        scalar is accepted as the Python number it holds) and, for a parameter whose default is
+        an enum, by its choices; returns them normalized."""
         defaults = self.params()
         unknown = sorted(set(given) - set(defaults))
         if unknown:
@@ -128,6 +132,10 @@ class Method:
             if isinstance(defaults[name], enum.Enum) and value not in [e.value for e in type(defaults[name])]:  # a list: an enum member hashes by its name
                 choices = ", ".join(repr(e.value) for e in type(defaults[name]))
                 raise ValueError(f"{self.name}: {name} must be one of {choices}, found {getattr(value, 'value', value)!r}")
+        annotations = {}
+        for fn in filter(None, (self.merge, self.source_rank, self.others)):
+            annotations.update({name: p.annotation for name, p in inspect.signature(fn).parameters.items()})
+        return {name: _typed(f"{self.name}: {name}", value, annotations.get(name)) for name, value in given.items()}
 
     def call(self, fn: Callable, *args: Any, **context: Any) -> Any:
         """`fn(*args, **the subset of context it takes)`."""
@@ -142,6 +150,25 @@ class Method:
         return trim_options(
             self.name, value[self.trim_density], value.get("trim_scope", TrimScope.TENSOR), value.get("trim_keep", TrimKeep.COUNT)
         )
+
+
+def _typed(what: str, value: Any, annotation: Any) -> Any:
+    """`value` as the scalar type its annotation ("float", "int | None", "bool") names."""
+    kinds = set(str(annotation).replace(" ", "").split("|"))
+    if value is None and "None" in kinds:
+        return None
+    if "bool" in kinds:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise TypeError(f"{what} must be True or False, found {type(value).__name__} {value!r}")
+    if "int" in kinds and isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if "float" in kinds and isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if kinds & {"int", "float"}:
+        expected = " or ".join(sorted(kinds & {"int", "float", "None"}))
+        raise TypeError(f"{what} must be {expected}, found {type(value).__name__} {value!r}")
+    return value
 
 
 METHODS: dict[str, Method] = {}

@@ -157,6 +157,12 @@ def attach(
     for key in list(components) + list(tensors):
         if key not in own:
             raise ValueError(f"module {type(base).__name__} has no tensor {key!r} that the merge produced")
+        merged = tensors[key].shape if key in tensors else frozen[key].shape
+        if own[key].shape != merged:
+            raise ValueError(
+                f"module {type(base).__name__}: tensor {key!r} is {tuple(own[key].shape)}, the merge produced {tuple(merged)}; "
+                "is this the architecture of the merge's base?"
+            )
     if matrices and not components:
         raise ValueError(
             f"this {method} merge has no components to adapt: pass k to svdfuse.merge to make the top-k "
