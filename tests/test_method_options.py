@@ -151,6 +151,21 @@ def test_bad_trim_options_are_refused_before_any_work(params, pattern, monkeypat
         svdfuse.merge(sources, base=base, method="ties", device="cpu", **params)
 
 
+@pytest.mark.parametrize(
+    "name,params,pattern",
+    [
+        ("iso_c", {"scale_nonmatrix": "yes"}, r"iso_c: scale_nonmatrix must be True or False, found str 'yes'"),
+        ("iso_cts", {"common_size": "4"}, r"iso_cts: common_size must be None or int, found str '4'"),
+        ("iso_cts", {"fill_rank": 1}, r"iso_cts: fill_rank must be True or False, found int 1"),
+    ],
+)
+def test_option_types_are_checked_before_any_work(name, params, pattern, monkeypatch):
+    base, sources = _problem(torch.float64, "continuous")
+    monkeypatch.setattr(svdfuse.pipeline.Compute, "run", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(TypeError, match=pattern):
+        svdfuse.merge(sources, base=base, method=name, device="cpu", **params)
+
+
 def _common_subspace_ref(r, T, f, fill):
     """The Iso-CTS paper: k_c = floor(f·r), s = floor((r - k_c)/T). The official iso-merging code
     (and FusionBench): k_c = int(r·f), then k_c = r - round((r - k_c)/T)·T, s = (r - k_c)/T."""
