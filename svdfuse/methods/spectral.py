@@ -33,7 +33,7 @@ def _sorted(U: Tensor, S: Tensor, V: Tensor, counts: Tensor | None = None) -> Fa
 def _mean_task_vector(tau: Tensor, *, scaling: float = 1.0, scale_nonmatrix: bool = False) -> Tensor:
     """Tensors not merged as matrices, tau (T, R, *s) -> the mean task vector (R, *s), times
     `scaling` when `scale_nonmatrix`."""
-    check_finite_param("scale_nonmatrix", "scaling", scaling)
+    check_finite_param("the non-matrix mean", "scaling", scaling)
     mean = tau.mean(0)
     return mean.mul_(scaling) if scale_nonmatrix else mean
 
