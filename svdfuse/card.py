@@ -49,7 +49,7 @@ def model_card(report: MergeReport, title: str) -> str:
     header = {"library_name": "transformers", "tags": ["svdfuse", "merge", report.method]}
     if report.base is not None:
         header = {"base_model": report.base, **header}
-    parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in report.parameters.items()}
+    parameters = {k: list(v) if isinstance(v, tuple) else getattr(v, "value", v) for k, v in report.parameters.items()}  # enums by their string
     lines = [
         "---",
         yaml.safe_dump(header, sort_keys=False).rstrip(),

@@ -1,9 +1,11 @@
-"""The `svdfuse` command line: `svdfuse merge ...` (flags or `--config FILE`), `decompose`, `inspect` and `demo`."""
+"""The `svdfuse` command line: `svdfuse merge ...` (flags or `--config FILE`), `decompose`, `inspect`, `methods` and `demo`."""
 
 from __future__ import annotations
 
 import argparse
+import enum
 import sys
+import textwrap
 
 from tqdm.auto import tqdm
 
@@ -50,17 +52,21 @@ def _add_method_params(parser: argparse.ArgumentParser) -> None:
     for name, method in sorted(METHODS.items()):
         for param, default in method.params().items():
             users.setdefault(param, {})[name] = default
+    shown = lambda value: getattr(value, "value", value)  # noqa: E731  (an enum by its string)
     group = parser.add_argument_group("method parameters (each method's own default unless given)")
     for param, defaults in users.items():
         values = set(map(repr, defaults.values()))
         if len(values) == 1:
-            help_text = f"for {', '.join(defaults)} (default {next(iter(defaults.values()))})"
+            help_text = f"for {', '.join(defaults)} (default {shown(next(iter(defaults.values())))})"
         else:
-            help_text = "for " + ", ".join(f"{m} (default {d})" for m, d in defaults.items())
+            help_text = "for " + ", ".join(f"{m} (default {shown(d)})" for m, d in defaults.items())
         flag = "--" + param.replace("_", "-")
         default = next(iter(defaults.values()))
         if isinstance(default, bool):
             group.add_argument(flag, dest=param, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(default, enum.Enum):
+            choices = [e.value for e in type(default)]
+            group.add_argument(flag, dest=param, choices=choices, default=None, help=help_text)
         elif param == "weights":
             group.add_argument(flag, dest=param, type=_weights, metavar="W1,W2,...", default=None, help=f"one per source, in order; {help_text}")
         elif isinstance(default, str):
@@ -68,6 +74,18 @@ def _add_method_params(parser: argparse.ArgumentParser) -> None:
         else:
             kind = int if default is None or isinstance(default, int) else float
             group.add_argument(flag, dest=param, type=kind, default=None, help=help_text)
+
+
+def methods_table() -> str:
+    """Every registered method: its paper, its parameters with their defaults, and which paper or
+    tool its defaults follow (what `svdfuse methods` prints and `svdfuse merge --help` ends with)."""
+    lines = []
+    for name, method in sorted(METHODS.items()):
+        params = ", ".join(f"{p}={getattr(d, 'value', d)!r}" for p, d in method.params().items()) or "none"
+        lines.append(f"{name} ({method.kind.value}, {method.reference_url})")
+        lines.append(textwrap.fill(f"parameters: {params}", 100, initial_indent="  ", subsequent_indent="    "))
+        lines.append(textwrap.fill(f"defaults follow: {method.follows}", 100, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(lines)
 
 
 def _add_svd_options(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    merge = sub.add_parser("merge", help="merge source models into one (AXIS)")
+    merge = sub.add_parser(
+        "merge", help="merge source models into one (AXIS)", epilog="methods:\n" + textwrap.indent(methods_table(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     merge.add_argument("sources", nargs="*", help=".safetensors files or Hugging Face model directories fine-tuned from BASE")
     merge.add_argument("--config", metavar="YAML", help="run the merge a YAML file describes: svdfuse's keys, or a mergekit config (merge_method: ...)")
     merge.add_argument("--base", help="the pre-trained model: a .safetensors file or a Hugging Face directory")
@@ -121,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     dec.add_argument("--max-memory", help="memory budget, e.g. 4GB (default: half of the available memory)")
 
     _add_inspect(sub)
+    sub.add_parser("methods", help="list the merge methods: paper, parameters, and which paper or tool each default follows")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in digits task (offline, CPU or GPU)")
     demo.add_argument("-k", type=_k, default=0.25, help="components kept per matrix (default 0.25 of min(m, n))")
@@ -242,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     merge = lambda args: _merge_config(args, argv[1:]) if args.config else _merge(args)  # noqa: E731
-    commands = {"merge": merge, "decompose": _decompose, "inspect": _inspect, "demo": _demo}
+    commands = {"merge": merge, "decompose": _decompose, "inspect": _inspect, "demo": _demo, "methods": lambda _: print(methods_table())}
     try:
         commands[args.command](args)
     except KeyboardInterrupt:

@@ -231,8 +231,10 @@ def merge(
     )
     try:
         state = Progress([False] * len(sources), bar.update)
-        compute = Compute(spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state, budget=budget,
-                          allow_non_finite=allow_non_finite)
+        compute = Compute(
+            spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state,
+            budget=budget, model_trim=plan.model_trim, allow_non_finite=allow_non_finite,
+        )
         layers = _run(tasks, compute, sink, group)
         bar.close()
         _check_changed(sources, state.differs, group)

@@ -8,6 +8,7 @@ knows nothing of where its output goes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,9 @@ import torch
 from torch import Tensor
 
 from svdfuse.methods import Block, Factors, Kind, Method
-from svdfuse.methods.trim import TRIM_SHARE, exact_trim
+from svdfuse.methods.trim import TRIM_SHARE, Trim, TrimScope, exact_trim
 from svdfuse.ops import SVDOptions
-from svdfuse.plan import Role, Task, TensorSpec
+from svdfuse.plan import ModelTrim, Role, Task, TensorSpec
 from svdfuse.reference import compute_dtype
 from svdfuse.result import LayerReport
 from svdfuse.sinks import LowRank
@@ -80,11 +81,15 @@ class Compute:
         progress: Progress,
         budget: int,
         allow_non_finite: bool = False,
+        model_trim: ModelTrim | None = None,
     ) -> None:
         self.method, self.reader, self.svd, self.device = method, reader, svd, device
         self.budget, self.allow_non_finite = budget, allow_non_finite
         self.params, self.want_factors, self.progress = params, want_factors, progress
         self.T = len(reader.sources)
+        self.trim_options = method.trim(params)
+        self.model_trim = model_trim
+        self._model_trim: Trim | None = None  # found by the first pass, at the first task that needs it
 
     def run(self, task: Task, after: Task | None = None) -> Iterator[Merged]:
         """The outputs of `task`; the first piece of `after` (the next task) is read ahead from disk
@@ -148,33 +153,57 @@ class Compute:
                 + "; a fine-tuned model holds the base's weights plus a change: is this checkpoint complete?"
             )
 
+    def _taus(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor, offset: int = 0) -> Iterator[tuple[int, Tensor]]:
+        """(flat index of the block's first entry + offset, task vectors of the block) over `spec`, a trim pass."""
+        return ((offset + start * spec.row_numel, self._task_vectors(w, w0)) for start, _, w0, w in self._blocks(spec, block, W0, W, check=False))
+
+    def _whole_model_trim(self, spec: TensorSpec) -> Trim:
+        """Tensor `spec`'s view of the whole-model trim; the first call finds it, in passes over
+        every floating tensor of the model in its row blocks (every process finds the same)."""
+        scope = self.model_trim
+        if self._model_trim is None:
+            def taus() -> Iterator[tuple[int, Tensor]]:
+                for task in scope.tasks:
+                    each = task.specs[0]
+                    rows = min(task.block, each.rows)
+                    W0 = torch.empty((rows, each.row_numel), dtype=scope.dtype, device=self.device)
+                    W = torch.empty((self.T, rows, each.row_numel), dtype=scope.dtype, device=self.device)
+                    yield from self._taus(each, task.block, W0, W, scope.offsets[each.key])
+
+            limit = int(TRIM_SHARE * self.budget) // scope.dtype.itemsize
+            options = self.trim_options
+            self._model_trim = exact_trim(taus, scope.numel, self.T, options.density, scope.dtype, limit=limit, keep_rule=options.keep)
+        return dataclasses.replace(self._model_trim, offset=scope.offsets[spec.key])
+
     def _elementwise(self, spec: TensorSpec, block: int) -> Iterator[Merged]:
+        method = self.method if self.method.kind is Kind.ELEMENTWISE else None
+        context: dict[str, Any] = {"svd": self.svd, **self.params}
+        options = self.trim_options if method is not None else None
+        if options is not None and options.scope is TrimScope.MODEL:  # before this task's buffers: one piece at a time
+            context["trim"] = self._whole_model_trim(spec)
         acc = compute_dtype(spec.out_dtype)
         c = spec.row_numel
         W0 = torch.empty((min(block, spec.rows), c), dtype=acc, device=self.device)
         W = torch.empty((self.T, min(block, spec.rows), c), dtype=acc, device=self.device)
-        method = self.method if self.method.kind is Kind.ELEMENTWISE else None
-        context: dict[str, Any] = {"svd": self.svd, **self.params}
         # (start, stop, base rows, task vectors): formed in place, the sources' rows are not kept.
         pieces = ((start, stop, w0, self._task_vectors(w, w0)) for start, stop, w0, w in self._blocks(spec, block, W0, W, check=True))
-        if method is not None and method.trim_density is not None:
-            density = self.params.get(method.trim_density, method.params()[method.trim_density])
+        if options is not None and options.scope is TrimScope.TENSOR:
             if spec.rows <= block:  # one piece: read it once, trim and merge it in memory
                 resident = list(pieces)  # read to the end: the generator's checks run
                 pieces = iter(resident)
                 taus = lambda: iter([(0, resident[0][3])])  # noqa: E731
             else:
-                taus = lambda: ((start * c, self._task_vectors(w, w0)) for start, _, w0, w in self._blocks(spec, block, W0, W, check=False))  # noqa: E731
-            if 0.0 <= density <= 1.0:  # else the method says what is wrong
-                limit = int(TRIM_SHARE * self.budget) // acc.itemsize  # values bracketing the thresholds
-                context["trim"] = exact_trim(taus, spec.rows * c, self.T, density, acc, limit=limit)
+                taus = lambda: self._taus(spec, block, W0, W)  # noqa: E731
+            limit = int(TRIM_SHARE * self.budget) // acc.itemsize  # values bracketing the thresholds
+            context["trim"] = exact_trim(taus, spec.rows * c, self.T, options.density, acc, limit=limit, keep_rule=options.keep)
         whole = whole0 = None
         if spec.role is Role.MATRIX and spec.k is not None and self.want_factors:
             # the whole delta, for its SVD, and the base beside it (a matrix kept in memory anyway)
             whole, whole0 = (torch.empty((spec.rows, c), dtype=acc, device=self.device) for _ in range(2))
         for start, stop, w0, tau in pieces:
-            if method is None:
-                delta = tau.mean(0)
+            if method is None:  # a tensor not merged as a matrix by a matrix method
+                others = self.method.others
+                delta = tau.mean(0) if others is None else self.method.call(others, tau, **self.params)
             else:
                 delta = method.call(method.merge, tau, block=Block(spec.key, start * c, self.svd.seed), **context)
             self.progress.advance((self.T + 1) * (stop - start) * c * spec.dtype.itemsize)

@@ -24,7 +24,7 @@ import torch
 
 from svdfuse import cpu
 from svdfuse.methods import Kind, Method
-from svdfuse.methods.trim import TRIM_SHARE
+from svdfuse.methods.trim import TRIM_SHARE, TrimScope
 from svdfuse.ops import SVDOptions
 from svdfuse.reference import compute_dtype
 from svdfuse.sources import ComponentCache, Source, SourceError
@@ -97,13 +97,30 @@ class Task:
 
 
 @dataclass(frozen=True)
+class ModelTrim:
+    """A trim whose thresholds span the whole model's task vector (TIES, `trim_scope="model"`),
+    found in a first pass over `tasks` (every floating tensor, in model order) before the merge.
+
+    offsets: each tensor's first entry's flat index in that vector of `numel` entries; dtype: the
+    accumulation dtype shared by all of them.
+    """
+
+    tasks: tuple[Task, ...]
+    offsets: dict[str, int]
+    numel: int
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Every tensor of the model in model order, and the tasks that merge them."""
+    """Every tensor of the model in model order, the tasks that merge them, and the whole-model
+    trim that must run before them, if any."""
 
     specs: list[TensorSpec]
     tasks: list[Task]
     sources: int
     budget: int
+    model_trim: ModelTrim | None = None
 
     @property
     def matrices(self) -> list[TensorSpec]:
@@ -134,18 +151,21 @@ def matches_any(key: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-def _is_matrix(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-    return len(shape) >= 2 and dtype.is_floating_point and key.rsplit(".", 1)[-1].endswith("weight")
+def _is_matrix(key: str, shape: tuple[int, ...], dtype: torch.dtype, named: bool) -> bool:
+    """Whether a floating tensor is merged as a matrix: 2+ dims, and a name ending in "weight"
+    unless an `include` pattern names it (open_clip's `proj`, `positional_embedding`)."""
+    return len(shape) >= 2 and dtype.is_floating_point and (named or key.rsplit(".", 1)[-1].endswith("weight"))
 
 
 def tensor_role(key: str, shape: tuple[int, ...], dtype: torch.dtype, include: Sequence[str] | None, exclude: Sequence[str]) -> Role:
-    """What a merge does with tensor `key`: integer tensors are copied; floating weights with 2+
-    dims that `include` (None: all) names and `exclude` does not are merged as matrices; the rest
-    elementwise."""
+    """What a merge does with tensor `key`: integer tensors are copied; floating tensors with 2+
+    dims that `include` (None: all weights) names and `exclude` does not are merged as matrices
+    (any name when an `include` pattern names it); the rest elementwise."""
     if not dtype.is_floating_point:
         return Role.COPIED
-    wanted = (include is None or matches_any(key, include)) and not matches_any(key, exclude)
-    return Role.MATRIX if wanted and _is_matrix(key, shape, dtype) else Role.ELEMENTWISE
+    named = include is not None and matches_any(key, include)
+    wanted = (include is None or named) and not matches_any(key, exclude)
+    return Role.MATRIX if wanted and _is_matrix(key, shape, dtype, named) else Role.ELEMENTWISE
 
 
 def _check_sources(base: Source, sources: list[Source], dtype: torch.dtype | None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -292,7 +312,28 @@ def make_plan(
         tasks += _matrix_tasks(entries, len(sources), method, r, svd.oversample, budget, itemsize)
         ranks.update({entry.key: r for entry in entries})
     _check_caches(sources, method, svd, ranks)
-    return Plan(specs, tasks, len(sources), budget)
+    trim = method.trim(params)
+    model_trim = _model_trim(tasks) if trim is not None and trim.scope is TrimScope.MODEL else None
+    return Plan(specs, tasks, len(sources), budget, model_trim)
+
+
+def _model_trim(tasks: list[Task]) -> ModelTrim:
+    """The whole-model trim over the floating tensors of `tasks`; one accumulation dtype, or an error."""
+    trimmed = tuple(task for task in tasks if task.specs[0].role is not Role.COPIED)
+    dtypes: dict[torch.dtype, str] = {}
+    offsets, numel = {}, 0
+    for task in trimmed:
+        spec = task.specs[0]
+        dtypes.setdefault(compute_dtype(spec.out_dtype), spec.key)
+        offsets[spec.key] = numel
+        numel += math.prod(spec.shape)
+    if len(dtypes) > 1:
+        found = ", ".join(f"{d} ({key!r})" for d, key in dtypes.items())
+        raise ValueError(
+            f"trim_scope='model' takes one threshold per source over every tensor, compared in one dtype; these tensors "
+            f"accumulate in {found}: pass dtype=... to merge in one dtype, or use trim_scope='tensor'"
+        )
+    return ModelTrim(trimmed, offsets, numel, next(iter(dtypes), torch.float32))
 
 
 def svd_fields(svd: SVDOptions) -> dict:

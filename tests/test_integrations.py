@@ -520,3 +520,29 @@ def test_clip_adaptations_stack_and_serve_each_request_with_its_own_sigma(clip_m
         dense = materialize(stacked, task=1)
         assert all(type(block.attn) is nn.MultiheadAttention for block in dense.visual.transformer.resblocks)
         torch.testing.assert_close(dense.encode_image(images), outputs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_clip_included_2d_tensors_merge_as_matrices_whatever_their_names(clip_base):
+    """open_clip's `proj` (768x512, applied as x @ proj) and `positional_embedding` (50x768) are 2-D
+    tensors not named "...weight": merged as matrices when `include` names them (as FusionBench
+    merges every 2-D tensor; by default they are averaged, tests/test_method_options.py); the SVD
+    module holds what the dense merge does."""
+    visual = clip_base.visual
+    base = visual.state_dict()
+    keys = ["proj", "positional_embedding"]
+    gen = torch.Generator().manual_seed(7)
+    sources = []
+    for sigmas in ([1.0, 0.6, 0.2], [0.9, 0.5, 0.1]):
+        sources.append({**base, **{key: base[key] + _planted(*base[key].shape, sigmas, gen).float() for key in keys}})
+    result = svdfuse.merge(sources, k=4, base=visual, include=keys, exclude=(), device="cpu")
+    assert sorted(layer.key for layer in result.report.layers) == sorted(keys)
+    for key in keys:
+        expected, counts = _axis_float64(base[key], [s[key] for s in sources], 4)
+        _assert_delta_close(key, result.delta(key), expected)
+        assert next(layer.counts for layer in result.report.layers if layer.key == key) == counts == [2, 2]
+    model = result.to_module(visual)  # both become SVDWeight parametrizations of the tower itself
+    assert sorted(name for name, _ in svd_layers(model)) == ["parametrizations.positional_embedding.0", "parametrizations.proj.0"]
+    merged = result.state_dict()
+    for key in keys:  # what the forward reads: W0 + U diag(σ) Vᵀ, the dense merge up to its fp32 rounding
+        value = getattr(model, key).detach()
+        torch.testing.assert_close(value, merged[key], atol=4 * EPS32 * merged[key].abs().max().item(), rtol=0)

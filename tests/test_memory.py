@@ -10,7 +10,8 @@ freed tensors leave RSS at once and RssAnon tracks live bytes rather than what t
 keeps cached.
 
 The bound is pinned at two numbers of sources (T = 6 and 24, sources 4x the budget and more) for
-AXIS and for TIES (the elementwise method with the most temporaries), and the probe is shown to
+AXIS, for TIES (the elementwise method with the most temporaries) and for TIES trimmed over the
+whole model (a first pass over every tensor finds the thresholds), and the probe is shown to
 see a merge that holds many sources at once: the same merge with an unbounded budget.
 """
 
@@ -59,7 +60,8 @@ def rss_anon() -> int:
 
 directory, method, budget, sources, output = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 files = [f"{directory}/source{i}.safetensors" for i in range(sources)]
-params = {"k": 16} if method == "axis" else {"density": 0.2}
+method, _, scope = method.partition("-")  # "ties-model": TIES trimmed over the whole model
+params = {"k": 16} if method == "axis" else {"density": 0.2, **({"trim_scope": scope} if scope else {})}
 
 # Warm up torch's lazily created state (LAPACK workspaces, thread pool) outside the measurement.
 g = torch.Generator().manual_seed(0)
@@ -137,7 +139,7 @@ def _probe(directory: Path, method: str, budget: int, sources: int, tmp_path: Pa
     return measured
 
 
-@pytest.mark.parametrize("method", ["axis", "ties"])
+@pytest.mark.parametrize("method", ["axis", "ties", "ties-model"])
 def test_peak_memory_is_the_budget_plus_a_constant_for_few_and_many_sources(method, models, tmp_path):
     few = _probe(models, method, BUDGET, SOURCES_FEW, tmp_path)
     many = _probe(models, method, BUDGET, SOURCES_MANY, tmp_path)

@@ -163,7 +163,7 @@ def test_command_runs(line, command, tmp_path):
         if command.startswith(start):
             pytest.skip(why)
     make_world(tmp_path)
-    argv = shlex.split(command)
+    argv = shlex.split(command, comments=True)
     assert argv[0] == "svdfuse", command
     env = {**os.environ, "PYTHONPATH": str(README.parent)}
     expanded = " ".join(shlex.quote(a) if not re.search(r"[*?]", a) or a.startswith("visual") else a for a in argv[1:])

@@ -17,7 +17,10 @@ from safetensors.torch import load_file, save_file
 import svdfuse
 from svdfuse.cli import main
 
-METHODS = [("axis", {"k": 6}), ("ties", {"density": 0.3, "k": 4}), ("dare", {"drop_rate": 0.5}), ("task_arithmetic", {}), ("tsv_m", {}), ("iso_c", {})]
+METHODS = [
+    ("axis", {"k": 6}), ("ties", {"density": 0.3, "k": 4}), ("ties", {"density": 0.3, "k": 4, "trim_scope": "model", "trim_keep": "inclusive"}),
+    ("dare", {"drop_rate": 0.5}), ("task_arithmetic", {}), ("tsv_m", {}), ("iso_c", {}),
+]  # fmt: skip
 
 
 def _model(gen: torch.Generator, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -55,7 +58,7 @@ def files(tmp_path_factory) -> tuple[Path, list[str]]:
     return root, paths
 
 
-@pytest.mark.parametrize("method,params", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("method,params", METHODS, ids=[m + ("-model" if "trim_scope" in p else "") for m, p in METHODS])
 def test_streamed_output_equals_the_in_memory_merge(method, params, files, tmp_path):
     root, sources = files
     base = root / "base.safetensors"
@@ -157,7 +160,9 @@ def _torchrun(args: list[str], nproc: int) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("method,params", [("axis", ["-k", "4"]), ("ties", ["--density", "0.3"])])
+@pytest.mark.parametrize(
+    "method,params", [("axis", ["-k", "4"]), ("ties", ["--density", "0.3"]), ("ties", ["--density", "0.3", "--trim-scope", "model"])], ids=["axis", "ties", "ties-model"]
+)
 def test_torchrun_two_processes_write_the_same_bytes_as_one(method, params, files, tmp_path):
     root, sources = files
     args = ["merge", "--base", str(root / "base.safetensors"), "--method", method, *params, "--max-memory", "64KB", "--shard-size", "8KB", "--quiet", "--device", "cpu"]

@@ -15,7 +15,10 @@ def _axis_rank(k: int, T: int, m: int, n: int) -> int:
     return k  # a global top-k takes at most k components from any one source
 
 
-@register("axis", reference_url="https://arxiv.org/abs/2508.19353", kind=Kind.FACTORS, needs_k=True, source_rank=_axis_rank)
+@register(
+    "axis", reference_url="https://arxiv.org/abs/2508.19353", kind=Kind.FACTORS, needs_k=True, source_rank=_axis_rank,
+    follows="the AXIS paper: raw singular values, one global top-k per matrix; non-matrix tensors averaged",
+)  # fmt: skip
 def axis(chunks: Iterator[tuple[Tensor, Tensor, Tensor]], *, k: int, T: int) -> Factors:
     """Keep the k largest components by singular value over all sources, sum them and
     re-orthogonalize.

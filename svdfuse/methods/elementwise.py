@@ -7,6 +7,7 @@ buffer: a method may overwrite it.
 
 from __future__ import annotations
 
+import enum
 import zlib
 from collections.abc import Sequence
 
@@ -14,7 +15,14 @@ import torch
 from torch import Tensor
 
 from svdfuse.methods.registry import Block, Kind, check_finite_param, check_weights, register
-from svdfuse.methods.trim import Trim
+from svdfuse.methods.trim import Trim, TrimKeep, TrimScope
+
+
+class Disjoint(str, enum.Enum):
+    """How TIES combines the trimmed values that agree with the elected sign."""
+
+    MEAN = "mean"  # their mean (the TIES paper, mergekit)
+    SUM = "sum"  # their sum (FusionBench's default merge_func)
 
 
 # Elements of one source per step of TIES: the T sources of a step stay in cache across its passes.
@@ -31,7 +39,7 @@ def _weighted(method: str, tau: Tensor, weights: Sequence[float] | None) -> Tens
     return w
 
 
-@register("average", reference_url="https://arxiv.org/abs/2203.05482", kind=Kind.ELEMENTWISE)
+@register("average", reference_url="https://arxiv.org/abs/2203.05482", kind=Kind.ELEMENTWISE, follows="the model soups paper: the uniform mean")
 def average(tau: Tensor, *, weights: Sequence[float] | None = None) -> Tensor:
     """Model soup: the mean of the sources, i.e. the mean task vector; with `weights` (one per
     source) the weighted mean `Σ_i w_i τ_i / Σ_i w_i`."""
@@ -39,7 +47,10 @@ def average(tau: Tensor, *, weights: Sequence[float] | None = None) -> Tensor:
     return tau.mean(0) if w is None else tau.sum(0).div_(w.sum())
 
 
-@register("task_arithmetic", reference_url="https://arxiv.org/abs/2212.04089", kind=Kind.ELEMENTWISE)
+@register(
+    "task_arithmetic", reference_url="https://arxiv.org/abs/2212.04089", kind=Kind.ELEMENTWISE,
+    follows="the Task Arithmetic paper: one scaling for the summed task vectors, 0.3",
+)  # fmt: skip
 def task_arithmetic(tau: Tensor, *, scaling: float = 0.3, weights: Sequence[float] | None = None) -> Tensor:
     """`scaling · Σ_i w_i (W_i − W0)` (w_i = 1 without `weights`); 0.3 is the value the paper
     found best for many tasks."""
@@ -48,18 +59,40 @@ def task_arithmetic(tau: Tensor, *, scaling: float = 0.3, weights: Sequence[floa
     return tau.sum(0).mul_(scaling)
 
 
-@register("ties", reference_url="https://arxiv.org/abs/2306.01708", kind=Kind.ELEMENTWISE, trim_density="density")
+@register(
+    "ties", reference_url="https://arxiv.org/abs/2306.01708", kind=Kind.ELEMENTWISE, trim_density="density",
+    follows=(
+        "mergekit for the trim (each tensor on its own, exactly floor(density·n) entries); the TIES paper for the "
+        "sign election and disjoint mean. trim_scope='model' with trim_keep='inclusive' is the TIES authors' code "
+        "and FusionBench (the whole model's task vector, floor(density·n)+1 entries and every tie); disjoint='sum' "
+        "is FusionBench's default merge_func"
+    ),
+)  # fmt: skip
 def ties(
-    tau: Tensor, *, block: Block, trim: Trim | None = None, density: float = 0.2, scaling: float = 1.0,
-    weights: Sequence[float] | None = None, zero_sign: str = "none",
+    tau: Tensor,
+    *,
+    block: Block,
+    trim: Trim | None = None,
+    density: float = 0.2,
+    scaling: float = 1.0,
+    trim_scope: TrimScope = TrimScope.TENSOR,
+    trim_keep: TrimKeep = TrimKeep.COUNT,
+    disjoint: Disjoint = Disjoint.MEAN,
+    weights: Sequence[float] | None = None,
+    zero_sign: str = "none",
 ) -> Tensor:
-    """TIES: trim each task vector to its top `density` fraction by magnitude (floor(density ·
-    numel) entries per source and tensor; ties at the threshold go to the entries first in
-    row-major order), elect the sign of each entry by the sum of the trimmed values, and average
-    only the values that agree with it (disjoint mean); times `scaling`.
+    """TIES: trim each task vector to its top `density` fraction by magnitude, elect the sign of
+    each entry by the sum of the trimmed values, and average only the values that agree with it
+    (disjoint mean; `disjoint="sum"` adds them instead); times `scaling`.
+
+    What survives the trim is `trim` (computed by the pipeline, `svdfuse.methods.trim`): per
+    source, over each tensor (`trim_scope="tensor"`) or the whole model's task vector
+    (`"model"`), exactly floor(density · n) entries, ties at the threshold to the entries first in
+    row-major order (`trim_keep="count"`), or every entry at least the (floor(density · n) + 1)-th
+    largest magnitude (`"inclusive"`).
 
     With `weights` (mergekit's TIES), the trimmed task vectors are weighted first, the sign is
-    elected from the weighted sum and the agreeing values are averaged with their weights:
+    elected from the weighted sum and the agreeing values are combined with their weights:
     `Σ_i w_i τ̂_i [agree] / Σ_i w_i [agree]`. `zero_sign`: the sign elected where the trimmed
     values sum to exactly 0: "none" (nothing agrees, the entry keeps the base) or "positive"
     (+1, as mergekit 0.1.5 does)."""
@@ -68,6 +101,7 @@ def ties(
     if zero_sign not in ("none", "positive"):
         raise ValueError(f"ties: zero_sign must be 'none' or 'positive', found {zero_sign!r}")
     check_finite_param("ties", "scaling", scaling)
+    mean = Disjoint(disjoint) is Disjoint.MEAN
     T = tau.shape[0]
     if weights is not None:
         check_weights("ties", weights, T)
@@ -84,12 +118,11 @@ def ties(
         if zero_sign == "positive":
             elected[elected == 0] = 1
         agree = (t * elected) > 0  # same nonzero sign as the elected one
-        if w is None:
-            count = agree.sum(0).clamp_(min=1)
-        else:
-            count = (agree * w).sum(0)
-            count[count == 0] = 1
-        out[s : s + step] = t.mul_(agree).sum(0).div_(count).mul_(scaling)
+        agreeing = t.mul_(agree).sum(0)
+        if mean:
+            count = agree.sum(0) if w is None else (agree * w).sum(0)
+            agreeing.div_(count.masked_fill_(count == 0, 1))
+        out[s : s + step] = agreeing.mul_(scaling)
     return out.reshape(tau.shape[1:])
 
 
@@ -116,7 +149,10 @@ def survivors(seed: int, key: str, source: int, start: int, shape: torch.Size, d
     return (draws[offset : offset + shape.numel()] >= drop_rate).reshape(shape).to(device)
 
 
-@register("dare", reference_url="https://arxiv.org/abs/2311.03099", kind=Kind.ELEMENTWISE)
+@register(
+    "dare", reference_url="https://arxiv.org/abs/2311.03099", kind=Kind.ELEMENTWISE,
+    follows="the DARE paper: drop at rate p, rescale by 1/(1-p), add as Task Arithmetic; masks seeded per entry (svdfuse)",
+)  # fmt: skip
 def dare(
     tau: Tensor, *, block: Block, drop_rate: float = 0.9, rescale: bool = True, scaling: float = 1.0,
     weights: Sequence[float] | None = None,

@@ -6,8 +6,9 @@ A method is one of three kinds, by what it needs to see at once:
   sources, `W0: (R, *s)` and `W: (T, R, *s)` -> merged task vector `(R, *s)`. Every tensor of the
   model goes through it in blocks sized from the memory budget. Context it may declare: `block`
   (a `Block`: which tensor and where the rows start, for seeded masks) and `trim` (a `Trim`: the
-  exact per-source magnitude threshold over the whole tensor, for methods that trim; `trim_density`
-  names the parameter giving its density).
+  exact per-source magnitude threshold over the whole tensor, or the whole model, for methods
+  that trim; `trim_density` names the parameter giving its density, and the parameters
+  `trim_scope` and `trim_keep`, where the method has them, its `TrimScope` and `TrimKeep`).
 - `Kind.FACTORS` (AXIS, TSV-M): per-source truncated SVDs combined. `source_rank(k, T, m, n,
   **params)` says how many components each source needs; `merge(chunks, *, k, T, **params)` takes
   an iterator of `(U (G, c, m, r), S (G, c, r), V (G, c, n, r))`, the factors of consecutive
@@ -18,7 +19,12 @@ A method is one of three kinds, by what it needs to see at once:
   `(G, m, n)`; all sources of a group at once.
 
 Tensors that are not merged as matrices take the mean task vector unless the method is
-elementwise. The merge pipeline (`svdfuse.merge`) reads, checks and writes; methods only compute.
+elementwise; a method may give its own rule for them (`others`, on a row block `tau: (T, R, *s)`,
+e.g. the mean times the method's scaling). The merge pipeline (`svdfuse.merge`) reads, checks and
+writes; methods only compute.
+
+Every method records which paper or tool its defaults follow (`follows`), where implementations
+disagree; `svdfuse methods` lists them.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from torch import Tensor
+
+from svdfuse.methods.trim import TrimKeep, TrimOptions, TrimScope, trim_options
 
 __all__ = ["Kind", "Factors", "Block", "Method", "METHODS", "get_method", "register", "check_finite_param", "check_weights"]
 
@@ -98,6 +106,9 @@ class Method:
         source_rank: for `Kind.FACTORS`, `(k, T, m, n, **params) -> r` components per source.
         trim_density: for elementwise methods that trim each task vector to its top magnitudes,
             the parameter holding the density (the pipeline computes the exact `Trim`).
+        follows: which paper or tool each default follows where they disagree, in a sentence.
+        others: for non-elementwise methods, `(tau (T, R, *s), **params) -> (R, *s)`, the merged
+            task vector of tensors not merged as matrices (default: the mean).
     """
 
     name: str
@@ -107,26 +118,34 @@ class Method:
     needs_k: bool = False
     source_rank: Callable[..., int] | None = None
     trim_density: str | None = None
+    follows: str = ""
+    others: Callable[..., Tensor] | None = None
 
     def params(self) -> dict[str, Any]:
         """The method's own parameters and their defaults."""
         context = {"k", "svd", "keys", "block", "trim", "T", "seed"}
         out = {}
-        for fn in filter(None, (self.merge, self.source_rank)):
+        for fn in filter(None, (self.merge, self.source_rank, self.others)):
             for name, p in inspect.signature(fn).parameters.items():
                 if p.kind is p.KEYWORD_ONLY and name not in context:
                     out[name] = p.default
         return out
 
     def check_params(self, given: dict[str, Any]) -> dict[str, Any]:
-        """`given` checked against the method's parameters, by name and by annotated type
-        (a numpy scalar is accepted as the Python number it holds); returns them normalized."""
-        unknown = sorted(set(given) - set(self.params()))
+        """`given` checked against the method's parameters, by name, by annotated type (a numpy
+        scalar is accepted as the Python number it holds) and, for a parameter whose default is
+        an enum, by its choices; returns them normalized."""
+        defaults = self.params()
+        unknown = sorted(set(given) - set(defaults))
         if unknown:
-            accepted = ", ".join(f"{k}={v!r}" for k, v in self.params().items()) or "none"
+            accepted = ", ".join(f"{k}={getattr(v, 'value', v)!r}" for k, v in defaults.items()) or "none"
             raise TypeError(f"method {self.name!r} has no parameter {unknown[0]!r}; its parameters: {accepted}")
+        for name, value in given.items():
+            if isinstance(defaults[name], enum.Enum) and value not in [e.value for e in type(defaults[name])]:  # a list: an enum member hashes by its name
+                choices = ", ".join(repr(e.value) for e in type(defaults[name]))
+                raise ValueError(f"{self.name}: {name} must be one of {choices}, found {getattr(value, 'value', value)!r}")
         annotations = {}
-        for fn in filter(None, (self.merge, self.source_rank)):
+        for fn in filter(None, (self.merge, self.source_rank, self.others)):
             annotations.update({name: p.annotation for name, p in inspect.signature(fn).parameters.items()})
         return {name: _typed(f"{self.name}: {name}", value, annotations.get(name)) for name, value in given.items()}
 
@@ -134,6 +153,15 @@ class Method:
         """`fn(*args, **the subset of context it takes)`."""
         names = inspect.signature(fn).parameters
         return fn(*args, **{k: v for k, v in context.items() if k in names})
+
+    def trim(self, given: dict[str, Any]) -> TrimOptions | None:
+        """The checked trim settings of a trimming method under the parameters `given`, else None."""
+        if self.trim_density is None:
+            return None
+        value = {**self.params(), **given}
+        return trim_options(
+            self.name, value[self.trim_density], value.get("trim_scope", TrimScope.TENSOR), value.get("trim_keep", TrimKeep.COUNT)
+        )
 
 
 def _typed(what: str, value: Any, annotation: Any) -> Any:
@@ -166,13 +194,17 @@ def register(
     needs_k: bool = False,
     source_rank: Callable[..., int] | None = None,
     trim_density: str | None = None,
+    follows: str,
+    others: Callable[..., Tensor] | None = None,
 ) -> Callable[[Callable], Callable]:
-    """Register `fn` as the merge rule of method `name`."""
+    """Register `fn` as the merge rule of method `name`; `follows` says which paper or tool its defaults follow."""
 
     def decorate(fn: Callable) -> Callable:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is already registered")
-        METHODS[name] = Method(name, reference_url, kind, fn, needs_k, source_rank, trim_density)
+        if not follows:
+            raise ValueError(f"merge method {name!r}: say which paper or tool its defaults follow (follows=...)")
+        METHODS[name] = Method(name, reference_url, kind, fn, needs_k, source_rank, trim_density, follows, others)
         return fn
 
     return decorate

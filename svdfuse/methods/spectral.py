@@ -1,6 +1,8 @@
 """Merges defined on the singular vectors of task matrices: TSV-M, Iso-C, Iso-CTS.
 
-All SVDs go through `svdfuse.ops.truncated_svd`, so they run on its fastest backend.
+All SVDs go through `svdfuse.ops.truncated_svd`, so they run on its fastest backend. Tensors not
+merged as matrices take the mean task vector, unscaled as in the papers; `scale_nonmatrix=True`
+multiplies it by the method's `scaling` as the official TSV and iso-merging code and FusionBench do.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ def _sorted(U: Tensor, S: Tensor, V: Tensor, counts: Tensor | None = None) -> Fa
     return Factors(take(U), torch.gather(S, -1, order), take(V), counts)
 
 
+def _mean_task_vector(tau: Tensor, *, scaling: float = 1.0, scale_nonmatrix: bool = False) -> Tensor:
+    """Tensors not merged as matrices, tau (T, R, *s) -> the mean task vector (R, *s), times
+    `scaling` when `scale_nonmatrix`."""
+    check_finite_param("the non-matrix mean", "scaling", scaling)
+    mean = tau.mean(0)
+    return mean.mul_(scaling) if scale_nonmatrix else mean
+
+
+_UNSCALED_MEAN = "non-matrix tensors take the mean task vector unscaled (scale_nonmatrix=True: times scaling, as the official code and FusionBench)"
+
+
 def _tsv_rank(k: int | None, T: int, m: int, n: int, *, budget: int | None = None) -> int:
     r = min(m, n)
     b = r // T if budget is None else budget
@@ -39,7 +52,10 @@ def _tsv_rank(k: int | None, T: int, m: int, n: int, *, budget: int | None = Non
     return b
 
 
-@register("tsv_m", reference_url="https://arxiv.org/abs/2412.00081", kind=Kind.FACTORS, source_rank=_tsv_rank)
+@register(
+    "tsv_m", reference_url="https://arxiv.org/abs/2412.00081", kind=Kind.FACTORS, source_rank=_tsv_rank, others=_mean_task_vector,
+    follows=f"the TSV paper: floor(r/T) components per task; {_UNSCALED_MEAN}",
+)  # fmt: skip
 def tsv_m(chunks: Iterator[tuple[Tensor, Tensor, Tensor]], *, T: int, budget: int | None = None, scaling: float = 1.0) -> Factors:
     """TSV-M: keep each task's top `budget` singular components (default floor(min(m, n) / T)),
     stack them, replace the stacked U and V by their closest orthonormal matrices (polar
@@ -69,7 +85,10 @@ def _summed_svd(W0: Tensor, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return ops.truncated_svd(summed, min(W.shape[-2:]), method="exact")
 
 
-@register("iso_c", reference_url="https://arxiv.org/abs/2502.04959", kind=Kind.MATRICES)
+@register(
+    "iso_c", reference_url="https://arxiv.org/abs/2502.04959", kind=Kind.MATRICES, others=_mean_task_vector,
+    follows=f"the Iso-C paper: {_UNSCALED_MEAN}",
+)  # fmt: skip
 def iso_c(W0: Tensor, W: Tensor, *, scaling: float = 1.0) -> Factors:
     """Iso-C: SVD of the summed task matrix with every singular value replaced by their mean,
     times `scaling`: `scaling · mean(σ) · U Vᵀ`."""
@@ -78,23 +97,53 @@ def iso_c(W0: Tensor, W: Tensor, *, scaling: float = 1.0) -> Factors:
     return Factors(U, scaling * S.mean(-1, keepdim=True).expand_as(S).contiguous(), V)
 
 
-@register("iso_cts", reference_url="https://arxiv.org/abs/2502.04959", kind=Kind.MATRICES)
-def iso_cts(W0: Tensor, W: Tensor, *, svd: ops.SVDOptions, common: float = 0.8, scaling: float = 1.0) -> Factors:
-    """Iso-CTS: the top floor(common · r) directions of the summed task matrix (the common
-    subspace), plus for each task the top (r − common part) // T directions of its task matrix
-    projected off the common subspace; both sides orthonormalized (polar), every singular value
-    replaced by the mean of the kept ones, times `scaling`."""
+def common_subspace(r: int, T: int, *, common: float = 0.8, common_size: int | None = None, fill_rank: bool = False) -> tuple[int, int]:
+    """Iso-CTS's (k_c common directions, s per task) for rank r and T tasks.
+
+    k_c is `common_size` if given, else floor(common · r) (the paper); s = floor((r − k_c) / T).
+    `fill_rank` shifts floor(common · r) so that the task parts fill the rest exactly,
+    k_c = r − round((r − k_c) / T) · T with Python's round (half to even), as the official
+    iso-merging code and FusionBench do.
+    """
     if not 0.0 <= common <= 1.0:
         raise ValueError(f"iso_cts: common must be in [0, 1], found {common}")
+    if common_size is not None and fill_rank:
+        raise ValueError("iso_cts: common_size gives k_c itself and fill_rank shifts the k_c of common; give one of them")
+    if common_size is not None and not (isinstance(common_size, int) and 0 <= common_size <= r):
+        raise ValueError(f"iso_cts: common_size must be an int in [0, r] = [0, {r}] for every merged matrix, found {common_size!r}")
+    k_c = math.floor(common * r) if common_size is None else common_size
+    if fill_rank:
+        shifted = r - round((r - k_c) / T) * T
+        if shifted < 0:
+            raise ValueError(f"iso_cts: fill_rank with {T} tasks and k_c = {k_c} of rank {r} gives a negative common size {shifted}; raise common")
+        k_c = shifted
+    return k_c, (r - k_c) // T
+
+
+@register(
+    "iso_cts", reference_url="https://arxiv.org/abs/2502.04959", kind=Kind.MATRICES, others=_mean_task_vector,
+    follows=(
+        "the Iso-CTS paper: floor(0.8 r) common and floor((r - k_c)/T) task directions, a few of r left unused "
+        f"(fill_rank=True: the official code and FusionBench, all r used); {_UNSCALED_MEAN}"
+    ),
+)  # fmt: skip
+def iso_cts(
+    W0: Tensor, W: Tensor, *, svd: ops.SVDOptions, common: float = 0.8, scaling: float = 1.0, common_size: int | None = None, fill_rank: bool = False
+) -> Factors:
+    """Iso-CTS: the top k_c directions of the summed task matrix (the common subspace), plus for
+    each task the top s directions of its task matrix projected off the common subspace; both
+    sides orthonormalized (polar), every singular value replaced by the mean of the kept ones,
+    times `scaling`. (k_c, s) from `common_subspace`: by default k_c = floor(common · r) and
+    s = floor((r − k_c) / T); `common_size` gives k_c itself; `fill_rank` uses all r directions."""
     check_finite_param("iso_cts", "scaling", scaling)
     G, T, m, n = W.shape
     r = min(m, n)
-    k_c = math.floor(common * r)
-    s = (r - k_c) // T
+    k_c, s = common_subspace(r, T, common=common, common_size=common_size, fill_rank=fill_rank)
     if s == 0 and k_c < r:
         raise ValueError(
-            f"iso_cts: {T} sources leave no task-specific direction in a {m}x{n} matrix with common={common} "
-            f"({r - k_c} directions for {T} tasks); lower common, or use iso_c"
+            f"iso_cts: {T} sources leave no task-specific direction in a {m}x{n} matrix with "
+            + (f"common={common}" if common_size is None else f"common_size={common_size}")
+            + f" ({r - k_c} directions for {T} tasks); lower common, fill_rank=True, or use iso_c"
         )
     U, S, V = _summed_svd(W0, W)
     U_c, S_c, V_c = U[..., :k_c], S[..., :k_c], V[..., :k_c]

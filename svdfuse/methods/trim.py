@@ -1,8 +1,13 @@
-"""Exact top-magnitude trimming of task vectors over whole tensors, read in row blocks.
+"""Exact top-magnitude trimming of task vectors over whole tensors or whole models, read in row blocks.
 
-TIES keeps, per source and tensor, the floor(density · numel) entries of largest |τ|; ties at the
-threshold go to the entries first in row-major order. A tensor may be larger than the memory
-budget, so the threshold is found over its row blocks, exactly, in two passes:
+TIES keeps, per source, the entries of largest |τ| of a *scope*: each tensor (`TrimScope.TENSOR`,
+mergekit's rule) or the whole model's task vector flattened (`TrimScope.MODEL`, the TIES paper's
+and FusionBench's). How many it keeps is the `TrimKeep` rule: exactly floor(density · numel),
+ties at the threshold going to the entries first in row-major (model) order (`COUNT`: the
+paper's "top k%", mergekit), or every entry at least the (floor(density · numel) + 1)-th largest
+|τ| (`INCLUSIVE`: the TIES authors' code and FusionBench, `kthvalue(numel − floor(density · numel))`
+then `>=`). A scope may be larger than the memory budget, so the threshold is found over its row
+blocks, exactly, in two passes:
 
 1. a strided sample of |τ| brackets the threshold: [lo, hi] holds it with overwhelming
    probability (a margin of several binomial standard deviations around the sample quantile);
@@ -17,6 +22,7 @@ threshold than places remain, one more pass finds where the kept ones end.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Trim", "exact_trim", "TRIM_SHARE"]
+__all__ = ["Trim", "TrimScope", "TrimKeep", "TrimOptions", "trim_options", "kept_entries", "exact_trim", "TRIM_SHARE"]
 
 # Share of a merge's memory budget that the values bracketing the thresholds may take (the
 # plan gives the pieces of a trimmed method the rest).
@@ -37,23 +43,70 @@ _SAMPLE = 1 << 14  # largest sample per source: its bracket holds ~4% of a tenso
 _MARGIN = 6.0  # binomial standard deviations on each side of the sample quantile
 
 
+class TrimScope(str, enum.Enum):
+    """What one source's threshold is taken over."""
+
+    TENSOR = "tensor"  # each tensor on its own (mergekit)
+    MODEL = "model"  # the whole model's task vector, every floating tensor (TIES paper, FusionBench)
+
+
+class TrimKeep(str, enum.Enum):
+    """How many entries of a scope of n entries survive, at density d."""
+
+    COUNT = "count"  # exactly floor(d · n); ties at the threshold to the first in row-major order (mergekit)
+    INCLUSIVE = "inclusive"  # every |τ| >= the (floor(d · n) + 1)-th largest (the TIES authors' code, FusionBench)
+
+
+@dataclass(frozen=True)
+class TrimOptions:
+    """A trimming method's settings: `density` in [0, 1], its `scope` and `keep` rule."""
+
+    density: float
+    scope: TrimScope
+    keep: TrimKeep
+
+
+def _choice(enum_type: type[enum.Enum], method: str, name: str, value: object) -> enum.Enum:
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = ", ".join(repr(e.value) for e in enum_type)
+        raise ValueError(f"{method}: {name} must be one of {choices}, found {value!r}") from None
+
+
+def trim_options(method: str, density: float, scope: str, keep: str) -> TrimOptions:
+    """Checked `TrimOptions`; the errors name the method and the parameter."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"{method}: density must be in [0, 1], found {density}")
+    return TrimOptions(density, _choice(TrimScope, method, "trim_scope", scope), _choice(TrimKeep, method, "trim_keep", keep))
+
+
+def kept_entries(numel: int, density: float, keep: TrimKeep) -> int:
+    """Entries the threshold is the last of: floor(density · numel), plus one for `INCLUSIVE`, at most numel."""
+    count = math.floor(density * numel)
+    return min(numel, count + 1) if keep is TrimKeep.INCLUSIVE else count
+
+
 @dataclass(frozen=True)
 class Trim:
     """Which entries of each source's task vector survive trimming.
 
     An entry of source i survives iff |τ| > threshold[i], or |τ| == threshold[i] and its flat
-    index in the tensor is < cutoff[i]. threshold: (T,) in τ's dtype; cutoff: (T,) int64.
-    `keep_none` marks density 0 (nothing survives).
+    index in the scope is < cutoff[i]. threshold: (T,) in τ's dtype; cutoff: (T,) int64.
+    `keep_none` marks that nothing survives; `offset` is the flat index in the scope of the
+    tensor's first entry (nonzero for one tensor of a whole-model trim).
     """
 
     threshold: Tensor
     cutoff: Tensor
     keep_none: bool = False
+    offset: int = 0
 
     def mask(self, tau: Tensor, start: int) -> Tensor:
-        """Survivors of a block: tau (T, *b) whose first entry has flat index `start` -> bool (T, *b)."""
+        """Survivors of a block: tau (T, *b) whose first entry has flat index `start` in its tensor -> bool (T, *b)."""
         if self.keep_none:
             return torch.zeros_like(tau, dtype=torch.bool)
+        start += self.offset
         shape = (-1,) + (1,) * (tau.dim() - 1)
         thr = self.threshold.to(tau.device).reshape(shape)
         a = tau.abs()
@@ -143,16 +196,20 @@ def _radix(blocks: Blocks, sources: int, keep: int, dtype: torch.dtype) -> tuple
     return prefix.to(int_dtype).view(dtype).double(), greater, equal
 
 
-def exact_trim(blocks: Blocks, numel: int, sources: int, density: float, dtype: torch.dtype, limit: int = 1 << 22) -> Trim:
-    """The `Trim` keeping floor(density · numel) entries of each source's task vector.
+def exact_trim(
+    blocks: Blocks, numel: int, sources: int, density: float, dtype: torch.dtype, limit: int = 1 << 22, keep_rule: TrimKeep = TrimKeep.COUNT
+) -> Trim:
+    """The `Trim` keeping the `keep_rule`'s entries (`kept_entries`) of each source's task vector.
 
     Args:
         blocks: called once per pass; yields (flat index of the block's first entry, τ block
-            (T, R, *s)) over the whole tensor in row order.
-        numel: entries of the tensor; sources: T; dtype: τ's dtype (fp32 or fp64).
+            (T, R, *s)) over the whole scope in order: one tensor's rows, or every tensor of a
+            model one after the other (blocks of different tensors may differ in shape).
+        numel: entries of the scope; sources: T; dtype: τ's dtype (fp32 or fp64).
         limit: most bracketed values held at once before falling back to the radix select.
+        keep_rule: `COUNT` breaks ties at the threshold by flat index; `INCLUSIVE` keeps them all.
     """
-    keep = math.floor(density * numel)
+    keep = kept_entries(numel, density, keep_rule)
     if keep == 0:
         return Trim(torch.zeros(sources, dtype=dtype), torch.zeros(sources, dtype=torch.int64), keep_none=True)
     if keep >= numel:
@@ -162,7 +219,7 @@ def exact_trim(blocks: Blocks, numel: int, sources: int, density: float, dtype: 
     threshold = threshold.to(dtype)
     need = keep - greater  # how many entries equal to the threshold survive
     cutoff = torch.full((sources,), numel, dtype=torch.int64)
-    partial = need < equal
+    partial = (need < equal) & (keep_rule is TrimKeep.COUNT)
     if bool(partial.any()):
         seen = torch.zeros(sources, dtype=torch.int64)
         for start, tau in blocks():
