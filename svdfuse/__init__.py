@@ -10,6 +10,7 @@ from svdfuse.stage2 import AdaptReport, adapt
 from svdfuse.atlas_baseline import atlas
 from svdfuse.caches import decompose
 from svdfuse.config import merge_config
+from svdfuse.export import LoraReport, export_lora
 from svdfuse.merging import merge
 from svdfuse.ops import SVDOptions
 from svdfuse.result import LayerReport, MergeReport, MergeResult, SaveFormat
@@ -22,6 +23,7 @@ __all__ = [
     "merge",
     "merge_config",
     "decompose",
+    "export_lora",
     "adapt",
     "atlas",
     "methods",
@@ -34,6 +36,7 @@ __all__ = [
     "MergeReport",
     "LayerReport",
     "AdaptReport",
+    "LoraReport",
     "SourceError",
     "save_safetensors",
     "save_hf_directory",

@@ -1,4 +1,4 @@
-"""The `svdfuse` command line: `svdfuse merge ...` (flags or `--config FILE`), `decompose`, `inspect`, `methods` and `demo`."""
+"""The `svdfuse` command line: `svdfuse merge ...` (flags or `--config FILE`), `decompose`, `inspect`, `methods`, `export lora` and `demo`."""
 
 from __future__ import annotations
 
@@ -143,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_inspect(sub)
     sub.add_parser("methods", help="list the merge methods: paper, parameters, and which paper or tool each default follows")
+    _add_export(sub)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in digits task (offline, CPU or GPU)")
     demo.add_argument("-k", type=_k, default=0.25, help="components kept per matrix (default 0.25 of min(m, n))")
@@ -248,6 +249,33 @@ def _decompose(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def _add_export(sub) -> None:
+    export = sub.add_parser("export", help="write a merge in another format: export lora (a peft LoRA adapter)")
+    formats = export.add_subparsers(dest="format", required=True)
+    lora = formats.add_parser(
+        "lora",
+        help="a merged model as a peft LoRA adapter of BASE",
+        description=(
+            "Write MERGED, a dense merged model (from svdfuse merge -o, or any model fine-tuned from BASE), as a peft "
+            "LoRA adapter of BASE: each changed matrix is decomposed again, W - W0, at the rank svdfuse merge recorded "
+            "(or --rank); the biases of those layers go in lora_B's bias, other changed modules in modules_to_save."
+        ),
+    )
+    lora.add_argument("merged", help="the merged model: a .safetensors file or a Hugging Face directory")
+    lora.add_argument("--base", required=True, help="the pre-trained model: a Hugging Face directory (its module types decide the layout)")
+    lora.add_argument("-o", "--output", required=True, help="new adapter directory (adapter_config.json, adapter_model.safetensors)")
+    lora.add_argument("-r", "--rank", type=_k, help="components per matrix, an int or a fraction of min(m, n) (default: the merge's k, recorded by svdfuse merge)")
+    lora.add_argument("--approximate", action="store_true", help="allow a lossy adapter: truncate updates above the rank, leave tensors no adapter holds at the base's value")
+    lora.add_argument("--device", help="where to decompose (default: cuda if available)")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from svdfuse.export import export_lora
+
+    report = export_lora(args.merged, args.output, base=args.base, rank=args.rank, approximate=args.approximate, device=args.device)
+    print(report.table())
+
+
 def _describe(err: BaseException) -> str:
     """One line for an error: an OS error as 'what: path', others as their message."""
     if isinstance(err, OSError) and err.strerror and err.filename:
@@ -264,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     merge = lambda args: _merge_config(args, argv[1:]) if args.config else _merge(args)  # noqa: E731
-    commands = {"merge": merge, "decompose": _decompose, "inspect": _inspect, "demo": _demo, "methods": lambda _: print(methods_table())}
+    commands = {"merge": merge, "decompose": _decompose, "inspect": _inspect, "export": _export, "demo": _demo, "methods": lambda _: print(methods_table())}
     try:
         commands[args.command](args)
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -21,13 +22,18 @@ from svdfuse.resources import bound_allocator, default_budget, peak_rss, resolve
 from svdfuse.result import LayerReport, MergeReport, MergeResult
 from svdfuse.sinks import LowRank, SafetensorsWriter, check_output, parse_size
 from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
+from svdfuse.templates import Template, template_of
 
-__all__ = ["SVDOptions", "merge"]
+__all__ = ["SVDOptions", "merge", "MERGE_METADATA"]
+
+# The safetensors `__metadata__` key of a merge written to files: {"method", "ranks": name -> k}, so
+# that `svdfuse export lora` can decompose a dense merged model again at each matrix's own rank.
+MERGE_METADATA = "svdfuse.merge"
 
 class _MemorySink:
     """Collects the outputs into a `MergeResult`."""
 
-    def __init__(self, plan: Plan, template: Path | None) -> None:
+    def __init__(self, plan: Plan, template: Template | None) -> None:
         self.components: dict = {}
         self.frozen: dict = {}
         self.tensors: dict = {}
@@ -220,11 +226,13 @@ def merge(
     mine = distributed.partition([task.nbytes for task in plan.tasks], group.world)[group.rank]
     tasks = [plan.tasks[i] for i in mine]
     if output is not None:
-        template = base_source.directory if Path(output).suffix != ".safetensors" else None
+        template = template_of(base, base_source.directory) if Path(output).suffix != ".safetensors" else None
         entries = [(s.key, s.shape, s.out_dtype) for s in plan.specs]
-        sink = _FileSink(SafetensorsWriter(output, entries, shard_size=shard_bytes, template=template))
+        ranks = {s.key: s.k for s in plan.matrices if s.k is not None}
+        metadata = {MERGE_METADATA: json.dumps({"method": method, "ranks": ranks}, separators=(",", ":"))}
+        sink = _FileSink(SafetensorsWriter(output, entries, shard_size=shard_bytes, template=template, metadata=metadata))
     else:
-        sink = _MemorySink(plan, base_source.directory)
+        sink = _MemorySink(plan, template_of(base, base_source.directory))
     bar = tqdm(
         total=sum(task.nbytes for task in tasks), unit="B", unit_scale=True, unit_divisor=1024, delay=0.5,
         desc=f"merge ({method})", disable=True if group.rank != 0 else (None if progress is None else not progress),

@@ -11,10 +11,14 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tabulate import tabulate
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from svdfuse.templates import Template
 
 
 class SaveFormat(str, enum.Enum):
@@ -102,8 +106,9 @@ class MergeResult:
             components, integer buffers as the base's).
         dtypes: name -> dtype each tensor is written in.
         report: a `MergeReport`.
-        template: the base's Hugging Face directory, when the base was given as one (its config
-            and tokenizer are copied on save).
+        template: what a Hugging Face directory output holds besides weights, when the base has it
+            (`svdfuse.templates.Template`: a base directory's config and tokenizer, or a
+            transformers module's config and its own directory's files); None: weights only.
     """
 
     components: dict[str, tuple[Tensor, Tensor, Tensor]]
@@ -111,7 +116,7 @@ class MergeResult:
     tensors: dict[str, Tensor]
     dtypes: dict[str, torch.dtype]
     report: MergeReport
-    template: Path | None = None
+    template: Template | Path | None = None
     order: list[str] = field(default_factory=list)
 
     @property
@@ -155,10 +160,17 @@ class MergeResult:
         merged = {key: t for key, t in self.tensors.items() if t.is_floating_point()}
         return attach(base, self.components, self.frozen, merged, self.matrices, self.report.method, n)
 
+    def to_lora(self, output: str | os.PathLike, *, base: nn.Module | str | os.PathLike, approximate: bool = False):
+        """Write the merge as a peft LoRA adapter of `base` in the new directory `output`:
+        `svdfuse.export_lora(self, output, base=base)`, which see. Returns its `LoraReport`."""
+        from svdfuse.export import export_lora
+
+        return export_lora(self, output, base=base, approximate=approximate)
+
     def save(self, path: str | os.PathLike, *, format: SaveFormat | str = SaveFormat.AUTO, shard_size: int | str = "5GB") -> None:
-        """Write the dense merged model: a `.safetensors` file, or a Hugging Face directory
-        (config and tokenizer files copied from the base directory, a model card `README.md`
-        of the merge; shards above `shard_size`).
+        """Write the dense merged model: a `.safetensors` file, or a Hugging Face directory (the
+        base directory's config and tokenizer files, or a transformers base module's config and its
+        own directory's files; a model card `README.md` of the merge; shards above `shard_size`).
         Never overwrites; never leaves a partial file behind."""
         from svdfuse.sinks import check_output, parse_size, write_state_dict
 
@@ -169,9 +181,11 @@ class MergeResult:
         if format is SaveFormat.AUTO:
             format = SaveFormat.SAFETENSORS if path.suffix == ".safetensors" else SaveFormat.HF
         if format is SaveFormat.HF and self.template is None:
+            from svdfuse.templates import NO_TEMPLATE
+
             raise ValueError(
-                f"cannot write {str(path)!r} as a Hugging Face directory: the base was not given as one, so there is no "
-                "config to copy; save to a .safetensors file instead"
+                f"cannot write {str(path)!r} as a Hugging Face directory: {NO_TEMPLATE}; save to a .safetensors file "
+                "instead (open_clip loads one with create_model(name, pretrained=FILE))"
             )
         if format is SaveFormat.SAFETENSORS and path.suffix != ".safetensors":
             raise ValueError(f"format='safetensors' writes one file whose name ends in .safetensors, found {str(path)!r}")

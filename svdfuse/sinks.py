@@ -154,7 +154,8 @@ class SafetensorsWriter:
             `shard_size` bytes with `model.safetensors.index.json`).
         tensors: (name, shape, dtype) of every tensor, in model order.
         shard_size: bytes per shard of a directory (a tensor larger than it gets a shard alone).
-        template: a Hugging Face directory whose non-weight files (config, tokenizer) are copied.
+        template: a Hugging Face directory whose non-weight files (config, tokenizer) are copied,
+            or a `svdfuse.templates.Template` (a config from a transformers module, too).
         metadata: extra string entries of every file's `__metadata__`.
 
     Under torch.distributed every process creates the writer with the same arguments and writes
@@ -224,7 +225,9 @@ class SafetensorsWriter:
             files = {self.path.name: tmp}
         else:
             tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=self.path.parent))
-            if template is not None:
+            if hasattr(template, "write"):  # a `svdfuse.templates.Template`: files and a config from a module
+                template.write(tmp, _template_ignore(tmp, self.path))
+            elif template is not None:
                 shutil.copytree(template, tmp, ignore=_template_ignore(tmp, self.path), dirs_exist_ok=True)
             files = {name: tmp / name for name in self._shards}
         try:
