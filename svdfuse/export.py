@@ -387,10 +387,12 @@ def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], ap
         for key, value in modules[owner].state_dict().items():
             full = f"{owner}.{key}"
             tensors[f"{_PREFIX}{full}"] = changed.get(full, merged.tensors.get(full, base_state[full])).contiguous()
-    _check_names(list(updates), to_save, list(modules))
+    _check_modules_to_save(to_save, list(modules))
     ranks = {name: rank for name, (_, _, _, rank) in updates.items()}
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
-    pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
+    # peft looks a module's rank up as re.match(rf"(.*\.)?({key})$", name): a leading ^ keeps a
+    # key from also matching a longer name that ends in it.
+    pattern = {f"^{re.escape(name)}": rank for name, rank in ranks.items() if rank != r}
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -399,7 +401,7 @@ def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], ap
         "lora_alpha": r,
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
-        "target_modules": sorted(updates),
+        "target_modules": _target_modules(list(updates), list(modules)),
         "modules_to_save": sorted(to_save) or None,
         "lora_dropout": 0.0,
         "bias": "none",
@@ -476,13 +478,17 @@ def _best_rank(frozen: Tensor, W0: Tensor, U: Tensor, S: Tensor, V: Tensor) -> t
     return Uf[:, :k].to(dtype), Sf[:k].to(dtype), Vh[:k].T.to(dtype), error
 
 
-def _check_names(targets: list[str], to_save: list[str], names: list[str]) -> None:
-    """peft finds a target module by its full name or a name ending in '.' + it, and a module to
-    save by any name ending in it: each must find exactly the module meant."""
-    for target in targets:
-        extra = [n for n in names if n != target and n.endswith(f".{target}")]
-        if extra:
-            raise ValueError(f"export_lora: target module {target!r} would also make peft adapt {extra[0]!r}, whose name ends in it")
+def _target_modules(targets: list[str], names: list[str]) -> list[str] | str:
+    """`target_modules` naming exactly `targets`: peft takes a listed name to mean that module or
+    any whose name ends in '.' + it, so where that would reach further, a regex it matches whole."""
+    wanted = set(targets)
+    if any(n not in wanted and n.endswith(f".{target}") for target in targets for n in names):
+        return "|".join(re.escape(name) for name in sorted(targets))
+    return sorted(targets)
+
+
+def _check_modules_to_save(to_save: list[str], names: list[str]) -> None:
+    """peft copies every module whose name ends in a listed one (no regex form): each must find exactly the module meant."""
     for name in to_save:
         extra = [n for n in names if n != name and n.endswith(name)]
         if extra:

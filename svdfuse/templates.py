@@ -21,10 +21,11 @@ from torch import nn
 
 __all__ = ["Template", "template_of", "NO_TEMPLATE"]
 
+# Follows "cannot write PATH as a Hugging Face directory: ".
 NO_TEMPLATE = (
-    "the base was not given as a Hugging Face directory or a transformers model (PreTrainedModel), so there is no "
-    "config to write: a plain nn.Module, a state dict or a .safetensors file carries none, and an open_clip model does "
-    "not record its architecture's name"
+    "the base was not given as one, nor as a transformers model (PreTrainedModel), so there is no config to write: a "
+    "plain nn.Module, a state dict or a .safetensors file carries none, and an open_clip model does not record its "
+    "architecture's name"
 )
 
 

@@ -237,8 +237,12 @@ def test_cli_exports_a_dense_merged_directory_at_its_recorded_rank(sources, mini
     model = PeftModel.from_pretrained(copy.deepcopy(minilm_base), tmp_path / "adapter").eval()
     _assert_merged_weights(model.merge_and_unload().state_dict(), dense.state_dict(), tmp_path / "adapter")
     # Without recorded ranks (not an svdfuse merge) the rank must be given.
-    code = main(["export", "lora", "--base", str(minilm_dir), str(sources[0]), "-o", str(tmp_path / "ft0"), "--device", "cpu"])
-    assert code == 2 and "pass rank= (--rank)" in capsys.readouterr().err
+    export_ft0 = ["export", "lora", "--base", str(minilm_dir), str(sources[0]), "-o", str(tmp_path / "ft0"), "--device", "cpu"]
+    assert main(export_ft0) == 2 and "pass rank= (--rank)" in capsys.readouterr().err
+    # A fine-tune's update is of full rank: more than rounding is left beyond rank 8.
+    assert main([*export_ft0, "--rank", "8"]) == 2
+    assert "is not of rank 8: beyond its top 8 components the merged update keeps a residual" in capsys.readouterr().err
+    assert main([*export_ft0, "--rank", "8", "--approximate"]) == 0 and (tmp_path / "ft0" / "adapter_config.json").is_file()
 
 
 def test_a_merge_beyond_rank_k_is_refused_unless_approximate(sources, minilm_base, batch, tmp_path):
@@ -337,7 +341,7 @@ def test_conv_embedding_and_per_module_ranks(embedding, tmp_path):
     result = _merge_small(base, 0.5, biases=not embedding, include=include, exclude=["emb.*"] if not embedding else [])
     report = svdfuse.export_lora(result, tmp_path / "adapter", base=base)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["rank_pattern"] == {"head": 1} and config["alpha_pattern"] == {"head": 1}
+    assert config["r"] == 4 and config["rank_pattern"] == {"^head": 1} and config["alpha_pattern"] == {"^head": 1}
     assert config["lora_bias"] is not embedding
     assert config["modules_to_save"] == ["norm"] if embedding else ["emb", "norm"]
     assert report.targets == {"conv": 4, "fc": 4, "head": 1, **({"emb": 4} if embedding else {})}
@@ -393,3 +397,34 @@ def test_a_stacked_model_is_refused_with_what_to_pass(result, minilm_base, tmp_p
     stacked = svdfuse.serving.stack_tasks(tasks)
     with pytest.raises(ValueError, match="σ bank of 2 tasks .* as a name -> model mapping"):
         svdfuse.export_lora(stacked, tmp_path / "adapter", base=minilm_base)
+
+
+class _Nested(nn.Module):
+    """Modules whose full names end in each other's: 'fc', 'block.fc', 'other.fc'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.block, self.other = nn.Module(), nn.Module()
+        self.block.fc, self.other.fc = nn.Linear(8, 2), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.fc(self.fc(x)) + self.other.fc(x)[:, :2]
+
+
+def test_names_that_end_in_each_other_reach_exactly_their_modules(tmp_path):
+    """peft reads a listed target 'fc' as 'fc' or any '*.fc', and a rank_pattern key as a suffix:
+    the export names exactly the modules meant (a regex for the targets, anchored rank keys)."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = _Nested().eval()
+    # k = 0.5: fc 8x8 -> 4, block.fc 2x8 -> 1; other.fc is averaged (a module to save).
+    result = _merge_small(base, 0.5, include=["fc.weight", "block.fc.weight"])
+    report = svdfuse.export_lora(result, tmp_path / "adapter", base=base)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == r"block\.fc|fc" and config["rank_pattern"] == {r"^block\.fc": 1}
+    assert report.modules_to_save == ["other.fc"] and report.targets == {"fc": 4, "block.fc": 1}
+    model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    assert model.base_model.model.block.fc.r == {"default": 1} and model.base_model.model.fc.r == {"default": 4}
+    _assert_merged_weights(model.merge_and_unload().state_dict(), result.state_dict(), tmp_path / "adapter")

@@ -275,7 +275,8 @@ def test_minilm_saved_directory_loads_cleanly_with_transformers(minilm_merge, mi
 
 def test_minilm_module_base_gives_the_same_merge(minilm_merge, minilm_base, minilm_sources, tmp_path):
     """The base as a BertModel instead of its directory: same merge (its state dict just lacks the
-    checkpoint's non-persistent embeddings.position_ids); no directory, so no config to save with."""
+    checkpoint's non-persistent embeddings.position_ids); the module carries its config, so a
+    directory save is a loadable Hugging Face directory (issue 16.4; tests/test_export.py has more)."""
     result = svdfuse.merge(minilm_sources, k=MINILM_K, base=minilm_base, device="cpu")
     counts = {layer.key: layer.counts for layer in minilm_merge.report.layers}
     assert {layer.key: layer.counts for layer in result.report.layers} == counts
@@ -283,9 +284,11 @@ def test_minilm_module_base_gives_the_same_merge(minilm_merge, minilm_base, mini
     assert set(expected) - set(state) == {"embeddings.position_ids"} and set(state) <= set(expected)
     for key, value in state.items():
         torch.testing.assert_close(value, expected[key], rtol=EPS32, atol=EPS32, msg=lambda m: f"{key}: {m}")
-    with pytest.raises(ValueError, match="not given as one"):
-        result.save(tmp_path / "merged")
-    assert not (tmp_path / "merged").exists()
+    result.save(tmp_path / "merged")
+    from transformers import AutoModel
+
+    loaded = AutoModel.from_pretrained(tmp_path / "merged").state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
     result.save(tmp_path / "merged.safetensors")
     with safe_open(str(tmp_path / "merged.safetensors"), framework="pt") as f:
         assert set(f.keys()) == set(state)
