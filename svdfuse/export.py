@@ -41,7 +41,7 @@ from svdfuse.nn.conv import SVDConv
 from svdfuse.nn.convert import materialize, svd_layers
 from svdfuse.nn.layers import SVDLinear, SVDWeight
 from svdfuse.merging import MERGE_METADATA
-from svdfuse.plan import resolve_rank
+from svdfuse.plan import DEFAULT_EXCLUDE, matches_any, resolve_rank
 from svdfuse.result import MergeResult
 from svdfuse.sinks import refuse_existing
 from svdfuse.sources import ComponentCache, ModelLike, SourceError, open_source
@@ -136,7 +136,8 @@ def export_lora(
             layout), or a Hugging Face directory (loaded with transformers, as its config's
             architecture).
         rank: for a dense merged model only: components per matrix, an int or a fraction of
-            min(m, n). Default: the ranks `svdfuse merge` recorded in the file.
+            min(m, n). Default: the ranks `svdfuse merge` recorded in the file (without them, the
+            changed weights a merge would take as matrices, embedding tables excluded, at `rank`).
         approximate: allow an adapter that does not reproduce the merge: a matrix whose merged
             update is not of rank k (a merge by a method other than AXIS keeps a dense residual
             beyond the top-k components) becomes its best rank-k approximation, and a changed
@@ -285,7 +286,9 @@ def _from_dense(merged: ModelLike, base_state: dict[str, Tensor], rank, device, 
             raise SourceError(f"{source.label}: {key!r} has shape {tuple(W.shape)}, the base has {tuple(W0.shape)}")
         if torch.equal(W, W0.to(W.dtype)):
             continue
-        if W.dim() < 2 or not key.endswith("weight") or (recorded and key not in recorded):
+        # Without recorded ranks, what `svdfuse merge` would merge as matrices (embedding tables are not).
+        matrix = key in recorded if recorded else W.dim() >= 2 and key.endswith("weight") and not matches_any(key, DEFAULT_EXCLUDE)
+        if not matrix:
             tensors[key] = W
             continue
         m, n = W.shape[0], W[0].numel()
@@ -295,8 +298,8 @@ def _from_dense(merged: ModelLike, base_state: dict[str, Tensor], rank, device, 
             r = resolve_rank(rank, m, n, f"{key}: rank")
         else:
             raise ValueError(
-                f"export_lora: {source.label} records no merge ranks (it was not written by svdfuse merge), so the rank of "
-                f"{key!r} is unknown: pass rank= (--rank), an int or a fraction of min(m, n)"
+                f"export_lora: {source.label} records no rank for {key!r} (it was not written by svdfuse merge, or merged "
+                "without k), so the adapter's rank is unknown: pass rank= (--rank), an int or a fraction of min(m, n)"
             )
         W64, W064 = W.reshape(m, n).to(device, torch.float64), W0.reshape(m, n).to(device, torch.float64)
         U, S, V = ops.truncated_svd(W64, min(r, m, n), base=W064)
