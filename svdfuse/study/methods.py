@@ -69,6 +69,7 @@ class RunResult:
     test: float
     trainable: int
     seconds: float
+    cpu_seconds: float
 
 
 def _merge(target: Target, sources: Mapping[str, dict[str, Tensor]], method: str, n: float, seed: int) -> nn.Module:
@@ -94,7 +95,7 @@ def run_method(target: Target, sources: Mapping[str, dict[str, Tensor]], method:
     """Build `method`'s model for `target` from `sources`, measure it, adapt it (Stage 2 or aTLAS
     coefficients) with seed `seed`, measure again. `finetuned` is the target's own fine-tune (for
     the "finetune" reference)."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)
     if method in ("linear_probe", "finetune"):
         top = copy.deepcopy(target.top)
@@ -103,7 +104,7 @@ def run_method(target: Target, sources: Mapping[str, dict[str, Tensor]], method:
         model = nn.Sequential(top, target.head)
         trainable = sum(p.numel() for p in target.head.parameters()) + (sum(p.numel() for p in top.parameters()) if method == "finetune" else 0)
         val, test = accuracy(model, *target.val), accuracy(model, *target.test)
-        return RunResult(None, None, val, test, trainable, time.perf_counter() - start)
+        return RunResult(None, None, val, test, trainable, time.perf_counter() - start, time.process_time() - cpu)
     if method == "atlas":
         body = svdfuse.atlas(sources, base=target.base, module=target.top, device="cpu")
     else:
@@ -115,7 +116,7 @@ def run_method(target: Target, sources: Mapping[str, dict[str, Tensor]], method:
         excess="extend", progress=False,
     )
     val, test = accuracy(model, *target.val), accuracy(model, *target.test)
-    return RunResult(merged_val, merged_test, val, test, report.trainable, time.perf_counter() - start)
+    return RunResult(merged_val, merged_test, val, test, report.trainable, time.perf_counter() - start, time.process_time() - cpu)
 
 
 # ---------------------------------------------------------------------------------- robustness

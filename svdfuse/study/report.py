@@ -25,15 +25,37 @@ def _select(runs: list[dict], **where: Any) -> list[dict]:
 
 
 def _by_method(runs: list[dict], modality: str, n: float | None, seed: int, condition: str = "clean", key: str = "test") -> dict[str, float]:
-    """Mean over targets of `key` per method (aTLAS and the references have n None)."""
-    out = {}
+    """Mean of `key` per method over the targets that every method present finished (a stopped
+    run may miss some), so that the methods of one column are compared on the same targets.
+    aTLAS and the references have n None."""
+    rows = {}
     for method in _ROWS:
         want_n = None if method in ("atlas", "linear_probe", "finetune") else n
-        rows = _select(runs, modality=modality, method=method, n=want_n, seed=seed, condition=condition)
-        values = [r[key] for r in rows if r[key] is not None]
-        if values:
-            out[method] = _mean(values)
-    return out
+        found = {r["target"]: r[key] for r in _select(runs, modality=modality, method=method, n=want_n, seed=seed, condition=condition) if r[key] is not None}
+        if found:
+            rows[method] = found
+    common = set.intersection(*(set(v) for v in rows.values())) if rows else set()
+    return {method: _mean([v[t] for t in common]) for method, v in rows.items() if common}
+
+
+def _coverage(runs: list[dict], modality: str, n: float | None, seed: int, condition: str = "clean") -> int:
+    """How many targets `_by_method` averages over."""
+    return len(_targets(runs, modality, n, seed, condition))
+
+
+def _only(runs: list[dict], targets: set[str]) -> list[dict]:
+    return [r for r in runs if r["target"] in targets]
+
+
+def _targets(runs: list[dict], modality: str, n: float | None, seed: int, condition: str = "clean") -> set[str]:
+    """The targets that every method present finished at (n, seed, condition)."""
+    sets = []
+    for method in _ROWS:
+        want_n = None if method in ("atlas", "linear_probe", "finetune") else n
+        found = {r["target"] for r in _select(runs, modality=modality, method=method, n=want_n, seed=seed, condition=condition)}
+        if found:
+            sets.append(found)
+    return set.intersection(*sets) if sets else set()
 
 
 def ordering(scores: dict[str, float]) -> list[tuple[str, str, bool]]:
@@ -66,7 +88,7 @@ def _modality_md(results: dict[str, Any], modality: str) -> list[str]:
         "",
         "### Mean test accuracy (%) over targets, seed 0 (the paper's Table 1 layout)",
         "",
-        "| method | " + " | ".join(f"N = {n:.0%}" for n in ns) + f" | merge alone (N = {main_n:.0%}) | trainable scalars (" + "/".join(f"{n:.0%}" for n in ns) + ") |",
+        "| method | " + " | ".join(f"N = {n:.0%} ({_coverage(runs, modality, n, seeds[0])} targets)" for n in ns) + f" | merge alone (N = {main_n:.0%}) | trainable scalars (" + "/".join(f"{n:.0%}" for n in ns) + ") |",
         "|---|" + "---:|" * (len(ns) + 2),
     ]
     per_n = {n: _by_method(runs, modality, n, seeds[0]) for n in ns}
@@ -78,10 +100,12 @@ def _modality_md(results: dict[str, Any], modality: str) -> list[str]:
         lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(_fmt(per_n[n].get(method)) for n in ns) + f" | {_fmt(merged.get(method))} | {counts} |")
     lines += ["", "aTLAS, the linear probe and the full fine-tune do not depend on N: one value repeated.", ""]
     if len(seeds) > 1:
-        lines += [f"### N = {main_n:.0%}: mean ± std over seeds {', '.join(map(str, seeds))} (std of the per-seed mean over targets)", "", "| method | test | validation |", "|---|---:|---:|"]
+        cover = len(set.intersection(*(_targets(runs, modality, main_n, s) for s in seeds)))
+        lines += [f"### N = {main_n:.0%}: mean ± std over seeds {', '.join(map(str, seeds))} (std of the per-seed mean over targets; {cover} targets have every seed)", "", "| method | test | validation |", "|---|---:|---:|"]
+        same = _only(runs, set.intersection(*(_targets(runs, modality, main_n, s) for s in seeds)))
         for method in (*MERGES, "pretrained", "atlas"):
-            per_seed = [_by_method(runs, modality, main_n, s).get(method) for s in seeds]
-            per_seed_val = [_by_method(runs, modality, main_n, s, key="val").get(method) for s in seeds]
+            per_seed = [_by_method(same, modality, main_n, s).get(method) for s in seeds]
+            per_seed_val = [_by_method(same, modality, main_n, s, key="val").get(method) for s in seeds]
             if None in per_seed:
                 continue
             lines.append(f"| {METHOD_LABELS[method]} | {_mean(per_seed):.2f} ± {statistics.stdev(per_seed):.2f} | {_mean(per_seed_val):.2f} ± {statistics.stdev(per_seed_val):.2f} |")
@@ -103,15 +127,18 @@ def _modality_md(results: dict[str, Any], modality: str) -> list[str]:
             f"noisy: one source (the first of each target's list) gets Gaussian noise of Frobenius norm {config['noise_scale']:g}·‖Δ‖_F "
             "per tensor; prunedP: every source's task vectors magnitude-pruned, P% of the entries of each tensor zeroed.",
             "",
+            f"Over the {len(set.intersection(*(_targets(runs, modality, main_n, seeds[0], c) for c in conditions)))} targets that finished every condition.",
+            "",
             "| method | clean | " + " | ".join(conditions) + " |",
             "|---|---:|" + "---:|" * len(conditions),
         ]
-        clean = per_n.get(main_n, {})
+        robust = _only(runs, set.intersection(*(_targets(runs, modality, main_n, seeds[0], c) for c in conditions)))
+        clean = _by_method(robust, modality, main_n, seeds[0])
         for method in config["robust_methods"]:
             n = None if method == "atlas" else main_n
             cells = []
             for c in conditions:
-                value = _by_method(runs, modality, n, seeds[0], condition=c).get(method) if method != "atlas" else _atlas_condition(runs, modality, c, seeds[0])
+                value = _by_method(robust, modality, n, seeds[0], condition=c).get(method) if method != "atlas" else _atlas_condition(robust, modality, c, seeds[0])
                 cells.append("—" if value is None or method not in clean else f"{value:.2f} ({value - clean[method]:+.2f})")
             lines.append(f"| {METHOD_LABELS[method]} | {_fmt(clean.get(method))} | " + " | ".join(cells) + " |")
         lines.append("")

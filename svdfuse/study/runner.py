@@ -65,9 +65,9 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     stage2_epochs: int = 5
     batch: int = 32
-    lr_candidates: tuple[float, ...] = (0.01, 0.03, 0.1)
-    select_targets: int = 2
-    finetune: dict[str, FineTune] = field(default_factory=lambda: {"text": FineTune(epochs=5, lr=1e-4), "vision": FineTune(epochs=5, lr=1e-3)})
+    lr_candidates: tuple[float, ...] = (0.01, 0.1)
+    select_targets: int = 1
+    finetune: dict[str, FineTune] = field(default_factory=lambda: {"text": FineTune(epochs=5, lr=3e-4), "vision": FineTune(epochs=5, lr=1e-3)})
     conditions: tuple[str, ...] = CONDITIONS
     robust_methods: tuple[str, ...] = ("axis", "atlas", "average", "ties", "dare")
     noise_scale: float = 0.5
@@ -186,7 +186,7 @@ def run_study(config: StudyConfig, out: Path, log: Callable[[str], None] = print
     finished), `out/results.md` and the plots. Returns the results."""
     from svdfuse.study.report import write_report
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     results: dict[str, Any] = {"machine": _machine(), "config": _config_dict(config), "modalities": {}, "runs": []}
     runs = results["runs"]
     out.mkdir(parents=True, exist_ok=True)
@@ -202,33 +202,36 @@ def run_study(config: StudyConfig, out: Path, log: Callable[[str], None] = print
             "stage2_lr": lr, "selection": scores, "prepare_seconds": time.perf_counter() - tic,
         }
         log(f"[{name}] Stage-2 lr {lr} (validation); leave-one-out over {len(mod.tasks)} targets")
-        for task in mod.tasks:
-            _run_target(mod, task.name, lr, config, runs, log)
-            results["seconds"] = time.perf_counter() - start
-            save_atomic_json(results, out / "results.json")
-    results["seconds"] = time.perf_counter() - start
+        for phase, plan in _phases(config):
+            for task in mod.tasks:
+                tic = time.perf_counter()
+                _run_phase(mod, task.name, lr, plan, config, runs)
+                results["seconds"], results["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu_start
+                save_atomic_json(results, out / "results.json")
+                log(f"[{name}] {phase}: target {task.name} done ({len(plan)} runs, {time.perf_counter() - tic:.0f}s)")
+    results["seconds"], results["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu_start
     save_atomic_json(results, out / "results.json")
     write_report(results, out)
     return results
 
 
-def _run_target(mod: _Modality, name: str, lr: float, config: StudyConfig, runs: list[dict], log: Callable[[str], None]) -> None:
-    tic = time.perf_counter()
+def _phases(config: StudyConfig) -> list[tuple[str, list[tuple[str, float | None, int, str]]]]:
+    """The study's runs per target as (phase, [(method, n, seed, condition)]), most telling first, so
+    a run stopped early has every target at N = main_n before it has other N or seeds."""
+    main = [(m, config.main_n, config.seeds[0], "clean") for m in (*MERGES, "pretrained")]
+    main += [("atlas", None, config.seeds[0], "clean"), ("linear_probe", None, 0, "clean"), ("finetune", None, 0, "clean")]
+    robust = [(m, None if m == "atlas" else config.main_n, config.seeds[0], c) for c in config.conditions for m in config.robust_methods]
+    other_n = [(m, n, config.seeds[0], "clean") for n in config.ns if n != config.main_n for m in (*MERGES, "pretrained")]
+    seeds = [(m, None if m == "atlas" else config.main_n, s, "clean") for s in config.seeds[1:] for m in (*MERGES, "pretrained", "atlas")]
+    return [(name, runs) for name, runs in (("main", main), ("robustness", robust), ("other N", other_n), ("seeds", seeds)) if runs]
+
+
+def _run_phase(mod: _Modality, name: str, lr: float, plan: list[tuple[str, float | None, int, str]], config: StudyConfig, runs: list[dict]) -> None:
     target, sources = mod.target(name, lr)
-    for method in ("linear_probe", "finetune"):
-        _record(runs, mod.name, name, method, None, 0, "clean", run_method(target, sources, method, config.main_n, 0, finetuned=mod.sources[name]))
-    for seed in config.seeds:
-        for n in config.ns if seed == config.seeds[0] else (config.main_n,):
-            for method in (*MERGES, "pretrained"):
-                _record(runs, mod.name, name, method, n, seed, "clean", run_method(target, sources, method, n, seed))
-        _record(runs, mod.name, name, "atlas", None, seed, "clean", run_method(target, sources, "atlas", config.main_n, seed))
-    for condition in config.conditions:
-        changed = _conditioned(condition, mod.base, sources, config)
-        for method in config.robust_methods:
-            n = None if method == "atlas" else config.main_n
-            _record(runs, mod.name, name, method, n, 0, condition, run_method(target, changed, method, config.main_n, 0))
-    axis = next(r for r in runs if r["target"] == name and r["method"] == "axis" and r["n"] == config.main_n and r["condition"] == "clean")
-    log(f"[{mod.name}] target {name}: AXIS + S2 at N={config.main_n:g}: {axis['test']:.1f}% test; {time.perf_counter() - tic:.0f}s")
+    variants = {c: _conditioned(c, mod.base, sources, config) for c in {c for *_, c in plan if c != "clean"}}
+    for method, n, seed, condition in plan:
+        result = run_method(target, variants.get(condition, sources), method, config.main_n if n is None else n, seed, finetuned=mod.sources[name])
+        _record(runs, mod.name, name, method, n, seed, condition, result)
 
 
 def combine(parts: list[Path], out: Path) -> dict[str, Any]:
@@ -251,6 +254,7 @@ def combine(parts: list[Path], out: Path) -> dict[str, Any]:
         "modalities": {k: v for r in loaded for k, v in r["modalities"].items()},
         "runs": [row for r in loaded for row in r["runs"]],
         "seconds": max(r.get("seconds", 0) for r in loaded),
+        "cpu_seconds": sum(r.get("cpu_seconds", 0) for r in loaded),
     }
     out.mkdir(parents=True, exist_ok=True)
     save_atomic_json(results, out / "results.json")
