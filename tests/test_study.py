@@ -125,10 +125,10 @@ def test_quick_study_end_to_end(tmp_path):
     from svdfuse.study.methods import MERGES, METHOD_LABELS
 
     out = tmp_path / "study"
-    assert main(["study", "--quick", "--sizes", "12", "6", "10", "-o", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    assert main(["study", "--quick", "--sizes", "16", "8", "8", "-o", str(out), "--cache", str(tmp_path / "cache")]) == 0
     results = json.loads((out / "results.json").read_text())
     info = results["modalities"]["vision"]
-    assert set(info["tasks"]) == {"digits", "mnist", "photo_which"}
+    assert set(info["tasks"]) == {"mnist_parity", "photo_which", "photo_rotation"}
     runs = results["runs"]
     for row in runs:
         sizes = {"val": info["tasks"][row["target"]]["val"], "test": info["tasks"][row["target"]]["test"]}

@@ -78,7 +78,7 @@ def quick_config(cache: Path | None = None, sizes: tuple[int, int, int] = (64, 3
     """One modality (vision: every package it needs installs from PyPI), three tasks, one N,
     one seed, short training, one robustness condition: the pipeline end to end in minutes."""
     config = StudyConfig(
-        modalities=("vision",), tasks={"vision": ("digits", "mnist", "photo_which")}, sizes=sizes, ns=(0.2,), seeds=(0,),
+        modalities=("vision",), tasks={"vision": ("mnist_parity", "photo_which", "photo_rotation")}, sizes=sizes, ns=(0.2,), seeds=(0,),
         stage2_epochs=2, lr_candidates=(0.03,), finetune={"vision": FineTune(epochs=2, lr=1e-3)}, conditions=("pruned90",),
         robust_methods=("axis", "atlas"),
     )
