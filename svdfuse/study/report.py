@@ -84,7 +84,9 @@ def _modality_md(results: dict[str, Any], modality: str) -> list[str]:
         "",
         f"Merged matrices: `{', '.join(info['include'])}`. K = {config['k']:g} of min(m, n) per matrix; Stage-2 lr "
         f"{info['stage2_lr']:g} (chosen on validation: {', '.join(f'{k}: {v:.2f}%' for k, v in info['selection'].items()) or 'one candidate'}), "
-        f"{config['stage2_epochs']} epochs. Tasks: " + "; ".join(f"{t} ({d['classes']} classes, {d['train']}/{d['val']}/{d['test']})" for t, d in info["tasks"].items()) + ".",
+        f"{config['stage2_epochs']} epochs. Sources: fine-tuned at lr {info['finetune_lr']:g}"
+        + (f" (chosen on validation: {', '.join(f'{k}: {v:.2f}%' for k, v in info['finetune_selection'].items())})" if info.get("finetune_selection") else " (fixed beforehand)")
+        + ". Tasks: " + "; ".join(f"{t} ({d['classes']} classes, {d['train']}/{d['val']}/{d['test']})" for t, d in info["tasks"].items()) + ".",
         "",
         "### Mean test accuracy (%) over targets, seed 0 (the paper's Table 1 layout)",
         "",

