@@ -101,10 +101,15 @@ def _modality_md(results: dict[str, Any], modality: str) -> list[str]:
         counts = "/".join(_trainable(runs, modality, method, None if method in ("atlas", "linear_probe", "finetune") else n) for n in ns)
         lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(_fmt(per_n[n].get(method)) for n in ns) + f" | {_fmt(merged.get(method))} | {counts} |")
     lines += ["", "aTLAS, the linear probe and the full fine-tune do not depend on N: one value repeated.", ""]
-    if len(seeds) > 1:
-        cover = len(set.intersection(*(_targets(runs, modality, main_n, s) for s in seeds)))
-        lines += [f"### N = {main_n:.0%}: mean ± std over seeds {', '.join(map(str, seeds))} (std of the per-seed mean over targets; {cover} targets have every seed)", "", "| method | test | validation |", "|---|---:|---:|"]
-        same = _only(runs, set.intersection(*(_targets(runs, modality, main_n, s) for s in seeds)))
+    cover = set.intersection(*(_targets(runs, modality, main_n, s) for s in seeds)) if len(seeds) > 1 else set()
+    if len(seeds) > 1 and not cover:
+        lines += [f"### N = {main_n:.0%} over seeds {', '.join(map(str, seeds))}: no target finished every seed (not run)", ""]
+    elif cover:
+        same = _only(runs, cover)
+        lines += [
+            f"### N = {main_n:.0%}: mean ± std over seeds {', '.join(map(str, seeds))} (std of the per-seed mean over targets; {len(cover)} targets have every seed)",
+            "", "| method | test | validation |", "|---|---:|---:|",
+        ]
         for method in (*MERGES, "pretrained", "atlas"):
             per_seed = [_by_method(same, modality, main_n, s).get(method) for s in seeds]
             per_seed_val = [_by_method(same, modality, main_n, s, key="val").get(method) for s in seeds]
@@ -147,6 +152,9 @@ def _modality_md(results: dict[str, Any], modality: str) -> list[str]:
     lines += ["### The paper's ordering here (consecutive pairs of AXIS > DARE > Average > TIES > TSV-M > aTLAS, mean test %)", ""]
     for n in ns:
         pairs = ordering(per_n[n])
+        if not pairs:
+            lines.append(f"- N = {n:.0%}: not run")
+            continue
         lines.append(f"- N = {n:.0%}: " + ", ".join(f"{METHOD_LABELS[a].split(' ')[0]} {'>' if ok else '≤'} {METHOD_LABELS[b].split(' ')[0]} ({'holds' if ok else 'does not hold'})" for a, b, ok in pairs))
     lines.append("")
     return lines
