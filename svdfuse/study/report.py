@@ -194,12 +194,15 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(mods), figsize=(6.5 * len(mods), 4.5), squeeze=False)
     for ax, modality in zip(axes[0], mods):
         per_n = {n: _by_method(runs, modality, n, config["seeds"][0]) for n in config["ns"]}
-        for method in (*MERGES, "pretrained", "atlas", "linear_probe", "finetune"):
+        for i, method in enumerate(_ROWS):  # 12 lines: tab20's colours, so no two share one
             ys = [per_n[n].get(method) for n in config["ns"]]
             if None in ys:
                 continue
             style = "--" if method in ("atlas", "linear_probe", "finetune") else "-"
-            ax.plot([100 * n for n in config["ns"]], ys, style, marker="o", label=METHOD_LABELS[method], linewidth=2.5 if method == "axis" else 1.2)
+            ax.plot(
+                [100 * n for n in config["ns"]], ys, style, marker="os^v"[i % 4], color=plt.cm.tab20(i), label=METHOD_LABELS[method],
+                linewidth=2.5 if method.startswith("axis") else 1.2,
+            )
         ax.set_title(f"{modality}: {results['modalities'][modality]['backbone']}")
         ax.set_xlabel("N (% of min(m, n) trained per layer)")
         ax.set_ylabel("mean test accuracy over targets (%)")
@@ -215,16 +218,21 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
         for ax, modality in zip(axes[0], mods):
             methods = list(config["robust_methods"])
             width = 0.8 / len(conditions)
+            shown = []
             for i, c in enumerate(conditions):
                 vals = []
                 for method in methods:
                     v = _atlas_condition(runs, modality, c, config["seeds"][0]) if method == "atlas" else _by_method(runs, modality, config["main_n"], config["seeds"][0], condition=c).get(method)
                     vals.append(v if v is not None else 0.0)
+                shown += [v for v in vals if v]
                 ax.bar([j + i * width for j in range(len(methods))], vals, width, label=c)
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], [METHOD_LABELS[m].replace(" + S2", "") for m in methods], rotation=35, ha="right", fontsize=8)
             ax.set_ylabel(f"mean test accuracy (%), N = {config['main_n']:.0%}")
             ax.set_title(f"robustness, {modality}")
-            ax.legend(fontsize=8)
+            if shown:  # the differences are a few points: do not start the axis at 0
+                ax.set_ylim(min(shown) - 3, max(shown) + 3)
+            ax.legend(fontsize=7, ncol=len(conditions), loc="upper center")
+            ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         written.append(out / "robustness.png")
         fig.savefig(written[-1], dpi=110)
