@@ -179,6 +179,20 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Save a figure through a temporary file and a rename: never a partial PNG."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
+    return path
+
+
 def _plots(results: dict[str, Any], out: Path) -> list[Path]:
     try:
         import matplotlib
@@ -208,9 +222,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    written.append(out / "accuracy_vs_n.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, out / "accuracy_vs_n.png"))
     if config["conditions"]:
         fig, axes = plt.subplots(1, len(mods), figsize=(6.5 * len(mods), 4.5), squeeze=False)
         conditions = ["clean", *config["conditions"]]
@@ -233,9 +245,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
             ax.legend(fontsize=7, ncol=len(conditions), loc="upper center")
             ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        written.append(out / "robustness.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out / "robustness.png"))
     return written
 
 
