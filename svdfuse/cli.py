@@ -8,7 +8,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from svdfuse.config import DTYPES as _DTYPES
 from svdfuse.distributed import PeerFailure
@@ -221,7 +220,6 @@ def _merge_config(args: argparse.Namespace, argv: list[str]) -> None:
     import svdfuse
     from svdfuse import distributed
     from svdfuse.config import load_config
-    from svdfuse.sinks import check_output
 
     given = [token.split("=", 1)[0] for token in argv if token.startswith("-") and token.split("=", 1)[0] not in _CONFIG_FLAGS]
     if given or args.sources:
@@ -231,7 +229,6 @@ def _merge_config(args: argparse.Namespace, argv: list[str]) -> None:
     output = args.output or request.kwargs.get("output")
     if output is None:
         raise ValueError(f"{args.config}: no output: give -o PATH or the file's output key")
-    check_output(output)
     device = distributed.init_from_env(args.device) or args.device
     report = svdfuse.merge_config(args.config, output=output, device=device, progress=not args.quiet)
     if distributed.current().rank == 0:
@@ -243,13 +240,11 @@ def _merge(args: argparse.Namespace) -> None:
     from svdfuse.plan import DEFAULT_EXCLUDE
 
     from svdfuse import distributed
-    from svdfuse.sinks import check_output
 
     missing = [flag for flag, value in (("--base", args.base), ("-o/--output", args.output), ("SOURCES", args.sources)) if not value]
     if missing:
         raise ValueError(f"merge needs {', '.join(missing)} (or --config FILE)")
     svd = _svd_options(args)
-    check_output(args.output)
     method = get_method(args.method)
     params = {name: getattr(args, name) for name in method.params() if getattr(args, name) is not None}
     given = {name for name in _all_params() if getattr(args, name) is not None}
@@ -356,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _say(line: str) -> None:
-    """Print on stderr on a line of its own, above any progress bar still drawn."""
-    tqdm.write(line, file=sys.stderr)
+    """One line on stderr (every progress bar is closed, ending its line, before an error gets here)."""
+    print(line, file=sys.stderr)
 
 
 def _demo(args: argparse.Namespace) -> None:

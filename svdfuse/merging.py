@@ -234,7 +234,7 @@ def merge(
     else:
         sink = _MemorySink(plan, template_of(base, base_source.directory))
     bar = tqdm(
-        total=sum(task.nbytes for task in tasks), unit="B", unit_scale=True, unit_divisor=1024, delay=0.5,
+        total=sum(task.nbytes for task in tasks), unit="B", unit_scale=True, unit_divisor=1024,
         desc=f"merge ({method})", disable=True if group.rank != 0 else (None if progress is None else not progress),
     )
     try:

@@ -223,8 +223,10 @@ class Compute:
         base's is no change even when it is infinite (-inf - -inf would be NaN)."""
         if not self.allow_non_finite:
             return w.sub_(w0)
-        same = w == w0
-        return w.sub_(w0).masked_fill_(same, 0.0)
+        for w_i in w:  # one source's mask at a time: the buffers hold the budget, this stays small
+            same = w_i == w0
+            w_i.sub_(w0).masked_fill_(same, 0.0)
+        return w
 
     def _check_merged(self, spec: TensorSpec, start: int, stop: int, out: Tensor) -> None:
         """Refuse a merged value that is not finite, naming the source that holds one or the rows

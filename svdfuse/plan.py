@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from svdfuse import arguments
 from svdfuse import cpu
 from svdfuse.methods import Kind, Method
 from svdfuse.methods.trim import TRIM_SHARE, TrimScope
@@ -135,8 +136,7 @@ class Plan:
 def resolve_rank(k: int | float, m: int, n: int, what: str) -> int:
     """Rank for an m×n matrix: an int as given, a float in (0, 1] as floor(k * min(m, n)), at least 1."""
     limit = min(m, n)
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
-        raise TypeError(f"{what} must be an int or a float fraction, found {type(k).__name__}")
+    k = arguments.count(k, what)
     if isinstance(k, float):
         if not 0.0 < k <= 1.0:
             raise ValueError(f"{what} as a fraction of min(m, n) must be in (0, 1], found {k}")

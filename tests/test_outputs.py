@@ -253,3 +253,10 @@ def test_a_result_in_memory_does_not_depend_on_its_files_after_the_merge(files, 
     result.save(tmp_path / "saved.safetensors")
     saved = load_file(tmp_path / "saved.safetensors")
     assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_a_broken_link_as_a_source_is_named_as_one(files, tmp_path):
+    root, sources = files
+    (tmp_path / "gone.safetensors").symlink_to(tmp_path / "nowhere.safetensors")
+    with pytest.raises(svdfuse.SourceError, match=r"source 1 \('gone\.safetensors'\): '.*gone\.safetensors' does not exist \(a broken symbolic link\)"):
+        svdfuse.merge([sources[0], tmp_path / "gone.safetensors"], k=4, base=root / "base.safetensors", device="cpu")
