@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from tabulate import tabulate
 from torch import Tensor, nn
 
+from svdfuse import linalg
 from svdfuse.nn.attention import SVDMultiheadAttention
 from svdfuse.nn.conv import SVDConv
 from svdfuse.nn.convert import materialize, svd_layers
@@ -43,7 +44,7 @@ from svdfuse.nn.layers import SVDLinear, SVDWeight
 from svdfuse.merging import MERGE_METADATA
 from svdfuse.plan import DEFAULT_EXCLUDE, matches_any, resolve_rank
 from svdfuse.result import MergeResult
-from svdfuse.sinks import refuse_existing
+from svdfuse.sinks import check_output, publish, temporary
 from svdfuse.sources import ComponentCache, ModelLike, SourceError, open_source
 
 __all__ = ["LoraReport", "export_lora", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
@@ -157,7 +158,7 @@ def export_lora(
         svdfuse.export_lora({"sst2": model_sst2, "imdb": model_imdb}, "adapters", base=base_model)
     """
     output = Path(output)
-    refuse_existing(output)
+    check_output(output)
     module, name_or_path = _base_module(base)
     base_state = {key: t.detach().cpu() for key, t in module.state_dict().items()}
     if isinstance(merged, Mapping) and not _is_state_dict(merged):
@@ -170,8 +171,7 @@ def export_lora(
     else:
         built = {None: _build(_read(merged, base_state, rank, device, "merged"), module, base_state, approximate)}
     reports: dict = {}
-    tmp = output.with_name(f".{output.name}.svdfuse-{os.getpid()}.tmp")
-    tmp.mkdir(parents=True)
+    tmp = temporary(output, directory=True)
     try:
         for name, (config, tensors, report) in built.items():
             where = tmp if name is None else tmp / name
@@ -180,11 +180,10 @@ def export_lora(
             (where / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             save_file(tensors, str(where / ADAPTER_WEIGHTS), metadata={"format": "pt", "svdfuse": "lora-export"})
             reports[name] = report(output if name is None else output / name)
-        refuse_existing(output)
-        os.rename(tmp, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, output)
     return reports[None] if None in reports else reports
 
 
@@ -475,7 +474,7 @@ def _best_rank(frozen: Tensor, W0: Tensor, U: Tensor, S: Tensor, V: Tensor) -> t
     error of keeping only them."""
     m, k = U.shape
     delta = (frozen.double().reshape(m, -1) - W0.double().reshape(m, -1)) + (U.double() * S.double()) @ V.double().T
-    Uf, Sf, Vh = torch.linalg.svd(delta, full_matrices=False)
+    Uf, Sf, Vh = linalg.svd(delta)
     error = (torch.linalg.norm(Sf[k:]) / max(torch.linalg.norm(Sf).item(), 1e-300)).item()
     dtype = U.dtype
     return Uf[:, :k].to(dtype), Sf[:k].to(dtype), Vh[:k].T.to(dtype), error

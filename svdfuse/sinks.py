@@ -29,7 +29,7 @@ from torch import Tensor
 from svdfuse import distributed
 from svdfuse.sources import SAFETENSORS_DTYPES
 
-__all__ = ["LowRank", "SafetensorsWriter", "check_output", "parse_size", "save_safetensors", "save_hf_directory", "refuse_existing"]
+__all__ = ["LowRank", "SafetensorsWriter", "check_output", "publish", "temporary", "parse_size", "save_safetensors", "save_hf_directory", "refuse_existing"]
 
 # Files of a Hugging Face directory that hold weights: replaced, never copied from the base.
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx")
@@ -215,16 +215,10 @@ class SafetensorsWriter:
         return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": entries for i, entries in enumerate(shards)}
 
     def _create(self, template: str | os.PathLike | None) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _sweep_stale(self.path)
-        prefix = f"{_temp_start(self.path)}{os.getpid()}-"
+        tmp = temporary(self.path, directory=not self.single)
         if self.single:
-            fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=self.path.parent)
-            os.close(fd)
-            tmp = Path(name)
             files = {self.path.name: tmp}
         else:
-            tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=self.path.parent))
             if hasattr(template, "write"):  # a `svdfuse.templates.Template`: files and a config from a module
                 template.write(tmp, _template_ignore(tmp, self.path))
             elif template is not None:
@@ -280,7 +274,7 @@ class SafetensorsWriter:
                 (self._tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             for name, text in (files or {}).items():
                 (self._tmp / name).write_text(text)  # replaces the base's copy (its README.md)
-            _publish(self._tmp, self.path)
+            publish(self._tmp, self.path)
         self._group.barrier()
 
     def abort(self) -> None:
@@ -290,6 +284,19 @@ class SafetensorsWriter:
         self._fds = {}
         if self._group.rank == 0:
             _remove(self._tmp)
+
+
+def temporary(path: Path, *, directory: bool) -> Path:
+    """A new empty temporary file or directory beside the output `path`, named so that the next
+    writer beside it removes it should this process die (`.NAME.svdfuse-HOST-PID-XXXXXXXX.tmp`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale(path)
+    prefix = f"{_temp_start(path)}{os.getpid()}-"
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
 
 
 def _temp_start(path: Path) -> str:
@@ -354,7 +361,8 @@ def _rename_noreplace(tmp: Path, path: Path) -> None:
         os.link(tmp, path)
 
 
-def _publish(tmp: Path, path: Path) -> None:
+def publish(tmp: Path, path: Path) -> None:
+    """Rename the finished `tmp` to `path`, never replacing what appeared there meanwhile; `tmp` is gone after."""
     # Never replace a path created while we wrote (os.rename would replace a file or an empty directory).
     try:
         _rename_noreplace(tmp, path)

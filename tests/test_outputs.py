@@ -113,7 +113,7 @@ def test_an_output_name_past_the_limit_is_refused(files, tmp_path, no_work):
 @pytest.mark.parametrize("output", ["out.safetensors", "out"])
 def test_an_output_that_appears_while_writing_is_never_replaced(appears, output, files, tmp_path, monkeypatch):
     target = tmp_path / output
-    real = svdfuse.sinks._publish
+    real = svdfuse.sinks.publish
 
     def someone_else_writes_first(tmp, path):
         if appears == "file":
@@ -124,7 +124,7 @@ def test_an_output_that_appears_while_writing_is_never_replaced(appears, output,
                 (target / "theirs").write_text("theirs")
         real(tmp, path)
 
-    monkeypatch.setattr(svdfuse.sinks, "_publish", someone_else_writes_first)
+    monkeypatch.setattr(svdfuse.sinks, "publish", someone_else_writes_first)
     with pytest.raises(FileExistsError, match=r"output path '.*' appeared while writing; svdfuse never overwrites, nothing was written"):
         merge_to(files, target)
     if appears == "file":
@@ -148,7 +148,7 @@ def test_publishing_without_renameat2_still_never_replaces(files, tmp_path, monk
         merge_to(files, tmp_path / output)
         (tmp_path / f"{output}.2").mkdir()
         with pytest.raises(FileExistsError):
-            svdfuse.sinks._publish(Path(shutil.copytree(tmp_path / "models", tmp_path / "copy")), tmp_path / f"{output}.2")
+            svdfuse.sinks.publish(Path(shutil.copytree(tmp_path / "models", tmp_path / "copy")), tmp_path / f"{output}.2")
         assert list((tmp_path / f"{output}.2").iterdir()) == [] and not (tmp_path / "copy").exists()
     assert load_file(tmp_path / "a.safetensors").keys() == load_file(tmp_path / "a-dir" / "model.safetensors").keys()
 
