@@ -77,7 +77,7 @@ def decompose(
     budget = parse_size(max_memory, "max_memory") if max_memory is not None else default_budget()
     axis = get_method("axis")
     plan = make_plan(
-        base_source, [src], axis, rank, include=include, exclude=exclude, dtype=dtype, budget=budget, svd=svd, params={}
+        base_source, [src], axis, rank, include=include, exclude=exclude, dtype=dtype, budget=budget, svd=svd, params={}, rank_name="rank",
     )
     entries: list[tuple[str, tuple[int, ...], torch.dtype]] = []
     for spec in plan.specs:
@@ -87,8 +87,7 @@ def decompose(
         else:
             entries.append((spec.key, spec.shape, spec.out_dtype))
     info = ComponentCache.info(
-        rank, svd_fields(svd), base_source.label, {s.key: (s.shape, s.out_dtype) for s in plan.specs},
-        [s.key for s in plan.matrices],
+        rank, svd_fields(svd), base_source, src, {s.key: (s.shape, s.out_dtype) for s in plan.specs}, [s.key for s in plan.matrices],
     )
     compute = Compute(axis, Reader(base_source, [src], dtype), svd=svd, device=device, params={}, want_factors=False, progress=Progress([True]), budget=budget)
     produced = _decomposed(plan, compute)

@@ -268,8 +268,10 @@ def make_plan(
     budget: int,
     svd: SVDOptions,
     params: dict,
+    rank_name: str = "k",
 ) -> Plan:
-    """Check every source against the base, give every tensor its role and cut the work into tasks.
+    """Check every source against the base, give every tensor its role and cut the work into tasks
+    (`rank_name`: how errors name `k`, e.g. decompose's "rank").
 
     Matrices of one shape form groups whose pieces fit the budget; everything else is merged in
     row blocks over all sources. Peak memory is the budget plus a constant, whatever the number of
@@ -287,14 +289,14 @@ def make_plan(
             specs.append(TensorSpec(key, shape, key_dtype, out_dtype, role))
             continue
         m, n = shape[0], math.prod(shape[1:])
-        rank = None if k is None else resolve_rank(k, m, n, "k")
+        rank = None if k is None else resolve_rank(k, m, n, rank_name)
         if rank is not None and rank > min(m, n):
             too_small.append(f"{key!r} {m}x{n}")
         specs.append(TensorSpec(key, shape, key_dtype, out_dtype, Role.MATRIX, rank))
     if too_small:
         raise ValueError(
-            f"k={k} is larger than min(m, n) of {len(too_small)} matrices (e.g. {too_small[:3]}); "
-            "give k as a fraction of min(m, n), or exclude them with a name pattern"
+            f"{rank_name}={k} is larger than min(m, n) of {len(too_small)} matrices (e.g. {too_small[:3]}); "
+            f"give {rank_name} as a fraction of min(m, n), or exclude them with a name pattern"
         )
     tasks = []
     by_shape: dict[tuple[int, int, int | None, torch.dtype], list[TensorSpec]] = {}
@@ -311,7 +313,7 @@ def make_plan(
         itemsize = compute_dtype(out_dtype).itemsize if method.kind is Kind.MATRICES else out_dtype.itemsize
         tasks += _matrix_tasks(entries, len(sources), method, r, svd.oversample, budget, itemsize)
         ranks.update({entry.key: r for entry in entries})
-    _check_caches(sources, method, svd, ranks)
+    _check_caches(base, sources, method, svd, ranks)
     trim = method.trim(params)
     model_trim = _model_trim(tasks) if trim is not None and trim.scope is TrimScope.MODEL else None
     return Plan(specs, tasks, len(sources), budget, model_trim)
@@ -341,9 +343,9 @@ def svd_fields(svd: SVDOptions) -> dict:
     return {name: getattr(value, "value", value) for name, value in dataclasses.asdict(svd).items()}
 
 
-def _check_caches(sources: list[Source], method: Method, svd: SVDOptions, ranks: dict[str, int]) -> None:
+def _check_caches(base: Source, sources: list[Source], method: Method, svd: SVDOptions, ranks: dict[str, int]) -> None:
     """Component caches fit this merge: a method that works from per-source factors, the same SVD
-    options, the same matrices, enough components."""
+    options, the same matrices, enough components, the same base (last: it reads the base's matrices)."""
     for source in sources:
         if not isinstance(source, ComponentCache):
             continue
@@ -372,3 +374,4 @@ def _check_caches(sources: list[Source], method: Method, svd: SVDOptions, ranks:
                     f"{source.label}: {key!r} is cached at rank {source.stored_rank(key)}, {method.name} needs "
                     f"{rank} components per source; decompose at a higher rank"
                 )
+        source.check_base(base)

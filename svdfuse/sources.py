@@ -7,9 +7,13 @@ holds only the layers it is working on.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import stat
 import struct
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,6 +51,22 @@ class Source:
     def __init__(self, label: str, directory: Path | None = None) -> None:
         self.label = label
         self.directory = directory
+        self._digests: dict[tuple, str] = {}
+
+    def digest(self, keys: Sequence[str] | None = None, *, quick: bool = False) -> str:
+        """SHA-256 of the names, shapes, dtypes and bytes of `keys` (default: all), the same
+        however the tensors are stored (file, shards, state dict). `quick`: of each tensor's first
+        and last row only, a few kilobytes per tensor: unequal quick digests are unequal models,
+        equal ones must be confirmed by the full digest."""
+        keys = tuple(sorted(self.keys() if keys is None else keys))
+        if (keys, quick) not in self._digests:
+            self._digests[keys, quick] = _digest(self, keys, quick)
+        return self._digests[keys, quick]
+
+    def fingerprint(self, *, quick: bool = False) -> str:
+        """What makes two sources the same model: the digest of its tensors. A source derived from
+        a model (a component cache) answers with that model's digest, recorded when it was made."""
+        return self.digest(quick=quick)
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -106,8 +126,37 @@ def _header(path: Path) -> tuple[int, dict]:
     """A safetensors file's data start and header: name -> {"dtype", "shape", "data_offsets"}."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
+        if size > min(_MAX_HEADER, os.fstat(f.fileno()).st_size - 8):  # else a hostile size is allocated
+            raise ValueError(f"its header claims {size} bytes, more than the file or safetensors' limit holds")
         header = json.loads(f.read(size))
     return 8 + size, header
+
+
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+
+
+_DIGEST_BLOCK = 64 << 20  # bytes hashed per read: a large tensor is never held whole
+
+
+def _digest(source: Source, keys: Sequence[str], quick: bool) -> str:
+    h = hashlib.sha256()
+    buffer = torch.empty(0, dtype=torch.uint8)
+    for key in keys:
+        shape, dtype = source.meta(key)
+        h.update(json.dumps([key, list(shape), str(dtype)]).encode())
+        rows, row_bytes = (shape[0], torch.Size(shape[1:]).numel() * dtype.itemsize) if shape else (1, dtype.itemsize)
+        if not rows or not row_bytes:
+            continue
+        step = max(1, _DIGEST_BLOCK // row_bytes)
+        spans = sorted({(0, 1), (rows - 1, rows)}) if quick else [(a, min(a + step, rows)) for a in range(0, rows, step)]
+        for start, stop in spans:
+            nbytes = (stop - start) * row_bytes
+            if buffer.numel() < nbytes:
+                buffer = torch.empty(nbytes, dtype=torch.uint8)
+            out = buffer[:nbytes].view(dtype)
+            source.read(key, start, stop, out.view((stop - start, *shape[1:])) if shape else out.view(()))
+            h.update(memoryview(buffer[:nbytes].numpy()))
+    return h.hexdigest()
 
 
 class _OpenFiles:
@@ -139,26 +188,36 @@ class SafetensorsSource(Source):
     the process's resident memory is its buffers alone, however much of the sources it has read.
     """
 
-    def __init__(self, label: str, files: list[Path], directory: Path | None = None, index: Mapping[str, str] | None = None) -> None:
+    def __init__(self, label: str, files: list[Path], directory: Path | None = None, index: Mapping[str, Path] | None = None) -> None:
         super().__init__(label, directory)
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         self._where: dict[str, tuple[Path, int]] = {}  # key -> (file, absolute offset of its first byte)
         self.metadata: dict[str, str] = {}
         for file in files:
             try:
+                start, header = _header(file)  # first: Python's open says why a file cannot be opened
                 safe_open(str(file), framework="pt")  # validates the header against the file size
-                start, header = _header(file)
-            except (SafetensorError, OSError, ValueError) as err:
+            except PermissionError:
+                raise SourceError(f"{label}: cannot read {str(file)!r}: permission denied") from None
+            except (SafetensorError, OSError, ValueError, struct.error) as err:
                 raise SourceError(f"{label}: cannot read {str(file)!r} as safetensors ({err}); is it truncated or corrupt?") from err
             metadata = header.pop("__metadata__", None) or {}
             self.metadata = self.metadata or metadata
             for key, info in header.items():
-                if index is not None and index.get(key, file.name) != file.name:
+                if index is not None and index.get(key, file) != file:
                     continue  # the index names another shard for this key: that shard's copy is the model's
                 if key in self._where:
                     raise SourceError(f"{label}: tensor {key!r} is stored in two shards and no index says which one holds it")
                 self._meta[key] = (tuple(info["shape"]), info["dtype"])
                 self._where[key] = (file, start + info["data_offsets"][0])
+        # A key the index names but its shard lacks is a lost tensor; keys a listed shard holds that
+        # the index omits are read from that shard, as transformers loads every tensor of a shard.
+        lost = [key for key in index or () if key not in self._where]
+        if lost:
+            raise SourceError(
+                f"{label}: the shard index names {len(lost)} tensors that their shard does not hold "
+                f"(e.g. {lost[0]!r} in {str(index[lost[0]])!r}); is a shard missing or from another save?"
+            )
 
     def keys(self) -> list[str]:
         return list(self._meta)
@@ -208,7 +267,7 @@ class SafetensorsSource(Source):
         return out
 
 
-CACHE_FORMAT = "svdfuse.components/1"
+CACHE_FORMAT = "svdfuse.components/2"  # /1 recorded no digests: such a cache is refused, it cannot be checked
 
 
 class ComponentCache(Source):
@@ -216,7 +275,9 @@ class ComponentCache(Source):
     `Δ = W − W0` against its base, and the source's other tensors as they are.
 
     Its matrices can only feed methods that need per-source truncated SVDs (AXIS, TSV-M); reading
-    one as a dense tensor is an error that says so.
+    one as a dense tensor is an error that says so. It records the digest of the base matrices it
+    was decomposed against (a merge on another base is refused) and its source's fingerprint (the
+    source itself beside its cache is the same source twice).
 
     Attributes:
         rank: components stored per matrix; svd: the `SVDOptions` fields they were computed with.
@@ -225,21 +286,67 @@ class ComponentCache(Source):
     def __init__(self, label: str, store: Source, info: Mapping[str, str]) -> None:
         super().__init__(label, store.directory)
         self._store = store
-        self.rank = info["rank"]  # as given to decompose: an int, or a fraction of min(m, n)
-        self.svd: dict = json.loads(info["svd"])
-        self.base_label: str = info.get("base", "")
-        self._meta = {key: (tuple(shape), SAFETENSORS_DTYPES[dtype]) for key, (shape, dtype) in json.loads(info["tensors"]).items()}
-        self.matrices = set(json.loads(info["matrices"]))
+        if info.get("svdfuse") != CACHE_FORMAT:
+            raise SourceError(
+                f"{label}: is a component cache in format {_short(info.get('svdfuse'))}, this svdfuse reads {CACHE_FORMAT!r} "
+                "(which records the base it was decomposed against, so that a merge can check it); decompose the source again"
+            )
+        try:
+            self.rank = info["rank"]  # as given to decompose: an int, or a fraction of min(m, n)
+            self.svd: dict = _json(info, "svd", dict)
+            self.base_label: str = info["base"]
+            self._base_digest, self._origin = info["base_sha256"], (info["source_sha256"], info["source_sample_sha256"])
+            self._meta = {str(key): (tuple(int(d) for d in shape), SAFETENSORS_DTYPES[dtype]) for key, (shape, dtype) in _json(info, "tensors", dict).items()}
+            self.matrices = {str(key) for key in _json(info, "matrices", list)}
+        except (ValueError, KeyError, TypeError) as err:
+            raise SourceError(f"{label}: its component-cache metadata is damaged ({type(err).__name__}: {err}); decompose the source again") from None
+        self._check_store()
+
+    def _check_store(self) -> None:
+        """The stored tensors are the ones the metadata lists: U (m, r), S (r,), V (n, r) per matrix."""
+        for key, (shape, dtype) in self._meta.items():
+            if key not in self.matrices:
+                expected = {key: shape}
+            elif len(shape) < 2:
+                raise SourceError(f"{self.label}: its metadata lists {key!r} {shape} as a matrix; decompose the source again")
+            else:
+                r = self._store.meta(f"{key}.S")[0][0] if f"{key}.S" in self._store else 0
+                expected = {f"{key}.U": (shape[0], r), f"{key}.S": (r,), f"{key}.V": (math.prod(shape[1:]), r)}
+            for name, want in expected.items():
+                if name not in self._store:
+                    raise SourceError(f"{self.label}: holds no {name!r}, which its metadata lists; the cache is damaged, decompose the source again")
+                found, stored = self._store.meta(name)
+                if found != want or not (stored.is_floating_point if name != key else stored == dtype):
+                    raise SourceError(
+                        f"{self.label}: {name!r} is {found} {stored}, its metadata says {want}"
+                        + ("" if name != key else f" {dtype}") + "; the cache is damaged, decompose the source again"
+                    )
 
     @staticmethod
-    def info(rank: int | float, svd: Mapping, base: str, tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]], matrices: list[str]) -> dict[str, str]:
-        """The metadata a cache file carries (safetensors `__metadata__` values are strings)."""
+    def info(rank: int | float, svd: Mapping, base: Source, source: Source, tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]], matrices: list[str]) -> dict[str, str]:
+        """The metadata a cache file carries (safetensors `__metadata__` values are strings),
+        with the digests of `base`'s `matrices` and of `source` (reads both once)."""
         names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
         return {
-            "svdfuse": CACHE_FORMAT, "rank": str(rank), "svd": json.dumps(dict(svd)), "base": base,
+            "svdfuse": CACHE_FORMAT, "rank": str(rank), "svd": json.dumps(dict(svd)), "base": base.label,
+            "base_sha256": base.digest(matrices), "source_sha256": source.fingerprint(), "source_sample_sha256": source.fingerprint(quick=True),
             "tensors": json.dumps({key: [list(shape), names[dtype]] for key, (shape, dtype) in tensors.items()}),
             "matrices": json.dumps(matrices),
         }
+
+    def fingerprint(self, *, quick: bool = False) -> str:
+        return self._origin[1 if quick else 0]
+
+    def check_base(self, base: Source) -> None:
+        """Refuse a base other than the one this cache was decomposed against (by the content of its
+        matrices: the factors of `W − W0` mean nothing against another `W0`)."""
+        missing = sorted(self.matrices - set(base.keys()))
+        if missing or base.digest(sorted(self.matrices)) != self._base_digest:
+            found = f"has no {missing[0]!r}" if missing else f"differs in the {len(self.matrices)} matrices it was decomposed against"
+            raise SourceError(
+                f"{self.label}: was decomposed against another base (recorded as {self.base_label}): {base.label} {found}; "
+                "decompose the source against this base"
+            )
 
     def keys(self) -> list[str]:
         return list(self._meta)
@@ -275,29 +382,82 @@ class ComponentCache(Source):
         """The top-`rank` factors of `key`'s task matrix: U (m, rank), S (rank,), V (n, rank)."""
         if self.stored_rank(key) < rank:
             raise SourceError(f"{self.label}: {key!r} is cached at rank {self.stored_rank(key)}, the merge needs {rank} components per source")
-        return tuple(self._store.get(f"{key}.{part}")[..., :rank] for part in "USV")  # type: ignore[return-value]
+        U, S, V = (self._store.get(f"{key}.{part}")[..., :rank] for part in "USV")
+        for part, t in zip("USV", (U, S, V)):
+            if not torch.isfinite(t).all():
+                raise SourceError(
+                    f"{self.label}: the cached {key}.{part} {tuple(t.shape)} holds {int(torch.isnan(t).sum())} NaN and "
+                    f"{int(torch.isinf(t).sum())} Inf values; expected finite factors: the cache is damaged, decompose the source again"
+                )
+        return U, S, V
 
 
-def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str, str] | None] | None:
+def _json(info: Mapping[str, str], name: str, kind: type) -> object:
+    """Metadata entry `name`, JSON of a `kind` (a dict, a list)."""
+    value = json.loads(info[name])
+    if not isinstance(value, kind):
+        raise TypeError(f"{name!r} holds a {type(value).__name__}, expected a {kind.__name__}")
+    return value
+
+
+def _shard_path(directory: Path, name: object, label: str, what: str) -> Path:
+    """`directory / name` for a file name that a model directory's own files give (`what` names
+    the giver: the directory, its shard index): such names come with the model, from anywhere. Only
+    a relative name that stays inside the directory after symbolic links and names a regular file
+    is taken, never a path that would open another file of the machine."""
+    if not isinstance(name, str):
+        raise SourceError(f"{label}: {what} names {type(name).__name__} {_short(name)}, expected a file name (a string)")
+    relative = Path(name)
+    if not name or "\0" in name or relative.is_absolute() or ".." in relative.parts:
+        raise SourceError(f"{label}: {what} names {_short(name)}, expected a relative file name inside the model directory (no absolute path, no '..', no NUL)")
+    path = directory / relative
+    try:
+        real, mode = path.resolve(strict=True), path.stat().st_mode
+    except FileNotFoundError:
+        raise SourceError(f"{label}: {what} names {name!r}, which does not exist in {str(directory)!r}") from None
+    except OSError as err:  # a symbolic link loop, permission denied on a directory, ...
+        raise SourceError(f"{label}: {what} names {name!r}, which cannot be read ({err.strerror})") from None
+    if not any(real.is_relative_to(root) for root in _roots(directory)):
+        raise SourceError(f"{label}: {what} names {name!r}, which links to {str(real)!r} outside the model directory; svdfuse reads only files inside it")
+    if not stat.S_ISREG(mode):
+        raise SourceError(f"{label}: {what} names {name!r}, which is not a regular file")
+    return path
+
+
+def _roots(directory: Path) -> list[Path]:
+    """Where the files of a model directory may really be: inside it, and for a snapshot of the
+    Hugging Face hub cache (`models--org--name/snapshots/REVISION`), in that repository's blobs."""
+    real = directory.resolve()
+    hub = real.parent.parent if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--") else None
+    return [real] if hub is None else [real, hub / "blobs"]
+
+
+def _short(value: object) -> str:
+    """`value` for a message about untrusted input: its repr, cut to 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str, Path] | None] | None:
     """The weight files of a Hugging Face directory and its index's name -> shard map (None: one file)."""
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single], None
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = dict(json.loads(index.read_text())["weight_map"])
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise SourceError(
-                f"{label}: {str(index)!r} is not a safetensors index: expected JSON with a 'weight_map' of "
-                f"name -> shard file ({type(err).__name__}: {err})"
-            ) from err
-        missing = [shard for shard in shards if not (directory / shard).is_file()]
-        if missing:
-            raise SourceError(f"{label}: {str(index)!r} lists {len(missing)} shard files that do not exist (e.g. {missing[:3]})")
-        return [directory / shard for shard in shards], weight_map
-    return None
+    if os.path.lexists(directory / "model.safetensors"):
+        return [_shard_path(directory, "model.safetensors", label, "the model directory")], None
+    if not os.path.lexists(directory / "model.safetensors.index.json"):
+        return None
+    index = _shard_path(directory, "model.safetensors.index.json", label, "the model directory")
+    try:
+        weight_map = dict(json.loads(index.read_text())["weight_map"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # UnicodeDecodeError is a ValueError
+        raise SourceError(
+            f"{label}: {str(index)!r} is not a safetensors index: expected JSON with a 'weight_map' of "
+            f"name -> shard file ({type(err).__name__}: {err})"
+        ) from err
+    shards: dict[str, Path] = {}
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or name not in shards:
+            shards[name] = _shard_path(directory, name, label, f"{str(index)!r}, for {key!r},")
+    resolved = {key: shards[name] for key, name in weight_map.items()}
+    return sorted(set(resolved.values())), resolved
 
 
 def open_source(model: ModelLike, label: str) -> Source:
@@ -321,12 +481,19 @@ def open_source(model: ModelLike, label: str) -> Source:
         raise SourceError(f"{label}: cannot read {str(path)!r}: permission denied (on it or a directory above it)") from None
     except FileNotFoundError:
         raise SourceError(f"{label}: {str(path)!r} does not exist" + (" (a broken symbolic link)" if path.is_symlink() else "")) from None
+    except OSError as err:  # a symbolic link loop, a name too long, ...
+        raise SourceError(f"{label}: cannot read {str(path)!r}: {err.strerror}") from None
     if path.is_dir():
         found = _hf_weight_files(path, label)
         if found is not None:
             return SafetensorsSource(label, found[0], directory=path, index=found[1])
-        bin_file = path / "pytorch_model.bin"
-        if bin_file.is_file():
+        if os.path.lexists(path / "pytorch_model.bin"):
+            bin_file = _shard_path(path, "pytorch_model.bin", label, "the model directory")
+            if not zipfile.is_zipfile(bin_file):
+                raise SourceError(
+                    f"{label}: cannot read {str(bin_file)!r} as a torch checkpoint: it is not a zip archive (torch.save's "
+                    "format since torch 1.6, the only one read lazily); save a legacy checkpoint again with torch.save, or as safetensors"
+                )
             try:
                 state = torch.load(bin_file, map_location="cpu", mmap=True, weights_only=True)
             except Exception as err:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... on bad files
@@ -341,7 +508,7 @@ def open_source(model: ModelLike, label: str) -> Source:
         if path.suffix != ".safetensors":
             raise SourceError(f"{label}: expected a .safetensors file, found {str(path)!r}")
         source = SafetensorsSource(label, [path])
-        if source.metadata.get("svdfuse") == CACHE_FORMAT:
+        if source.metadata.get("svdfuse", "").startswith("svdfuse.components/"):
             return ComponentCache(label, source, source.metadata)
         return source
     raise SourceError(f"{label}: {str(path)!r} is neither a .safetensors file nor a model directory")
@@ -379,7 +546,25 @@ def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike], base: Mo
             what = f" ({os.fspath(model)!r})" if isinstance(model, (str, os.PathLike)) else ""
             raise SourceError(f"{label} is the same model as {first}{what}; give each source once (its components would count twice)"
                               if first != "the base" else f"{label} is the base itself{what}; a source must be a model fine-tuned from it")
-    return [open_source(model, label) for label, (_, model) in zip(labels, named)]
+    sources = [open_source(model, label) for label, (_, model) in zip(labels, named)]
+    if any(isinstance(source, ComponentCache) for source in sources):
+        _refuse_copies(sources)
+    return sources
+
+
+def _refuse_copies(sources: list[Source]) -> None:
+    """Refuse a model given twice where one of the two is a component cache (the source beside its
+    cache, two caches of one source): compared by fingerprint, the quick one first, so that only
+    a likely copy is read whole. Models given as they are were told apart by `_identity`."""
+    for i, source in enumerate(sources):
+        for other in sources[:i]:
+            if not isinstance(source, ComponentCache) and not isinstance(other, ComponentCache):
+                continue
+            if source.fingerprint(quick=True) == other.fingerprint(quick=True) and source.fingerprint() == other.fingerprint():
+                raise SourceError(
+                    f"{source.label} is the same model as {other.label} (a component cache stands for the source it was "
+                    "decomposed from); give each source once (its components would count twice)"
+                )
 
 
 class Reader:

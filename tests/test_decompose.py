@@ -70,7 +70,7 @@ def test_a_cache_records_its_options_and_a_higher_rank_serves_any_smaller_k(prob
     svdfuse.decompose(sources[0], base=base, rank=12, svd=SVD, output=file, device="cpu")
     with safe_open(str(file), "pt") as f:
         meta = f.metadata()
-        assert meta["svdfuse"] == "svdfuse.components/1" and meta["rank"] == "12"
+        assert meta["svdfuse"] == "svdfuse.components/2" and meta["rank"] == "12"
         assert f.get_tensor("l0.weight.U").shape == (40, 12) and f.get_tensor("l0.weight.S").shape == (12,)
         assert "l0.bias" in f.keys() and "l0.weight" not in f.keys()
     exact = svdfuse.merge([sources[0], sources[1]], k=4, base=base, svd=svdfuse.SVDOptions(method="exact"), device="cpu")
