@@ -412,7 +412,7 @@ def _shard_path(directory: Path, name: object, label: str, what: str) -> Path:
         raise SourceError(f"{label}: {what} names {_short(name)}, expected a relative file name inside the model directory (no absolute path, no '..', no NUL)")
     path = directory / relative
     try:
-        real, mode = path.resolve(strict=True), path.stat().st_mode
+        mode, real = path.stat().st_mode, path.resolve(strict=True)  # stat first: resolve meets a loop as RuntimeError
     except FileNotFoundError:
         raise SourceError(f"{label}: {what} names {name!r}, which does not exist in {str(directory)!r}") from None
     except OSError as err:  # a symbolic link loop, permission denied on a directory, ...
@@ -433,9 +433,9 @@ def _roots(directory: Path) -> list[Path]:
 
 
 def _short(value: object) -> str:
-    """`value` for a message about untrusted input: its repr, cut to 80 characters."""
+    """`value` for a message about untrusted input: its repr, cut to 200 characters."""
     text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str, Path] | None] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -112,3 +114,156 @@ def test_cli_decompose_then_merge(problem, tmp_path, capsys):
     merged = tmp_path / "merged.safetensors"
     assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "-k", "5", "--svd", "randomized", "-o", str(merged), "--quiet", *paths]) == 0
     assert merged.is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# A cache is checked against what it was made from: its base, its source, its own metadata
+
+
+def _rewrite(file, tmp_path, *, name="tampered.svd.safetensors", metadata=None, tensors=None):
+    """A copy of cache `file` with some metadata entries and tensors replaced (None: dropped)."""
+    from safetensors.torch import save_file
+
+    with safe_open(str(file), "pt") as f:
+        meta, stored = dict(f.metadata()), {key: f.get_tensor(key) for key in f.keys()}
+    for target, changes in ((meta, metadata or {}), (stored, tensors or {})):
+        for key, value in changes.items():
+            target.pop(key) if value is None else target.__setitem__(key, value)
+    save_file(stored, str(tmp_path / name), metadata=meta)
+    return tmp_path / name
+
+
+def test_a_cache_is_refused_on_another_base_before_any_work(problem, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    base, sources = problem
+    file = tmp_path / "s0.svd.safetensors"
+    svdfuse.decompose(sources[0], base=base, rank=4, svd=SVD, output=file, device="cpu")
+    # the same base in another form (a file, a copy of the dict), or with other non-matrix tensors: the cache fits
+    save_file(base, str(tmp_path / "base.safetensors"))
+    reference = svdfuse.merge([file, sources[1]], k=4, base=base, svd=SVD, device="cpu")
+    for same in (tmp_path / "base.safetensors", {k: v.clone() for k, v in base.items()}, {**base, "l0.bias": base["l0.bias"] + 1}):
+        svdfuse.merge([file, sources[1]], k=4, base=same, svd=SVD, device="cpu")
+    # one entry of one matrix off by one ulp: another base
+    other = {k: v.clone() for k, v in base.items()}
+    other["l1.weight"][7, 3] = torch.nextafter(other["l1.weight"][7, 3], torch.tensor(float("inf")))
+    monkeypatch.setattr(svdfuse.merging, "Compute", None)  # any work would fail on this instead
+    out = tmp_path / "out"
+    pattern = (r"^source 1 \('s0\.svd\.safetensors'\): was decomposed against another base \(recorded as base\): base differs "
+               r"in the 3 matrices it was decomposed against; decompose the source against this base$")
+    with pytest.raises(svdfuse.SourceError, match=pattern):
+        svdfuse.merge([sources[1], file], k=4, base=other, svd=SVD, device="cpu", output=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "s0.svd.safetensors"]
+    missing = {k: v for k, v in base.items() if k != "head.weight"}
+    with pytest.raises(svdfuse.SourceError, match=r"base has no"):
+        svdfuse.sources.open_source(file, "source 0").check_base(svdfuse.sources.open_source(missing, "base"))
+    assert reference.components
+
+
+def test_a_cache_of_an_older_format_is_refused_with_what_to_do(problem, tmp_path):
+    base, sources = problem
+    file = tmp_path / "s0.svd.safetensors"
+    svdfuse.decompose(sources[0], base=base, rank=4, svd=SVD, output=file, device="cpu")
+    old = _rewrite(file, tmp_path, metadata={"svdfuse": "svdfuse.components/1", "base_sha256": None, "source_sha256": None, "source_sample_sha256": None})
+    with pytest.raises(svdfuse.SourceError, match=r"^source 0 \('tampered\.svd\.safetensors'\): is a component cache in format 'svdfuse\.components/1', this svdfuse reads 'svdfuse\.components/2' .*; decompose the source again$"):
+        svdfuse.merge([old, sources[1]], k=4, base=base, svd=SVD, device="cpu")
+
+
+def test_a_source_beside_its_own_cache_is_the_same_source_twice(problem, tmp_path):
+    from safetensors.torch import save_file
+
+    base, sources = problem
+    file = tmp_path / "s0.svd.safetensors"
+    svdfuse.decompose(sources[0], base=base, rank=4, svd=SVD, output=file, device="cpu")
+    save_file(sources[0], str(tmp_path / "s0.safetensors"))
+    copy = tmp_path / "copy.svd.safetensors"
+    copy.write_bytes(file.read_bytes())
+    in_memory = svdfuse.decompose(sources[0], base=base, rank=4, svd=SVD, device="cpu")
+    twice = [
+        ([sources[1], sources[0], file], r"^source 2 \('s0\.svd\.safetensors'\) is the same model as source 1 "),
+        ([file, tmp_path / "s0.safetensors"], r"^source 1 \('s0\.safetensors'\) is the same model as source 0 \('s0\.svd\.safetensors'\) "),
+        ([file, copy], r"^source 1 \('copy\.svd\.safetensors'\) is the same model as source 0 \('s0\.svd\.safetensors'\) "),
+        ([in_memory, file], r"^source 1 \('s0\.svd\.safetensors'\) is the same model as source 0 .*"),
+    ]
+    for models, pattern in twice:
+        with pytest.raises(svdfuse.SourceError, match=pattern + r"\(a component cache stands for the source it was decomposed from\); give each source once"):
+            svdfuse.merge(models, k=4, base=base, svd=SVD, device="cpu")
+    # a source that differs from the cache's in one entry past its first and last rows is another source
+    near = {k: v.clone() for k, v in sources[0].items()}
+    near["l0.weight"][20, 5] += 1
+    svdfuse.merge([file, near], k=4, base=base, svd=SVD, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "metadata, tensors, message",
+    [
+        ({"tensors": "{not json"}, {}, r"its component-cache metadata is damaged \(JSONDecodeError: .*\); decompose the source again"),
+        ({"matrices": None}, {}, r"its component-cache metadata is damaged \(KeyError: 'matrices'\)"),
+        ({"svd": "[1, 2]"}, {}, r"its component-cache metadata is damaged \(TypeError: 'svd' holds a list, expected a dict\)"),
+        ({"tensors": '{"l0.weight": [[40, 30], "F99"]}'}, {}, r"its component-cache metadata is damaged \(KeyError: 'F99'\)"),
+        ({"matrices": '["l0.weight", "l1.weight", "head.weight", "l0.bias"]'}, {}, r"its metadata lists 'l0\.bias' \(40,\) as a matrix"),
+        ({}, {"l0.weight.U": torch.zeros(40, 3)}, r"'l0\.weight\.U' is \(40, 3\) torch\.float32, its metadata says \(40, 4\); the cache is damaged"),
+        ({}, {"l1.weight.S": torch.zeros(5)}, r"'l1\.weight\.U' is \(40, 4\) torch\.float32, its metadata says \(40, 5\)"),
+        ({}, {"head.weight.V": None}, r"holds no 'head\.weight\.V', which its metadata lists; the cache is damaged"),
+        ({}, {"l0.bias": torch.zeros(40, dtype=torch.int32)}, r"'l0\.bias' is \(40,\) torch\.int32, its metadata says \(40,\) torch\.float32"),
+    ],
+)
+def test_a_cache_with_tampered_metadata_is_named(metadata, tensors, message, problem, tmp_path):
+    base, sources = problem
+    file = tmp_path / "s0.svd.safetensors"
+    svdfuse.decompose(sources[0], base=base, rank=4, svd=SVD, output=file, device="cpu")
+    bad = _rewrite(file, tmp_path, metadata=metadata, tensors=tensors)
+    with pytest.raises(svdfuse.SourceError, match=r"^source 1 \('tampered\.svd\.safetensors'\): " + message):
+        svdfuse.merge([sources[1], bad], k=4, base=base, svd=SVD, device="cpu")
+    assert main(["inspect", str(bad)]) == 2
+
+
+def test_nan_in_a_cached_spectrum_names_the_cache(problem, tmp_path):
+    base, sources = problem
+    file = tmp_path / "s0.svd.safetensors"
+    svdfuse.decompose(sources[0], base=base, rank=4, svd=SVD, output=file, device="cpu")
+    with safe_open(str(file), "pt") as f:
+        S = f.get_tensor("l1.weight.S")
+    S[2] = float("nan")
+    bad = _rewrite(file, tmp_path, tensors={"l1.weight.S": S})
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(svdfuse.SourceError, match=r"^source 1 \('tampered\.svd\.safetensors'\): the cached l1\.weight\.S \(4,\) holds 1 NaN and 0 Inf values; expected finite factors"):
+        svdfuse.merge([sources[1], bad], k=4, base=base, svd=SVD, device="cpu", output=out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("rank, message", [("0", "rank must be positive, found 0"), ("1000", r"rank=1000 is larger than min\(m, n\) of 3 matrices"), ("1.5", r"rank as a fraction of min\(m, n\) must be in \(0, 1\], found 1\.5")])
+def test_cli_decompose_speaks_of_the_rank(rank, message, problem, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    base, sources = problem
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(sources[0], str(tmp_path / "ft.safetensors"))
+    out = tmp_path / "ft.svd.safetensors"
+    assert main(["decompose", str(tmp_path / "ft.safetensors"), "--base", str(tmp_path / "base.safetensors"), "-r", rank, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "k" not in re.findall(r"\b\w+\b", err.split("error: ", 1)[1].split(";")[0]), err
+    assert not out.exists()
+
+
+def test_decompose_copies_the_last_row_block_of_an_uneven_split(tmp_path):
+    # `embed.weight` is not decomposed (excluded by default) but copied in row blocks: a small
+    # budget cuts its 37 rows into blocks that do not divide them
+    from svdfuse.methods import get_method
+    from svdfuse.plan import DEFAULT_EXCLUDE, make_plan
+    from svdfuse.sources import open_source
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"l0.weight": torch.randn(16, 12, generator=gen), "embed.weight": torch.randn(37, 64, generator=gen), "l0.bias": torch.randn(16, generator=gen)}
+    source = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    budget = 12000
+    plan = make_plan(open_source(base, "base"), [open_source(source, "s")], get_method("axis"), 4, include=None, exclude=DEFAULT_EXCLUDE,
+                     dtype=None, budget=budget, svd=SVD, params={})
+    block = next(task.block for task in plan.tasks if task.specs[0].key == "embed.weight")
+    assert 1 < block < 37 and 37 % block != 0
+    whole = svdfuse.decompose(source, base=base, rank=4, svd=SVD, device="cpu")
+    for output in (None, tmp_path / "split.svd.safetensors"):
+        split = svdfuse.decompose(source, base=base, rank=4, svd=SVD, device="cpu", max_memory=budget, output=output)
+        assert torch.equal(split.get("embed.weight"), source["embed.weight"]) and torch.equal(split.get("l0.bias"), source["l0.bias"])
+        for part, a, b in zip("USV", whole.factors("l0.weight", 4), split.factors("l0.weight", 4)):
+            assert torch.equal(a, b), part

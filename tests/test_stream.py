@@ -240,3 +240,46 @@ def test_read_ahead_asks_for_the_bytes_of_the_rows_it_names(files, monkeypatch):
     for (fd, offset, length), rows in zip(calls, expected):
         assert length == rows.numel() * rows.element_size()
         assert os.pread(fd, length, offset) == rows.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def test_the_descriptor_cache_closes_the_least_recently_used(files, monkeypatch):
+    root, sources = files
+    from svdfuse import sources as sources_module
+
+    shards = sorted(Path(sources[0]).glob("*.safetensors"))
+    paths = [root / "base.safetensors", *shards]
+    closed = []
+    real_close = os.close
+    monkeypatch.setattr(sources_module.os, "close", lambda fd: (closed.append(fd), real_close(fd)))
+    cache = sources_module._OpenFiles(limit=2)
+    first = cache.fd(paths[0])
+    second = cache.fd(paths[1])
+    assert cache.fd(paths[0]) == first  # used again: now the second is the least recently used
+    cache.fd(paths[2])
+    assert closed == [second] and cache.fd(paths[0]) == first and len(cache._fds) == 2
+    for fd in cache._fds.values():
+        real_close(fd)
+
+
+def test_read_ahead_asks_for_the_next_block_not_the_one_being_read(files, monkeypatch):
+    # a small budget cuts the embedding (300 rows) into row blocks: while one block is read and
+    # merged, the kernel is asked for the next
+    root, sources = files
+    events = []
+    reader_type = svdfuse.sources.Reader
+    monkeypatch.setattr(reader_type, "prefetch", lambda self, key, start, stop: events.append(("prefetch", key, start, stop)))
+    base_rows = reader_type.base_rows
+    monkeypatch.setattr(reader_type, "base_rows", lambda self, key, start, stop, out: (events.append(("read", key, start, stop)), base_rows(self, key, start, stop, out))[1])
+    svdfuse.merge(sources, base=root / "base.safetensors", method="task_arithmetic", device="cpu", max_memory="64KiB")
+    reads = [e[1:] for e in events if e[0] == "read"]
+    blocks = [(start, stop) for key, start, stop in reads if key == "embed_tokens.weight"]
+    assert len(blocks) > 2 and blocks[0][0] == 0 and blocks[-1][1] == 300
+    for i, event in enumerate(events):
+        if event[0] != "prefetch":
+            continue
+        _, key, start, stop = event
+        # the rows asked for are read later, and some other rows are read (computed) first
+        later = [j for j in range(i + 1, len(events)) if events[j][:3] == ("read", key, start)]
+        assert later, event
+        assert any(events[j][0] == "read" for j in range(i + 1, later[0])), (event, events[i + 1 : later[0] + 1])
+        assert events[later[0]][3] == stop, event
