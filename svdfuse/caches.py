@@ -45,7 +45,8 @@ def decompose(
     Every tensor merged as a matrix (the same `include`/`exclude` rules as `merge`) is stored as
     the top-`rank` factors of its task matrix `Δ = W − W0`: `NAME.U` (m, r), `NAME.S` (r,),
     `NAME.V` (n, r) in the accumulation dtype; every other tensor as it is. The SVD options, the
-    rank and the original shapes go in the file's metadata.
+    rank, the original shapes and the digests of the base's matrices and of the source go in the
+    file's metadata: a merge on another base, or with the source beside its cache, is refused.
 
     Args:
         source, base: a fine-tuned model and its pre-trained base (any kind `merge` takes).

@@ -445,6 +445,8 @@ def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str,
     if not os.path.lexists(directory / "model.safetensors.index.json"):
         return None
     index = _shard_path(directory, "model.safetensors.index.json", label, "the model directory")
+    if index.stat().st_size > _MAX_HEADER:  # an index lists names: megabytes at most, never a file to read whole
+        raise SourceError(f"{label}: {str(index)!r} holds {index.stat().st_size} bytes, more than a shard index ({_MAX_HEADER} at most)")
     try:
         weight_map = dict(json.loads(index.read_text())["weight_map"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # UnicodeDecodeError is a ValueError

@@ -235,3 +235,13 @@ def test_a_hostile_header_size_is_refused_without_allocating_it(tmp_path):
     file.write_bytes((2**62).to_bytes(8, "little") + b"{}")
     with pytest.raises(SourceError, match=r"^source 0 \('huge\.safetensors'\): cannot read '.*huge\.safetensors' as safetensors \(its header claims 4611686018427387904 bytes"):
         open_source(file, "source 0")
+
+
+def test_a_huge_shard_index_is_refused_unread(tmp_path, monkeypatch):
+    tensors = _tensors()
+    directory = _sharded(tmp_path / "model", tensors, _map(tensors))
+    os.truncate(directory / "model.safetensors.index.json", 100_000_001)  # sparse: no disk used
+    with opened(monkeypatch) as paths:
+        with pytest.raises(SourceError, match=r"^source 0 \('model'\): '.*model\.safetensors\.index\.json' holds 100000001 bytes, more than a shard index \(100000000 at most\)$"):
+            open_source(directory, "source 0")
+    assert not paths
