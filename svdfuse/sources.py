@@ -15,7 +15,7 @@ import stat
 import struct
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -46,14 +46,18 @@ class Source:
     Attributes:
         label: how errors name this source, e.g. "source 3 ('ft-cars.safetensors')".
         directory: the Hugging Face model directory it came from, if any (its config is reused on save).
+        derived: whether it stands for another model (a component cache, for the source it was
+            decomposed from): such a source is compared with the others by `fingerprint`.
     """
+
+    derived = False
 
     def __init__(self, label: str, directory: Path | None = None) -> None:
         self.label = label
         self.directory = directory
         self._digests: dict[tuple, str] = {}
 
-    def digest(self, keys: Sequence[str] | None = None, *, quick: bool = False) -> str:
+    def digest(self, keys: Iterable[str] | None = None, *, quick: bool = False) -> str:
         """SHA-256 of the names, shapes, dtypes and bytes of `keys` (default: all), the same
         however the tensors are stored (file, shards, state dict). `quick`: of each tensor's first
         and last row only, a few kilobytes per tensor: unequal quick digests are unequal models,
@@ -283,6 +287,8 @@ class ComponentCache(Source):
         rank: components stored per matrix; svd: the `SVDOptions` fields they were computed with.
     """
 
+    derived = True
+
     def __init__(self, label: str, store: Source, info: Mapping[str, str]) -> None:
         super().__init__(label, store.directory)
         self._store = store
@@ -311,7 +317,7 @@ class ComponentCache(Source):
                 raise SourceError(f"{self.label}: its metadata lists {key!r} {shape} as a matrix; decompose the source again")
             else:
                 r = self._store.meta(f"{key}.S")[0][0] if f"{key}.S" in self._store else 0
-                expected = {f"{key}.U": (shape[0], r), f"{key}.S": (r,), f"{key}.V": (math.prod(shape[1:]), r)}
+                expected = {f"{key}.S": (r,), f"{key}.U": (shape[0], r), f"{key}.V": (math.prod(shape[1:]), r)}
             for name, want in expected.items():
                 if name not in self._store:
                     raise SourceError(f"{self.label}: holds no {name!r}, which its metadata lists; the cache is damaged, decompose the source again")
@@ -341,7 +347,7 @@ class ComponentCache(Source):
         """Refuse a base other than the one this cache was decomposed against (by the content of its
         matrices: the factors of `W − W0` mean nothing against another `W0`)."""
         missing = sorted(self.matrices - set(base.keys()))
-        if missing or base.digest(sorted(self.matrices)) != self._base_digest:
+        if missing or base.digest(self.matrices) != self._base_digest:
             found = f"has no {missing[0]!r}" if missing else f"differs in the {len(self.matrices)} matrices it was decomposed against"
             raise SourceError(
                 f"{self.label}: was decomposed against another base (recorded as {self.base_label}): {base.label} {found}; "
@@ -530,8 +536,8 @@ def _identity(model: ModelLike) -> tuple:
 
 def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike], base: ModelLike | None = None) -> list[Source]:
     """Open source models labelled "source 2" (a list) or "source 2 ('cars')" (a name -> model
-    mapping). The same model twice, or the base among them, is refused: its components would
-    count twice, or it adds nothing."""
+    mapping). The same model twice (also as its own component cache), or the base among them, is
+    refused: its components would count twice, or it adds nothing."""
     single = (str, bytes, os.PathLike, torch.nn.Module, Source)
     is_state_dict = isinstance(models, Mapping) and any(isinstance(v, Tensor) for v in models.values())
     if isinstance(models, single) or is_state_dict:
@@ -549,18 +555,18 @@ def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike], base: Mo
             raise SourceError(f"{label} is the same model as {first}{what}; give each source once (its components would count twice)"
                               if first != "the base" else f"{label} is the base itself{what}; a source must be a model fine-tuned from it")
     sources = [open_source(model, label) for label, (_, model) in zip(labels, named)]
-    if any(isinstance(source, ComponentCache) for source in sources):
+    if any(source.derived for source in sources):
         _refuse_copies(sources)
     return sources
 
 
 def _refuse_copies(sources: list[Source]) -> None:
-    """Refuse a model given twice where one of the two is a component cache (the source beside its
-    cache, two caches of one source): compared by fingerprint, the quick one first, so that only
-    a likely copy is read whole. Models given as they are were told apart by `_identity`."""
+    """Refuse a model given twice where one of the two is derived (the source beside its cache, two
+    caches of one source): compared by fingerprint, the quick one first, so that only a likely copy
+    is read whole. Models given as they are were told apart by `_identity`, before any was read."""
     for i, source in enumerate(sources):
         for other in sources[:i]:
-            if not isinstance(source, ComponentCache) and not isinstance(other, ComponentCache):
+            if not (source.derived or other.derived):
                 continue
             if source.fingerprint(quick=True) == other.fingerprint(quick=True) and source.fingerprint() == other.fingerprint():
                 raise SourceError(

@@ -205,6 +205,7 @@ def test_a_source_beside_its_own_cache_is_the_same_source_twice(problem, tmp_pat
         ({}, {"l0.weight.U": torch.zeros(40, 3)}, r"'l0\.weight\.U' is \(40, 3\) torch\.float32, its metadata says \(40, 4\); the cache is damaged"),
         ({}, {"l1.weight.S": torch.zeros(5)}, r"'l1\.weight\.U' is \(40, 4\) torch\.float32, its metadata says \(40, 5\)"),
         ({}, {"head.weight.V": None}, r"holds no 'head\.weight\.V', which its metadata lists; the cache is damaged"),
+        ({}, {"l0.weight.S": None}, r"holds no 'l0\.weight\.S', which its metadata lists"),
         ({}, {"l0.bias": torch.zeros(40, dtype=torch.int32)}, r"'l0\.bias' is \(40,\) torch\.int32, its metadata says \(40,\) torch\.float32"),
     ],
 )
