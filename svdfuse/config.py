@@ -134,7 +134,7 @@ class SvdfuseConfig(_Strict):
         accepted = method.params()
         unknown = sorted(set(self.parameters) - set(accepted))
         if unknown:
-            listed = ", ".join(f"{k} (default {v!r})" for k, v in accepted.items()) or "none"
+            listed = ", ".join(f"{k} (default {getattr(v, 'value', v)!r})" for k, v in accepted.items()) or "none"
             raise ValueError(f"method {self.method!r} has no parameter {shown(unknown[0])}; its parameters: {listed}")
         _check_values(method, self.parameters)
         weighted = [i for i, s in enumerate(self.sources) if s.weight is not None]

@@ -120,7 +120,7 @@ def _read_text(path: Path) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as err:
-        raise ConfigError(f"{path}: cannot open the configuration: {err.strerror}") from None
+        raise ConfigError(f"{path}: a configuration cannot be opened: {err.strerror}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
