@@ -38,7 +38,7 @@ from svdfuse import arguments
 from svdfuse.config_file import DTYPES, ConfigError, DtypeName, MergeRequest, PathText, read_yaml, schema_error, shown
 from svdfuse.mergekit_config import translate
 from svdfuse.merging import merge
-from svdfuse.methods import METHODS, get_method
+from svdfuse.methods import METHODS, Method, get_method
 from svdfuse.ops import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, DEFAULT_PRECISION, SVDOptions
 from svdfuse.plan import DEFAULT_EXCLUDE
 from svdfuse.reference import PRECISIONS
@@ -147,14 +147,16 @@ class SvdfuseConfig(_Strict):
         return self
 
 
-def _check_values(method, parameters: dict[str, Any]) -> None:
+def _check_values(method: Method, parameters: dict[str, Any]) -> None:
     """A method's parameters as the API checks them; one value each (a list of finite numbers for
-    `weights`), so no message ever shows a whole structure."""
+    `weights`, a choice of a few characters for a str), so no message ever quotes a whole structure."""
     for name, value in parameters.items():
         if name == "weights":
             if not isinstance(value, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in value):
                 raise ValueError(f"parameters.weights: expected a list of finite numbers, one per source, found {shown(value)}")
-        elif not isinstance(value, (bool, int, float, str)) and value is not None or isinstance(value, str) and len(value) > 40:
+            continue
+        one_value = value is None or isinstance(value, (bool, int, float)) or isinstance(value, str) and len(value) <= 40
+        if not one_value:
             raise ValueError(f"parameters.{name}: expected one number, flag or choice, found {type(value).__name__} {shown(value)}")
     try:
         method.check_params({name: value for name, value in parameters.items() if name != "weights"})

@@ -121,6 +121,8 @@ def _read_text(path: Path) -> str:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as err:
         raise ConfigError(f"{path}: a configuration cannot be opened: {err.strerror}") from None
+    except ValueError:  # os.open's refusal of a NUL character
+        raise ConfigError(f"{shown(str(path))}: a configuration's path cannot hold a NUL character") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -144,12 +146,29 @@ def _read_text(path: Path) -> str:
         raise ConfigError(f"{path}: a configuration must be UTF-8 text, found byte 0x{data[err.start]:02x} at offset {err.start}") from None
 
 
-class _BoundedLoader(yaml.SafeLoader):
+# libyaml's scanner and parser when PyYAML was built with it: a 1 MiB file in about a second
+# instead of ten; the composer stays PyYAML's own, which is where nesting is bounded.
+try:
+    from yaml.cyaml import CParser as _LIBYAML
+except ImportError:
+    _LIBYAML = None
+_EVENTS = (_LIBYAML,) if _LIBYAML is not None else (yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser)
+
+
+class _BoundedLoader(yaml.composer.Composer, *_EVENTS, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
     """PyYAML's safe loader, refusing deep nesting while it composes, and checking the composed
     document (aliases are shared nodes there, so this is cheap) before building any Python value."""
 
     def __init__(self, stream: str) -> None:
-        super().__init__(stream)
+        if _LIBYAML is not None:
+            _LIBYAML.__init__(self, stream)
+        else:
+            yaml.reader.Reader.__init__(self, stream)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
         self._depth = 0
 
     def compose_node(self, parent, index):

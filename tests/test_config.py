@@ -394,8 +394,9 @@ def _fifo(tmp_path):
         (lambda tmp_path: tmp_path / "bin.yaml", r"must be UTF-8 text, found a binary file \(NUL byte at offset 3\)"),
         (lambda tmp_path: tmp_path / "latin1.yaml", "must be UTF-8 text, found byte 0xe9 at offset 9"),
         (lambda tmp_path: tmp_path / "missing.yaml", "cannot be opened: No such file or directory"),
+        (lambda tmp_path: tmp_path / ("x" * 300 + ".yaml"), "cannot be opened: File name too long"),
     ],
-    ids=["dev-zero", "directory", "fifo", "too-large", "binary", "latin-1", "missing"],
+    ids=["dev-zero", "directory", "fifo", "too-large", "binary", "latin-1", "missing", "long-name"],
 )
 @pytest.mark.timeout(20)  # a FIFO opened for reading would wait for a writer forever
 def test_a_config_that_is_not_a_regular_utf8_text_file_is_refused_naming_it(tmp_path, make, message):
@@ -404,6 +405,11 @@ def test_a_config_that_is_not_a_regular_utf8_text_file_is_refused_naming_it(tmp_
     path = make(tmp_path)
     with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: a configuration {message}"):
         load_config(path)
+
+
+def test_a_config_path_with_a_nul_character_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("'a\\x00b.yaml': a configuration's path cannot hold a NUL character")):
+        load_config("a\0b.yaml")
 
 
 def test_values_in_messages_are_cut_short_and_many_problems_make_one_line(tmp_path):
