@@ -214,11 +214,9 @@ class _Expansion:
                 self.no_key_twice(node)
             measured = [self.measure(c) for c in children]
             size = (1 + sum(m[0] for m in measured), sum(m[1] for m in measured), 1 + max((m[2] for m in measured), default=0))
-        if size[0] > MAX_EXPANDED_NODES or size[1] > MAX_CONFIG_BYTES or size[2] > MAX_DEPTH:
-            raise self.refuse(
-                f"its aliases expand to more than {MAX_EXPANDED_NODES} values, {MAX_CONFIG_BYTES} characters or {MAX_DEPTH} "
-                "levels; write the values out", node,
-            )
+        for value, bound, what in zip(size, (MAX_EXPANDED_NODES, MAX_CONFIG_BYTES, MAX_DEPTH), ("values", "characters", "levels deep")):
+            if value > bound:
+                raise self.refuse(f"its aliases (*name) expand to more than {bound} {what}; write the values out", node)
         self.sizes[id(node)] = size
         return size
 
