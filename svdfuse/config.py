@@ -19,9 +19,11 @@ it); any other is svdfuse's, which names every argument of `svdfuse.merge`:
     max_memory: 4GB
     allow_non_finite: false
 
-Both are validated by pydantic schemas before any model is opened: an error names the file and
-the key path (`merge.yaml: sources[1].weight: ...`). Paths are taken as written, relative to the
-current directory, as mergekit does.
+The file is read within the bounds of `svdfuse.config_file` (it may come from anyone); both
+dialects are validated by strict pydantic schemas before any model is opened (a value of another
+type is refused, never converted): an error names the file and the key path (`merge.yaml:
+sources[1].weight: ...`). Paths are taken as written, relative to the current directory, as
+mergekit does.
 """
 
 from __future__ import annotations
