@@ -170,8 +170,10 @@ class _BoundedLoader(yaml.composer.Composer, *_EVENTS, yaml.constructor.SafeCons
         yaml.constructor.SafeConstructor.__init__(self)
         yaml.resolver.Resolver.__init__(self)
         self._depth = 0
+        self.aliases = 0
 
     def compose_node(self, parent, index):
+        self.aliases += self.check_event(yaml.AliasEvent)
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
@@ -216,7 +218,8 @@ class _Expansion:
             size = (1 + sum(m[0] for m in measured), sum(m[1] for m in measured), 1 + max((m[2] for m in measured), default=0))
         for value, bound, what in zip(size, (MAX_EXPANDED_NODES, MAX_CONFIG_BYTES, MAX_DEPTH), ("values", "characters", "levels deep")):
             if value > bound:
-                raise self.refuse(f"its aliases (*name) expand to more than {bound} {what}; write the values out", node)
+                grows = "its aliases (*name) expand to" if self.loader.aliases else "it holds"
+                raise self.refuse(f"{grows} more than {bound} {what}; a configuration needs far fewer", node)
         self.sizes[id(node)] = size
         return size
 

@@ -356,11 +356,14 @@ def test_aliases_and_merge_keys_within_the_bounds_load(tmp_path):
     assert load_config(path).kwargs["weights"] == [0.5, 0.5, 2.0]
 
 
-def test_deep_nesting_is_a_one_line_error(tmp_path):
+def test_deep_nesting_and_too_many_values_are_one_line_errors(tmp_path):
     for depth in (33, 100_000):
         path = _write(tmp_path, "deep.yaml", "k: " + "[" * depth + "]" * depth + "\n")
         with pytest.raises(ConfigError, match=rf"^{path}: line 1: nested more than 32 levels deep"):
             load_config(path)
+    path = _write(tmp_path, "many.yaml", "k: [" + "1, " * 100_000 + "]\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: line 1: it holds more than 100000 values"):
+        load_config(path)
     path = _write(tmp_path, "ok.yaml", "base: b\nsources: [s]\nk: 2\nexclude: " + "[" * 30 + "]" * 30 + "\n")  # 31 levels: read, then refused by type
     with pytest.raises(ConfigError, match=r"exclude\[0\]: Input should be a valid string"):
         load_config(path)
