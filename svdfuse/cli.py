@@ -7,9 +7,10 @@ import enum
 import sys
 import textwrap
 from pathlib import Path
+from typing import NoReturn
 
 
-from svdfuse.config import DTYPES as _DTYPES
+from svdfuse.config_file import DTYPES as _DTYPES
 from svdfuse.distributed import PeerFailure
 from svdfuse.methods import METHODS, get_method
 from svdfuse.ops import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, DEFAULT_PRECISION
@@ -104,8 +105,16 @@ def _svd_options(args: argparse.Namespace):
     return svdfuse.SVDOptions(method=args.svd, oversample=args.oversample, power_iters=args.power_iters, seed=args.seed, precision=args.precision)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, refusing a bad command line in one line like every other error (the
+    usage is one --help away); sub-commands' parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svdfuse", description="Merge fine-tuned models by AXIS and adapt them by their singular values.")
+    parser = _Parser(prog="svdfuse", description="Merge fine-tuned models by AXIS and adapt them by their singular values.")
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -244,6 +253,7 @@ def _merge(args: argparse.Namespace) -> None:
     missing = [flag for flag, value in (("--base", args.base), ("-o/--output", args.output), ("SOURCES", args.sources)) if not value]
     if missing:
         raise ValueError(f"merge needs {', '.join(missing)} (or --config FILE)")
+    _check_sizes(args)
     svd = _svd_options(args)
     method = get_method(args.method)
     params = {name: getattr(args, name) for name in method.params() if getattr(args, name) is not None}
@@ -272,10 +282,20 @@ def _merge(args: argparse.Namespace) -> None:
         print(report.table())
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    """--max-memory and --shard-size by merge's own rule, named as the flags, before any work."""
+    from svdfuse.sinks import parse_size
+
+    for name in ("max_memory", "shard_size"):
+        if getattr(args, name, None) is not None:
+            parse_size(getattr(args, name), "--" + name.replace("_", "-"))
+
+
 def _decompose(args: argparse.Namespace) -> None:
     import svdfuse
     from svdfuse.plan import DEFAULT_EXCLUDE
 
+    _check_sizes(args)
     svdfuse.decompose(
         args.source, base=args.base, rank=args.rank, include=args.include, exclude=args.exclude or DEFAULT_EXCLUDE, svd=_svd_options(args),
         device=args.device, output=args.output, max_memory=args.max_memory,

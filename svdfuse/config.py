@@ -19,58 +19,39 @@ it); any other is svdfuse's, which names every argument of `svdfuse.merge`:
     max_memory: 4GB
     allow_non_finite: false
 
-Both are validated by pydantic schemas before any model is opened: an error names the file and
-the key path (`merge.yaml: sources[1].weight: ...`). Paths are taken as written, relative to the
-current directory, as mergekit does.
+The file is read within the bounds of `svdfuse.config_file` (it may come from anyone); both
+dialects are validated by strict pydantic schemas before any model is opened (a value of another
+type is refused, never converted): an error names the file and the key path (`merge.yaml:
+sources[1].weight: ...`). Paths are taken as written, relative to the current directory, as
+mergekit does.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from svdfuse.methods import METHODS, get_method
+from svdfuse import arguments
+from svdfuse.config_file import DTYPES, ConfigError, DtypeName, MergeRequest, PathText, read_yaml, schema_error, shown
+from svdfuse.mergekit_config import translate
+from svdfuse.merging import merge
+from svdfuse.methods import METHODS, Method, get_method
 from svdfuse.ops import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, DEFAULT_PRECISION, SVDOptions
 from svdfuse.plan import DEFAULT_EXCLUDE
 from svdfuse.reference import PRECISIONS
+from svdfuse.sinks import parse_size
 
 __all__ = ["ConfigError", "MergeRequest", "load_config", "merge_config"]
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
-
-
-class ConfigError(ValueError):
-    """A configuration file that cannot be run: says which file, which key, what was expected."""
-
-
-def key_path(loc: tuple) -> str:
-    """('sources', 1, 'weight') -> 'sources[1].weight'."""
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def schema_error(path: Path, error: ValidationError) -> ConfigError:
-    """One line per problem, each naming the file and the key path."""
-    lines = []
-    for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{path}: {key_path(item['loc'])}: {message}" if item["loc"] else f"{path}: {message}")
-    return ConfigError("\n".join(lines))
-
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value of another type is refused, not converted (`k: true` is not k = 1)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SVDConfig(_Strict):
@@ -86,62 +67,103 @@ class SVDConfig(_Strict):
 class SourceConfig(_Strict):
     """One source: its path, an optional label for the report, an optional per-source weight."""
 
-    model: str
-    name: str | None = None
+    model: PathText
+    name: str | None = Field(None, max_length=200)
     weight: float | None = Field(None, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_path_alone(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"model": data}
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a path or {{model: PATH, name: LABEL, weight: W}}, found {type(data).__name__} {shown(data)}")
+        return data
 
 
 class SvdfuseConfig(_Strict):
     """svdfuse's own configuration: every argument of `svdfuse.merge`."""
 
-    base: str
-    sources: list[str | SourceConfig] = Field(min_length=1)
+    base: PathText
+    sources: list[SourceConfig] = Field(min_length=1)
     method: str = "axis"
-    k: int | float | None = None
+    k: Any = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     include: list[str] | None = None
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     svd: SVDConfig = SVDConfig()
     dtype: DtypeName | None = None
-    device: str | None = None
-    output: str | None = None
-    shard_size: int | str = "5GB"
-    max_memory: int | str | None = None
+    device: str | None = Field(None, max_length=64)
+    output: PathText | None = None
+    shard_size: Any = "5GB"
+    max_memory: Any = None
     allow_non_finite: bool = False
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
         if method not in METHODS:
-            raise ValueError(f"unknown merge method {method!r}; known: {', '.join(sorted(METHODS))}")
+            raise ValueError(f"unknown merge method {shown(method)}; known: {', '.join(sorted(METHODS))}")
         return method
+
+    @field_validator("k")
+    @classmethod
+    def _a_count(cls, k: Any) -> Any:
+        # the API's own rule: an int or a float fraction, never a bool or a str
+        if k is not None:
+            try:
+                arguments.count(k, "k")
+            except TypeError:
+                raise ValueError(f"expected an int (components) or a float fraction of min(m, n), found {type(k).__name__} {shown(k)}") from None
+        return k
+
+    @field_validator("shard_size", "max_memory")
+    @classmethod
+    def _a_size(cls, value: Any, info: ValidationInfo) -> Any:
+        # merge's own rule (4GB, 512MiB, bytes), on a value short enough to quote
+        if isinstance(value, str) and len(value) > 40:
+            raise ValueError(f"expected a size such as 4GB or 512MiB, found {shown(value)}")
+        if value is not None:
+            try:
+                parse_size(value, info.field_name)
+            except (TypeError, ValueError) as err:
+                raise ValueError(str(err).removeprefix(f"{info.field_name} ")) from None
+        return value
 
     @model_validator(mode="after")
     def _parameters_fit_the_method(self) -> "SvdfuseConfig":
-        accepted = get_method(self.method).params()
+        method = get_method(self.method)
+        accepted = method.params()
         unknown = sorted(set(self.parameters) - set(accepted))
         if unknown:
-            listed = ", ".join(f"{k} (default {v!r})" for k, v in accepted.items()) or "none"
-            raise ValueError(f"method {self.method!r} has no parameter {unknown[0]!r}; its parameters: {listed}")
-        weighted = [i for i, s in enumerate(self.sources) if isinstance(s, SourceConfig) and s.weight is not None]
+            listed = ", ".join(f"{k} (default {getattr(v, 'value', v)!r})" for k, v in accepted.items()) or "none"
+            raise ValueError(f"method {self.method!r} has no parameter {shown(unknown[0])}; its parameters: {listed}")
+        _check_values(method, self.parameters)
+        weighted = [i for i, s in enumerate(self.sources) if s.weight is not None]
         if weighted and "weights" not in accepted:
             raise ValueError(f"sources[{weighted[0]}].weight: method {self.method!r} takes no per-source weights")
         if weighted and "weights" in self.parameters:
             raise ValueError("give per-source weights either as sources[i].weight or as parameters.weights, not both")
-        if get_method(self.method).needs_k and self.k is None:
+        if method.needs_k and self.k is None:
             raise ValueError(f"method {self.method!r} needs k, the number of components kept per matrix (int or fraction)")
         return self
 
 
-@dataclass
-class MergeRequest:
-    """What a configuration asks `svdfuse.merge` to do: the sources (label -> path) and the
-    keyword arguments, plus the file's text for the model card."""
-
-    models: list[str] | dict[str, str]
-    kwargs: dict[str, Any]
-    text: str
-    notes: list[str] = field(default_factory=list)
+def _check_values(method: Method, parameters: dict[str, Any]) -> None:
+    """A method's parameters as the API checks them; one value each (a list of finite numbers for
+    `weights`, a choice of a few characters for a str), so no message ever quotes a whole structure."""
+    for name, value in parameters.items():
+        if name == "weights":
+            if not isinstance(value, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in value):
+                raise ValueError(f"parameters.weights: expected a list of finite numbers, one per source, found {shown(value)}")
+            continue
+        one_value = value is None or isinstance(value, (bool, int, float)) or isinstance(value, str) and len(value) <= 40
+        if not one_value:
+            raise ValueError(f"parameters.{name}: expected one number, flag or choice, found {type(value).__name__} {shown(value)}")
+    try:
+        method.check_params({name: value for name, value in parameters.items() if name != "weights"})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"parameters: {err}") from None
 
 
 def _labelled(entries: list[tuple[str, str | None]], path: Path) -> list[str] | dict[str, str]:
@@ -152,7 +174,7 @@ def _labelled(entries: list[tuple[str, str | None]], path: Path) -> list[str] | 
     for i, (model, name) in enumerate(entries):
         label = name or model
         if label in models:
-            raise ConfigError(f"{path}: sources[{i}]: {label!r} appears twice; give each source a distinct name")
+            raise ConfigError(f"{path}: sources[{i}]: {shown(label)} appears twice; give each source a distinct name")
         models[label] = model
     return models
 
@@ -162,11 +184,11 @@ def _native(raw: dict, path: Path, text: str) -> MergeRequest:
         config = SvdfuseConfig.model_validate(raw)
     except ValidationError as err:
         raise schema_error(path, err) from None
-    entries = [(s, None) if isinstance(s, str) else (s.model, s.name) for s in config.sources]
+    entries = [(s.model, s.name) for s in config.sources]
     params = dict(config.parameters)
-    if any(isinstance(s, SourceConfig) and s.weight is not None for s in config.sources):
+    if any(s.weight is not None for s in config.sources):
         # a source without a weight counts once, as in an unweighted merge
-        params["weights"] = [1.0 if isinstance(s, str) or s.weight is None else s.weight for s in config.sources]
+        params["weights"] = [1.0 if s.weight is None else s.weight for s in config.sources]
     kwargs = dict(
         k=config.k, base=config.base, method=config.method, include=config.include, exclude=tuple(config.exclude),
         svd=SVDOptions(**config.svd.model_dump()), dtype=DTYPES[config.dtype] if config.dtype else None,
@@ -180,20 +202,15 @@ def load_config(path: str | os.PathLike) -> MergeRequest:
     """Read and validate a svdfuse or mergekit YAML configuration; nothing is opened or merged.
 
     Raises:
-        ConfigError: the file is not YAML, or a key is unknown, missing, of the wrong type or not
-            supported; the message names the file and the key path.
+        ConfigError: the file is not a regular UTF-8 YAML text file within the bounds of
+            `svdfuse.config_file`, or a key is unknown, missing, given twice, of the wrong type or
+            not supported; the message names the file and the key path.
     """
     path = Path(path)
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw, text = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys (base, sources, method, ...), found {type(raw).__name__}")
     if "merge_method" in raw:
-        from svdfuse.mergekit_config import translate
-
         return translate(raw, path, text)
     return _native(raw, path, text)
 
@@ -222,12 +239,10 @@ def merge_config(
 
         report = svdfuse.merge_config("ties.yaml", output="merged/")
     """
-    import svdfuse
-
     request = load_config(path)
     kwargs = dict(request.kwargs)
     if output is not None:
         kwargs["output"] = str(output)
     if device is not None:
         kwargs["device"] = device
-    return svdfuse.merge(request.models, progress=progress, config_text=request.text, **kwargs)
+    return merge(request.models, progress=progress, config_text=request.text, **kwargs)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import svdfuse
+from svdfuse.plan import resolve_rank
 from svdfuse.resources import resolve_device
 
 # Each task is the digits seen through one transformation of the 8×8 image.
@@ -69,11 +70,25 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return (model(x).argmax(-1) == y).float().mean().item() * 100
 
 
+def _check_ranks(k: float, n: float) -> None:
+    """Refuse, before the minute of training, a k or n that some layer of the network cannot take:
+    the merge keeps at most min(m, n) components, and Stage 2 trains at most the k kept."""
+    for name, layer in _net().named_modules():
+        if isinstance(layer, nn.Linear):
+            rows, cols = layer.weight.shape
+            K, N = resolve_rank(k, rows, cols, "k"), resolve_rank(n, rows, cols, "n")
+            if K > min(rows, cols):
+                raise ValueError(f"k={k} keeps {K} components of layer {name} ({rows}x{cols}), which has {min(rows, cols)}")
+            if N > K:
+                raise ValueError(f"n={n} trains {N} singular values of layer {name} ({rows}x{cols}), but k={k} keeps {K}; give n <= k")
+
+
 def run_demo(
     k: float = 0.25, n: float = 0.25, epochs: int = 10, device: str | None = None, seed: int = 0, out=print
 ) -> dict[str, float]:
     """Run the demo and print each stage; returns the target-task accuracies (%) by model."""
     device = resolve_device(device)
+    _check_ranks(k, n)
     torch.manual_seed(seed)
     times: dict[str, float] = {}
     tic = time.perf_counter()

@@ -33,12 +33,13 @@ other methods) is refused with the key that asked for it.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from svdfuse.config import DTYPES, ConfigError, DtypeName, MergeRequest, schema_error
+from svdfuse.config_file import DTYPES, ConfigError, DtypeName, MergeRequest, PathText, key_path, schema_error, shown
 
 __all__ = ["MERGEKIT_METHODS", "translate"]
 
@@ -59,7 +60,8 @@ _WHY_NOT = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict: a value of another type is refused, not converted (`weight: true` is not 1.0)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 class ModelParameters(_Strict):
@@ -70,7 +72,7 @@ class ModelParameters(_Strict):
     def _one_value_each(cls, data: Any) -> Any:
         for key, value in (data.items() if isinstance(data, dict) else ()):
             if isinstance(value, (list, dict)):
-                raise ValueError(f"{key}: per-layer gradients and filtered values are not supported; give one number")
+                raise ValueError(f"{key_path((key,))}: per-layer gradients and filtered values are not supported; give one number")
         return data
 
     weight: float | None = Field(None, allow_inf_nan=False)
@@ -87,7 +89,7 @@ class SharedParameters(ModelParameters):
 
 
 class InputModel(_Strict):
-    model: str
+    model: PathText
     parameters: ModelParameters = ModelParameters()
 
 
@@ -95,7 +97,7 @@ class MergekitConfig(_Strict):
     """A mergekit 0.1.5 `MergeConfiguration` restricted to what svdfuse runs."""
 
     merge_method: str
-    base_model: str | None = None
+    base_model: PathText | None = None
     models: list[InputModel] = Field(min_length=1)
     parameters: SharedParameters = SharedParameters()
     dtype: DtypeName | None = None
@@ -111,7 +113,7 @@ class MergekitConfig(_Strict):
             method = data.get("merge_method")
             if isinstance(method, str) and method not in MERGEKIT_METHODS:
                 why = _WHY_NOT.get(method, "svdfuse runs no equivalent")
-                raise ValueError(f"merge_method {method!r} is not supported ({why}); supported: {', '.join(MERGEKIT_METHODS)}")
+                raise ValueError(f"merge_method {shown(method)} is not supported ({why}); supported: {', '.join(MERGEKIT_METHODS)}")
         return data
 
     @model_validator(mode="after")
@@ -148,7 +150,7 @@ class MergekitConfig(_Strict):
         values = {m.parameters.density if m.parameters.density is not None else self.parameters.density for m in self.models if not self._is_base(m.model)}
         values = {1.0 if v is None else v for v in values}
         if len(values) > 1:
-            raise ValueError(f"models[*].parameters.density: svdfuse trims every source to one density, found {sorted(values)}")
+            raise ValueError(f"models[*].parameters.density: svdfuse trims every source to one density, found {shown(sorted(values))}")
         return values.pop()
 
 
@@ -196,8 +198,9 @@ def translate(raw: dict, path: Path, text: str) -> MergeRequest:
     if not models:
         raise ConfigError(f"{path}: models: no model other than the base ({base}) to merge")
     sources = [m.model for m in models]
-    if len(set(sources)) < len(sources):
-        raise ConfigError(f"{path}: models: {next(s for s in sources if sources.count(s) > 1)!r} appears twice")
+    twice = [s for s, n in Counter(sources).items() if n > 1]
+    if twice:
+        raise ConfigError(f"{path}: models: {shown(twice[0])} appears twice")
     for note in notes:
         warnings.warn(f"{path}: {note}", UserWarning, stacklevel=3)
     kwargs = dict(base=base, method=run, dtype=DTYPES[config.dtype] if config.dtype else None, **params)

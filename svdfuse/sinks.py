@@ -77,6 +77,8 @@ def parse_size(size: int | str, what: str) -> int:
         raise ValueError(f"{what} must be a size such as 4GB, 512MiB or a number of bytes, found {size!r}") from None
     if not value >= 1:
         raise ValueError(f"{what} must be at least one byte, found {size!r}")
+    if value == float("inf"):
+        raise ValueError(f"{what} must be a finite size, found {size!r}")
     return int(value)
 
 

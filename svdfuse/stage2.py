@@ -138,6 +138,7 @@ def _train(
         total, count = 0.0, 0
         for batch in data:
             loss = loss_fn(model, _to(batch, device))
+            _check_loss(loss)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"adapt: loss became {loss.item()} at epoch {len(report.epoch_losses) + 1}; lower lr")
             opt.zero_grad(set_to_none=True)
@@ -151,3 +152,13 @@ def _train(
         if count == 0:
             raise ValueError("adapt: data yielded no batches")
         report.epoch_losses.append(total / count)
+
+
+def _check_loss(loss: object) -> None:
+    """A loss that `backward` can take: one number that depends on the trainable values."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"adapt: loss_fn must return a scalar tensor, found {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"adapt: loss_fn must return a scalar tensor, found shape {tuple(loss.shape)}; reduce it (e.g. .mean())")
+    if not loss.requires_grad:
+        raise ValueError("adapt: the loss does not depend on the trainable singular values (was it computed under torch.no_grad() or detached?)")

@@ -107,6 +107,24 @@ def test_adapt_needs_svd_layers_and_batches():
         svdfuse.adapt(result.to_module(base), [], n=2, progress=False)
 
 
+@pytest.mark.parametrize(
+    "loss_fn, error, message",
+    [
+        (lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"), ValueError, r"must return a scalar tensor, found shape \(16,\); reduce it"),
+        (lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]).detach(), ValueError, "does not depend on the trainable singular values"),
+        (lambda m, b: 1.5, TypeError, "must return a scalar tensor, found float"),
+    ],
+    ids=["per-example", "detached", "a-float"],
+)
+def test_a_loss_backward_cannot_take_is_a_one_line_error_before_any_step(loss_fn, error, message):
+    base, result = _merged()
+    model = result.to_module(base)
+    before = {name: layer.S.detach().clone() for name, layer in svdfuse.nn.svd_layers(model)}
+    with pytest.raises(error, match=f"^adapt: (loss_fn|the loss) {message}"):
+        svdfuse.adapt(model, _data(), n=2, epochs=1, loss_fn=loss_fn, progress=False)
+    assert all(torch.equal(layer.S, before[name]) for name, layer in svdfuse.nn.svd_layers(model))
+
+
 def test_svd_weight_parametrization_trains_sigma_of_attention():
     torch.manual_seed(0)
     base = nn.MultiheadAttention(8, 2, batch_first=True)

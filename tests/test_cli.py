@@ -64,10 +64,53 @@ def test_cli_merge_runs_any_method_with_its_parameters(model_files, capsys):
     assert "method 'axis' needs k" in capsys.readouterr().err
 
 
-def test_cli_rejects_a_malformed_k(model_files):
+def test_cli_rejects_a_malformed_k_in_one_line(model_files, capsys):
     tmp_path, sources = model_files
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit:
         main(["merge", "--base", str(tmp_path / "base.safetensors"), "-k", "ten", "-o", "x.safetensors", *sources])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == "svdfuse merge: error: argument -k: expected an int (components) or a float fraction, found 'ten' (see svdfuse merge --help)\n"
+
+
+def _one_line_refusal(argv, capsys, *expected):
+    """`svdfuse argv` exits 2 with one line on stderr holding each of `expected`."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and all(e in err for e in expected), err
+    return err
+
+
+@pytest.mark.parametrize("size", ["1e400", "1e400GB", "inf", "nan", "-5", "0"])
+def test_sizes_that_are_not_a_finite_number_of_bytes_are_one_line_errors(size, model_files, capsys, no_work):
+    tmp_path, sources = model_files
+    base, out = str(tmp_path / "base.safetensors"), tmp_path / "out.safetensors"
+    _one_line_refusal(["merge", "--base", base, "-k", "2", "-o", str(out), f"--max-memory={size}", *sources], capsys, "--max-memory must be", repr(size))
+    _one_line_refusal(["merge", "--base", base, "-k", "2", "-o", str(tmp_path / "dir"), f"--shard-size={size}", *sources], capsys, "--shard-size must be")
+    _one_line_refusal(["decompose", sources[0], "--base", base, "-r", "2", "-o", str(out), f"--max-memory={size}"], capsys, "--max-memory must be")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "ft0.safetensors", "ft1.safetensors", "ft2.safetensors"]
+
+
+def test_hostile_config_files_are_one_line_errors(tmp_path, capsys):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefghi", "bcdefghij")))
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("k: " + "[" * 10_000 + "]" * 10_000)
+    for path, expected in (("/dev/zero", "a regular YAML text file"), (str(bomb), "expand to more than 100000 values"), (str(deep), "nested more than")):
+        _one_line_refusal(["merge", "--config", path, "-o", str(tmp_path / "out")], capsys, f"svdfuse merge: error: {path}: ", expected)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["-k", "0"], "k must be positive, found 0"), (["-n", "0"], "n must be positive, found 0"),
+     (["-k", "4", "-n", "8"], "n=8 trains 8 singular values of layer 1 (256x64), but k=4 keeps 4; give n <= k"),
+     (["-k", "100"], "k=100 keeps 100 components of layer 1 (256x64), which has 64"), (["-k", "0.1", "-n", "0.2"], "give n <= k")],
+)
+def test_demo_refuses_k_and_n_before_any_training(flags, message, capsys, monkeypatch):
+    import svdfuse.demo
+
+    monkeypatch.setattr(svdfuse.demo, "_train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+    _one_line_refusal(["demo", *flags, "--device", "cpu"], capsys, "svdfuse demo: error: ", message)
 
 
 def test_demo_runs_end_to_end_and_stage2_helps(capsys):

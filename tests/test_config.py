@@ -3,6 +3,9 @@ documented formulas (merge_methods/generalized_task_arithmetic.py, sparsify.py, 
 written out here independently of svdfuse's methods."""
 
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +309,184 @@ def test_cli_weights_flag(models, capsys):
     with pytest.raises(SystemExit):
         main(["merge", "--base", base, "--method", "ties", "--weights", "1,x", "-o", str(out), *sources])
     assert "expected comma-separated numbers" in capsys.readouterr().err
+
+
+# -- hostile files: refused naming the file, quickly, in bounded memory ---------------------------
+
+BOMB = "\n".join(
+    ["base: b", "sources: [s]", "method: ties", "parameters:", '  density: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    + [f"  x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+)  # 9**10 strings once expanded, in about 600 bytes
+
+
+def test_billion_laughs_is_refused_quickly_in_bounded_memory(tmp_path):
+    import time
+    import tracemalloc
+
+    path = _write(tmp_path, "bomb.yaml", BOMB)
+    assert len(BOMB) < 700
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(ConfigError, match=rf"^{path}: line \d+: its aliases \(\*name\) expand to more than 100000 values") as err:
+            load_config(path)
+        seconds, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seconds < 2 and peak < 10 << 20 and len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('a: &a "' + "x" * 1000 + '"\nb: [' + ", ".join(["*a"] * 1100) + "]\n", "more than 1048576 characters"),  # 1.1 MB of one string
+        ("a: &a " + "[" * 30 + "1" + "]" * 30 + "\nb: [[[[[*a]]]]]\n", "32 levels deep"),  # each part nests less than 32 levels
+        ("a: &a [1, *a]\n", "an alias refers to the value that holds it"),
+    ],
+    ids=["long-string", "deep-through-aliases", "recursive"],
+)
+def test_aliases_that_expand_past_the_bounds_are_refused(tmp_path, text, message):
+    path = _write(tmp_path, "a.yaml", text)
+    with pytest.raises(ConfigError, match=rf"^{path}: line \d+: .*{message}"):
+        load_config(path)
+
+
+def test_aliases_and_merge_keys_within_the_bounds_load(tmp_path):
+    path = _write(tmp_path, "ok.yaml", "base: b\nsources:\n  - &ft {model: ft0, weight: 0.5}\n  - {<<: *ft, model: ft1}\n  - {<<: *ft, model: ft2, weight: 2}\nmethod: ties\n")
+    assert load_config(path).kwargs["weights"] == [0.5, 0.5, 2.0]
+
+
+def test_deep_nesting_and_too_many_values_are_one_line_errors(tmp_path):
+    for depth in (33, 100_000):
+        path = _write(tmp_path, "deep.yaml", "k: " + "[" * depth + "]" * depth + "\n")
+        with pytest.raises(ConfigError, match=rf"^{path}: line 1: nested more than 32 levels deep"):
+            load_config(path)
+    path = _write(tmp_path, "many.yaml", "k: [" + "1, " * 100_000 + "]\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: line 1: it holds more than 100000 values"):
+        load_config(path)
+    path = _write(tmp_path, "ok.yaml", "base: b\nsources: [s]\nk: 2\nexclude: " + "[" * 30 + "]" * 30 + "\n")  # 31 levels: read, then refused by type
+    with pytest.raises(ConfigError, match=r"exclude\[0\]: Input should be a valid string"):
+        load_config(path)
+
+
+def test_a_key_given_twice_is_an_error_naming_the_key_and_both_lines(tmp_path):
+    path = _write(tmp_path, "dup.yaml", "base: b\nsources: [s]\nk: 2\nk: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: line 4: key 'k' is given twice in one mapping \(first at line 3\)"):
+        load_config(path)
+    path = _write(tmp_path, "dup.yaml", "base: b\nsources:\n  - {model: a, weight: 1, weight: 0}\nmethod: ties\n")
+    with pytest.raises(ConfigError, match="line 3: key 'weight' is given twice"):
+        load_config(path)
+    path = _write(tmp_path, "dup.yaml", "merge_method: ties\nbase_model: b\nmodels: []\nmodels: [{model: a}]\n")
+    with pytest.raises(ConfigError, match="line 4: key 'models' is given twice"):
+        load_config(path)
+
+
+def _fifo(tmp_path):
+    path = tmp_path / "fifo.yaml"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp_path: Path("/dev/zero"), "must be a regular YAML text file, found a device or special file"),
+        (lambda tmp_path: tmp_path, "must be a regular YAML text file, found a directory"),
+        (_fifo, "must be a regular YAML text file, found a FIFO"),
+        (lambda tmp_path: _write(tmp_path, "big.yaml", "base: b\n#" + "x" * (1 << 20)), r"is at most 1048576 bytes \(1 MiB\)"),
+        (lambda tmp_path: tmp_path / "bin.yaml", r"must be UTF-8 text, found a binary file \(NUL byte at offset 3\)"),
+        (lambda tmp_path: tmp_path / "latin1.yaml", "must be UTF-8 text, found byte 0xe9 at offset 9"),
+        (lambda tmp_path: tmp_path / "missing.yaml", "cannot be opened: No such file or directory"),
+        (lambda tmp_path: tmp_path / ("x" * 300 + ".yaml"), "cannot be opened: File name too long"),
+    ],
+    ids=["dev-zero", "directory", "fifo", "too-large", "binary", "latin-1", "missing", "long-name"],
+)
+@pytest.mark.timeout(20)  # a FIFO opened for reading would wait for a writer forever
+def test_a_config_that_is_not_a_regular_utf8_text_file_is_refused_naming_it(tmp_path, make, message):
+    (tmp_path / "bin.yaml").write_bytes(b"k: \x00\x01\x02")
+    (tmp_path / "latin1.yaml").write_bytes("base: caf\xe9".encode("latin-1"))
+    path = make(tmp_path)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: a configuration {message}"):
+        load_config(path)
+
+
+def test_a_config_path_with_a_nul_character_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("'a\\x00b.yaml': a configuration's path cannot hold a NUL character")):
+        load_config("a\0b.yaml")
+
+
+def test_values_in_messages_are_cut_short_and_many_problems_make_one_line(tmp_path):
+    long = "x" * 100_000
+    cases = {
+        f"base: b\nsources: [s]\nmethod: {long}\n": "unknown merge method 'xxx",
+        f"base: b\nsources: [s]\nk: 2\n? {long}\n: 1\n": r"xxxxx\.\.\.: unknown key",
+        f"base: b\nsources: [s]\nmethod: ties\nparameters: {{density: {long}}}\n": "parameters.density: expected one number",
+        f"base: b\nsources: [s]\nmethod: ties\nparameters:\n  ? {long}\n  : 1\n": "method 'ties' has no parameter 'xxx",
+        f"base: b\nsources: [{long}]\nk: 2\n": r"sources\[0\]\.model: String should have at most 4096 characters",
+        f"base: b\nsources: [s]\nk: 2\nmax_memory: {long}\n": "max_memory: expected a size such as 4GB",
+        f"merge_method: {long}\nmodels: [{{model: a}}]\n": "merge_method 'xxx",
+        "base: b\nsources: [" + ", ".join(["[1]"] * 10_000) + "]\nk: 2\n": r"sources\[2\]: expected a path .*; and 9997 more problems$",
+    }
+    for text, message in cases.items():
+        path = _write(tmp_path, "long.yaml", text)
+        with pytest.raises(ConfigError, match=message) as err:
+            load_config(path)
+        assert len(str(err.value)) - len(str(path)) < 400 and "\n" not in str(err.value), str(err.value)[:1000]
+
+
+SWAPPED_TYPES = [
+    ("k: true", r"k: expected an int \(components\) or a float fraction of min\(m, n\), found bool True"),
+    ("k: '2'", "k: expected an int .* found str '2'"),
+    ("k: 2\nallow_non_finite: 1", "allow_non_finite: Input should be a valid boolean, found 1"),
+    ("k: 2\nsvd: {seed: true}", r"svd\.seed: Input should be a valid integer, found True"),
+    ("k: 2\nmax_memory: 1e400", "max_memory: must be a finite size, found '1e400'"),
+    ("k: 2\nshard_size: true", "shard_size: must be a size such as 4GB or 512MiB, found True"),
+    ("k: 2\noutput: \"a\\0b\"", "output: a path cannot hold a NUL character"),
+    ("method: ties\nparameters: {density: [0.1, 0.2]}", "parameters.density: expected one number, flag or choice, found list"),
+    ("method: ties\nparameters: {density: true}", "parameters: ties: density must be float, found bool True"),
+    ("method: ties\nparameters: {weights: [1, x]}", r"parameters.weights: expected a list of finite numbers, one per source, found \[1, 'x'\]"),
+]
+
+
+@pytest.mark.parametrize("extra, message", SWAPPED_TYPES)
+def test_values_of_another_type_are_refused_as_the_api_refuses_them(tmp_path, extra, message):
+    path = _write(tmp_path, "t.yaml", "base: b\nsources: [s]\n" + extra + "\n")
+    with pytest.raises(ConfigError, match=f"^{path}: ({message})"):
+        load_config(path)
+
+
+def test_a_nan_weight_is_reported_as_nan(tmp_path):
+    path = _write(tmp_path, "nan.yaml", "base: b\nsources: [{model: s, weight: .nan}]\nmethod: ties\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: sources\[0\]\.weight: Input should be a finite number, found nan$"):
+        load_config(path)
+    mergekit = _write(tmp_path, "mk.yaml", "merge_method: ties\nbase_model: b\nmodels: [{model: s, parameters: {weight: .nan}}]\n")
+    with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.weight: Input should be a finite number, found nan"):
+        load_config(mergekit)
+    boolean = _write(tmp_path, "mk.yaml", "merge_method: ties\nbase_model: b\nmodels: [{model: s, parameters: {weight: true}}]\n")
+    with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.weight: Input should be a valid number, found True"):
+        load_config(boolean)
+
+
+def test_a_weight_of_zero_stays_zero(tmp_path):
+    native = _write(tmp_path, "n.yaml", "base: b\nsources: [{model: s0, weight: 0}, s1, {model: s2, weight: 2}]\nmethod: task_arithmetic\n")
+    assert load_config(native).kwargs["weights"] == [0.0, 1.0, 2.0]
+    own = "merge_method: task_arithmetic\nbase_model: b\nmodels:\n  - {model: s0, parameters: {weight: 0}}\n  - {model: s1}\n"
+    shared_one = _write(tmp_path, "m1.yaml", own + "parameters: {weight: 1}\n")
+    assert load_config(shared_one).kwargs["weights"] == [0.0, 1.0]
+    shared_zero = _write(tmp_path, "m0.yaml", own.replace("weight: 0", "weight: 3") + "parameters: {weight: 0}\n")
+    assert load_config(shared_zero).kwargs["weights"] == [3.0, 0.0]
+    linear = _write(tmp_path, "l.yaml", "merge_method: linear\nmodels:\n  - {model: b, parameters: {weight: 1}}\n  - {model: s0, parameters: {weight: 0}}\n  - {model: s1}\nparameters: {weight: 1}\n")
+    assert load_config(linear).kwargs["weights"] == [0.0, 0.5]
+    nothing = _write(tmp_path, "z.yaml", "merge_method: linear\nmodels:\n  - {model: b}\n  - {model: s0}\nparameters: {weight: 0}\n")
+    with pytest.raises(ConfigError, match="linear divides by the sum of the weights, which is 0"):
+        load_config(nothing)
+
+
+def test_yaml_syntax_errors_are_one_line_naming_file_and_place(tmp_path):
+    path = _write(tmp_path, "bad.yaml", "base: b\nsources: [s, t\nk: 2\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: not valid YAML: .*at line \d+, column \d+$") as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
+    path = _write(tmp_path, "int.yaml", "base: b\nsources: [s]\nk: 1" + "0" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: a value cannot be read: Exceeds the limit \(4300 digits\)"):
+        load_config(path)

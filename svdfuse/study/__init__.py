@@ -13,11 +13,4 @@ Example::
 
 from svdfuse.study.runner import CONDITIONS, StudyConfig, combine, quick_config, run_study
 
-__all__ = ["StudyConfig", "quick_config", "run_study", "combine", "CONDITIONS", "main"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m svdfuse.study ...`: the same as `svdfuse study ...`."""
-    from svdfuse.cli import main as cli_main
-
-    return cli_main(["study", *(argv if argv is not None else __import__("sys").argv[1:])])
+__all__ = ["StudyConfig", "quick_config", "run_study", "combine", "CONDITIONS"]
