@@ -21,7 +21,7 @@ def _pytest(
     args: list[str], *, hide: tuple[str, ...] = (), require: bool, env: dict[str, str] | None = None, prelude: str = ""
 ) -> subprocess.CompletedProcess:
     """pytest `args` in a fresh process whose `hide` modules do not import, after `prelude`."""
-    code = f"import sys; sys.modules.update(dict.fromkeys({hide!r})); {prelude}; import pytest; sys.exit(pytest.main({args!r}))"
+    code = "\n".join(["import sys", f"sys.modules.update(dict.fromkeys({hide!r}))", prelude, "import pytest", f"sys.exit(pytest.main({args!r}))"])
     environ = {key: value for key, value in os.environ.items() if key != "SVDFUSE_REQUIRE_TEST_EXTRA"}
     environ.update({"PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]), **(env or {})})
     if require:
