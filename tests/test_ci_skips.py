@@ -1,7 +1,9 @@
 """CI's skip policy (tests/conftest.py): under SVDFUSE_REQUIRE_TEST_EXTRA=1, which .ci/run sets, a test
 that would skip because a package of the `test` extra does not import fails instead, whether it
 asks at collection (test_export.py, test_mergekit.py) or inside a test; skips by capability stay
-skips. Each case runs pytest in a subprocess with the package hidden (`sys.modules[name] = None`)."""
+skips, and a package of the extra that is not installed at all stops the run before it starts. Each
+case runs pytest in a subprocess with the package hidden (`sys.modules[name] = None`) or its
+distribution made to look uninstalled."""
 
 from __future__ import annotations
 
