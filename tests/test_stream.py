@@ -145,7 +145,7 @@ def test_cli_streams_with_a_budget_and_shards(files, tmp_path, capsys):
     assert "memory budget 0.00 GiB" in printed and "peak RSS" in printed and f"wrote {out}" in printed
     assert (out / "model.safetensors.index.json").is_file()
     assert main([*args[:-4], "--max-memory", "lots", "-o", str(tmp_path / "x"), *sources]) == 2
-    assert "max_memory must be a size" in capsys.readouterr().err
+    assert "--max-memory must be a size" in capsys.readouterr().err
 
 
 def _free_port() -> int:
