@@ -1,15 +1,21 @@
 """Merging on many processes with torch.distributed (torchrun): who does what, and agreeing on it.
 
 A merge inside an initialized process group splits its tasks between the ranks by bytes; every
-task is computed whole by one rank, so no number depends on how many ranks there are. Outside a
-process group everything here is a no-op for one process.
+task is computed whole by one rank, so no number depends on how many ranks there are. Every rank
+must be given the same request (`agree`), and a failure on any rank is raised on every rank at the
+same point (`Group.settle`), so that no rank waits for a peer that has given up. Outside a process
+group everything here is a no-op for one process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +23,7 @@ import torch.distributed as dist
 
 from svdfuse.resources import default_device
 
-__all__ = ["Group", "PeerFailure", "current", "partition", "init_from_env"]
+__all__ = ["Group", "PeerFailure", "agree", "current", "fingerprint", "partition", "init_from_env"]
 
 
 class PeerFailure(RuntimeError):
@@ -55,6 +61,30 @@ class Group:
         dist.all_gather_object(out, value)
         return out
 
+    def settle(self, failure: Exception | None, undo: Callable[[], None] | None = None) -> None:
+        """Every rank calls this at the same point with its own failure or None. If any rank
+        failed, `undo` runs on every rank, and once every rank has run it, every rank raises: its
+        own error, or a `PeerFailure` carrying the failing ranks' messages."""
+        failures = self.gather(None if failure is None else f"rank {self.rank}: {type(failure).__name__}: {failure}")
+        if not any(failures):
+            return
+        if undo is not None:
+            undo()
+        self.barrier()  # no rank leaves (and torchrun stops the others) before every undo is done
+        if failure is not None:
+            raise failure
+        raise PeerFailure("merge failed on another process: " + "; ".join(f for f in failures if f))
+
+    @contextmanager
+    def together(self, undo: Callable[[], None] | None = None) -> Iterator[None]:
+        """Run the block on every rank and `settle` its outcome (an exception ends the block)."""
+        try:
+            yield
+        except Exception as err:
+            self.settle(err, undo)
+            raise  # settle raised already; this keeps type checkers informed
+        self.settle(None)
+
 
 def current() -> Group:
     """The process group a merge runs in: the default one when initialized, else one process."""
@@ -74,6 +104,60 @@ def partition(sizes: list[int], world: int) -> list[list[int]]:
         out[rank].append(index)
         heapq.heappush(loads, (load + sizes[index], rank))
     return [sorted(indices) for indices in out]
+
+
+def fingerprint(model: Any) -> Any:
+    """What tells two ranks' copies of a model argument apart, cheaply where it can: a path by its
+    resolved form and each of its files' size and modification time (a Hugging Face directory's
+    files, one level deep), a module or state dict by a hash of its names, dtypes, shapes and
+    bytes, anything else by its type."""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        try:
+            resolved = path.resolve()
+            files = sorted(resolved.iterdir()) if resolved.is_dir() else [resolved]
+            return [str(resolved)] + [(file.name, *_size_and_time(file)) for file in files if file.is_file()]
+        except (OSError, ValueError, RuntimeError):
+            return [os.fspath(model)]  # opening it says what is wrong
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    if isinstance(state, Mapping) and all(isinstance(t, torch.Tensor) for t in state.values()):
+        digest = hashlib.blake2b(digest_size=16)
+        for name, t in state.items():
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return ["tensors", digest.hexdigest()]
+    return ["object", type(model).__name__]
+
+
+def _size_and_time(file: Path) -> tuple[int, int]:
+    stat = file.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def agree(group: Group, request: Callable[[], Mapping[str, Any]], failure: Exception | None) -> None:
+    """Refuse on every rank a request that differs between ranks (sources, base, method,
+    parameters, options, output: `request()` maps each to a comparable value, `fingerprint` for
+    models; called only on many processes); then `settle` this rank's `failure` of the checks
+    made before the work."""
+    requests = group.gather(dict(request())) if group.active else []
+    for rank, other in enumerate(requests[1:], 1):
+        differ = [key for key in requests[0] if other.get(key) != requests[0][key]]
+        if differ:
+            where, mine, theirs = differ[0], requests[0][differ[0]], other.get(differ[0])
+            if isinstance(mine, list) and isinstance(theirs, list) and len(mine) == len(theirs):
+                i = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+                where, mine, theirs = f"{where}[{i}]", mine[i], theirs[i]
+            raise ValueError(
+                f"the processes of this merge were given different requests: rank {rank}'s {', '.join(differ)} "
+                f"differ{'s' if len(differ) == 1 else ''} from rank 0's ({where}: {_short(theirs)} on rank {rank}, "
+                f"{_short(mine)} on rank 0); every process must merge the same sources with the same options"
+            )
+    group.settle(failure)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def init_from_env(device: str | None) -> torch.device | None:

@@ -88,24 +88,16 @@ class _FileSink:
 
 def _run(tasks: list, compute: Compute, sink, group: distributed.Group) -> list[LayerReport]:
     """Compute this rank's tasks into the sink; every rank learns of a failure on any rank before
-    anything is published. Returns the layer reports of all ranks."""
+    anything is published (and the output is removed). Returns the layer reports of all ranks."""
     layers: list[LayerReport] = []
-    failure = None
     bound_allocator()
-    try:
+    with group.together(undo=sink.abort):
         for i, task in enumerate(tasks):
             for item in compute.run(task, tasks[i + 1] if i + 1 < len(tasks) else None):
                 sink.write(item)
                 if item.layer is not None:
                     layers.append(item.layer)
             release_free_memory()
-    except Exception as err:
-        failure = err
-    failures = group.gather(None if failure is None else f"rank {group.rank}: {type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    if any(failures):
-        raise distributed.PeerFailure("merge failed on another process: " + "; ".join(f for f in failures if f))
     return [layer for ranks in group.gather(layers) for layer in ranks]
 
 
@@ -193,51 +185,64 @@ def merge(
         svdfuse.merge(checkpoints, k=0.05, base="llama", output="merged/", max_memory="8GB", shard_size="2GB")
     """
     start = time.perf_counter()
-    spec = get_method(method)
-    params = spec.check_params(params)
-    svd = arguments.svd_options(svd)
-    k = None if k is None else arguments.count(k, "k")
-    dtype = None if dtype is None else arguments.dtype(dtype)
-    if spec.needs_k and k is None:
-        raise TypeError(f"method {method!r} needs k, the number of components kept per matrix (int or fraction)")
-    include, exclude = arguments.patterns(include, "include"), arguments.patterns(exclude, "exclude")
     group = distributed.current()
-    if group.active and output is None:
-        raise ValueError(f"a merge over {group.world} processes writes its result to files: pass output=PATH")
-    budget = parse_size(max_memory, "max_memory") if max_memory is not None else default_budget(_local_processes(group))
-    shard_bytes = parse_size(shard_size, "shard_size")
-    if output is not None:
-        check_output(output)
-    device = resolve_device(device)
-    base_source = open_source(base, "base")
-    sources = open_sources(models, base)
-    if params.get("weights") is not None:
-        check_weights(method, params["weights"], len(sources))
-    plan = make_plan(
-        base_source, sources, spec, k, include=include, exclude=exclude, dtype=dtype, budget=budget, svd=svd, params=params,
+    given = dict(  # as given, before the checks normalize them: what the processes compare
+        method=method, k=k, params=params, include=include, exclude=exclude, svd=svd, dtype=dtype, device=device, output=output,
+        max_memory=max_memory, shard_size=shard_size, allow_non_finite=allow_non_finite, config_text=config_text,
     )
-    if all(s.role is Role.COPIED for s in plan.specs):
-        raise ValueError(f"{base_source.label}: no floating-point tensor to merge ({len(plan.specs)} integer tensors); svdfuse merges weights")
-    if not plan.matrices and (include is not None or spec.kind is not Kind.ELEMENTWISE):
-        raise ValueError(
-            f"include={None if include is None else list(include)} and exclude={list(exclude)} leave no weight with 2 or more "
-            f"dims to merge as a matrix; {method} would only average the other tensors"
+    failure = None
+    try:  # every rank checks, then all agree on the request and on whether the checks passed
+        spec = get_method(method)
+        params = spec.check_params(params)
+        svd = arguments.svd_options(svd)
+        k = None if k is None else arguments.count(k, "k")
+        dtype = None if dtype is None else arguments.dtype(dtype)
+        if spec.needs_k and k is None:
+            raise TypeError(f"method {method!r} needs k, the number of components kept per matrix (int or fraction)")
+        include, exclude = arguments.patterns(include, "include"), arguments.patterns(exclude, "exclude")
+        if group.active and output is None:
+            raise ValueError(f"a merge over {group.world} processes writes its result to files: pass output=PATH")
+        budget = parse_size(max_memory, "max_memory") if max_memory is not None else default_budget(_local_processes(group))
+        shard_bytes = parse_size(shard_size, "shard_size")
+        if output is not None:
+            check_output(output)
+        device = resolve_device(device)
+    except Exception as err:
+        failure = err
+    distributed.agree(group, lambda: _request(models, base, **given), failure)
+    if max_memory is None:
+        budget = min(group.gather(budget))  # one plan for all: the tightest machine's default
+    with group.together():
+        base_source = open_source(base, "base")
+        sources = open_sources(models, base)
+        if params.get("weights") is not None:
+            check_weights(method, params["weights"], len(sources))
+        plan = make_plan(
+            base_source, sources, spec, k, include=include, exclude=exclude, dtype=dtype, budget=budget, svd=svd, params=params,
         )
+        if all(s.role is Role.COPIED for s in plan.specs):
+            raise ValueError(f"{base_source.label}: no floating-point tensor to merge ({len(plan.specs)} integer tensors); svdfuse merges weights")
+        if not plan.matrices and (include is not None or spec.kind is not Kind.ELEMENTWISE):
+            raise ValueError(
+                f"include={None if include is None else list(include)} and exclude={list(exclude)} leave no weight with 2 or more "
+                f"dims to merge as a matrix; {method} would only average the other tensors"
+            )
     mine = distributed.partition([task.nbytes for task in plan.tasks], group.world)[group.rank]
     tasks = [plan.tasks[i] for i in mine]
-    if output is not None:
-        template = template_of(base, base_source.directory) if Path(output).suffix != ".safetensors" else None
-        entries = [(s.key, s.shape, s.out_dtype) for s in plan.specs]
-        ranks = {s.key: s.k for s in plan.matrices if s.k is not None}
-        metadata = {MERGE_METADATA: json.dumps({"method": method, "ranks": ranks}, separators=(",", ":"))}
-        sink = _FileSink(SafetensorsWriter(output, entries, shard_size=shard_bytes, template=template, metadata=metadata))
-    else:
-        sink = _MemorySink(plan, template_of(base, base_source.directory))
-    bar = tqdm(
-        total=sum(task.nbytes for task in tasks), unit="B", unit_scale=True, unit_divisor=1024,
-        desc=f"merge ({method})", disable=True if group.rank != 0 else (None if progress is None else not progress),
-    )
-    try:
+    sink = bar = None
+    try:  # from the moment the writer exists, any exit but the commit removes what it wrote
+        if output is not None:
+            template = template_of(base, base_source.directory) if Path(output).suffix != ".safetensors" else None
+            entries = [(s.key, s.shape, s.out_dtype) for s in plan.specs]
+            ranks = {s.key: s.k for s in plan.matrices if s.k is not None}
+            metadata = {MERGE_METADATA: json.dumps({"method": method, "ranks": ranks}, separators=(",", ":"))}
+            sink = _FileSink(SafetensorsWriter(output, entries, shard_size=shard_bytes, template=template, metadata=metadata))
+        else:
+            sink = _MemorySink(plan, template_of(base, base_source.directory))
+        bar = tqdm(
+            total=sum(task.nbytes for task in tasks), unit="B", unit_scale=True, unit_divisor=1024,
+            desc=f"merge ({method})", disable=True if group.rank != 0 else (None if progress is None else not progress),
+        )
         state = Progress([False] * len(sources), bar.update)
         compute = Compute(
             spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state,
@@ -245,7 +250,8 @@ def merge(
         )
         layers = _run(tasks, compute, sink, group)
         bar.close()
-        _check_changed(sources, state.differs, group)
+        with group.together(undo=sink.abort):
+            _check_changed(sources, state.differs, group)
         position = {s.key: i for i, s in enumerate(plan.specs)}
         layers.sort(key=lambda layer: position[layer.key])  # groups follow shapes; users read in model order
         report = MergeReport(
@@ -255,10 +261,30 @@ def merge(
         )
         sink.commit([s.key for t in tasks for s in t.specs], report)
     except BaseException:
-        bar.close()
-        sink.abort()
+        if bar is not None:
+            bar.close()
+        if sink is not None:
+            sink.abort()
         raise
     return sink.result(report)
+
+
+def _request(models, base, **options: Any) -> dict[str, Any]:
+    """What every process of a merge must agree on, comparable across processes: the models by
+    `distributed.fingerprint`, the output as an absolute path, the device by its type (each rank
+    has its own GPU), every other option as its repr."""
+    if isinstance(models, Mapping):
+        named = [[repr(name), distributed.fingerprint(model)] for name, model in models.items()]
+    elif isinstance(models, Sequence) and not isinstance(models, (str, bytes)):
+        named = [distributed.fingerprint(model) for model in models]
+    else:
+        named = [distributed.fingerprint(models)]
+    device, output = options.pop("device"), options.pop("output")
+    request: dict[str, Any] = {"sources": named, "base": distributed.fingerprint(base)}
+    request.update({name: repr(value) for name, value in options.items()})
+    request["device"] = repr(getattr(device, "type", device))
+    request["output"] = os.path.abspath(output) if isinstance(output, (str, os.PathLike)) else repr(output)
+    return request
 
 
 def _card_parameters(spec, k, params: dict, include, exclude, dtype, svd: SVDOptions) -> dict:
