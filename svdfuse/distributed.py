@@ -9,6 +9,7 @@ group everything here is a no-op for one process.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import heapq
 import os
@@ -167,6 +168,9 @@ def init_from_env(device: str | None) -> torch.device | None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return None
     cuda = torch.device(device).type == "cuda" if device is not None else default_device().type == "cuda"
+    # Left at exit, the group's threads may find a peer gone first and abort the process (SIGABRT)
+    # instead of letting it exit with its own status.
+    atexit.register(_leave)
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -174,3 +178,8 @@ def init_from_env(device: str | None) -> torch.device | None:
         return torch.device("cuda", local)
     dist.init_process_group("gloo")
     return torch.device("cpu")
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
