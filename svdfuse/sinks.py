@@ -280,7 +280,7 @@ class SafetensorsWriter:
         with self._group.together(undo=self.abort):  # every rank's bytes are on disk before rank 0 publishes
             missing = [name for name in expected if self._written.get(name, 0) != _nbytes(*self._shapes[name])]
             if missing:
-                raise RuntimeError(f"writer: {len(missing)} tensors were not written completely (e.g. {missing[:3]})")
+                raise RuntimeError(f"writer: {len(missing)} tensors were not written completely (e.g. {', '.join(map(repr, missing[:3]))})")
             self._close(sync=True)
         with self._group.together(undo=self.abort):
             if self._group.rank == 0:

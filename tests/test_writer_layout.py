@@ -1,0 +1,267 @@
+"""The safetensors writer's own rules, each tested where a slip would still load: the header's
+padding and the dtype order that align every tensor, fsync before the rename, temporary names
+that carry the host, the fallback where a file system cannot reserve blocks, the permissions a
+new output gets, the template files it copies, names refused before any work, and a merge that
+is the same bytes whatever torch's thread count."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import svdfuse
+import svdfuse.merging
+import svdfuse.sinks as sinks
+from svdfuse.cli import main
+
+
+@pytest.fixture
+def files(tmp_path) -> tuple[Path, list[str]]:
+    """A base as a Hugging Face directory (weights, config, tokenizer, a sentence-transformers
+    module folder, a .git folder) and three fine-tuned sources as files."""
+    root = tmp_path / "models"
+    base_dir = root / "base"
+    (base_dir / "1_Pooling").mkdir(parents=True)
+    (base_dir / ".git").mkdir()
+    gen = torch.Generator().manual_seed(0)
+    base = {"layer.weight": torch.randn(20, 12, generator=gen), "layer.bias": torch.randn(20, generator=gen)}
+    save_file(base, base_dir / "model.safetensors")
+    (base_dir / "config.json").write_text('{"model_type": "bert"}')
+    (base_dir / "tokenizer.json").write_text("{}")
+    (base_dir / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (base_dir / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    sources = []
+    for i in range(3):
+        save_file({key: value + 0.1 * torch.randn(value.shape, generator=gen) for key, value in base.items()}, root / f"ft{i}.safetensors")
+        sources.append(str(root / f"ft{i}.safetensors"))
+    return base_dir, sources
+
+
+def merge_to(files, output, **kwargs):
+    base, sources = files
+    return svdfuse.merge(sources, k=4, base=base, device="cpu", output=output, **kwargs)
+
+
+def _mixed() -> dict[str, torch.Tensor]:
+    """Odd element counts of every width, narrowest first in model order."""
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "flag": torch.rand(3, generator=gen) > 0.5,
+        "byte": torch.randint(0, 9, (5,), generator=gen, dtype=torch.int8),
+        "half": torch.randn(7, generator=gen).to(torch.bfloat16),
+        "single": torch.randn(3, 3, generator=gen),
+        "count": torch.randint(0, 9, (5,), generator=gen, dtype=torch.int64),
+        "double": torch.randn(1, generator=gen, dtype=torch.float64),
+        "short": torch.randint(0, 9, (3,), generator=gen, dtype=torch.int16),
+    }
+
+
+def _layout(file: Path) -> tuple[int, list[tuple[int, int, str]]]:
+    """The header's length and (absolute data offset, element size, name) of each tensor, by offset."""
+    raw = file.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    header.pop("__metadata__", None)
+    sizes = {"BOOL": 1, "I8": 1, "BF16": 2, "I16": 2, "F32": 4, "I64": 8, "F64": 8}
+    return length, sorted((8 + length + info["data_offsets"][0], sizes[info["dtype"]], name) for name, info in header.items())
+
+
+@pytest.mark.parametrize("output", ["one.safetensors", "sharded"])
+def test_the_header_is_padded_and_dtypes_laid_out_widest_first_so_every_tensor_is_aligned(output, tmp_path):
+    state = _mixed()
+    sinks.write_state_dict(state, tmp_path / output, shard_size=60)
+    written = [tmp_path / output] if output.endswith(".safetensors") else sorted((tmp_path / output).glob("*.safetensors"))
+    assert len(written) == (1 if output.endswith(".safetensors") else 2)
+    loaded = {}
+    for file in written:
+        length, entries = _layout(file)
+        assert length % 8 == 0, f"{file.name}: header of {length} bytes; the data must start 8-byte aligned"
+        for offset, size, name in entries:
+            assert offset % size == 0, f"{file.name}: {name!r} ({size}-byte elements) starts at {offset}"
+        widths = [size for _, size, _ in entries]
+        assert widths == sorted(widths, reverse=True), f"{file.name}: element sizes {widths} in file order, not widest first"
+        loaded.update(load_file(file))
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_everything_is_flushed_to_disk_before_the_rename_and_the_rename_after(files, tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, sinks._rename_noreplace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(tmp, path):
+        events.append(("rename", str(tmp)))
+        real_rename(tmp, path)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(sinks, "_rename_noreplace", rename)
+    out = tmp_path / "merged"
+    merge_to(files, out, shard_size="1KB")
+    (at,) = [i for i, (what, _) in enumerate(events) if what == "rename"]
+    tmp = events[at][1]
+    before = {path for what, path in events[:at] if what == "fsync"}
+    expected = {str(p).replace(str(out), tmp) for p in [out, *out.rglob("*")]}
+    assert len(expected) > 5 and expected <= before, sorted(expected - before)
+    assert ("fsync", str(tmp_path)) in events[at:]  # the directory that now holds the output's name
+    one = tmp_path / "one.safetensors"
+    events.clear()
+    merge_to(files, one)
+    (at,) = [i for i, (what, _) in enumerate(events) if what == "rename"]
+    assert ("fsync", events[at][1]) in events[:at] and ("fsync", str(tmp_path)) in events[at:]
+
+
+def test_the_sweep_leaves_another_hosts_live_temporary_alone(files, tmp_path, monkeypatch):
+    # On a shared file system a merge on another machine writes beside ours; its pid means nothing
+    # here. Its temporary name, made as that machine makes it, must survive our merge's sweep.
+    out = tmp_path / "merged"
+    with monkeypatch.context() as other:
+        other.setattr(socket, "gethostname", lambda: "node-17")
+        other.setattr(os, "getpid", lambda: 4_000_000)  # no such process here
+        theirs = sinks.temporary(out, directory=True)
+    assert "node-17" in theirs.name and not __import__("psutil").pid_exists(4_000_000)
+    merge_to(files, out)
+    assert theirs.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == sorted(["models", "merged", theirs.name])
+
+
+def test_a_file_system_without_fallocate_still_gets_the_whole_output(files, tmp_path, monkeypatch):
+    expected = merge_to(files, tmp_path / "plain.safetensors") and load_file(tmp_path / "plain.safetensors")
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    for output in ("sparse.safetensors", "sparse-dir"):
+        merge_to(files, tmp_path / output, shard_size="1KB")
+    got = load_file(tmp_path / "sparse.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    assert (tmp_path / "sparse.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
+    shards = {}
+    for shard in (tmp_path / "sparse-dir").glob("*.safetensors"):
+        shards.update(load_file(shard))
+    assert shards.keys() == expected.keys() and all(torch.equal(shards[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("umask,directory,file", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600), (0o002, 0o775, 0o664)])
+def test_outputs_get_the_permissions_the_umask_gives_new_files(umask, directory, file, files, tmp_path):
+    old = os.umask(umask)
+    try:
+        merge_to(files, tmp_path / "merged", shard_size="1KB")
+        merge_to(files, tmp_path / "one.safetensors")
+    finally:
+        os.umask(old)
+    out = tmp_path / "merged"
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(out) == directory and mode(out / "1_Pooling") == directory
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert len(written) > 4 and {p.name: mode(p) for p in written} == {p.name: file for p in written}
+    assert mode(tmp_path / "one.safetensors") == file
+
+
+@pytest.mark.parametrize("error", [RuntimeError("broke"), KeyboardInterrupt()], ids=["error", "interrupt"])
+@pytest.mark.parametrize("output", ["out.safetensors", "out"])
+def test_a_failure_between_laying_out_the_files_and_the_first_tensor_leaves_nothing(error, output, files, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(svdfuse.merging, "tqdm", fail)  # the first thing after the writer exists
+    with pytest.raises(type(error)):
+        merge_to(files, tmp_path / output)
+    assert list(tmp_path.iterdir()) == [tmp_path / "models"]
+    monkeypatch.undo()
+    monkeypatch.setattr(svdfuse.distributed.Group, "broadcast", fail)  # inside the writer, its files laid out
+    with pytest.raises(type(error)):
+        merge_to(files, tmp_path / output)
+    assert list(tmp_path.iterdir()) == [tmp_path / "models"]
+
+
+def test_only_the_base_directorys_regular_non_weight_files_are_copied(files, tmp_path):
+    base, _ = files
+    blobs = tmp_path / "blobs"  # the Hub's cache: a snapshot's files are links to its blobs
+    blobs.mkdir()
+    (blobs / "abc123").write_text("[PAD]\n[UNK]\n")
+    (base / "vocab.txt").symlink_to(blobs / "abc123")
+    (base / "pytorch_model.bin").write_bytes(b"old weights")
+    merge_to(files, tmp_path / "merged")
+    copied = sorted(str(p.relative_to(tmp_path / "merged")) for p in (tmp_path / "merged").rglob("*"))
+    assert copied == ["1_Pooling", "1_Pooling/config.json", "README.md", "config.json", "model.safetensors", "tokenizer.json", "vocab.txt"]
+    assert not (tmp_path / "merged" / "vocab.txt").is_symlink() and (tmp_path / "merged" / "vocab.txt").read_text() == "[PAD]\n[UNK]\n"
+
+
+LINKS = {
+    "broken": (lambda base: (base / "tokenizer_config.json").symlink_to(base / "nowhere.json"), "tokenizer_config.json", "a broken symbolic link"),
+    "looping": (lambda base: (base / "special_tokens_map.json").symlink_to(base / "special_tokens_map.json"), "special_tokens_map.json", "a symbolic link that loops"),
+    "directory loop": (lambda base: (base / "1_Pooling" / "up").symlink_to(base), "1_Pooling/up", "it loops"),
+    "fifo": (lambda base: os.mkfifo(base / "pipe"), "pipe", "not a regular file or directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(LINKS))
+def test_a_base_file_that_cannot_be_copied_is_refused_naming_it_and_nothing_is_left(case, files, tmp_path, capsys, no_work):
+    base, sources = files
+    make, name, what = LINKS[case]
+    make(base)
+    with pytest.raises(ValueError, match=rf"cannot copy '.*/base/{name}' from the base directory into the output: {what}"):
+        merge_to(files, tmp_path / "merged")
+    assert main(["merge", "--base", str(base), "-k", "4", "--quiet", "-o", str(tmp_path / "merged"), *sources]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and what in err and "[" not in err.split(": error: ", 1)[1].split(" from ")[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_an_output_path_with_a_nul_byte_is_refused_naming_it(files, tmp_path, no_work):
+    with pytest.raises(ValueError, match=r"output path '.*/bad\\x00name' holds a NUL byte, which no file name can"):
+        merge_to(files, str(tmp_path / "bad") + "\0name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+@pytest.mark.parametrize("where", ["name", "folder"])
+def test_an_over_long_name_anywhere_in_the_output_path_is_refused_on_one_line(where, files, tmp_path, capsys, no_work):
+    base, sources = files
+    long = "n" * 300
+    output = tmp_path / long if where == "name" else tmp_path / long / "merged"
+    assert main(["merge", "--base", str(base), "-k", "4", "--quiet", "-o", str(output), *sources]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"the name '{'n' * 57}...' is too long, 300 bytes; this file system allows 255" in err and "Errno" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+_THREADS = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+import svdfuse
+svdfuse.merge(sys.argv[4:], k=6, base=sys.argv[2], device="cpu", output=sys.argv[3])
+"""
+
+
+def test_a_merge_is_the_same_bytes_on_one_thread_and_on_two(tmp_path):
+    # Matrices large enough that LAPACK splits its work between threads (at 32 x 32 it does not).
+    gen = torch.Generator().manual_seed(0)
+    base = {"a.weight": torch.randn(384, 256, generator=gen), "b.weight": torch.randn(256, 384, generator=gen), "a.bias": torch.randn(384, generator=gen)}
+    save_file(base, tmp_path / "base.safetensors")
+    sources = []
+    for i in range(4):
+        save_file({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in base.items()}, tmp_path / f"ft{i}.safetensors")
+        sources.append(str(tmp_path / f"ft{i}.safetensors"))
+    outputs = []
+    for threads in (1, 2):
+        out = tmp_path / f"threads{threads}.safetensors"
+        env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR")}
+        done = subprocess.run([sys.executable, "-c", _THREADS, str(threads), str(tmp_path / "base.safetensors"), str(out), *sources],
+                              env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
