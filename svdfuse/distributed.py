@@ -10,7 +10,6 @@ group everything here is a no-op for one process.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import heapq
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -107,32 +106,15 @@ def partition(sizes: list[int], world: int) -> list[list[int]]:
     return [sorted(indices) for indices in out]
 
 
-def fingerprint(model: Any) -> Any:
-    """What tells two ranks' copies of a model argument apart, cheaply where it can: a path by its
-    resolved form and each of its files' size and modification time (a Hugging Face directory's
-    files, one level deep), a module or state dict by a hash of its names, dtypes, shapes and
-    bytes, anything else by its type."""
+def fingerprint(model: Any) -> str:
+    """Where a model argument comes from, comparable across ranks: a path resolved, an object in
+    memory by its type (its contents are compared once opened: `Source.fingerprint`)."""
     if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
         try:
-            resolved = path.resolve()
-            files = sorted(resolved.iterdir()) if resolved.is_dir() else [resolved]
-            return [str(resolved)] + [(file.name, *_size_and_time(file)) for file in files if file.is_file()]
+            return str(Path(model).resolve())
         except (OSError, ValueError, RuntimeError):
-            return [os.fspath(model)]  # opening it says what is wrong
-    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    if isinstance(state, Mapping) and all(isinstance(t, torch.Tensor) for t in state.values()):
-        digest = hashlib.blake2b(digest_size=16)
-        for name, t in state.items():
-            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            digest.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return ["tensors", digest.hexdigest()]
-    return ["object", type(model).__name__]
-
-
-def _size_and_time(file: Path) -> tuple[int, int]:
-    stat = file.stat()
-    return stat.st_size, stat.st_mtime_ns
+            return os.fspath(model)  # opening it says what is wrong
+    return f"a {type(model).__name__} in memory"
 
 
 def agree(group: Group, request: Callable[[], Mapping[str, Any]], failure: Exception | None) -> None:

@@ -227,6 +227,10 @@ def merge(
                 f"include={None if include is None else list(include)} and exclude={list(exclude)} leave no weight with 2 or more "
                 f"dims to merge as a matrix; {method} would only average the other tensors"
             )
+    distributed.agree(group, lambda: {  # the same paths may hold other files on another machine
+        "base contents": f"{base_source.label}: {base_source.fingerprint(quick=True)}",
+        "source contents": [f"{source.label}: {source.fingerprint(quick=True)}" for source in sources],
+    }, None)  # fmt: skip
     mine = distributed.partition([task.nbytes for task in plan.tasks], group.world)[group.rank]
     tasks = [plan.tasks[i] for i in mine]
     sink = bar = None
@@ -270,9 +274,9 @@ def merge(
 
 
 def _request(models, base, **options: Any) -> dict[str, Any]:
-    """What every process of a merge must agree on, comparable across processes: the models by
-    `distributed.fingerprint`, the output as an absolute path, the device by its type (each rank
-    has its own GPU), every other option as its repr."""
+    """What every process of a merge must agree on before opening anything, comparable across
+    processes: the models by `distributed.fingerprint`, the output as an absolute path, the device
+    by its type (each rank has its own GPU), every other option as its repr."""
     if isinstance(models, Mapping):
         named = [[repr(name), distributed.fingerprint(model)] for name, model in models.items()]
     elif isinstance(models, Sequence) and not isinstance(models, (str, bytes)):

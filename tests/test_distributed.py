@@ -83,6 +83,27 @@ def test_ranks_given_different_sources_refuse_on_every_rank_before_any_work(file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank.py"]
 
 
+def test_ranks_whose_files_differ_at_the_same_path_refuse_before_any_work(files, tmp_path):
+    # Rank 1 reads another copy of s1 (as on a machine whose local disk holds an older fine-tune).
+    root, sources = files
+    out = tmp_path / "out"
+    other_copy = (
+        "import svdfuse.sources as s\nreal = s.SafetensorsSource.read\n"
+        "def read(self, key, start, stop, out):\n"
+        "    real(self, key, start, stop, out)\n"
+        "    if 's1.safetensors' in self.label:\n"
+        "        out.add_(1)\n"
+        "s.SafetensorsSource.read = read\n"
+        "import svdfuse.pipeline as p\ndef run(*a, **k):\n    raise AssertionError('work started')\np.Compute.run = run\n"
+    )
+    run = _torchrun(tmp_path, [("", _merge_args(root, out, sources)), (other_copy, _merge_args(root, out, sources))])
+    errors = _errors(run.stderr)
+    assert len(errors) == 2 and errors[0] == errors[1], run.stderr[-3000:]
+    assert "rank 1's source contents differs from rank 0's (source contents[1]: \"source 1 ('s1.safetensors'): " in errors[0]
+    assert "work started" not in run.stderr and run.stderr.count("exitcode  : 2") == 2, run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank.py"]
+
+
 def test_ranks_given_different_options_refuse_naming_the_option(files, tmp_path):
     root, sources = files
     out = tmp_path / "out"
