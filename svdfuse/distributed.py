@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import heapq
 import os
+import signal
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ import torch.distributed as dist
 from svdfuse.resources import default_device
 
 __all__ = ["Group", "PeerFailure", "agree", "current", "fingerprint", "partition", "init_from_env"]
+
+
+# Set by `init_from_env`: this process is svdfuse's own, started by torchrun for the command line.
+_OWN_PROCESS = False
 
 
 class PeerFailure(RuntimeError):
@@ -71,6 +76,7 @@ class Group:
         if undo is not None:
             undo()
         self.barrier()  # no rank leaves (and torchrun stops the others) before every undo is done
+        _finish_alone()
         if failure is not None:
             raise failure
         raise PeerFailure("merge failed on another process: " + "; ".join(f for f in failures if f))
@@ -122,24 +128,40 @@ def agree(group: Group, request: Callable[[], Mapping[str, Any]], failure: Excep
     parameters, options, output: `request()` maps each to a comparable value, `fingerprint` for
     models; called only on many processes); then `settle` this rank's `failure` of the checks
     made before the work."""
-    requests = group.gather(dict(request())) if group.active else []
+    mine = None
+    if group.active:
+        try:
+            mine = dict(request())
+        except Exception as err:  # this rank's failure, settled below with the others'
+            failure = failure or err
+    requests = group.gather(mine) if group.active else []
     for rank, other in enumerate(requests[1:], 1):
+        if requests[0] is None or other is None:
+            continue
         differ = [key for key in requests[0] if other.get(key) != requests[0][key]]
         if differ:
-            where, mine, theirs = differ[0], requests[0][differ[0]], other.get(differ[0])
-            if isinstance(mine, list) and isinstance(theirs, list) and len(mine) == len(theirs):
-                i = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
-                where, mine, theirs = f"{where}[{i}]", mine[i], theirs[i]
+            where, first, theirs = differ[0], requests[0][differ[0]], other.get(differ[0])
+            if isinstance(first, list) and isinstance(theirs, list) and len(first) == len(theirs):
+                i = next(i for i, (a, b) in enumerate(zip(first, theirs)) if a != b)
+                where, first, theirs = f"{where}[{i}]", first[i], theirs[i]
+            _finish_alone()
             raise ValueError(
-                f"the processes of this merge were given different requests: rank {rank}'s {', '.join(differ)} "
-                f"differ{'s' if len(differ) == 1 else ''} from rank 0's ({where}: {_short(theirs)} on rank {rank}, "
-                f"{_short(mine)} on rank 0); every process must merge the same sources with the same options"
+                f"the processes of this merge were given different requests: rank {rank} and rank 0 differ in "
+                f"{', '.join(differ)} ({where}: {_short(theirs)} on rank {rank}, {_short(first)} on rank 0); "
+                "every process must merge the same sources with the same options"
             )
     group.settle(failure)
 
 
+def _finish_alone() -> None:
+    """Every rank knows the merge failed and is about to say why and exit with its own status:
+    torchrun's stop signal, sent when the first rank exits, must not cut another one short."""
+    if _OWN_PROCESS:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= 200 else text[:200] + "..."
 
 
@@ -153,6 +175,8 @@ def init_from_env(device: str | None) -> torch.device | None:
     # Left at exit, the group's threads may find a peer gone first and abort the process (SIGABRT)
     # instead of letting it exit with its own status.
     atexit.register(_leave)
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
