@@ -34,12 +34,16 @@ try:
 except ImportError as err:
     LOAD_ERROR = err
 
-__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task"]
+__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task", "check_merge_block"]
 
 LOWRANK_MATMUL_SCHEMA = (
     "lowrank_matmul(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? base, Tensor? bias, Tensor? task=None) -> Tensor"
 )
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernels are written for
+MERGE_BLOCK_SCHEMA = (
+    "merge_block(Tensor sources, Tensor base, Tensor weights, float scale, float divisor, Tensor? seeds, int start, "
+    "int drop, bool same_is_zero, bool add_base, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
 
 @functools.cache
@@ -173,11 +177,65 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     return (*reference.lowrank_matmul_backward(grad, x, U, S, V, base, task, ctx.needs_input_grad[:6]), None)
 
 
+def check_merge_block(
+    sources: Tensor, base: Tensor, weights: Tensor, seeds: Tensor | None, start: int, drop: int, dtype: torch.dtype
+) -> None:
+    """The checks of `merge_block` (svdfuse.ops.merge_block documents the arguments): ValueError for
+    shapes, devices and ranges, TypeError for dtypes, naming the tensor, expected and found."""
+    if sources.dim() != 2 or (sources.shape[1] and sources.stride(1) != 1):
+        raise ValueError(f"merge_block: sources must be (T, N) with contiguous rows, found shape {list(sources.shape)}")
+    T, N = sources.shape
+    if sources.dtype not in _DTYPES:
+        raise TypeError(f"merge_block: sources must be float32, float64, float16 or bfloat16, found {sources.dtype}")
+    if list(base.shape) != [N]:
+        raise ValueError(f"merge_block: base must have shape (N,) = {[N]}, found {list(base.shape)}")
+    if base.dtype != sources.dtype:
+        raise TypeError(f"merge_block: base must have the sources' dtype {sources.dtype}, found {base.dtype}")
+    acc = reference.compute_dtype(sources.dtype)
+    if list(weights.shape) != [T] or weights.dtype != acc:
+        raise TypeError(f"merge_block: weights must be {acc} of shape (T,) = {[T]}, found {weights.dtype} {list(weights.shape)}")
+    if dtype not in _DTYPES or (dtype == torch.float64) != (acc == torch.float64):
+        raise TypeError(f"merge_block: dtype must be a float dtype of the sources' precision class, found {dtype} for {sources.dtype}")
+    for name, t in (("base", base), ("weights", weights)):
+        if t.device != sources.device:
+            raise ValueError(f"merge_block: {name} must be on the sources' device {sources.device}, found {t.device}")
+    if start < 0 or not 0 <= drop <= 1 << 24:
+        raise ValueError(f"merge_block: start must be >= 0 and drop in [0, 2^24], found {start} and {drop}")
+    if seeds is not None:
+        chunks = -(-(start + N) // reference.DARE_CHUNK) - start // reference.DARE_CHUNK
+        if seeds.dtype != torch.int64 or list(seeds.shape) != [T, chunks] or seeds.device.type != "cpu":
+            raise ValueError(
+                f"merge_block: seeds must be int64 (T, chunks) = {[T, chunks]} on the CPU, found {seeds.dtype} "
+                f"{list(seeds.shape)} on {seeds.device}"
+            )
+
+
+def _merge_block_default(
+    sources: Tensor, base: Tensor, weights: Tensor, scale: float, divisor: float, seeds: Tensor | None, start: int,
+    drop: int, same_is_zero: bool, add_base: bool, dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    check_merge_block(sources, base, weights, seeds, start, drop, dtype)
+    return reference.merge_block(sources, base, weights, scale, divisor, seeds, start, drop, same_is_zero, add_base, dtype)
+
+
+def _merge_block_fake(
+    sources: Tensor, base: Tensor, weights: Tensor, scale: float, divisor: float, seeds: Tensor | None, start: int,
+    drop: int, same_is_zero: bool, add_base: bool, dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    check_merge_block(sources, base, weights, seeds, start, drop, dtype)
+    T, N = sources.shape
+    flags = sources.new_empty((T,), dtype=torch.bool), sources.new_empty((T + 1,), dtype=torch.bool)
+    return sources.new_empty((N,), dtype=dtype), *flags, sources.new_empty((), dtype=torch.int64)
+
+
 # The registrations belong to this library object: re-executing the module (importlib.reload)
 # releases the old object, and its registrations with it, before the new one defines the op again.
 _LIB = torch.library.Library("svdfuse", "FRAGMENT")
 _LIB.define(LOWRANK_MATMUL_SCHEMA)
 _LIB.impl("lowrank_matmul", _lowrank_matmul_default, "CompositeExplicitAutograd")
 torch.library.register_fake("svdfuse::lowrank_matmul", _lowrank_matmul_fake, lib=_LIB)
+_LIB.define(MERGE_BLOCK_SCHEMA)
+_LIB.impl("merge_block", _merge_block_default, "CompositeExplicitAutograd")
+torch.library.register_fake("svdfuse::merge_block", _merge_block_fake, lib=_LIB)
 if LOAD_ERROR is not None:
     torch.library.register_autograd("svdfuse::lowrank_matmul", _backward, setup_context=_setup_context, lib=_LIB)

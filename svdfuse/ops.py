@@ -10,8 +10,10 @@ A compiled op checks its inputs itself, raising the exceptions documented here.
 from __future__ import annotations
 
 import enum
+import math
 import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,6 +31,8 @@ __all__ = [
     "topk_components",
     "reorthogonalize",
     "lowrank_matmul",
+    "MergedBlock",
+    "merge_block",
 ]
 
 # Chosen by measurement (bench/bench_rsvd_accuracy.py, results in bench/results/): on 768x768
@@ -298,3 +302,73 @@ def lowrank_matmul(
     # One op, `torch.ops.svdfuse.lowrank_matmul` (svdfuse/_native.py): the dispatcher picks its kernel by
     # device, compiled (CPU, CUDA) or the reference, and that kernel checks the call, once.
     return torch.ops.svdfuse.lowrank_matmul.default(x, U, S, V, base, bias, task)
+
+
+class MergedBlock(NamedTuple):
+    """What `merge_block` returns: the merged values and the block's checks."""
+
+    value: Tensor  # (N,) in the dtype asked for
+    differs: Tensor  # (T,) bool: source i has an entry != the base's (NaN differs)
+    zero: Tensor  # (T + 1,) bool: source i (the base, last) is all zeros in the block
+    first_bad: int  # flat index of the first non-finite entry of `value`, or -1
+
+
+def merge_block(
+    sources: Tensor,
+    base: Tensor,
+    weights: Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    divisor: float = 1.0,
+    seeds: Tensor | None = None,
+    start: int = 0,
+    drop_rate: float = 0.0,
+    same_is_zero: bool = False,
+    add_base: bool = True,
+    dtype: torch.dtype | None = None,
+) -> MergedBlock:
+    """A linear element-wise merge of a block, and its checks, in one read of the block:
+    `value = base + (Σ_i w_i · keep_i · (sources_i − base)) · scale / divisor` (Average,
+    Task Arithmetic, DARE), each step rounded in the accumulation dtype, sources added in order.
+
+    Args:
+        sources: (T, N) the block of every source, each row contiguous; fp32/bf16/fp16/fp64.
+        base: (N,) the base's block, in the sources' dtype.
+        weights: (T,) per-source weights in the accumulation dtype (fp32, fp64 for fp64); None: ones.
+        scale, divisor: applied to the sum in that order (`divisor`: T or Σw for a mean).
+        seeds: DARE's (T, chunks) int64 CPU seeds, one per `reference.DARE_CHUNK` entries of the
+            tensor's flat index from chunk `start // DARE_CHUNK` on; entry j of source i survives
+            iff the draw `torch.rand` makes for it from its chunk's seed is >= `drop_rate`.
+            None: every entry survives.
+        start: the flat index in its tensor of the block's first entry (where DARE's draws start).
+        same_is_zero: an entry equal to the base's is no change even where both are infinite.
+        add_base: add the base back (else `value` is the merged task vector).
+        dtype: of `value`; default the accumulation dtype.
+
+    Returns:
+        `MergedBlock`. Dropped or weighted, a NaN stays NaN: `first_bad` sees it.
+
+    Example::
+
+        merged = svdfuse.ops.merge_block(W.flatten(1), W0.flatten(), scale=0.3)   # Task Arithmetic
+    """
+    acc = reference.compute_dtype(sources.dtype) if sources.is_floating_point() else torch.float32
+    if weights is None:
+        weights = torch.ones(sources.shape[:1], dtype=acc, device=sources.device)
+    for name, value in (("scale", scale), ("divisor", divisor), ("drop_rate", drop_rate)):
+        if not math.isfinite(value):
+            raise ValueError(f"merge_block: {name} must be finite, found {value}")
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"merge_block: drop_rate must be in [0, 1), found {drop_rate}")
+    # draws are multiples of 2^-24 compared with float32(drop_rate): the threshold as a count
+    drop = math.ceil(torch.tensor(drop_rate, dtype=torch.float32).item() * 2**24)
+    args = (sources, base, weights, scale, divisor, seeds, start, drop, same_is_zero, add_base, dtype or acc)
+    # Checked here for every backend: the compiled kernel guards only its pointers (csrc/elementwise.cpp).
+    _native.check_merge_block(*args[:3], seeds, start, drop, dtype or acc)
+    if acc == torch.float64:  # the compiled kernels accumulate in fp32
+        value, differs, zero, bad = reference.merge_block(*args)
+    else:
+        if _native.LOAD_ERROR is not None and not torch.compiler.is_compiling():
+            _native.warn_if_missing()
+        value, differs, zero, bad = torch.ops.svdfuse.merge_block.default(*args)
+    return MergedBlock(value, differs, zero, int(bad))

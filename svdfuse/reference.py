@@ -238,3 +238,52 @@ def reorthogonalize(U_s: Tensor, S_s: Tensor, V_s: Tensor) -> tuple[Tensor, Tens
     core = (Ru * S_s.to(acc).unsqueeze(-2)) @ Rv.mT
     Uc, S_t, Vch = linalg.svd(core)
     return Qu @ Uc, S_t, Qv @ Vch.mT
+
+
+# DARE's draws come in chunks of a tensor's flat index space, each chunk from its own seeded CPU
+# generator (svdfuse.methods.elementwise.survivors names the seeds).
+DARE_CHUNK = 1 << 16
+
+
+def dare_keep(seeds: Tensor, start: int, numel: int, drop: int) -> Tensor:
+    """DARE's keep-mask of `numel` entries from flat index `start`: entry j survives iff the uniform
+    draw torch.rand makes for it is >= drop / 2^24. seeds: (chunks,) int64, one per chunk
+    `DARE_CHUNK` from chunk start // DARE_CHUNK on. Returns bool (numel,), on the CPU."""
+    first = start // DARE_CHUNK
+    draws = torch.cat([torch.rand(DARE_CHUNK, generator=torch.Generator().manual_seed(int(s))) for s in seeds.tolist()])
+    return draws[start - first * DARE_CHUNK :][:numel] >= drop / 2**24
+
+
+def merge_block(
+    sources: Tensor,
+    base: Tensor,
+    weights: Tensor,
+    scale: float,
+    divisor: float,
+    seeds: Tensor | None,
+    start: int,
+    drop: int,
+    same_is_zero: bool,
+    add_base: bool,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`svdfuse.ops.merge_block`, op by op: the task vectors, weighted, masked, summed, scaled,
+    divided, the base added, cast; and the block's flags."""
+    acc = compute_dtype(sources.dtype)
+    x, x0 = sources.to(acc), base.to(acc)
+    tau = x - x0
+    if same_is_zero:
+        tau = tau.masked_fill(x == x0, 0.0)
+    tau = tau * weights.to(acc)[:, None]
+    if seeds is not None:
+        tau = tau * torch.stack([dare_keep(s, start, x.shape[1], drop) for s in seeds]).to(tau.device)
+    total = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+    for t in tau:  # in source order, as the kernels add
+        total = total + t
+    merged = total * torch.tensor(scale, dtype=acc) / torch.tensor(divisor, dtype=acc)
+    out = (merged + x0 if add_base else merged).to(dtype)
+    differs = (x != x0).any(1)
+    zero = torch.cat([(x == 0).all(1), (x0 == 0).all()[None]])
+    bad = (~torch.isfinite(out)).nonzero()
+    first_bad = bad[0, 0] if len(bad) else torch.tensor(-1)
+    return out, differs, zero, first_bad.to(device=x.device, dtype=torch.int64)

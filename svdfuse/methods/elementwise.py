@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from svdfuse import reference
 from svdfuse.methods.registry import Block, Kind, check_finite_param, check_weights, register
 from svdfuse.methods.trim import Trim, TrimKeep, TrimScope
 
@@ -128,7 +129,13 @@ def ties(
 
 # DARE's random numbers come in fixed chunks of a tensor's flat index space, each from its own
 # seeded generator: any block of a tensor draws the same numbers whatever the blocks around it.
-_CHUNK = 1 << 16
+_CHUNK = reference.DARE_CHUNK
+
+
+def chunk_seeds(seed: int, key: str, sources: int, start: int, numel: int) -> Tensor:
+    """The seeds of DARE's draws for `numel` entries of tensor `key` from flat index `start`: (sources, chunks) int64."""
+    chunks = range(start // _CHUNK, -(-(start + numel) // _CHUNK))
+    return torch.tensor([[zlib.crc32(f"{seed}:{key}:{i}:{c}".encode()) for c in chunks] for i in range(sources)], dtype=torch.int64)
 
 
 def survivors(seed: int, key: str, source: int, start: int, shape: torch.Size, drop_rate: float, device: torch.device) -> Tensor:
@@ -138,11 +145,9 @@ def survivors(seed: int, key: str, source: int, start: int, shape: torch.Size, d
     numbers come from CPU generators seeded per chunk of `_CHUNK` entries, so a mask does not
     depend on how the tensor is cut into blocks, on the device or on the number of processes.
     """
-    stop = start + shape.numel()
-    salt = f"{seed}:{key}:{source}:"
     parts = []
-    for chunk in range(start // _CHUNK, -(-stop // _CHUNK)):
-        gen = torch.Generator().manual_seed(zlib.crc32((salt + str(chunk)).encode()))
+    for chunk_seed in chunk_seeds(seed, key, source + 1, start, shape.numel())[source].tolist():
+        gen = torch.Generator().manual_seed(chunk_seed)
         parts.append(torch.rand(_CHUNK, generator=gen))
     draws = torch.cat(parts) if len(parts) > 1 else parts[0]
     offset = start - (start // _CHUNK) * _CHUNK
