@@ -328,14 +328,14 @@ def merge_block(
     dtype: torch.dtype | None = None,
 ) -> MergedBlock:
     """A linear element-wise merge of a block, and its checks, in one read of the block:
-    `value = base + (Σ_i w_i · keep_i · (sources_i − base)) · scale / divisor` (Average,
+    `value = base + (Σ_i w_i · keep_i · (sources_i − base)) / divisor · scale` (Average,
     Task Arithmetic, DARE), each step rounded in the accumulation dtype, sources added in order.
 
     Args:
         sources: (T, N) the block of every source, each row contiguous; fp32/bf16/fp16/fp64.
         base: (N,) the base's block, in the sources' dtype.
         weights: (T,) per-source weights in the accumulation dtype (fp32, fp64 for fp64); None: ones.
-        scale, divisor: applied to the sum in that order (`divisor`: T or Σw for a mean).
+        divisor, scale: applied to the sum in that order (`divisor`: T or Σw for a mean).
         seeds: DARE's (T, chunks) int64 CPU seeds, one per `reference.DARE_CHUNK` entries of the
             tensor's flat index from chunk `start // DARE_CHUNK` on; entry j of source i survives
             iff the draw `torch.rand` makes for it from its chunk's seed is >= `drop_rate`.

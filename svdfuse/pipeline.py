@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from svdfuse.methods import Block, Factors, Kind, Method
+from svdfuse.methods.elementwise import MEAN, Linear, linear
 from svdfuse.methods.trim import TRIM_SHARE, Trim, TrimScope, exact_trim
 from svdfuse.ops import SVDOptions
 from svdfuse.plan import ModelTrim, Role, Task, TensorSpec
@@ -122,29 +123,42 @@ class Compute:
         self.progress.advance((self.T + 1) * spec.nbytes)
         yield Merged(spec, 0, base)
 
-    def _blocks(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor, check: bool) -> Iterator[tuple[int, int, Tensor, Tensor]]:
-        """(start row, stop row, base rows, source rows) of `spec`, read into the buffers; with
-        `check`, noting which sources differ from the base and refusing all-zero ones."""
-        zero, base_zero = [check] * self.T, check  # all zeros so far (checked only while it matters)
+    def _reads(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+        """(start row, stop row, base rows, source rows) of `spec`, read into the buffers, the next
+        block asked of the disk while this one is computed."""
         for start in range(0, spec.rows, block):
             stop = min(start + block, spec.rows)
             if stop < spec.rows:
                 self.reader.prefetch(spec.key, stop, min(stop + block, spec.rows))
             w0, w = W0[: stop - start], W[:, : stop - start]
             self.reader.base_rows(spec.key, start, stop, w0)
-            base_zero = base_zero and not bool(w0.any())
             for i in range(self.T):
                 self.reader.source_rows(i, spec.key, start, stop, w[i])
-                if check and not self.progress.differs[i]:
-                    self.progress.differs[i] = not torch.equal(w[i], w0)
-                zero[i] = zero[i] and not bool(w[i].any())
             yield start, stop, w0, w
-        if not base_zero:
-            self._refuse_zero(spec, [i for i in range(self.T) if zero[i]])
 
-    def _refuse_zero(self, spec: TensorSpec, zero: list[int]) -> None:
+    def _blocks(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor, check: bool) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+        """`_reads`; with `check`, noting which sources differ from the base and refusing all-zero ones."""
+        zero = torch.ones(self.T + 1, dtype=torch.bool)  # all zeros so far, the base's last
+        for start, stop, w0, w in self._reads(spec, block, W0, W):
+            if check:  # the fused pass's flags, its mean unused: one read instead of 2T ops
+                flags = MEAN.merge_block(w.reshape(self.T, -1), w0.reshape(-1), Block(spec.key, 0, 0), add_base=False)
+                self._note(flags.differs, flags.zero, zero)
+            yield start, stop, w0, w
+        if check:
+            self._refuse_zero(spec, zero)
+
+    def _note(self, differs: Tensor, zero_here: Tensor, zero: Tensor) -> None:
+        """Record a block's flags: `differs` (T,), `zero_here` (T + 1,) into the tensor's `zero`."""
+        self.progress.differs[:] = [a or bool(b) for a, b in zip(self.progress.differs, differs.tolist())]
+        zero &= zero_here.cpu()
+
+    def _refuse_zero(self, spec: TensorSpec, zero: Tensor | list[int]) -> None:
         """A source whose tensor is all zeros where the base's is not is a checkpoint that was never
-        written or was corrupted, not a fine-tune: merging it would subtract the base."""
+        written or was corrupted, not a fine-tune: merging it would subtract the base.
+
+        zero: the ids of all-zero sources, or flags (T + 1,), the base's last."""
+        if isinstance(zero, Tensor):
+            zero = [] if bool(zero[-1]) else zero[:-1].nonzero()[:, 0].tolist()
         if zero:
             source = self.reader.sources[zero[0]]
             raise SourceError(
@@ -175,7 +189,17 @@ class Compute:
             self._model_trim = exact_trim(taus, scope.numel, self.T, options.density, scope.dtype, limit=limit, keep_rule=options.keep)
         return dataclasses.replace(self._model_trim, offset=scope.offsets[spec.key])
 
+    def _linear(self) -> Linear | None:
+        """The merge of elementwise tensors as a `Linear` weighted sum, where it is one."""
+        if self.method.kind is Kind.ELEMENTWISE:
+            return linear(self.method, self.T, self.params)
+        return MEAN if self.method.others is None else None
+
     def _elementwise(self, spec: TensorSpec, block: int) -> Iterator[Merged]:
+        terms = self._linear()
+        if terms is not None:
+            yield from self._fused(spec, block, terms)
+            return
         method = self.method if self.method.kind is Kind.ELEMENTWISE else None
         context: dict[str, Any] = {"svd": self.svd, **self.params}
         options = self.trim_options if method is not None else None
@@ -218,6 +242,37 @@ class Compute:
             factors, rest = _adaptable(whole[None], spec.k, self.svd)
             yield self._low_rank(spec, whole0 if rest is None else whole0.add_(rest[0]), factors, 0, rest is not None)
 
+    def _fused(self, spec: TensorSpec, block: int, terms: Linear) -> Iterator[Merged]:
+        """A weighted sum, one `merge_block` per row block: the sources are read in the output
+        dtype (the merge's cast, if any, made by the reader) and never copied again."""
+        c, rows = spec.row_numel, min(block, spec.rows)
+        acc = compute_dtype(spec.out_dtype)
+        W0 = torch.empty((rows, c), dtype=spec.out_dtype, device=self.device)
+        W = torch.empty((self.T, rows, c), dtype=spec.out_dtype, device=self.device)
+        whole = whole0 = None
+        if spec.role is Role.MATRIX and spec.k is not None and self.want_factors:
+            # the whole delta, for its SVD, and the base beside it (a matrix kept in memory anyway)
+            whole, whole0 = (torch.empty((spec.rows, c), dtype=acc, device=self.device) for _ in range(2))
+        zero = torch.ones(self.T + 1, dtype=torch.bool)
+        for start, stop, w0, w in self._reads(spec, block, W0, W):
+            merged = terms.merge_block(
+                w.reshape(self.T, -1), w0.reshape(-1), Block(spec.key, start * c, self.svd.seed),
+                same_is_zero=self.allow_non_finite, add_base=whole is None, dtype=acc if whole is not None else spec.out_dtype,
+            )  # fmt: skip
+            self._note(merged.differs, merged.zero, zero)
+            self.progress.advance((self.T + 1) * (stop - start) * c * spec.dtype.itemsize)
+            if whole is not None:
+                whole[start:stop], whole0[start:stop] = merged.value.reshape(-1, c), w0
+                continue
+            if merged.first_bad >= 0 and not self.allow_non_finite:
+                self._refuse_non_finite(spec, start, stop, merged.value)
+            layer = LayerReport(spec.key, spec.shape, 0, None) if spec.role is Role.MATRIX and start == 0 else None
+            yield Merged(spec, start, merged.value.reshape((stop - start, *spec.shape[1:]) if spec.shape else ()), layer)
+        self._refuse_zero(spec, zero)
+        if whole is not None:
+            factors, rest = _adaptable(whole[None], spec.k, self.svd)
+            yield self._low_rank(spec, whole0 if rest is None else whole0.add_(rest[0]), factors, 0, rest is not None)
+
     def _task_vectors(self, w: Tensor, w0: Tensor) -> Tensor:
         """`w - w0` in place (T, R, c); where non-finite values are allowed, an entry equal to the
         base's is no change even when it is infinite (-inf - -inf would be NaN)."""
@@ -231,8 +286,10 @@ class Compute:
     def _check_merged(self, spec: TensorSpec, start: int, stop: int, out: Tensor) -> None:
         """Refuse a merged value that is not finite, naming the source that holds one or the rows
         that overflowed; unless the merge allows it (masks stored as -inf, say)."""
-        if self.allow_non_finite or bool(torch.isfinite(out).all()):
-            return
+        if not (self.allow_non_finite or bool(torch.isfinite(out).all())):
+            self._refuse_non_finite(spec, start, stop, out)
+
+    def _refuse_non_finite(self, spec: TensorSpec, start: int, stop: int, out: Tensor) -> None:
         why = self.reader.non_finite(spec.key, start, stop, spec.shape)
         if why is not None:
             raise SourceError(why)

@@ -267,8 +267,8 @@ def merge_block(
     add_base: bool,
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`svdfuse.ops.merge_block`, op by op: the task vectors, weighted, masked, summed, scaled,
-    divided, the base added, cast; and the block's flags."""
+    """`svdfuse.ops.merge_block`, op by op: the task vectors, weighted, masked, summed, divided,
+    scaled, the base added, cast; and the block's flags."""
     acc = compute_dtype(sources.dtype)
     x, x0 = sources.to(acc), base.to(acc)
     tau = x - x0
@@ -280,7 +280,7 @@ def merge_block(
     total = torch.zeros(x.shape[1], dtype=acc, device=x.device)
     for t in tau:  # in source order, as the kernels add
         total = total + t
-    merged = total * torch.tensor(scale, dtype=acc) / torch.tensor(divisor, dtype=acc)
+    merged = total / torch.tensor(divisor, dtype=acc) * torch.tensor(scale, dtype=acc)
     out = (merged + x0 if add_base else merged).to(dtype)
     differs = (x != x0).any(1)
     zero = torch.cat([(x == 0).all(1), (x0 == 0).all()[None]])

@@ -32,7 +32,7 @@ def _block(T, N, dtype, seed=0):
 
 def _truth(sources, base, weights, scale, divisor, keep):
     tau = sources.double() - base.double()
-    return base.double() + (tau * weights.double()[:, None] * keep).sum(0) * scale / divisor
+    return base.double() + (tau * weights.double()[:, None] * keep).sum(0) / divisor * scale
 
 
 def _args(sources, base, weights, scale, divisor, seeds=None, start=0, drop=0, same=False, add=True, dtype=torch.float32):
@@ -55,7 +55,7 @@ def test_merge_block_within_torch_error_and_equal_to_reference(native_op, dtype,
     truth = _truth(sources, base, weights, 0.7, 1.3, keep.double())
     # torch's own way in fp32: the method functions' chain of ops
     tau = (sources.float() - base.float()) * weights[:, None] * keep
-    torch_out = tau.sum(0).mul_(0.7).div_(1.3).add_(base.float())
+    torch_out = tau.sum(0).div_(1.3).mul_(0.7).add_(base.float())
     assert_within_torch_error(value, truth, torch_out)
     assert torch.equal(differs, (sources != base).any(1)) and not zero.any() and int(bad) == -1
 

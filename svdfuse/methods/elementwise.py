@@ -10,13 +10,16 @@ from __future__ import annotations
 import enum
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from svdfuse import reference
-from svdfuse.methods.registry import Block, Kind, check_finite_param, check_weights, register
+from svdfuse import ops, reference
+from svdfuse.methods.registry import Block, Kind, Method, check_finite_param, check_weights, register
 from svdfuse.methods.trim import Trim, TrimKeep, TrimScope
+from svdfuse.reference import compute_dtype
 
 
 class Disjoint(str, enum.Enum):
@@ -30,22 +33,68 @@ class Disjoint(str, enum.Enum):
 _STEP_BYTES = 1 << 22
 
 
-def _weighted(method: str, tau: Tensor, weights: Sequence[float] | None) -> Tensor | None:
-    """Multiply each source's task vector by its weight in place; the weights as (T, 1, ...), or None."""
+@dataclass(frozen=True)
+class Linear:
+    """A merge that is a weighted sum of the task vectors, `Σ_i w_i keep_i τ_i / divisor · scale`,
+    which `svdfuse.ops.merge_block` computes with the block's checks in one read of the block
+    (Average, Task Arithmetic, DARE). `mean`: the divisor is T, or Σ_i w_i with weights (else 1);
+    `drop_rate`: DARE's, its masks seeded per entry (`chunk_seeds`)."""
+
+    weights: tuple[float, ...] | None = None
+    scale: float = 1.0
+    mean: bool = False
+    drop_rate: float | None = None
+
+    def merge_block(
+        self, W: Tensor, W0: Tensor, block: Block, *, same_is_zero: bool = False, add_base: bool = True, dtype: torch.dtype | None = None
+    ) -> ops.MergedBlock:
+        """The merge of a block: W (T, N) the sources' entries (rows contiguous), W0 (N,) the base's,
+        from flat index `block.start` of tensor `block.key`; see `svdfuse.ops.merge_block`."""
+        T = W.shape[0]
+        acc = compute_dtype(W.dtype)
+        weights = None if self.weights is None else torch.tensor(self.weights, dtype=acc, device=W.device)
+        divisor = 1.0
+        if self.mean:
+            divisor = float(T) if weights is None else weights.sum().item()  # Σw rounded as the weights are
+        seeds = None
+        if self.drop_rate is not None:
+            seeds = chunk_seeds(block.seed, block.key, T, block.start, W.shape[1])
+        return ops.merge_block(
+            W, W0, weights, scale=self.scale, divisor=divisor, seeds=seeds, start=block.start,
+            drop_rate=self.drop_rate or 0.0, same_is_zero=same_is_zero, add_base=add_base, dtype=dtype,
+        )  # fmt: skip
+
+    def apply(self, tau: Tensor, block: Block | None = None) -> Tensor:
+        """The merged task vector of task vectors `tau` (T, R, *s) -> (R, *s)."""
+        flat = tau.reshape(tau.shape[0], -1)
+        merged = self.merge_block(flat, torch.zeros_like(flat[0]), block or Block("", 0, 0), add_base=False)
+        return merged.value.reshape(tau.shape[1:])
+
+
+MEAN = Linear(mean=True)  # the mean task vector: non-matrix tensors of the matrix methods
+
+
+def _weights(method: str, weights: Sequence[float] | None, T: int) -> tuple[float, ...] | None:
     if weights is None:
         return None
-    check_weights(method, weights, tau.shape[0])
-    w = torch.tensor(weights, dtype=tau.dtype, device=tau.device).reshape((-1,) + (1,) * (tau.dim() - 1))
-    tau.mul_(w)
-    return w
+    check_weights(method, weights, T)
+    return tuple(float(w) for w in weights)
+
+
+def _average(T: int, *, weights: Sequence[float] | None = None) -> Linear:
+    return Linear(_weights("average", weights, T), mean=True)
 
 
 @register("average", reference_url="https://arxiv.org/abs/2203.05482", kind=Kind.ELEMENTWISE, follows="the model soups paper: the uniform mean")
 def average(tau: Tensor, *, weights: Sequence[float] | None = None) -> Tensor:
     """Model soup: the mean of the sources, i.e. the mean task vector; with `weights` (one per
     source) the weighted mean `Σ_i w_i τ_i / Σ_i w_i`."""
-    w = _weighted("average", tau, weights)
-    return tau.mean(0) if w is None else tau.sum(0).div_(w.sum())
+    return _average(tau.shape[0], weights=weights).apply(tau)
+
+
+def _task_arithmetic(T: int, *, scaling: float = 0.3, weights: Sequence[float] | None = None) -> Linear:
+    check_finite_param("task_arithmetic", "scaling", scaling)
+    return Linear(_weights("task_arithmetic", weights, T), scale=scaling)
 
 
 @register(
@@ -55,9 +104,7 @@ def average(tau: Tensor, *, weights: Sequence[float] | None = None) -> Tensor:
 def task_arithmetic(tau: Tensor, *, scaling: float = 0.3, weights: Sequence[float] | None = None) -> Tensor:
     """`scaling · Σ_i w_i (W_i − W0)` (w_i = 1 without `weights`); 0.3 is the value the paper
     found best for many tasks."""
-    check_finite_param("task_arithmetic", "scaling", scaling)
-    _weighted("task_arithmetic", tau, weights)
-    return tau.sum(0).mul_(scaling)
+    return _task_arithmetic(tau.shape[0], scaling=scaling, weights=weights).apply(tau)
 
 
 @register(
@@ -154,6 +201,16 @@ def survivors(seed: int, key: str, source: int, start: int, shape: torch.Size, d
     return (draws[offset : offset + shape.numel()] >= drop_rate).reshape(shape).to(device)
 
 
+def _dare(
+    T: int, *, drop_rate: float = 0.9, rescale: bool = True, scaling: float = 1.0, weights: Sequence[float] | None = None
+) -> Linear:
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"dare: drop_rate must be in [0, 1), found {drop_rate}")
+    check_finite_param("dare", "scaling", scaling)
+    factor = scaling / (1.0 - drop_rate) if rescale else scaling
+    return Linear(_weights("dare", weights, T), scale=factor, drop_rate=drop_rate)
+
+
 @register(
     "dare", reference_url="https://arxiv.org/abs/2311.03099", kind=Kind.ELEMENTWISE,
     follows="the DARE paper: drop at rate p, rescale by 1/(1-p), add as Task Arithmetic; masks seeded per entry (svdfuse)",
@@ -165,12 +222,15 @@ def dare(
     """DARE: drop each task-vector entry with probability `drop_rate`, rescale the survivors by
     1 / (1 − drop_rate) (when `rescale`), then add them up as Task Arithmetic with `scaling`
     (and per-source `weights`, as mergekit's dare_linear). The masks are seeded by the merge's
-    seed (`SVDOptions.seed`)."""
-    if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"dare: drop_rate must be in [0, 1), found {drop_rate}")
-    check_finite_param("dare", "scaling", scaling)
-    _weighted("dare", tau, weights)
-    for i in range(tau.shape[0]):
-        tau[i].mul_(survivors(block.seed, block.key, i, block.start, tau.shape[1:], drop_rate, tau.device))
-    factor = scaling / (1.0 - drop_rate) if rescale else scaling
-    return tau.sum(0).mul_(factor)
+    seed (`SVDOptions.seed`): entry j of source i survives iff `survivors` keeps it."""
+    return _dare(tau.shape[0], drop_rate=drop_rate, rescale=rescale, scaling=scaling, weights=weights).apply(tau, block)
+
+
+_LINEAR = {"average": _average, "task_arithmetic": _task_arithmetic, "dare": _dare}
+
+
+def linear(method: Method, T: int, params: dict[str, Any]) -> Linear | None:
+    """The `Linear` form of elementwise `method` under `params` (checked as the method checks
+    them), or None where the method is not a weighted sum (TIES)."""
+    terms = _LINEAR.get(method.name)
+    return None if terms is None else method.call(terms, T, **params)
