@@ -1,7 +1,7 @@
 // The CPU kernel of torch.ops.svdfuse.merge_block: one pass over a row block of T sources and the
-// base computing the weighted (DARE: masked) sum of the task vectors, the base added back, and the
-// block's checks (which sources differ from the base, which are all zeros, the first non-finite
-// output). The schema, the pure-torch default kernel (svdfuse/reference.py: merge_block, the
+// base computing the weighted (DARE: masked) sum of the task vectors in source order, divided and
+// scaled, the base added back, and the block's checks (which sources differ from the base, which
+// are all zeros, the first non-finite output). The schema, the pure-torch default kernel (svdfuse/reference.py: merge_block, the
 // oracle) and the fake impl are defined in svdfuse/_native.py.
 //
 // Memory-bound: the block is read once. One parallel region per call over units of the flat index
@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -37,16 +38,24 @@ class MT19937 {
     next_ = kN;
   }
 
+  // In runs of the state: the twist and the tempering are then plain loops the compiler vectorizes.
   void fill(uint32_t* out, int64_t n) {
-    for (int64_t j = 0; j < n; ++j) {
+    while (n > 0) {
       if (next_ == kN) {
         twist();
       }
-      uint32_t y = state_[next_++];
-      y ^= y >> 11;
-      y ^= (y << 7) & 0x9d2c5680u;
-      y ^= (y << 15) & 0xefc60000u;
-      out[j] = y ^ (y >> 18);
+      const int64_t run = std::min<int64_t>(n, kN - next_);
+      const uint32_t* s = state_.data() + next_;
+      for (int64_t j = 0; j < run; ++j) {
+        uint32_t y = s[j];
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c5680u;
+        y ^= (y << 15) & 0xefc60000u;
+        out[j] = y ^ (y >> 18);
+      }
+      next_ += static_cast<uint32_t>(run);
+      out += run;
+      n -= run;
     }
   }
 
@@ -60,7 +69,7 @@ class MT19937 {
  private:
   static constexpr uint32_t kN = 624, kM = 397;
   static uint32_t mix(uint32_t u, uint32_t v) {
-    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((v & 1u) ? 0x9908b0dfu : 0u);
+    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ (0u - (v & 1u) & 0x9908b0dfu);
   }
   void twist() {
     uint32_t j = 0;
@@ -74,7 +83,7 @@ class MT19937 {
 };
 
 struct Args {
-  int64_t T, N, stride, start;
+  int64_t T, N, start;
   const float* weight;
   float scale, divisor;
   const int64_t* seeds;  // (T, chunks) for DARE, else nullptr
@@ -91,7 +100,7 @@ struct Flags {
 };
 
 template <typename in_t, typename out_t>
-void merge_unit(const Args& a, const in_t* src, const in_t* base, out_t* out, int64_t lo, int64_t hi, Flags& f,
+void merge_unit(const Args& a, const in_t* const* src, const in_t* base, out_t* out, int64_t lo, int64_t hi, Flags& f,
                 std::vector<MT19937>& gens) {
   const bool dare = a.seeds != nullptr;
   if (dare) {
@@ -114,7 +123,7 @@ void merge_unit(const Args& a, const in_t* src, const in_t* base, out_t* out, in
     }
     f.nonzero[a.T] |= base_nonzero;
     for (int64_t i = 0; i < a.T; ++i) {
-      const in_t* x = src + i * a.stride + t;
+      const in_t* x = src[i] + t;
       const float w = a.weight[i];
       uint32_t differs = 0, nonzero = 0;
       if (dare) {
@@ -138,7 +147,7 @@ void merge_unit(const Args& a, const in_t* src, const in_t* base, out_t* out, in
       f.nonzero[i] |= nonzero;
     }
     for (int64_t j = 0; j < n; ++j) {
-      const float v = acc[j] * a.scale / a.divisor;
+      const float v = acc[j] / a.divisor * a.scale;
       out[t + j] = static_cast<out_t>(a.add_base ? v + x0[j] : v);
     }
     if (f.bad < 0) {
@@ -154,7 +163,7 @@ void merge_unit(const Args& a, const in_t* src, const in_t* base, out_t* out, in
 }
 
 template <typename in_t, typename out_t>
-void merge_all(const Args& a, const in_t* src, const in_t* base, out_t* out, std::vector<Flags>& flags) {
+void merge_all(const Args& a, const in_t* const* src, const in_t* base, out_t* out, std::vector<Flags>& flags) {
   const int64_t first = a.start / kChunk;
   const int64_t units = static_cast<int64_t>(flags.size());
   at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
@@ -167,56 +176,57 @@ void merge_all(const Args& a, const in_t* src, const in_t* base, out_t* out, std
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_block_cpu(
-    const at::Tensor& sources, const at::Tensor& base, const at::Tensor& weights, double scale, double divisor,
-    const std::optional<at::Tensor>& seeds, int64_t start, int64_t drop, bool same_is_zero, bool add_base,
-    at::ScalarType dtype) {
-  // The full checks, with their messages, are the Python ones (svdfuse/_native.py check_merge_block),
-  // run by svdfuse.ops.merge_block; these guard the pointers below.
-  TORCH_CHECK_VALUE(sources.dim() == 2 && base.dim() == 1 && base.size(0) == sources.size(1),
-                    "merge_block: sources must be (T, N) and base (N,), found ", sources.sizes(), " and ", base.sizes());
-  TORCH_CHECK_VALUE(sources.size(1) == 0 || sources.stride(1) == 1, "merge_block: sources' rows must be contiguous");
-  TORCH_CHECK_TYPE(sources.scalar_type() == base.scalar_type(), "merge_block: base must have the sources' dtype");
-  TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat && weights.numel() == sources.size(0),
-                   "merge_block: weights must be float32 (T,)");
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-                   "merge_block: dtype must be float32, bfloat16 or float16");
-  const int64_t T = sources.size(0), N = sources.size(1);
-  const at::Tensor b = base.contiguous(), w = weights.contiguous();
-  at::Tensor s = seeds ? seeds->contiguous() : at::Tensor();
-  const int64_t first = start / kChunk, last = (start + N + kChunk - 1) / kChunk;
-  if (seeds) {
-    TORCH_CHECK_VALUE(s.scalar_type() == at::kLong && s.dim() == 2 && s.size(0) == T && s.size(1) == last - first,
-                      "merge_block: seeds must be int64 (T, chunks) = [", T, ", ", last - first, "], found ", s.sizes());
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The full checks, with their messages, are the Python ones (svdfuse/_native.py), run by the
+// svdfuse.ops front door; these guard the pointers below.
+void guard(const char* op, at::TensorList sources, const at::Tensor& base, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(base.dim() == 1, op, ": base must be (N,), found ", base.sizes());
+  for (const at::Tensor& x : sources) {
+    TORCH_CHECK_VALUE(x.dim() == 1 && x.size(0) == base.size(0) && x.is_contiguous(), op,
+                      ": each source must be contiguous (N,) = [", base.size(0), "], found ", x.sizes());
+    TORCH_CHECK_TYPE(x.scalar_type() == base.scalar_type(), op, ": every source must have the base's dtype");
   }
-  Args a{T, N, T > 0 ? sources.stride(0) : 0, start, w.const_data_ptr<float>(), static_cast<float>(scale),
-         static_cast<float>(divisor), seeds ? s.const_data_ptr<int64_t>() : nullptr, last - first,
-         static_cast<uint32_t>(drop), same_is_zero, add_base};
-  at::Tensor out = at::empty({N}, base.options().dtype(dtype));
-  std::vector<Flags> flags(std::max<int64_t>(0, last - first));
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                   ": dtype must be float32, bfloat16 or float16");
+}
+
+// Runs body(source pointers, base pointer, output pointer) with the types of the call.
+template <typename Body>
+void dispatch(const char* op, at::TensorList sources, const at::Tensor& base, at::Tensor& out, Body body) {
+  const auto run = [&](auto in_tag) {
+    using in_t = decltype(in_tag);
+    std::vector<const in_t*> x(sources.size());
+    for (size_t i = 0; i < sources.size(); ++i) {
+      x[i] = static_cast<const in_t*>(sources[i].const_data_ptr());
+    }
+    const in_t* x0 = static_cast<const in_t*>(base.const_data_ptr());
+    switch (out.scalar_type()) {
+      case at::kFloat: return body(x.data(), x0, out.mutable_data_ptr<float>());
+      case at::kBFloat16: return body(x.data(), x0, out.mutable_data_ptr<c10::BFloat16>());
+      default: return body(x.data(), x0, out.mutable_data_ptr<c10::Half>());
+    }
+  };
+  switch (base.scalar_type()) {
+    case at::kFloat: return run(float{});
+    case at::kBFloat16: return run(c10::BFloat16{});
+    case at::kHalf: return run(c10::Half{});
+    default: TORCH_CHECK_TYPE(false, op, ": sources must be float32, bfloat16 or float16, found ", base.scalar_type());
+  }
+}
+
+std::vector<Flags> new_flags(int64_t units, int64_t T) {
+  std::vector<Flags> flags(std::max<int64_t>(0, units));
   for (Flags& f : flags) {
     f.differs.assign(T, 0);
     f.nonzero.assign(T + 1, 0);
   }
-  const auto run = [&](auto in_tag) {
-    using in_t = decltype(in_tag);
-    const in_t* x = static_cast<const in_t*>(sources.const_data_ptr());
-    const in_t* x0 = static_cast<const in_t*>(b.const_data_ptr());
-    switch (dtype) {
-      case at::kFloat: return merge_all(a, x, x0, out.mutable_data_ptr<float>(), flags);
-      case at::kBFloat16: return merge_all(a, x, x0, out.mutable_data_ptr<c10::BFloat16>(), flags);
-      default: return merge_all(a, x, x0, out.mutable_data_ptr<c10::Half>(), flags);
-    }
-  };
-  switch (sources.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kBFloat16: run(c10::BFloat16{}); break;
-    case at::kHalf: run(c10::Half{}); break;
-    default: TORCH_CHECK_TYPE(false, "merge_block: sources must be float32, bfloat16 or float16, found ",
-                              sources.scalar_type());
-  }
-  at::Tensor differs = at::zeros({T}, base.options().dtype(at::kBool));
-  at::Tensor zero = at::ones({T + 1}, base.options().dtype(at::kBool));
+  return flags;
+}
+
+Result finish(const std::vector<Flags>& flags, int64_t T, const at::Tensor& out) {
+  at::Tensor differs = at::zeros({T}, out.options().dtype(at::kBool));
+  at::Tensor zero = at::ones({T + 1}, out.options().dtype(at::kBool));
   bool* d = differs.mutable_data_ptr<bool>();
   bool* z = zero.mutable_data_ptr<bool>();
   int64_t bad = -1;
@@ -225,7 +235,155 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_block_cpu(
     for (int64_t i = 0; i <= T; ++i) z[i] = z[i] && !f.nonzero[i];
     if (bad < 0) bad = f.bad;
   }
-  return {out, differs, zero, at::scalar_tensor(bad, base.options().dtype(at::kLong))};
+  return {out, differs, zero, at::scalar_tensor(bad, out.options().dtype(at::kLong))};
+}
+
+Result merge_block_cpu(at::TensorList sources, const at::Tensor& base, const at::Tensor& weights, double scale,
+                       double divisor, const std::optional<at::Tensor>& seeds, int64_t start, int64_t drop,
+                       bool same_is_zero, bool add_base, at::ScalarType dtype) {
+  guard("merge_block", sources, base, dtype);
+  const int64_t T = static_cast<int64_t>(sources.size()), N = base.size(0);
+  TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat && weights.numel() == T, "merge_block: weights must be float32 (T,)");
+  const at::Tensor b = base.contiguous(), w = weights.contiguous();
+  const at::Tensor s = seeds ? seeds->contiguous() : at::Tensor();
+  const int64_t first = start / kChunk, last = (start + N + kChunk - 1) / kChunk;
+  if (seeds) {
+    TORCH_CHECK_VALUE(s.scalar_type() == at::kLong && s.dim() == 2 && s.size(0) == T && s.size(1) == last - first,
+                      "merge_block: seeds must be int64 (T, chunks) = [", T, ", ", last - first, "], found ", s.sizes());
+  }
+  const Args a{T, N, start, w.const_data_ptr<float>(), static_cast<float>(scale), static_cast<float>(divisor),
+               seeds ? s.const_data_ptr<int64_t>() : nullptr, last - first, static_cast<uint32_t>(drop), same_is_zero,
+               add_base};
+  at::Tensor out = at::empty({N}, base.options().dtype(dtype));
+  std::vector<Flags> flags = new_flags(last - first, T);
+  dispatch("merge_block", sources, b, out, [&](const auto* x, const auto* x0, auto* o) { merge_all(a, x, x0, o, flags); });
+  return finish(flags, T, out);
+}
+
+// TIES on a block: each source's task vector trimmed to its survivors (|τ| > threshold, or equal
+// and before the cutoff in the scope's flat order), weighted, the sign elected by their sum, and
+// the values that agree with it combined (their weighted mean or sum). The T trimmed values of a
+// tile are kept for the second pass: a tile holds kTiesBytes of them, whatever T.
+constexpr int64_t kTiesBytes = 1 << 17;
+
+struct TiesArgs {
+  int64_t T, N, start;  // start: the block's first entry's flat index in the trim's scope
+  const float* weight;  // nullptr: unweighted
+  const float* threshold;
+  const int64_t* cutoff;
+  float scale;
+  bool mean, positive, keep_none, same_is_zero, add_base;
+};
+
+template <typename in_t, typename out_t>
+void ties_unit(const TiesArgs& a, const in_t* const* src, const in_t* base, out_t* out, int64_t lo, int64_t hi, Flags& f,
+               std::vector<float>& kept) {
+  const int64_t tile = std::clamp<int64_t>(kTiesBytes / (4 * std::max<int64_t>(a.T, 1)), 64, kTile);
+  kept.resize(static_cast<size_t>(a.T * tile));
+  alignas(64) float x0[kTile];
+  alignas(64) float sum[kTile];
+  alignas(64) float count[kTile];
+  for (int64_t t = lo; t < hi; t += tile) {
+    const int64_t n = std::min(tile, hi - t);
+    uint32_t base_nonzero = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      x0[j] = static_cast<float>(base[t + j]);
+      base_nonzero |= x0[j] != 0.0f;
+      sum[j] = 0.0f;
+    }
+    f.nonzero[a.T] |= base_nonzero;
+    for (int64_t i = 0; i < a.T; ++i) {
+      const in_t* x = src[i] + t;
+      float* k = kept.data() + i * tile;
+      const float thr = a.threshold[i], w = a.weight ? a.weight[i] : 1.0f;
+      // entries at the threshold survive up to the cutoff: [t, edge) of this tile
+      const int64_t edge = std::clamp<int64_t>(a.cutoff[i] - a.start - t, 0, n);
+      uint32_t differs = 0, nonzero = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const float xi = static_cast<float>(x[j]);
+        differs |= xi != x0[j];
+        nonzero |= xi != 0.0f;
+        float d = xi - x0[j];
+        if (a.same_is_zero && xi == x0[j]) {
+          d = 0.0f;
+        }
+        const float m = std::fabs(d);
+        const bool keep = !a.keep_none && (m > thr || (m == thr && j < edge));
+        d *= keep ? 1.0f : 0.0f;  // a multiply: a NaN survives to be reported
+        d *= w;
+        k[j] = d;
+        sum[j] += d;
+      }
+      f.differs[i] |= differs;
+      f.nonzero[i] |= nonzero;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      // torch.sign: a NaN sum elects 0, as does an exact 0; "positive" turns both into +1
+      const float e = static_cast<float>(static_cast<int>(sum[j] > 0.0f) - static_cast<int>(sum[j] < 0.0f));
+      sum[j] = (a.positive && e == 0.0f) ? 1.0f : e;
+      count[j] = 0.0f;
+    }
+    alignas(64) float agreeing[kTile];
+    for (int64_t j = 0; j < n; ++j) agreeing[j] = 0.0f;
+    for (int64_t i = 0; i < a.T; ++i) {
+      const float* k = kept.data() + i * tile;
+      const float w = a.weight ? a.weight[i] : 1.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        const bool agree = k[j] * sum[j] > 0.0f;
+        agreeing[j] += k[j] * (agree ? 1.0f : 0.0f);
+        count[j] += agree ? w : 0.0f;
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      float v = agreeing[j];
+      if (a.mean) {
+        v /= count[j] == 0.0f ? 1.0f : count[j];
+      }
+      v *= a.scale;
+      out[t + j] = static_cast<out_t>(a.add_base ? v + x0[j] : v);
+    }
+    if (f.bad < 0) {
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = static_cast<float>(out[t + j]);
+        if (!(v - v == 0.0f)) {
+          f.bad = t + j;
+          break;
+        }
+      }
+    }
+  }
+}
+
+// Units of kChunk entries, as merge_block's: one parallel region.
+template <typename in_t, typename out_t>
+void ties_all(const TiesArgs& a, const in_t* const* src, const in_t* base, out_t* out, std::vector<Flags>& flags) {
+  at::parallel_for(0, static_cast<int64_t>(flags.size()), 1, [&](int64_t b, int64_t e) {
+    std::vector<float> kept;
+    for (int64_t u = b; u < e; ++u) {
+      ties_unit(a, src, base, out, u * kChunk, std::min(a.N, (u + 1) * kChunk), flags[u], kept);
+    }
+  });
+}
+
+
+Result ties_block_cpu(at::TensorList sources, const at::Tensor& base, const std::optional<at::Tensor>& weights,
+                      const at::Tensor& threshold, const at::Tensor& cutoff, int64_t start, bool keep_none, double scale,
+                      bool mean, bool positive, bool same_is_zero, bool add_base, at::ScalarType dtype) {
+  guard("ties_block", sources, base, dtype);
+  const int64_t T = static_cast<int64_t>(sources.size()), N = base.size(0);
+  TORCH_CHECK_TYPE(!weights || (weights->scalar_type() == at::kFloat && weights->numel() == T),
+                   "ties_block: weights must be float32 (T,)");
+  TORCH_CHECK_TYPE(threshold.scalar_type() == at::kFloat && threshold.numel() == T, "ties_block: threshold must be float32 (T,)");
+  TORCH_CHECK_TYPE(cutoff.scalar_type() == at::kLong && cutoff.numel() == T, "ties_block: cutoff must be int64 (T,)");
+  const at::Tensor b = base.contiguous(), thr = threshold.contiguous(), cut = cutoff.contiguous();
+  const at::Tensor w = weights ? weights->contiguous() : at::Tensor();
+  const TiesArgs a{T, N, start, weights ? w.const_data_ptr<float>() : nullptr, thr.const_data_ptr<float>(),
+                   cut.const_data_ptr<int64_t>(), static_cast<float>(scale), mean, positive, keep_none, same_is_zero,
+                   add_base};
+  at::Tensor out = at::empty({N}, base.options().dtype(dtype));
+  std::vector<Flags> flags = new_flags((N + kChunk - 1) / kChunk, T);
+  dispatch("ties_block", sources, b, out, [&](const auto* x, const auto* x0, auto* o) { ties_all(a, x, x0, o, flags); });
+  return finish(flags, T, out);
 }
 
 }  // namespace
@@ -234,4 +392,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_block_cpu(
 
 TORCH_LIBRARY_IMPL(svdfuse, CPU, m) {
   m.impl("merge_block", &svdfuse::merge_block_cpu);
+  m.impl("ties_block", &svdfuse::ties_block_cpu);
 }

@@ -34,14 +34,18 @@ try:
 except ImportError as err:
     LOAD_ERROR = err
 
-__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task", "check_merge_block"]
+__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task", "check_merge_block", "check_ties_block"]
 
 LOWRANK_MATMUL_SCHEMA = (
     "lowrank_matmul(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? base, Tensor? bias, Tensor? task=None) -> Tensor"
 )
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernels are written for
+TIES_BLOCK_SCHEMA = (
+    "ties_block(Tensor[] sources, Tensor base, Tensor? weights, Tensor threshold, Tensor cutoff, int start, bool keep_none, "
+    "float scale, bool mean, bool positive, bool same_is_zero, bool add_base, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 MERGE_BLOCK_SCHEMA = (
-    "merge_block(Tensor sources, Tensor base, Tensor weights, float scale, float divisor, Tensor? seeds, int start, "
+    "merge_block(Tensor[] sources, Tensor base, Tensor weights, float scale, float divisor, Tensor? seeds, int start, "
     "int drop, bool same_is_zero, bool add_base, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -178,40 +182,43 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
 
 
 def check_merge_block(
-    sources: Tensor, base: Tensor, weights: Tensor, seeds: Tensor | None, start: int, drop: int, dtype: torch.dtype
+    sources: list[Tensor], base: Tensor, weights: Tensor, seeds: Tensor | None, start: int, drop: int, dtype: torch.dtype,
+    op: str = "merge_block",
 ) -> None:
     """The checks of `merge_block` (svdfuse.ops.merge_block documents the arguments): ValueError for
     shapes, devices and ranges, TypeError for dtypes, naming the tensor, expected and found."""
-    if sources.dim() != 2 or (sources.shape[1] and sources.stride(1) != 1):
-        raise ValueError(f"merge_block: sources must be (T, N) with contiguous rows, found shape {list(sources.shape)}")
-    T, N = sources.shape
-    if sources.dtype not in _DTYPES:
-        raise TypeError(f"merge_block: sources must be float32, float64, float16 or bfloat16, found {sources.dtype}")
-    if list(base.shape) != [N]:
-        raise ValueError(f"merge_block: base must have shape (N,) = {[N]}, found {list(base.shape)}")
-    if base.dtype != sources.dtype:
-        raise TypeError(f"merge_block: base must have the sources' dtype {sources.dtype}, found {base.dtype}")
-    acc = reference.compute_dtype(sources.dtype)
+    if base.dim() != 1:
+        raise ValueError(f"{op}: base must have shape (N,), found {list(base.shape)}")
+    T, N = len(sources), base.shape[0]
+    if base.dtype not in _DTYPES:
+        raise TypeError(f"{op}: base must be float32, float64, float16 or bfloat16, found {base.dtype}")
+    for i, x in enumerate(sources):
+        if list(x.shape) != [N] or not x.is_contiguous():
+            raise ValueError(f"{op}: source {i} must be contiguous of shape (N,) = {[N]} (the base's), found {list(x.shape)}")
+        if x.dtype != base.dtype:
+            raise TypeError(f"{op}: source {i} must have the base's dtype {base.dtype}, found {x.dtype}")
+        if x.device != base.device:
+            raise ValueError(f"{op}: source {i} must be on the base's device {base.device}, found {x.device}")
+    acc = reference.compute_dtype(base.dtype)
     if list(weights.shape) != [T] or weights.dtype != acc:
-        raise TypeError(f"merge_block: weights must be {acc} of shape (T,) = {[T]}, found {weights.dtype} {list(weights.shape)}")
+        raise TypeError(f"{op}: weights must be {acc} of shape (T,) = {[T]}, found {weights.dtype} {list(weights.shape)}")
+    if weights.device != base.device:
+        raise ValueError(f"{op}: weights must be on the base's device {base.device}, found {weights.device}")
     if dtype not in _DTYPES or (dtype == torch.float64) != (acc == torch.float64):
-        raise TypeError(f"merge_block: dtype must be a float dtype of the sources' precision class, found {dtype} for {sources.dtype}")
-    for name, t in (("base", base), ("weights", weights)):
-        if t.device != sources.device:
-            raise ValueError(f"merge_block: {name} must be on the sources' device {sources.device}, found {t.device}")
+        raise TypeError(f"{op}: dtype must be a float dtype of the sources' precision class, found {dtype} for {base.dtype}")
     if start < 0 or not 0 <= drop <= 1 << 24:
-        raise ValueError(f"merge_block: start must be >= 0 and drop in [0, 2^24], found {start} and {drop}")
+        raise ValueError(f"{op}: start must be >= 0 and drop in [0, 2^24], found {start} and {drop}")
     if seeds is not None:
         chunks = -(-(start + N) // reference.DARE_CHUNK) - start // reference.DARE_CHUNK
         if seeds.dtype != torch.int64 or list(seeds.shape) != [T, chunks] or seeds.device.type != "cpu":
             raise ValueError(
-                f"merge_block: seeds must be int64 (T, chunks) = {[T, chunks]} on the CPU, found {seeds.dtype} "
+                f"{op}: seeds must be int64 (T, chunks) = {[T, chunks]} on the CPU, found {seeds.dtype} "
                 f"{list(seeds.shape)} on {seeds.device}"
             )
 
 
 def _merge_block_default(
-    sources: Tensor, base: Tensor, weights: Tensor, scale: float, divisor: float, seeds: Tensor | None, start: int,
+    sources: list[Tensor], base: Tensor, weights: Tensor, scale: float, divisor: float, seeds: Tensor | None, start: int,
     drop: int, same_is_zero: bool, add_base: bool, dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     check_merge_block(sources, base, weights, seeds, start, drop, dtype)
@@ -219,13 +226,48 @@ def _merge_block_default(
 
 
 def _merge_block_fake(
-    sources: Tensor, base: Tensor, weights: Tensor, scale: float, divisor: float, seeds: Tensor | None, start: int,
+    sources: list[Tensor], base: Tensor, weights: Tensor, scale: float, divisor: float, seeds: Tensor | None, start: int,
     drop: int, same_is_zero: bool, add_base: bool, dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     check_merge_block(sources, base, weights, seeds, start, drop, dtype)
-    T, N = sources.shape
-    flags = sources.new_empty((T,), dtype=torch.bool), sources.new_empty((T + 1,), dtype=torch.bool)
-    return sources.new_empty((N,), dtype=dtype), *flags, sources.new_empty((), dtype=torch.int64)
+    T, N = len(sources), base.shape[0]
+    flags = base.new_empty((T,), dtype=torch.bool), base.new_empty((T + 1,), dtype=torch.bool)
+    return base.new_empty((N,), dtype=dtype), *flags, base.new_empty((), dtype=torch.int64)
+
+
+def check_ties_block(
+    sources: list[Tensor], base: Tensor, weights: Tensor | None, threshold: Tensor, cutoff: Tensor, start: int, dtype: torch.dtype
+) -> None:
+    """The checks of `ties_block` (svdfuse.ops.ties_block documents the arguments), as `check_merge_block`'s."""
+    T = len(sources)
+    check_merge_block(sources, base, torch.ones(T, dtype=reference.compute_dtype(base.dtype), device=base.device) if weights is None else weights,
+                      None, start, 0, dtype, "ties_block")  # fmt: skip
+    acc = reference.compute_dtype(base.dtype)
+    if list(threshold.shape) != [T] or threshold.dtype != acc:
+        raise TypeError(f"ties_block: threshold must be {acc} of shape (T,) = {[T]}, found {threshold.dtype} {list(threshold.shape)}")
+    if list(cutoff.shape) != [T] or cutoff.dtype != torch.int64:
+        raise TypeError(f"ties_block: cutoff must be torch.int64 of shape (T,) = {[T]}, found {cutoff.dtype} {list(cutoff.shape)}")
+    for name, t in (("threshold", threshold), ("cutoff", cutoff)):
+        if t.device != base.device:
+            raise ValueError(f"ties_block: {name} must be on the base's device {base.device}, found {t.device}")
+
+
+def _ties_block_default(
+    sources: list[Tensor], base: Tensor, weights: Tensor | None, threshold: Tensor, cutoff: Tensor, start: int,
+    keep_none: bool, scale: float, mean: bool, positive: bool, same_is_zero: bool, add_base: bool, dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    check_ties_block(sources, base, weights, threshold, cutoff, start, dtype)
+    return reference.ties_block(sources, base, weights, threshold, cutoff, start, keep_none, scale, mean, positive, same_is_zero, add_base, dtype)
+
+
+def _ties_block_fake(
+    sources: list[Tensor], base: Tensor, weights: Tensor | None, threshold: Tensor, cutoff: Tensor, start: int,
+    keep_none: bool, scale: float, mean: bool, positive: bool, same_is_zero: bool, add_base: bool, dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    check_ties_block(sources, base, weights, threshold, cutoff, start, dtype)
+    T, N = len(sources), base.shape[0]
+    flags = base.new_empty((T,), dtype=torch.bool), base.new_empty((T + 1,), dtype=torch.bool)
+    return base.new_empty((N,), dtype=dtype), *flags, base.new_empty((), dtype=torch.int64)
 
 
 # The registrations belong to this library object: re-executing the module (importlib.reload)
@@ -235,6 +277,9 @@ _LIB.define(LOWRANK_MATMUL_SCHEMA)
 _LIB.impl("lowrank_matmul", _lowrank_matmul_default, "CompositeExplicitAutograd")
 torch.library.register_fake("svdfuse::lowrank_matmul", _lowrank_matmul_fake, lib=_LIB)
 _LIB.define(MERGE_BLOCK_SCHEMA)
+_LIB.define(TIES_BLOCK_SCHEMA)
+_LIB.impl("ties_block", _ties_block_default, "CompositeExplicitAutograd")
+torch.library.register_fake("svdfuse::ties_block", _ties_block_fake, lib=_LIB)
 _LIB.impl("merge_block", _merge_block_default, "CompositeExplicitAutograd")
 torch.library.register_fake("svdfuse::merge_block", _merge_block_fake, lib=_LIB)
 if LOAD_ERROR is not None:

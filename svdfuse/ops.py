@@ -13,6 +13,7 @@ import enum
 import math
 import numbers
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "lowrank_matmul",
     "MergedBlock",
     "merge_block",
+    "ties_block",
 ]
 
 # Chosen by measurement (bench/bench_rsvd_accuracy.py, results in bench/results/): on 768x768
@@ -314,7 +316,7 @@ class MergedBlock(NamedTuple):
 
 
 def merge_block(
-    sources: Tensor,
+    sources: Tensor | Sequence[Tensor],
     base: Tensor,
     weights: Tensor | None = None,
     *,
@@ -332,7 +334,8 @@ def merge_block(
     Task Arithmetic, DARE), each step rounded in the accumulation dtype, sources added in order.
 
     Args:
-        sources: (T, N) the block of every source, each row contiguous; fp32/bf16/fp16/fp64.
+        sources: (T, N), or T tensors (N,): the block of every source, each contiguous (views of
+            the sources' own tensors: nothing is copied); fp32/bf16/fp16/fp64.
         base: (N,) the base's block, in the sources' dtype.
         weights: (T,) per-source weights in the accumulation dtype (fp32, fp64 for fp64); None: ones.
         divisor, scale: applied to the sum in that order (`divisor`: T or Σw for a mean).
@@ -352,9 +355,10 @@ def merge_block(
 
         merged = svdfuse.ops.merge_block(W.flatten(1), W0.flatten(), scale=0.3)   # Task Arithmetic
     """
-    acc = reference.compute_dtype(sources.dtype) if sources.is_floating_point() else torch.float32
+    sources = list(sources)
+    acc = reference.compute_dtype(base.dtype) if base.is_floating_point() else torch.float32
     if weights is None:
-        weights = torch.ones(sources.shape[:1], dtype=acc, device=sources.device)
+        weights = torch.ones(len(sources), dtype=acc, device=base.device)
     for name, value in (("scale", scale), ("divisor", divisor), ("drop_rate", drop_rate)):
         if not math.isfinite(value):
             raise ValueError(f"merge_block: {name} must be finite, found {value}")
@@ -371,4 +375,56 @@ def merge_block(
         if _native.LOAD_ERROR is not None and not torch.compiler.is_compiling():
             _native.warn_if_missing()
         value, differs, zero, bad = torch.ops.svdfuse.merge_block.default(*args)
+    return MergedBlock(value, differs, zero, int(bad))
+
+
+def ties_block(
+    sources: Tensor | Sequence[Tensor],
+    base: Tensor,
+    threshold: Tensor,
+    cutoff: Tensor,
+    *,
+    start: int = 0,
+    keep_none: bool = False,
+    weights: Tensor | None = None,
+    scale: float = 1.0,
+    mean: bool = True,
+    positive: bool = False,
+    same_is_zero: bool = False,
+    add_base: bool = True,
+    dtype: torch.dtype | None = None,
+) -> MergedBlock:
+    """TIES on a block, and its checks, in one read of the block: each source's task vector
+    `τ_i = sources_i − base` keeps the entries with |τ| > threshold[i], or |τ| == threshold[i] and
+    flat index (from `start`) < cutoff[i] (none with `keep_none`); times weights[i]; the sign is
+    elected by their sum (added in source order); the kept values that share it are summed,
+    divided by their count (weighted: by their weights' sum) when `mean`, times `scale`.
+
+    Args:
+        sources: (T, N), or T contiguous tensors (N,); fp32/bf16/fp16/fp64.
+        base: (N,) in the sources' dtype.
+        threshold: (T,) in the accumulation dtype (fp32, fp64 for fp64); cutoff: (T,) int64.
+        start: the flat index of the block's first entry in the trim's scope.
+        positive: where the kept values sum to 0 (or NaN, as torch.sign has it), elect +1.
+        same_is_zero, add_base, dtype: as `merge_block`.
+
+    Returns:
+        `MergedBlock`; a NaN anywhere in an entry's sources makes it NaN, which `first_bad` sees.
+
+    Example::
+
+        merged = svdfuse.ops.ties_block(W.flatten(1), W0.flatten(), threshold, cutoff)
+    """
+    sources = list(sources)
+    acc = reference.compute_dtype(base.dtype) if base.is_floating_point() else torch.float32
+    if not math.isfinite(scale):
+        raise ValueError(f"ties_block: scale must be finite, found {scale}")
+    args = (sources, base, weights, threshold, cutoff, start, keep_none, scale, mean, positive, same_is_zero, add_base, dtype or acc)
+    _native.check_ties_block(sources, base, weights, threshold, cutoff, start, dtype or acc)
+    if acc == torch.float64:  # the compiled kernels accumulate in fp32
+        value, differs, zero, bad = reference.ties_block(*args)
+    else:
+        if _native.LOAD_ERROR is not None and not torch.compiler.is_compiling():
+            _native.warn_if_missing()
+        value, differs, zero, bad = torch.ops.svdfuse.ties_block.default(*args)
     return MergedBlock(value, differs, zero, int(bad))

@@ -255,7 +255,7 @@ def dare_keep(seeds: Tensor, start: int, numel: int, drop: int) -> Tensor:
 
 
 def merge_block(
-    sources: Tensor,
+    sources: list[Tensor],
     base: Tensor,
     weights: Tensor,
     scale: float,
@@ -269,18 +269,67 @@ def merge_block(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`svdfuse.ops.merge_block`, op by op: the task vectors, weighted, masked, summed, divided,
     scaled, the base added, cast; and the block's flags."""
-    acc = compute_dtype(sources.dtype)
-    x, x0 = sources.to(acc), base.to(acc)
+    acc = compute_dtype(base.dtype)
+    x, x0 = torch.stack(sources).to(acc) if sources else base.new_empty((0, base.shape[0]), dtype=acc), base.to(acc)
     tau = x - x0
     if same_is_zero:
         tau = tau.masked_fill(x == x0, 0.0)
     tau = tau * weights.to(acc)[:, None]
     if seeds is not None:
         tau = tau * torch.stack([dare_keep(s, start, x.shape[1], drop) for s in seeds]).to(tau.device)
-    total = torch.zeros(x.shape[1], dtype=acc, device=x.device)
-    for t in tau:  # in source order, as the kernels add
+    merged = _in_order(tau) / torch.tensor(divisor, dtype=acc) * torch.tensor(scale, dtype=acc)
+    out = (merged + x0 if add_base else merged).to(dtype)
+    differs = (x != x0).any(1)
+    zero = torch.cat([(x == 0).all(1), (x0 == 0).all()[None]])
+    bad = (~torch.isfinite(out)).nonzero()
+    first_bad = bad[0, 0] if len(bad) else torch.tensor(-1)
+    return out, differs, zero, first_bad.to(device=x.device, dtype=torch.int64)
+
+
+def _in_order(terms: Tensor) -> Tensor:
+    """The sum over the first dim added in order, as the kernels add (torch.sum may pair terms)."""
+    total = torch.zeros(terms.shape[1:], dtype=terms.dtype, device=terms.device)
+    for t in terms:
         total = total + t
-    merged = total / torch.tensor(divisor, dtype=acc) * torch.tensor(scale, dtype=acc)
+    return total
+
+
+def ties_block(
+    sources: list[Tensor],
+    base: Tensor,
+    weights: Tensor | None,
+    threshold: Tensor,
+    cutoff: Tensor,
+    start: int,
+    keep_none: bool,
+    scale: float,
+    mean: bool,
+    positive: bool,
+    same_is_zero: bool,
+    add_base: bool,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`svdfuse.ops.ties_block`, op by op: trim, weight, elect, combine the agreeing values; flags."""
+    acc = compute_dtype(base.dtype)
+    x, x0 = torch.stack(sources).to(acc) if sources else base.new_empty((0, base.shape[0]), dtype=acc), base.to(acc)
+    tau = x - x0
+    if same_is_zero:
+        tau = tau.masked_fill(x == x0, 0.0)
+    a = tau.abs()
+    index = torch.arange(start, start + x.shape[1], device=x.device)
+    keep = (a > threshold[:, None]) | ((a == threshold[:, None]) & (index < cutoff[:, None]))
+    t = tau * (keep & (not keep_none))
+    if weights is not None:
+        t = t * weights[:, None]
+    elected = _in_order(t).sign()
+    if positive:
+        elected[elected == 0] = 1
+    agree = (t * elected) > 0
+    merged = _in_order(t * agree)
+    if mean:
+        count = _in_order(agree.to(acc) * (1.0 if weights is None else weights[:, None]))
+        merged = merged / count.masked_fill(count == 0, 1)
+    merged = merged * torch.tensor(scale, dtype=acc)
     out = (merged + x0 if add_base else merged).to(dtype)
     differs = (x != x0).any(1)
     zero = torch.cat([(x == 0).all(1), (x0 == 0).all()[None]])

@@ -36,7 +36,7 @@ def _truth(sources, base, weights, scale, divisor, keep):
 
 
 def _args(sources, base, weights, scale, divisor, seeds=None, start=0, drop=0, same=False, add=True, dtype=torch.float32):
-    return (sources, base, weights, scale, divisor, seeds, start, drop, same, add, dtype)
+    return (list(sources), base, weights, scale, divisor, seeds, start, drop, same, add, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -128,13 +128,14 @@ def test_strided_sources_and_float64_through_the_front_door(native_op):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda a: {**a, "base": a["base"][:-1]}, r"base must have shape \(N,\) = \[10\], found \[9\]"),
-        (lambda a: {**a, "base": a["base"].double()}, "base must have the sources' dtype torch.float32, found torch.float64"),
+        (lambda a: {**a, "base": a["base"][:-1]}, r"source 0 must be contiguous of shape \(N,\) = \[9\] \(the base's\), found \[10\]"),
+        (lambda a: {**a, "base": a["base"].double()}, "source 0 must have the base's dtype torch.float64, found torch.float32"),
         (lambda a: {**a, "weights": torch.ones(2)}, r"weights must be torch.float32 of shape \(T,\) = \[3\]"),
         (lambda a: {**a, "seeds": torch.zeros(3, 2, dtype=torch.int64)}, r"seeds must be int64 \(T, chunks\) = \[3, 1\]"),
         (lambda a: {**a, "drop_rate": 1.0}, r"drop_rate must be in \[0, 1\), found 1.0"),
         (lambda a: {**a, "scale": float("nan")}, "scale must be finite, found nan"),
-        (lambda a: {**a, "sources": a["sources"].int()}, "sources must be float32, float64, float16 or bfloat16, found torch.int32"),
+        (lambda a: {**a, "base": a["base"].int()}, "base must be float32, float64, float16 or bfloat16, found torch.int32"),
+        (lambda a: {**a, "sources": a["sources"][:, ::2]}, r"source 0 must be contiguous of shape \(N,\) = \[10\]"),
     ],
 )
 def test_bad_input_is_refused_naming_it(change, message):
@@ -150,3 +151,100 @@ def test_opcheck(dtype, dare):
     seeds = chunk_seeds(1, "k", 3, 500, 1000) if dare else None
     args = _args(sources, base, torch.ones(3), 0.3, 1.0, seeds, 500, 1 << 23, False, True, dtype)
     torch.library.opcheck(torch.ops.svdfuse.merge_block.default, args)
+
+
+# -- ties_block ---------------------------------------------------------------------------------
+
+
+def _ties_args(sources, base, threshold, cutoff, start=0, keep_none=False, weights=None, scale=1.0, mean=True,
+               positive=False, same=False, add=True, dtype=torch.float32):  # fmt: skip
+    return (list(sources), base, weights, threshold, cutoff, start, keep_none, scale, mean, positive, same, add, dtype)
+
+
+def _torch_ties(tau, keep, weights, scale, mean, positive):
+    """TIES as a chain of torch ops in tau's dtype (the method before the fused op)."""
+    t = tau * keep
+    if weights is not None:
+        t = t * weights[:, None]
+    elected = t.sum(0).sign()
+    if positive:
+        elected[elected == 0] = 1
+    agree = (t * elected) > 0
+    merged = (t * agree).sum(0)
+    if mean:
+        count = agree.sum(0) if weights is None else (agree * weights[:, None]).sum(0)
+        merged = merged / count.masked_fill(count == 0, 1)
+    return merged * scale
+
+
+@pytest.fixture
+def ties_op():
+    pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    return torch.ops.svdfuse.ties_block.default
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N,start", [(5, 3 * 4099, 0), (3, CHUNK + 777, 1000), (1, 7, 5), (20, 5000, 0)])
+@pytest.mark.parametrize("weighted,mean,positive", [(False, True, False), (True, True, True), (True, False, False)])
+def test_ties_block_within_torch_error_and_equal_to_reference(ties_op, dtype, T, N, start, weighted, mean, positive):
+    sources, base = _block(T, N, dtype, seed=T)
+    tau = sources.float() - base.float()
+    threshold = tau.abs().quantile(0.7, dim=1) if N > 1 else tau.abs()[:, 0]
+    cutoff = torch.full((T,), start + N // 2, dtype=torch.int64)
+    weights = torch.linspace(0.5, 1.5, T) if weighted else None
+    args = _ties_args(sources, base, threshold, cutoff, start, weights=weights, scale=0.8, mean=mean, positive=positive)
+    value, differs, zero, bad = ties_op(*args)
+    assert torch.equal(value, reference.ties_block(*args)[0])
+    index = torch.arange(start, start + N)
+    a = tau.abs()
+    keep = (a > threshold[:, None]) | ((a == threshold[:, None]) & (index < cutoff[:, None]))  # decided in fp32
+    exact = _torch_ties(tau.double(), keep, None if weights is None else weights.double(), 0.8, mean, positive)
+    plain = _torch_ties(tau, keep, weights, 0.8, mean, positive)
+    assert_within_torch_error(value, base.double() + exact, plain + base.float())
+    assert torch.equal(differs, (sources != base).any(1)) and not zero.any() and int(bad) == -1
+
+
+def test_ties_cutoff_keeps_ties_at_the_threshold_only_before_it(ties_op):
+    """Every |τ| equal to the threshold: exactly the entries before the cutoff survive."""
+    N, start = 3 * 2048 + 5, 100
+    base = torch.zeros(N)
+    sources = torch.stack([torch.full((N,), 0.5), torch.full((N,), -0.5)])
+    cutoff = torch.tensor([start + 3000, start + N])
+    value = ties_op(*_ties_args(sources, base, torch.tensor([0.5, 0.5]), cutoff, start, mean=False))[0]
+    # before 3000 both survive and cancel (sign 0: nothing agrees); after, only the -0.5 does
+    assert torch.equal(value[:3000], torch.zeros(3000)) and torch.equal(value[3000:], torch.full((N - 3000,), -0.5))
+    none = ties_op(*_ties_args(sources, base, torch.tensor([0.5, 0.5]), cutoff, start, keep_none=True))[0]
+    assert torch.equal(none, torch.zeros(N))
+
+
+def test_ties_flags_and_nan(ties_op):
+    T, N = 3, CHUNK + 11
+    sources, base = _block(T, N, torch.float32)
+    sources[1] = base
+    sources[2, N - 1] = float("nan")
+    value, differs, zero, bad = ties_op(*_ties_args(sources, base, torch.zeros(T), torch.zeros(T, dtype=torch.int64)))
+    assert differs.tolist() == [True, False, True] and not zero.any()
+    assert int(bad) == N - 1 and value[N - 1].isnan() and value[:-1].isfinite().all()
+
+
+def test_ties_method_trims_elects_and_averages():
+    """`svdfuse.methods.elementwise.ties` on task vectors, by hand: 3 sources, 4 entries."""
+    from svdfuse.methods.elementwise import ties
+    from svdfuse.methods.registry import Block
+    from svdfuse.methods.trim import exact_trim
+
+    tau = torch.tensor([[1.0, -2.0, 0.1, 3.0], [2.0, 1.0, -0.2, -1.0], [-4.0, 0.5, 0.3, 2.0]])
+    trim = exact_trim(lambda: iter([(0, tau)]), 4, 3, 0.5, torch.float32)  # the top 2 of each
+    got = ties(tau.clone(), block=Block("k", 0, 0), trim=trim, density=0.5)
+    # kept: [1? no: -2, 3], [2, 1], [-4, 2] -> column sums: -2, -1, 0, 5
+    kept = torch.tensor([[0.0, -2.0, 0.0, 3.0], [2.0, 1.0, 0.0, 0.0], [-4.0, 0.0, 0.0, 2.0]])
+    assert torch.equal(trim.mask(tau, 0), kept != 0)
+    assert torch.equal(got, torch.tensor([-4.0, -2.0, 0.0, 2.5]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_opcheck(dtype):
+    sources, base = _block(3, 1000, dtype)
+    args = _ties_args(sources, base, torch.full((3,), 0.01), torch.full((3,), 1200, dtype=torch.int64), 500,
+                      weights=torch.ones(3), dtype=dtype)  # fmt: skip
+    torch.library.opcheck(torch.ops.svdfuse.ties_block.default, args)

@@ -29,10 +29,6 @@ class Disjoint(str, enum.Enum):
     SUM = "sum"  # their sum (FusionBench's default merge_func)
 
 
-# Elements of one source per step of TIES: the T sources of a step stay in cache across its passes.
-_STEP_BYTES = 1 << 22
-
-
 @dataclass(frozen=True)
 class Linear:
     """A merge that is a weighted sum of the task vectors, `Σ_i w_i keep_i τ_i / divisor · scale`,
@@ -46,19 +42,19 @@ class Linear:
     drop_rate: float | None = None
 
     def merge_block(
-        self, W: Tensor, W0: Tensor, block: Block, *, same_is_zero: bool = False, add_base: bool = True, dtype: torch.dtype | None = None
+        self, W: Tensor | Sequence[Tensor], W0: Tensor, block: Block, *, same_is_zero: bool = False, add_base: bool = True, dtype: torch.dtype | None = None
     ) -> ops.MergedBlock:
-        """The merge of a block: W (T, N) the sources' entries (rows contiguous), W0 (N,) the base's,
+        """The merge of a block: W (T, N) or T tensors (N,), the sources' entries, W0 (N,) the base's,
         from flat index `block.start` of tensor `block.key`; see `svdfuse.ops.merge_block`."""
-        T = W.shape[0]
-        acc = compute_dtype(W.dtype)
-        weights = None if self.weights is None else torch.tensor(self.weights, dtype=acc, device=W.device)
+        T = len(W)
+        acc = compute_dtype(W0.dtype)
+        weights = None if self.weights is None else torch.tensor(self.weights, dtype=acc, device=W0.device)
         divisor = 1.0
         if self.mean:
             divisor = float(T) if weights is None else weights.sum().item()  # Σw rounded as the weights are
         seeds = None
         if self.drop_rate is not None:
-            seeds = chunk_seeds(block.seed, block.key, T, block.start, W.shape[1])
+            seeds = chunk_seeds(block.seed, block.key, T, block.start, W0.shape[0])
         return ops.merge_block(
             W, W0, weights, scale=self.scale, divisor=divisor, seeds=seeds, start=block.start,
             drop_rate=self.drop_rate or 0.0, same_is_zero=same_is_zero, add_base=add_base, dtype=dtype,
@@ -144,34 +140,46 @@ def ties(
     `Σ_i w_i τ̂_i [agree] / Σ_i w_i [agree]`. `zero_sign`: the sign elected where the trimmed
     values sum to exactly 0: "none" (nothing agrees, the entry keeps the base) or "positive"
     (+1, as mergekit 0.1.5 does)."""
+    terms = _ties(tau.shape[0], density=density, scaling=scaling, disjoint=disjoint, weights=weights, zero_sign=zero_sign)
+    flat = tau.reshape(tau.shape[0], -1)
+    merged = terms.merge_block(flat, torch.zeros_like(flat[0]), block, trim=trim, add_base=False)
+    return merged.value.reshape(tau.shape[1:])
+
+
+@dataclass(frozen=True)
+class Ties:
+    """TIES's settings as `svdfuse.ops.ties_block` takes them; the trim comes per tensor."""
+
+    weights: tuple[float, ...] | None
+    scaling: float
+    mean: bool
+    positive: bool
+
+    def merge_block(
+        self, W: Tensor | Sequence[Tensor], W0: Tensor, block: Block, *, trim: Trim, same_is_zero: bool = False,
+        add_base: bool = True, dtype: torch.dtype | None = None,
+    ) -> ops.MergedBlock:  # fmt: skip
+        """The merge of a block (as `Linear.merge_block`) under `trim`, the block's first entry at
+        flat index `block.start` of its tensor."""
+        acc = compute_dtype(W0.dtype)
+        weights = None if self.weights is None else torch.tensor(self.weights, dtype=acc, device=W0.device)
+        return ops.ties_block(
+            W, W0, trim.threshold.to(W0.device, acc), trim.cutoff.to(W0.device), start=block.start + trim.offset,
+            keep_none=trim.keep_none, weights=weights, scale=self.scaling, mean=self.mean, positive=self.positive,
+            same_is_zero=same_is_zero, add_base=add_base, dtype=dtype,
+        )  # fmt: skip
+
+
+def _ties(
+    T: int, *, density: float = 0.2, scaling: float = 1.0, disjoint: Disjoint = Disjoint.MEAN,
+    weights: Sequence[float] | None = None, zero_sign: str = "none",
+) -> Ties:  # fmt: skip
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"ties: density must be in [0, 1], found {density}")
     if zero_sign not in ("none", "positive"):
         raise ValueError(f"ties: zero_sign must be 'none' or 'positive', found {zero_sign!r}")
     check_finite_param("ties", "scaling", scaling)
-    mean = Disjoint(disjoint) is Disjoint.MEAN
-    T = tau.shape[0]
-    if weights is not None:
-        check_weights("ties", weights, T)
-    w = None if weights is None else torch.tensor(weights, dtype=tau.dtype, device=tau.device)[:, None]
-    flat = tau.reshape(T, -1)
-    out = torch.empty(flat.shape[1], dtype=tau.dtype, device=tau.device)
-    step = max(1024, _STEP_BYTES // (T * tau.element_size()))
-    for s in range(0, flat.shape[1], step):
-        t = flat[:, s : s + step]
-        t.mul_(trim.mask(t, block.start + s))  # a multiply, not a select: a NaN survives to be reported
-        if w is not None:
-            t.mul_(w)
-        elected = t.sum(0).sign_()
-        if zero_sign == "positive":
-            elected[elected == 0] = 1
-        agree = (t * elected) > 0  # same nonzero sign as the elected one
-        agreeing = t.mul_(agree).sum(0)
-        if mean:
-            count = agree.sum(0) if w is None else (agree * w).sum(0)
-            agreeing.div_(count.masked_fill_(count == 0, 1))
-        out[s : s + step] = agreeing.mul_(scaling)
-    return out.reshape(tau.shape[1:])
+    return Ties(_weights("ties", weights, T), scaling, Disjoint(disjoint) is Disjoint.MEAN, zero_sign == "positive")
 
 
 # DARE's random numbers come in fixed chunks of a tensor's flat index space, each from its own
@@ -226,11 +234,11 @@ def dare(
     return _dare(tau.shape[0], drop_rate=drop_rate, rescale=rescale, scaling=scaling, weights=weights).apply(tau, block)
 
 
-_LINEAR = {"average": _average, "task_arithmetic": _task_arithmetic, "dare": _dare}
+_FUSED = {"average": _average, "task_arithmetic": _task_arithmetic, "dare": _dare, "ties": _ties}
 
 
-def linear(method: Method, T: int, params: dict[str, Any]) -> Linear | None:
-    """The `Linear` form of elementwise `method` under `params` (checked as the method checks
-    them), or None where the method is not a weighted sum (TIES)."""
-    terms = _LINEAR.get(method.name)
+def fused(method: Method, T: int, params: dict[str, Any]) -> Linear | Ties | None:
+    """The settings of elementwise `method` under `params` (checked as the method checks them) as
+    its fused op takes them: `Linear` (`merge_block`) or `Ties` (`ties_block`); None for others."""
+    terms = _FUSED.get(method.name)
     return None if terms is None else method.call(terms, T, **params)
