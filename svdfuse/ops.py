@@ -351,6 +351,9 @@ def merge_block(
     Returns:
         `MergedBlock`. Dropped or weighted, a NaN stays NaN: `first_bad` sees it.
 
+    On CUDA without DARE's masks one Triton launch serves it (`svdfuse.kernels.elementwise`); on
+    the CPU the compiled kernel (csrc/elementwise.cpp), bit for bit `reference.merge_block`'s.
+
     Example::
 
         merged = svdfuse.ops.merge_block(W.flatten(1), W0.flatten(), scale=0.3)   # Task Arithmetic
@@ -369,6 +372,10 @@ def merge_block(
     args = (sources, base, weights, scale, divisor, seeds, start, drop, same_is_zero, add_base, dtype or acc)
     # Checked here for every backend: the compiled kernel guards only its pointers (csrc/elementwise.cpp).
     _native.check_merge_block(*args[:3], seeds, start, drop, dtype or acc)
+    if seeds is None and _triton_serves(base):
+        from svdfuse.kernels import elementwise
+
+        return MergedBlock(*elementwise.merge_block(sources, base, weights, scale, divisor, same_is_zero, add_base, dtype or acc))
     if acc == torch.float64:  # the compiled kernels accumulate in fp32
         value, differs, zero, bad = reference.merge_block(*args)
     else:

@@ -248,3 +248,41 @@ def test_ties_opcheck(dtype):
     args = _ties_args(sources, base, torch.full((3,), 0.01), torch.full((3,), 1200, dtype=torch.int64), 500,
                       weights=torch.ones(3), dtype=dtype)  # fmt: skip
     torch.library.opcheck(torch.ops.svdfuse.ties_block.default, args)
+
+
+# -- the Triton kernel (CPU under TRITON_INTERPRET=1, CUDA with -m gpu) ---------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N", [(3, 1000), (1, 1), (4, 2 * 1024 + 7)])
+@pytest.mark.parametrize("same,add", [(False, True), (True, False)])
+def test_triton_merge_block_within_torch_error(triton_device, dtype, T, N, same, add):
+    from svdfuse.kernels import elementwise
+
+    sources, base = _block(T, N, dtype, seed=3)
+    sources[0, N // 2] = base[N // 2]
+    weights = torch.linspace(0.5, 1.5, T)
+    on = [s.to(triton_device) for s in sources]
+    value, differs, zero, bad = elementwise.merge_block(on, base.to(triton_device), weights.to(triton_device), 0.7, 1.3, same, add, dtype)
+    truth = _truth(sources, base, weights, 0.7, 1.3, torch.ones(T, N, dtype=torch.float64)) - (0 if add else base.double())
+    tau = (sources.float() - base.float()) * weights[:, None]
+    torch_out = tau.sum(0).div_(1.3).mul_(0.7).add_(base.float() if add else 0.0).to(dtype)
+    assert_within_torch_error(value.cpu(), truth, torch_out)
+    assert torch.equal(differs.cpu(), (sources != base).any(1)) and not zero.any() and bad == -1
+
+
+def test_triton_merge_block_flags_and_strided_rows(triton_device):
+    from svdfuse.kernels import elementwise
+
+    T, N = 3, 2 * 1024 + 3
+    buffer = torch.zeros(T, N + 5)
+    base = torch.randn(N)
+    buffer[0, :N] = base
+    buffer[2, :N] = base + 1.0
+    buffer[2, N - 1] = float("nan")
+    rows = list(buffer.to(triton_device)[:, :N])  # evenly spaced rows of one buffer: read in place
+    value, differs, zero, bad = elementwise.merge_block(rows, base.to(triton_device), torch.ones(T, device=triton_device), 1.0, 1.0, False, True, torch.float32)
+    assert differs.tolist() == [False, True, True] and zero.tolist() == [False, True, False, False]
+    assert bad == N - 1 and value[N - 1].isnan()
+    expected = reference.merge_block([r.cpu() for r in rows], base, torch.ones(T), 1.0, 1.0, None, 0, 0, False, True, torch.float32)[0]
+    torch.testing.assert_close(value.cpu()[:-1], expected[:-1], atol=1e-6, rtol=1e-6)

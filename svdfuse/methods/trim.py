@@ -123,7 +123,7 @@ def _sample(blocks: Blocks, numel: int, sources: int, size: int) -> Tensor:
     parts = []
     for start, tau in blocks():
         first = (-start) % stride
-        parts.append(torch.stack([tau[i].reshape(-1)[first::stride].abs().float().cpu() for i in range(sources)]))
+        parts.append(tau.reshape(sources, -1)[:, first::stride].abs().float().cpu())
     return torch.cat(parts, 1)
 
 
@@ -140,26 +140,26 @@ def _bracketed(blocks: Blocks, numel: int, sources: int, keep: int, limit: int) 
     hi = sample.kthvalue(size - hi_at, dim=1).values if hi_at >= 0 else torch.full((sources,), math.inf)
     lo = sample.kthvalue(size - lo_at, dim=1).values if lo_at < size else torch.full((sources,), -1.0)
     above = torch.zeros(sources, dtype=torch.int64)
-    inside: list[list[Tensor]] = [[] for _ in range(sources)]
+    inside: list[tuple[Tensor, list[int]]] = []  # per block: the values inside, source by source, and their counts
     held = 0
-    scratch = None  # |τ| of one source's block, reused: a fresh one per source costs its page faults
     for _, tau in blocks():
-        for i in range(sources):
-            need = tau[i].numel()
-            if scratch is None or scratch.numel() < need:
-                scratch = torch.empty(need, dtype=tau.dtype, device=tau.device)
-            a = torch.abs(tau[i].reshape(-1), out=scratch[:need])
-            h, low = hi[i].item(), lo[i].item()
-            above[i] += int((a > h).sum())
-            chosen = a[(a >= low) & (a <= h)]
-            held += chosen.numel()
-            if held > limit:
-                return None  # too many values inside: leave it to the radix select
-            inside[i].append(chosen.cpu())
+        # every source at once: a handful of ops per block, never one per source
+        a = tau.reshape(sources, -1).abs()
+        h, low = hi.to(a.device, a.dtype)[:, None], lo.to(a.device, a.dtype)[:, None]
+        above += (a > h).sum(1).cpu()
+        within = a >= low
+        within &= a <= h
+        counts = within.sum(1).cpu()
+        held += int(counts.sum())
+        if held > limit:
+            return None  # too many values inside: leave it to the radix select
+        inside.append((a[within].cpu(), counts.tolist()))  # row-major: source 0's values first
+        del a, within
+    parts = [values.split(counts) for values, counts in inside]
     threshold = torch.empty(sources, dtype=torch.float64)
     greater, equal = above.clone(), torch.zeros(sources, dtype=torch.int64)
     for i in range(sources):
-        values = torch.cat(inside[i]) if inside[i] else torch.empty(0)
+        values = torch.cat([p[i] for p in parts]) if parts else torch.empty(0)
         rank = keep - int(above[i])  # the threshold is the rank-th largest inside the bracket
         if not 1 <= rank <= values.numel():
             return None
