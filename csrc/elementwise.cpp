@@ -386,6 +386,78 @@ Result ties_block_cpu(at::TensorList sources, const at::Tensor& base, const std:
   return finish(flags, T, out);
 }
 
+
+// The bracket pass of the exact trim (svdfuse/methods/trim.py) on a block of fp32 task vectors:
+// per source, how many |τ| lie above hi[i], and the |τ| inside [lo[i], hi[i]] with their flat
+// indices, gathered source by source in flat order. Two parallel regions: count per unit, then gather at the prefix sums.
+Result trim_bracket_cpu(at::TensorList taus, const at::Tensor& lo, const at::Tensor& hi) {
+  const int64_t T = static_cast<int64_t>(taus.size());
+  const int64_t N = T ? taus[0].numel() : 0;
+  for (const at::Tensor& x : taus) {
+    TORCH_CHECK_VALUE(x.dim() == 1 && x.numel() == N && x.is_contiguous() && x.scalar_type() == at::kFloat,
+                      "trim_bracket: each task vector must be contiguous float32 (N,) = [", N, "], found ", x.sizes(), " ",
+                      x.scalar_type());
+  }
+  TORCH_CHECK_TYPE(lo.scalar_type() == at::kFloat && hi.scalar_type() == at::kFloat && lo.numel() == T && hi.numel() == T,
+                   "trim_bracket: lo and hi must be float32 (T,)");
+  const at::Tensor l = lo.contiguous(), h = hi.contiguous();
+  const float* lp = l.const_data_ptr<float>();
+  const float* hp = h.const_data_ptr<float>();
+  std::vector<const float*> x(T);
+  for (int64_t i = 0; i < T; ++i) x[i] = taus[i].const_data_ptr<float>();
+  const int64_t units = (N + kChunk - 1) / kChunk;
+  std::vector<int64_t> above(units * T, 0), inside(units * T, 0);
+  at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t lo_j = u * kChunk, hi_j = std::min(N, lo_j + kChunk);
+      for (int64_t i = 0; i < T; ++i) {
+        int64_t up = 0, in = 0;
+        for (int64_t j = lo_j; j < hi_j; ++j) {
+          const float m = std::fabs(x[i][j]);
+          up += m > hp[i];
+          in += m >= lp[i] && m <= hp[i];
+        }
+        above[u * T + i] = up;
+        inside[u * T + i] = in;
+      }
+    }
+  });
+  at::Tensor up = at::zeros({T}, l.options().dtype(at::kLong));
+  at::Tensor counts = at::zeros({T}, l.options().dtype(at::kLong));
+  int64_t* upp = up.mutable_data_ptr<int64_t>();
+  int64_t* cp = counts.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> at_(units * T);  // where each (unit, source) writes: source-major, then unit order
+  int64_t total = 0;
+  for (int64_t i = 0; i < T; ++i) {
+    for (int64_t u = 0; u < units; ++u) {
+      at_[u * T + i] = total;
+      total += inside[u * T + i];
+      cp[i] += inside[u * T + i];
+      upp[i] += above[u * T + i];
+    }
+  }
+  at::Tensor values = at::empty({total}, l.options());
+  at::Tensor index = at::empty({total}, l.options().dtype(at::kLong));
+  float* v = values.mutable_data_ptr<float>();
+  int64_t* ix = index.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t lo_j = u * kChunk, hi_j = std::min(N, lo_j + kChunk);
+      for (int64_t i = 0; i < T; ++i) {
+        int64_t at = at_[u * T + i];
+        for (int64_t j = lo_j; j < hi_j; ++j) {
+          const float m = std::fabs(x[i][j]);
+          if (m >= lp[i] && m <= hp[i]) {
+            v[at] = m;
+            ix[at++] = j;
+          }
+        }
+      }
+    }
+  });
+  return {up, counts, values, index};
+}
+
 }  // namespace
 
 }  // namespace svdfuse
@@ -393,4 +465,5 @@ Result ties_block_cpu(at::TensorList sources, const at::Tensor& base, const std:
 TORCH_LIBRARY_IMPL(svdfuse, CPU, m) {
   m.impl("merge_block", &svdfuse::merge_block_cpu);
   m.impl("ties_block", &svdfuse::ties_block_cpu);
+  m.impl("trim_bracket", &svdfuse::trim_bracket_cpu);
 }

@@ -40,6 +40,7 @@ LOWRANK_MATMUL_SCHEMA = (
     "lowrank_matmul(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? base, Tensor? bias, Tensor? task=None) -> Tensor"
 )
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernels are written for
+TRIM_BRACKET_SCHEMA = "trim_bracket(Tensor[] taus, Tensor lo, Tensor hi) -> (Tensor, Tensor, Tensor, Tensor)"
 TIES_BLOCK_SCHEMA = (
     "ties_block(Tensor[] sources, Tensor base, Tensor? weights, Tensor threshold, Tensor cutoff, int start, bool keep_none, "
     "float scale, bool mean, bool positive, bool same_is_zero, bool add_base, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)"
@@ -270,6 +271,32 @@ def _ties_block_fake(
     return base.new_empty((N,), dtype=dtype), *flags, base.new_empty((), dtype=torch.int64)
 
 
+def check_trim_bracket(taus: list[Tensor], lo: Tensor, hi: Tensor) -> None:
+    """The checks of `trim_bracket` (svdfuse.ops.trim_bracket documents the arguments)."""
+    T = len(taus)
+    N = taus[0].numel() if taus else 0
+    for i, t in enumerate(taus):
+        if t.dim() != 1 or t.numel() != N or not t.is_contiguous():
+            raise ValueError(f"trim_bracket: task vector {i} must be contiguous of shape (N,) = {[N]}, found {list(t.shape)}")
+        if t.dtype != torch.float32 or t.device != lo.device:
+            raise TypeError(f"trim_bracket: task vector {i} must be torch.float32 on {lo.device}, found {t.dtype} on {t.device}")
+    for name, t in (("lo", lo), ("hi", hi)):
+        if list(t.shape) != [T] or t.dtype != torch.float32 or t.device != lo.device:
+            raise TypeError(f"trim_bracket: {name} must be torch.float32 of shape (T,) = {[T]}, found {t.dtype} {list(t.shape)}")
+
+
+def _trim_bracket_default(taus: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_trim_bracket(taus, lo, hi)
+    return reference.trim_bracket(taus, lo, hi)
+
+
+def _trim_bracket_fake(taus: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_trim_bracket(taus, lo, hi)
+    held = torch.library.get_ctx().new_dynamic_size()
+    counts = lo.new_empty(lo.shape, dtype=torch.int64), lo.new_empty(lo.shape, dtype=torch.int64)
+    return *counts, lo.new_empty((held,)), lo.new_empty((held,), dtype=torch.int64)
+
+
 # The registrations belong to this library object: re-executing the module (importlib.reload)
 # releases the old object, and its registrations with it, before the new one defines the op again.
 _LIB = torch.library.Library("svdfuse", "FRAGMENT")
@@ -278,6 +305,9 @@ _LIB.impl("lowrank_matmul", _lowrank_matmul_default, "CompositeExplicitAutograd"
 torch.library.register_fake("svdfuse::lowrank_matmul", _lowrank_matmul_fake, lib=_LIB)
 _LIB.define(MERGE_BLOCK_SCHEMA)
 _LIB.define(TIES_BLOCK_SCHEMA)
+_LIB.define(TRIM_BRACKET_SCHEMA)
+_LIB.impl("trim_bracket", _trim_bracket_default, "CompositeExplicitAutograd")
+torch.library.register_fake("svdfuse::trim_bracket", _trim_bracket_fake, lib=_LIB)
 _LIB.impl("ties_block", _ties_block_default, "CompositeExplicitAutograd")
 torch.library.register_fake("svdfuse::ties_block", _ties_block_fake, lib=_LIB)
 _LIB.impl("merge_block", _merge_block_default, "CompositeExplicitAutograd")

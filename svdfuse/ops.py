@@ -35,6 +35,7 @@ __all__ = [
     "MergedBlock",
     "merge_block",
     "ties_block",
+    "trim_bracket",
 ]
 
 # Chosen by measurement (bench/bench_rsvd_accuracy.py, results in bench/results/): on 768x768
@@ -435,3 +436,26 @@ def ties_block(
             _native.warn_if_missing()
         value, differs, zero, bad = torch.ops.svdfuse.ties_block.default(*args)
     return MergedBlock(value, differs, zero, int(bad))
+
+
+def trim_bracket(taus: Tensor | Sequence[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per source, how many |τ| lie above hi[i], and the |τ| in [lo[i], hi[i]]: the bracket pass of
+    the exact trim (`svdfuse.methods.trim`), every source in one pass.
+
+    Args:
+        taus: (T, N) fp32 task vectors, or T contiguous tensors (N,).
+        lo, hi: (T,) fp32 bounds of each source's bracket.
+
+    Returns:
+        above (T,) int64, counts (T,) int64, values (counts.sum(),) fp32 and their flat indices
+        (int64): source 0's in flat order, then source 1's, ...
+
+    Example::
+
+        above, counts, values, index = svdfuse.ops.trim_bracket(tau.flatten(1), lo, hi)
+    """
+    taus = list(taus)
+    _native.check_trim_bracket(taus, lo, hi)
+    if lo.device.type != "cpu" or _native.LOAD_ERROR is not None:
+        return reference.trim_bracket(taus, lo, hi)
+    return torch.ops.svdfuse.trim_bracket.default(taus, lo, hi)

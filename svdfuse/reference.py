@@ -336,3 +336,11 @@ def ties_block(
     bad = (~torch.isfinite(out)).nonzero()
     first_bad = bad[0, 0] if len(bad) else torch.tensor(-1)
     return out, differs, zero, first_bad.to(device=x.device, dtype=torch.int64)
+
+
+def trim_bracket(taus: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`svdfuse.ops.trim_bracket`, op by op."""
+    a = torch.stack(taus).abs() if taus else lo.new_empty((0, 0))
+    above = (a > hi[:, None]).sum(1)
+    within = (a >= lo[:, None]) & (a <= hi[:, None])
+    return above, within.sum(1), a[within], within.nonzero()[:, 1]

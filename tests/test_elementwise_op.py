@@ -286,3 +286,27 @@ def test_triton_merge_block_flags_and_strided_rows(triton_device):
     assert bad == N - 1 and value[N - 1].isnan()
     expected = reference.merge_block([r.cpu() for r in rows], base, torch.ones(T), 1.0, 1.0, None, 0, 0, False, True, torch.float32)[0]
     torch.testing.assert_close(value.cpu()[:-1], expected[:-1], atol=1e-6, rtol=1e-6)
+
+
+# -- trim_bracket --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T,N", [(3, CHUNK + 999), (1, 5), (4, 0)])
+def test_trim_bracket_counts_and_gathers_like_plain_torch(T, N):
+    pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    tau = torch.randn(T, N, generator=torch.Generator().manual_seed(T))
+    tau[:, ::7] = 0.5  # ties at a bound
+    lo, hi = torch.full((T,), 0.5), torch.linspace(0.8, 1.2, T)
+    above, counts, values, index = torch.ops.svdfuse.trim_bracket.default(list(tau), lo, hi)
+    a = tau.abs()
+    assert above.tolist() == (a > hi[:, None]).sum(1).tolist()
+    within = (a >= lo[:, None]) & (a <= hi[:, None])
+    assert counts.tolist() == within.sum(1).tolist()
+    assert torch.equal(values, a[within])  # source by source, each in flat order
+    assert torch.equal(index, within.nonzero()[:, 1])
+
+
+def test_trim_bracket_opcheck():
+    tau = torch.randn(3, 300)
+    args = (list(tau), torch.full((3,), 0.5), torch.full((3,), 1.0))
+    torch.library.opcheck(torch.ops.svdfuse.trim_bracket.default, args, test_utils=("test_schema", "test_faketensor"))
