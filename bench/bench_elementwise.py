@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,11 +86,15 @@ def run_pass(base: str, files: list[str], T: int, dtype: str, mode: str, load: s
     for method, params in METHODS.items():
         read = max(plain_read_gbps([base, *files]) for _ in range(repeats + 1))
 
+        runs = iter(range(1000))
+
         def merge() -> None:
             if models is not None:
                 svdfuse.merge(models[1], base=models[0], method=method, device="cpu", progress=False, **params)
             else:
-                svdfuse.merge(files, base=base, method=method, device="cpu", output=out / method, max_memory="2GB", progress=False, **params)
+                target = out / f"{load}-{method}-{next(runs)}"  # svdfuse never overwrites
+                svdfuse.merge(files, base=base, method=method, device="cpu", output=target, max_memory="2GB", progress=False, **params)
+                shutil.rmtree(target)
 
         before = os.getloadavg()[0]
         seconds = _best(merge, repeats)
