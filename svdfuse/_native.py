@@ -34,12 +34,21 @@ try:
 except ImportError as err:
     LOAD_ERROR = err
 
-__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task"]
+__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task", "check_merge_block", "check_ties_block"]
 
 LOWRANK_MATMUL_SCHEMA = (
     "lowrank_matmul(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? base, Tensor? bias, Tensor? task=None) -> Tensor"
 )
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernels are written for
+TRIM_BRACKET_SCHEMA = "trim_bracket(Tensor[] taus, Tensor lo, Tensor hi) -> (Tensor, Tensor, Tensor, Tensor)"
+TIES_BLOCK_SCHEMA = (
+    "ties_block(Tensor[] sources, Tensor base, Tensor? weights, Tensor threshold, Tensor cutoff, int start, bool keep_none, "
+    "float scale, bool mean, bool positive, bool same_is_zero, bool add_base, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+MERGE_BLOCK_SCHEMA = (
+    "merge_block(Tensor[] sources, Tensor base, Tensor weights, float scale, float divisor, Tensor? seeds, int start, "
+    "int drop, bool same_is_zero, bool add_base, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
 
 @functools.cache
@@ -173,11 +182,135 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     return (*reference.lowrank_matmul_backward(grad, x, U, S, V, base, task, ctx.needs_input_grad[:6]), None)
 
 
+def check_merge_block(
+    sources: list[Tensor], base: Tensor, weights: Tensor, seeds: Tensor | None, start: int, drop: int, dtype: torch.dtype,
+    op: str = "merge_block",
+) -> None:
+    """The checks of `merge_block` (svdfuse.ops.merge_block documents the arguments): ValueError for
+    shapes, devices and ranges, TypeError for dtypes, naming the tensor, expected and found."""
+    if base.dim() != 1:
+        raise ValueError(f"{op}: base must have shape (N,), found {list(base.shape)}")
+    T, N = len(sources), base.shape[0]
+    if base.dtype not in _DTYPES:
+        raise TypeError(f"{op}: base must be float32, float64, float16 or bfloat16, found {base.dtype}")
+    for i, x in enumerate(sources):
+        if list(x.shape) != [N] or not x.is_contiguous():
+            raise ValueError(f"{op}: source {i} must be contiguous of shape (N,) = {[N]} (the base's), found {list(x.shape)}")
+        if x.dtype != base.dtype:
+            raise TypeError(f"{op}: source {i} must have the base's dtype {base.dtype}, found {x.dtype}")
+        if x.device != base.device:
+            raise ValueError(f"{op}: source {i} must be on the base's device {base.device}, found {x.device}")
+    acc = reference.compute_dtype(base.dtype)
+    if list(weights.shape) != [T] or weights.dtype != acc:
+        raise TypeError(f"{op}: weights must be {acc} of shape (T,) = {[T]}, found {weights.dtype} {list(weights.shape)}")
+    if weights.device != base.device:
+        raise ValueError(f"{op}: weights must be on the base's device {base.device}, found {weights.device}")
+    if dtype not in _DTYPES or (dtype == torch.float64) != (acc == torch.float64):
+        raise TypeError(f"{op}: dtype must be a float dtype of the sources' precision class, found {dtype} for {base.dtype}")
+    if start < 0 or not 0 <= drop <= 1 << 24:
+        raise ValueError(f"{op}: start must be >= 0 and drop in [0, 2^24], found {start} and {drop}")
+    if seeds is not None:
+        chunks = -(-(start + N) // reference.DARE_CHUNK) - start // reference.DARE_CHUNK
+        if seeds.dtype != torch.int64 or list(seeds.shape) != [T, chunks] or seeds.device.type != "cpu":
+            raise ValueError(
+                f"{op}: seeds must be int64 (T, chunks) = {[T, chunks]} on the CPU, found {seeds.dtype} "
+                f"{list(seeds.shape)} on {seeds.device}"
+            )
+
+
+def _merge_block_default(
+    sources: list[Tensor], base: Tensor, weights: Tensor, scale: float, divisor: float, seeds: Tensor | None, start: int,
+    drop: int, same_is_zero: bool, add_base: bool, dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    check_merge_block(sources, base, weights, seeds, start, drop, dtype)
+    return reference.merge_block(sources, base, weights, scale, divisor, seeds, start, drop, same_is_zero, add_base, dtype)
+
+
+def _merge_block_fake(
+    sources: list[Tensor], base: Tensor, weights: Tensor, scale: float, divisor: float, seeds: Tensor | None, start: int,
+    drop: int, same_is_zero: bool, add_base: bool, dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    check_merge_block(sources, base, weights, seeds, start, drop, dtype)
+    T, N = len(sources), base.shape[0]
+    flags = base.new_empty((T,), dtype=torch.bool), base.new_empty((T + 1,), dtype=torch.bool)
+    return base.new_empty((N,), dtype=dtype), *flags, base.new_empty((), dtype=torch.int64)
+
+
+def check_ties_block(
+    sources: list[Tensor], base: Tensor, weights: Tensor | None, threshold: Tensor, cutoff: Tensor, start: int, dtype: torch.dtype
+) -> None:
+    """The checks of `ties_block` (svdfuse.ops.ties_block documents the arguments), as `check_merge_block`'s."""
+    T = len(sources)
+    check_merge_block(sources, base, torch.ones(T, dtype=reference.compute_dtype(base.dtype), device=base.device) if weights is None else weights,
+                      None, start, 0, dtype, "ties_block")  # fmt: skip
+    acc = reference.compute_dtype(base.dtype)
+    if list(threshold.shape) != [T] or threshold.dtype != acc:
+        raise TypeError(f"ties_block: threshold must be {acc} of shape (T,) = {[T]}, found {threshold.dtype} {list(threshold.shape)}")
+    if list(cutoff.shape) != [T] or cutoff.dtype != torch.int64:
+        raise TypeError(f"ties_block: cutoff must be torch.int64 of shape (T,) = {[T]}, found {cutoff.dtype} {list(cutoff.shape)}")
+    for name, t in (("threshold", threshold), ("cutoff", cutoff)):
+        if t.device != base.device:
+            raise ValueError(f"ties_block: {name} must be on the base's device {base.device}, found {t.device}")
+
+
+def _ties_block_default(
+    sources: list[Tensor], base: Tensor, weights: Tensor | None, threshold: Tensor, cutoff: Tensor, start: int,
+    keep_none: bool, scale: float, mean: bool, positive: bool, same_is_zero: bool, add_base: bool, dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    check_ties_block(sources, base, weights, threshold, cutoff, start, dtype)
+    return reference.ties_block(sources, base, weights, threshold, cutoff, start, keep_none, scale, mean, positive, same_is_zero, add_base, dtype)
+
+
+def _ties_block_fake(
+    sources: list[Tensor], base: Tensor, weights: Tensor | None, threshold: Tensor, cutoff: Tensor, start: int,
+    keep_none: bool, scale: float, mean: bool, positive: bool, same_is_zero: bool, add_base: bool, dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    check_ties_block(sources, base, weights, threshold, cutoff, start, dtype)
+    T, N = len(sources), base.shape[0]
+    flags = base.new_empty((T,), dtype=torch.bool), base.new_empty((T + 1,), dtype=torch.bool)
+    return base.new_empty((N,), dtype=dtype), *flags, base.new_empty((), dtype=torch.int64)
+
+
+def check_trim_bracket(taus: list[Tensor], lo: Tensor, hi: Tensor) -> None:
+    """The checks of `trim_bracket` (svdfuse.ops.trim_bracket documents the arguments)."""
+    T = len(taus)
+    N = taus[0].numel() if taus else 0
+    for i, t in enumerate(taus):
+        if t.dim() != 1 or t.numel() != N or not t.is_contiguous():
+            raise ValueError(f"trim_bracket: task vector {i} must be contiguous of shape (N,) = {[N]}, found {list(t.shape)}")
+        if t.dtype != torch.float32 or t.device != lo.device:
+            raise TypeError(f"trim_bracket: task vector {i} must be torch.float32 on {lo.device}, found {t.dtype} on {t.device}")
+    for name, t in (("lo", lo), ("hi", hi)):
+        if list(t.shape) != [T] or t.dtype != torch.float32 or t.device != lo.device:
+            raise TypeError(f"trim_bracket: {name} must be torch.float32 of shape (T,) = {[T]}, found {t.dtype} {list(t.shape)}")
+
+
+def _trim_bracket_default(taus: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_trim_bracket(taus, lo, hi)
+    return reference.trim_bracket(taus, lo, hi)
+
+
+def _trim_bracket_fake(taus: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_trim_bracket(taus, lo, hi)
+    held = torch.library.get_ctx().new_dynamic_size()
+    counts = lo.new_empty(lo.shape, dtype=torch.int64), lo.new_empty(lo.shape, dtype=torch.int64)
+    return *counts, lo.new_empty((held,)), lo.new_empty((held,), dtype=torch.int64)
+
+
 # The registrations belong to this library object: re-executing the module (importlib.reload)
 # releases the old object, and its registrations with it, before the new one defines the op again.
 _LIB = torch.library.Library("svdfuse", "FRAGMENT")
 _LIB.define(LOWRANK_MATMUL_SCHEMA)
 _LIB.impl("lowrank_matmul", _lowrank_matmul_default, "CompositeExplicitAutograd")
 torch.library.register_fake("svdfuse::lowrank_matmul", _lowrank_matmul_fake, lib=_LIB)
+_LIB.define(MERGE_BLOCK_SCHEMA)
+_LIB.define(TIES_BLOCK_SCHEMA)
+_LIB.define(TRIM_BRACKET_SCHEMA)
+_LIB.impl("trim_bracket", _trim_bracket_default, "CompositeExplicitAutograd")
+torch.library.register_fake("svdfuse::trim_bracket", _trim_bracket_fake, lib=_LIB)
+_LIB.impl("ties_block", _ties_block_default, "CompositeExplicitAutograd")
+torch.library.register_fake("svdfuse::ties_block", _ties_block_fake, lib=_LIB)
+_LIB.impl("merge_block", _merge_block_default, "CompositeExplicitAutograd")
+torch.library.register_fake("svdfuse::merge_block", _merge_block_fake, lib=_LIB)
 if LOAD_ERROR is not None:
     torch.library.register_autograd("svdfuse::lowrank_matmul", _backward, setup_context=_setup_context, lib=_LIB)

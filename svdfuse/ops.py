@@ -10,8 +10,11 @@ A compiled op checks its inputs itself, raising the exceptions documented here.
 from __future__ import annotations
 
 import enum
+import math
 import numbers
 from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,6 +32,10 @@ __all__ = [
     "topk_components",
     "reorthogonalize",
     "lowrank_matmul",
+    "MergedBlock",
+    "merge_block",
+    "ties_block",
+    "trim_bracket",
 ]
 
 # Chosen by measurement (bench/bench_rsvd_accuracy.py, results in bench/results/): on 768x768
@@ -298,3 +305,157 @@ def lowrank_matmul(
     # One op, `torch.ops.svdfuse.lowrank_matmul` (svdfuse/_native.py): the dispatcher picks its kernel by
     # device, compiled (CPU, CUDA) or the reference, and that kernel checks the call, once.
     return torch.ops.svdfuse.lowrank_matmul.default(x, U, S, V, base, bias, task)
+
+
+class MergedBlock(NamedTuple):
+    """What `merge_block` returns: the merged values and the block's checks."""
+
+    value: Tensor  # (N,) in the dtype asked for
+    differs: Tensor  # (T,) bool: source i has an entry != the base's (NaN differs)
+    zero: Tensor  # (T + 1,) bool: source i (the base, last) is all zeros in the block
+    first_bad: int  # flat index of the first non-finite entry of `value`, or -1
+
+
+def merge_block(
+    sources: Tensor | Sequence[Tensor],
+    base: Tensor,
+    weights: Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    divisor: float = 1.0,
+    seeds: Tensor | None = None,
+    start: int = 0,
+    drop_rate: float = 0.0,
+    same_is_zero: bool = False,
+    add_base: bool = True,
+    dtype: torch.dtype | None = None,
+) -> MergedBlock:
+    """A linear element-wise merge of a block, and its checks, in one read of the block:
+    `value = base + (Σ_i w_i · keep_i · (sources_i − base)) / divisor · scale` (Average,
+    Task Arithmetic, DARE), each step rounded in the accumulation dtype, sources added in order.
+
+    Args:
+        sources: (T, N), or T tensors (N,): the block of every source, each contiguous (views of
+            the sources' own tensors: nothing is copied); fp32/bf16/fp16/fp64.
+        base: (N,) the base's block, in the sources' dtype.
+        weights: (T,) per-source weights in the accumulation dtype (fp32, fp64 for fp64); None: ones.
+        divisor, scale: applied to the sum in that order (`divisor`: T or Σw for a mean).
+        seeds: DARE's (T, chunks) int64 CPU seeds, one per `reference.DARE_CHUNK` entries of the
+            tensor's flat index from chunk `start // DARE_CHUNK` on; entry j of source i survives
+            iff the draw `torch.rand` makes for it from its chunk's seed is >= `drop_rate`.
+            None: every entry survives.
+        start: the flat index in its tensor of the block's first entry (where DARE's draws start).
+        same_is_zero: an entry equal to the base's is no change even where both are infinite.
+        add_base: add the base back (else `value` is the merged task vector).
+        dtype: of `value`; default the accumulation dtype.
+
+    Returns:
+        `MergedBlock`. Dropped or weighted, a NaN stays NaN: `first_bad` sees it.
+
+    On CUDA without DARE's masks one Triton launch serves it (`svdfuse.kernels.elementwise`); on
+    the CPU the compiled kernel (csrc/elementwise.cpp), bit for bit `reference.merge_block`'s.
+
+    Example::
+
+        merged = svdfuse.ops.merge_block(W.flatten(1), W0.flatten(), scale=0.3)   # Task Arithmetic
+    """
+    sources = list(sources)
+    acc = reference.compute_dtype(base.dtype) if base.is_floating_point() else torch.float32
+    if weights is None:
+        weights = torch.ones(len(sources), dtype=acc, device=base.device)
+    for name, value in (("scale", scale), ("divisor", divisor), ("drop_rate", drop_rate)):
+        if not math.isfinite(value):
+            raise ValueError(f"merge_block: {name} must be finite, found {value}")
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"merge_block: drop_rate must be in [0, 1), found {drop_rate}")
+    # draws are multiples of 2^-24 compared with float32(drop_rate): the threshold as a count
+    drop = math.ceil(torch.tensor(drop_rate, dtype=torch.float32).item() * 2**24)
+    args = (sources, base, weights, scale, divisor, seeds, start, drop, same_is_zero, add_base, dtype or acc)
+    # Checked here for every backend: the compiled kernel guards only its pointers (csrc/elementwise.cpp).
+    _native.check_merge_block(*args[:3], seeds, start, drop, dtype or acc)
+    if seeds is None and _triton_serves(base):
+        from svdfuse.kernels import elementwise
+
+        return MergedBlock(*elementwise.merge_block(sources, base, weights, scale, divisor, same_is_zero, add_base, dtype or acc))
+    if acc == torch.float64:  # the compiled kernels accumulate in fp32
+        value, differs, zero, bad = reference.merge_block(*args)
+    else:
+        if _native.LOAD_ERROR is not None and not torch.compiler.is_compiling():
+            _native.warn_if_missing()
+        value, differs, zero, bad = torch.ops.svdfuse.merge_block.default(*args)
+    return MergedBlock(value, differs, zero, int(bad))
+
+
+def ties_block(
+    sources: Tensor | Sequence[Tensor],
+    base: Tensor,
+    threshold: Tensor,
+    cutoff: Tensor,
+    *,
+    start: int = 0,
+    keep_none: bool = False,
+    weights: Tensor | None = None,
+    scale: float = 1.0,
+    mean: bool = True,
+    positive: bool = False,
+    same_is_zero: bool = False,
+    add_base: bool = True,
+    dtype: torch.dtype | None = None,
+) -> MergedBlock:
+    """TIES on a block, and its checks, in one read of the block: each source's task vector
+    `τ_i = sources_i − base` keeps the entries with |τ| > threshold[i], or |τ| == threshold[i] and
+    flat index (from `start`) < cutoff[i] (none with `keep_none`); times weights[i]; the sign is
+    elected by their sum (added in source order); the kept values that share it are summed,
+    divided by their count (weighted: by their weights' sum) when `mean`, times `scale`.
+
+    Args:
+        sources: (T, N), or T contiguous tensors (N,); fp32/bf16/fp16/fp64.
+        base: (N,) in the sources' dtype.
+        threshold: (T,) in the accumulation dtype (fp32, fp64 for fp64); cutoff: (T,) int64.
+        start: the flat index of the block's first entry in the trim's scope.
+        positive: where the kept values sum to 0 (or NaN, as torch.sign has it), elect +1.
+        same_is_zero, add_base, dtype: as `merge_block`.
+
+    Returns:
+        `MergedBlock`; a NaN anywhere in an entry's sources makes it NaN, which `first_bad` sees.
+
+    Example::
+
+        merged = svdfuse.ops.ties_block(W.flatten(1), W0.flatten(), threshold, cutoff)
+    """
+    sources = list(sources)
+    acc = reference.compute_dtype(base.dtype) if base.is_floating_point() else torch.float32
+    if not math.isfinite(scale):
+        raise ValueError(f"ties_block: scale must be finite, found {scale}")
+    args = (sources, base, weights, threshold, cutoff, start, keep_none, scale, mean, positive, same_is_zero, add_base, dtype or acc)
+    _native.check_ties_block(sources, base, weights, threshold, cutoff, start, dtype or acc)
+    if acc == torch.float64:  # the compiled kernels accumulate in fp32
+        value, differs, zero, bad = reference.ties_block(*args)
+    else:
+        if _native.LOAD_ERROR is not None and not torch.compiler.is_compiling():
+            _native.warn_if_missing()
+        value, differs, zero, bad = torch.ops.svdfuse.ties_block.default(*args)
+    return MergedBlock(value, differs, zero, int(bad))
+
+
+def trim_bracket(taus: Tensor | Sequence[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per source, how many |τ| lie above hi[i], and the |τ| in [lo[i], hi[i]]: the bracket pass of
+    the exact trim (`svdfuse.methods.trim`), every source in one pass.
+
+    Args:
+        taus: (T, N) fp32 task vectors, or T contiguous tensors (N,).
+        lo, hi: (T,) fp32 bounds of each source's bracket.
+
+    Returns:
+        above (T,) int64, counts (T,) int64, values (counts.sum(),) fp32 and their flat indices
+        (int64): source 0's in flat order, then source 1's, ...
+
+    Example::
+
+        above, counts, values, index = svdfuse.ops.trim_bracket(tau.flatten(1), lo, hi)
+    """
+    taus = list(taus)
+    _native.check_trim_bracket(taus, lo, hi)
+    if lo.device.type != "cpu" or _native.LOAD_ERROR is not None:
+        return reference.trim_bracket(taus, lo, hi)
+    return torch.ops.svdfuse.trim_bracket.default(taus, lo, hi)

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 
 from svdfuse.methods import Block, Factors, Kind, Method
+from svdfuse.methods.elementwise import MEAN, Linear, Ties, fused
 from svdfuse.methods.trim import TRIM_SHARE, Trim, TrimScope, exact_trim
 from svdfuse.ops import SVDOptions
 from svdfuse.plan import ModelTrim, Role, Task, TensorSpec
 from svdfuse.reference import compute_dtype
 from svdfuse.result import LayerReport
 from svdfuse.sinks import LowRank
-from svdfuse.sources import ComponentCache, Reader, SourceError
+from svdfuse.sources import ComponentCache, MappingSource, Reader, Source, SourceError
 
 
 @dataclass(frozen=True)
@@ -122,29 +123,73 @@ class Compute:
         self.progress.advance((self.T + 1) * spec.nbytes)
         yield Merged(spec, 0, base)
 
-    def _blocks(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor, check: bool) -> Iterator[tuple[int, int, Tensor, Tensor]]:
-        """(start row, stop row, base rows, source rows) of `spec`, read into the buffers; with
-        `check`, noting which sources differ from the base and refusing all-zero ones."""
-        zero, base_zero = [check] * self.T, check  # all zeros so far (checked only while it matters)
+    def _reads(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+        """(start row, stop row, base rows, source rows) of `spec`, read into the buffers, the next
+        block asked of the disk while this one is computed."""
         for start in range(0, spec.rows, block):
             stop = min(start + block, spec.rows)
             if stop < spec.rows:
                 self.reader.prefetch(spec.key, stop, min(stop + block, spec.rows))
             w0, w = W0[: stop - start], W[:, : stop - start]
             self.reader.base_rows(spec.key, start, stop, w0)
-            base_zero = base_zero and not bool(w0.any())
             for i in range(self.T):
                 self.reader.source_rows(i, spec.key, start, stop, w[i])
-                if check and not self.progress.differs[i]:
-                    self.progress.differs[i] = not torch.equal(w[i], w0)
-                zero[i] = zero[i] and not bool(w[i].any())
             yield start, stop, w0, w
-        if not base_zero:
-            self._refuse_zero(spec, [i for i in range(self.T) if zero[i]])
 
-    def _refuse_zero(self, spec: TensorSpec, zero: list[int]) -> None:
+    def _views(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor) -> Iterator[tuple[int, int, Tensor, list[Tensor]]]:
+        """(start row, stop row, base entries, every source's entries) of `spec`'s row blocks, flat:
+        views of a tensor held in memory in the buffers' dtype (nothing to convert, so no copy:
+        a copy per source is a parallel op, which a busy machine makes slow), the rest read into
+        the buffers. For reading only: a view is the caller's tensor."""
+        c = spec.row_numel
+        held = [self._held(source, spec) for source in (self.reader.base, *self.reader.sources)]
+        for start in range(0, spec.rows, block):
+            stop = min(start + block, spec.rows)
+            if stop < spec.rows:
+                self.reader.prefetch(spec.key, stop, min(stop + block, spec.rows))
+            rows = []
+            for i, t in enumerate(held):
+                if t is not None:
+                    rows.append(t[start * c : stop * c])
+                    continue
+                if i == 0:
+                    out = self.reader.base_rows(spec.key, start, stop, W0[: stop - start])
+                else:
+                    out = self.reader.source_rows(i - 1, spec.key, start, stop, W[i - 1, : stop - start])
+                rows.append(out.reshape(-1))
+            yield start, stop, rows[0], rows[1:]
+
+    def _held(self, source: Source, spec: TensorSpec) -> Tensor | None:
+        """`spec`'s entries of an in-memory source, flat, where the reader would copy them unchanged."""
+        if not isinstance(source, MappingSource) or spec.key not in source:
+            return None
+        t = source.get(spec.key)
+        same = t.dtype == spec.out_dtype and self.reader.dtype in (None, t.dtype)
+        return t.reshape(-1) if same and t.device == self.device and t.is_contiguous() else None
+
+    def _blocks(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor, check: bool) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+        """`_reads`; with `check`, noting which sources differ from the base and refusing all-zero ones."""
+        zero = torch.ones(self.T + 1, dtype=torch.bool)  # all zeros so far, the base's last
+        for start, stop, w0, w in self._reads(spec, block, W0, W):
+            if check:  # the fused pass's flags, its mean unused: one read instead of 2T ops
+                flags = MEAN.merge_block(w.reshape(self.T, -1), w0.reshape(-1), Block(spec.key, 0, 0), add_base=False)
+                self._note(flags.differs, flags.zero, zero)
+            yield start, stop, w0, w
+        if check:
+            self._refuse_zero(spec, zero)
+
+    def _note(self, differs: Tensor, zero_here: Tensor, zero: Tensor) -> None:
+        """Record a block's flags: `differs` (T,), `zero_here` (T + 1,) into the tensor's `zero`."""
+        self.progress.differs[:] = [a or bool(b) for a, b in zip(self.progress.differs, differs.tolist())]
+        zero &= zero_here.cpu()
+
+    def _refuse_zero(self, spec: TensorSpec, zero: Tensor | list[int]) -> None:
         """A source whose tensor is all zeros where the base's is not is a checkpoint that was never
-        written or was corrupted, not a fine-tune: merging it would subtract the base."""
+        written or was corrupted, not a fine-tune: merging it would subtract the base.
+
+        zero: the ids of all-zero sources, or flags (T + 1,), the base's last."""
+        if isinstance(zero, Tensor):
+            zero = [] if bool(zero[-1]) else zero[:-1].nonzero()[:, 0].tolist()
         if zero:
             source = self.reader.sources[zero[0]]
             raise SourceError(
@@ -153,9 +198,18 @@ class Compute:
                 + "; a fine-tuned model holds the base's weights plus a change: is this checkpoint complete?"
             )
 
-    def _taus(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor, offset: int = 0) -> Iterator[tuple[int, Tensor]]:
-        """(flat index of the block's first entry + offset, task vectors of the block) over `spec`, a trim pass."""
-        return ((offset + start * spec.row_numel, self._task_vectors(w, w0)) for start, _, w0, w in self._blocks(spec, block, W0, W, check=False))
+    def _taus(self, spec: TensorSpec, block: int, offset: int = 0) -> Iterator[tuple[int, Tensor]]:
+        """(flat index of the block's first entry + offset, task vectors of the block (T, R, c)) over `spec`, a trim pass."""
+        rows, c = min(block, spec.rows), spec.row_numel
+        W0 = torch.empty((rows, c), dtype=spec.out_dtype, device=self.device)
+        W = torch.empty((self.T, rows, c), dtype=spec.out_dtype, device=self.device)
+        for start, stop, w0, w in self._views(spec, block, W0, W):
+            yield offset + start * c, self._stacked_taus(w, w0).reshape(self.T, stop - start, c)
+
+    def _stacked_taus(self, w: list[Tensor], w0: Tensor) -> Tensor:
+        """The task vectors (T, N) of a block's entries, in the accumulation dtype."""
+        acc = compute_dtype(w0.dtype)
+        return self._task_vectors(torch.stack(w).to(acc), w0.to(acc))
 
     def _whole_model_trim(self, spec: TensorSpec) -> Trim:
         """Tensor `spec`'s view of the whole-model trim; the first call finds it, in passes over
@@ -165,10 +219,7 @@ class Compute:
             def taus() -> Iterator[tuple[int, Tensor]]:
                 for task in scope.tasks:
                     each = task.specs[0]
-                    rows = min(task.block, each.rows)
-                    W0 = torch.empty((rows, each.row_numel), dtype=scope.dtype, device=self.device)
-                    W = torch.empty((self.T, rows, each.row_numel), dtype=scope.dtype, device=self.device)
-                    yield from self._taus(each, task.block, W0, W, scope.offsets[each.key])
+                    yield from self._taus(each, task.block, scope.offsets[each.key])
 
             limit = int(TRIM_SHARE * self.budget) // scope.dtype.itemsize
             options = self.trim_options
@@ -176,44 +227,79 @@ class Compute:
         return dataclasses.replace(self._model_trim, offset=scope.offsets[spec.key])
 
     def _elementwise(self, spec: TensorSpec, block: int) -> Iterator[Merged]:
-        method = self.method if self.method.kind is Kind.ELEMENTWISE else None
-        context: dict[str, Any] = {"svd": self.svd, **self.params}
-        options = self.trim_options if method is not None else None
-        if options is not None and options.scope is TrimScope.MODEL:  # before this task's buffers: one piece at a time
-            context["trim"] = self._whole_model_trim(spec)
+        if self.method.kind is Kind.ELEMENTWISE:
+            terms = fused(self.method, self.T, self.params)
+        else:
+            terms = MEAN if self.method.others is None else None
+        if terms is None:
+            yield from self._others(spec, block)
+        else:
+            yield from self._fused(spec, block, terms)
+
+    def _others(self, spec: TensorSpec, block: int) -> Iterator[Merged]:
+        """A tensor not merged as a matrix by a matrix method with its own rule for them (`others`)."""
         acc = compute_dtype(spec.out_dtype)
         c = spec.row_numel
         W0 = torch.empty((min(block, spec.rows), c), dtype=acc, device=self.device)
         W = torch.empty((self.T, min(block, spec.rows), c), dtype=acc, device=self.device)
-        # (start, stop, base rows, task vectors): formed in place, the sources' rows are not kept.
-        pieces = ((start, stop, w0, self._task_vectors(w, w0)) for start, stop, w0, w in self._blocks(spec, block, W0, W, check=True))
-        if options is not None and options.scope is TrimScope.TENSOR:
-            if spec.rows <= block:  # one piece: read it once, trim and merge it in memory
-                resident = list(pieces)  # read to the end: the generator's checks run
-                pieces = iter(resident)
-                taus = lambda: iter([(0, resident[0][3])])  # noqa: E731
-            else:
-                taus = lambda: self._taus(spec, block, W0, W)  # noqa: E731
-            limit = int(TRIM_SHARE * self.budget) // acc.itemsize  # values bracketing the thresholds
-            context["trim"] = exact_trim(taus, spec.rows * c, self.T, options.density, acc, limit=limit, keep_rule=options.keep)
+        for start, stop, w0, w in self._blocks(spec, block, W0, W, check=True):
+            delta = self.method.call(self.method.others, self._task_vectors(w, w0), **self.params)
+            self.progress.advance((self.T + 1) * (stop - start) * c * spec.dtype.itemsize)
+            out = delta.add_(w0).to(spec.out_dtype)
+            self._check_merged(spec, start, stop, out)
+            yield Merged(spec, start, out.reshape((stop - start, *spec.shape[1:]) if spec.shape else ()))
+
+    def _trim(self, spec: TensorSpec, block: int) -> Trim | None:
+        """The trim of a tensor of a trimming method, found in passes over its blocks; None where
+        the tensor is one block, which is trimmed from what its merge reads."""
+        options = self.trim_options
+        if options.scope is TrimScope.MODEL:
+            return self._whole_model_trim(spec)
+        if spec.rows <= block:
+            return None
+        return self._tensor_trim(spec, lambda: self._taus(spec, block))
+
+    def _tensor_trim(self, spec: TensorSpec, taus: Callable[[], Iterator[tuple[int, Tensor]]]) -> Trim:
+        acc = compute_dtype(spec.out_dtype)
+        limit = int(TRIM_SHARE * self.budget) // acc.itemsize  # values bracketing the thresholds
+        options = self.trim_options
+        return exact_trim(taus, spec.rows * spec.row_numel, self.T, options.density, acc, limit=limit, keep_rule=options.keep)
+
+    def _fused(self, spec: TensorSpec, block: int, terms: Linear | Ties) -> Iterator[Merged]:
+        """One fused op per row block (`merge_block`, `ties_block`): the sources are read in the
+        output dtype (the merge's cast, if any, made by the reader) and never copied again."""
+        trim = self._trim(spec, block) if isinstance(terms, Ties) else None
+        c, rows = spec.row_numel, min(block, spec.rows)
+        acc = compute_dtype(spec.out_dtype)
+        W0 = torch.empty((rows, c), dtype=spec.out_dtype, device=self.device)
+        W = torch.empty((self.T, rows, c), dtype=spec.out_dtype, device=self.device)
         whole = whole0 = None
         if spec.role is Role.MATRIX and spec.k is not None and self.want_factors:
             # the whole delta, for its SVD, and the base beside it (a matrix kept in memory anyway)
             whole, whole0 = (torch.empty((spec.rows, c), dtype=acc, device=self.device) for _ in range(2))
-        for start, stop, w0, tau in pieces:
-            if method is None:  # a tensor not merged as a matrix by a matrix method
-                others = self.method.others
-                delta = tau.mean(0) if others is None else self.method.call(others, tau, **self.params)
-            else:
-                delta = method.call(method.merge, tau, block=Block(spec.key, start * c, self.svd.seed), **context)
+        zero = torch.ones(self.T + 1, dtype=torch.bool)
+        for start, stop, w0, w in self._views(spec, block, W0, W):
+            context = {}
+            if isinstance(terms, Ties):
+                if trim is None:  # one block: trimmed from what was just read
+                    tau = self._stacked_taus(w, w0)
+                    trim = self._tensor_trim(spec, lambda: iter([(0, tau)]))  # noqa: B023
+                    del tau
+                context["trim"] = trim
+            merged = terms.merge_block(
+                w, w0, Block(spec.key, start * c, self.svd.seed), **context,
+                same_is_zero=self.allow_non_finite, add_base=whole is None, dtype=acc if whole is not None else spec.out_dtype,
+            )  # fmt: skip
+            self._note(merged.differs, merged.zero, zero)
             self.progress.advance((self.T + 1) * (stop - start) * c * spec.dtype.itemsize)
             if whole is not None:
-                whole[start:stop], whole0[start:stop] = delta, w0
+                whole[start:stop], whole0[start:stop] = merged.value.reshape(-1, c), w0.reshape(-1, c)
                 continue
-            out = delta.add_(w0).to(spec.out_dtype)
-            self._check_merged(spec, start, stop, out)
+            if merged.first_bad >= 0 and not self.allow_non_finite:
+                self._refuse_non_finite(spec, start, stop, merged.value)
             layer = LayerReport(spec.key, spec.shape, 0, None) if spec.role is Role.MATRIX and start == 0 else None
-            yield Merged(spec, start, out.reshape((stop - start, *spec.shape[1:]) if spec.shape else ()), layer)
+            yield Merged(spec, start, merged.value.reshape((stop - start, *spec.shape[1:]) if spec.shape else ()), layer)
+        self._refuse_zero(spec, zero)
         if whole is not None:
             factors, rest = _adaptable(whole[None], spec.k, self.svd)
             yield self._low_rank(spec, whole0 if rest is None else whole0.add_(rest[0]), factors, 0, rest is not None)
@@ -231,8 +317,10 @@ class Compute:
     def _check_merged(self, spec: TensorSpec, start: int, stop: int, out: Tensor) -> None:
         """Refuse a merged value that is not finite, naming the source that holds one or the rows
         that overflowed; unless the merge allows it (masks stored as -inf, say)."""
-        if self.allow_non_finite or bool(torch.isfinite(out).all()):
-            return
+        if not (self.allow_non_finite or bool(torch.isfinite(out).all())):
+            self._refuse_non_finite(spec, start, stop, out)
+
+    def _refuse_non_finite(self, spec: TensorSpec, start: int, stop: int, out: Tensor) -> None:
         why = self.reader.non_finite(spec.key, start, stop, spec.shape)
         if why is not None:
             raise SourceError(why)

@@ -238,3 +238,109 @@ def reorthogonalize(U_s: Tensor, S_s: Tensor, V_s: Tensor) -> tuple[Tensor, Tens
     core = (Ru * S_s.to(acc).unsqueeze(-2)) @ Rv.mT
     Uc, S_t, Vch = linalg.svd(core)
     return Qu @ Uc, S_t, Qv @ Vch.mT
+
+
+# DARE's draws come in chunks of a tensor's flat index space, each chunk from its own seeded CPU
+# generator (svdfuse.methods.elementwise.survivors names the seeds).
+DARE_CHUNK = 1 << 16
+
+
+def dare_keep(seeds: Tensor, start: int, numel: int, drop: int) -> Tensor:
+    """DARE's keep-mask of `numel` entries from flat index `start`: entry j survives iff the uniform
+    draw torch.rand makes for it is >= drop / 2^24. seeds: (chunks,) int64, one per chunk
+    `DARE_CHUNK` from chunk start // DARE_CHUNK on. Returns bool (numel,), on the CPU."""
+    first = start // DARE_CHUNK
+    draws = torch.cat([torch.rand(DARE_CHUNK, generator=torch.Generator().manual_seed(int(s))) for s in seeds.tolist()])
+    return draws[start - first * DARE_CHUNK :][:numel] >= drop / 2**24
+
+
+def merge_block(
+    sources: list[Tensor],
+    base: Tensor,
+    weights: Tensor,
+    scale: float,
+    divisor: float,
+    seeds: Tensor | None,
+    start: int,
+    drop: int,
+    same_is_zero: bool,
+    add_base: bool,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`svdfuse.ops.merge_block`, op by op: the task vectors, weighted, masked, summed, divided,
+    scaled, the base added, cast; and the block's flags."""
+    acc = compute_dtype(base.dtype)
+    x, x0 = torch.stack(sources).to(acc) if sources else base.new_empty((0, base.shape[0]), dtype=acc), base.to(acc)
+    tau = x - x0
+    if same_is_zero:
+        tau = tau.masked_fill(x == x0, 0.0)
+    tau = tau * weights.to(acc)[:, None]
+    if seeds is not None:
+        tau = tau * torch.stack([dare_keep(s, start, x.shape[1], drop) for s in seeds]).to(tau.device)
+    merged = _in_order(tau) / torch.tensor(divisor, dtype=acc) * torch.tensor(scale, dtype=acc)
+    out = (merged + x0 if add_base else merged).to(dtype)
+    differs = (x != x0).any(1)
+    zero = torch.cat([(x == 0).all(1), (x0 == 0).all()[None]])
+    bad = (~torch.isfinite(out)).nonzero()
+    first_bad = bad[0, 0] if len(bad) else torch.tensor(-1)
+    return out, differs, zero, first_bad.to(device=x.device, dtype=torch.int64)
+
+
+def _in_order(terms: Tensor) -> Tensor:
+    """The sum over the first dim added in order, as the kernels add (torch.sum may pair terms)."""
+    total = torch.zeros(terms.shape[1:], dtype=terms.dtype, device=terms.device)
+    for t in terms:
+        total = total + t
+    return total
+
+
+def ties_block(
+    sources: list[Tensor],
+    base: Tensor,
+    weights: Tensor | None,
+    threshold: Tensor,
+    cutoff: Tensor,
+    start: int,
+    keep_none: bool,
+    scale: float,
+    mean: bool,
+    positive: bool,
+    same_is_zero: bool,
+    add_base: bool,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`svdfuse.ops.ties_block`, op by op: trim, weight, elect, combine the agreeing values; flags."""
+    acc = compute_dtype(base.dtype)
+    x, x0 = torch.stack(sources).to(acc) if sources else base.new_empty((0, base.shape[0]), dtype=acc), base.to(acc)
+    tau = x - x0
+    if same_is_zero:
+        tau = tau.masked_fill(x == x0, 0.0)
+    a = tau.abs()
+    index = torch.arange(start, start + x.shape[1], device=x.device)
+    keep = (a > threshold[:, None]) | ((a == threshold[:, None]) & (index < cutoff[:, None]))
+    t = tau * (keep & (not keep_none))
+    if weights is not None:
+        t = t * weights[:, None]
+    elected = _in_order(t).sign()
+    if positive:
+        elected[elected == 0] = 1
+    agree = (t * elected) > 0
+    merged = _in_order(t * agree)
+    if mean:
+        count = _in_order(agree.to(acc) * (1.0 if weights is None else weights[:, None]))
+        merged = merged / count.masked_fill(count == 0, 1)
+    merged = merged * torch.tensor(scale, dtype=acc)
+    out = (merged + x0 if add_base else merged).to(dtype)
+    differs = (x != x0).any(1)
+    zero = torch.cat([(x == 0).all(1), (x0 == 0).all()[None]])
+    bad = (~torch.isfinite(out)).nonzero()
+    first_bad = bad[0, 0] if len(bad) else torch.tensor(-1)
+    return out, differs, zero, first_bad.to(device=x.device, dtype=torch.int64)
+
+
+def trim_bracket(taus: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`svdfuse.ops.trim_bracket`, op by op."""
+    a = torch.stack(taus).abs() if taus else lo.new_empty((0, 0))
+    above = (a > hi[:, None]).sum(1)
+    within = (a >= lo[:, None]) & (a <= hi[:, None])
+    return above, within.sum(1), a[within], within.nonzero()[:, 1]

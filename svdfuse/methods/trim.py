@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from svdfuse import ops
+
 __all__ = ["Trim", "TrimScope", "TrimKeep", "TrimOptions", "trim_options", "kept_entries", "exact_trim", "TRIM_SHARE"]
 
 # Share of a merge's memory budget that the values bracketing the thresholds may take (the
@@ -123,13 +125,14 @@ def _sample(blocks: Blocks, numel: int, sources: int, size: int) -> Tensor:
     parts = []
     for start, tau in blocks():
         first = (-start) % stride
-        parts.append(torch.stack([tau[i].reshape(-1)[first::stride].abs().float().cpu() for i in range(sources)]))
+        parts.append(tau.reshape(sources, -1)[:, first::stride].abs().float().cpu())
     return torch.cat(parts, 1)
 
 
-def _bracketed(blocks: Blocks, numel: int, sources: int, keep: int, limit: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(threshold, entries above it, entries equal to it) per source from a sample's bracket, or
-    None where the bracket missed."""
+def _bracketed(blocks: Blocks, numel: int, sources: int, keep: int, limit: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """(threshold, entries above it, entries equal to it, flat index just past the `keep - above`-th
+    entry equal to it) per source from a sample's bracket, or None where the bracket missed. Every
+    entry equal to a threshold lies in its bracket, so the cutoff needs no pass of its own."""
     # The sample and its order statistics take at most a quarter of what the bracket may hold.
     sample = _sample(blocks, numel, sources, min(_SAMPLE, max(1024, limit // (8 * sources))))
     size = sample.shape[1]
@@ -140,34 +143,35 @@ def _bracketed(blocks: Blocks, numel: int, sources: int, keep: int, limit: int) 
     hi = sample.kthvalue(size - hi_at, dim=1).values if hi_at >= 0 else torch.full((sources,), math.inf)
     lo = sample.kthvalue(size - lo_at, dim=1).values if lo_at < size else torch.full((sources,), -1.0)
     above = torch.zeros(sources, dtype=torch.int64)
-    inside: list[list[Tensor]] = [[] for _ in range(sources)]
+    inside: list[tuple[Tensor, Tensor, list[int]]] = []  # per block: values inside and their flat indices, source by source, and counts
     held = 0
-    scratch = None  # |τ| of one source's block, reused: a fresh one per source costs its page faults
-    for _, tau in blocks():
-        for i in range(sources):
-            need = tau[i].numel()
-            if scratch is None or scratch.numel() < need:
-                scratch = torch.empty(need, dtype=tau.dtype, device=tau.device)
-            a = torch.abs(tau[i].reshape(-1), out=scratch[:need])
-            h, low = hi[i].item(), lo[i].item()
-            above[i] += int((a > h).sum())
-            chosen = a[(a >= low) & (a <= h)]
-            held += chosen.numel()
-            if held > limit:
-                return None  # too many values inside: leave it to the radix select
-            inside[i].append(chosen.cpu())
+    for start, tau in blocks():
+        # every source in one op: a parallel region per block, never one per source
+        flat = tau.reshape(sources, -1)
+        up, counts, values, index = ops.trim_bracket(flat, lo.to(flat.device), hi.to(flat.device))
+        above += up.cpu()
+        held += 3 * values.numel()  # a value and its int64 index
+        if held > limit:
+            return None  # too many values inside: leave it to the radix select
+        inside.append((values.cpu(), index.cpu() + start, counts.tolist()))  # source 0's first
+    parts = [(values.split(counts), index.split(counts)) for values, index, counts in inside]
     threshold = torch.empty(sources, dtype=torch.float64)
     greater, equal = above.clone(), torch.zeros(sources, dtype=torch.int64)
+    cutoff = torch.full((sources,), numel, dtype=torch.int64)
     for i in range(sources):
-        values = torch.cat(inside[i]) if inside[i] else torch.empty(0)
+        values = torch.cat([p[0][i] for p in parts]) if parts else torch.empty(0)
         rank = keep - int(above[i])  # the threshold is the rank-th largest inside the bracket
         if not 1 <= rank <= values.numel():
             return None
         t = values.kthvalue(values.numel() - rank + 1).values
         threshold[i] = t.double()
         greater[i] += int((values > t).sum())
-        equal[i] = int((values == t).sum())
-    return threshold, greater, equal
+        at = (values == t).nonzero()[:, 0]
+        equal[i] = len(at)
+        need = keep - int(greater[i])
+        if need < len(at):  # need >= 1 (rank >= 1); blocks come in order, each block's values in flat order
+            cutoff[i] = int(torch.cat([p[1][i] for p in parts])[at[need - 1]]) + 1
+    return threshold, greater, equal, cutoff
 
 
 def _radix(blocks: Blocks, sources: int, keep: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -215,7 +219,12 @@ def exact_trim(
     if keep >= numel:
         return Trim(torch.zeros(sources, dtype=dtype), torch.full((sources,), numel, dtype=torch.int64))
     found = _bracketed(blocks, numel, sources, keep, limit) if dtype == torch.float32 else None
-    threshold, greater, equal = found if found is not None else _radix(blocks, sources, keep, dtype)
+    if found is not None:
+        threshold, _, _, cutoff = found
+        if keep_rule is TrimKeep.INCLUSIVE:
+            cutoff = torch.full((sources,), numel, dtype=torch.int64)
+        return Trim(threshold.to(dtype), cutoff)
+    threshold, greater, equal = _radix(blocks, sources, keep, dtype)
     threshold = threshold.to(dtype)
     need = keep - greater  # how many entries equal to the threshold survive
     cutoff = torch.full((sources,), numel, dtype=torch.int64)

@@ -1,0 +1,469 @@
+// The CPU kernel of torch.ops.svdfuse.merge_block: one pass over a row block of T sources and the
+// base computing the weighted (DARE: masked) sum of the task vectors in source order, divided and
+// scaled, the base added back, and the block's checks (which sources differ from the base, which
+// are all zeros, the first non-finite output). The schema, the pure-torch default kernel (svdfuse/reference.py: merge_block, the
+// oracle) and the fake impl are defined in svdfuse/_native.py.
+//
+// Memory-bound: the block is read once. One parallel region per call over units of the flat index
+// (DARE's 65536-entry chunks, so a unit seeds its own generators); inside a unit each thread
+// streams every source through a tile of kTile entries whose fp32 accumulator stays in L1.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace svdfuse {
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;  // DARE's chunk of seeded draws: svdfuse/methods/elementwise.py _CHUNK
+constexpr int64_t kTile = 2048;
+
+// at::mt19937, the generator of torch.rand on the CPU: the same seeding and tempering, so a chunk's
+// draws are torch.rand(65536, generator=torch.Generator().manual_seed(seed))'s, bit for bit.
+class MT19937 {
+ public:
+  void seed(uint64_t seed) {
+    state_[0] = static_cast<uint32_t>(seed & 0xffffffffu);
+    for (uint32_t j = 1; j < kN; ++j) {
+      state_[j] = 1812433253u * (state_[j - 1] ^ (state_[j - 1] >> 30)) + j;
+    }
+    next_ = kN;
+  }
+
+  // In runs of the state: the twist and the tempering are then plain loops the compiler vectorizes.
+  void fill(uint32_t* out, int64_t n) {
+    while (n > 0) {
+      if (next_ == kN) {
+        twist();
+      }
+      const int64_t run = std::min<int64_t>(n, kN - next_);
+      const uint32_t* s = state_.data() + next_;
+      for (int64_t j = 0; j < run; ++j) {
+        uint32_t y = s[j];
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c5680u;
+        y ^= (y << 15) & 0xefc60000u;
+        out[j] = y ^ (y >> 18);
+      }
+      next_ += static_cast<uint32_t>(run);
+      out += run;
+      n -= run;
+    }
+  }
+
+  void discard(int64_t n) {
+    std::array<uint32_t, kTile> sink;
+    for (; n > 0; n -= kTile) {
+      fill(sink.data(), std::min(n, kTile));
+    }
+  }
+
+ private:
+  static constexpr uint32_t kN = 624, kM = 397;
+  static uint32_t mix(uint32_t u, uint32_t v) {
+    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ (0u - (v & 1u) & 0x9908b0dfu);
+  }
+  void twist() {
+    uint32_t j = 0;
+    for (; j < kN - kM; ++j) state_[j] = state_[j + kM] ^ mix(state_[j], state_[j + 1]);
+    for (; j < kN - 1; ++j) state_[j] = state_[j + kM - kN] ^ mix(state_[j], state_[j + 1]);
+    state_[kN - 1] = state_[kM - 1] ^ mix(state_[kN - 1], state_[0]);
+    next_ = 0;
+  }
+  std::array<uint32_t, kN> state_;
+  uint32_t next_ = kN;
+};
+
+struct Args {
+  int64_t T, N, start;
+  const float* weight;
+  float scale, divisor;
+  const int64_t* seeds;  // (T, chunks) for DARE, else nullptr
+  int64_t chunks;
+  uint32_t drop;  // a draw survives iff its 24 low bits >= drop: torch.rand's value >= float32(drop_rate)
+  bool same_is_zero, add_base;
+};
+
+// Flags of one unit: per source "differs from the base" and "has a nonzero", the base's nonzero
+// last; the first non-finite output (flat index) or -1.
+struct Flags {
+  std::vector<uint8_t> differs, nonzero;
+  int64_t bad = -1;
+};
+
+template <typename in_t, typename out_t>
+void merge_unit(const Args& a, const in_t* const* src, const in_t* base, out_t* out, int64_t lo, int64_t hi, Flags& f,
+                std::vector<MT19937>& gens) {
+  const bool dare = a.seeds != nullptr;
+  if (dare) {
+    const int64_t chunk = (a.start + lo) / kChunk, first = a.start / kChunk;
+    for (int64_t i = 0; i < a.T; ++i) {
+      gens[i].seed(static_cast<uint64_t>(a.seeds[i * a.chunks + chunk - first]));
+      gens[i].discard((a.start + lo) - chunk * kChunk);
+    }
+  }
+  alignas(64) float x0[kTile];
+  alignas(64) float acc[kTile];
+  alignas(64) uint32_t draws[kTile];
+  for (int64_t t = lo; t < hi; t += kTile) {
+    const int64_t n = std::min(kTile, hi - t);
+    uint32_t base_nonzero = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      x0[j] = static_cast<float>(base[t + j]);
+      base_nonzero |= x0[j] != 0.0f;
+      acc[j] = 0.0f;  // torch's sum starts from +0: a lone -0 task vector sums to +0
+    }
+    f.nonzero[a.T] |= base_nonzero;
+    for (int64_t i = 0; i < a.T; ++i) {
+      const in_t* x = src[i] + t;
+      const float w = a.weight[i];
+      uint32_t differs = 0, nonzero = 0;
+      if (dare) {
+        gens[i].fill(draws, n);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const float xi = static_cast<float>(x[j]);
+        differs |= xi != x0[j];
+        nonzero |= xi != 0.0f;
+        float d = xi - x0[j];
+        if (a.same_is_zero && xi == x0[j]) {
+          d = 0.0f;  // an infinite entry equal to the base's is no change (inf - inf would be NaN)
+        }
+        d *= w;
+        if (dare) {
+          d *= (draws[j] & 0xffffffu) >= a.drop ? 1.0f : 0.0f;  // a multiply: a dropped NaN stays NaN
+        }
+        acc[j] += d;
+      }
+      f.differs[i] |= differs;
+      f.nonzero[i] |= nonzero;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = acc[j] / a.divisor * a.scale;
+      out[t + j] = static_cast<out_t>(a.add_base ? v + x0[j] : v);
+    }
+    if (f.bad < 0) {
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = static_cast<float>(out[t + j]);
+        if (!(v - v == 0.0f)) {  // NaN or ±inf
+          f.bad = t + j;
+          break;
+        }
+      }
+    }
+  }
+}
+
+template <typename in_t, typename out_t>
+void merge_all(const Args& a, const in_t* const* src, const in_t* base, out_t* out, std::vector<Flags>& flags) {
+  const int64_t first = a.start / kChunk;
+  const int64_t units = static_cast<int64_t>(flags.size());
+  at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
+    std::vector<MT19937> gens(a.seeds != nullptr ? a.T : 0);
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t lo = std::max<int64_t>(0, (first + u) * kChunk - a.start);
+      const int64_t hi = std::min<int64_t>(a.N, (first + u + 1) * kChunk - a.start);
+      merge_unit(a, src, base, out, lo, hi, flags[u], gens);
+    }
+  });
+}
+
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The full checks, with their messages, are the Python ones (svdfuse/_native.py), run by the
+// svdfuse.ops front door; these guard the pointers below.
+void guard(const char* op, at::TensorList sources, const at::Tensor& base, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(base.dim() == 1, op, ": base must be (N,), found ", base.sizes());
+  for (const at::Tensor& x : sources) {
+    TORCH_CHECK_VALUE(x.dim() == 1 && x.size(0) == base.size(0) && x.is_contiguous(), op,
+                      ": each source must be contiguous (N,) = [", base.size(0), "], found ", x.sizes());
+    TORCH_CHECK_TYPE(x.scalar_type() == base.scalar_type(), op, ": every source must have the base's dtype");
+  }
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                   ": dtype must be float32, bfloat16 or float16");
+}
+
+// Runs body(source pointers, base pointer, output pointer) with the types of the call.
+template <typename Body>
+void dispatch(const char* op, at::TensorList sources, const at::Tensor& base, at::Tensor& out, Body body) {
+  const auto run = [&](auto in_tag) {
+    using in_t = decltype(in_tag);
+    std::vector<const in_t*> x(sources.size());
+    for (size_t i = 0; i < sources.size(); ++i) {
+      x[i] = static_cast<const in_t*>(sources[i].const_data_ptr());
+    }
+    const in_t* x0 = static_cast<const in_t*>(base.const_data_ptr());
+    switch (out.scalar_type()) {
+      case at::kFloat: return body(x.data(), x0, out.mutable_data_ptr<float>());
+      case at::kBFloat16: return body(x.data(), x0, out.mutable_data_ptr<c10::BFloat16>());
+      default: return body(x.data(), x0, out.mutable_data_ptr<c10::Half>());
+    }
+  };
+  switch (base.scalar_type()) {
+    case at::kFloat: return run(float{});
+    case at::kBFloat16: return run(c10::BFloat16{});
+    case at::kHalf: return run(c10::Half{});
+    default: TORCH_CHECK_TYPE(false, op, ": sources must be float32, bfloat16 or float16, found ", base.scalar_type());
+  }
+}
+
+std::vector<Flags> new_flags(int64_t units, int64_t T) {
+  std::vector<Flags> flags(std::max<int64_t>(0, units));
+  for (Flags& f : flags) {
+    f.differs.assign(T, 0);
+    f.nonzero.assign(T + 1, 0);
+  }
+  return flags;
+}
+
+Result finish(const std::vector<Flags>& flags, int64_t T, const at::Tensor& out) {
+  at::Tensor differs = at::zeros({T}, out.options().dtype(at::kBool));
+  at::Tensor zero = at::ones({T + 1}, out.options().dtype(at::kBool));
+  bool* d = differs.mutable_data_ptr<bool>();
+  bool* z = zero.mutable_data_ptr<bool>();
+  int64_t bad = -1;
+  for (const Flags& f : flags) {
+    for (int64_t i = 0; i < T; ++i) d[i] = d[i] || f.differs[i];
+    for (int64_t i = 0; i <= T; ++i) z[i] = z[i] && !f.nonzero[i];
+    if (bad < 0) bad = f.bad;
+  }
+  return {out, differs, zero, at::scalar_tensor(bad, out.options().dtype(at::kLong))};
+}
+
+Result merge_block_cpu(at::TensorList sources, const at::Tensor& base, const at::Tensor& weights, double scale,
+                       double divisor, const std::optional<at::Tensor>& seeds, int64_t start, int64_t drop,
+                       bool same_is_zero, bool add_base, at::ScalarType dtype) {
+  guard("merge_block", sources, base, dtype);
+  const int64_t T = static_cast<int64_t>(sources.size()), N = base.size(0);
+  TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat && weights.numel() == T, "merge_block: weights must be float32 (T,)");
+  const at::Tensor b = base.contiguous(), w = weights.contiguous();
+  const at::Tensor s = seeds ? seeds->contiguous() : at::Tensor();
+  const int64_t first = start / kChunk, last = (start + N + kChunk - 1) / kChunk;
+  if (seeds) {
+    TORCH_CHECK_VALUE(s.scalar_type() == at::kLong && s.dim() == 2 && s.size(0) == T && s.size(1) == last - first,
+                      "merge_block: seeds must be int64 (T, chunks) = [", T, ", ", last - first, "], found ", s.sizes());
+  }
+  const Args a{T, N, start, w.const_data_ptr<float>(), static_cast<float>(scale), static_cast<float>(divisor),
+               seeds ? s.const_data_ptr<int64_t>() : nullptr, last - first, static_cast<uint32_t>(drop), same_is_zero,
+               add_base};
+  at::Tensor out = at::empty({N}, base.options().dtype(dtype));
+  std::vector<Flags> flags = new_flags(last - first, T);
+  dispatch("merge_block", sources, b, out, [&](const auto* x, const auto* x0, auto* o) { merge_all(a, x, x0, o, flags); });
+  return finish(flags, T, out);
+}
+
+// TIES on a block: each source's task vector trimmed to its survivors (|τ| > threshold, or equal
+// and before the cutoff in the scope's flat order), weighted, the sign elected by their sum, and
+// the values that agree with it combined (their weighted mean or sum). The T trimmed values of a
+// tile are kept for the second pass: a tile holds kTiesBytes of them, whatever T.
+constexpr int64_t kTiesBytes = 1 << 17;
+
+struct TiesArgs {
+  int64_t T, N, start;  // start: the block's first entry's flat index in the trim's scope
+  const float* weight;  // nullptr: unweighted
+  const float* threshold;
+  const int64_t* cutoff;
+  float scale;
+  bool mean, positive, keep_none, same_is_zero, add_base;
+};
+
+template <typename in_t, typename out_t>
+void ties_unit(const TiesArgs& a, const in_t* const* src, const in_t* base, out_t* out, int64_t lo, int64_t hi, Flags& f,
+               std::vector<float>& kept) {
+  const int64_t tile = std::clamp<int64_t>(kTiesBytes / (4 * std::max<int64_t>(a.T, 1)), 64, kTile);
+  kept.resize(static_cast<size_t>(a.T * tile));
+  alignas(64) float x0[kTile];
+  alignas(64) float sum[kTile];
+  alignas(64) float count[kTile];
+  for (int64_t t = lo; t < hi; t += tile) {
+    const int64_t n = std::min(tile, hi - t);
+    uint32_t base_nonzero = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      x0[j] = static_cast<float>(base[t + j]);
+      base_nonzero |= x0[j] != 0.0f;
+      sum[j] = 0.0f;
+    }
+    f.nonzero[a.T] |= base_nonzero;
+    for (int64_t i = 0; i < a.T; ++i) {
+      const in_t* x = src[i] + t;
+      float* k = kept.data() + i * tile;
+      const float thr = a.threshold[i], w = a.weight ? a.weight[i] : 1.0f;
+      // entries at the threshold survive up to the cutoff: [t, edge) of this tile
+      const int64_t edge = std::clamp<int64_t>(a.cutoff[i] - a.start - t, 0, n);
+      uint32_t differs = 0, nonzero = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const float xi = static_cast<float>(x[j]);
+        differs |= xi != x0[j];
+        nonzero |= xi != 0.0f;
+        float d = xi - x0[j];
+        if (a.same_is_zero && xi == x0[j]) {
+          d = 0.0f;
+        }
+        const float m = std::fabs(d);
+        const bool keep = !a.keep_none && (m > thr || (m == thr && j < edge));
+        d *= keep ? 1.0f : 0.0f;  // a multiply: a NaN survives to be reported
+        d *= w;
+        k[j] = d;
+        sum[j] += d;
+      }
+      f.differs[i] |= differs;
+      f.nonzero[i] |= nonzero;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      // torch.sign: a NaN sum elects 0, as does an exact 0; "positive" turns both into +1
+      const float e = static_cast<float>(static_cast<int>(sum[j] > 0.0f) - static_cast<int>(sum[j] < 0.0f));
+      sum[j] = (a.positive && e == 0.0f) ? 1.0f : e;
+      count[j] = 0.0f;
+    }
+    alignas(64) float agreeing[kTile];
+    for (int64_t j = 0; j < n; ++j) agreeing[j] = 0.0f;
+    for (int64_t i = 0; i < a.T; ++i) {
+      const float* k = kept.data() + i * tile;
+      const float w = a.weight ? a.weight[i] : 1.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        const bool agree = k[j] * sum[j] > 0.0f;
+        agreeing[j] += k[j] * (agree ? 1.0f : 0.0f);
+        count[j] += agree ? w : 0.0f;
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      float v = agreeing[j];
+      if (a.mean) {
+        v /= count[j] == 0.0f ? 1.0f : count[j];
+      }
+      v *= a.scale;
+      out[t + j] = static_cast<out_t>(a.add_base ? v + x0[j] : v);
+    }
+    if (f.bad < 0) {
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = static_cast<float>(out[t + j]);
+        if (!(v - v == 0.0f)) {
+          f.bad = t + j;
+          break;
+        }
+      }
+    }
+  }
+}
+
+// Units of kChunk entries, as merge_block's: one parallel region.
+template <typename in_t, typename out_t>
+void ties_all(const TiesArgs& a, const in_t* const* src, const in_t* base, out_t* out, std::vector<Flags>& flags) {
+  at::parallel_for(0, static_cast<int64_t>(flags.size()), 1, [&](int64_t b, int64_t e) {
+    std::vector<float> kept;
+    for (int64_t u = b; u < e; ++u) {
+      ties_unit(a, src, base, out, u * kChunk, std::min(a.N, (u + 1) * kChunk), flags[u], kept);
+    }
+  });
+}
+
+
+Result ties_block_cpu(at::TensorList sources, const at::Tensor& base, const std::optional<at::Tensor>& weights,
+                      const at::Tensor& threshold, const at::Tensor& cutoff, int64_t start, bool keep_none, double scale,
+                      bool mean, bool positive, bool same_is_zero, bool add_base, at::ScalarType dtype) {
+  guard("ties_block", sources, base, dtype);
+  const int64_t T = static_cast<int64_t>(sources.size()), N = base.size(0);
+  TORCH_CHECK_TYPE(!weights || (weights->scalar_type() == at::kFloat && weights->numel() == T),
+                   "ties_block: weights must be float32 (T,)");
+  TORCH_CHECK_TYPE(threshold.scalar_type() == at::kFloat && threshold.numel() == T, "ties_block: threshold must be float32 (T,)");
+  TORCH_CHECK_TYPE(cutoff.scalar_type() == at::kLong && cutoff.numel() == T, "ties_block: cutoff must be int64 (T,)");
+  const at::Tensor b = base.contiguous(), thr = threshold.contiguous(), cut = cutoff.contiguous();
+  const at::Tensor w = weights ? weights->contiguous() : at::Tensor();
+  const TiesArgs a{T, N, start, weights ? w.const_data_ptr<float>() : nullptr, thr.const_data_ptr<float>(),
+                   cut.const_data_ptr<int64_t>(), static_cast<float>(scale), mean, positive, keep_none, same_is_zero,
+                   add_base};
+  at::Tensor out = at::empty({N}, base.options().dtype(dtype));
+  std::vector<Flags> flags = new_flags((N + kChunk - 1) / kChunk, T);
+  dispatch("ties_block", sources, b, out, [&](const auto* x, const auto* x0, auto* o) { ties_all(a, x, x0, o, flags); });
+  return finish(flags, T, out);
+}
+
+
+// The bracket pass of the exact trim (svdfuse/methods/trim.py) on a block of fp32 task vectors:
+// per source, how many |τ| lie above hi[i], and the |τ| inside [lo[i], hi[i]] with their flat
+// indices, gathered source by source in flat order. Two parallel regions: count per unit, then gather at the prefix sums.
+Result trim_bracket_cpu(at::TensorList taus, const at::Tensor& lo, const at::Tensor& hi) {
+  const int64_t T = static_cast<int64_t>(taus.size());
+  const int64_t N = T ? taus[0].numel() : 0;
+  for (const at::Tensor& x : taus) {
+    TORCH_CHECK_VALUE(x.dim() == 1 && x.numel() == N && x.is_contiguous() && x.scalar_type() == at::kFloat,
+                      "trim_bracket: each task vector must be contiguous float32 (N,) = [", N, "], found ", x.sizes(), " ",
+                      x.scalar_type());
+  }
+  TORCH_CHECK_TYPE(lo.scalar_type() == at::kFloat && hi.scalar_type() == at::kFloat && lo.numel() == T && hi.numel() == T,
+                   "trim_bracket: lo and hi must be float32 (T,)");
+  const at::Tensor l = lo.contiguous(), h = hi.contiguous();
+  const float* lp = l.const_data_ptr<float>();
+  const float* hp = h.const_data_ptr<float>();
+  std::vector<const float*> x(T);
+  for (int64_t i = 0; i < T; ++i) x[i] = taus[i].const_data_ptr<float>();
+  const int64_t units = (N + kChunk - 1) / kChunk;
+  std::vector<int64_t> above(units * T, 0), inside(units * T, 0);
+  at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t lo_j = u * kChunk, hi_j = std::min(N, lo_j + kChunk);
+      for (int64_t i = 0; i < T; ++i) {
+        int64_t up = 0, in = 0;
+        for (int64_t j = lo_j; j < hi_j; ++j) {
+          const float m = std::fabs(x[i][j]);
+          up += m > hp[i];
+          in += m >= lp[i] && m <= hp[i];
+        }
+        above[u * T + i] = up;
+        inside[u * T + i] = in;
+      }
+    }
+  });
+  at::Tensor up = at::zeros({T}, l.options().dtype(at::kLong));
+  at::Tensor counts = at::zeros({T}, l.options().dtype(at::kLong));
+  int64_t* upp = up.mutable_data_ptr<int64_t>();
+  int64_t* cp = counts.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> at_(units * T);  // where each (unit, source) writes: source-major, then unit order
+  int64_t total = 0;
+  for (int64_t i = 0; i < T; ++i) {
+    for (int64_t u = 0; u < units; ++u) {
+      at_[u * T + i] = total;
+      total += inside[u * T + i];
+      cp[i] += inside[u * T + i];
+      upp[i] += above[u * T + i];
+    }
+  }
+  at::Tensor values = at::empty({total}, l.options());
+  at::Tensor index = at::empty({total}, l.options().dtype(at::kLong));
+  float* v = values.mutable_data_ptr<float>();
+  int64_t* ix = index.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t lo_j = u * kChunk, hi_j = std::min(N, lo_j + kChunk);
+      for (int64_t i = 0; i < T; ++i) {
+        int64_t at = at_[u * T + i];
+        for (int64_t j = lo_j; j < hi_j; ++j) {
+          const float m = std::fabs(x[i][j]);
+          if (m >= lp[i] && m <= hp[i]) {
+            v[at] = m;
+            ix[at++] = j;
+          }
+        }
+      }
+    }
+  });
+  return {up, counts, values, index};
+}
+
+}  // namespace
+
+}  // namespace svdfuse
+
+TORCH_LIBRARY_IMPL(svdfuse, CPU, m) {
+  m.impl("merge_block", &svdfuse::merge_block_cpu);
+  m.impl("ties_block", &svdfuse::ties_block_cpu);
+  m.impl("trim_bracket", &svdfuse::trim_bracket_cpu);
+}

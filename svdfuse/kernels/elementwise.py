@@ -1,0 +1,77 @@
+"""`merge_block` on CUDA: a linear element-wise merge of a block and its checks, one Triton launch.
+
+Each program takes BLOCK entries of the block, streams the T sources through them (one read of
+every byte), adds the weighted task vectors in source order in fp32, divides, scales, adds the base
+back and stores in the output dtype. Its flags reach the block's by atomics: per source "differs
+from the base" and "has a nonzero", and the first non-finite output. `reference.merge_block` is the
+oracle; DARE's masks (CPU generators) stay with the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _merge_block_kernel(X, stride, X0, weights, out, flags, bad, T, N, scale, divisor, SAME_IS_ZERO: tl.constexpr,
+                        ADD_BASE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # flags: int32 (2T + 1,): [0, T) differs, [T, 2T) source nonzero, 2T base nonzero; bad: int64 (1,), N if none.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    x0 = tl.load(X0 + offs, mask=inside, other=0.0).to(tl.float32)
+    tl.atomic_max(flags + 2 * T, tl.max(((x0 != 0.0) & inside).to(tl.int32), 0))
+    acc = tl.zeros([BLOCK], dtype=tl.float32)  # +0: torch's sum starts from it
+    for i in range(T):
+        x = tl.load(X + i * stride + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.atomic_max(flags + i, tl.max(((x != x0) & inside).to(tl.int32), 0))  # NaN differs
+        tl.atomic_max(flags + T + i, tl.max(((x != 0.0) & inside).to(tl.int32), 0))
+        d = x - x0
+        if SAME_IS_ZERO:
+            d = tl.where(x == x0, 0.0, d)  # an infinite entry equal to the base's is no change
+        acc += d * tl.load(weights + i)
+    v = tl.math.div_rn(acc, divisor) * scale
+    if ADD_BASE:
+        v += x0
+    value = v.to(out.dtype.element_ty)
+    tl.store(out + offs, value, mask=inside)
+    check = value.to(tl.float32)
+    tl.atomic_min(bad, tl.min(tl.where(inside & ((check - check) != 0.0), offs, N), 0))  # NaN or ±inf
+
+
+def _rows(sources: list[Tensor]) -> tuple[Tensor, int]:
+    """The sources as (first source, element stride between sources): the buffer they are rows of,
+    or a stacked copy where they are not evenly spaced in one."""
+    if len(sources) > 1:
+        stride = (sources[1].data_ptr() - sources[0].data_ptr()) // sources[0].element_size()
+        spaced = stride > 0 and all(s.data_ptr() == sources[0].data_ptr() + i * stride * s.element_size() for i, s in enumerate(sources))
+        if not spaced:
+            stacked = torch.stack(sources)
+            return stacked, stacked.stride(0)
+        return sources[0], stride
+    return (sources[0], 0) if sources else (torch.empty(0), 0)
+
+
+def merge_block(
+    sources: list[Tensor], base: Tensor, weights: Tensor, scale: float, divisor: float, same_is_zero: bool, add_base: bool,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, int]:  # fmt: skip
+    """`svdfuse.ops.merge_block` without DARE's masks, inputs checked: T sources (N,) and the base
+    (N,) fp32/bf16/fp16, weights (T,) fp32. Returns value (N,) `dtype`, differs (T,), zero (T + 1,)
+    and the first non-finite index or -1."""
+    T, N = len(sources), base.shape[0]
+    X, stride = _rows(sources)
+    out = torch.empty(N, dtype=dtype, device=base.device)
+    flags = torch.zeros(2 * T + 1, dtype=torch.int32, device=base.device)
+    bad = torch.full((1,), N, dtype=torch.int64, device=base.device)
+    if N:
+        _merge_block_kernel[(triton.cdiv(N, _BLOCK),)](
+            X if T else base, stride, base, weights, out, flags, bad, T, N, float(scale), float(divisor),
+            SAME_IS_ZERO=same_is_zero, ADD_BASE=add_base, BLOCK=_BLOCK,
+        )  # fmt: skip
+    first = int(bad)
+    return out, flags[:T].bool(), ~flags[T:].bool(), -1 if first == N else first

@@ -1,0 +1,312 @@
+"""`svdfuse.ops.merge_block` and the op behind it, `torch.ops.svdfuse.merge_block`: numerics against
+float64 truth, DARE's draws against the method's own masks, the block's flags, errors, opcheck.
+
+The compiled CPU kernel adds the sources in order with the reference's roundings, so on the CPU it
+must equal `reference.merge_block` bit for bit, as well as stay within 2x torch's own error."""
+
+import pytest
+import torch
+
+from svdfuse import ops, reference
+from svdfuse.methods.elementwise import chunk_seeds, survivors
+
+from _helpers import assert_within_torch_error
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CHUNK = reference.DARE_CHUNK
+
+
+@pytest.fixture
+def native_op():
+    pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    return torch.ops.svdfuse.merge_block.default
+
+
+def _block(T, N, dtype, seed=0):
+    """sources (T, N), base (N,): a base of O(1) and task vectors of O(1e-2), as fine-tunes have."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(N, generator=gen, dtype=torch.float64)
+    sources = base + 1e-2 * torch.randn(T, N, generator=gen, dtype=torch.float64)
+    return sources.to(dtype), base.to(dtype)
+
+
+def _truth(sources, base, weights, scale, divisor, keep):
+    tau = sources.double() - base.double()
+    return base.double() + (tau * weights.double()[:, None] * keep).sum(0) / divisor * scale
+
+
+def _args(sources, base, weights, scale, divisor, seeds=None, start=0, drop=0, same=False, add=True, dtype=torch.float32):
+    return (list(sources), base, weights, scale, divisor, seeds, start, drop, same, add, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N,start", [(5, 3 * 4099, 0), (3, CHUNK + 777, CHUNK - 333), (1, 1, 5)])
+@pytest.mark.parametrize("dare", [False, True])
+def test_merge_block_within_torch_error_and_equal_to_reference(native_op, dtype, T, N, start, dare):
+    sources, base = _block(T, N, dtype)
+    weights = torch.linspace(0.5, 1.5, T)
+    seeds = chunk_seeds(7, "w", T, start, N) if dare else None
+    drop, rate = (int(0.3 * 2**24), 0.3) if dare else (0, 0.0)
+    args = _args(sources, base, weights, 0.7, 1.3, seeds, start, drop)
+    value, differs, zero, bad = native_op(*args)
+    ref = reference.merge_block(*args)
+    assert torch.equal(value, ref[0])
+    keep = torch.stack([survivors(7, "w", i, start, torch.Size([N]), rate, torch.device("cpu")) for i in range(T)])
+    truth = _truth(sources, base, weights, 0.7, 1.3, keep.double())
+    # torch's own way in fp32: the method functions' chain of ops
+    tau = (sources.float() - base.float()) * weights[:, None] * keep
+    torch_out = tau.sum(0).div_(1.3).mul_(0.7).add_(base.float())
+    assert_within_torch_error(value, truth, torch_out)
+    assert torch.equal(differs, (sources != base).any(1)) and not zero.any() and int(bad) == -1
+
+
+def test_dare_draws_are_the_methods_masks(native_op):
+    """Sources whose task vectors are 1 everywhere: the merged task vector counts the survivors."""
+    start, N, rate = 2 * CHUNK - 1000, CHUNK + 5000, 0.9
+    sources, base = torch.ones(2, N), torch.zeros(N)
+    seeds = chunk_seeds(3, "layer.weight", 2, start, N)
+    expected = [survivors(3, "layer.weight", i, start, torch.Size([N]), rate, torch.device("cpu")).float() for i in range(2)]
+    one = ops.merge_block(sources[:1], base, seeds=seeds[:1], start=start, drop_rate=rate, add_base=False).value
+    both = ops.merge_block(sources, base, seeds=seeds, start=start, drop_rate=rate, add_base=False).value
+    assert torch.equal(one, expected[0]) and torch.equal(both, expected[0] + expected[1])
+    assert 0.05 < one.mean() < 0.15
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flags_name_what_differs_what_is_zero_and_the_first_non_finite(native_op, dtype):
+    T, N = 4, 2 * CHUNK + 3
+    sources, base = _block(T, N, dtype)
+    sources[1] = base  # unchanged
+    sources[2] = 0.0  # all zeros
+    sources[3, N - 2] = float("nan")  # in the last tile
+    sources[3, N - 1] = float("inf")
+    value, differs, zero, bad = native_op(*_args(sources, base, torch.ones(T), 1.0, 1.0))
+    assert differs.tolist() == [True, False, True, True]
+    assert zero.tolist() == [False, False, True, False, False]
+    assert int(bad) == N - 2 and value[N - 2].isnan()
+    base[:] = 0.0
+    _, _, zero, _ = native_op(*_args(sources[:3], base, torch.ones(3), 1.0, 1.0))
+    assert zero.tolist() == [False, False, True, True]
+
+
+def test_nan_survives_a_drop_and_a_zero_weight(native_op):
+    N = 300
+    sources, base = _block(2, N, torch.float32)
+    sources[0, 17] = float("nan")
+    seeds = chunk_seeds(0, "k", 2, 0, N)
+    value, _, _, bad = native_op(*_args(sources, base, torch.tensor([0.0, 1.0]), 1.0, 1.0, seeds, 0, drop=1 << 24))
+    assert int(bad) == 17 and value[17].isnan()
+
+
+def test_overflow_of_the_output_dtype_is_reported(native_op):
+    sources = torch.full((2, 10), 60000.0)
+    base = torch.zeros(10)
+    value, _, _, bad = native_op(*_args(sources, base, torch.ones(2), 1.0, 1.0, dtype=torch.float16))
+    assert int(bad) == 0 and value.dtype == torch.float16 and value.isinf().all()
+
+
+def test_same_is_zero_keeps_an_infinite_entry_equal_to_the_base(native_op):
+    base = torch.tensor([float("-inf"), 1.0, 2.0])
+    sources = torch.stack([base, base + 1.0])
+    kept = native_op(*_args(sources, base, torch.ones(2), 1.0, 2.0, same=True))[0]
+    assert torch.equal(kept, torch.tensor([float("-inf"), 1.5, 2.5]))
+    assert native_op(*_args(sources, base, torch.ones(2), 1.0, 2.0))[0][0].isnan()  # -inf - -inf
+
+
+def test_strided_sources_and_float64_through_the_front_door(native_op):
+    buffer = torch.randn(3, 50, 7, dtype=torch.float64)
+    W, W0 = buffer[:, :41].reshape(3, -1), torch.randn(41 * 7, dtype=torch.float64)
+    assert not W.is_contiguous()
+    out = ops.merge_block(W, W0, divisor=3.0)
+    assert out.value.dtype == torch.float64
+    torch.testing.assert_close(out.value, W0 + (W - W0).sum(0) / 3.0, atol=1e-14, rtol=0)
+    fp32 = ops.merge_block(W.float(), W0.float(), divisor=3.0)
+    strided = native_op(*_args(buffer.float()[:, :41].reshape(3, -1), W0.float(), torch.ones(3), 1.0, 3.0))[0]
+    assert torch.equal(fp32.value, strided)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: {**a, "base": a["base"][:-1]}, r"source 0 must be contiguous of shape \(N,\) = \[9\] \(the base's\), found \[10\]"),
+        (lambda a: {**a, "base": a["base"].double()}, "source 0 must have the base's dtype torch.float64, found torch.float32"),
+        (lambda a: {**a, "weights": torch.ones(2)}, r"weights must be torch.float32 of shape \(T,\) = \[3\]"),
+        (lambda a: {**a, "seeds": torch.zeros(3, 2, dtype=torch.int64)}, r"seeds must be int64 \(T, chunks\) = \[3, 1\]"),
+        (lambda a: {**a, "drop_rate": 1.0}, r"drop_rate must be in \[0, 1\), found 1.0"),
+        (lambda a: {**a, "scale": float("nan")}, "scale must be finite, found nan"),
+        (lambda a: {**a, "base": a["base"].int()}, "base must be float32, float64, float16 or bfloat16, found torch.int32"),
+        (lambda a: {**a, "sources": a["sources"][:, ::2]}, r"source 0 must be contiguous of shape \(N,\) = \[10\]"),
+    ],
+)
+def test_bad_input_is_refused_naming_it(change, message):
+    good = dict(sources=torch.ones(3, 10), base=torch.ones(10), weights=torch.ones(3), seeds=None)
+    with pytest.raises((ValueError, TypeError), match=message):
+        ops.merge_block(**change(good))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dare", [False, True])
+def test_opcheck(dtype, dare):
+    sources, base = _block(3, 1000, dtype)
+    seeds = chunk_seeds(1, "k", 3, 500, 1000) if dare else None
+    args = _args(sources, base, torch.ones(3), 0.3, 1.0, seeds, 500, 1 << 23, False, True, dtype)
+    torch.library.opcheck(torch.ops.svdfuse.merge_block.default, args)
+
+
+# -- ties_block ---------------------------------------------------------------------------------
+
+
+def _ties_args(sources, base, threshold, cutoff, start=0, keep_none=False, weights=None, scale=1.0, mean=True,
+               positive=False, same=False, add=True, dtype=torch.float32):  # fmt: skip
+    return (list(sources), base, weights, threshold, cutoff, start, keep_none, scale, mean, positive, same, add, dtype)
+
+
+def _torch_ties(tau, keep, weights, scale, mean, positive):
+    """TIES as a chain of torch ops in tau's dtype (the method before the fused op)."""
+    t = tau * keep
+    if weights is not None:
+        t = t * weights[:, None]
+    elected = t.sum(0).sign()
+    if positive:
+        elected[elected == 0] = 1
+    agree = (t * elected) > 0
+    merged = (t * agree).sum(0)
+    if mean:
+        count = agree.sum(0) if weights is None else (agree * weights[:, None]).sum(0)
+        merged = merged / count.masked_fill(count == 0, 1)
+    return merged * scale
+
+
+@pytest.fixture
+def ties_op():
+    pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    return torch.ops.svdfuse.ties_block.default
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N,start", [(5, 3 * 4099, 0), (3, CHUNK + 777, 1000), (1, 7, 5), (20, 5000, 0)])
+@pytest.mark.parametrize("weighted,mean,positive", [(False, True, False), (True, True, True), (True, False, False)])
+def test_ties_block_within_torch_error_and_equal_to_reference(ties_op, dtype, T, N, start, weighted, mean, positive):
+    sources, base = _block(T, N, dtype, seed=T)
+    tau = sources.float() - base.float()
+    threshold = tau.abs().quantile(0.7, dim=1) if N > 1 else tau.abs()[:, 0]
+    cutoff = torch.full((T,), start + N // 2, dtype=torch.int64)
+    weights = torch.linspace(0.5, 1.5, T) if weighted else None
+    args = _ties_args(sources, base, threshold, cutoff, start, weights=weights, scale=0.8, mean=mean, positive=positive)
+    value, differs, zero, bad = ties_op(*args)
+    assert torch.equal(value, reference.ties_block(*args)[0])
+    index = torch.arange(start, start + N)
+    a = tau.abs()
+    keep = (a > threshold[:, None]) | ((a == threshold[:, None]) & (index < cutoff[:, None]))  # decided in fp32
+    exact = _torch_ties(tau.double(), keep, None if weights is None else weights.double(), 0.8, mean, positive)
+    plain = _torch_ties(tau, keep, weights, 0.8, mean, positive)
+    assert_within_torch_error(value, base.double() + exact, plain + base.float())
+    assert torch.equal(differs, (sources != base).any(1)) and not zero.any() and int(bad) == -1
+
+
+def test_ties_cutoff_keeps_ties_at_the_threshold_only_before_it(ties_op):
+    """Every |τ| equal to the threshold: exactly the entries before the cutoff survive."""
+    N, start = 3 * 2048 + 5, 100
+    base = torch.zeros(N)
+    sources = torch.stack([torch.full((N,), 0.5), torch.full((N,), -0.5)])
+    cutoff = torch.tensor([start + 3000, start + N])
+    value = ties_op(*_ties_args(sources, base, torch.tensor([0.5, 0.5]), cutoff, start, mean=False))[0]
+    # before 3000 both survive and cancel (sign 0: nothing agrees); after, only the -0.5 does
+    assert torch.equal(value[:3000], torch.zeros(3000)) and torch.equal(value[3000:], torch.full((N - 3000,), -0.5))
+    none = ties_op(*_ties_args(sources, base, torch.tensor([0.5, 0.5]), cutoff, start, keep_none=True))[0]
+    assert torch.equal(none, torch.zeros(N))
+
+
+def test_ties_flags_and_nan(ties_op):
+    T, N = 3, CHUNK + 11
+    sources, base = _block(T, N, torch.float32)
+    sources[1] = base
+    sources[2, N - 1] = float("nan")
+    value, differs, zero, bad = ties_op(*_ties_args(sources, base, torch.zeros(T), torch.zeros(T, dtype=torch.int64)))
+    assert differs.tolist() == [True, False, True] and not zero.any()
+    assert int(bad) == N - 1 and value[N - 1].isnan() and value[:-1].isfinite().all()
+
+
+def test_ties_method_trims_elects_and_averages():
+    """`svdfuse.methods.elementwise.ties` on task vectors, by hand: 3 sources, 4 entries."""
+    from svdfuse.methods.elementwise import ties
+    from svdfuse.methods.registry import Block
+    from svdfuse.methods.trim import exact_trim
+
+    tau = torch.tensor([[1.0, -2.0, 0.1, 3.0], [2.0, 1.0, -0.2, -1.0], [-4.0, 0.5, 0.3, 2.0]])
+    trim = exact_trim(lambda: iter([(0, tau)]), 4, 3, 0.5, torch.float32)  # the top 2 of each
+    got = ties(tau.clone(), block=Block("k", 0, 0), trim=trim, density=0.5)
+    # kept: [1? no: -2, 3], [2, 1], [-4, 2] -> column sums: -2, -1, 0, 5
+    kept = torch.tensor([[0.0, -2.0, 0.0, 3.0], [2.0, 1.0, 0.0, 0.0], [-4.0, 0.0, 0.0, 2.0]])
+    assert torch.equal(trim.mask(tau, 0), kept != 0)
+    assert torch.equal(got, torch.tensor([-4.0, -2.0, 0.0, 2.5]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_opcheck(dtype):
+    sources, base = _block(3, 1000, dtype)
+    args = _ties_args(sources, base, torch.full((3,), 0.01), torch.full((3,), 1200, dtype=torch.int64), 500,
+                      weights=torch.ones(3), dtype=dtype)  # fmt: skip
+    torch.library.opcheck(torch.ops.svdfuse.ties_block.default, args)
+
+
+# -- the Triton kernel (CPU under TRITON_INTERPRET=1, CUDA with -m gpu) ---------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N", [(3, 1000), (1, 1), (4, 2 * 1024 + 7)])
+@pytest.mark.parametrize("same,add", [(False, True), (True, False)])
+def test_triton_merge_block_within_torch_error(triton_device, dtype, T, N, same, add):
+    from svdfuse.kernels import elementwise
+
+    sources, base = _block(T, N, dtype, seed=3)
+    sources[0, N // 2] = base[N // 2]
+    weights = torch.linspace(0.5, 1.5, T)
+    on = [s.to(triton_device) for s in sources]
+    value, differs, zero, bad = elementwise.merge_block(on, base.to(triton_device), weights.to(triton_device), 0.7, 1.3, same, add, dtype)
+    truth = _truth(sources, base, weights, 0.7, 1.3, torch.ones(T, N, dtype=torch.float64)) - (0 if add else base.double())
+    tau = (sources.float() - base.float()) * weights[:, None]
+    torch_out = tau.sum(0).div_(1.3).mul_(0.7).add_(base.float() if add else 0.0).to(dtype)
+    assert_within_torch_error(value.cpu(), truth, torch_out)
+    assert torch.equal(differs.cpu(), (sources != base).any(1)) and not zero.any() and bad == -1
+
+
+def test_triton_merge_block_flags_and_strided_rows(triton_device):
+    from svdfuse.kernels import elementwise
+
+    T, N = 3, 2 * 1024 + 3
+    buffer = torch.zeros(T, N + 5)
+    base = torch.randn(N)
+    buffer[0, :N] = base
+    buffer[2, :N] = base + 1.0
+    buffer[2, N - 1] = float("nan")
+    rows = list(buffer.to(triton_device)[:, :N])  # evenly spaced rows of one buffer: read in place
+    value, differs, zero, bad = elementwise.merge_block(rows, base.to(triton_device), torch.ones(T, device=triton_device), 1.0, 1.0, False, True, torch.float32)
+    assert differs.tolist() == [False, True, True] and zero.tolist() == [False, True, False, False]
+    assert bad == N - 1 and value[N - 1].isnan()
+    expected = reference.merge_block([r.cpu() for r in rows], base, torch.ones(T), 1.0, 1.0, None, 0, 0, False, True, torch.float32)[0]
+    torch.testing.assert_close(value.cpu()[:-1], expected[:-1], atol=1e-6, rtol=1e-6)
+
+
+# -- trim_bracket --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T,N", [(3, CHUNK + 999), (1, 5), (4, 0)])
+def test_trim_bracket_counts_and_gathers_like_plain_torch(T, N):
+    pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    tau = torch.randn(T, N, generator=torch.Generator().manual_seed(T))
+    tau[:, ::7] = 0.5  # ties at a bound
+    lo, hi = torch.full((T,), 0.5), torch.linspace(0.8, 1.2, T)
+    above, counts, values, index = torch.ops.svdfuse.trim_bracket.default(list(tau), lo, hi)
+    a = tau.abs()
+    assert above.tolist() == (a > hi[:, None]).sum(1).tolist()
+    within = (a >= lo[:, None]) & (a <= hi[:, None])
+    assert counts.tolist() == within.sum(1).tolist()
+    assert torch.equal(values, a[within])  # source by source, each in flat order
+    assert torch.equal(index, within.nonzero()[:, 1])
+
+
+def test_trim_bracket_opcheck():
+    tau = torch.randn(3, 300)
+    args = (list(tau), torch.full((3,), 0.5), torch.full((3,), 1.0))
+    torch.library.opcheck(torch.ops.svdfuse.trim_bracket.default, args, test_utils=("test_schema", "test_faketensor"))
