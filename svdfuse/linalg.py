@@ -15,7 +15,7 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
-__all__ = ["svd"]
+__all__ = ["svd", "factored_svd"]
 
 
 def svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -51,3 +51,15 @@ def _robust_one(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         pass
     U, S, Vh = scipy.linalg.svd(wide.cpu().numpy(), full_matrices=False, lapack_driver="gesvd", check_finite=False)
     return tuple(torch.from_numpy(np.ascontiguousarray(x)).to(a.device) for x in (U, S, Vh))  # type: ignore[return-value]
+
+
+def factored_svd(L: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact SVD of the product `L @ R` without forming it: L (..., m, r), R (..., r, n) ->
+    U (..., m, r), S (..., r) descending, V (..., n, r), in O((m + n) r²).
+
+    `L = Q_l R_l`, `Rᵀ = Q_r R_r`, `R_l R_rᵀ = u σ vᵀ` (an r × r SVD) ⇒ `L R = (Q_l u) σ (Q_r v)ᵀ`.
+    Zero columns of L (a rank padded to a common width) give zero singular values."""
+    Q_l, R_l = torch.linalg.qr(L)
+    Q_r, R_r = torch.linalg.qr(R.mT)
+    u, S, vh = svd(R_l @ R_r.mT)
+    return Q_l @ u, S, Q_r @ vh.mT

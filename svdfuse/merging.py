@@ -210,7 +210,7 @@ def merge(
         check_output(output)
     device = resolve_device(device)
     base_source = open_source(base, "base")
-    sources = open_sources(models, base)
+    sources = open_sources(models, base, base_source)
     if params.get("weights") is not None:
         check_weights(method, params["weights"], len(sources))
     plan = make_plan(

@@ -23,6 +23,8 @@ from svdfuse.plan import ModelTrim, Role, Task, TensorSpec
 from svdfuse.reference import compute_dtype
 from svdfuse.result import LayerReport
 from svdfuse.sinks import LowRank
+from svdfuse import linalg
+from svdfuse.adapters import LoraSource
 from svdfuse.sources import ComponentCache, Reader, SourceError
 
 
@@ -270,27 +272,85 @@ class Compute:
         self.progress.advance(sum(t.numel() * t.element_size() for f in stored for t in f))
         return U, S, V
 
+    def _lora(self, ids: list[int], specs: tuple[TensorSpec, ...], width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Adapters `ids`' exact top-`width` factors of the group, from their own: U (G, c, m, w),
+        S (G, c, w), V (G, c, n, w), one batched QR + r×r SVD (`linalg.factored_svd`), never an
+        m×n matrix. An adapter's rank is padded with zero columns to the widest one."""
+        G, c, m, n = len(specs), len(ids), specs[0].m, specs[0].n
+        adapters = [self.reader.sources[i] for i in ids]
+        r = max([a.modules[s.key].rank for a in adapters for s in specs if a.touched(s.key)] or [1])
+        L = torch.zeros((G, c, m, r), dtype=dtype)
+        R = torch.zeros((G, c, r, n), dtype=dtype)
+        for g, spec in enumerate(specs):
+            for j, (i, adapter) in enumerate(zip(ids, adapters)):
+                if adapter.touched(spec.key):
+                    left, right = adapter.factors(spec.key, dtype)
+                    L[g, j, :, : left.shape[1]], R[g, j, : right.shape[0]] = left, right
+                    self.progress.differs[i] = True
+                    self.progress.advance((left.numel() + right.numel()) * adapter.base.meta(spec.key)[1].itemsize)
+        U, S, V = linalg.factored_svd(L.to(self.device), R.to(self.device))
+        pad = width - S.shape[-1]
+        if pad > 0:
+            zeros = lambda t: t.new_zeros((*t.shape[:-1], pad))  # noqa: E731
+            U, S, V = torch.cat([U, zeros(U)], -1), torch.cat([S, zeros(S)], -1), torch.cat([V, zeros(V)], -1)
+        return U[..., :width], S[..., :width], V[..., :width]
+
+    def _adapter_width(self, specs: tuple[TensorSpec, ...], rank: int) -> int | None:
+        """Components per source of a group read from adapters alone (None: some source is read
+        dense): `rank`, or the adapters' widest rank if smaller, so that no chunk carries rank −
+        r zero columns per adapter."""
+        sources = self.reader.sources
+        if not all(isinstance(s, LoraSource) and all(s.touched(spec.key) != "dense" for spec in specs) for s in sources):
+            return None
+        widest = max([s.modules[spec.key].rank for s in sources for spec in specs if s.touched(spec.key)] or [1])
+        return min(rank, widest)
+
     def source_factors(self, task: Task, W0: Tensor, rank: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """The top-`rank` factors of every source's task matrices of a group, chunk by chunk of
         `task.block` sources: U (G, c, m, r), S (G, c, r), V (G, c, n, r); decomposed on the fly,
-        or read from component caches. W0: the group's base (G, m, n)."""
+        read from component caches, or factored exactly from LoRA adapters (a group of adapters
+        alone in chunks sized by their factors, at most their widest rank wide). W0: the group's
+        base (G, m, n)."""
         specs, chunk = task.specs, task.block
-        buffer = torch.empty((len(specs), min(chunk, self.T), specs[0].m, specs[0].n), dtype=W0.dtype, device=self.device)
+        G, m, n = len(specs), specs[0].m, specs[0].n
+        acc = compute_dtype(W0.dtype)
+        width = self._adapter_width(specs, rank)
+        if width is not None:  # factors, their QRs and products, a few times over, fill a share of the budget
+            chunk = max(1, self.budget // (8 * G * (m + n) * max(width, 16) * acc.itemsize))
+            for first in range(0, self.T, chunk):
+                yield self._lora(list(range(first, min(first + chunk, self.T))), specs, width, acc)
+            return
+        buffer = None
         for first in range(0, self.T, chunk):
             ids = list(range(first, min(first + chunk, self.T)))
-            cached = [i for i in ids if isinstance(self.reader.sources[i], ComponentCache)]
-            raw = [i for i in ids if i not in cached]
+            factored = [i for i in ids if self._factored(i, specs)]
+            raw = [i for i in ids if i not in factored]
             parts: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
             if raw:
+                if buffer is None:
+                    buffer = torch.empty((G, min(chunk, self.T), m, n), dtype=W0.dtype, device=self.device)
                 W = self._sources(specs, W0, raw, buffer[:, : len(raw)])
                 U, S, V = self.svd.truncated_svd(W, rank, base=W0.unsqueeze(1))
-                if not cached:
+                if not factored:
                     yield U, S, V
                     continue
                 parts.update({i: (U[:, j], S[:, j], V[:, j]) for j, i in enumerate(raw)})
-            for i in cached:
-                parts[i] = self._cached(i, specs, rank)
-            yield tuple(torch.stack([parts[i][f] for i in ids], 1) for f in range(3))
+            for i in factored:
+                if isinstance(self.reader.sources[i], ComponentCache):
+                    parts[i] = self._cached(i, specs, rank)
+                else:
+                    U, S, V = self._lora([i], specs, rank, acc)
+                    parts[i] = (U[:, 0], S[:, 0], V[:, 0])
+            dtype = parts[ids[0]][0].dtype
+            yield tuple(torch.stack([parts[i][f].to(dtype) for i in ids], 1) for f in range(3))
+
+    def _factored(self, i: int, specs: tuple[TensorSpec, ...]) -> bool:
+        """Whether source i gives the group's factors without its weights: a component cache, or
+        an adapter that replaces none of the group's matrices whole."""
+        source = self.reader.sources[i]
+        if isinstance(source, LoraSource):
+            return all(source.touched(spec.key) != "dense" for spec in specs)
+        return isinstance(source, ComponentCache)
 
     def read_group(self, specs: tuple[TensorSpec, ...], dtype: torch.dtype) -> Tensor:
         """The base's matrices of a group, (G, m, n) in `dtype`, checked finite."""
