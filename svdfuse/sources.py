@@ -326,7 +326,7 @@ def open_source(model: ModelLike, label: str, base: Source | None = None) -> Sou
     except FileNotFoundError:
         raise SourceError(f"{label}: {str(path)!r} does not exist" + (" (a broken symbolic link)" if path.is_symlink() else "")) from None
     if path.is_dir():
-        if (path / "adapter_config.json").is_file():
+        if (path / "adapter_config.json").is_file() or (path / "adapter_model.safetensors").is_file():
             from svdfuse.adapters import LoraSource  # a source kind built on this module
 
             if base is None:
@@ -416,9 +416,10 @@ class Reader:
 
     def _read(self, source: Source, key: str, start: int, stop: int, out: Tensor) -> None:
         stored = source.meta(key)[1]
+        if source.reads_any_dtype:  # formed in the wider of out's and the merge's dtype, rounded once
+            stored = out.dtype if self.dtype is None or self.dtype.itemsize >= out.dtype.itemsize else self.dtype
         cast = self.dtype is not None and self.dtype != stored
-        direct = out.dtype == stored or source.reads_any_dtype
-        if not cast and direct and out.is_contiguous() and out.device.type == "cpu":
+        if not cast and out.dtype == stored and out.is_contiguous() and out.device.type == "cpu":
             source.read(key, start, stop, out)
             return
         staging = self._staging(out.shape, stored)
