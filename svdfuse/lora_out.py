@@ -267,7 +267,8 @@ def concatenate(
     **options,
 ) -> dict:
     """Task Arithmetic of adapters as one adapter: per module `[c_1 L_1 … c_T L_T] [R_1; …; R_T]`
-    (c_i = scaling · weight_i), or its top-k (an int, or a fraction of min(m, n)) by the factored SVD; whole tensors (modules to
+    (c_i = scaling · weight_i), or its top-k (an int, or a fraction of min(m, n)) by the factored SVD
+    (exact; randomized on the factored operator where Σ r far exceeds k); whole tensors (modules to
     save, lora_bias) as `W0 + Σ c_i (W_i − W0)`. Returns the config."""
     updates: dict[str, Update] = {}
     keys = sorted({key for s in sources for key in s.modules}, key=base.keys().index)
@@ -279,8 +280,8 @@ def concatenate(
         R = torch.cat([right for _, (_, right) in parts], 0)
         rank = None if k is None else resolve_rank(k, L.shape[0], R.shape[1], "k")
         if rank is not None and rank < L.shape[1]:
-            U, S, V = linalg.factored_svd(L, R)
-            L, R = U[:, :rank] * S[:rank], V[:, :rank].T
+            U, S, V = linalg.factored_svd(L, R, rank)
+            L, R = U * S, V.T
         shape = base.meta(key)[0]
         updates[key] = Update(layout(sources, key, shape), L.contiguous(), R.contiguous(), shape)
     changed: dict[str, Tensor] = {}
