@@ -71,7 +71,7 @@ def decompose(
     if output is not None:
         check_output(output)
     base_source = open_source(base, "base")
-    src = open_source(source, "source 0")
+    src = open_source(source, "source 0", base_source)
     if isinstance(src, ComponentCache):
         raise SourceError(f"{src.label}: is already a component cache; decompose the fine-tuned model itself")
     device = resolve_device(device)

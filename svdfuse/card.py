@@ -9,11 +9,13 @@ built from the `MergeReport`; the writer publishes it with the weights, all-or-n
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from tabulate import tabulate
 
-from svdfuse.result import MergeReport
+if TYPE_CHECKING:  # the card reads a report; the result module never needs this one to exist
+    from svdfuse.result import MergeReport
 
 __all__ = ["CARD_NAME", "model_card"]
 

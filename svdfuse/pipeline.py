@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from svdfuse import linalg
+from svdfuse.adapters import LoraSource, stack_factors
 from svdfuse.methods import Block, Factors, Kind, Method
 from svdfuse.methods.elementwise import MEAN, Linear, Ties, fused
 from svdfuse.methods.trim import TRIM_SHARE, Trim, TrimScope, exact_trim
@@ -35,6 +37,7 @@ class Merged:
     start: int
     value: Tensor | LowRank
     layer: LayerReport | None = None
+    residual: bool = False  # LowRank only: its frozen part is the base's weight plus a dense rest
 
 
 @dataclass
@@ -333,7 +336,7 @@ class Compute:
     # -- matrices: groups of same-shape matrices -----------------------------------------------
 
     def _check_finite(self, spec: TensorSpec, t: Tensor) -> None:
-        if not bool(torch.isfinite(t).all()):
+        if not linalg.all_finite(t):
             raise SourceError(self.reader.non_finite(spec.key, 0, spec.rows, spec.shape) or f"{spec.key!r}: not finite")
 
     def _sources(self, specs: tuple[TensorSpec, ...], W0: Tensor, ids: list[int], out: Tensor) -> Tensor:
@@ -358,27 +361,85 @@ class Compute:
         self.progress.advance(sum(t.numel() * t.element_size() for f in stored for t in f))
         return U, S, V
 
+    def _lora(self, ids: list[int], specs: tuple[TensorSpec, ...], width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Adapters `ids`' exact top-`width` factors of the group, from their own: U (G, c, m, w),
+        S (G, c, w), V (G, c, n, w), one batched QR + r×r SVD (`linalg.factored_svd`), never an
+        m×n matrix. An adapter's rank is padded with zero columns to the widest one. The factors
+        are read straight into one buffer in their stored dtype and converted, scaled and checked
+        once for the chunk: thousands of adapters, not thousands of small ops each."""
+        adapters = [self.reader.sources[i] for i in ids]
+        stacks = [stack_factors(adapters, spec.key, dtype) for spec in specs]
+        r = max(L.shape[-1] for L, _, _ in stacks)
+        widen = lambda t, dim: torch.nn.functional.pad(t, (0, r - t.shape[-1]) if dim == -1 else (0, 0, 0, r - t.shape[-2]))  # noqa: E731
+        L = torch.stack([widen(L, -1) for L, _, _ in stacks]).to(self.device)
+        R = torch.stack([widen(R, -2) for _, R, _ in stacks]).to(self.device)
+        scale = torch.stack([s for _, _, s in stacks]).to(self.device)  # (G, c)
+        for j, i in enumerate(ids):
+            self.progress.differs[i] = self.progress.differs[i] or bool((scale[:, j] != 0).any())
+        self.progress.advance(sum(a.factor_bytes(spec.key) for a in adapters for spec in specs if spec.key in a.modules))
+        U, S, V = linalg.factored_svd(L.mul_(scale[..., None, None]), R)
+        pad = width - S.shape[-1]
+        if pad > 0:
+            zeros = lambda t: t.new_zeros((*t.shape[:-1], pad))  # noqa: E731
+            U, S, V = torch.cat([U, zeros(U)], -1), torch.cat([S, zeros(S)], -1), torch.cat([V, zeros(V)], -1)
+        return U[..., :width], S[..., :width], V[..., :width]
+
+    def _adapter_width(self, specs: tuple[TensorSpec, ...], rank: int) -> int | None:
+        """Components per source of a group read from adapters alone (None: some source is read
+        dense): `rank`, or the adapters' widest rank if smaller, so that no chunk carries rank −
+        r zero columns per adapter."""
+        sources = self.reader.sources
+        if not all(isinstance(s, LoraSource) and all(s.touched(spec.key) != "dense" for spec in specs) for s in sources):
+            return None
+        widest = max([s.modules[spec.key].rank for s in sources for spec in specs if s.touched(spec.key)] or [1])
+        return min(rank, widest)
+
     def source_factors(self, task: Task, W0: Tensor, rank: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """The top-`rank` factors of every source's task matrices of a group, chunk by chunk of
         `task.block` sources: U (G, c, m, r), S (G, c, r), V (G, c, n, r); decomposed on the fly,
-        or read from component caches. W0: the group's base (G, m, n)."""
+        read from component caches, or factored exactly from LoRA adapters (a group of adapters
+        alone in chunks sized by their factors, at most their widest rank wide). W0: the group's
+        base (G, m, n)."""
         specs, chunk = task.specs, task.block
-        buffer = torch.empty((len(specs), min(chunk, self.T), specs[0].m, specs[0].n), dtype=W0.dtype, device=self.device)
+        G, m, n = len(specs), specs[0].m, specs[0].n
+        acc = compute_dtype(W0.dtype)
+        width = self._adapter_width(specs, rank)
+        if width is not None:  # factors, their QRs and products, a few times over, fill a share of the budget
+            chunk = max(1, self.budget // (8 * G * (m + n) * max(width, 16) * acc.itemsize))
+            for first in range(0, self.T, chunk):
+                yield self._lora(list(range(first, min(first + chunk, self.T))), specs, width, acc)
+            return
+        buffer = None
         for first in range(0, self.T, chunk):
             ids = list(range(first, min(first + chunk, self.T)))
-            cached = [i for i in ids if isinstance(self.reader.sources[i], ComponentCache)]
-            raw = [i for i in ids if i not in cached]
+            factored = [i for i in ids if self._factored(i, specs)]
+            raw = [i for i in ids if i not in factored]
             parts: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
             if raw:
+                if buffer is None:
+                    buffer = torch.empty((G, min(chunk, self.T), m, n), dtype=W0.dtype, device=self.device)
                 W = self._sources(specs, W0, raw, buffer[:, : len(raw)])
                 U, S, V = self.svd.truncated_svd(W, rank, base=W0.unsqueeze(1))
-                if not cached:
+                if not factored:
                     yield U, S, V
                     continue
                 parts.update({i: (U[:, j], S[:, j], V[:, j]) for j, i in enumerate(raw)})
-            for i in cached:
-                parts[i] = self._cached(i, specs, rank)
-            yield tuple(torch.stack([parts[i][f] for i in ids], 1) for f in range(3))
+            for i in factored:
+                if isinstance(self.reader.sources[i], ComponentCache):
+                    parts[i] = self._cached(i, specs, rank)
+                else:
+                    U, S, V = self._lora([i], specs, rank, acc)
+                    parts[i] = (U[:, 0], S[:, 0], V[:, 0])
+            dtype = parts[ids[0]][0].dtype
+            yield tuple(torch.stack([parts[i][f].to(dtype) for i in ids], 1) for f in range(3))
+
+    def _factored(self, i: int, specs: tuple[TensorSpec, ...]) -> bool:
+        """Whether source i gives the group's factors without its weights: a component cache, or
+        an adapter that replaces none of the group's matrices whole."""
+        source = self.reader.sources[i]
+        if isinstance(source, LoraSource):
+            return all(source.touched(spec.key) != "dense" for spec in specs)
+        return isinstance(source, ComponentCache)
 
     def read_group(self, specs: tuple[TensorSpec, ...], dtype: torch.dtype) -> Tensor:
         """The base's matrices of a group, (G, m, n) in `dtype`, checked finite."""
@@ -421,7 +482,7 @@ class Compute:
         U, S, V = factors.U[g], factors.S[g], factors.V[g]
         counts = None if factors.counts is None else factors.counts[g].tolist()
         value = LowRank(frozen.reshape(spec.shape) if residual else frozen.reshape(spec.shape).to(spec.out_dtype), U, S, V)
-        if not (bool(torch.isfinite(S).all()) and bool(torch.isfinite(U).all()) and bool(torch.isfinite(V).all())):
+        if not (linalg.all_finite(S) and linalg.all_finite(U) and linalg.all_finite(V)):
             raise ValueError(f"{spec.key!r} {spec.shape}: the merged factors are not finite")
-        return Merged(spec, 0, value, LayerReport(spec.key, spec.shape, S.shape[-1], counts))
+        return Merged(spec, 0, value, LayerReport(spec.key, spec.shape, S.shape[-1], counts), residual)
 

@@ -160,13 +160,6 @@ class MergeResult:
         merged = {key: t for key, t in self.tensors.items() if t.is_floating_point()}
         return attach(base, self.components, self.frozen, merged, self.matrices, self.report.method, n)
 
-    def to_lora(self, output: str | os.PathLike, *, base: nn.Module | str | os.PathLike, approximate: bool = False):
-        """Write the merge as a peft LoRA adapter of `base` in the new directory `output`:
-        `svdfuse.export_lora(self, output, base=base)`, which see. Returns its `LoraReport`."""
-        from svdfuse.export import export_lora
-
-        return export_lora(self, output, base=base, approximate=approximate)
-
     def save(self, path: str | os.PathLike, *, format: SaveFormat | str = SaveFormat.AUTO, shard_size: int | str = "5GB") -> None:
         """Write the dense merged model: a `.safetensors` file, or a Hugging Face directory (the
         base directory's config and tokenizer files, or a transformers base module's config and its

@@ -51,6 +51,8 @@ class Source:
     """
 
     derived = False
+    # whether `read` fills an `out` of any dtype itself (a factored source forms W0 + ΔW in it)
+    reads_any_dtype = False
 
     def __init__(self, label: str, directory: Path | None = None) -> None:
         self.label = label
@@ -468,8 +470,9 @@ def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str,
     return sorted(set(resolved.values())), resolved
 
 
-def open_source(model: ModelLike, label: str) -> Source:
-    """Wrap `model` as a `Source`; `label` names it in errors ("source 2", "base")."""
+def open_source(model: ModelLike, label: str, base: Source | None = None) -> Source:
+    """Wrap `model` as a `Source`; `label` names it in errors ("source 2", "base"). A peft adapter
+    directory is read as the model it makes of `base`."""
     if isinstance(model, Source):
         return model
     if isinstance(model, nn.Module):
@@ -492,6 +495,12 @@ def open_source(model: ModelLike, label: str) -> Source:
     except OSError as err:  # a symbolic link loop, a name too long, ...
         raise SourceError(f"{label}: cannot read {str(path)!r}: {err.strerror}") from None
     if path.is_dir():
+        if (path / "adapter_config.json").is_file() or (path / "adapter_model.safetensors").is_file():
+            from svdfuse.adapters import LoraSource  # a source kind built on this module
+
+            if base is None:
+                raise SourceError(f"{label}: is a peft adapter; it is read against a base (pass base=...)")
+            return LoraSource(label, path, base)
         found = _hf_weight_files(path, label)
         if found is not None:
             return SafetensorsSource(label, found[0], directory=path, index=found[1])
@@ -534,10 +543,13 @@ def _identity(model: ModelLike) -> tuple:
     return ("object", id(model))
 
 
-def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike], base: ModelLike | None = None) -> list[Source]:
+def open_sources(
+    models: Sequence[ModelLike] | Mapping[str, ModelLike], base: ModelLike | None = None, base_source: Source | None = None
+) -> list[Source]:
     """Open source models labelled "source 2" (a list) or "source 2 ('cars')" (a name -> model
     mapping). The same model twice (also as its own component cache), or the base among them, is
-    refused: its components would count twice, or it adds nothing."""
+    refused: its components would count twice, or it adds nothing. Adapters are read against
+    `base_source`."""
     single = (str, bytes, os.PathLike, torch.nn.Module, Source)
     is_state_dict = isinstance(models, Mapping) and any(isinstance(v, Tensor) for v in models.values())
     if isinstance(models, single) or is_state_dict:
@@ -554,7 +566,7 @@ def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike], base: Mo
             what = f" ({os.fspath(model)!r})" if isinstance(model, (str, os.PathLike)) else ""
             raise SourceError(f"{label} is the same model as {first}{what}; give each source once (its components would count twice)"
                               if first != "the base" else f"{label} is the base itself{what}; a source must be a model fine-tuned from it")
-    sources = [open_source(model, label) for label, (_, model) in zip(labels, named)]
+    sources = [open_source(model, label, base_source) for label, (_, model) in zip(labels, named)]
     if any(source.derived for source in sources):
         _refuse_copies(sources)
     return sources
@@ -597,6 +609,8 @@ class Reader:
 
     def _read(self, source: Source, key: str, start: int, stop: int, out: Tensor) -> None:
         stored = source.meta(key)[1]
+        if source.reads_any_dtype:  # formed in the wider of out's and the merge's dtype, rounded once
+            stored = out.dtype if self.dtype is None or self.dtype.itemsize >= out.dtype.itemsize else self.dtype
         cast = self.dtype is not None and self.dtype != stored
         if not cast and out.dtype == stored and out.is_contiguous() and out.device.type == "cpu":
             source.read(key, start, stop, out)
