@@ -401,16 +401,16 @@ def publish(tmp: Path, path: Path) -> None:
     try:
         _sync(tmp)
         _rename_noreplace(tmp, path)
-        _sync(path.parent)
+        _sync(path.parent, tree=False)  # its entry alone: the parent holds the user's other files
     except FileExistsError:
         raise FileExistsError(f"output path {str(path)!r} appeared while writing; svdfuse never overwrites, nothing was written") from None
     finally:
         _remove(tmp)
 
 
-def _sync(path: Path) -> None:
-    """fsync `path`, and everything in it if it is a directory (the directory's entries last)."""
-    if path.is_dir():
+def _sync(path: Path, *, tree: bool = True) -> None:
+    """fsync `path`, and with `tree` everything in it if it is a directory (the directory's entries last)."""
+    if tree and path.is_dir():
         for entry in path.iterdir():
             if entry.is_dir() or entry.is_file():
                 _sync(entry)

@@ -425,14 +425,14 @@ def _shard_path(directory: Path, name: object, label: str, what: str) -> Path:
         raise SourceError(f"{label}: {what} names {name!r}, which does not exist in {str(directory)!r}") from None
     except OSError as err:  # a symbolic link loop, permission denied on a directory, ...
         raise SourceError(f"{label}: {what} names {name!r}, which cannot be read ({err.strerror})") from None
-    if not any(real.is_relative_to(root) for root in _roots(directory)):
+    if not any(real.is_relative_to(root) for root in model_roots(directory)):
         raise SourceError(f"{label}: {what} names {name!r}, which links to {str(real)!r} outside the model directory; svdfuse reads only files inside it")
     if not stat.S_ISREG(mode):
         raise SourceError(f"{label}: {what} names {name!r}, which is not a regular file")
     return path
 
 
-def _roots(directory: Path) -> list[Path]:
+def model_roots(directory: Path) -> list[Path]:
     """Where the files of a model directory may really be: inside it, and for a snapshot of the
     Hugging Face hub cache (`models--org--name/snapshots/REVISION`), in that repository's blobs."""
     real = directory.resolve()

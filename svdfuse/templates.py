@@ -7,9 +7,10 @@ local directory, that directory's other files. Nothing else carries a config: a 
 a state dict or a `.safetensors` file has none, and an open_clip model does not record which
 architecture it was created as, so a merge of those is written as weights only.
 
-Only regular files are copied (links are followed, as in the Hub's cache, whose snapshots link to
-its blobs), never the base's weights nor its hidden entries (`.git`, `.cache`); a link that leads
-nowhere or in a loop, or anything else that is not a file or directory, is refused before anything
+Only regular files inside the directory are copied (links are followed when they stay inside it or,
+for a snapshot of the Hub's cache, lead to its blobs), never the base's weights nor its hidden
+entries (`.git`, `.cache`); a link that leads nowhere, in a loop or out of the directory (another
+file of the machine), or anything else that is not a file or directory, is refused before anything
 is written, naming it.
 """
 
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from svdfuse.sources import model_roots
 
 __all__ = ["Template", "template_of", "NO_TEMPLATE", "WEIGHT_FILES"]
 
@@ -63,10 +66,11 @@ class Template:
         if self.directory is None:
             return []
         out: list[Path] = []
-        self._collect(Path(self.directory), Path(), {_key(Path(self.directory))}, {p.absolute() for p in skip}, out)
+        roots = model_roots(Path(self.directory))
+        self._collect(Path(self.directory), Path(), {_key(Path(self.directory))}, {p.absolute() for p in skip}, roots, out)
         return out
 
-    def _collect(self, root: Path, relative: Path, above: set[tuple[int, int]], skip: set[Path], out: list[Path]) -> None:
+    def _collect(self, root: Path, relative: Path, above: set[tuple[int, int]], skip: set[Path], roots: list[Path], out: list[Path]) -> None:
         for entry in sorted((root / relative).iterdir()):
             name = relative / entry.name
             if entry.name.startswith(".") or entry.absolute() in skip or any(fnmatch.fnmatch(entry.name, p) for p in WEIGHT_FILES):
@@ -77,13 +81,19 @@ class Template:
                 what = {errno.ENOENT: "a broken symbolic link", errno.ELOOP: "a symbolic link that loops"}.get(err.errno, err.strerror)
                 target = f" (to {os.readlink(entry)!r})" if entry.is_symlink() else ""
                 raise ValueError(f"cannot copy {str(entry)!r} from the base directory into the output: {what}{target}") from None
+            if entry.is_symlink() and not any(entry.resolve().is_relative_to(root) for root in roots):
+                # a downloaded directory's link must not carry another file of this machine into the output
+                raise ValueError(
+                    f"cannot copy {str(entry)!r} from the base directory into the output: it links to {str(entry.resolve())!r}, "
+                    "outside the directory; svdfuse copies only files inside it"
+                )
             if stat.S_ISDIR(info.st_mode):
                 if (info.st_dev, info.st_ino) in above:  # a link (or a mount) to a directory that holds it
                     target = f"to {os.readlink(entry)!r}, " if entry.is_symlink() else ""
                     raise ValueError(
                         f"cannot copy {str(entry)!r} from the base directory into the output: it loops ({target}a directory that holds it)"
                     )
-                self._collect(root, name, above | {(info.st_dev, info.st_ino)}, skip, out)
+                self._collect(root, name, above | {(info.st_dev, info.st_ino)}, skip, roots, out)
             elif stat.S_ISREG(info.st_mode):
                 out.append(name)
             else:
