@@ -29,6 +29,7 @@ __all__ = [
     "topk_components",
     "reorthogonalize",
     "lowrank_matmul",
+    "core_matmul",
 ]
 
 # Chosen by measurement (bench/bench_rsvd_accuracy.py, results in bench/results/): on 768x768
@@ -298,3 +299,30 @@ def lowrank_matmul(
     # One op, `torch.ops.svdfuse.lowrank_matmul` (svdfuse/_native.py): the dispatcher picks its kernel by
     # device, compiled (CPU, CUDA) or the reference, and that kernel checks the call, once.
     return torch.ops.svdfuse.lowrank_matmul.default(x, U, S, V, base, bias, task)
+
+
+def core_matmul(
+    x: Tensor, U: Tensor, C: Tensor, V: Tensor, task: Tensor, base: Tensor | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """`y = x Wbᵀ + ((x V) Cₜᵀ) Uᵀ + bias`, t = task of the row: many updates `U Cₜ Vᵀ` on one
+    shared basis (a bundle's full cores, `svdfuse.bundle`), served in one call without forming them.
+
+    Args:
+        x: (..., n) inputs; fp32, bf16, fp16 or fp64, shared by every float tensor.
+        U: (m, K), V: (n, K) the shared basis.
+        C: (num_tasks, K, K) one core per task.
+        task: int64 of shape x.shape[:-1], ids in [0, num_tasks); range-checked on the CPU
+            (ValueError); elsewhere a bad id gives its row NaN.
+        base: optional (m, n) dense base weight Wb; bias: optional (m,).
+
+    Returns:
+        (..., m) in x's dtype, accumulated in fp32 (fp64 for fp64). Inference only (no autograd).
+
+    Raises:
+        ValueError, TypeError: a shape, device, dtype or (on the CPU) task id does not fit, naming the tensor.
+
+    Example::
+
+        y = svdfuse.ops.core_matmul(x, U, cores, V, task=request_ids[:, None].expand(x.shape[:-1]), base=W0, bias=b)
+    """
+    return torch.ops.svdfuse.core_matmul.default(x, U, C, V, base, bias, task)
