@@ -189,7 +189,7 @@ def compress_matrix(
             continue
         L, R = f[0].to(_F64), f[1].to(_F64)
         full = (U.T @ L) @ (R @ V)
-        C = full.diagonal() if core == "diagonal" else full
+        C = (full.diagonal() if core == "diagonal" else full).to(torch.float32).to(_F64)  # the error of the core as stored
         cores[i] = C
         kept = U * C if core == "diagonal" else U @ C
         residual = _product_norm(torch.cat([L, -kept], 1), torch.cat([R, V.T], 0))
