@@ -109,14 +109,17 @@ def adapter_names() -> list[tuple[str, str, int]]:
     return [(f"{task}-s{seed}", task, seed) for task in tasks(np.zeros(5, dtype=np.int64)) for seed in range(3)]
 
 
-def train_all(log=print) -> dict[str, dict]:
-    """Train (or read from the cache) every adapter; name -> {dir, task, seed, acc, base_acc}."""
+def train_all(log=print, only: list[str] | None = None) -> dict[str, dict]:
+    """Train (or read from the cache) every adapter (or those named in `only`); name -> {dir,
+    task, seed, acc, base_acc}."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
     data = load_data()
     out, base_accs = {}, {}
     for name, task, seed in adapter_names():
+        if only is not None and name not in only:
+            continue
         where = CACHE / "adapters" / name
         info = where / "svdfuse_study.json"
         if info.is_file():
