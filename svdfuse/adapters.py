@@ -88,6 +88,7 @@ class LoraSource(Source):
     Attributes:
         modules: base weight name -> its `LoraModule`.
         full: base tensor name -> the adapter file's key of its whole replacement (modules_to_save).
+        biases: base bias name -> (its `lora_B.bias` key, scale): lora_bias updates.
         config: the adapter's `adapter_config.json`.
     """
 
@@ -101,7 +102,7 @@ class LoraSource(Source):
         base_keys = set(base.keys())
         self.modules: dict[str, LoraModule] = {}
         self.full: dict[str, str] = {}
-        self._biases: dict[str, tuple[str, float]] = {}  # base bias name -> (lora_B.bias key, scale)
+        self.biases: dict[str, tuple[str, float]] = {}  # base bias name -> (lora_B.bias key, scale)
         parts: dict[str, dict[str, str]] = {}
         for key in self._store.keys():
             name = key.removeprefix(PEFT_PREFIX)
@@ -218,7 +219,7 @@ class LoraSource(Source):
             if self._store.meta(bias)[0] != self.base.meta(bias_key)[0]:
                 raise SourceError(f"{self.label}: {bias!r} {self._store.meta(bias)[0]} does not fit the base's {bias_key!r} {self.base.meta(bias_key)[0]}")
             self.full.pop(bias_key, None)
-            self._biases[bias_key] = (bias, scale)
+            self.biases[bias_key] = (bias, scale)
         self.modules[key] = LoraModule(key, kind, a, b, r, scale, bias)
 
     def _check_full(self) -> None:
@@ -241,19 +242,40 @@ class LoraSource(Source):
 
     def touched(self, key: str) -> str | None:
         """"lora" (a factored update), "dense" (a whole replacement or a bias update) or None (the base's)."""
-        return "lora" if key in self.modules else "dense" if key in self.full or key in self._biases else None
+        return "lora" if key in self.modules else "dense" if key in self.full or key in self.biases else None
+
+    def factor_dtype(self, key: str) -> torch.dtype:
+        """The dtype `key`'s factors are stored in."""
+        return self._store.meta(self.modules[key].b)[1]
+
+    def read_factors(self, key: str, L: Tensor, R: Tensor) -> None:
+        """The unscaled update factors of `key` into L (m, r) and R (r, n) (any dtype): ΔW = scale · L R
+        in the base tensor's matrix shape."""
+        module = self.modules[key]
+        if module.kind in ("linear", "conv"):  # B (m, r, 1...), A (r, *in): straight into the buffers
+            _read_into(self._store, module.b, 0, L.shape[0], L.view(-1, module.rank, *(1,) * (len(self._store.meta(module.b)[0]) - 2)))
+            _read_into(self._store, module.a, 0, module.rank, R.view(self._store.meta(module.a)[0]))
+        else:  # ΔW = (B A)ᵀ = Aᵀ Bᵀ
+            L.copy_(self._store.get(module.a).T)
+            R.copy_(self._store.get(module.b).T)
 
     def factors(self, key: str, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        """The update of `key` as L (m, r) @ R (r, n), peft's scale in L, in `dtype`; m × n is the
-        base tensor's matrix shape (conv kernels as out × in·kh·kw)."""
+        """The update of `key` as L (m, r) @ R (r, n), peft's scale in L, in `dtype`, checked finite;
+        m × n is the base tensor's matrix shape (conv kernels as out × in·kh·kw)."""
         module = self.modules[key]
-        A, B = (self._store.get(name).to(dtype) for name in (module.a, module.b))
-        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
-            bad = module.a if not bool(torch.isfinite(A).all()) else module.b
-            raise SourceError(f"{self.label}: {bad!r} holds NaN or Inf values; expected finite LoRA factors")
-        if module.kind in ("embedding", "transposed"):  # ΔW = (B A)ᵀ = Aᵀ Bᵀ
-            return A.T.mul(module.scale), B.T
-        return B.reshape(B.shape[0], module.rank).mul(module.scale), A.reshape(module.rank, -1)
+        shape = self.base.meta(key)[0]
+        L, R = torch.empty((shape[0], module.rank), dtype=dtype), torch.empty((module.rank, math.prod(shape[1:])), dtype=dtype)
+        self.read_factors(key, L, R)
+        self.check_finite(key, L, R)
+        return L.mul_(module.scale), R
+
+    def check_finite(self, key: str, L: Tensor, R: Tensor) -> None:
+        """Refuse factors of `key` that are not finite, naming the adapter's tensor."""
+        module = self.modules[key]
+        left, right = (module.a, module.b) if module.kind in ("embedding", "transposed") else (module.b, module.a)
+        for t, name in ((L, left), (R, right)):
+            if not bool(torch.isfinite(t).all()):
+                raise SourceError(f"{self.label}: {name!r} holds NaN or Inf values; expected finite LoRA factors")
 
     def get(self, key: str) -> Tensor:
         shape, dtype = self.meta(key)
@@ -265,7 +287,7 @@ class LoraSource(Source):
         if key in self.full:
             return _read_into(self._store, self.full[key], start, stop, out)
         _read_into(self.base, key, start, stop, out)
-        if key not in self.modules and key not in self._biases:
+        if key not in self.modules and key not in self.biases:
             return
         acc = out.dtype if out.dtype in (torch.float32, torch.float64) else torch.float32
         w = out.reshape(stop - start, -1) if acc == out.dtype else out.reshape(stop - start, -1).to(acc)
@@ -273,7 +295,7 @@ class LoraSource(Source):
             L, R = self.factors(key, acc)
             w.addmm_(L[start:stop], R)
         else:
-            stored, scale = self._biases[key]
+            stored, scale = self.biases[key]
             bias = self._store.get(stored).to(acc)
             if not bool(torch.isfinite(bias).all()):
                 raise SourceError(f"{self.label}: {stored!r} holds NaN or Inf values; expected a finite bias")

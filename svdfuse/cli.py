@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("sources", nargs="*", help=".safetensors files or Hugging Face model directories fine-tuned from BASE")
     merge.add_argument("--config", metavar="YAML", help="run the merge a YAML file describes: svdfuse's keys, or a mergekit config (merge_method: ...)")
     merge.add_argument("--base", help="the pre-trained model: a .safetensors file or a Hugging Face directory")
-    merge.add_argument("-k", type=_k, help="per matrix, an int or a fraction of min(m, n): components kept (axis, required) or the rank adapted in Stage 2 (other methods)")
+    merge.add_argument("-k", "--rank", dest="k", type=_k, help="per matrix, an int or a fraction of min(m, n): components kept (axis, required), the rank adapted in Stage 2 (other methods), or a LoRA output's rank (task_arithmetic of adapters)")
     merge.add_argument("-o", "--output", help="new .safetensors file, or new directory (Hugging Face layout); with --config, overrides its output")
     merge.add_argument("--method", default="axis", choices=sorted(METHODS), help="merge method (default: axis)")
     _add_method_params(merge)
@@ -129,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--shard-size", default="5GB", help="largest shard of a directory output, e.g. 2GB (default 5GB)")
     merge.add_argument("--allow-non-finite", action="store_true", help="merge non-matrix tensors holding NaN or inf instead of refusing them")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument("--format", dest="save_format", choices=("model", "lora"), default="model", help="write the merged model (default), or a peft LoRA adapter directory from the merged factors")
+    merge.add_argument("--for", dest="serve", choices=("vllm",), help="with --format lora: loadable by vLLM (ranks padded to its max_lora_rank values, no whole modules)")
+    merge.add_argument("--drop-full-modules", action="store_true", help="with --for vllm: leave tensors no LoRA update carries at the base's value (a warning) instead of refusing")
 
     dec = sub.add_parser("decompose", help="store a source's top-r SVD factors (a component cache, a valid merge source)")
     dec.add_argument("source", help="a fine-tuned model: a .safetensors file or a Hugging Face directory")
@@ -267,6 +270,9 @@ def _merge(args: argparse.Namespace) -> None:
         shard_size=args.shard_size,
         progress=not args.quiet,
         allow_non_finite=args.allow_non_finite,
+        save_format="lora" if args.save_format == "lora" else "auto",
+        serve=args.serve,
+        drop_full_modules=args.drop_full_modules,
         **params,
     )
     if distributed.current().rank == 0:

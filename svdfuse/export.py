@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import shutil
 from collections import Counter
 from collections.abc import Mapping
@@ -37,6 +36,8 @@ from tabulate import tabulate
 from torch import Tensor, nn
 
 from svdfuse import linalg
+from svdfuse.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from svdfuse.lora_out import Update, peft_config, peft_factors
 from svdfuse.nn.attention import SVDMultiheadAttention
 from svdfuse.nn.conv import SVDConv
 from svdfuse.nn.convert import materialize, svd_layers
@@ -49,9 +50,7 @@ from svdfuse.sources import ComponentCache, ModelLike, SourceError, open_source
 
 __all__ = ["LoraReport", "export_lora", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
+_PREFIX = PEFT_PREFIX
 
 # name -> (U (m, r), S (r,), V (n, r)): a weight's update U diag(S) Vᵀ, in its matrix shape.
 Factors = dict[str, tuple[Tensor, Tensor, Tensor]]
@@ -318,7 +317,7 @@ def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], ap
     """(adapter config, adapter tensors, report maker) of one merge."""
     modules = dict(module.named_modules())
     approximated: dict[str, float] = {}
-    updates: dict[str, tuple[str, Tensor, Tensor, int]] = {}  # module -> (kind, A, B, rank)
+    updates: dict[str, tuple[str, Update, None, int]] = {}  # module -> (kind, update, None, rank)
     for key, factors in merged.factors.items():
         if key not in base_state:
             raise ValueError(f"export_lora: {merged.label}: the base has no tensor {key!r}; export with the base the merge was made from")
@@ -349,10 +348,9 @@ def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], ap
     bias_changed = sorted(key for key in changed if key in bias_keys)
     lora_bias = bool(bias_changed)
     tensors: dict[str, Tensor] = {}
-    for name, (kind, A, B, _) in updates.items():
-        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{_PREFIX}{name}.{a_name}"] = A
-        tensors[f"{_PREFIX}{name}.{b_name}"] = B
+    for name, (kind, update, _, _) in updates.items():
+        tensors.update({f"{_PREFIX}{name}.{part}": t for part, t in peft_factors(update).items()})
+        B = update.L
         if lora_bias:
             if kind == "embedding" or getattr(modules[name], "bias", None) is None:
                 raise ValueError(
@@ -391,29 +389,8 @@ def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], ap
             tensors[f"{_PREFIX}{full}"] = changed.get(full, merged.tensors.get(full, base_state[full])).contiguous()
     _check_modules_to_save(to_save, list(modules))
     ranks = {name: rank for name, (_, _, _, rank) in updates.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
-    # peft looks a module's rank up as re.match(rf"(.*\.)?({key})$", name): a leading ^ keeps a
-    # key from also matching a longer name that ends in it.
-    pattern = {f"^{re.escape(name)}": rank for name, rank in ranks.items() if rank != r}
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "target_modules": _target_modules(list(updates), list(modules)),
-        "modules_to_save": sorted(to_save) or None,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "lora_bias": lora_bias,
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
+    config = peft_config(ranks, list(modules), modules_to_save=to_save, lora_bias=lora_bias)
+    r = config["r"]
 
     def report(path: Path) -> LoraReport:
         return LoraReport(path, r, ranks, sorted(to_save), lora_bias, approximated)
@@ -421,8 +398,8 @@ def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], ap
     return config, tensors, report
 
 
-def _layout(modules: dict[str, nn.Module], owner_name: str, attr: str, key: str, U: Tensor, S: Tensor, V: Tensor) -> tuple[str, Tensor, Tensor, int]:
-    """(kind, lora_A, lora_B, rank) of the update U diag(S) Vᵀ of weight `key` in peft's layout for its module."""
+def _layout(modules: dict[str, nn.Module], owner_name: str, attr: str, key: str, U: Tensor, S: Tensor, V: Tensor) -> tuple[str, Update, None, int]:
+    """(kind, `Update` (L = U diag(S), R = Vᵀ), None, rank) of weight `key`'s update, laid out for its module."""
     owner = modules.get(owner_name)
     parent = modules.get(owner_name.rpartition(".")[0]) if owner_name else None
     rank = S.shape[0]
@@ -435,9 +412,9 @@ def _layout(modules: dict[str, nn.Module], owner_name: str, attr: str, key: str,
         )
     if owner is None or attr != "weight" or owner_name == "":
         raise ValueError(f"export_lora: {key!r} is not the weight of a layer peft's LoRA can adapt (Linear, Conv1d/2d/3d, Embedding)")
-    B, A = (U * S).contiguous(), V.T.contiguous()
+    update = lambda kind: (kind, Update(kind, (U * S).contiguous(), V.T.contiguous(), tuple(owner.weight.shape)), None, rank)  # noqa: E731
     if isinstance(owner, nn.Linear):
-        return "linear", A, B, rank
+        return update("linear")
     if type(owner) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         why = []
         if owner.groups != 1:
@@ -448,10 +425,9 @@ def _layout(modules: dict[str, nn.Module], owner_name: str, attr: str, key: str,
             why.append(f"padding_mode={owner.padding_mode!r} (peft's lora_A conv pads with zeros)")
         if why:
             raise ValueError(f"export_lora: {key!r}: a LoRA adapter cannot reproduce this {kind_name}'s update: {'; '.join(why)}")
-        ones = (1,) * (owner.weight.dim() - 2)
-        return "conv", A.reshape(rank, *owner.weight.shape[1:]), B.reshape(*B.shape, *ones), rank
-    if type(owner) is nn.Embedding:  # peft: delta = (lora_embedding_B @ lora_embedding_A)ᵀ, (num, dim)
-        return "embedding", U.T.contiguous(), (V * S).contiguous(), rank
+        return update("conv")
+    if type(owner) is nn.Embedding:
+        return update("embedding")
     raise ValueError(
         f"export_lora: {key!r} belongs to a {kind_name}, which peft's LoRA does not adapt (Linear, Conv1d/2d/3d, Embedding)"
     )
@@ -478,15 +454,6 @@ def _best_rank(frozen: Tensor, W0: Tensor, U: Tensor, S: Tensor, V: Tensor) -> t
     error = (torch.linalg.norm(Sf[k:]) / max(torch.linalg.norm(Sf).item(), 1e-300)).item()
     dtype = U.dtype
     return Uf[:, :k].to(dtype), Sf[:k].to(dtype), Vh[:k].T.to(dtype), error
-
-
-def _target_modules(targets: list[str], names: list[str]) -> list[str] | str:
-    """`target_modules` naming exactly `targets`: peft takes a listed name to mean that module or
-    any whose name ends in '.' + it, so where that would reach further, a regex it matches whole."""
-    wanted = set(targets)
-    if any(n not in wanted and n.endswith(f".{target}") for target in targets for n in names):
-        return "|".join(re.escape(name) for name in sorted(targets))
-    return sorted(targets)
 
 
 def _check_modules_to_save(to_save: list[str], names: list[str]) -> None:

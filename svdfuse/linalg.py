@@ -53,13 +53,25 @@ def _robust_one(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.from_numpy(np.ascontiguousarray(x)).to(a.device) for x in (U, S, Vh))  # type: ignore[return-value]
 
 
-def factored_svd(L: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact SVD of the product `L @ R` without forming it: L (..., m, r), R (..., r, n) ->
-    U (..., m, r), S (..., r) descending, V (..., n, r), in O((m + n) r²).
+def factored_svd(L: Tensor, R: Tensor, rank: int | None = None, *, oversample: int = 16, iterations: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of the product `L @ R` without forming it: L (..., m, r), R (..., r, n) -> U (..., m, q),
+    S (..., q) descending, V (..., n, q).
 
-    `L = Q_l R_l`, `Rᵀ = Q_r R_r`, `R_l R_rᵀ = u σ vᵀ` (an r × r SVD) ⇒ `L R = (Q_l u) σ (Q_r v)ᵀ`.
-    Zero columns of L (a rank padded to a common width) give zero singular values."""
-    Q_l, R_l = torch.linalg.qr(L)
-    Q_r, R_r = torch.linalg.qr(R.mT)
-    u, S, vh = svd(R_l @ R_r.mT)
-    return Q_l @ u, S, Q_r @ vh.mT
+    Exact (q = min(m, n, r)), in O((m + n) r²): `L = Q_l R_l`, `Rᵀ = Q_r R_r`, `R_l R_rᵀ = u σ vᵀ`
+    (an r × r SVD) ⇒ `L R = (Q_l u) σ (Q_r v)ᵀ`. Zero columns of L (a rank padded to a common
+    width) give zero singular values. With `rank` well below r (a sum of many adapters), its top
+    `rank` (q = rank) by the randomized SVD of the operator x ↦ L (R x) instead, in
+    O((m + n) r (rank + oversample)) per pass, with `iterations` power iterations."""
+    if rank is None or L.shape[-1] <= 2 * (rank + oversample):
+        Q_l, R_l = torch.linalg.qr(L)
+        Q_r, R_r = torch.linalg.qr(R.mT)
+        u, S, vh = svd(R_l @ R_r.mT)
+        U, S, V = Q_l @ u, S, Q_r @ vh.mT
+        return (U, S, V) if rank is None else (U[..., :rank], S[..., :rank], V[..., :rank])
+    generator = torch.Generator(device=L.device).manual_seed(seed)
+    omega = torch.randn((*R.shape[:-2], R.shape[-1], rank + oversample), generator=generator, dtype=L.dtype, device=L.device)
+    Q = torch.linalg.qr(L @ (R @ omega)).Q
+    for _ in range(iterations):
+        Q = torch.linalg.qr(L @ (R @ torch.linalg.qr(R.mT @ (L.mT @ Q)).Q)).Q
+    u, S, vh = svd((Q.mT @ L) @ R)
+    return (Q @ u)[..., :rank], S[..., :rank], vh.mT[..., :rank]

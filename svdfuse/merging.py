@@ -21,6 +21,8 @@ from svdfuse.plan import DEFAULT_EXCLUDE, Plan, Role, make_plan, svd_fields
 from svdfuse.resources import bound_allocator, default_budget, peak_rss, resolve_device, release_free_memory
 from svdfuse.result import LayerReport, MergeReport, MergeResult
 from svdfuse.sinks import LowRank, SafetensorsWriter, check_output, parse_size
+from svdfuse.adapters import LoraSource
+from svdfuse.lora_out import LoraSink, concatenate, refuse_whole_tensors
 from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 from svdfuse.templates import Template, template_of
 
@@ -133,6 +135,9 @@ def merge(
     progress: bool | None = None,
     allow_non_finite: bool = False,
     config_text: str | None = None,
+    save_format: str = "auto",
+    serve: str | None = None,
+    drop_full_modules: bool = False,
     **params: Any,
 ) -> MergeResult | MergeReport:
     """Merge fine-tuned `models` of one `base`, by AXIS (arXiv 2508.19353) or another method.
@@ -180,6 +185,13 @@ def merge(
             be finite regardless.
         config_text: the configuration file this merge comes from (`svdfuse.merge_config`),
             quoted in the model card.
+        save_format: "auto" (the merged model), or "lora": `output` is a new peft adapter
+            directory written from the merged factors (AXIS, TSV-M: rank k; Task Arithmetic or
+            Average of adapters alone: their exact concatenation, or its top-k when k is given).
+        serve: with save_format="lora", "vllm" makes the adapter loadable by vLLM (one rank,
+            padded to the next of its max_lora_rank values; no whole modules).
+        drop_full_modules: for serve="vllm", leave changed tensors no LoRA update carries
+            (modules_to_save, biases) at the base's value, with a warning, instead of refusing.
         params: the method's parameters, e.g. `density=0.2` for "ties".
 
     Returns:
@@ -208,9 +220,14 @@ def merge(
     shard_bytes = parse_size(shard_size, "shard_size")
     if output is not None:
         check_output(output)
+    lora = _lora_options(save_format, serve, drop_full_modules, output)
     device = resolve_device(device)
     base_source = open_source(base, "base")
     sources = open_sources(models, base, base_source)
+    if lora is not None and lora["serve"] == "vllm" and not lora["drop_full_modules"]:
+        refuse_whole_tensors(sources)
+    if lora is not None and spec.name in ("task_arithmetic", "average") and all(isinstance(s, LoraSource) for s in sources):
+        return _concatenated(spec.name, sources, base_source, base, params, k, output, lora, start)
     if params.get("weights") is not None:
         check_weights(method, params["weights"], len(sources))
     plan = make_plan(
@@ -225,7 +242,9 @@ def merge(
         )
     mine = distributed.partition([task.nbytes for task in plan.tasks], group.world)[group.rank]
     tasks = [plan.tasks[i] for i in mine]
-    if output is not None:
+    if lora is not None:
+        sink = LoraSink(output, base_source, sources, base_name=_base_name(base, base_source), **lora)
+    elif output is not None:
         template = template_of(base, base_source.directory) if Path(output).suffix != ".safetensors" else None
         entries = [(s.key, s.shape, s.out_dtype) for s in plan.specs]
         ranks = {s.key: s.k for s in plan.matrices if s.k is not None}
@@ -259,6 +278,41 @@ def merge(
         sink.abort()
         raise
     return sink.result(report)
+
+
+def _lora_options(save_format: str, serve: str | None, drop_full_modules: bool, output) -> dict | None:
+    """The LoRA output's options, checked before any work; None for a model output."""
+    if save_format not in ("auto", "lora"):
+        raise ValueError(f"save_format must be 'auto' or 'lora', found {save_format!r}")
+    if serve not in (None, "vllm"):
+        raise ValueError(f"serve must be None or 'vllm', found {serve!r}")
+    if save_format != "lora":
+        if serve is not None or drop_full_modules:
+            raise ValueError("serve= and drop_full_modules= shape a LoRA output: pass save_format='lora' (--format lora)")
+        return None
+    if output is None or Path(output).suffix == ".safetensors":
+        raise ValueError(f"save_format='lora' writes a new adapter directory: pass output=DIR, found {output!r}")
+    if drop_full_modules and serve is None:
+        raise ValueError("drop_full_modules= is for serve='vllm' (--for vllm); a plain adapter keeps whole modules in modules_to_save")
+    return {"serve": serve, "drop_full_modules": drop_full_modules}
+
+
+def _base_name(base: ModelLike, source) -> str | None:
+    """What the adapter's config records as its base: the base directory, or a module's name."""
+    if source.directory is not None:
+        return str(source.directory)
+    return getattr(base, "name_or_path", None) or None
+
+
+def _concatenated(method: str, sources: list, base_source, base, params: dict, k, output, lora: dict, start: float) -> MergeReport:
+    """Task Arithmetic (or Average) of adapters alone, as an adapter: their factors concatenated."""
+    T = len(sources)
+    weights = params.get("weights") or [1.0] * T
+    scale = params.get("scaling", 0.3) if method == "task_arithmetic" else 1.0 / (sum(weights) if params.get("weights") else T)
+    config = concatenate(sources, base_source, output, coefficients=[scale * w for w in weights], k=k,
+                         base_name=_base_name(base, base_source), **lora)  # fmt: skip
+    return MergeReport(method, [s.label for s in sources], [], time.perf_counter() - start, output=str(output), peak_rss=peak_rss(),
+                       base=_base_name(base, base_source), parameters={"k": k, **params, "save_format": "lora", "lora": config})  # fmt: skip
 
 
 def _card_parameters(spec, k, params: dict, include, exclude, dtype, svd: SVDOptions) -> dict:

@@ -275,20 +275,30 @@ class Compute:
     def _lora(self, ids: list[int], specs: tuple[TensorSpec, ...], width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Adapters `ids`' exact top-`width` factors of the group, from their own: U (G, c, m, w),
         S (G, c, w), V (G, c, n, w), one batched QR + r×r SVD (`linalg.factored_svd`), never an
-        m×n matrix. An adapter's rank is padded with zero columns to the widest one."""
+        m×n matrix. An adapter's rank is padded with zero columns to the widest one. The factors
+        are read straight into one buffer in their stored dtype and converted, scaled and checked
+        once for the chunk: thousands of adapters, not thousands of small ops each."""
         G, c, m, n = len(specs), len(ids), specs[0].m, specs[0].n
         adapters = [self.reader.sources[i] for i in ids]
-        r = max([a.modules[s.key].rank for a in adapters for s in specs if a.touched(s.key)] or [1])
-        L = torch.zeros((G, c, m, r), dtype=dtype)
-        R = torch.zeros((G, c, r, n), dtype=dtype)
-        for g, spec in enumerate(specs):
-            for j, (i, adapter) in enumerate(zip(ids, adapters)):
-                if adapter.touched(spec.key):
-                    left, right = adapter.factors(spec.key, dtype)
-                    L[g, j, :, : left.shape[1]], R[g, j, : right.shape[0]] = left, right
-                    self.progress.differs[i] = True
-                    self.progress.advance((left.numel() + right.numel()) * adapter.base.meta(spec.key)[1].itemsize)
-        U, S, V = linalg.factored_svd(L.to(self.device), R.to(self.device))
+        hits = [(g, j) for g, spec in enumerate(specs) for j, a in enumerate(adapters) if a.touched(spec.key)]
+        ranks = {(g, j): adapters[j].modules[specs[g].key].rank for g, j in hits}
+        r = max(ranks.values(), default=1)
+        stored = adapters[hits[0][1]].factor_dtype(specs[hits[0][0]].key) if hits else dtype
+        padded = len(hits) < G * c or any(v < r for v in ranks.values())
+        make = torch.zeros if padded else torch.empty
+        L, R = make((G, c, m, r), dtype=stored), make((G, c, r, n), dtype=stored)
+        scale = torch.zeros((G, c, 1, 1), dtype=dtype)
+        for g, j in hits:
+            adapter, key, rank = adapters[j], specs[g].key, ranks[g, j]
+            adapter.read_factors(key, L[g, j, :, :rank], R[g, j, :rank])
+            scale[g, j] = adapter.modules[key].scale
+            self.progress.differs[ids[j]] = True
+        self.progress.advance((L.numel() + R.numel()) * stored.itemsize)
+        L, R = L.to(self.device, dtype), R.to(self.device, dtype)
+        if not (bool(torch.isfinite(L).all()) and bool(torch.isfinite(R).all())):
+            for g, j in hits:  # only to name the culprit
+                adapters[j].check_finite(specs[g].key, L[g, j], R[g, j])
+        U, S, V = linalg.factored_svd(L.mul_(scale.to(self.device)), R)
         pad = width - S.shape[-1]
         if pad > 0:
             zeros = lambda t: t.new_zeros((*t.shape[:-1], pad))  # noqa: E731
