@@ -69,7 +69,7 @@ def study(names: list[str], records: dict, data: dict, ks: list[int], bases: lis
                 basis_bytes = sum((bundle.U[k].numel() + bundle.V[k].numel()) * 4 for k in bundle.shapes)
                 row = {
                     "basis": basis, "core": core, "K": K, "K/r": K // ca.RANK, "adapters": len(names), "compress_s": seconds,
-                    "rel_error_mean": report.errors.mean().item(), "rel_error_worst": report.errors.max().item(),
+                    "rel_error_mean": report.errors[report.touched].mean().item(), "rel_error_worst": report.errors.max().item(),
                     "bytes_per_adapter": core_bytes, "peft_bytes_per_adapter": peft_bytes, "peft_over_core": peft_bytes / core_bytes,
                     "basis_bytes": basis_bytes, "total_bytes_48": basis_bytes + 48 * core_bytes, "peft_total_48": 48 * peft_bytes,
                     "total_bytes_1000": basis_bytes + 1000 * core_bytes, "peft_total_1000": 1000 * peft_bytes,

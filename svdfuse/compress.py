@@ -53,6 +53,7 @@ class CompressReport:
         keys: the base's weight names with a shared basis.
         errors: (N, M) float64, ‖ΔWᵢ − U Σᵢ Vᵀ‖ / ‖ΔWᵢ‖ of adapter i at matrix j (0 where the
             adapter leaves the matrix unchanged).
+        touched: (N, M) bool, whether adapter i updates matrix j.
         k: K, columns of every basis; core: "diagonal" or "full"; basis: "stack" or "axis".
         output: the bundle's path.
     """
@@ -60,20 +61,21 @@ class CompressReport:
     adapters: list[str]
     keys: list[str]
     errors: Tensor
+    touched: Tensor
     k: int
     core: str
     basis: str
     output: Path
 
     def table(self, max_rows: int = 16) -> str:
-        """One row per adapter: mean and worst relative error over its matrices."""
-        rows = [(name, f"{self.errors[i].mean().item():.3g}", f"{self.errors[i].max().item():.3g}", self.keys[int(self.errors[i].argmax())])
-                for i, name in enumerate(self.adapters)]
+        """One row per adapter: mean and worst relative error over the matrices it updates."""
+        rows = [(name, f"{self.errors[i][self.touched[i]].mean().item():.3g}", f"{self.errors[i].max().item():.3g}",
+                 self.keys[int(self.errors[i].argmax())], int(self.touched[i].sum())) for i, name in enumerate(self.adapters)]
         shown = sorted(rows, key=lambda row: -float(row[2]))[:max_rows]
         head = (f"wrote {self.output}: {len(self.adapters)} adapters on a shared K={self.k} basis ({self.basis}) per matrix "
-                f"for {len(self.keys)} matrices, {self.core} cores; mean relative error {self.errors.mean().item():.3g}")
+                f"for {len(self.keys)} matrices, {self.core} cores; mean relative error {self.errors[self.touched].mean().item():.3g}")
         more = [] if len(rows) <= max_rows else [f"({len(rows) - max_rows} more adapters with smaller worst errors)"]
-        return "\n".join([head, tabulate(shown, headers=("adapter", "mean rel. error", "worst", "worst matrix")), *more])
+        return "\n".join([head, tabulate(shown, headers=("adapter", "mean rel. error", "worst", "worst matrix", "matrices")), *more])
 
 
 def compress(
@@ -143,15 +145,17 @@ def compress(
         entries += [(f"{key}.U", (m, plan.K), torch.float32), (f"{key}.V", (n, plan.K), torch.float32),
                     (f"{key}.cores", cores, torch.float32), (f"{key}.error", (N,), _F64)]
     errors = torch.zeros(N, len(plan.keys), dtype=_F64)
+    touched = torch.zeros(N, len(plan.keys), dtype=torch.bool)
     with SafetensorsWriter(output, entries, metadata=metadata) as writer:
         for j, key in enumerate(plan.keys):
             factors = [_factors(source, base_source, key) for source in sources]
+            touched[:, j] = torch.tensor([f is not None for f in factors])
             U, V, cores, err = compress_matrix(factors, plan.K, core=core, basis=basis)
             errors[:, j] = err
             for suffix, t in (("U", U), ("V", V), ("cores", cores), ("error", err)):
                 writer.write(f"{key}.{suffix}", t)
         writer.commit(name for name, _, _ in entries)
-    return CompressReport(names, plan.keys, errors, plan.K, core, basis, output)
+    return CompressReport(names, plan.keys, errors, touched, plan.K, core, basis, output)
 
 
 def compress_matrix(

@@ -143,6 +143,7 @@ def test_full_fine_tunes_and_a_directory_bundle(setup, tmp_path):
     report = svdfuse.compress({"lora": adapters[0], "full": ft}, k=2, base=path, output=tmp_path / "bundle", core="full")  # k <= 2: adapter 0 alone spans blocks.0.up
     bundle = read_bundle(tmp_path / "bundle")
     assert bundle.adapters == ["lora", "full"] and report.keys == list(bundle.shapes)
+    assert report.touched[1].tolist() == [key == "blocks.0.q.weight" for key in report.keys]
     U, V = bundle.U["blocks.0.q.weight"].double(), bundle.V["blocks.0.q.weight"].double()
     dW = ft["blocks.0.q.weight"].double() - base.state_dict()["blocks.0.q.weight"].double()
     truth = (U.T @ dW @ V)
