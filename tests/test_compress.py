@@ -209,3 +209,22 @@ def test_cli_compress(setup, tmp_path, capsys):
     assert main(["compress", *map(str, adapters), "--base", str(path), "-k", "500", "-o", str(tmp_path / "c.safetensors")]) == 2
     assert "k=500 is more than" in capsys.readouterr().err
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_failure_midway_leaves_nothing(setup, tmp_path, monkeypatch):
+    import sys
+
+    module = sys.modules["svdfuse.compress"]  # the package's `compress` attribute is the function
+    _, path, adapters = setup
+    real, calls = module.compress_matrix, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "compress_matrix", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        svdfuse.compress(adapters, k=4, base=path, output=tmp_path / "out" / "b.safetensors")
+    assert list((tmp_path / "out").iterdir()) == []
