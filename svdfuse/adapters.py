@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from svdfuse.sources import MappingSource, SafetensorsSource, Source, SourceError
 
-__all__ = ["LoraSource", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "is_adapter"]
+__all__ = ["LoraSource", "stack_factors", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "is_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -248,6 +249,11 @@ class LoraSource(Source):
         """The dtype `key`'s factors are stored in."""
         return self._store.meta(self.modules[key].b)[1]
 
+    def factor_bytes(self, key: str) -> int:
+        """Bytes of `key`'s stored factors."""
+        module = self.modules[key]
+        return sum(math.prod(self._store.meta(name)[0]) * self._store.meta(name)[1].itemsize for name in (module.a, module.b))
+
     def read_factors(self, key: str, L: Tensor, R: Tensor) -> None:
         """The unscaled update factors of `key` into L (m, r) and R (r, n) (any dtype): ΔW = scale · L R
         in the base tensor's matrix shape."""
@@ -302,6 +308,29 @@ class LoraSource(Source):
             w.add_(bias[start:stop].reshape(-1, 1), alpha=scale)
         if w.data_ptr() != out.data_ptr():
             out.copy_(w.reshape(out.shape))
+
+
+def stack_factors(adapters: Sequence[LoraSource], key: str, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Every adapter's unscaled factors of weight `key` stacked: L (c, m, r), R (c, r, n) in `dtype`,
+    and their scales (c,) (0 where an adapter leaves `key` alone; ranks padded with zeros to the
+    widest). Read into one buffer in the stored dtype, converted and checked finite once: a
+    thousand adapters cost a few large ops, not thousands of small ones."""
+    shape = adapters[0].meta(key)[0]
+    touching = [j for j, a in enumerate(adapters) if key in a.modules]
+    ranks = {j: adapters[j].modules[key].rank for j in touching}
+    r = max(ranks.values(), default=1)
+    stored = adapters[touching[0]].factor_dtype(key) if touching else dtype
+    make = torch.zeros if len(touching) < len(adapters) or any(v < r for v in ranks.values()) else torch.empty
+    L, R = make((len(adapters), shape[0], r), dtype=stored), make((len(adapters), r, math.prod(shape[1:])), dtype=stored)
+    scale = torch.zeros(len(adapters), dtype=dtype)
+    for j in touching:
+        adapters[j].read_factors(key, L[j, :, : ranks[j]], R[j, : ranks[j]])
+        scale[j] = adapters[j].modules[key].scale
+    L, R = L.to(dtype), R.to(dtype)
+    if not (bool(torch.isfinite(L).all()) and bool(torch.isfinite(R).all())):
+        for j in touching:  # only to name the culprit
+            adapters[j].check_finite(key, L[j], R[j])
+    return L, R, scale
 
 
 def _read_into(source: Source, key: str, start: int, stop: int, out: Tensor) -> None:

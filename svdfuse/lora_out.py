@@ -29,7 +29,7 @@ from torch import Tensor
 
 from svdfuse import linalg
 from svdfuse.plan import resolve_rank
-from svdfuse.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSource
+from svdfuse.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSource, stack_factors
 from svdfuse.sinks import LowRank, publish, temporary
 from svdfuse.sources import Source
 
@@ -189,15 +189,18 @@ def _wide(source: Source, key: str) -> Tensor:
     return out
 
 
-def refuse_whole_tensors(sources: Sequence[Source]) -> None:
-    """Before any work: an adapter source whose tensors replace or shift whole tensors cannot go to vLLM."""
+def refuse_whole_tensors(sources: Sequence[Source], base: Source) -> None:
+    """Before any work: an adapter source that changes whole tensors (modules_to_save, lora_bias)
+    cannot go to vLLM."""
     for source in sources:
-        if isinstance(source, LoraSource) and (source.full or source.biases):
-            key = sorted(source.full or source.biases)[0]
-            raise ValueError(
-                f"LoRA output for vLLM: {source.label} changes {key!r} whole (modules_to_save or lora_bias); vLLM's LoRA loader "
-                "takes no full modules (lm_head, embeddings) or biases: pass drop_full_modules=True (--drop-full-modules) to leave them at the base's value"
-            )
+        if not isinstance(source, LoraSource):
+            continue
+        for key in [*source.full, *source.biases]:
+            if not torch.equal(_wide(source, key), base.get(key).to(torch.float64)):
+                raise ValueError(
+                    f"LoRA output for vLLM: {source.label} changes {key!r} whole (modules_to_save or lora_bias); vLLM's LoRA loader "
+                    "takes no full modules (lm_head, embeddings) or biases: pass drop_full_modules=True (--drop-full-modules) to leave them at the base's value"
+                )
 
 
 def layout(sources: Sequence[Source], key: str, shape: tuple[int, ...]) -> str:
@@ -275,9 +278,11 @@ def concatenate(
     for key in keys:
         if any(s.touched(key) == "dense" for s in sources):
             raise ValueError(f"LoRA output: {key!r} is a LoRA target of one adapter and saved whole by another; merge into a model instead")
-        parts = [(c, s.factors(key, dtype)) for c, s in zip(coefficients, sources) if key in s.modules and c != 0]
-        L = torch.cat([c * left for c, (left, _) in parts], 1)
-        R = torch.cat([right for _, (_, right) in parts], 0)
+        L, R, scale = stack_factors(sources, key, dtype)
+        real = torch.arange(L.shape[-1]) < torch.tensor([s.modules[key].rank if key in s.modules else 0 for s in sources])[:, None]  # (c, r): no padding
+        real &= (torch.tensor(coefficients, dtype=dtype) != 0)[:, None]
+        L = (L * (scale * torch.tensor(coefficients, dtype=dtype))[:, None, None]).permute(1, 0, 2)[:, real]  # (m, Σ r)
+        R = R[real]  # (Σ r, n)
         rank = None if k is None else resolve_rank(k, L.shape[0], R.shape[1], "k")
         if rank is not None and rank < L.shape[1]:
             U, S, V = linalg.factored_svd(L, R, rank)

@@ -225,9 +225,14 @@ def merge(
     base_source = open_source(base, "base")
     sources = open_sources(models, base, base_source)
     if lora is not None and lora["serve"] == "vllm" and not lora["drop_full_modules"]:
-        refuse_whole_tensors(sources)
+        refuse_whole_tensors(sources, base_source)
     if lora is not None and spec.name in ("task_arithmetic", "average") and all(isinstance(s, LoraSource) for s in sources):
         return _concatenated(spec.name, sources, base_source, base, params, k, output, lora, start)
+    if lora is not None and spec.kind is Kind.ELEMENTWISE:
+        raise ValueError(
+            f"save_format='lora' writes a low-rank merge; {method} merges element by element, which is low-rank only as "
+            "task_arithmetic or average of LoRA adapters alone: merge by axis or tsv_m, or write a model"
+        )
     if params.get("weights") is not None:
         check_weights(method, params["weights"], len(sources))
     plan = make_plan(

@@ -24,7 +24,7 @@ from svdfuse.reference import compute_dtype
 from svdfuse.result import LayerReport
 from svdfuse.sinks import LowRank
 from svdfuse import linalg
-from svdfuse.adapters import LoraSource
+from svdfuse.adapters import LoraSource, stack_factors
 from svdfuse.sources import ComponentCache, Reader, SourceError
 
 
@@ -278,27 +278,17 @@ class Compute:
         m×n matrix. An adapter's rank is padded with zero columns to the widest one. The factors
         are read straight into one buffer in their stored dtype and converted, scaled and checked
         once for the chunk: thousands of adapters, not thousands of small ops each."""
-        G, c, m, n = len(specs), len(ids), specs[0].m, specs[0].n
         adapters = [self.reader.sources[i] for i in ids]
-        hits = [(g, j) for g, spec in enumerate(specs) for j, a in enumerate(adapters) if a.touched(spec.key)]
-        ranks = {(g, j): adapters[j].modules[specs[g].key].rank for g, j in hits}
-        r = max(ranks.values(), default=1)
-        stored = adapters[hits[0][1]].factor_dtype(specs[hits[0][0]].key) if hits else dtype
-        padded = len(hits) < G * c or any(v < r for v in ranks.values())
-        make = torch.zeros if padded else torch.empty
-        L, R = make((G, c, m, r), dtype=stored), make((G, c, r, n), dtype=stored)
-        scale = torch.zeros((G, c, 1, 1), dtype=dtype)
-        for g, j in hits:
-            adapter, key, rank = adapters[j], specs[g].key, ranks[g, j]
-            adapter.read_factors(key, L[g, j, :, :rank], R[g, j, :rank])
-            scale[g, j] = adapter.modules[key].scale
-            self.progress.differs[ids[j]] = True
-        self.progress.advance((L.numel() + R.numel()) * stored.itemsize)
-        L, R = L.to(self.device, dtype), R.to(self.device, dtype)
-        if not (bool(torch.isfinite(L).all()) and bool(torch.isfinite(R).all())):
-            for g, j in hits:  # only to name the culprit
-                adapters[j].check_finite(specs[g].key, L[g, j], R[g, j])
-        U, S, V = linalg.factored_svd(L.mul_(scale.to(self.device)), R)
+        stacks = [stack_factors(adapters, spec.key, dtype) for spec in specs]
+        r = max(L.shape[-1] for L, _, _ in stacks)
+        widen = lambda t, dim: torch.nn.functional.pad(t, (0, r - t.shape[-1]) if dim == -1 else (0, 0, 0, r - t.shape[-2]))  # noqa: E731
+        L = torch.stack([widen(L, -1) for L, _, _ in stacks]).to(self.device)
+        R = torch.stack([widen(R, -2) for _, R, _ in stacks]).to(self.device)
+        scale = torch.stack([s for _, _, s in stacks]).to(self.device)  # (G, c)
+        for j, i in enumerate(ids):
+            self.progress.differs[i] = self.progress.differs[i] or bool((scale[:, j] != 0).any())
+        self.progress.advance(sum(a.factor_bytes(spec.key) for a in adapters for spec in specs if spec.key in a.modules))
+        U, S, V = linalg.factored_svd(L.mul_(scale[..., None, None]), R)
         pad = width - S.shape[-1]
         if pad > 0:
             zeros = lambda t: t.new_zeros((*t.shape[:-1], pad))  # noqa: E731

@@ -16,7 +16,8 @@ def _train(model: nn.Module, seed: int, steps: int = 3) -> None:
     ids = torch.randint(0, 1000, (4, 12))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(steps):
-        model(input_ids=ids).last_hidden_state[:, 0].pow(2).mean().backward()
+        out = model(input_ids=ids)
+        (out.last_hidden_state[:, 0].pow(2).mean() + out.pooler_output.pow(2).mean()).backward()
         opt.step()
         opt.zero_grad()
 

@@ -39,7 +39,10 @@ def test_axis_lora_loads_in_peft_and_is_the_merge(minilm_dir, adapters, tmp_path
     got = _peft_merged(minilm_dir, tmp_path / "out")
     _close(got, {k: v for k, v in dense.state_dict().items() if k in got})
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert config["r"] == 6 and config["lora_alpha"] == 6 and config["modules_to_save"] == ["pooler.dense"]
+    # adapter c saved the trained pooler whole: AXIS merges its weight as a matrix (a LoRA update) and
+    # averages its bias, which goes in lora_B's bias
+    assert config["r"] == 6 and config["lora_alpha"] == 6 and config["modules_to_save"] is None and config["lora_bias"] is True
+    assert "pooler.dense" in config["target_modules"]
     # lora_B = U diag(σ), lora_A = Vᵀ: Vᵀ's rows orthonormal, U diag(σ)'s columns orthogonal with norms σ
     f = _factors(tmp_path / "out")
     A, B = f["base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"], f["base_model.model.encoder.layer.0.attention.self.query.lora_B.weight"]
@@ -92,11 +95,11 @@ def test_for_vllm(minilm_dir, adapters, tmp_path):
     f = _factors(tmp_path / "out")
     A = f["base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"]
     assert A.shape[0] == 8 and not A[6:].any()
-    # the same merge, the pooler left at the base's value
+    # the same merge, the pooler's bias left at the base's value
     dense = svdfuse.merge(adapters, 6, base=minilm_dir, device="cpu").state_dict()
     got = _peft_merged(minilm_dir, tmp_path / "out")
     base = load_file(str(minilm_dir / "model.safetensors"))
-    dense.update({k: base[k] for k in ("pooler.dense.weight", "pooler.dense.bias")})
+    dense["pooler.dense.bias"] = base["pooler.dense.bias"]
     _close(got, {k: v for k, v in dense.items() if k in got})
 
 
@@ -117,11 +120,13 @@ def test_bad_options_refused_before_any_work(minilm_dir, adapters, no_work, kwar
     assert not list(tmp_path.iterdir())
 
 
-def test_a_dense_merge_is_no_lora(minilm_dir, adapters, tmp_path):
-    with pytest.raises(ValueError, match="is not of rank 4"):
-        svdfuse.merge([adapters[0], _peft_merged(minilm_dir, adapters[1])], 4, base=minilm_dir, device="cpu", method="ties",
-                      output=str(tmp_path / "out"), save_format="lora")  # fmt: skip
-    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+def test_a_dense_merge_is_no_lora(minilm_dir, adapters, tmp_path, no_work):
+    full = _peft_merged(minilm_dir, adapters[1])
+    with pytest.raises(ValueError, match="ties merges element by element, which is low-rank only as task_arithmetic or average of LoRA adapters alone"):
+        svdfuse.merge([adapters[0], full], 4, base=minilm_dir, device="cpu", method="ties", output=str(tmp_path / "out"), save_format="lora")
+    with pytest.raises(ValueError, match="task_arithmetic merges element by element"):  # adapters mixed with a full fine-tune
+        svdfuse.merge([adapters[0], full], base=minilm_dir, device="cpu", method="task_arithmetic", output=str(tmp_path / "out"), save_format="lora")
+    assert not list(tmp_path.iterdir())
 
 
 def test_never_a_partial_output(minilm_dir, adapters, tmp_path, monkeypatch):
