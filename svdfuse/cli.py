@@ -320,8 +320,8 @@ def _add_compress(sub) -> None:
     compress.add_argument("--base", required=True, help="the pre-trained model: a .safetensors file or a Hugging Face directory")
     compress.add_argument("-k", type=_k, required=True, help="basis columns per matrix: an int or a fraction of min(m, n)")
     compress.add_argument("-o", "--output", required=True, help="new bundle: a .safetensors file, or a directory (sharded)")
-    compress.add_argument("--core", default="diagonal", choices=["diagonal", "full"], help="per adapter: K values (default) or a K×K core per matrix")
-    compress.add_argument("--basis", default="stack", choices=["stack", "axis"], help="top-K SVD of the side-by-side updates (default) or AXIS's global top-K")
+    compress.add_argument("--core", default="full", choices=["full", "diagonal"], help="per adapter and matrix: a K×K core (default) or K values")
+    compress.add_argument("--basis", choices=["stack", "axis"], help="top-K SVD of the side-by-side updates, or AXIS's global top-K (default: stack for full cores, axis for diagonal)")
     compress.add_argument("--max-memory", help="memory budget, e.g. 4GB (default: half of the available memory)")
 
 
