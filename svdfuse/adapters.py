@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from svdfuse import linalg
 from svdfuse.sources import MappingSource, SafetensorsSource, Source, SourceError
 
 __all__ = ["LoraSource", "stack_factors", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "is_adapter"]
@@ -280,7 +281,7 @@ class LoraSource(Source):
         module = self.modules[key]
         left, right = (module.a, module.b) if module.kind in ("embedding", "transposed") else (module.b, module.a)
         for t, name in ((L, left), (R, right)):
-            if not bool(torch.isfinite(t).all()):
+            if not linalg.all_finite(t):
                 raise SourceError(f"{self.label}: {name!r} holds NaN or Inf values; expected finite LoRA factors")
 
     def get(self, key: str) -> Tensor:
@@ -303,7 +304,7 @@ class LoraSource(Source):
         else:
             stored, scale = self.biases[key]
             bias = self._store.get(stored).to(acc)
-            if not bool(torch.isfinite(bias).all()):
+            if not linalg.all_finite(bias):
                 raise SourceError(f"{self.label}: {stored!r} holds NaN or Inf values; expected a finite bias")
             w.add_(bias[start:stop].reshape(-1, 1), alpha=scale)
         if w.data_ptr() != out.data_ptr():
@@ -327,7 +328,7 @@ def stack_factors(adapters: Sequence[LoraSource], key: str, dtype: torch.dtype) 
         adapters[j].read_factors(key, L[j, :, : ranks[j]], R[j, : ranks[j]])
         scale[j] = adapters[j].modules[key].scale
     L, R = L.to(dtype), R.to(dtype)
-    if not (bool(torch.isfinite(L).all()) and bool(torch.isfinite(R).all())):
+    if not (linalg.all_finite(L) and linalg.all_finite(R)):
         for j in touching:  # only to name the culprit
             adapters[j].check_finite(key, L[j], R[j])
     return L, R, scale

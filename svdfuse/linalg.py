@@ -18,7 +18,7 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
-__all__ = ["svd", "qr", "factored_svd"]
+__all__ = ["svd", "qr", "factored_svd", "all_finite"]
 
 
 def svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -55,6 +55,13 @@ def _robust_one(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         pass
     U, S, Vh = scipy.linalg.svd(wide.cpu().numpy(), full_matrices=False, lapack_driver="gesvd", check_finite=False)
     return tuple(torch.from_numpy(np.ascontiguousarray(x)).to(a.device) for x in (U, S, Vh))  # type: ignore[return-value]
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of floating `t` is finite, in one reduction: NaN and ±inf reach the min
+    or the max (`isfinite(t).all()` writes a bool per entry first: 23× slower on a 45M-entry bf16
+    matrix on the 2-core machine, 2026-12-07)."""
+    return t.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(t))
 
 
 @contextlib.contextmanager

@@ -215,7 +215,7 @@ def layout(sources: Sequence[Source], key: str, shape: tuple[int, ...]) -> str:
 class LoraSink:
     """Takes a merge's outputs (`pipeline.Merged`) and writes them as one adapter at commit.
 
-    A matrix must come as factors over the base's own weight (AXIS, TSV-M: its update is rank k);
+    A matrix must come as factors over the base's own weight, no residual (AXIS, TSV-M: rank k);
     every other tensor is kept only where it differs from the base's.
     """
 
@@ -228,7 +228,7 @@ class LoraSink:
     def write(self, item) -> None:
         spec, value = item.spec, item.value
         if isinstance(value, LowRank):
-            if not torch.equal(value.frozen, self.base.get(spec.key).to(value.frozen.dtype)):
+            if item.residual:
                 raise ValueError(
                     f"LoRA output: {spec.key!r} {spec.shape}: the merged update is not of rank {value.S.shape[-1]} (the method keeps "
                     "a dense residual beyond its top-k components); merge by axis or tsv_m, or Task Arithmetic of adapters alone"

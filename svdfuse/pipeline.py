@@ -36,6 +36,7 @@ class Merged:
     start: int
     value: Tensor | LowRank
     layer: LayerReport | None = None
+    residual: bool = False  # LowRank only: its frozen part is the base's weight plus a dense rest
 
 
 @dataclass
@@ -247,7 +248,7 @@ class Compute:
     # -- matrices: groups of same-shape matrices -----------------------------------------------
 
     def _check_finite(self, spec: TensorSpec, t: Tensor) -> None:
-        if not bool(torch.isfinite(t).all()):
+        if not linalg.all_finite(t):
             raise SourceError(self.reader.non_finite(spec.key, 0, spec.rows, spec.shape) or f"{spec.key!r}: not finite")
 
     def _sources(self, specs: tuple[TensorSpec, ...], W0: Tensor, ids: list[int], out: Tensor) -> Tensor:
@@ -393,7 +394,7 @@ class Compute:
         U, S, V = factors.U[g], factors.S[g], factors.V[g]
         counts = None if factors.counts is None else factors.counts[g].tolist()
         value = LowRank(frozen.reshape(spec.shape) if residual else frozen.reshape(spec.shape).to(spec.out_dtype), U, S, V)
-        if not (bool(torch.isfinite(S).all()) and bool(torch.isfinite(U).all()) and bool(torch.isfinite(V).all())):
+        if not (linalg.all_finite(S) and linalg.all_finite(U) and linalg.all_finite(V)):
             raise ValueError(f"{spec.key!r} {spec.shape}: the merged factors are not finite")
-        return Merged(spec, 0, value, LayerReport(spec.key, spec.shape, S.shape[-1], counts))
+        return Merged(spec, 0, value, LayerReport(spec.key, spec.shape, S.shape[-1], counts), residual)
 
