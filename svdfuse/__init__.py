@@ -5,10 +5,11 @@
     svdfuse.adapt(model, loader, n=0.1)
 """
 
-from svdfuse import methods, nn, ops, serving
+from svdfuse import bundle, methods, nn, ops, serving
 from svdfuse.stage2 import AdaptReport, adapt
 from svdfuse.atlas_baseline import atlas
 from svdfuse.caches import decompose
+from svdfuse.compress import CompressReport, compress
 from svdfuse.config import merge_config
 from svdfuse.export import LoraReport, export_lora
 from svdfuse.merging import merge
@@ -23,6 +24,9 @@ __all__ = [
     "merge",
     "merge_config",
     "decompose",
+    "compress",
+    "bundle",
+    "CompressReport",
     "export_lora",
     "adapt",
     "atlas",

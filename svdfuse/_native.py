@@ -314,3 +314,70 @@ _LIB.impl("merge_block", _merge_block_default, "CompositeExplicitAutograd")
 torch.library.register_fake("svdfuse::merge_block", _merge_block_fake, lib=_LIB)
 if LOAD_ERROR is not None:
     torch.library.register_autograd("svdfuse::lowrank_matmul", _backward, setup_context=_setup_context, lib=_LIB)
+
+
+# -- core_matmul: the full-core serving of a bundle (svdfuse.bundle) ---------------------------
+
+CORE_MATMUL_SCHEMA = "core_matmul(Tensor x, Tensor U, Tensor C, Tensor V, Tensor? base, Tensor? bias, Tensor task) -> Tensor"
+
+
+def check_core_matmul(x: Tensor, U: Tensor, C: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None, task: Tensor) -> None:
+    """The checks of `core_matmul` (not of task ids' range): x (..., n), U (m, K), C (num_tasks, K, K),
+    V (n, K), base (m, n), bias (m,), task int64 x.shape[:-1]; ValueError (shapes, devices) or
+    TypeError (dtypes) naming the tensor, what was expected and what was found."""
+    if U.dim() != 2 or V.dim() != 2:
+        raise ValueError(f"core_matmul: U must have shape (m, K) and V (n, K), found {list(U.shape)} and {list(V.shape)}")
+    (m, K), n = U.shape, V.shape[0]
+    if V.shape[1] != K:
+        raise ValueError(f"core_matmul: V must have shape (n, K) = [{n}, {K}], found {list(V.shape)}")
+    if C.dim() != 3 or C.shape[1:] != (K, K) or C.shape[0] < 1:
+        raise ValueError(f"core_matmul: C must have shape (num_tasks, K, K) with K = {K}, found {list(C.shape)}")
+    if x.dim() < 1 or x.shape[-1] != n:
+        raise ValueError(f"core_matmul: x must have shape (..., n) with n = V.size(0) = {n}, found {list(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"core_matmul: x must be torch.float32, torch.float64, torch.float16 or torch.bfloat16, found {x.dtype}")
+    for name, t, shape in (("U", U, None), ("C", C, None), ("V", V, None), ("base", base, [m, n]), ("bias", bias, [m])):
+        if t is None:
+            continue
+        if shape is not None and list(t.shape) != shape:
+            raise ValueError(f"core_matmul: {name} must have shape {shape}, found {list(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"core_matmul: {name} must have x's dtype {x.dtype}, found {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"core_matmul: {name} must be on x's device {x.device}, found {t.device}")
+    if task.dtype != torch.int64:
+        raise TypeError(f"core_matmul: task must have dtype torch.int64, found {task.dtype}")
+    if list(task.shape) != list(x.shape[:-1]) or task.device != x.device:
+        raise ValueError(f"core_matmul: task must have shape x.shape[:-1] = {list(x.shape[:-1])} on {x.device}, found {list(task.shape)} on {task.device}")
+
+
+def _check_core_ids(task: Tensor, num_tasks: int) -> None:
+    bad = first_bad_task(task, num_tasks)
+    if bad is not None:
+        raise ValueError(f"core_matmul: task ids must be in [0, num_tasks) = [0, {num_tasks}) (the cores of C), found {bad[0]} at {list(bad[1])}")
+
+
+def _core_matmul_default(x: Tensor, U: Tensor, C: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None, task: Tensor) -> Tensor:
+    check_core_matmul(x, U, C, V, base, bias, task)
+    if task.device.type == "cpu":
+        _check_core_ids(task, C.shape[0])
+    return reference.core_matmul(x, U, C, V, base, bias, task)
+
+
+def _core_matmul_cpu(x: Tensor, U: Tensor, C: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None, task: Tensor) -> Tensor:
+    from svdfuse import cpu
+
+    check_core_matmul(x, U, C, V, base, bias, task)
+    _check_core_ids(task, C.shape[0])
+    return cpu.core_matmul(x, U, C, V, base, bias, task)
+
+
+def _core_matmul_fake(x: Tensor, U: Tensor, C: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None, task: Tensor) -> Tensor:
+    check_core_matmul(x, U, C, V, base, bias, task)
+    return x.new_empty((*x.shape[:-1], U.shape[0]))
+
+
+_LIB.define(CORE_MATMUL_SCHEMA)
+_LIB.impl("core_matmul", _core_matmul_default, "CompositeExplicitAutograd")
+_LIB.impl("core_matmul", _core_matmul_cpu, "CPU")
+torch.library.register_fake("svdfuse::core_matmul", _core_matmul_fake, lib=_LIB)

@@ -1,4 +1,4 @@
-"""The `svdfuse` command line: `svdfuse merge ...` (flags or `--config FILE`), `decompose`, `inspect`, `methods`, `export lora`, `study` and `demo`."""
+"""The `svdfuse` command line: `svdfuse merge ...` (flags or `--config FILE`), `decompose`, `inspect`, `methods`, `export lora`, `compress`, `study` and `demo`."""
 
 from __future__ import annotations
 
@@ -156,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     sub.add_parser("methods", help="list the merge methods: paper, parameters, and which paper or tool each default follows")
     _add_export(sub)
+    _add_compress(sub)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in digits task (offline, CPU or GPU)")
     demo.add_argument("-k", type=_k, default=0.25, help="components kept per matrix (default 0.25 of min(m, n))")
@@ -321,17 +322,59 @@ def _add_export(sub) -> None:
             "(or --rank); the biases of those layers go in lora_B's bias, other changed modules in modules_to_save."
         ),
     )
-    lora.add_argument("merged", help="the merged model: a .safetensors file or a Hugging Face directory")
+    lora.add_argument("merged", nargs="?", help="the merged model: a .safetensors file or a Hugging Face directory (or --bundle)")
     lora.add_argument("--base", required=True, help="the pre-trained model: a Hugging Face directory (its module types decide the layout)")
     lora.add_argument("-o", "--output", required=True, help="new adapter directory (adapter_config.json, adapter_model.safetensors)")
     lora.add_argument("-r", "--rank", type=_k, help="components per matrix, an int or a fraction of min(m, n) (default: the merge's k, recorded by svdfuse merge)")
     lora.add_argument("--approximate", action="store_true", help="allow a lossy adapter: truncate updates above the rank, leave tensors no adapter holds at the base's value")
     lora.add_argument("--device", help="where to decompose (default: cuda if available)")
+    lora.add_argument("--bundle", help="instead of MERGED: a bundle from svdfuse compress, with --adapter or --mix")
+    which = lora.add_mutually_exclusive_group()
+    which.add_argument("--adapter", help="the bundle's adapter to export, by name")
+    which.add_argument("--mix", type=_mix, help="a weighted mix of the bundle's adapters: NAME=W,NAME=W,...")
+
+
+def _add_compress(sub) -> None:
+    compress = sub.add_parser("compress", help="many adapters of one base on one shared basis per matrix: a bundle, servable in one batch")
+    compress.add_argument("adapters", nargs="+", help="peft LoRA adapter directories or full fine-tunes of BASE")
+    compress.add_argument("--base", required=True, help="the pre-trained model: a .safetensors file or a Hugging Face directory")
+    compress.add_argument("-k", type=_k, required=True, help="basis columns per matrix: an int or a fraction of min(m, n)")
+    compress.add_argument("-o", "--output", required=True, help="new bundle: a .safetensors file, or a directory (sharded)")
+    compress.add_argument("--core", default="full", choices=["full", "diagonal"], help="per adapter and matrix: a K×K core (default) or K values")
+    compress.add_argument("--basis", choices=["stack", "axis"], help="top-K SVD of the side-by-side updates, or AXIS's global top-K (default: stack for full cores, axis for diagonal)")
+    compress.add_argument("--max-memory", help="memory budget, e.g. 4GB (default: half of the available memory)")
+
+
+def _compress(args: argparse.Namespace) -> None:
+    from svdfuse.compress import compress
+
+    report = compress(args.adapters, k=args.k, base=args.base, output=args.output, core=args.core, basis=args.basis, max_memory=args.max_memory)
+    print(report.table())
+
+
+def _mix(text: str) -> dict[str, float]:
+    mix = {}
+    for part in text.split(","):
+        name, sep, weight = part.partition("=")
+        try:
+            mix[name.strip()] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT,..., found {part!r}") from None
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT,..., found {part!r}")
+    return mix
 
 
 def _export(args: argparse.Namespace) -> None:
     from svdfuse.export import export_lora
 
+    if args.bundle is not None or args.merged is None:
+        if args.bundle is None or args.merged is not None or (args.adapter is None) == (args.mix is None):
+            raise ValueError("export lora: give MERGED, or --bundle BUNDLE with one of --adapter NAME or --mix NAME=W,...")
+        from svdfuse.bundle import export_adapter
+
+        print(export_adapter(args.bundle, args.output, base=args.base, request=args.adapter or args.mix).table())
+        return
     report = export_lora(args.merged, args.output, base=args.base, rank=args.rank, approximate=args.approximate, device=args.device)
     print(report.table())
 
@@ -353,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     merge = lambda args: _merge_config(args, argv[1:]) if args.config else _merge(args)  # noqa: E731
     commands = {
-        "merge": merge, "decompose": _decompose, "inspect": _inspect, "export": _export, "study": _study, "demo": _demo,
+        "merge": merge, "decompose": _decompose, "inspect": _inspect, "export": _export, "compress": _compress, "study": _study, "demo": _demo,
         "methods": lambda _: print(methods_table()),
     }
     try:

@@ -87,3 +87,26 @@ def randomized_svd(
         for full, part in zip((U, S, V), out):
             full[start:stop] = part
     return U.reshape(*out_batch, m, rank), S.reshape(*out_batch, rank), V.reshape(*out_batch, n, rank)
+
+
+def core_matmul(
+    x: Tensor, U: Tensor, C: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None, task: Tensor
+) -> Tensor:
+    """The CPU `core_matmul`: rows grouped by task, one (rows_t, K) × (K, K) GEMM per task present;
+    `svdfuse.reference.core_matmul` (a K×K core gathered per row) is its oracle. Ids in range."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1]).to(acc)
+    t = x2 @ V.to(acc)  # (rows, K)
+    ids = task.reshape(-1)
+    order = ids.argsort(stable=True)
+    present, counts = torch.unique_consecutive(ids[order], return_counts=True)
+    mixed = torch.empty_like(t)
+    start = 0
+    for c, count in zip(present.tolist(), counts.tolist()):
+        rows = order[start : start + count]
+        mixed.index_copy_(0, rows, t.index_select(0, rows) @ C[c].to(acc).T)
+        start += count
+    y = mixed @ U.to(acc).T if base is None else torch.addmm(mixed @ U.to(acc).T, x2, base.to(acc).T)
+    if bias is not None:
+        y += bias.to(acc)
+    return y.to(x.dtype).reshape(*x.shape[:-1], U.shape[0])

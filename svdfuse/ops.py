@@ -36,6 +36,7 @@ __all__ = [
     "merge_block",
     "ties_block",
     "trim_bracket",
+    "core_matmul",
 ]
 
 # Chosen by measurement (bench/bench_rsvd_accuracy.py, results in bench/results/): on 768x768
@@ -459,3 +460,30 @@ def trim_bracket(taus: Tensor | Sequence[Tensor], lo: Tensor, hi: Tensor) -> tup
     if lo.device.type != "cpu" or _native.LOAD_ERROR is not None:
         return reference.trim_bracket(taus, lo, hi)
     return torch.ops.svdfuse.trim_bracket.default(taus, lo, hi)
+
+
+def core_matmul(
+    x: Tensor, U: Tensor, C: Tensor, V: Tensor, task: Tensor, base: Tensor | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """`y = x Wbᵀ + ((x V) Cₜᵀ) Uᵀ + bias`, t = task of the row: many updates `U Cₜ Vᵀ` on one
+    shared basis (a bundle's full cores, `svdfuse.bundle`), served in one call without forming them.
+
+    Args:
+        x: (..., n) inputs; fp32, bf16, fp16 or fp64, shared by every float tensor.
+        U: (m, K), V: (n, K) the shared basis.
+        C: (num_tasks, K, K) one core per task.
+        task: int64 of shape x.shape[:-1], ids in [0, num_tasks); range-checked on the CPU
+            (ValueError); elsewhere a bad id gives its row NaN.
+        base: optional (m, n) dense base weight Wb; bias: optional (m,).
+
+    Returns:
+        (..., m) in x's dtype, accumulated in fp32 (fp64 for fp64). Inference only (no autograd).
+
+    Raises:
+        ValueError, TypeError: a shape, device, dtype or (on the CPU) task id does not fit, naming the tensor.
+
+    Example::
+
+        y = svdfuse.ops.core_matmul(x, U, cores, V, task=request_ids[:, None].expand(x.shape[:-1]), base=W0, bias=b)
+    """
+    return torch.ops.svdfuse.core_matmul.default(x, U, C, V, base, bias, task)

@@ -344,3 +344,22 @@ def trim_bracket(taus: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Te
     above = (a > hi[:, None]).sum(1)
     within = (a >= lo[:, None]) & (a <= hi[:, None])
     return above, within.sum(1), a[within], within.nonzero()[:, 1]
+
+
+def core_matmul(
+    x: Tensor, U: Tensor, C: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None, task: Tensor
+) -> Tensor:
+    """`x Wbᵀ + ((x V) C[task]ᵀ) Uᵀ + bias` row by row; x: (..., n), U: (m, K), C: (num_tasks, K, K),
+    V: (n, K), task: x.shape[:-1] -> (..., m). A row whose id is outside [0, num_tasks) gets NaN."""
+    acc = compute_dtype(x.dtype)
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1]).to(acc)
+    ids = task.reshape(-1)
+    valid = (ids >= 0) & (ids < C.shape[0])
+    cores = C.to(acc).index_select(0, ids.clamp(0, C.shape[0] - 1))  # (rows, K, K)
+    t = torch.einsum("rk,rjk->rj", x2 @ V.to(acc), cores).masked_fill(~valid[:, None], float("nan"))
+    y = t @ U.to(acc).T
+    if base is not None:
+        y = y + x2 @ base.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype).reshape(*x.shape[:-1], U.shape[0])
