@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from svdfuse import linalg
-from svdfuse.sources import MappingSource, SafetensorsSource, Source, SourceError
+from svdfuse.sources import DIRECTORY_KINDS, MappingSource, SafetensorsSource, Source, SourceError
 
 __all__ = ["LoraSource", "stack_factors", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "is_adapter"]
 
@@ -343,3 +343,15 @@ def _read_into(source: Source, key: str, start: int, stop: int, out: Tensor) -> 
     staging = torch.empty(out.shape, dtype=stored)
     source.read(key, start, stop, staging)
     out.copy_(staging)
+
+
+def _open_adapter(path: Path, label: str, base: Source | None) -> LoraSource | None:
+    """`sources.open_source`'s reader of a peft adapter directory (its config or weights), against `base`."""
+    if not (is_adapter(path) or (path / "adapter_model.safetensors").is_file()):
+        return None
+    if base is None:
+        raise SourceError(f"{label}: is a peft adapter; it is read against a base (pass base=...)")
+    return LoraSource(label, path, base)
+
+
+DIRECTORY_KINDS.append(_open_adapter)

@@ -15,7 +15,7 @@ import stat
 import struct
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -470,6 +470,13 @@ def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str,
     return sorted(set(resolved.values())), resolved
 
 
+# Directories that hold another kind of source than a model, tried in order before a Hugging Face
+# model directory: (directory, label, base) -> a Source, or None when the directory is not of that
+# kind. Source kinds built on this module register here (`svdfuse.adapters`: peft adapters), so
+# that this module never imports them.
+DIRECTORY_KINDS: list[Callable[[Path, str, Source | None], Source | None]] = []
+
+
 def open_source(model: ModelLike, label: str, base: Source | None = None) -> Source:
     """Wrap `model` as a `Source`; `label` names it in errors ("source 2", "base"). A peft adapter
     directory is read as the model it makes of `base`."""
@@ -495,12 +502,10 @@ def open_source(model: ModelLike, label: str, base: Source | None = None) -> Sou
     except OSError as err:  # a symbolic link loop, a name too long, ...
         raise SourceError(f"{label}: cannot read {str(path)!r}: {err.strerror}") from None
     if path.is_dir():
-        if (path / "adapter_config.json").is_file() or (path / "adapter_model.safetensors").is_file():
-            from svdfuse.adapters import LoraSource  # a source kind built on this module
-
-            if base is None:
-                raise SourceError(f"{label}: is a peft adapter; it is read against a base (pass base=...)")
-            return LoraSource(label, path, base)
+        for opens in DIRECTORY_KINDS:
+            source = opens(path, label, base)
+            if source is not None:
+                return source
         found = _hf_weight_files(path, label)
         if found is not None:
             return SafetensorsSource(label, found[0], directory=path, index=found[1])
