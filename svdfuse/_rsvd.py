@@ -28,7 +28,7 @@ def gaussian(n: int, width: int, dtype: torch.dtype, device: torch.device, seed:
 def householder(Y: Tensor) -> Tensor:
     """Orthonormal basis of the columns of Y (..., m, w) by Householder QR: exact for rank-deficient
     and zero Y (the basis is completed with orthonormal columns)."""
-    return torch.linalg.qr(Y).Q
+    return linalg.qr(Y)[0]
 
 
 def _cholesky_qr(Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -6,21 +6,57 @@ deficiency ("linalg.svd: The algorithm failed to converge"). A merge must never 
 minutes of work, so `svd` retries such a batch element in float64, then with LAPACK's QR-iteration
 `gesvd` (slower, and converges on every finite matrix), and returns in the input's dtype. Inputs
 that are not finite are still refused: that is the caller's error to name.
+
+On the CPU every factorization here (`svd`, `qr`) runs on one thread: LAPACK splits its work by
+thread count, so its rounding depends on it, where the GEMMs around it do not (MKL's, at the
+thread counts and shapes measured). A merge is then the same bytes whatever torch's thread count,
+as a torchrun rank (one thread) and a process of its own compute it. The cost, measured on the
+2-core CPU machine (2026-12-07): none at a merge's sizes; LAPACK's threads pay off only on
+matrices far wider than a sketch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor
 
-__all__ = ["svd"]
+__all__ = ["svd", "qr"]
+
+
+@contextmanager
+def _one_thread(A: Tensor) -> Iterator[None]:
+    """torch's CPU ops on one thread inside the block, when `A` is on the CPU."""
+    threads = torch.get_num_threads()
+    if A.device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def qr(A: Tensor) -> tuple[Tensor, Tensor]:
+    """Reduced QR of A (..., m, n): Q (..., m, r), R (..., r, n), r = min(m, n), as `torch.linalg.qr`."""
+    with _one_thread(A):
+        Q, R = torch.linalg.qr(A)
+    return Q, R
 
 
 def svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced SVD of A (..., m, n): U (..., m, r), S (..., r) descending, Vh (..., r, n), r = min(m, n),
     as `torch.linalg.svd(A, full_matrices=False)`, with fallbacks where it fails to converge."""
+    with _one_thread(A):
+        return _svd(A)
+
+
+def _svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     try:
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         if bool(torch.isfinite(S).all()) or not bool(torch.isfinite(A).all()):

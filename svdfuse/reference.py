@@ -233,8 +233,8 @@ def reorthogonalize(U_s: Tensor, S_s: Tensor, V_s: Tensor) -> tuple[Tensor, Tens
     with orthonormal U_t, V_t and S_t descending.
     """
     acc = compute_dtype(U_s.dtype)
-    Qu, Ru = torch.linalg.qr(U_s.to(acc))
-    Qv, Rv = torch.linalg.qr(V_s.to(acc))
+    Qu, Ru = linalg.qr(U_s.to(acc))
+    Qv, Rv = linalg.qr(V_s.to(acc))
     core = (Ru * S_s.to(acc).unsqueeze(-2)) @ Rv.mT
     Uc, S_t, Vch = linalg.svd(core)
     return Qu @ Uc, S_t, Qv @ Vch.mT
