@@ -68,17 +68,23 @@ def randomized_svd(
     U = torch.empty(count, m, rank, dtype=acc)
     S = torch.empty(count, rank, dtype=acc)
     V = torch.empty(count, n, rank, dtype=acc)
-    per_chunk = buffer_matrices(count, m, n, U.element_size())
+    # Task matrices handed over in the accumulation dtype are worked on where they lie, all at once:
+    # no copy, and one GEMM per pass for the whole batch.
+    direct = base is None and A.dtype == acc and A.is_contiguous()
+    per_chunk = count if direct else buffer_matrices(count, m, n, U.element_size())
     if 0 < inner < per_chunk:
         per_chunk -= per_chunk % inner  # whole rows
-    buffer = torch.empty(min(per_chunk, count), m, n, dtype=acc)
+    buffer = None if direct else torch.empty(min(per_chunk, count), m, n, dtype=acc)
     for start in range(0, count, per_chunk):
         stop = min(start + per_chunk, count)
-        D = buffer[: stop - start]
-        for row in range(start // inner, (stop - 1) // inner + 1):
-            lo, hi = max(start, row * inner), min(stop, (row + 1) * inner)
-            part = slice(lo - row * inner, hi - row * inner)
-            _fill(D[lo - start : hi - start], A[rows[row]][part], None if base is None else base[rows[row]][part])
+        if direct:
+            D = A.view(count, m, n)
+        else:
+            D = buffer[: stop - start]
+            for row in range(start // inner, (stop - 1) // inner + 1):
+                lo, hi = max(start, row * inner), min(stop, (row + 1) * inner)
+                part = slice(lo - row * inner, hi - row * inner)
+                _fill(D[lo - start : hi - start], A[rows[row]][part], None if base is None else base[rows[row]][part])
 
         def project(X: Tensor, transpose: bool = False, D: Tensor = D) -> Tensor:
             return (D.mT if transpose else D) @ X
