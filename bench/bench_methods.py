@@ -59,6 +59,8 @@ def iso_cts_published(base: dict, sources: list[dict], common: float = 0.8) -> d
 
 
 PUBLISHED = {"tsv_m": tsv_m_published, "iso_cts": iso_cts_published}
+# --small (and the pytest-benchmark suite under SVDFUSE_BENCH_SMALL=1): ViT-B/32 blocks and source counts.
+SMALL = dict(blocks=1, sources=[3])
 
 
 def main() -> None:
@@ -68,7 +70,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.small:
-        args.blocks, args.sources, args.repeats = 1, [3], 1
+        args.blocks, args.sources, args.repeats = SMALL["blocks"], SMALL["sources"], 1
     device = torch.device(args.device)
     results = Results("methods", device, small=args.small,
                       notes=["published path timed once (no warm-up; seconds per call) and its output used as the truth"])

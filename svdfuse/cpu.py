@@ -4,7 +4,11 @@ On a CPU the floor is the GEMMs: 2 + 2q passes of an m×n×w product per matrix,
 rate. So each matrix is converted to the accumulation dtype with its base subtracted once, into a
 working buffer of a few matrices (never a copy of the whole batch), and every pass runs on that
 buffer: one GEMM per product, where projecting the source and the base apart would cost two and
-cancel digits besides (the base is often 20× the difference). The driver is `svdfuse._rsvd`'s.
+cancel digits besides (the base is often 20× the difference). Task matrices already in the
+accumulation dtype with no base (the merge pipeline forms fp32 ones in place) need no copy: the
+whole batch is worked on where it lies, one GEMM per pass. The driver is `svdfuse._rsvd`'s; its
+QRs and small SVDs run on one thread (`svdfuse.linalg`), which on a busy machine is also what
+keeps a batch of small factorizations from paying a thread wake-up per matrix.
 """
 
 from __future__ import annotations
