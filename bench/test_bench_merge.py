@@ -20,7 +20,7 @@ T, K, BLOCKS = (SMALL["sources"], SMALL["k"], SMALL["blocks"]) if SMALL_RUN else
 
 @functools.cache
 def _sources(device):
-    return vit_b32_sources(BLOCKS, T, device, biases=True)
+    return vit_b32_sources(BLOCKS, T, device, biases=True, shrink=SMALL["shrink"] if SMALL_RUN else 1)
 
 
 @pytest.mark.parametrize("path,blocks", [("svdfuse", BLOCKS), ("svdfuse", 1), ("paper", 1)])

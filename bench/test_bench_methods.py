@@ -21,7 +21,7 @@ SOURCES = SMALL["sources"] if SMALL_RUN else [8, 20]
 
 @functools.cache
 def _sources(T: int, device):
-    return vit_b32_sources(BLOCKS, T, device)
+    return vit_b32_sources(BLOCKS, T, device, shrink=SMALL["shrink"] if SMALL_RUN else 1)
 
 
 @pytest.mark.parametrize("path", ["svdfuse", "published"])
