@@ -32,6 +32,10 @@ BF16_GEMM_FLOPS = 744e12
 TF32_GEMM_FLOPS = 394e12
 FP32_FLOPS = 51e12
 
+# SVDFUSE_BENCH_SMALL=1: the pytest-benchmark suites run on the CPU at the scripts' --small shapes,
+# so that CI executes every suite in seconds (with --benchmark-disable); such timings mean nothing.
+SMALL = os.environ.get("SVDFUSE_BENCH_SMALL") == "1"
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,7 +4,11 @@ On a CPU the floor is the GEMMs: 2 + 2q passes of an m×n×w product per matrix,
 rate. So each matrix is converted to the accumulation dtype with its base subtracted once, into a
 working buffer of a few matrices (never a copy of the whole batch), and every pass runs on that
 buffer: one GEMM per product, where projecting the source and the base apart would cost two and
-cancel digits besides (the base is often 20× the difference). The driver is `svdfuse._rsvd`'s.
+cancel digits besides (the base is often 20× the difference). Task matrices already in the
+accumulation dtype with no base (the merge pipeline forms fp32 ones in place) need no copy: the
+whole batch is worked on where it lies, one GEMM per pass. The driver is `svdfuse._rsvd`'s; its
+QRs and small SVDs run on one thread (`svdfuse.linalg`), which on a busy machine is also what
+keeps a batch of small factorizations from paying a thread wake-up per matrix.
 """
 
 from __future__ import annotations
@@ -68,17 +72,23 @@ def randomized_svd(
     U = torch.empty(count, m, rank, dtype=acc)
     S = torch.empty(count, rank, dtype=acc)
     V = torch.empty(count, n, rank, dtype=acc)
-    per_chunk = buffer_matrices(count, m, n, U.element_size())
+    # Task matrices handed over in the accumulation dtype are worked on where they lie, all at once:
+    # no copy, and one GEMM per pass for the whole batch.
+    direct = base is None and A.dtype == acc and A.is_contiguous()
+    per_chunk = count if direct else buffer_matrices(count, m, n, U.element_size())
     if 0 < inner < per_chunk:
         per_chunk -= per_chunk % inner  # whole rows
-    buffer = torch.empty(min(per_chunk, count), m, n, dtype=acc)
+    buffer = None if direct else torch.empty(min(per_chunk, count), m, n, dtype=acc)
     for start in range(0, count, per_chunk):
         stop = min(start + per_chunk, count)
-        D = buffer[: stop - start]
-        for row in range(start // inner, (stop - 1) // inner + 1):
-            lo, hi = max(start, row * inner), min(stop, (row + 1) * inner)
-            part = slice(lo - row * inner, hi - row * inner)
-            _fill(D[lo - start : hi - start], A[rows[row]][part], None if base is None else base[rows[row]][part])
+        if direct:
+            D = A.view(count, m, n)
+        else:
+            D = buffer[: stop - start]
+            for row in range(start // inner, (stop - 1) // inner + 1):
+                lo, hi = max(start, row * inner), min(stop, (row + 1) * inner)
+                part = slice(lo - row * inner, hi - row * inner)
+                _fill(D[lo - start : hi - start], A[rows[row]][part], None if base is None else base[rows[row]][part])
 
         def project(X: Tensor, transpose: bool = False, D: Tensor = D) -> Tensor:
             return (D.mT if transpose else D) @ X

@@ -9,6 +9,7 @@ knows nothing of where its output goes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,20 @@ class Progress:
 
     differs: list[bool]
     advance: Callable[[int], None] = lambda nbytes: None
+
+
+def _extremes(M: Tensor) -> tuple[list, list]:
+    """Which matrices of M (..., m, n) are finite and which are all zeros, as nested lists (...):
+    one pass over M in all (`aminmax` carries NaN and ±inf, and needs no temporary), where a
+    check per matrix costs a parallel region each, ~16 ms of thread wake-up on a busy machine."""
+    low, high = torch.aminmax(M.flatten(-2), dim=-1)
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    return finite.tolist(), ((low == 0) & (high == 0)).tolist()
+
+
+def _factors_finite(U: Tensor, S: Tensor, V: Tensor) -> list[bool]:
+    """Whether the factors U (G, m, r), S (G, r), V (G, n, r) of each of G matrices are finite."""
+    return (torch.isfinite(S).all(-1) & torch.isfinite(U).flatten(1).all(-1) & torch.isfinite(V).flatten(1).all(-1)).tolist()
 
 
 def _adaptable(merged: Factors | Tensor, k: int | None, svd: SVDOptions) -> tuple[Factors | None, Tensor | None]:
@@ -335,20 +350,24 @@ class Compute:
 
     # -- matrices: groups of same-shape matrices -----------------------------------------------
 
-    def _check_finite(self, spec: TensorSpec, t: Tensor) -> None:
-        if not linalg.all_finite(t):
-            raise SourceError(self.reader.non_finite(spec.key, 0, spec.rows, spec.shape) or f"{spec.key!r}: not finite")
+    def _refuse_non_finite_input(self, spec: TensorSpec) -> None:
+        raise SourceError(self.reader.non_finite(spec.key, 0, spec.rows, spec.shape) or f"{spec.key!r}: not finite")
 
     def _sources(self, specs: tuple[TensorSpec, ...], W0: Tensor, ids: list[int], out: Tensor) -> Tensor:
-        """Sources `ids` of the group into out (G, len(ids), m, n), checked finite and against the base."""
+        """Sources `ids` of the group into out (G, len(ids), m, n), checked finite, not all zeros
+        where the base is not, and against the base."""
         for g, spec in enumerate(specs):
             for j, i in enumerate(ids):
                 self.reader.source_rows(i, spec.key, 0, spec.rows, out[g, j])
-                self._check_finite(spec, out[g, j])
-                if not self.progress.differs[i]:
-                    self.progress.differs[i] = not torch.equal(out[g, j], W0[g])
-                if not out[g, j].any() and W0[g].any():
-                    self._refuse_zero(spec, [i])
+        finite, zero = _extremes(out)
+        base_zero = _extremes(W0)[1]
+        for g, j in itertools.product(range(len(specs)), range(len(ids))):
+            if not finite[g][j]:
+                self._refuse_non_finite_input(specs[g])
+            if zero[g][j] and not base_zero[g]:
+                self._refuse_zero(specs[g], [ids[j]])
+        for j, i in enumerate(ids):  # once a source differs it is never compared again
+            self.progress.differs[i] = self.progress.differs[i] or any(not torch.equal(out[g, j], W0[g]) for g in range(len(specs)))
         self.progress.advance(out[:, :, 0].numel() * specs[0].n * specs[0].dtype.itemsize)
         return out
 
@@ -419,7 +438,10 @@ class Compute:
                 if buffer is None:
                     buffer = torch.empty((G, min(chunk, self.T), m, n), dtype=W0.dtype, device=self.device)
                 W = self._sources(specs, W0, raw, buffer[:, : len(raw)])
-                U, S, V = self.svd.truncated_svd(W, rank, base=W0.unsqueeze(1))
+                if W.dtype == compute_dtype(W.dtype):  # the task matrices in place: no working copy of them
+                    U, S, V = self.svd.truncated_svd(W.sub_(W0.unsqueeze(1)), rank)
+                else:
+                    U, S, V = self.svd.truncated_svd(W, rank, base=W0.unsqueeze(1))
                 if not factored:
                     yield U, S, V
                     continue
@@ -446,7 +468,9 @@ class Compute:
         W0 = torch.empty((len(specs), specs[0].m, specs[0].n), dtype=dtype, device=self.device)
         for g, spec in enumerate(specs):
             self.reader.base_rows(spec.key, 0, spec.rows, W0[g])
-            self._check_finite(spec, W0[g])
+        for spec, finite in zip(specs, _extremes(W0)[0]):
+            if not finite:
+                self._refuse_non_finite_input(spec)
         self.progress.advance(W0.numel() * specs[0].dtype.itemsize)
         return W0
 
@@ -469,6 +493,7 @@ class Compute:
         yield from self._group_outputs(specs, W0, factors, rest)
 
     def _group_outputs(self, specs, W0: Tensor, factors: Factors | None, rest: Tensor | None) -> Iterator[Merged]:
+        finite = None if factors is None else _factors_finite(factors.U, factors.S, factors.V)
         for g, spec in enumerate(specs):
             if factors is None:  # a dense merge, no rank asked for
                 out = (W0[g].to(rest.dtype) + rest[g]).to(spec.out_dtype)
@@ -476,13 +501,14 @@ class Compute:
                 yield Merged(spec, 0, out.reshape(spec.shape), LayerReport(spec.key, spec.shape, 0, None))
                 continue
             frozen = W0[g] if rest is None else W0[g].to(rest.dtype) + rest[g]
-            yield self._low_rank(spec, frozen, factors, g, rest is not None)
+            yield self._low_rank(spec, frozen, factors, g, rest is not None, finite[g])
 
-    def _low_rank(self, spec: TensorSpec, frozen: Tensor, factors: Factors, g: int, residual: bool) -> Merged:
+    def _low_rank(self, spec: TensorSpec, frozen: Tensor, factors: Factors, g: int, residual: bool, finite: bool | None = None) -> Merged:
+        """Matrix g of `factors` as `spec`'s output; `finite`: whether its factors are, if the caller knows."""
         U, S, V = factors.U[g], factors.S[g], factors.V[g]
         counts = None if factors.counts is None else factors.counts[g].tolist()
         value = LowRank(frozen.reshape(spec.shape) if residual else frozen.reshape(spec.shape).to(spec.out_dtype), U, S, V)
-        if not (linalg.all_finite(S) and linalg.all_finite(U) and linalg.all_finite(V)):
+        if not (_factors_finite(U[None], S[None], V[None])[0] if finite is None else finite):
             raise ValueError(f"{spec.key!r} {spec.shape}: the merged factors are not finite")
         return Merged(spec, 0, value, LayerReport(spec.key, spec.shape, S.shape[-1], counts), residual)
 
