@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -420,8 +421,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _say(line: str) -> None:
-    """One line on stderr (every progress bar is closed, ending its line, before an error gets here)."""
-    print(line, file=sys.stderr)
+    """One line on stderr (every progress bar is closed, ending its line, before an error gets here),
+    in one write: torchrun's ranks share the stream, and a line written in pieces interleaves."""
+    data = line + "\n"
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (captured, in a notebook)
+        sys.stderr.write(data)
+        return
+    sys.stderr.flush()
+    os.write(fd, data.encode(sys.stderr.encoding or "utf-8", errors="backslashreplace"))
 
 
 def _demo(args: argparse.Namespace) -> None:
