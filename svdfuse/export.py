@@ -135,9 +135,11 @@ def export_lora(
         base: the pre-trained model as an `nn.Module` (its module types decide each update's
             layout), or a Hugging Face directory (loaded with transformers, as its config's
             architecture).
-        rank: for a dense merged model only: components per matrix, an int or a fraction of
-            min(m, n). Default: the ranks `svdfuse merge` recorded in the file (without them, the
-            changed weights a merge would take as matrices, embedding tables excluded, at `rank`).
+        rank: for a dense merged model only: components per matrix, an int (at most min(m, n)
+            of every changed matrix) or a fraction of min(m, n). Default: the ranks `svdfuse
+            merge` recorded in the file (without them, the changed weights a merge would take as
+            matrices, embedding tables excluded, at `rank`). Below a recorded rank only with
+            `approximate=True`.
         approximate: allow an adapter that does not reproduce the merge: a matrix whose merged
             update is not of rank k (a merge by a method other than AXIS keeps a dense residual
             beyond the top-k components) becomes its best rank-k approximation, and a changed
@@ -148,7 +150,9 @@ def export_lora(
         A `LoraReport`, or for a mapping a name -> `LoraReport` dict.
 
     Raises:
-        ValueError: naming the tensor or module that an adapter cannot represent, and why.
+        ValueError: naming the tensor or module that an adapter cannot represent, and why; a
+            rank it cannot honour; a merged tensor with NaN or inf; a base other than the one
+            `svdfuse merge` recorded.
 
     Example::
 
