@@ -46,7 +46,7 @@ from svdfuse.merging import MERGE_METADATA
 from svdfuse.plan import DEFAULT_EXCLUDE, matches_any, resolve_rank
 from svdfuse.result import MergeResult
 from svdfuse.sinks import check_output, publish, temporary
-from svdfuse.sources import ComponentCache, ModelLike, SourceError, open_source
+from svdfuse.sources import ComponentCache, MappingSource, ModelLike, Source, SourceError, open_source
 
 __all__ = ["LoraReport", "export_lora", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
@@ -135,9 +135,11 @@ def export_lora(
         base: the pre-trained model as an `nn.Module` (its module types decide each update's
             layout), or a Hugging Face directory (loaded with transformers, as its config's
             architecture).
-        rank: for a dense merged model only: components per matrix, an int or a fraction of
-            min(m, n). Default: the ranks `svdfuse merge` recorded in the file (without them, the
-            changed weights a merge would take as matrices, embedding tables excluded, at `rank`).
+        rank: for a dense merged model only: components per matrix, an int (at most min(m, n)
+            of every changed matrix) or a fraction of min(m, n). Default: the ranks `svdfuse
+            merge` recorded in the file (without them, the changed weights a merge would take as
+            matrices, embedding tables excluded, at `rank`). Below a recorded rank only with
+            `approximate=True`.
         approximate: allow an adapter that does not reproduce the merge: a matrix whose merged
             update is not of rank k (a merge by a method other than AXIS keeps a dense residual
             beyond the top-k components) becomes its best rank-k approximation, and a changed
@@ -148,7 +150,9 @@ def export_lora(
         A `LoraReport`, or for a mapping a name -> `LoraReport` dict.
 
     Raises:
-        ValueError: naming the tensor or module that an adapter cannot represent, and why.
+        ValueError: naming the tensor or module that an adapter cannot represent, and why; a
+            rank it cannot honour; a merged tensor with NaN or inf; a base other than the one
+            `svdfuse merge` recorded.
 
     Example::
 
@@ -158,6 +162,8 @@ def export_lora(
     """
     output = Path(output)
     check_output(output)
+    if rank is not None:
+        resolve_rank(rank, 1, 1, "rank")  # its type, sign and fraction range, before the base is loaded
     module, name_or_path = _base_module(base)
     base_state = {key: t.detach().cpu() for key, t in module.state_dict().items()}
     if isinstance(merged, Mapping) and not _is_state_dict(merged):
@@ -166,9 +172,9 @@ def export_lora(
         for name in merged:
             if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
                 raise ValueError(f"export_lora: task names become directory names, found {name!r}")
-        built = {name: _build(_read(m, base_state, rank, device, f"task {name!r}"), module, base_state, approximate) for name, m in merged.items()}
+        built = {name: _build(_read(m, base, base_state, rank, approximate, device, f"task {name!r}"), module, base_state, approximate) for name, m in merged.items()}
     else:
-        built = {None: _build(_read(merged, base_state, rank, device, "merged"), module, base_state, approximate)}
+        built = {None: _build(_read(merged, base, base_state, rank, approximate, device, "merged"), module, base_state, approximate)}
     reports: dict = {}
     tmp = temporary(output, directory=True)
     try:
@@ -213,7 +219,7 @@ def _base_module(base: nn.Module | str | os.PathLike) -> tuple[nn.Module, str | 
     return model.eval(), str(path)
 
 
-def _read(merged, base_state: dict[str, Tensor], rank, device, label: str) -> _Merged:
+def _read(merged, base, base_state: dict[str, Tensor], rank, approximate: bool, device, label: str) -> _Merged:
     if isinstance(merged, MergeResult):
         if rank is not None:
             raise ValueError(f"export_lora: {label} is a MergeResult, whose ranks are its merge's k; rank= is for dense merged models")
@@ -224,7 +230,7 @@ def _read(merged, base_state: dict[str, Tensor], rank, device, label: str) -> _M
         if rank is not None:
             raise ValueError(f"export_lora: {label} holds svdfuse layers, whose ranks are their merge's k; rank= is for dense merged models")
         return _from_module(merged, label)
-    return _from_dense(merged, base_state, rank, device, label)
+    return _from_dense(merged, base, base_state, rank, approximate, device, label)
 
 
 def _from_module(model: nn.Module, label: str) -> _Merged:
@@ -259,7 +265,7 @@ def _from_module(model: nn.Module, label: str) -> _Merged:
     return _Merged(factors, frozen, {k: v.detach().cpu() for k, v in dense.items() if k not in factors}, label)
 
 
-def _from_dense(merged: ModelLike, base_state: dict[str, Tensor], rank, device, label: str) -> _Merged:
+def _from_dense(merged: ModelLike, base, base_state: dict[str, Tensor], rank, approximate: bool, device, label: str) -> _Merged:
     """Decompose each changed matrix of a dense merged model again, `W − W0`, at its rank."""
     from svdfuse import ops
     from svdfuse.resources import default_device
@@ -272,35 +278,18 @@ def _from_dense(merged: ModelLike, base_state: dict[str, Tensor], rank, device, 
     missing = [key for key in base_state if key not in source]
     if missing:
         raise SourceError(f"{source.label}: has no tensor {missing[0]!r} of the base ({len(missing)} of its tensors are missing)")
-    recorded = json.loads(getattr(source, "metadata", {}).get(MERGE_METADATA, "{}")).get("ranks", {})
+    record = json.loads(getattr(source, "metadata", {}).get(MERGE_METADATA, "{}"))
+    _check_base(source, record, base, base_state)
+    ranks, tensors = _dense_ranks(source, base_state, record.get("ranks", {}), rank, approximate)
     device = torch.device(device) if device is not None else default_device()
     factors: Factors = {}
     frozen: dict[str, Tensor] = {}
-    tensors: dict[str, Tensor] = {}
     off_rank: dict[str, float] = {}
-    for key, W0 in base_state.items():
-        W = source.get(key)
-        if tuple(W.shape) != tuple(W0.shape):
-            raise SourceError(f"{source.label}: {key!r} has shape {tuple(W.shape)}, the base has {tuple(W0.shape)}")
-        if torch.equal(W, W0.to(W.dtype)):
-            continue
-        # Without recorded ranks, what `svdfuse merge` would merge as matrices (embedding tables are not).
-        matrix = key in recorded if recorded else W.dim() >= 2 and key.endswith("weight") and not matches_any(key, DEFAULT_EXCLUDE)
-        if not matrix:
-            tensors[key] = W
-            continue
+    for key, r in ranks.items():
+        W, W0 = source.get(key), base_state[key]
         m, n = W.shape[0], W[0].numel()
-        if key in recorded:
-            r = int(recorded[key])
-        elif rank is not None:
-            r = resolve_rank(rank, m, n, f"{key}: rank")
-        else:
-            raise ValueError(
-                f"export_lora: {source.label} records no rank for {key!r} (it was not written by svdfuse merge, or merged "
-                "without k), so the adapter's rank is unknown: pass rank= (--rank), an int or a fraction of min(m, n)"
-            )
         W64, W064 = W.reshape(m, n).to(device, torch.float64), W0.reshape(m, n).to(device, torch.float64)
-        U, S, V = ops.truncated_svd(W64, min(r, m, n), base=W064)
+        U, S, V = ops.truncated_svd(W64, r, base=W064)
         factors[key] = (U.cpu(), S.cpu(), V.cpu())
         rest = W64 - (U * S) @ V.T  # W0 plus what the factors leave out
         residual = torch.linalg.norm(rest - W064).item()
@@ -313,10 +302,74 @@ def _from_dense(merged: ModelLike, base_state: dict[str, Tensor], rank, device, 
     return _Merged(factors, frozen, tensors, source.label, off_rank)
 
 
+def _check_base(source: Source, record: dict, base, base_state: dict[str, Tensor]) -> None:
+    """Refuse a base other than the one `svdfuse merge` recorded (by the digest of its merged
+    matrices): `W − W0` against another `W0` is no update of the merge."""
+    if "base_sha256" not in record:
+        return  # written before merges recorded their base, or by another tool
+    if isinstance(base, nn.Module):
+        found = MappingSource("base", {key: base_state[key] for key in record["ranks"] if key in base_state})
+    else:
+        found = open_source(base, "base")
+    if any(key not in found for key in record["ranks"]) or found.digest(record["ranks"], quick=True) != record["base_sha256"]:
+        raise SourceError(
+            f"{source.label}: was merged against another base (recorded as {record.get('base')!r}): {found.label} differs in the "
+            f"content or dtype of the {len(record['ranks'])} matrices it was merged against; export with the base it was merged against"
+        )
+
+
+def _dense_ranks(source: Source, base_state: dict[str, Tensor], recorded: dict, rank, approximate: bool) -> tuple[dict[str, int], dict[str, Tensor]]:
+    """(changed matrix -> its adapter rank, every other changed tensor -> its merged value), every
+    tensor checked before any decomposition: shape, finite values, the rank against the matrix
+    and against the merge's recorded rank."""
+    ranks: dict[str, int] = {}
+    tensors: dict[str, Tensor] = {}
+    for key, W0 in base_state.items():
+        W = source.get(key)
+        if tuple(W.shape) != tuple(W0.shape):
+            raise SourceError(f"{source.label}: {key!r} has shape {tuple(W.shape)}, the base has {tuple(W0.shape)}")
+        if torch.equal(W, W0.to(W.dtype)):
+            continue
+        if W.is_floating_point() and not linalg.all_finite(W):
+            bad = W.numel() - int(torch.isfinite(W).sum())
+            raise SourceError(f"{source.label}: {key!r} {tuple(W.shape)} holds {bad} non-finite values (NaN or inf) of {W.numel()}; no adapter reproduces it")
+        # Without recorded ranks, what `svdfuse merge` would merge as matrices (embedding tables are not).
+        matrix = key in recorded if recorded else W.dim() >= 2 and key.endswith("weight") and not matches_any(key, DEFAULT_EXCLUDE)
+        if not matrix:
+            tensors[key] = W
+            continue
+        m, n = W.shape[0], W[0].numel()
+        merged_rank = int(recorded[key]) if key in recorded else None
+        if rank is not None:
+            r = resolve_rank(rank, m, n, f"{key}: rank")
+        elif merged_rank is not None:
+            r = merged_rank
+        else:
+            raise ValueError(
+                f"export_lora: {source.label} records no rank for {key!r} (it was not written by svdfuse merge, or merged "
+                "without k), so the adapter's rank is unknown: pass rank= (--rank), an int or a fraction of min(m, n)"
+            )
+        if r > min(m, n):
+            raise ValueError(f"export_lora: {source.label}: rank {r} is more than min(m, n) = {min(m, n)} of {key!r} {tuple(W.shape)}")
+        if merged_rank is not None and r < merged_rank and not approximate:
+            raise ValueError(
+                f"export_lora: {source.label}: rank {r} is below the rank {merged_rank} it was merged at ({key!r}), so the adapter "
+                f"cannot reproduce it: export at rank {merged_rank} or more, or pass approximate=True (--approximate) for its best rank-{r} approximation"
+            )
+        ranks[key] = r
+    return ranks, tensors
+
+
 def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], approximate: bool):
     """(adapter config, adapter tensors, report maker) of one merge."""
     modules = dict(module.named_modules())
     approximated: dict[str, float] = {}
+    # A base other than the merge's leaves most of W − W0 beyond any low rank: say so before --approximate.
+    far = sum(e > 0.5 for e in merged.off_rank.values())
+    other_base = (
+        f"{far} of its {len(merged.off_rank)} changed matrices keep a residual above 0.5, so the base is likely not the one it "
+        "was merged against: export with that base; if it is, "
+    ) if far > len(merged.off_rank) / 2 else ""  # fmt: skip
     updates: dict[str, tuple[str, Update, None, int]] = {}  # module -> (kind, update, None, rank)
     for key, factors in merged.factors.items():
         if key not in base_state:
@@ -329,7 +382,7 @@ def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], ap
                 raise ValueError(
                     f"export_lora: {merged.label}: {key!r} is not of rank {S.shape[0]}: beyond its top {S.shape[0]} components "
                     f"the merged update keeps a residual of relative norm {error:.3g}, which a rank-{S.shape[0]} adapter "
-                    "cannot hold (methods other than AXIS keep it dense); merge by AXIS, export at a higher rank, or pass "
+                    f"cannot hold (methods other than AXIS keep it dense); {other_base}merge by AXIS, export at a higher rank, or pass "
                     "approximate=True (--approximate) for the best rank-k approximation"
                 )
             U, S, V, error = _best_rank(merged.frozen[key], W0, U, S, V)

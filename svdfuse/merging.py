@@ -266,7 +266,10 @@ def merge(
             template = template_of(base, base_source.directory) if Path(output).suffix != ".safetensors" else None
             entries = [(s.key, s.shape, s.out_dtype) for s in plan.specs]
             ranks = {s.key: s.k for s in plan.matrices if s.k is not None}
-            metadata = {MERGE_METADATA: json.dumps({"method": method, "ranks": ranks}, separators=(",", ":"))}
+            record: dict[str, Any] = {"method": method, "ranks": ranks}
+            if ranks:  # which base: an export against another one is refused (`export_lora`)
+                record |= {"base": _base_name(base, base_source) or base_source.label, "base_sha256": base_source.digest(ranks, quick=True)}
+            metadata = {MERGE_METADATA: json.dumps(record, separators=(",", ":"))}
             sink = _FileSink(SafetensorsWriter(output, entries, shard_size=shard_bytes, template=template, metadata=metadata))
         else:
             sink = _MemorySink(plan, template_of(base, base_source.directory))
