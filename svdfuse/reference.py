@@ -343,7 +343,7 @@ def trim_bracket(taus: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Te
     a = torch.stack(taus).abs() if taus else lo.new_empty((0, 0))
     above = (a > hi[:, None]).sum(1)
     within = (a >= lo[:, None]) & (a <= hi[:, None])
-    return above, within.sum(1), a[within], within.nonzero()[:, 1]
+    return above, within.sum(1), a[within], within.nonzero()[:, 1].clone()  # storage of its own (offset 0), as the fake impl gives
 
 
 def core_matmul(
