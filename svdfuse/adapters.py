@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from svdfuse import linalg
-from svdfuse.sources import DIRECTORY_KINDS, MappingSource, SafetensorsSource, Source, SourceError
+from svdfuse.sources import DIRECTORY_KINDS, MappingSource, SafetensorsSource, Source, SourceError, model_file
 
 __all__ = ["LoraSource", "stack_factors", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "is_adapter"]
 
@@ -125,6 +125,8 @@ class LoraSource(Source):
 
     def _config(self, directory: Path) -> dict:
         path = directory / ADAPTER_CONFIG
+        if os.path.lexists(path):  # an adapter's files are read as a model's: inside its directory, regular files
+            path = model_file(directory, ADAPTER_CONFIG, self.label, "the adapter directory")
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as err:
@@ -162,9 +164,10 @@ class LoraSource(Source):
 
     def _weights(self, directory: Path) -> Source:
         safetensors, bin_file = directory / ADAPTER_WEIGHTS, directory / _ADAPTER_BIN
-        if safetensors.is_file():
-            return SafetensorsSource(self.label, [safetensors])
-        if bin_file.is_file():
+        if os.path.lexists(safetensors):
+            return SafetensorsSource(self.label, [model_file(directory, ADAPTER_WEIGHTS, self.label, "the adapter directory")])
+        if os.path.lexists(bin_file):
+            bin_file = model_file(directory, _ADAPTER_BIN, self.label, "the adapter directory")
             try:
                 state = torch.load(bin_file, map_location="cpu", mmap=True, weights_only=True)
             except Exception as err:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... on bad files

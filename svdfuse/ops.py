@@ -378,12 +378,18 @@ def merge_block(
         from svdfuse.kernels import elementwise
 
         return MergedBlock(*elementwise.merge_block(sources, base, weights, scale, divisor, same_is_zero, add_base, dtype or acc))
-    if acc == torch.float64:  # the compiled kernels accumulate in fp32
-        value, differs, zero, bad = reference.merge_block(*args)
+    return _fused_block("merge_block", acc, args)
+
+
+def _fused_block(name: str, acc: torch.dtype, args: tuple) -> MergedBlock:
+    """A fused block op by its compiled kernel, or by the reference where that accumulates in fp64
+    (the compiled kernels accumulate in fp32)."""
+    if acc == torch.float64:
+        value, differs, zero, bad = getattr(reference, name)(*args)
     else:
         if _native.LOAD_ERROR is not None and not torch.compiler.is_compiling():
             _native.warn_if_missing()
-        value, differs, zero, bad = torch.ops.svdfuse.merge_block.default(*args)
+        value, differs, zero, bad = getattr(torch.ops.svdfuse, name).default(*args)
     return MergedBlock(value, differs, zero, int(bad))
 
 
@@ -430,13 +436,7 @@ def ties_block(
         raise ValueError(f"ties_block: scale must be finite, found {scale}")
     args = (sources, base, weights, threshold, cutoff, start, keep_none, scale, mean, positive, same_is_zero, add_base, dtype or acc)
     _native.check_ties_block(sources, base, weights, threshold, cutoff, start, dtype or acc)
-    if acc == torch.float64:  # the compiled kernels accumulate in fp32
-        value, differs, zero, bad = reference.ties_block(*args)
-    else:
-        if _native.LOAD_ERROR is not None and not torch.compiler.is_compiling():
-            _native.warn_if_missing()
-        value, differs, zero, bad = torch.ops.svdfuse.ties_block.default(*args)
-    return MergedBlock(value, differs, zero, int(bad))
+    return _fused_block("ties_block", acc, args)
 
 
 def trim_bracket(taus: Tensor | Sequence[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

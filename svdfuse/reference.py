@@ -270,15 +270,23 @@ def merge_block(
     """`svdfuse.ops.merge_block`, op by op: the task vectors, weighted, masked, summed, divided,
     scaled, the base added, cast; and the block's flags."""
     acc = compute_dtype(base.dtype)
-    x, x0 = torch.stack(sources).to(acc) if sources else base.new_empty((0, base.shape[0]), dtype=acc), base.to(acc)
-    tau = x - x0
-    if same_is_zero:
-        tau = tau.masked_fill(x == x0, 0.0)
+    x, x0, tau = _task_vectors(sources, base, acc, same_is_zero)
     tau = tau * weights.to(acc)[:, None]
     if seeds is not None:
         tau = tau * torch.stack([dare_keep(s, start, x.shape[1], drop) for s in seeds]).to(tau.device)
     merged = _in_order(tau) / torch.tensor(divisor, dtype=acc) * torch.tensor(scale, dtype=acc)
-    out = (merged + x0 if add_base else merged).to(dtype)
+    return _with_flags((merged + x0 if add_base else merged).to(dtype), x, x0)
+
+
+def _task_vectors(sources: list[Tensor], base: Tensor, acc: torch.dtype, same_is_zero: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The block's sources x (T, N) and base x0 (N,) in `acc`, and τ = x − x0 (0 where equal, with `same_is_zero`)."""
+    x, x0 = torch.stack(sources).to(acc) if sources else base.new_empty((0, base.shape[0]), dtype=acc), base.to(acc)
+    tau = x - x0
+    return x, x0, tau.masked_fill(x == x0, 0.0) if same_is_zero else tau
+
+
+def _with_flags(out: Tensor, x: Tensor, x0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`out` and the block's flags, as the fused ops return them: differs (T,), zero (T + 1,), first bad index."""
     differs = (x != x0).any(1)
     zero = torch.cat([(x == 0).all(1), (x0 == 0).all()[None]])
     bad = (~torch.isfinite(out)).nonzero()
@@ -311,10 +319,7 @@ def ties_block(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`svdfuse.ops.ties_block`, op by op: trim, weight, elect, combine the agreeing values; flags."""
     acc = compute_dtype(base.dtype)
-    x, x0 = torch.stack(sources).to(acc) if sources else base.new_empty((0, base.shape[0]), dtype=acc), base.to(acc)
-    tau = x - x0
-    if same_is_zero:
-        tau = tau.masked_fill(x == x0, 0.0)
+    x, x0, tau = _task_vectors(sources, base, acc, same_is_zero)
     a = tau.abs()
     index = torch.arange(start, start + x.shape[1], device=x.device)
     keep = (a > threshold[:, None]) | ((a == threshold[:, None]) & (index < cutoff[:, None]))
@@ -330,12 +335,7 @@ def ties_block(
         count = _in_order(agree.to(acc) * (1.0 if weights is None else weights[:, None]))
         merged = merged / count.masked_fill(count == 0, 1)
     merged = merged * torch.tensor(scale, dtype=acc)
-    out = (merged + x0 if add_base else merged).to(dtype)
-    differs = (x != x0).any(1)
-    zero = torch.cat([(x == 0).all(1), (x0 == 0).all()[None]])
-    bad = (~torch.isfinite(out)).nonzero()
-    first_bad = bad[0, 0] if len(bad) else torch.tensor(-1)
-    return out, differs, zero, first_bad.to(device=x.device, dtype=torch.int64)
+    return _with_flags((merged + x0 if add_base else merged).to(dtype), x, x0)
 
 
 def trim_bracket(taus: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -408,7 +408,7 @@ def _json(info: Mapping[str, str], name: str, kind: type) -> object:
     return value
 
 
-def _shard_path(directory: Path, name: object, label: str, what: str) -> Path:
+def model_file(directory: Path, name: object, label: str, what: str) -> Path:
     """`directory / name` for a file name that a model directory's own files give (`what` names
     the giver: the directory, its shard index): such names come with the model, from anywhere. Only
     a relative name that stays inside the directory after symbolic links and names a regular file
@@ -449,10 +449,10 @@ def _short(value: object) -> str:
 def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str, Path] | None] | None:
     """The weight files of a Hugging Face directory and its index's name -> shard map (None: one file)."""
     if os.path.lexists(directory / "model.safetensors"):
-        return [_shard_path(directory, "model.safetensors", label, "the model directory")], None
+        return [model_file(directory, "model.safetensors", label, "the model directory")], None
     if not os.path.lexists(directory / "model.safetensors.index.json"):
         return None
-    index = _shard_path(directory, "model.safetensors.index.json", label, "the model directory")
+    index = model_file(directory, "model.safetensors.index.json", label, "the model directory")
     if index.stat().st_size > _MAX_HEADER:  # an index lists names: megabytes at most, never a file to read whole
         raise SourceError(f"{label}: {str(index)!r} holds {index.stat().st_size} bytes, more than a shard index ({_MAX_HEADER} at most)")
     try:
@@ -465,7 +465,7 @@ def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str,
     shards: dict[str, Path] = {}
     for key, name in weight_map.items():
         if not isinstance(name, str) or name not in shards:
-            shards[name] = _shard_path(directory, name, label, f"{str(index)!r}, for {key!r},")
+            shards[name] = model_file(directory, name, label, f"{str(index)!r}, for {key!r},")
     resolved = {key: shards[name] for key, name in weight_map.items()}
     return sorted(set(resolved.values())), resolved
 
@@ -510,7 +510,7 @@ def open_source(model: ModelLike, label: str, base: Source | None = None) -> Sou
         if found is not None:
             return SafetensorsSource(label, found[0], directory=path, index=found[1])
         if os.path.lexists(path / "pytorch_model.bin"):
-            bin_file = _shard_path(path, "pytorch_model.bin", label, "the model directory")
+            bin_file = model_file(path, "pytorch_model.bin", label, "the model directory")
             if not zipfile.is_zipfile(bin_file):
                 raise SourceError(
                     f"{label}: cannot read {str(bin_file)!r} as a torch checkpoint: it is not a zip archive (torch.save's "

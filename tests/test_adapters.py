@@ -296,6 +296,19 @@ def test_missing_files(minilm_dir, adapters, tmp_path):
         svdfuse.merge([tmp_path / "noconfig"], 4, base=minilm_dir, device="cpu")
 
 
+def test_an_adapters_files_never_lead_outside_its_directory(minilm_dir, adapters, tmp_path, no_work):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (outside / name).write_bytes((adapters[0] / name).read_bytes())
+        linked = tmp_path / f"linked-{name}"
+        linked.mkdir()
+        for other in ("adapter_config.json", "adapter_model.safetensors"):
+            (linked / other).symlink_to(outside / other) if other == name else (linked / other).write_bytes((adapters[0] / other).read_bytes())
+        with pytest.raises(SourceError, match=f"names '{name}', which links to .* outside the model directory"):
+            svdfuse.merge([linked], 4, base=minilm_dir, device="cpu")
+
+
 def test_adapter_needs_a_base(adapters):
     from svdfuse.sources import open_source
 
