@@ -581,11 +581,12 @@ def _refuse_copies(sources: list[Source]) -> None:
     """Refuse a model given twice where one of the two is derived (the source beside its cache, two
     caches of one source): compared by fingerprint, the quick one first, so that only a likely copy
     is read whole. Models given as they are were told apart by `_identity`, before any was read."""
+    quick = [source.fingerprint(quick=True) for source in sources]  # each source's rows read once, not once per pair
     for i, source in enumerate(sources):
-        for other in sources[:i]:
+        for j, other in enumerate(sources[:i]):
             if not (source.derived or other.derived):
                 continue
-            if source.fingerprint(quick=True) == other.fingerprint(quick=True) and source.fingerprint() == other.fingerprint():
+            if quick[i] == quick[j] and source.fingerprint() == other.fingerprint():
                 raise SourceError(
                     f"{source.label} is the same model as {other.label} (a component cache stands for the source it was "
                     "decomposed from); give each source once (its components would count twice)"

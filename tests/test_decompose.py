@@ -169,6 +169,19 @@ def test_a_cache_of_an_older_format_is_refused_with_what_to_do(problem, tmp_path
         svdfuse.merge([old, sources[1]], k=4, base=base, svd=SVD, device="cpu")
 
 
+def test_duplicate_checks_read_each_source_once(problem, tmp_path, monkeypatch):
+    # Caches among sources: each raw source's quick fingerprint is read once, not once per cache.
+    base, sources = problem
+    files = [tmp_path / f"s{i}.svd.safetensors" for i in range(2)]
+    for source, file in zip(sources, files):
+        svdfuse.decompose(source, base=base, rank=4, svd=SVD, output=file, device="cpu")
+    read = []
+    fingerprint = svdfuse.sources.Source.fingerprint
+    monkeypatch.setattr(svdfuse.sources.Source, "fingerprint", lambda self, quick=False: read.append(quick) or fingerprint(self, quick=quick))
+    svdfuse.sources.open_sources([*files, *sources[2:]], base)
+    assert read.count(True) == len(sources) - 2  # the raw ones; a cache answers from its record
+
+
 def test_a_source_beside_its_own_cache_is_the_same_source_twice(problem, tmp_path):
     from safetensors.torch import save_file
 
