@@ -20,6 +20,7 @@ trainable tokens, LoRA on bare parameters.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -314,26 +315,27 @@ class LoraSource(Source):
             out.copy_(w.reshape(out.shape))
 
 
-def stack_factors(adapters: Sequence[LoraSource], key: str, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Every adapter's unscaled factors of weight `key` stacked: L (c, m, r), R (c, r, n) in `dtype`,
-    and their scales (c,) (0 where an adapter leaves `key` alone; ranks padded with zeros to the
-    widest). Read into one buffer in the stored dtype, converted and checked finite once: a
+def stack_factors(adapters: Sequence[LoraSource], keys: Sequence[str], dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Every adapter's unscaled factors of the same-shape weights `keys` stacked: L (G, c, m, r),
+    R (G, c, r, n) in `dtype` (None: as stored), and their scales (G, c) in float64 (0 where an adapter leaves a key alone;
+    ranks padded with zeros to the widest). Read into one buffer in the stored dtype (the widest of
+    theirs: no adapter's factors are rounded to another's), converted and checked finite once: a
     thousand adapters cost a few large ops, not thousands of small ones."""
-    shape = adapters[0].meta(key)[0]
-    touching = [j for j, a in enumerate(adapters) if key in a.modules]
-    ranks = {j: adapters[j].modules[key].rank for j in touching}
+    shape = adapters[0].meta(keys[0])[0]
+    ranks = {(g, j): a.modules[key].rank for g, key in enumerate(keys) for j, a in enumerate(adapters) if key in a.modules}
     r = max(ranks.values(), default=1)
-    stored = adapters[touching[0]].factor_dtype(key) if touching else dtype
-    make = torch.zeros if len(touching) < len(adapters) or any(v < r for v in ranks.values()) else torch.empty
-    L, R = make((len(adapters), shape[0], r), dtype=stored), make((len(adapters), r, math.prod(shape[1:])), dtype=stored)
-    scale = torch.zeros(len(adapters), dtype=dtype)
-    for j in touching:
-        adapters[j].read_factors(key, L[j, :, : ranks[j]], R[j, : ranks[j]])
-        scale[j] = adapters[j].modules[key].scale
-    L, R = L.to(dtype), R.to(dtype)
+    stored = functools.reduce(torch.promote_types, sorted({adapters[j].factor_dtype(keys[g]) for g, j in ranks}, key=str)) if ranks else dtype or torch.float32
+    make = torch.zeros if len(ranks) < len(keys) * len(adapters) or any(v < r for v in ranks.values()) else torch.empty
+    L = make((len(keys), len(adapters), shape[0], r), dtype=stored)
+    R = make((len(keys), len(adapters), r, math.prod(shape[1:])), dtype=stored)
+    scale = torch.zeros((len(keys), len(adapters)), dtype=torch.float64)
+    for (g, j), rank in ranks.items():
+        adapters[j].read_factors(keys[g], L[g, j, :, :rank], R[g, j, :rank])
+        scale[g, j] = adapters[j].modules[keys[g]].scale
+    L, R = L.to(dtype or stored), R.to(dtype or stored)
     if not (linalg.all_finite(L) and linalg.all_finite(R)):
-        for j in touching:  # only to name the culprit
-            adapters[j].check_finite(key, L[j], R[j])
+        for g, j in ranks:  # only to name the culprit
+            adapters[j].check_finite(keys[g], L[g, j], R[g, j])
     return L, R, scale
 
 

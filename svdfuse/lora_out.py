@@ -278,7 +278,7 @@ def concatenate(
     for key in keys:
         if any(s.touched(key) == "dense" for s in sources):
             raise ValueError(f"LoRA output: {key!r} is a LoRA target of one adapter and saved whole by another; merge into a model instead")
-        L, R, scale = stack_factors(sources, key, dtype)
+        L, R, scale = (t[0].to(dtype) for t in stack_factors(sources, [key], dtype))
         real = torch.arange(L.shape[-1]) < torch.tensor([s.modules[key].rank if key in s.modules else 0 for s in sources])[:, None]  # (c, r): no padding
         real &= (torch.tensor(coefficients, dtype=dtype) != 0)[:, None]
         L = (L * (scale * torch.tensor(coefficients, dtype=dtype))[:, None, None]).permute(1, 0, 2)[:, real]  # (m, Σ r)

@@ -279,7 +279,7 @@ def merge(
         )
         state = Progress([False] * len(sources), bar.update)
         compute = Compute(
-            spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state,
+            spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, want_base=lora is None, progress=state,
             budget=budget, model_trim=plan.model_trim, allow_non_finite=allow_non_finite,
         )
         layers = _run(tasks, compute, sink, group)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from svdfuse import linalg
 from svdfuse.adapters import LoraSource, stack_factors
-from svdfuse.methods import Block, Factors, Kind, Method
+from svdfuse.methods import Block, Components, Factors, Kind, Method
 from svdfuse.methods.elementwise import MEAN, Linear, Ties, fused
 from svdfuse.methods.trim import TRIM_SHARE, Trim, TrimScope, exact_trim
 from svdfuse.ops import SVDOptions
@@ -85,7 +85,9 @@ class Compute:
     """Merges the tasks of a plan with `method`, reading through `reader`, on `device`.
 
     `want_factors`: whether matrices of methods whose merge is dense must also be split into
-    top-k factors (for Stage 2); a file sink needs only the dense values.
+    top-k factors (for Stage 2); a file sink needs only the dense values. `want_base`: whether a
+    low-rank output carries the base's weight (`LowRank.frozen`); a LoRA output needs the update
+    alone, and a group whose sources all give factors is then merged without reading the base.
     """
 
     def __init__(
@@ -101,10 +103,11 @@ class Compute:
         budget: int,
         allow_non_finite: bool = False,
         model_trim: ModelTrim | None = None,
+        want_base: bool = True,
     ) -> None:
         self.method, self.reader, self.svd, self.device = method, reader, svd, device
         self.budget, self.allow_non_finite = budget, allow_non_finite
-        self.params, self.want_factors, self.progress = params, want_factors, progress
+        self.params, self.want_factors, self.want_base, self.progress = params, want_factors, want_base, progress
         self.T = len(reader.sources)
         self.trim_options = method.trim(params)
         self.model_trim = model_trim
@@ -380,28 +383,20 @@ class Compute:
         self.progress.advance(sum(t.numel() * t.element_size() for f in stored for t in f))
         return U, S, V
 
-    def _lora(self, ids: list[int], specs: tuple[TensorSpec, ...], width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """Adapters `ids`' exact top-`width` factors of the group, from their own: U (G, c, m, w),
-        S (G, c, w), V (G, c, n, w), one batched QR + r×r SVD (`linalg.factored_svd`), never an
-        m×n matrix. An adapter's rank is padded with zero columns to the widest one. The factors
-        are read straight into one buffer in their stored dtype and converted, scaled and checked
-        once for the chunk: thousands of adapters, not thousands of small ops each."""
+    def _lora(self, ids: list[int], specs: tuple[TensorSpec, ...], width: int, dtype: torch.dtype) -> linalg.FactoredSVD:
+        """Adapters `ids`' exact top-`width` components of the group, from their own factors: U
+        (G, c, m, w), S (G, c, w), V (G, c, n, w) in `dtype`, as a `linalg.FactoredSVD` whose
+        singular vectors are formed only where asked for; one batched pass of Gram matrices and
+        r×r SVDs, never an m×n matrix. An adapter's rank is padded with zero components to the
+        widest one. The factors are read straight into one buffer in their stored dtype and
+        checked once for the chunk, and stay so (peft's scale enters the r×r cores): thousands of
+        adapters cost a few large ops, not thousands of small ones each."""
         adapters = [self.reader.sources[i] for i in ids]
-        stacks = [stack_factors(adapters, spec.key, dtype) for spec in specs]
-        r = max(L.shape[-1] for L, _, _ in stacks)
-        widen = lambda t, dim: torch.nn.functional.pad(t, (0, r - t.shape[-1]) if dim == -1 else (0, 0, 0, r - t.shape[-2]))  # noqa: E731
-        L = torch.stack([widen(L, -1) for L, _, _ in stacks]).to(self.device)
-        R = torch.stack([widen(R, -2) for _, R, _ in stacks]).to(self.device)
-        scale = torch.stack([s for _, _, s in stacks]).to(self.device)  # (G, c)
+        L, R, scale = (t.to(self.device) for t in stack_factors(adapters, [spec.key for spec in specs], None))
         for j, i in enumerate(ids):
             self.progress.differs[i] = self.progress.differs[i] or bool((scale[:, j] != 0).any())
         self.progress.advance(sum(a.factor_bytes(spec.key) for a in adapters for spec in specs if spec.key in a.modules))
-        U, S, V = linalg.factored_svd(L.mul_(scale[..., None, None]), R)
-        pad = width - S.shape[-1]
-        if pad > 0:
-            zeros = lambda t: t.new_zeros((*t.shape[:-1], pad))  # noqa: E731
-            U, S, V = torch.cat([U, zeros(U)], -1), torch.cat([S, zeros(S)], -1), torch.cat([V, zeros(V)], -1)
-        return U[..., :width], S[..., :width], V[..., :width]
+        return linalg.exact_factored_svd(L, R, dtype, scale=scale).resized(width)
 
     def _adapter_width(self, specs: tuple[TensorSpec, ...], rank: int) -> int | None:
         """Components per source of a group read from adapters alone (None: some source is read
@@ -413,17 +408,17 @@ class Compute:
         widest = max([s.modules[spec.key].rank for s in sources for spec in specs if s.touched(spec.key)] or [1])
         return min(rank, widest)
 
-    def source_factors(self, task: Task, W0: Tensor, rank: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def source_factors(self, task: Task, W0: Tensor | None, rank: int) -> Iterator[Components | linalg.FactoredSVD]:
         """The top-`rank` factors of every source's task matrices of a group, chunk by chunk of
         `task.block` sources: U (G, c, m, r), S (G, c, r), V (G, c, n, r); decomposed on the fly,
         read from component caches, or factored exactly from LoRA adapters (a group of adapters
         alone in chunks sized by their factors, at most their widest rank wide). W0: the group's
-        base (G, m, n)."""
+        base (G, m, n) in its output dtype, or None where every source gives factors."""
         specs, chunk = task.specs, task.block
         G, m, n = len(specs), specs[0].m, specs[0].n
-        acc = compute_dtype(W0.dtype)
+        acc = compute_dtype(specs[0].out_dtype)
         width = self._adapter_width(specs, rank)
-        if width is not None:  # factors, their QRs and products, a few times over, fill a share of the budget
+        if width is not None:  # the factors in float64 beside their stored copy, and the vectors formed from them, fill a share of the budget
             chunk = max(1, self.budget // (8 * G * (m + n) * max(width, 16) * acc.itemsize))
             for first in range(0, self.T, chunk):
                 yield self._lora(list(range(first, min(first + chunk, self.T))), specs, width, acc)
@@ -443,7 +438,7 @@ class Compute:
                 else:
                     U, S, V = self.svd.truncated_svd(W, rank, base=W0.unsqueeze(1))
                 if not factored:
-                    yield U, S, V
+                    yield Components(U, S, V)
                     continue
                 parts.update({i: (U[:, j], S[:, j], V[:, j]) for j, i in enumerate(raw)})
             for i in factored:
@@ -453,7 +448,7 @@ class Compute:
                     U, S, V = self._lora([i], specs, rank, acc)
                     parts[i] = (U[:, 0], S[:, 0], V[:, 0])
             dtype = parts[ids[0]][0].dtype
-            yield tuple(torch.stack([parts[i][f].to(dtype) for i in ids], 1) for f in range(3))
+            yield Components(*(torch.stack([parts[i][f].to(dtype) for i in ids], 1) for f in range(3)))
 
     def _factored(self, i: int, specs: tuple[TensorSpec, ...]) -> bool:
         """Whether source i gives the group's factors without its weights: a component cache, or
@@ -476,7 +471,10 @@ class Compute:
 
     def _factors(self, task: Task) -> Iterator[Merged]:
         spec0 = task.specs[0]
-        W0 = self.read_group(task.specs, spec0.out_dtype)
+        factored = all(self._factored(i, task.specs) for i in range(self.T))
+        W0 = None if factored and not self.want_base else self.read_group(task.specs, spec0.out_dtype)
+        if W0 is None:  # the plan counts the base's bytes: not needed is done
+            self.progress.advance(sum(spec.m * spec.n for spec in task.specs) * spec0.dtype.itemsize)
         rank = self.method.call(self.method.source_rank, spec0.k, self.T, spec0.m, spec0.n, **self.params)
         merged = self.method.call(self.method.merge, self.source_factors(task, W0, rank), k=spec0.k, T=self.T, svd=self.svd, **self.params)
         factors, rest = _adaptable(merged, spec0.k, self.svd)
@@ -492,7 +490,11 @@ class Compute:
         factors, rest = _adaptable(merged, specs[0].k, self.svd)
         yield from self._group_outputs(specs, W0, factors, rest)
 
-    def _group_outputs(self, specs, W0: Tensor, factors: Factors | None, rest: Tensor | None) -> Iterator[Merged]:
+    def _group_outputs(self, specs, W0: Tensor | None, factors: Factors | None, rest: Tensor | None) -> Iterator[Merged]:
+        """The group's outputs; W0 None (not read: `want_base` is off) leaves a rank-k merge's
+        `frozen` None."""
+        if W0 is None and rest is not None:  # a dense part after all: its output is base + rest
+            W0 = self.read_group(specs, specs[0].out_dtype)
         finite = None if factors is None else _factors_finite(factors.U, factors.S, factors.V)
         for g, spec in enumerate(specs):
             if factors is None:  # a dense merge, no rank asked for
@@ -500,14 +502,14 @@ class Compute:
                 self._check_merged(spec, 0, spec.rows, out)
                 yield Merged(spec, 0, out.reshape(spec.shape), LayerReport(spec.key, spec.shape, 0, None))
                 continue
-            frozen = W0[g] if rest is None else W0[g].to(rest.dtype) + rest[g]
+            frozen = None if W0 is None else W0[g] if rest is None else W0[g].to(rest.dtype) + rest[g]
             yield self._low_rank(spec, frozen, factors, g, rest is not None, finite[g])
 
-    def _low_rank(self, spec: TensorSpec, frozen: Tensor, factors: Factors, g: int, residual: bool, finite: bool | None = None) -> Merged:
+    def _low_rank(self, spec: TensorSpec, frozen: Tensor | None, factors: Factors, g: int, residual: bool, finite: bool | None = None) -> Merged:
         """Matrix g of `factors` as `spec`'s output; `finite`: whether its factors are, if the caller knows."""
         U, S, V = factors.U[g], factors.S[g], factors.V[g]
         counts = None if factors.counts is None else factors.counts[g].tolist()
-        value = LowRank(frozen.reshape(spec.shape) if residual else frozen.reshape(spec.shape).to(spec.out_dtype), U, S, V)
+        value = LowRank(None if frozen is None else frozen.reshape(spec.shape) if residual else frozen.reshape(spec.shape).to(spec.out_dtype), U, S, V)
         if not (_factors_finite(U[None], S[None], V[None])[0] if finite is None else finite):
             raise ValueError(f"{spec.key!r} {spec.shape}: the merged factors are not finite")
         return Merged(spec, 0, value, LayerReport(spec.key, spec.shape, S.shape[-1], counts), residual)

@@ -43,11 +43,12 @@ class LowRank:
     """A merged matrix kept as factors: `frozen + U diag(S) Vᵀ` in the shape of `frozen`.
 
     frozen: the part Stage 2 leaves alone, in the model's shape (the base weight, plus the dense
-    residual of a method whose merge is not rank k, then in the accumulation dtype); U (m, k),
-    S (k,), V (n, k) in the accumulation dtype.
+    residual of a method whose merge is not rank k, then in the accumulation dtype), or None
+    where the sink takes the update alone (a LoRA output: the base is not read); U (m, k), S (k,),
+    V (n, k) in the accumulation dtype.
     """
 
-    frozen: Tensor
+    frozen: Tensor | None
     U: Tensor
     S: Tensor
     V: Tensor

@@ -11,8 +11,8 @@ A method is one of three kinds, by what it needs to see at once:
   `trim_scope` and `trim_keep`, where the method has them, its `TrimScope` and `TrimKeep`).
 - `Kind.FACTORS` (AXIS, TSV-M): per-source truncated SVDs combined. `source_rank(k, T, m, n,
   **params)` says how many components each source needs; `merge(chunks, *, k, T, **params)` takes
-  an iterator of `(U (G, c, m, r), S (G, c, r), V (G, c, n, r))`, the factors of consecutive
-  sources of a group of G same-shape matrices, and returns `Factors`. The factors may come from an
+  an iterator of `Components` (U (G, c, m, r), S (G, c, r), V (G, c, n, r)), the factors of
+  consecutive sources of a group of G same-shape matrices, and returns `Factors`. The factors may come from an
   SVD on the fly or from per-source caches (`svdfuse.decompose`), and any number of sources streams
   through a bounded buffer.
 - `Kind.MATRICES` (Iso-C, Iso-CTS): `W0: (G, m, n)`, `W: (G, T, m, n)` -> `Factors` or a dense
@@ -33,7 +33,7 @@ import enum
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -42,7 +42,7 @@ from torch import Tensor
 
 from svdfuse.methods.trim import TrimKeep, TrimOptions, TrimScope, trim_options
 
-__all__ = ["Kind", "Factors", "Block", "Method", "METHODS", "get_method", "register", "check_finite_param", "check_weights"]
+__all__ = ["Kind", "Factors", "Components", "Block", "Method", "METHODS", "get_method", "register", "check_finite_param", "check_weights"]
 
 
 class Kind(str, enum.Enum):
@@ -64,6 +64,27 @@ class Factors(NamedTuple):
     S: Tensor
     V: Tensor
     counts: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Components:
+    """The components of c consecutive sources of a group, what a `Kind.FACTORS` method takes:
+    U (G, c, m, r), S (G, c, r), V (G, c, n, r). Unpacks as `U, S, V`; a method that keeps a few
+    of them asks for those alone (`vectors`), which `linalg.FactoredSVD` (the same interface, for
+    adapters) forms without forming the rest."""
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter((self.U, self.S, self.V))
+
+    def vectors(self, *index: Tensor) -> tuple[Tensor, Tensor]:
+        """Components `index` = (layer, source, component) index tensors, broadcast to (*idx): their
+        U and V as rows, (*idx, m) and (*idx, n)."""
+        *batch, comp = index
+        return self.U[(*batch, slice(None), comp)], self.V[(*batch, slice(None), comp)]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from torch import Tensor
 from collections.abc import Iterator
 
 from svdfuse import ops
-from svdfuse.methods.registry import Factors, Kind, check_finite_param, register
+from svdfuse.methods.registry import Components, Factors, Kind, check_finite_param, register
 
 
 def _polar(A: Tensor) -> Tensor:
@@ -56,7 +56,7 @@ def _tsv_rank(k: int | None, T: int, m: int, n: int, *, budget: int | None = Non
     "tsv_m", reference_url="https://arxiv.org/abs/2412.00081", kind=Kind.FACTORS, source_rank=_tsv_rank, others=_mean_task_vector,
     follows=f"the TSV paper: floor(r/T) components per task; {_UNSCALED_MEAN}",
 )  # fmt: skip
-def tsv_m(chunks: Iterator[tuple[Tensor, Tensor, Tensor]], *, T: int, budget: int | None = None, scaling: float = 1.0) -> Factors:
+def tsv_m(chunks: Iterator[Components], *, T: int, budget: int | None = None, scaling: float = 1.0) -> Factors:
     """TSV-M: keep each task's top `budget` singular components (default floor(min(m, n) / T)),
     stack them, replace the stacked U and V by their closest orthonormal matrices (polar
     decomposition) and sum; times `scaling`. More tasks than the matrix has room for
@@ -65,7 +65,7 @@ def tsv_m(chunks: Iterator[tuple[Tensor, Tensor, Tensor]], *, T: int, budget: in
     chunks: U (G, c, m, r), S (G, c, r), V (G, c, n, r) of consecutive sources, r >= budget.
     """
     check_finite_param("tsv_m", "scaling", scaling)
-    parts = list(chunks)
+    parts = [tuple(chunk) for chunk in chunks]  # (U, S, V) of each
     G, _, m, r = parts[0][0].shape
     n = parts[0][2].shape[2]
     b = _tsv_rank(None, T, m, n, budget=budget)
