@@ -34,7 +34,7 @@ try:
 except ImportError as err:
     LOAD_ERROR = err
 
-__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task", "check_merge_block", "check_ties_block"]
+__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task", "check_merge_block", "check_ties_block", "check_gram"]
 
 LOWRANK_MATMUL_SCHEMA = (
     "lowrank_matmul(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? base, Tensor? bias, Tensor? task=None) -> Tensor"
@@ -314,6 +314,35 @@ _LIB.impl("merge_block", _merge_block_default, "CompositeExplicitAutograd")
 torch.library.register_fake("svdfuse::merge_block", _merge_block_fake, lib=_LIB)
 if LOAD_ERROR is not None:
     torch.library.register_autograd("svdfuse::lowrank_matmul", _backward, setup_context=_setup_context, lib=_LIB)
+
+
+# -- gram: the float64 Gram matrices of thin factors (svdfuse.factored) ----------------------
+
+GRAM_SCHEMA = "gram(Tensor x, bool left) -> Tensor"
+
+
+def check_gram(x: Tensor) -> None:
+    """The checks of `gram`: x (..., a, b), a floating dtype the kernels are written for."""
+    if x.dim() < 2:
+        raise ValueError(f"gram: x must have shape (..., a, b), found {list(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"gram: x must be torch.float32, torch.float64, torch.float16 or torch.bfloat16, found {x.dtype}")
+
+
+def _gram_default(x: Tensor, left: bool) -> Tensor:
+    check_gram(x)
+    return reference.gram(x, left)
+
+
+def _gram_fake(x: Tensor, left: bool) -> Tensor:
+    check_gram(x)
+    r = x.shape[-1] if left else x.shape[-2]
+    return x.new_empty((*x.shape[:-2], r, r), dtype=torch.float64)
+
+
+_LIB.define(GRAM_SCHEMA)
+_LIB.impl("gram", _gram_default, "CompositeExplicitAutograd")
+torch.library.register_fake("svdfuse::gram", _gram_fake, lib=_LIB)
 
 
 # -- core_matmul: the full-core serving of a bundle (svdfuse.bundle) ---------------------------

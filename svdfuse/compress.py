@@ -29,7 +29,7 @@ import torch
 from tabulate import tabulate
 from torch import Tensor
 
-from svdfuse import arguments, linalg
+from svdfuse import arguments, factored, linalg
 from svdfuse.adapters import LoraSource
 from svdfuse.plan import DEFAULT_EXCLUDE, Role, resolve_rank, tensor_role
 from svdfuse.resources import default_budget
@@ -180,7 +180,7 @@ def compress_matrix(
     """
     present = [f for f in factors if f is not None]
     m, n = present[0][0].shape[0], present[0][1].shape[1]
-    svds = [linalg.factored_svd(L.to(_F64), R.to(_F64)) for L, R in present]
+    svds = [factored.factored_svd(L.to(_F64), R.to(_F64)) for L, R in present]
     if basis == "stack":
         U = linalg.svd(torch.cat([u * s for u, s, _ in svds], 1))[0][:, :K]
         V = linalg.svd(torch.cat([v * s for _, s, v in svds], 1))[0][:, :K]

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from svdfuse import linalg
+from svdfuse import factored
 from svdfuse.plan import resolve_rank
 from svdfuse.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSource, stack_factors
 from svdfuse.sinks import LowRank, publish, temporary
@@ -285,7 +285,7 @@ def concatenate(
         R = R[real]  # (Σ r, n)
         rank = None if k is None else resolve_rank(k, L.shape[0], R.shape[1], "k")
         if rank is not None and rank < L.shape[1]:
-            U, S, V = linalg.factored_svd(L, R, rank)
+            U, S, V = factored.factored_svd(L, R, rank)
             L, R = U * S, V.T
         shape = base.meta(key)[0]
         updates[key] = Update(layout(sources, key, shape), L.contiguous(), R.contiguous(), shape)

@@ -37,6 +37,7 @@ __all__ = [
     "ties_block",
     "trim_bracket",
     "core_matmul",
+    "gram",
 ]
 
 # Chosen by measurement (bench/bench_rsvd_accuracy.py, results in bench/results/): on 768x768
@@ -487,3 +488,31 @@ def core_matmul(
         y = svdfuse.ops.core_matmul(x, U, cores, V, task=request_ids[:, None].expand(x.shape[:-1]), base=W0, bias=b)
     """
     return torch.ops.svdfuse.core_matmul.default(x, U, C, V, base, bias, task)
+
+
+def gram(x: Tensor, left: bool = True) -> Tensor:
+    """The float64 Gram matrices of a batch of thin factors, read in their own dtype: `xᵀx`
+    (`left`) or `x xᵀ`. What the exact SVD of a LoRA product starts from (`svdfuse.factored`).
+
+    Args:
+        x: (..., a, b) fp32, bf16, fp16 or fp64 (any layout).
+
+    Returns:
+        (..., b, b) if `left`, else (..., a, a), float64.
+
+    Raises:
+        ValueError, TypeError: x has fewer than two dims or another dtype.
+
+    On the CPU the compiled kernel (csrc/gram.cpp) converts a cache-sized tile at a time and
+    accumulates in float64 (a thousand adapters' factors are never copied to float64 whole);
+    elsewhere, or without the extension, `reference.gram`: a float64 copy and one batched GEMM.
+
+    Example::
+
+        G = svdfuse.ops.gram(B)            # (c, r, r) = Bᵀ B for B (c, m, r) bf16
+        H = svdfuse.ops.gram(A, left=False)  # (c, r, r) = A Aᵀ for A (c, r, n)
+    """
+    _native.check_gram(x)
+    if x.device.type != "cpu" or _native.LOAD_ERROR is not None:
+        return reference.gram(x, left)
+    return torch.ops.svdfuse.gram.default(x, left)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from svdfuse import linalg
+from svdfuse import factored
 from svdfuse.adapters import LoraSource, stack_factors
 from svdfuse.methods import Block, Components, Factors, Kind, Method
 from svdfuse.methods.elementwise import MEAN, Linear, Ties, fused
@@ -383,9 +383,9 @@ class Compute:
         self.progress.advance(sum(t.numel() * t.element_size() for f in stored for t in f))
         return U, S, V
 
-    def _lora(self, ids: list[int], specs: tuple[TensorSpec, ...], width: int, dtype: torch.dtype) -> linalg.FactoredSVD:
+    def _lora(self, ids: list[int], specs: tuple[TensorSpec, ...], width: int, dtype: torch.dtype) -> factored.FactoredSVD:
         """Adapters `ids`' exact top-`width` components of the group, from their own factors: U
-        (G, c, m, w), S (G, c, w), V (G, c, n, w) in `dtype`, as a `linalg.FactoredSVD` whose
+        (G, c, m, w), S (G, c, w), V (G, c, n, w) in `dtype`, as a `factored.FactoredSVD` whose
         singular vectors are formed only where asked for; one batched pass of Gram matrices and
         r×r SVDs, never an m×n matrix. An adapter's rank is padded with zero components to the
         widest one. The factors are read straight into one buffer in their stored dtype and
@@ -396,7 +396,7 @@ class Compute:
         for j, i in enumerate(ids):
             self.progress.differs[i] = self.progress.differs[i] or bool((scale[:, j] != 0).any())
         self.progress.advance(sum(a.factor_bytes(spec.key) for a in adapters for spec in specs if spec.key in a.modules))
-        return linalg.exact_factored_svd(L, R, dtype, scale=scale).resized(width)
+        return factored.exact_factored_svd(L, R, dtype, scale=scale).resized(width)
 
     def _adapter_width(self, specs: tuple[TensorSpec, ...], rank: int) -> int | None:
         """Components per source of a group read from adapters alone (None: some source is read
@@ -408,7 +408,7 @@ class Compute:
         widest = max([s.modules[spec.key].rank for s in sources for spec in specs if s.touched(spec.key)] or [1])
         return min(rank, widest)
 
-    def source_factors(self, task: Task, W0: Tensor | None, rank: int) -> Iterator[Components | linalg.FactoredSVD]:
+    def source_factors(self, task: Task, W0: Tensor | None, rank: int) -> Iterator[Components | factored.FactoredSVD]:
         """The top-`rank` factors of every source's task matrices of a group, chunk by chunk of
         `task.block` sources: U (G, c, m, r), S (G, c, r), V (G, c, n, r); decomposed on the fly,
         read from component caches, or factored exactly from LoRA adapters (a group of adapters

@@ -363,3 +363,9 @@ def core_matmul(
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype).reshape(*x.shape[:-1], U.shape[0])
+
+
+def gram(x: Tensor, left: bool) -> Tensor:
+    """`svdfuse.ops.gram`: `xᵀx` (left) or `x xᵀ` of x (..., a, b) in float64, by a float64 copy."""
+    w = x.to(torch.float64)
+    return w.mT @ w if left else w @ w.mT

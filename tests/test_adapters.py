@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import svdfuse
-from svdfuse import linalg
+from svdfuse import factored
 from svdfuse.sources import SourceError
 
 peft = pytest.importorskip("peft")
@@ -88,7 +88,7 @@ def test_factored_svd_equals_dense_svd():
     torch.manual_seed(0)
     for m, n, r in [(37, 23, 5), (64, 200, 16), (9, 9, 9)]:
         L, R = torch.randn(3, m, r, dtype=torch.float64), torch.randn(3, r, n, dtype=torch.float64)
-        U, S, V = linalg.factored_svd(L, R)
+        U, S, V = factored.factored_svd(L, R)
         S_dense = torch.linalg.svdvals(L @ R)[..., :r]
         torch.testing.assert_close(S, S_dense, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close((U * S.unsqueeze(-2)) @ V.mT, L @ R, rtol=0, atol=1e-11 * S_dense.max().item())

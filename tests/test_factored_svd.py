@@ -1,4 +1,4 @@
-"""The exact SVD of a product from its factors (`linalg.exact_factored_svd`), and the adapter merge
+"""The exact SVD of a product from its factors (`factored.exact_factored_svd`), and the adapter merge
 built on it: float64 Gram matrices, balanced rank directions, vectors formed only where a method
 keeps them, and a LoRA output that never reads the base's merged matrices.
 
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import svdfuse
-from svdfuse import linalg
+from svdfuse import factored
 from svdfuse.methods import Components
 
 F64 = torch.float64
@@ -41,7 +41,7 @@ def _truth(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("spread", [0, 3])
 def test_exact_factored_svd_against_float64_truth(dtype, spread):
     L, R = (t.to(dtype) for t in _factors(4, 96, 70, 12, spread))
-    found = linalg.exact_factored_svd(L, R)
+    found = factored.exact_factored_svd(L, R)
     U, S, V = found
     assert U.dtype == S.dtype == V.dtype == dtype
     W, truth = L.to(F64) @ R.to(F64), _truth(L, R)
@@ -67,7 +67,7 @@ def test_a_direction_small_in_one_factor_and_large_in_the_other_is_kept():
     L, R = _factors(2, 64, 48, 8, 0)
     L[..., 3] *= 1e-7
     R[..., 3, :] *= 1e7
-    U, S, V = linalg.exact_factored_svd(L, R)
+    U, S, V = factored.exact_factored_svd(L, R)
     W = L @ R
     torch.testing.assert_close(S, _truth(L, R), rtol=1e-12, atol=0)
     assert (U * S[..., None, :] @ V.mT - W).abs().amax() <= 1e-13 * W.abs().amax()
@@ -79,7 +79,7 @@ def test_zero_columns_and_scale():
     L, R = _factors(3, 40, 30, 8, 1)
     L[..., 5:], R[..., 5:, :] = 0, 0
     scale = torch.tensor([2.0, -0.5, 0.0], dtype=F64)
-    U, S, V = linalg.exact_factored_svd(L, R, scale=scale)
+    U, S, V = factored.exact_factored_svd(L, R, scale=scale)
     W = scale[:, None, None] * (L @ R)
     assert (S[:, 5:] == 0).all() and (S[2] == 0).all() and (S >= 0).all()
     torch.testing.assert_close(S, torch.linalg.svdvals(W)[..., :8], rtol=1e-12, atol=1e-14)
@@ -89,7 +89,7 @@ def test_zero_columns_and_scale():
 def test_vectors_are_the_chosen_columns_and_resized_pads_with_zero_components():
     L, R = (t.float() for t in _factors(6, 32, 24, 4, 1))
     L, R = L.reshape(2, 3, 32, 4), R.reshape(2, 3, 4, 24)
-    found = linalg.exact_factored_svd(L, R, torch.float32)
+    found = factored.exact_factored_svd(L, R, torch.float32)
     U, S, V = found
     layer, source, comp = torch.arange(2)[:, None], torch.tensor([[2, 0, 1], [1, 1, 0]]), torch.tensor([[0, 3, 1], [2, 0, 3]])
     for chunk in (found, Components(U, S, V)):
@@ -162,8 +162,8 @@ def test_axis_forms_only_the_vectors_it_keeps(tmp_path, monkeypatch):
     def refuse(self):
         raise AssertionError("every singular vector formed")
 
-    monkeypatch.setattr(linalg.FactoredSVD, "U", property(refuse))
-    monkeypatch.setattr(linalg.FactoredSVD, "V", property(refuse))
+    monkeypatch.setattr(factored.FactoredSVD, "U", property(refuse))
+    monkeypatch.setattr(factored.FactoredSVD, "V", property(refuse))
     merged = svdfuse.merge(sources, 12, base=str(base), device="cpu", dtype=F64).state_dict()
     W0 = load_file(str(base))
     for key, delta in _summed(base, adapters).items():  # k = 12 = Σ r: every component, their sum

@@ -70,7 +70,7 @@ class Factors(NamedTuple):
 class Components:
     """The components of c consecutive sources of a group, what a `Kind.FACTORS` method takes:
     U (G, c, m, r), S (G, c, r), V (G, c, n, r). Unpacks as `U, S, V`; a method that keeps a few
-    of them asks for those alone (`vectors`), which `linalg.FactoredSVD` (the same interface, for
+    of them asks for those alone (`vectors`), which `factored.FactoredSVD` (the same interface, for
     adapters) forms without forming the rest."""
 
     U: Tensor
