@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,19 +315,24 @@ class LoraSource(Source):
             out.copy_(w.reshape(out.shape))
 
 
-def stack_factors(adapters: Sequence[LoraSource], keys: Sequence[str], dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+def stack_factors(
+    adapters: Sequence[LoraSource], keys: Sequence[str], dtype: torch.dtype | None, *, buffer: Callable[[str, tuple[int, ...], torch.dtype], Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Every adapter's unscaled factors of the same-shape weights `keys` stacked: L (G, c, m, r),
     R (G, c, r, n) in `dtype` (None: as stored), and their scales (G, c) in float64 (0 where an adapter leaves a key alone;
     ranks padded with zeros to the widest). Read into one buffer in the stored dtype (the widest of
     theirs: no adapter's factors are rounded to another's), converted and checked finite once: a
-    thousand adapters cost a few large ops, not thousands of small ones."""
+    thousand adapters cost a few large ops, not thousands of small ones. `buffer(name, shape, dtype)`
+    gives the buffers to read into ("L", "R"; default fresh ones)."""
     shape = adapters[0].meta(keys[0])[0]
     ranks = {(g, j): a.modules[key].rank for g, key in enumerate(keys) for j, a in enumerate(adapters) if key in a.modules}
     r = max(ranks.values(), default=1)
     stored = functools.reduce(torch.promote_types, sorted({adapters[j].factor_dtype(keys[g]) for g, j in ranks}, key=str)) if ranks else dtype or torch.float32
-    make = torch.zeros if len(ranks) < len(keys) * len(adapters) or any(v < r for v in ranks.values()) else torch.empty
-    L = make((len(keys), len(adapters), shape[0], r), dtype=stored)
-    R = make((len(keys), len(adapters), r, math.prod(shape[1:])), dtype=stored)
+    buffer = buffer or (lambda name, size, dtype: torch.empty(size, dtype=dtype))
+    L = buffer("L", (len(keys), len(adapters), shape[0], r), stored)
+    R = buffer("R", (len(keys), len(adapters), r, math.prod(shape[1:])), stored)
+    if len(ranks) < len(keys) * len(adapters) or any(v < r for v in ranks.values()):  # padding: zeros
+        L.zero_(), R.zero_()
     scale = torch.zeros((len(keys), len(adapters)), dtype=torch.float64)
     for (g, j), rank in ranks.items():
         adapters[j].read_factors(keys[g], L[g, j, :, :rank], R[g, j, :rank])

@@ -105,9 +105,9 @@ def test_vectors_are_the_chosen_columns_and_resized_pads_with_zero_components():
 # -- the adapter merge built on it ---------------------------------------------------------------
 
 
-def _base_and_adapters(root: Path, dtypes: list[torch.dtype], r: int = 4) -> tuple[Path, list[Path]]:
+def _base_and_adapters(root: Path, dtypes: list[torch.dtype], ranks: list[int] | None = None) -> tuple[Path, list[Path]]:
     """A tiny two-layer base (weights and biases) and adapters in peft's layout, factors stored in
-    `dtypes` (one adapter each)."""
+    `dtypes` (one adapter each), of `ranks` (default 4 each)."""
     gen = torch.Generator().manual_seed(1)
     shapes = {"layer.0.proj": (24, 16), "layer.1.proj": (24, 16), "layer.1.out": (16, 24)}
     base = {f"{k}.weight": torch.randn(m, n, generator=gen) for k, (m, n) in shapes.items()}
@@ -115,7 +115,7 @@ def _base_and_adapters(root: Path, dtypes: list[torch.dtype], r: int = 4) -> tup
     root.mkdir(parents=True, exist_ok=True)
     save_file(base, str(root / "base.safetensors"))
     adapters = []
-    for i, dtype in enumerate(dtypes):
+    for i, (dtype, r) in enumerate(zip(dtypes, ranks or [4] * len(dtypes))):
         tensors = {}
         for k, (m, n) in shapes.items():
             # Values bf16 cannot hold where the factors are float32: rounding them would show.
@@ -197,3 +197,16 @@ def test_a_lora_output_of_adapters_never_reads_the_bases_merged_matrices(tmp_pat
         module = f"base_model.model.{key.removesuffix('.weight')}"
         got = out[f"{module}.lora_B.weight"].to(F64) @ out[f"{module}.lora_A.weight"].to(F64)
         torch.testing.assert_close(got, delta, rtol=0, atol=64 * torch.finfo(torch.float32).eps * delta.abs().max().item())
+
+
+def test_chunks_of_adapters_reuse_their_buffers_without_leaking_into_padding(tmp_path):
+    """Under a small budget the adapters stream through in chunks that share one buffer; a rank-1
+    adapter beside rank-3 ones is padded with zeros, not with the previous chunk's factors."""
+    base, adapters = _base_and_adapters(tmp_path, [torch.float32] * 5, ranks=[3, 3, 3, 1, 3])
+    sources = [str(a) for a in adapters]
+    small = svdfuse.merge(sources, 13, base=str(base), device="cpu", dtype=F64, max_memory="150KB")
+    assert small.report.budget <= 150_000
+    W0 = load_file(str(base))
+    merged = small.state_dict()
+    for key, delta in _summed(base, adapters).items():  # k = 13 = Σ r: their exact sum
+        torch.testing.assert_close(merged[key] - W0[key].to(F64), delta, rtol=0, atol=1e-12)

@@ -12,7 +12,8 @@ A method is one of three kinds, by what it needs to see at once:
 - `Kind.FACTORS` (AXIS, TSV-M): per-source truncated SVDs combined. `source_rank(k, T, m, n,
   **params)` says how many components each source needs; `merge(chunks, *, k, T, **params)` takes
   an iterator of `Components` (U (G, c, m, r), S (G, c, r), V (G, c, n, r)), the factors of
-  consecutive sources of a group of G same-shape matrices, and returns `Factors`. The factors may come from an
+  consecutive sources of a group of G same-shape matrices, and returns `Factors`. A chunk is
+  valid until the next is asked for (its memory may be reused). The factors may come from an
   SVD on the fly or from per-source caches (`svdfuse.decompose`), and any number of sources streams
   through a bounded buffer.
 - `Kind.MATRICES` (Iso-C, Iso-CTS): `W0: (G, m, n)`, `W: (G, T, m, n)` -> `Factors` or a dense
