@@ -117,12 +117,13 @@ def test_a_cache_of_an_adapter_beside_it(minilm_dir, adapters, tmp_path):
     """The cache records the adapter's fingerprint: the pair is refused with the cache's reason."""
     cache = tmp_path / "a.svd.safetensors"
     svdfuse.decompose(adapters[1], base=minilm_dir, rank=4, output=cache, svd="exact", include=["*.query.weight", "*.value.weight"])
+    reason = "(a component cache stands for the source it was decomposed from); give each source once (its components would count twice)"
     with pytest.raises(SourceError) as err:
         svdfuse.merge([adapters[1], cache], 4, base=minilm_dir, device="cpu")
-    assert str(err.value) == (
-        "source 1 ('a.svd.safetensors') is the same model as source 0 ('other') (a component cache stands for the source it "
-        "was decomposed from); give each source once (its components would count twice)"
-    )
+    assert str(err.value) == f"source 1 ('a.svd.safetensors') is the same model as source 0 ('other') {reason}"
+    with pytest.raises(SourceError) as err:
+        svdfuse.merge([cache, adapters[1]], 4, base=minilm_dir, device="cpu")
+    assert str(err.value) == f"source 1 ('other') is the same model as source 0 ('a.svd.safetensors') {reason}"
     svdfuse.merge([adapters[0], cache], 4, base=minilm_dir, device="cpu", svd="exact", include=["*.query.weight", "*.value.weight"])  # another adapter's cache
 
 
