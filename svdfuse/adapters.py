@@ -202,7 +202,7 @@ class LoraSource(Source):
         modules: base weight name -> its `LoraModule`.
         full: base tensor name -> the adapter file's key of its whole replacement (modules_to_save).
         biases: base bias name -> (its `lora_B.bias` key, scale): lora_bias updates.
-        config: the adapter's `adapter_config.json`.
+        config: the adapter's `adapter_config.json`; parsed: its `LoraAdapter`, before the base.
     """
 
     reads_any_dtype = True  # `read` converts itself: W0 + ΔW is formed in out's dtype, not rounded to the base's
@@ -213,7 +213,7 @@ class LoraSource(Source):
     def __init__(self, label: str, directory: Path, base: Source) -> None:
         super().__init__(label, None)
         self.adapter_dir, self.base = directory, base
-        adapter = LoraAdapter(label, directory)
+        self.parsed = adapter = LoraAdapter(label, directory)
         self.config, self._store = adapter.config, adapter.store
         self._check_base(self.config.get("base_model_name_or_path"))
         base_keys = set(base.keys())

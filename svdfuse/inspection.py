@@ -154,11 +154,12 @@ def inspect_adapter(adapter: str | os.PathLike, *, base: str | os.PathLike | Non
     label = f"model ({path.name!r})"
     if not path.is_dir() or not is_adapter(path):
         raise SourceError(f"{label}: {str(path)!r} is not a peft adapter directory (no {ADAPTER_CONFIG} or {ADAPTER_WEIGHTS})")
-    parsed = LoraAdapter(label, path)
     fitted = None if base is None else LoraSource(label, path, open_source(base, "base"))
-    where = {} if fitted is None else {stored: key for key, stored in fitted.full.items()}
+    parsed = LoraAdapter(label, path) if fitted is None else fitted.parsed
+    where: dict[str, str] = {}  # the adapter file's key -> the base tensor it updates
     if fitted is not None:
-        where |= {m.a: m.key for m in fitted.modules.values()} | {stored: key for key, (stored, _) in fitted.biases.items()}
+        where = {stored: key for key, stored in fitted.full.items()} | {m.a: m.key for m in fitted.modules.values()}
+        where |= {stored: key for key, (stored, _) in fitted.biases.items()}
     meta = parsed.store.meta
     modules = []
     for f in parsed.modules.values():

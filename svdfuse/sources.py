@@ -601,7 +601,9 @@ def _refuse_copies(sources: list[Source]) -> None:
             kinds = {source.fingerprints, other.fingerprints} - {None}
             if (source.derived or other.derived) and len(kinds) <= 1 and source.fingerprint() == other.fingerprint():
                 why = other if other.fingerprints is None else source  # a cache explains the pair, else two adapters
-                raise SourceError(f"{source.label} is the same model as {other.label} ({why.copy_reason}); give each source once (its components would count twice)")
+                raise SourceError(
+                    f"{source.label} is the same model as {other.label} ({why.copy_reason}); give each source once (its components would count twice)"
+                )
         earlier.append(source)
 
 
