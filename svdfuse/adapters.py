@@ -21,6 +21,7 @@ trainable tokens, LoRA on bare parameters.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from torch import Tensor
 from svdfuse import linalg
 from svdfuse.sources import DIRECTORY_KINDS, MappingSource, SafetensorsSource, Source, SourceError, model_file
 
-__all__ = ["LoraSource", "stack_factors", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "is_adapter"]
+__all__ = ["LoraAdapter", "LoraFactors", "LoraSource", "stack_factors", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "is_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -56,8 +57,8 @@ _LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|
 
 
 def is_adapter(path: Path) -> bool:
-    """Whether directory `path` holds a peft adapter (its config)."""
-    return (path / ADAPTER_CONFIG).is_file()
+    """Whether directory `path` holds a peft adapter (its config or its weights)."""
+    return (path / ADAPTER_CONFIG).is_file() or (path / ADAPTER_WEIGHTS).is_file()
 
 
 @dataclass(frozen=True)
@@ -85,29 +86,47 @@ def _pattern(patterns: dict, name: str, default):
     return default
 
 
-class LoraSource(Source):
-    """A peft LoRA adapter of `base`, read as the adapted model's tensors.
+@dataclass(frozen=True)
+class LoraFactors:
+    """One targeted module as the adapter's files describe it, before any base.
 
-    Attributes:
-        modules: base weight name -> its `LoraModule`.
-        full: base tensor name -> the adapter file's key of its whole replacement (modules_to_save).
-        biases: base bias name -> (its `lora_B.bias` key, scale): lora_bias updates.
-        config: the adapter's `adapter_config.json`.
+    module: peft's module name without its `base_model.model.` prefix; kind: "linear",
+    "transposed" (fan_in_fan_out), "embedding" or "conv" (from the factors' own layout); a, b, bias:
+    the adapter file's keys (bias: `lora_B.bias`, or None); scale: peft's, `alpha / r` or
+    `alpha / √r` (rslora); shape: the weight an update of these factors fits (out × in, in × out
+    when transposed, num × dim for an embedding, out × in × *kernel for a conv).
     """
 
-    reads_any_dtype = True  # `read` converts itself: W0 + ΔW is formed in out's dtype, not rounded to the base's
+    module: str
+    kind: str
+    a: str
+    b: str
+    rank: int
+    alpha: float
+    scale: float
+    shape: tuple[int, ...]
+    bias: str | None = None
 
-    def __init__(self, label: str, directory: Path, base: Source) -> None:
-        super().__init__(label, None)
-        self.adapter_dir, self.base = directory, base
-        self.config = config = self._config(directory)
-        self._store = self._weights(directory)
-        base_keys = set(base.keys())
-        self.modules: dict[str, LoraModule] = {}
+
+class LoraAdapter:
+    """A peft LoRA adapter directory read on its own: its config, its factors' headers and what
+    each targets; no tensor data is read and no base is needed. What svdfuse refuses (DoRA,
+    other tuner types, ranks that disagree) is refused here, naming the adapter and the key.
+
+    Attributes:
+        config: `adapter_config.json`; store: the adapter's weights file as a `Source`.
+        modules: module name -> its `LoraFactors`, in the file's order.
+        full: tensor name (prefix removed) -> its key in the file: whole tensors (modules_to_save).
+    """
+
+    def __init__(self, label: str, directory: Path) -> None:
+        self.label, self.directory = label, directory
+        self.config = self._config(directory)
+        self.store = self._weights(directory)
+        self.modules: dict[str, LoraFactors] = {}
         self.full: dict[str, str] = {}
-        self.biases: dict[str, tuple[str, float]] = {}  # base bias name -> (lora_B.bias key, scale)
         parts: dict[str, dict[str, str]] = {}
-        for key in self._store.keys():
+        for key in self.store.keys():
             name = key.removeprefix(PEFT_PREFIX)
             if "lora_magnitude_vector" in name:
                 raise SourceError(f"{label}: {key!r} is a DoRA magnitude vector; DoRA is not a low-rank update and cannot be merged exactly")
@@ -115,14 +134,11 @@ class LoraSource(Source):
             if found is None:
                 if "lora_" in name:
                     raise SourceError(f"{label}: {key!r} is no LoRA factor svdfuse knows (lora_A/lora_B.weight, lora_B.bias, lora_embedding_A/B)")
-                self.full[self._base_key(name, base_keys, key)] = key
+                self.full[name] = key
                 continue
             parts.setdefault(found["module"], {})[found["part"]] = key
         for module, have in parts.items():
-            self._add(module, have, base_keys)
-        self._check_full()
-
-    # -- opening ---------------------------------------------------------------------------
+            self.modules[module] = self._factors(module, have)
 
     def _config(self, directory: Path) -> dict:
         path = directory / ADAPTER_CONFIG
@@ -143,8 +159,74 @@ class LoraSource(Source):
         for field in ("r", "lora_alpha"):
             if not isinstance(config.get(field), (int, float)) or isinstance(config.get(field), bool) or config[field] <= 0:
                 raise SourceError(f"{self.label}: {ADAPTER_CONFIG} field {field!r} must be a positive number, found {config.get(field)!r}")
-        self._check_base(config.get("base_model_name_or_path"))
         return config
+
+    def _weights(self, directory: Path) -> Source:
+        safetensors, bin_file = directory / ADAPTER_WEIGHTS, directory / _ADAPTER_BIN
+        if os.path.lexists(safetensors):
+            return SafetensorsSource(self.label, [model_file(directory, ADAPTER_WEIGHTS, self.label, "the adapter directory")])
+        if os.path.lexists(bin_file):
+            bin_file = model_file(directory, _ADAPTER_BIN, self.label, "the adapter directory")
+            try:
+                state = torch.load(bin_file, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as err:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... on bad files
+                raise SourceError(f"{self.label}: cannot read {str(bin_file)!r} as a torch checkpoint ({type(err).__name__}: {err})") from err
+            return MappingSource(self.label, state)
+        raise SourceError(f"{self.label}: adapter directory {str(directory)!r} holds no {ADAPTER_WEIGHTS} or {_ADAPTER_BIN}")
+
+    def _factors(self, module: str, have: dict[str, str]) -> LoraFactors:
+        embedding = "lora_embedding_A" in have or "lora_embedding_B" in have
+        a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        for part in (a_part, b_part):
+            if part not in have:
+                raise SourceError(f"{self.label}: module {module!r} has no {part} beside its other factor")
+        a, b = have[a_part], have[b_part]
+        a_shape, b_shape = self.store.meta(a)[0], self.store.meta(b)[0]
+        r = a_shape[0] if len(a_shape) >= 2 else -1
+        if b_shape[1:2] != (r,) or len(b_shape) < 2:
+            raise SourceError(f"{self.label}: {module!r}: lora_A has rank {r} {a_shape}, lora_B {b_shape} does not (mismatched ranks)")
+        kind = "embedding" if embedding else "conv" if len(a_shape) > 2 else "transposed" if self.config.get("fan_in_fan_out") else "linear"
+        shape = (b_shape[0], *a_shape[1:]) if kind in ("linear", "conv") else (a_shape[1], b_shape[0])
+        rank = _pattern(self.config.get("rank_pattern") or {}, module, self.config["r"])
+        if rank != r:
+            raise SourceError(f"{self.label}: {module!r}: its factors have rank {r}, the config's r/rank_pattern says {rank}")
+        alpha = _pattern(self.config.get("alpha_pattern") or {}, module, self.config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+        return LoraFactors(module, kind, a, b, r, alpha, scale, shape, have.get("lora_B.bias"))
+
+
+class LoraSource(Source):
+    """A peft LoRA adapter of `base`, read as the adapted model's tensors.
+
+    Attributes:
+        modules: base weight name -> its `LoraModule`.
+        full: base tensor name -> the adapter file's key of its whole replacement (modules_to_save).
+        biases: base bias name -> (its `lora_B.bias` key, scale): lora_bias updates.
+        config: the adapter's `adapter_config.json`; parsed: its `LoraAdapter`, before the base.
+    """
+
+    reads_any_dtype = True  # `read` converts itself: W0 + ΔW is formed in out's dtype, not rounded to the base's
+    derived = True  # it stands for W0 + s·B·A: compared with the other adapters by `fingerprint`
+    fingerprints = "lora"
+    copy_reason = "an adapter is its factors and scales, whatever its directory is called"
+
+    def __init__(self, label: str, directory: Path, base: Source) -> None:
+        super().__init__(label, None)
+        self.adapter_dir, self.base = directory, base
+        self.parsed = adapter = LoraAdapter(label, directory)
+        self.config, self._store = adapter.config, adapter.store
+        self._check_base(self.config.get("base_model_name_or_path"))
+        base_keys = set(base.keys())
+        self.modules: dict[str, LoraModule] = {}
+        self.full: dict[str, str] = {}
+        self.biases: dict[str, tuple[str, float]] = {}  # base bias name -> (lora_B.bias key, scale)
+        for name, stored in adapter.full.items():
+            self.full[self._base_key(name, base_keys, stored)] = stored
+        for factors in adapter.modules.values():
+            self._add(factors, base_keys)
+        self._check_full()
+
+    # -- opening ---------------------------------------------------------------------------
 
     def _check_base(self, recorded: str | None) -> None:
         """An adapter names its base on the Hub, or by a local path. Two Hub names that differ are
@@ -163,19 +245,6 @@ class LoraSource(Source):
                 f"({str(directory)!r}'s config); merge adapters with the base they were trained on"
             )
 
-    def _weights(self, directory: Path) -> Source:
-        safetensors, bin_file = directory / ADAPTER_WEIGHTS, directory / _ADAPTER_BIN
-        if os.path.lexists(safetensors):
-            return SafetensorsSource(self.label, [model_file(directory, ADAPTER_WEIGHTS, self.label, "the adapter directory")])
-        if os.path.lexists(bin_file):
-            bin_file = model_file(directory, _ADAPTER_BIN, self.label, "the adapter directory")
-            try:
-                state = torch.load(bin_file, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as err:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... on bad files
-                raise SourceError(f"{self.label}: cannot read {str(bin_file)!r} as a torch checkpoint ({type(err).__name__}: {err})") from err
-            return MappingSource(self.label, state)
-        raise SourceError(f"{self.label}: adapter directory {str(directory)!r} holds no {ADAPTER_WEIGHTS} or {_ADAPTER_BIN}")
-
     def _base_key(self, name: str, base_keys: set[str], key: str) -> str:
         """The base's tensor for `name` (a module's tensor, named as peft saw the model): the same
         name, or the one base name that it ends in or that ends in it (a task head's prefix)."""
@@ -187,46 +256,30 @@ class LoraSource(Source):
             raise SourceError(f"{self.label}: {key!r} fits {what} of the base; is this an adapter of another model?")
         return found[0]
 
-    def _add(self, module: str, have: dict[str, str], base_keys: set[str]) -> None:
-        embedding = "lora_embedding_A" in have or "lora_embedding_B" in have
-        a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
-        for part in (a_part, b_part):
-            if part not in have:
-                raise SourceError(f"{self.label}: module {module!r} has no {part} beside its other factor")
-        a, b = have[a_part], have[b_part]
+    def _add(self, factors: LoraFactors, base_keys: set[str]) -> None:
+        module, kind, r, a, b = factors.module, factors.kind, factors.rank, factors.a, factors.b
         key = self._base_key(f"{module}.weight", base_keys, a)
         shape = self.base.meta(key)[0]
         a_shape, b_shape = self._store.meta(a)[0], self._store.meta(b)[0]
-        transposed = bool(self.config.get("fan_in_fan_out")) and len(shape) == 2 and not embedding
-        kind = "embedding" if embedding else "conv" if len(shape) > 2 else "transposed" if transposed else "linear"
-        r = a_shape[0] if len(a_shape) >= 2 else -1
         if kind == "embedding":  # A (r, num), B (dim, r); ΔW (num, dim)
             want_a, want_b = (r, shape[0]), (shape[-1], r)
         elif kind == "transposed":  # A (r, in), B (out, r); weight (in, out)
             want_a, want_b = (r, shape[0]), (shape[1], r)
         else:  # A (r, in, *kernel), B (out, r, 1, ...); weight (out, in, *kernel)
             want_a, want_b = (r, *shape[1:]), (shape[0], r, *(1,) * (len(shape) - 2))
-        if b_shape[1:2] != (r,) or len(b_shape) < 2:
-            raise SourceError(f"{self.label}: {module!r}: lora_A has rank {r} {a_shape}, lora_B {b_shape} does not (mismatched ranks)")
         if a_shape != want_a or b_shape != want_b:
             raise SourceError(
                 f"{self.label}: {module!r}: factors A {a_shape}, B {b_shape} do not fit the base's {key!r} {shape} "
                 f"(expected A {want_a}, B {want_b} for a {kind} LoRA); is this an adapter of another model?"
             )
-        rank = _pattern(self.config.get("rank_pattern") or {}, module, self.config["r"])
-        if rank != r:
-            raise SourceError(f"{self.label}: {module!r}: its factors have rank {r}, the config's r/rank_pattern says {rank}")
-        alpha = _pattern(self.config.get("alpha_pattern") or {}, module, self.config["lora_alpha"])
-        scale = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
-        bias = None
-        if "lora_B.bias" in have:
-            bias = have["lora_B.bias"]
+        if factors.bias is not None:
+            bias = factors.bias
             bias_key = self._base_key(f"{module}.bias", base_keys, bias)
             if self._store.meta(bias)[0] != self.base.meta(bias_key)[0]:
                 raise SourceError(f"{self.label}: {bias!r} {self._store.meta(bias)[0]} does not fit the base's {bias_key!r} {self.base.meta(bias_key)[0]}")
             self.full.pop(bias_key, None)
-            self.biases[bias_key] = (bias, scale)
-        self.modules[key] = LoraModule(key, kind, a, b, r, scale, bias)
+            self.biases[bias_key] = (bias, factors.scale)
+        self.modules[key] = LoraModule(key, kind, a, b, r, factors.scale, factors.bias)
 
     def _check_full(self) -> None:
         for key, stored in self.full.items():
@@ -245,6 +298,22 @@ class LoraSource(Source):
 
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         return self.base.meta(key)
+
+    def fingerprint(self, *, quick: bool = False) -> str:
+        """What makes two adapters the same update: what each module's factors update and by which
+        scale, and the digest of the adapter file's tensors (`quick`: of the names, shapes and dtypes
+        of all, the first and last rows of the B factors, biases and whole tensors: a few bytes per
+        module; the A factors' rows are as wide as the model). Never equal to a model's fingerprint."""
+        layout = sorted((m.key, m.kind, m.a, m.b, m.rank, m.scale, m.bias) for m in self.modules.values())
+        parts = [layout, sorted(self.full.items()), sorted(self.biases.items())]
+        if quick:
+            keys = self._store.keys()
+            parts.append([(key, *map(str, self._store.meta(key))) for key in sorted(keys)])
+            a_factors = {m.a for m in self.modules.values()}
+            parts.append(self._store.digest([key for key in keys if key not in a_factors], quick=True))
+        else:
+            parts.append(self._store.digest())
+        return "lora:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def touched(self, key: str) -> str | None:
         """"lora" (a factored update), "dense" (a whole replacement or a bias update) or None (the base's)."""
@@ -357,7 +426,7 @@ def _read_into(source: Source, key: str, start: int, stop: int, out: Tensor) -> 
 
 def _open_adapter(path: Path, label: str, base: Source | None) -> LoraSource | None:
     """`sources.open_source`'s reader of a peft adapter directory (its config or weights), against `base`."""
-    if not (is_adapter(path) or (path / "adapter_model.safetensors").is_file()):
+    if not is_adapter(path):
         return None
     if base is None:
         raise SourceError(f"{label}: is a peft adapter; it is read against a base (pass base=...)")

@@ -170,17 +170,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_inspect(sub) -> None:
-    inspect = sub.add_parser("inspect", help="list a model's tensors and which a merge would take as matrices")
-    inspect.add_argument("model", help="a .safetensors file, a Hugging Face directory or a component cache")
+    inspect = sub.add_parser("inspect", help="list a model's tensors and which a merge would take as matrices, or a LoRA adapter's modules")
+    inspect.add_argument("model", help="a .safetensors file, a Hugging Face directory, a component cache or a peft LoRA adapter directory")
     inspect.add_argument("--include", action="append", metavar="PATTERN", help="merge only matrices whose name matches (glob; repeatable)")
     inspect.add_argument("--exclude", action="append", metavar="PATTERN", help="never merge these as matrices (default: *embed*)")
-    inspect.add_argument("--summary", action="store_true", help="only the totals per role, not every tensor")
+    inspect.add_argument("--base", help="for an adapter: check that it fits this base model, and name each module's base tensor")
+    inspect.add_argument("--summary", action="store_true", help="only the totals per role (an adapter: the summary), not every tensor")
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from svdfuse.inspection import inspect_model, inspect_report
+    from svdfuse.adapters import is_adapter
+    from svdfuse.inspection import adapter_report, inspect_adapter, inspect_model, inspect_report
     from svdfuse.plan import DEFAULT_EXCLUDE
 
+    if Path(args.model).is_dir() and is_adapter(Path(args.model)):
+        if args.include or args.exclude:
+            raise ValueError("--include/--exclude choose a model's tensors; an adapter's modules are all listed (its merge takes them by the base's names)")
+        print(adapter_report(inspect_adapter(args.model, base=args.base), per_module=not args.summary))
+        return
+    if args.base is not None:
+        raise ValueError(f"--base is for a peft adapter directory; {args.model!r} is not one (no adapter_config.json or adapter_model.safetensors)")
     tensors = inspect_model(args.model, include=args.include, exclude=args.exclude or DEFAULT_EXCLUDE)
     print(inspect_report(tensors, per_tensor=not args.summary))
 

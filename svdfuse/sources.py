@@ -47,10 +47,17 @@ class Source:
         label: how errors name this source, e.g. "source 3 ('ft-cars.safetensors')".
         directory: the Hugging Face model directory it came from, if any (its config is reused on save).
         derived: whether it stands for another model (a component cache, for the source it was
-            decomposed from): such a source is compared with the others by `fingerprint`.
+            decomposed from; a peft adapter, for the model it makes of its base): such a source is
+            compared with the others by `fingerprint`.
+        fingerprints: what `fingerprint` digests: a model's tensors ("tensors") or an adapter's
+            factors ("lora"); two sources of different kinds are never compared. None: either (a
+            cache answers with its source's).
+        copy_reason: why a derived source equal to another is the same model, for the error.
     """
 
     derived = False
+    fingerprints: str | None = "tensors"
+    copy_reason = ""
     # whether `read` fills an `out` of any dtype itself (a factored source forms W0 + ΔW in it)
     reads_any_dtype = False
 
@@ -290,6 +297,8 @@ class ComponentCache(Source):
     """
 
     derived = True
+    fingerprints = None
+    copy_reason = "a component cache stands for the source it was decomposed from"
 
     def __init__(self, label: str, store: Source, info: Mapping[str, str]) -> None:
         super().__init__(label, store.directory)
@@ -579,18 +588,23 @@ def open_sources(
 
 def _refuse_copies(sources: list[Source]) -> None:
     """Refuse a model given twice where one of the two is derived (the source beside its cache, two
-    caches of one source): compared by fingerprint, the quick one first, so that only a likely copy
-    is read whole. Models given as they are were told apart by `_identity`, before any was read."""
-    quick = [source.fingerprint(quick=True) for source in sources]  # each source's rows read once, not once per pair
-    for i, source in enumerate(sources):
-        for j, other in enumerate(sources[:i]):
-            if not (source.derived or other.derived):
-                continue
-            if quick[i] == quick[j] and source.fingerprint() == other.fingerprint():
+    caches of one source, two copies of one adapter): compared by fingerprint, the quick one first,
+    so that only a likely copy is read whole; an adapter and a full model are never compared (nor
+    read for it). Models given as they are were told apart by `_identity`, before any was read."""
+    caches = any(source.fingerprints is None for source in sources)
+    seen: dict[str, list[Source]] = {}  # quick fingerprint -> the sources before this one: a thousand adapters, not a million pairs
+    for source in sources:
+        if not (source.derived or caches):
+            continue
+        earlier = seen.setdefault(source.fingerprint(quick=True), [])
+        for other in earlier:
+            kinds = {source.fingerprints, other.fingerprints} - {None}
+            if (source.derived or other.derived) and len(kinds) <= 1 and source.fingerprint() == other.fingerprint():
+                why = other if other.fingerprints is None else source  # a cache explains the pair, else two adapters
                 raise SourceError(
-                    f"{source.label} is the same model as {other.label} (a component cache stands for the source it was "
-                    "decomposed from); give each source once (its components would count twice)"
+                    f"{source.label} is the same model as {other.label} ({why.copy_reason}); give each source once (its components would count twice)"
                 )
+        earlier.append(source)
 
 
 class Reader:
