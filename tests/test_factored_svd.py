@@ -210,3 +210,19 @@ def test_chunks_of_adapters_reuse_their_buffers_without_leaking_into_padding(tmp
     merged = small.state_dict()
     for key, delta in _summed(base, adapters).items():  # k = 13 = Σ r: their exact sum
         torch.testing.assert_close(merged[key] - W0[key].to(F64), delta, rtol=0, atol=1e-12)
+
+
+def test_decompose_an_adapter_of_lower_rank_that_leaves_a_matrix_alone(tmp_path):
+    """A cache holds `rank` components per matrix: an adapter's rank-2 update gives two and zeros,
+    a matrix it leaves alone all zeros; merging from the cache equals merging from the adapter."""
+    base, adapters = _base_and_adapters(tmp_path, [torch.float32, torch.float32], ranks=[2, 3])
+    factors = load_file(str(adapters[0] / "adapter_model.safetensors"))
+    save_file({k: v for k, v in factors.items() if ".out." not in k}, str(adapters[0] / "adapter_model.safetensors"))
+    cache = svdfuse.decompose(str(adapters[0]), base=str(base), rank=4, output=tmp_path / "a.svd.safetensors", svd="exact")
+    stored = load_file(str(tmp_path / "a.svd.safetensors"))
+    assert stored["layer.1.out.weight.S"].shape == (4,) and (stored["layer.1.out.weight.S"] == 0).all()
+    assert (stored["layer.0.proj.weight.S"][2:] == 0).all() and (stored["layer.0.proj.weight.S"][:2] > 0).all()
+    direct = svdfuse.merge([str(a) for a in adapters], 4, base=str(base), device="cpu", dtype=F64, svd="exact").state_dict()
+    cached = svdfuse.merge([cache, str(adapters[1])], 4, base=str(base), device="cpu", dtype=F64, svd="exact").state_dict()
+    for key, want in direct.items():
+        torch.testing.assert_close(cached[key], want, rtol=0, atol=1e-6 * max(want.abs().max().item(), 1.0))
