@@ -119,8 +119,8 @@ def write_workload(root: Path, name: str, modules: dict[str, tuple[int, int]], T
     return str(base), adapters
 
 
-def _run(script: str, args: dict) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True)
+def _run(script: str, args: dict, timeout: float | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--peft", type=int, nargs="*", default=[16], help="T values at which peft's svd combination also runs (default 16)")
     parser.add_argument("--methods", nargs="+", default=["axis", "task_arithmetic"])
     parser.add_argument("--budget", default="4GB", help="max_memory of every merge (default 4GB)")
+    parser.add_argument("--peft-timeout", type=float, default=1800, help="seconds peft's svd combination may take before it counts as not finished (default 1800)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "svdfuse-bench-lora"))
     args = parser.parse_args()
     layers = 1 if args.small else 4
@@ -171,10 +172,11 @@ def main() -> None:
                 ours = _run(_RUN, {"base": sbase, "sources": subset, "k": 64, "method": "axis", "output": f"{tmp}/out", "budget": args.budget, "params": {}})
             shapes = {k: list(v) for k, v in qv.items()}
             try:
-                theirs = _run(_PEFT, {"sources": subset, "k": 64, "shapes": shapes})
-            except RuntimeError as err:
+                theirs = _run(_PEFT, {"sources": subset, "k": 64, "shapes": shapes}, timeout=args.peft_timeout)
+            except (RuntimeError, subprocess.TimeoutExpired) as err:
                 theirs = None
-                print(f"peft failed at T = {T}: {err}")
+                print(f"peft did not finish at T = {T}: {err}")
+                results.notes.append(f"peft's svd combination did not finish at T = {T}: {err}")
             for who, got in (("svdfuse axis -> lora", ours), ("peft svd", theirs)):
                 if got is not None:
                     rows.append({"T": T, "modules": len(qv), "method": who, "adapter_GB": nb / 1e9, "seconds": got["seconds"], "GB_per_s": nb / got["seconds"] / 1e9,
