@@ -271,7 +271,13 @@ def serve_bundle(model: nn.Module, requests: Sequence[Request] | Tensor) -> Iter
 
 
 def export_adapter(
-    bundle: Bundle | str | os.PathLike, output: str | os.PathLike, *, base: nn.Module | str | os.PathLike, request: Request
+    bundle: Bundle | str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    base: nn.Module | str | os.PathLike,
+    request: Request,
+    serve: str | None = None,
+    drop_full_modules: bool = False,
 ) -> "LoraReport":
     """Write one adapter of a bundle, or a mix of them, as a peft LoRA adapter of `base`.
 
@@ -283,6 +289,7 @@ def export_adapter(
         bundle: a `Bundle` or its path. output: a new directory.
         base: the base as an `nn.Module`, or a Hugging Face directory.
         request: an adapter's name or index, or a {name: weight} mix.
+        serve, drop_full_modules: "vllm" for vLLM's loader, as `svdfuse.export_lora` (ranks padded).
 
     Example::
 
@@ -309,4 +316,4 @@ def export_adapter(
         components[key] = (U.float(), C.float(), V.float())
         frozen[key] = state.get(key)
     result = MergeResult(components, frozen, {}, {}, MergeReport("bundle", list(bundle.adapters), [], 0.0))
-    return export_lora(result, output, base=base)
+    return export_lora(result, output, base=base, serve=serve, drop_full_modules=drop_full_modules)

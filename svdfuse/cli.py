@@ -342,6 +342,8 @@ def _add_export(sub) -> None:
     which = lora.add_mutually_exclusive_group()
     which.add_argument("--adapter", help="the bundle's adapter to export, by name")
     which.add_argument("--mix", type=_mix, help="a weighted mix of the bundle's adapters: NAME=W,NAME=W,...")
+    lora.add_argument("--for", dest="serve", choices=("vllm",), help="loadable by vLLM (one rank padded to its max_lora_rank values, no whole modules)")
+    lora.add_argument("--drop-full-modules", action="store_true", help="with --for vllm: leave tensors no LoRA update carries at the base's value (a warning) instead of refusing")
 
 
 def _add_compress(sub) -> None:
@@ -383,9 +385,11 @@ def _export(args: argparse.Namespace) -> None:
             raise ValueError("export lora: give MERGED, or --bundle BUNDLE with one of --adapter NAME or --mix NAME=W,...")
         from svdfuse.bundle import export_adapter
 
-        print(export_adapter(args.bundle, args.output, base=args.base, request=args.adapter or args.mix).table())
+        vllm = dict(serve=args.serve, drop_full_modules=args.drop_full_modules)
+        print(export_adapter(args.bundle, args.output, base=args.base, request=args.adapter or args.mix, **vllm).table())
         return
-    report = export_lora(args.merged, args.output, base=args.base, rank=args.rank, approximate=args.approximate, device=args.device)
+    report = export_lora(args.merged, args.output, base=args.base, rank=args.rank, approximate=args.approximate, device=args.device,
+                         serve=args.serve, drop_full_modules=args.drop_full_modules)  # fmt: skip
     print(report.table())
 
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from svdfuse import linalg
 from svdfuse.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-from svdfuse.lora_out import Update, peft_config, peft_factors
+from svdfuse.lora_out import Update, for_vllm, peft_config, peft_factors
 from svdfuse.nn.attention import SVDMultiheadAttention
 from svdfuse.nn.conv import SVDConv
 from svdfuse.nn.convert import materialize, svd_layers
@@ -112,6 +112,8 @@ def export_lora(
     rank: int | float | None = None,
     approximate: bool = False,
     device: torch.device | str | None = None,
+    serve: str | None = None,
+    drop_full_modules: bool = False,
 ) -> LoraReport | dict[str, LoraReport]:
     """Write a merge, or Stage-2 adaptations of one, as peft LoRA adapters of `base`.
 
@@ -145,6 +147,10 @@ def export_lora(
             beyond the top-k components) becomes its best rank-k approximation, and a changed
             tensor no adapter can hold keeps the base's value. The report gives each one's error.
         device: where to decompose dense merged models (default: CUDA when available).
+        serve: "vllm" makes every adapter loadable by vLLM's multi-LoRA loader: one rank for all
+            its modules, padded with zero components to the next of its `max_lora_rank` values,
+            and no whole modules or lora_B biases (refused, or with `drop_full_modules` left at
+            the base's value with a warning).
 
     Returns:
         A `LoraReport`, or for a mapping a name -> `LoraReport` dict.
@@ -162,6 +168,8 @@ def export_lora(
     """
     output = Path(output)
     check_output(output)
+    if serve not in (None, "vllm") or (drop_full_modules and serve is None):
+        raise ValueError(f"export_lora: serve must be None or 'vllm', and drop_full_modules goes with serve='vllm'; found serve={serve!r}, drop_full_modules={drop_full_modules!r}")
     if rank is not None:
         resolve_rank(rank, 1, 1, "rank")  # its type, sign and fraction range, before the base is loaded
     module, name_or_path = _base_module(base)
@@ -182,6 +190,8 @@ def export_lora(
             where = tmp if name is None else tmp / name
             where.mkdir(exist_ok=True)
             config["base_model_name_or_path"] = name_or_path
+            if serve == "vllm":
+                config, tensors = for_vllm(config, tensors, drop_full_modules=drop_full_modules, where="export_lora")
             (where / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             save_file(tensors, str(where / ADAPTER_WEIGHTS), metadata={"format": "pt", "svdfuse": "lora-export"})
             reports[name] = report(output if name is None else output / name)

@@ -33,7 +33,7 @@ from svdfuse.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraS
 from svdfuse.sinks import LowRank, publish, temporary
 from svdfuse.sources import Source
 
-__all__ = ["VLLM_RANKS", "Update", "LoraSink", "concatenate", "peft_factors", "peft_config", "vllm_rank", "write_adapter"]
+__all__ = ["VLLM_RANKS", "Update", "LoraSink", "concatenate", "for_vllm", "peft_factors", "peft_config", "vllm_rank", "write_adapter"]
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
@@ -68,18 +68,48 @@ def peft_factors(update: Update) -> dict[str, Tensor]:
     raise ValueError(f"unknown LoRA layout {update.kind!r}")
 
 
-def _pad(update: Update, rank: int) -> Update:
-    extra = rank - update.rank
-    return Update(update.kind, torch.cat([update.L, update.L.new_zeros(update.L.shape[0], extra)], 1),
-                  torch.cat([update.R, update.R.new_zeros(extra, update.R.shape[1])], 0), update.shape)  # fmt: skip
-
-
 def vllm_rank(r: int, where: str) -> int:
     """The smallest of vLLM's max_lora_rank values that holds rank r."""
     for allowed in VLLM_RANKS:
         if allowed >= r:
             return allowed
     raise ValueError(f"{where}: rank {r} is above vLLM's largest max_lora_rank {VLLM_RANKS[-1]}; merge at a lower k (or --rank)")
+
+
+def _refuse_whole(what: list[str], drop_full_modules: bool, where: str) -> None:
+    """Changed tensors `what` that only whole modules or lora_bias carry: refused for vLLM, or dropped with a warning."""
+    if not drop_full_modules:
+        raise ValueError(
+            f"{where} for vLLM: the merge changed {len(what)} tensors a LoRA update cannot carry (e.g. {what[:3]}), "
+            "which only whole modules (modules_to_save) or lora_bias could; vLLM's LoRA loader takes neither "
+            "(no full lm_head or embedding tensors): pass drop_full_modules=True (--drop-full-modules) to leave them at the base's value"
+        )
+    warnings.warn(f"{where} for vLLM: {len(what)} changed tensors left at the base's value (e.g. {what[:3]})", stacklevel=4)
+
+
+def for_vllm(config: dict, tensors: dict[str, Tensor], *, drop_full_modules: bool, where: str) -> tuple[dict, dict[str, Tensor]]:
+    """A peft adapter (its config and tensors, scale 1 in every module) made loadable by vLLM's
+    multi-LoRA loader: every module at one rank, the next of `VLLM_RANKS` above the widest, with
+    zero components (lora_A's rows, lora_B's columns); no whole modules or lora_B biases, which
+    its loader does not take: refused naming them, or with `drop_full_modules` left at the base's
+    value with a warning."""
+    whole = [key for key in tensors if ".lora_" not in key or key.endswith(".lora_B.bias")]
+    if whole:
+        _refuse_whole([key.removeprefix(PEFT_PREFIX) for key in whole], drop_full_modules, where)
+        tensors = {key: t for key, t in tensors.items() if key not in whole}
+        config = {**config, "modules_to_save": None, "lora_bias": False}
+    a_parts = [key for key in tensors if key.endswith(("lora_A.weight", "lora_embedding_A"))]
+    if not a_parts:
+        return config, tensors
+    rank = vllm_rank(max(tensors[key].shape[0] for key in a_parts), f"{where} for vLLM")
+    padded = dict(tensors)
+    for a_key in a_parts:
+        b_key = a_key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+        A, B = tensors[a_key], tensors[b_key]
+        extra = rank - A.shape[0]
+        padded[a_key] = torch.cat([A, A.new_zeros(extra, *A.shape[1:])], 0)
+        padded[b_key] = torch.cat([B, B.new_zeros(B.shape[0], extra, *B.shape[2:])], 1)
+    return {**config, "r": rank, "lora_alpha": rank, "rank_pattern": {}, "alpha_pattern": {}}, padded
 
 
 def target_modules(targets: Sequence[str], names: Sequence[str]) -> list[str] | str:
@@ -134,19 +164,9 @@ def write_adapter(
         raise ValueError(f"LoRA output: {bad[0]!r} is not a layer's weight; peft's LoRA adapts the weights of Linear, Conv and Embedding layers")
     biases = {key: value for key, value in changed.items() if key.endswith(".bias") and key.rpartition(".")[0] in targets}
     full = {key: value for key, value in changed.items() if key not in biases}
-    if serve == "vllm" and (full or biases):
-        what = sorted(full) + sorted(biases)
-        if not drop_full_modules:
-            raise ValueError(
-                f"LoRA output for vLLM: the merge changed {len(what)} tensors a LoRA update cannot carry (e.g. {what[:3]}), "
-                "which only whole modules (modules_to_save) or lora_bias could; vLLM's LoRA loader takes neither "
-                "(no full lm_head or embedding tensors): pass drop_full_modules=True (--drop-full-modules) to leave them at the base's value"
-            )
-        warnings.warn(f"LoRA output for vLLM: {len(what)} changed tensors left at the base's value (e.g. {what[:3]})", stacklevel=3)
+    if serve == "vllm" and (full or biases):  # before the checks of what a LoRA can carry: dropped, they need none
+        _refuse_whole(sorted(full) + sorted(biases), drop_full_modules, "LoRA output")
         full, biases = {}, {}
-    if serve == "vllm" and targets:
-        rank = vllm_rank(max(u.rank for u in targets.values()), "LoRA output for vLLM")
-        targets = {name: _pad(u, rank) for name, u in targets.items()}
     tensors: dict[str, Tensor] = {}
     for name, update in targets.items():
         tensors.update({f"{PEFT_PREFIX}{name}.{part}": t.contiguous() for part, t in peft_factors(update).items()})
@@ -170,6 +190,8 @@ def write_adapter(
     config = peft_config({name: u.rank for name, u in targets.items()}, names, modules_to_save=owners, lora_bias=bool(biases),
                          fan_in_fan_out=any(u.kind == "transposed" for u in targets.values()))  # fmt: skip
     config["base_model_name_or_path"] = base_name
+    if serve == "vllm":
+        config, tensors = for_vllm(config, tensors, drop_full_modules=drop_full_modules, where="LoRA output")
     tmp = temporary(Path(output), directory=True)
     try:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
