@@ -11,11 +11,16 @@ merged dense layer of one adapter, all sampled in turns in one run.
 
     python bench/bench_compress.py            # trains the adapters on first use (minutes)
     python bench/bench_compress.py --small    # 6 adapters, one K: a smoke run
+    python bench/bench_compress.py --part serving   # serving again (a quiet machine); the study's rows kept
+
+Every run also draws bench/results/compress-<device>.png from its results: accuracy retained and
+bytes per adapter against K, and serving throughput against the batch.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import sys
 import tempfile
@@ -27,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compress_adapters as ca  # noqa: E402
-from common import Results, arg_parser, interleaved_ms, print_table  # noqa: E402
+from common import Results, arg_parser, interleaved_ms, print_table, results_path  # noqa: E402
 
 import svdfuse  # noqa: E402
 from svdfuse.bundle import load_bundle, read_bundle, serve_bundle  # noqa: E402
@@ -149,6 +154,12 @@ def main() -> None:
         "serving: the adapted layer (BERT layer 5 from cached layer-5 inputs), 32 tokens per request; peft set_adapter runs one group per distinct adapter",
     ]
     results = Results("compress", torch.device("cpu"), small=args.small, notes=notes)
+    if args.part == "serving":  # the study's rows of the last full run stay, marked with when they were measured
+        previous = _previous(results)
+        if previous is not None:
+            env = previous["environment"]
+            results.notes.append(f"study rows (accuracy, bytes, errors) from the run at commit {env.get('commit')}, {env.get('date')}; serving rows from this run")
+            results.add([row for row in previous["rows"] if "batch" not in row])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         r = ca.RANK
@@ -156,7 +167,52 @@ def main() -> None:
             study(names, records, data, [2 * r] if args.small else [r, 2 * r, 4 * r, 8 * r], ["stack", "axis"], results, work)
         if args.part in ("all", "serving"):
             serving(names, records, data, 4 * r, [1, 8, 64] if args.small else [1, 4, 16, 64], results, work, 2 if args.small else 5)
-    print(f"wrote {results.path}")
+    print(f"wrote {results.path} and {plot(results.path)}")
+
+
+def _previous(results: Results) -> dict | None:
+    """The results file this run replaces, if any."""
+    path = results_path(results.name, results.device, small=results.small)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def plot(path: Path) -> Path:
+    """compress-<device>.png beside the results: retained accuracy and bytes per adapter against K
+    (per core and basis), serving tokens/s against the batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads(path.read_text())["rows"]
+    study_rows = [r for r in rows if "batch" not in r and "retained_mean" in r]
+    serving_rows = [r for r in rows if "batch" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for core in ("diagonal", "full"):
+        chosen = sorted((r for r in study_rows if r["core"] == core and r["basis"] == "stack"), key=lambda r: r["K"])
+        if chosen:
+            K = [r["K"] for r in chosen]
+            axes[0].plot(K, [r["retained_mean"] for r in chosen], "o-", label=f"{core} core, mean")
+            axes[0].plot(K, [r["retained_worst"] for r in chosen], "x--", label=f"{core} core, worst")
+            axes[1].plot(K, [r["bytes_per_adapter"] for r in chosen], "o-", label=f"{core} core")
+    if study_rows:
+        axes[1].axhline(study_rows[0]["peft_bytes_per_adapter"], color="gray", ls=":", label="peft adapter")
+    axes[0].axhline(0.95, color="gray", ls=":", label="target 0.95")
+    axes[0].set(xlabel="K (basis columns)", ylabel="own-task accuracy retained", xscale="log", title="accuracy kept (stack basis)")
+    axes[1].set(xlabel="K", ylabel="bytes per adapter", xscale="log", yscale="log", title="bytes per added adapter")
+    if serving_rows:
+        B = [r["batch"] for r in serving_rows]
+        for key in ("bundle_diagonal", "bundle_full", "peft_set_adapter", "merged_dense"):
+            axes[2].plot(B, [r[f"{key}_tok_s"] for r in serving_rows], "o-", label=key.replace("_", " "))
+        axes[2].set(xlabel="requests per batch (over distinct adapters)", ylabel="tokens / s", xscale="log", yscale="log", title="CPU serving")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 if __name__ == "__main__":
