@@ -1,7 +1,7 @@
 """Reading a bundle (`svdfuse.compress`) and serving all its adapters in one batch.
 
-`load_bundle(model, bundle)` replaces each Linear the bundle adapts by a `BundleLinear`: the base's
-W0 and bias, the shared U (m, K) and V (n, K), and every adapter's core (N, K) or (N, K, K). Inside
+`load_bundle(model, bundle)` replaces each Linear, Conv2d or Embedding the bundle adapts by a
+`BundleLinear`, `BundleConv2d` or `BundleEmbedding`: the base's W0 and bias, the shared U (m, K) and V (n, K), and every adapter's core (N, K) or (N, K, K). Inside
 `serve_bundle(model, requests)` request b of a batch runs as `requests[b]`: an adapter (its name
 or index) or a weighted mix {name: weight} (core Σ wⱼ Σⱼ, exact on a shared basis). Diagonal cores
 run through `ops.lowrank_matmul(..., task=)`, full ones through `ops.core_matmul`; a batch's mixes
@@ -28,7 +28,7 @@ from svdfuse.sources import SafetensorsSource, SourceError, open_source
 if TYPE_CHECKING:
     from svdfuse.export import LoraReport
 
-__all__ = ["Bundle", "read_bundle", "BundleLinear", "load_bundle", "serve_bundle", "export_adapter", "Request"]
+__all__ = ["Bundle", "read_bundle", "BundleLinear", "BundleConv2d", "BundleEmbedding", "load_bundle", "serve_bundle", "export_adapter", "Request"]
 
 Request = int | str | Mapping[str, float]
 
@@ -124,17 +124,11 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     return Bundle(adapters, core, k, basis, out["U"], out["V"], out["cores"], out["error"], {key: tuple(s) for key, s in shapes.items()})
 
 
-class BundleLinear(nn.Module):
-    """`nn.Linear` whose weight, per request, is `W0 + U Σ Vᵀ` with that request's core.
-
-    Args:
-        weight0: (m, n) base weight; bias: (m,) or None; U: (m, K); V: (n, K);
-        cores: (N, K) diagonal or (N, K, K) full, one per adapter.
-
-    Attributes:
-        bank, ids: while serving (`serve_bundle`), the cores of this batch (adapters, then its
-            mixes) and each request's row of them, int64 (batch,).
-    """
+class _BundleLayer(nn.Module):
+    """What every bundle layer holds: the base's weight and bias, the shared U (m, K) and V (n, K)
+    (n: the weight's other dims flattened), every adapter's core (N, K) diagonal or (N, K, K) full;
+    while serving (`serve_bundle`), `bank` (the batch's cores: the adapters', then its mixes') and
+    `ids`, each request's row of it, int64 (batch,)."""
 
     def __init__(self, weight0: Tensor, bias: Tensor | None, U: Tensor, V: Tensor, cores: Tensor) -> None:
         super().__init__()
@@ -144,32 +138,85 @@ class BundleLinear(nn.Module):
         self.register_buffer("U", U.to(dtype).contiguous())
         self.register_buffer("V", V.to(dtype).contiguous())
         self.register_buffer("cores", cores.to(dtype).contiguous())
-        self.in_features, self.out_features = weight0.shape[1], weight0.shape[0]
         self.bank: Tensor | None = None
         self.ids: Tensor | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check(self, x: Tensor, what: str, dims: int = 2) -> None:
+        """That the layer is serving and x (at least `dims` dims) holds one row per request."""
         if self.ids is None or self.bank is None:
             raise ValueError(f"{self}: run the model inside `with svdfuse.bundle.serve_bundle(model, requests):` to say which adapter each request uses")
-        if x.dim() < 2 or x.shape[0] != self.ids.shape[0]:
-            raise ValueError(f"serve_bundle: {self.ids.shape[0]} requests but {self} got input {tuple(x.shape)}; serving needs batch-first inputs (batch, ..., {self.in_features})")
+        if x.dim() < dims or x.shape[0] != self.ids.shape[0]:
+            raise ValueError(f"serve_bundle: {self.ids.shape[0]} requests but {self} got input {tuple(x.shape)}; serving needs batch-first inputs ({what})")
+
+    def _requests(self, x: Tensor, what: str, dims: int = 2) -> Tensor:
+        """Each request's core, (batch, K) or (batch, K, K), after `_check`."""
+        self._check(x, what, dims)
+        return self.bank.index_select(0, self.ids)
+
+    def dense(self, weights: Tensor) -> Tensor:
+        """The dense weight, in the base weight's shape, of adapter weights (N,), for checks."""
+        C = torch.tensordot(weights.to(self.cores.dtype), self.cores, dims=1)
+        update = (self.U * C) @ self.V.T if C.dim() == 1 else self.U @ C @ self.V.T
+        return self.weight0 + update.reshape(self.weight0.shape)
+
+    def extra_repr(self) -> str:
+        kind = "diagonal" if self.cores.dim() == 2 else "full"
+        return f"weight={tuple(self.weight0.shape)}, K={self.U.shape[1]}, adapters={self.cores.shape[0]}, core={kind}"
+
+
+class BundleLinear(_BundleLayer):
+    """`nn.Linear` whose weight, per request, is `W0 + U Σ Vᵀ` with that request's core: diagonal
+    cores through `ops.lowrank_matmul(..., task=)`, full ones through `ops.core_matmul`."""
+
+    def __init__(self, weight0: Tensor, bias: Tensor | None, U: Tensor, V: Tensor, cores: Tensor) -> None:
+        super().__init__(weight0, bias, U, V, cores)
+        self.in_features, self.out_features = weight0.shape[1], weight0.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x, f"batch, ..., {self.in_features}")  # the ops index the bank themselves
         task = self.ids.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
         if self.cores.dim() == 2:
             return ops.lowrank_matmul(x, self.U, self.bank, self.V, base=self.weight0, bias=self.bias, task=task)
         return ops.core_matmul(x, self.U, self.bank, self.V, task, base=self.weight0, bias=self.bias)
 
-    def dense(self, weights: Tensor) -> Tensor:
-        """The dense weight (m, n) of adapter weights (N,), for checks."""
-        C = torch.tensordot(weights.to(self.cores.dtype), self.cores, dims=1)
-        return self.weight0 + ((self.U * C) @ self.V.T if C.dim() == 1 else self.U @ C @ self.V.T)
 
-    def extra_repr(self) -> str:
-        kind = "diagonal" if self.cores.dim() == 2 else "full"
-        return f"in_features={self.in_features}, out_features={self.out_features}, K={self.U.shape[1]}, adapters={self.cores.shape[0]}, core={kind}"
+class BundleConv2d(_BundleLayer):
+    """`nn.Conv2d` (groups 1, zero padding) whose weight per request is `W0 + U Σ Vᵀ` (out × in·kh·kw,
+    as LoRA's conv updates): `conv(x, W0) + U Σ (conv(x, Vᵀ as K filters))`, the K-channel map
+    mixed per request and widened by a 1×1 conv; never a dense weight per request."""
+
+    def __init__(self, conv: nn.Conv2d, U: Tensor, V: Tensor, cores: Tensor) -> None:
+        super().__init__(conv.weight, conv.bias, U, V, cores)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+
+    def forward(self, x: Tensor) -> Tensor:
+        C = self._requests(x, f"batch, {self.weight0.shape[1]}, H, W", dims=4)
+        conv = lambda inp, w, b=None: nn.functional.conv2d(inp, w, b, self.stride, self.padding, self.dilation)  # noqa: E731
+        K = self.U.shape[1]
+        z = conv(x, self.V.T.reshape(K, *self.weight0.shape[1:]))  # (batch, K, H', W')
+        z = z * C[:, :, None, None] if C.dim() == 2 else torch.einsum("bjk,bkhw->bjhw", C, z)
+        return conv(x, self.weight0, self.bias) + nn.functional.conv2d(z, self.U[:, :, None, None])
+
+
+class BundleEmbedding(_BundleLayer):
+    """`nn.Embedding` whose table per request is `W0 + U Σ Vᵀ` (num × dim): a token's row gains
+    `U[token] Σ Vᵀ`, from its K coordinates; never a table per request."""
+
+    def __init__(self, embedding: nn.Embedding, U: Tensor, V: Tensor, cores: Tensor) -> None:
+        super().__init__(embedding.weight, None, U, V, cores)
+        self.padding_idx = embedding.padding_idx
+
+    def forward(self, ids: Tensor) -> Tensor:
+        C = self._requests(ids, "batch, ...", dims=1)
+        coords = nn.functional.embedding(ids, self.U)  # (batch, ..., K)
+        C = C.view(C.shape[0], *[1] * (ids.dim() - 1), *C.shape[1:])
+        mixed = coords * C if self.cores.dim() == 2 else (coords.unsqueeze(-2) @ C).squeeze(-2)
+        return nn.functional.embedding(ids, self.weight0, self.padding_idx) + mixed @ self.V.T
 
 
 def load_bundle(model: nn.Module, bundle: Bundle | str | os.PathLike) -> nn.Module:
-    """Replace, in place, each `nn.Linear` of `model` whose weight the bundle adapts by a `BundleLinear`.
+    """Replace, in place, each `nn.Linear`, `nn.Conv2d` (groups 1) or `nn.Embedding` of `model` whose
+    weight the bundle adapts by a `BundleLinear`, `BundleConv2d` or `BundleEmbedding`.
 
     Args:
         model: the base the bundle's adapters were trained on (transformers, open_clip or any module
@@ -198,22 +245,31 @@ def load_bundle(model: nn.Module, bundle: Bundle | str | os.PathLike) -> nn.Modu
         module = modules.get(owner)
         if module is None or attr != "weight":
             raise ValueError(f"load_bundle: the bundle adapts {key!r}, which is no module's weight in this model; load it onto the base it was compressed from")
-        if type(module) is not nn.Linear:
-            raise ValueError(f"load_bundle: the bundle adapts {key!r} of a {type(module).__name__}; only nn.Linear layers are served")
+        if type(module) not in (nn.Linear, nn.Conv2d, nn.Embedding):
+            raise ValueError(f"load_bundle: the bundle adapts {key!r} of a {type(module).__name__}; nn.Linear, nn.Conv2d and nn.Embedding layers are served")
+        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)):
+            raise ValueError(f"load_bundle: {key!r} is a Conv2d with groups={module.groups}, padding={module.padding!r}, padding_mode={module.padding_mode!r}; "
+                             "bundle layers serve convolutions of groups 1 with numeric zero padding")  # fmt: skip
         if tuple(module.weight.shape) != tuple(shape):
             raise ValueError(f"load_bundle: {key!r} is {tuple(module.weight.shape)} in this model, {tuple(shape)} in the bundle; load it onto the base it was compressed from")
         targets.append((owner, key, module))
     model.requires_grad_(False)
     for owner, key, module in targets:
-        layer = BundleLinear(module.weight, module.bias, bundle.U[key], bundle.V[key], bundle.cores[key])
+        parts = (bundle.U[key], bundle.V[key], bundle.cores[key])
+        if isinstance(module, nn.Conv2d):
+            layer = BundleConv2d(module, *parts)
+        elif isinstance(module, nn.Embedding):
+            layer = BundleEmbedding(module, *parts)
+        else:
+            layer = BundleLinear(module.weight, module.bias, *parts)
         parent_name, _, child = owner.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, layer)
     model.svdfuse_bundle = bundle  # names and mixes are resolved against it
     return model
 
 
-def _layers(model: nn.Module) -> list[BundleLinear]:
-    return [m for m in model.modules() if isinstance(m, BundleLinear)]
+def _layers(model: nn.Module) -> list[_BundleLayer]:
+    return [m for m in model.modules() if isinstance(m, _BundleLayer)]
 
 
 @contextlib.contextmanager
