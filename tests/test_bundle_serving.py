@@ -146,3 +146,17 @@ def test_core_matmul_against_reference_and_torch():
         ops.core_matmul(x, U, C, V, torch.tensor([[0, 4, 0, 0, 0, 0]] * 3))
     with pytest.raises(ValueError, match=r"C must have shape \(num_tasks, K, K\) with K = 5, found \[4, 5, 4\]"):
         ops.core_matmul(x, U, C[..., :4], V, task)
+
+
+def test_core_matmul_gathers_cores_in_blocks_over_many_rows_and_tasks():
+    """More rows than one block of gathered cores (4 MB: 1024 rows at K = 32), 50 tasks in any order."""
+    gen = torch.Generator().manual_seed(1)
+    m, n, K, T = 20, 24, 32, 50
+    x = torch.randn(2500, n, generator=gen)
+    U, V, C = torch.randn(m, K, generator=gen), torch.randn(n, K, generator=gen), torch.randn(T, K, K, generator=gen)
+    task = torch.randint(0, T, (2500,), generator=gen)
+    out = ops.core_matmul(x, U, C, V, task)
+    d = lambda t: t.double()  # noqa: E731
+    truth = reference.core_matmul(d(x), d(U), d(C), d(V), None, None, task)
+    torch_out = reference.core_matmul(x, U, C, V, None, None, task)
+    assert_within_torch_error(out, truth, torch_out)
