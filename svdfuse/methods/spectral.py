@@ -145,7 +145,7 @@ def iso_cts_factored(
     G, m, _ = U.shape
     n = V.shape[-2]
     floor = _floor(S, m, n)
-    sizes = [_cts_sizes(q, T, m, n, common, common_size, fill_rank) for q in (S > floor).sum(-1).tolist()]
+    sizes = [_cts_sizes(q, T, m, n, common, common_size, fill_rank) if q else (0, 0) for q in (S > floor).sum(-1).tolist()]
     k_c = torch.tensor([k for k, _ in sizes], device=U.device)
     most = max(s for _, s in sizes)
     parts = []
