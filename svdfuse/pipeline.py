@@ -417,13 +417,11 @@ class Compute:
         self.progress.advance(sum(a.factor_bytes(spec.key) for a in adapters for spec in specs if spec.key in a.modules))
         return factored.exact_factored_svd(L, R, dtype, scale=scale).resized(width)
 
-    def _adapter_chunks(self, specs: tuple[TensorSpec, ...], dtype: torch.dtype) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
+    def _adapter_chunks(self, specs: tuple[TensorSpec, ...], chunk: int, dtype: torch.dtype) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
         """A group of adapters alone as a method's `factored` merge reads it: each call a pass over
-        chunks of consecutive adapters, L (G, c, m, r) with peft's scale, R (G, c, r, n), ranks
-        padded with zero columns to the widest, in `dtype`. Chunks sized as `source_factors`'s."""
-        G, m, n = len(specs), specs[0].m, specs[0].n
-        width = self._adapter_width(specs, max(m, n))
-        chunk = max(1, self.budget // (8 * G * (m + n) * max(width, 16) * dtype.itemsize))
+        chunks of `chunk` consecutive adapters (the plan's), L (G, c, m, r) with peft's scale,
+        R (G, c, r, n), ranks padded with zero columns to the widest, in `dtype`."""
+        width = self._adapter_width(specs, max(specs[0].m, specs[0].n))
 
         def chunks() -> Iterator[tuple[Tensor, Tensor]]:
             for first in range(0, self.T, chunk):
@@ -528,7 +526,7 @@ class Compute:
         W0 = self.read_group(specs, acc)
         context = dict(k=specs[0].k, T=self.T, svd=self.svd, keys=[s.key for s in specs], **self.params)
         if self.method.factored is not None and self._adapter_width(specs, 1) is not None:
-            merged = self.method.call(self.method.factored, self._adapter_chunks(specs, acc), **context)
+            merged = self.method.call(self.method.factored, self._adapter_chunks(specs, task.block, acc), **context)
         else:
             W = self._sources(specs, W0, list(range(self.T)), torch.empty((len(specs), self.T, specs[0].m, specs[0].n), dtype=acc, device=self.device))
             merged = self.method.call(self.method.merge, W0, W, **context)

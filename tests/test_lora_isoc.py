@@ -42,20 +42,23 @@ def tiny(tmp_path_factory) -> tuple[Path, list[Path]]:
         "layers.0.out.weight": torch.randn(N, M), "layers.1.out.weight": torch.randn(N, M), "norm.weight": torch.randn(N),
     }  # fmt: skip
     save_file(base, str(root / "base.safetensors"))
-    adapters = []
-    for t, (r, alpha, rslora) in enumerate(RANDOM):
-        d = root / f"lora-{t}"
-        d.mkdir()
-        config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora, "target_modules": ["proj", "layers.0.out"]}
-        (d / "adapter_config.json").write_text(json.dumps(config))
-        weights = {}
-        for module in ("layers.0.proj", "layers.1.proj", "layers.0.out"):
-            m, n = base[f"{module}.weight"].shape
-            weights[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, n) / math.sqrt(n)
-            weights[f"base_model.model.{module}.lora_B.weight"] = torch.randn(m, r) / math.sqrt(r)
-        save_file(weights, str(d / "adapter_model.safetensors"))
-        adapters.append(d)
+    modules = ("layers.0.proj", "layers.1.proj", "layers.0.out")
+    adapters = [_write_adapter(root / f"lora-{t}", base, modules, r, alpha, rslora) for t, (r, alpha, rslora) in enumerate(RANDOM)]
     return root / "base.safetensors", adapters
+
+
+def _write_adapter(d: Path, base: dict, modules: tuple[str, ...], r: int, alpha: float, rslora: bool = False) -> Path:
+    """A random peft LoRA adapter of `modules` of `base`, in peft's layout."""
+    d.mkdir()
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora, "target_modules": list(modules)}
+    (d / "adapter_config.json").write_text(json.dumps(config))
+    weights = {}
+    for module in modules:
+        m, n = base[f"{module}.weight"].shape
+        weights[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, n) / math.sqrt(n)
+        weights[f"base_model.model.{module}.lora_B.weight"] = torch.randn(m, r) / math.sqrt(r)
+    save_file(weights, str(d / "adapter_model.safetensors"))
+    return d
 
 
 def _deltas(adapter: Path) -> dict[str, torch.Tensor]:
@@ -215,11 +218,26 @@ def test_chunks_of_adapters_under_a_small_budget(tiny, monkeypatch, method):
     whole = svdfuse.merge(adapters, **options).state_dict()
     assert set(seen) == {len(adapters)}
     seen.clear()
-    chunked = svdfuse.merge(adapters, max_memory="100KB", **options).state_dict()
+    chunked = svdfuse.merge(adapters, max_memory="150KB", **options).state_dict()
     assert set(seen) == {1}, "the small budget did not stream the adapters one at a time"
     _check(chunked, load_file(str(base_path)), adapters, torch.float64, method)
     for key, want in whole.items():
         torch.testing.assert_close(chunked[key], want, rtol=0, atol=1e-12 * max(want.abs().max().item(), 1.0))
+
+
+def test_the_plan_sizes_adapters_by_their_factors(tmp_path):
+    """12 rank-2 adapters of one 512×512 matrix: a 4 MB budget holds the factored piece (the base,
+    the output, the sum's factors, an adapter's), not the dense one (13 matrices of 1 MiB)."""
+    torch.manual_seed(3)
+    base = {"proj.weight": torch.randn(512, 512)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    adapters = [_write_adapter(tmp_path / f"lora-{t}", base, ("proj",), 2, 3.0) for t in range(12)]
+    options = dict(base=tmp_path / "base.safetensors", device="cpu", max_memory="4MB", progress=False)
+    merged = svdfuse.merge(adapters, method="iso_c", **options)
+    _check(merged.state_dict(), base, adapters, torch.float32, "iso_c")
+    dense = _dense_sources(base, adapters[:1], tmp_path, torch.float32)
+    with pytest.raises(ValueError, match=r"smallest piece this merge can compute: iso_c over 12 sources of one 512x512 matrix"):
+        svdfuse.merge(dense + adapters[1:], method="iso_c", **options)
 
 
 @pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
