@@ -9,6 +9,7 @@ update has full rank, which is where the dense rule is defined by the data alone
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -180,7 +181,7 @@ def test_float32_against_float64_truth(tiny, method):
 
 def _no_dense_reads(monkeypatch) -> None:
     """A dense read of an adapted matrix, or the dense rule itself, fails the test."""
-    from svdfuse.methods import get_method
+    from svdfuse.methods import METHODS
 
     real = LoraSource.read
 
@@ -190,12 +191,11 @@ def _no_dense_reads(monkeypatch) -> None:
 
     monkeypatch.setattr(LoraSource, "read", read)
     for name in ("iso_c", "iso_cts"):
-        method = get_method(name)
 
         def dense(*args, _name=name, **kwargs):
             raise AssertionError(f"{_name}: the dense rule ran over adapters")
 
-        monkeypatch.setitem(svdfuse.methods.METHODS, name, type(method)(**{**method.__dict__, "merge": dense}))
+        monkeypatch.setitem(METHODS, name, dataclasses.replace(METHODS[name], merge=dense))
 
 
 @pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
@@ -267,10 +267,12 @@ def test_rank_deficient_sum_flattens_its_own_spectrum(tiny, tmp_path):
 
 
 def test_iso_cts_refuses_too_many_tasks_for_the_sums_rank(tiny):
-    """The adapters' sum has rank 24 in each 40×24 or 24×40 matrix: common=0.95 leaves 2 directions for 3
-    tasks, none each. The error names the matrix and the way out, as the dense route's."""
+    """The adapters' sum has rank 24 in each 40×24 or 24×40 matrix: common=0.95 leaves 2
+    directions for 3 tasks, none each. The error names the matrix and the way out, as the dense
+    route's."""
     base_path, adapters = tiny
-    with pytest.raises(ValueError, match=r"iso_cts: 3 sources leave no task-specific direction in a (24x40|40x24) matrix with common=0.95 \(2 directions for 3 tasks\)"):
+    expected = r"iso_cts: 3 sources leave no task-specific direction in a (24x40|40x24) matrix with common=0.95 \(2 directions for 3 tasks\)"
+    with pytest.raises(ValueError, match=expected):
         svdfuse.merge(adapters, base=base_path, method="iso_cts", common=0.95, device="cpu", progress=False)
 
 
