@@ -417,6 +417,26 @@ class Compute:
         self.progress.advance(sum(a.factor_bytes(spec.key) for a in adapters for spec in specs if spec.key in a.modules))
         return factored.exact_factored_svd(L, R, dtype, scale=scale).resized(width)
 
+    def _adapter_chunks(self, specs: tuple[TensorSpec, ...], chunk: int, dtype: torch.dtype) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
+        """A group of adapters alone as a method's `factored` merge reads it: each call a pass over
+        chunks of `chunk` consecutive adapters (the plan's), L (G, c, m, r) with peft's scale,
+        R (G, c, r, n), ranks padded with zero columns to the widest, in `dtype`."""
+        width = self._adapter_width(specs, max(specs[0].m, specs[0].n))
+
+        def chunks() -> Iterator[tuple[Tensor, Tensor]]:
+            for first in range(0, self.T, chunk):
+                ids = list(range(first, min(first + chunk, self.T)))
+                adapters = [self.reader.sources[i] for i in ids]
+                L, R, scale = (t.to(self.device) for t in stack_factors(adapters, [spec.key for spec in specs], dtype))
+                r = L.shape[-1]  # the chunk's widest: every chunk as wide as the group's widest
+                L, R = torch.nn.functional.pad(L, (0, width - r)), torch.nn.functional.pad(R, (0, 0, 0, width - r))
+                for j, i in enumerate(ids):
+                    self.progress.differs[i] = self.progress.differs[i] or bool((scale[:, j] != 0).any())
+                self.progress.advance(sum(a.factor_bytes(spec.key) for a in adapters for spec in specs if spec.key in a.modules))
+                yield L.mul_(scale.to(L.dtype)[..., None, None]), R
+
+        return chunks
+
     def _adapter_width(self, specs: tuple[TensorSpec, ...], rank: int) -> int | None:
         """Components per source of a group read from adapters alone (None: some source is read
         dense): `rank`, or the adapters' widest rank if smaller, so that no chunk carries rank −
@@ -504,9 +524,13 @@ class Compute:
         specs = task.specs
         acc = compute_dtype(specs[0].out_dtype)
         W0 = self.read_group(specs, acc)
-        W = self._sources(specs, W0, list(range(self.T)), torch.empty((len(specs), self.T, specs[0].m, specs[0].n), dtype=acc, device=self.device))
-        merged = self.method.call(self.method.merge, W0, W, k=specs[0].k, svd=self.svd, keys=[s.key for s in specs], **self.params)
-        del W
+        context = dict(k=specs[0].k, T=self.T, svd=self.svd, keys=[s.key for s in specs], **self.params)
+        if self.method.factored is not None and self._adapter_width(specs, 1) is not None:
+            merged = self.method.call(self.method.factored, self._adapter_chunks(specs, task.block, acc), **context)
+        else:
+            W = self._sources(specs, W0, list(range(self.T)), torch.empty((len(specs), self.T, specs[0].m, specs[0].n), dtype=acc, device=self.device))
+            merged = self.method.call(self.method.merge, W0, W, **context)
+            del W
         factors, rest = _adaptable(merged, specs[0].k, self.svd)
         yield from self._group_outputs(specs, W0, factors, rest)
 

@@ -24,6 +24,7 @@ import torch
 
 from svdfuse import arguments
 from svdfuse import cpu
+from svdfuse.adapters import LoraSource
 from svdfuse.methods import Kind, Method
 from svdfuse.methods.trim import TRIM_SHARE, TrimScope
 from svdfuse.ops import SVDOptions
@@ -259,23 +260,51 @@ def _svd_piece_bytes(m: int, n: int, matrices: int, sources: int, width: int, it
     return data + working + sketches + m * n * 4
 
 
+def _adapter_ranks(entries: list[TensorSpec], sources: Sequence[Source], method: Method) -> tuple[int, int] | None:
+    """(Σ r at the group's widest matrix, the widest adapter's r) when `method` merges the group
+    from the adapters' factors (`Method.factored`; every source an adapter that replaces none of
+    its matrices whole), else None."""
+    if method.factored is None or not all(isinstance(s, LoraSource) and all(s.touched(e.key) != "dense" for e in entries) for s in sources):
+        return None
+    ranks = [[s.modules[e.key].rank for s in sources if e.key in s.modules] for e in entries]
+    return max(map(sum, ranks)), max(max(r, default=1) for r in ranks)
+
+
 @dataclass(frozen=True)
 class _Group:
-    """Same-shape matrices merged together: `rank` components per source, pieces of `itemsize` buffers."""
+    """Same-shape matrices merged together: `rank` components per source, pieces of `itemsize`
+    buffers; `summed`: Σ r where the group is merged from adapters' factors (`_adapter_ranks`; then
+    `rank` is the widest adapter's)."""
 
     entries: list[TensorSpec]
     rank: int
     itemsize: int
+    summed: int | None = None
 
     def piece_bytes(self, matrices: int, sources: int, oversample: int) -> int:
         m, n = self.entries[0].m, self.entries[0].n
+        if self.summed is not None:  # `sources` adapters' factors beside the held part
+            return self.held_bytes(matrices) + matrices * sources * self.adapter_bytes()
         return _svd_piece_bytes(m, n, matrices, sources, min(self.rank + oversample, m, n), self.itemsize)
+
+    def held_bytes(self, matrices: int) -> int:
+        """A factored group's bytes whatever its adapters: the base and the merged output, and the
+        running sum's factors (at most min(m, n) wide) with their QR and SVD copies."""
+        m, n = self.entries[0].m, self.entries[0].n
+        return matrices * (2 * m * n + 4 * (m + n) * min(m, n, self.summed)) * self.itemsize
+
+    def adapter_bytes(self) -> int:
+        """A factored group's bytes per matrix per adapter of a chunk: its factors and their copies."""
+        m, n = self.entries[0].m, self.entries[0].n
+        return 8 * (m + n) * max(self.rank, 16) * self.itemsize
 
 
 def _matrix_least(group: _Group, sources: int, method: Method, oversample: int) -> tuple[int, str]:
     """(the smallest budget that holds one piece of `group`, what that piece is): one matrix over
     one source at a time for methods that stream sources, else over all of them."""
     m, n, key = group.entries[0].m, group.entries[0].n, group.entries[0].key
+    if group.summed is not None:
+        return group.piece_bytes(1, 1, oversample), f"{method.name} of one {m}x{n} matrix ({key!r}) from the adapters' factors, one adapter at a time"
     if method.kind is Kind.FACTORS:
         return group.piece_bytes(1, 1, oversample), f"{method.name} of one {m}x{n} matrix ({key!r}) one source at a time"
     return group.piece_bytes(1, sources, oversample), f"{method.name} over {sources} sources of one {m}x{n} matrix ({key!r})"
@@ -284,6 +313,14 @@ def _matrix_least(group: _Group, sources: int, method: Method, oversample: int) 
 def _matrix_tasks(group: _Group, sources: int, method: Method, oversample: int, budget: int) -> list[Task]:
     entries = group.entries
     read = lambda g: g * (sources + 1) * entries[0].m * entries[0].n * entries[0].dtype.itemsize  # noqa: E731
+    if group.summed is not None:  # as many matrices as hold their part and one adapter each; the rest of the budget is the chunk
+        size = max(1, min(len(entries), budget // group.piece_bytes(1, 1, oversample)))
+        tasks = []
+        for i in range(0, len(entries), size):
+            part = entries[i : i + size]
+            chunk = max(1, (budget - group.held_bytes(len(part))) // (len(part) * group.adapter_bytes()))
+            tasks.append(Task(tuple(part), min(chunk, sources), read(len(part))))
+        return tasks
     per_matrix = group.piece_bytes(1, sources, oversample)
     if per_matrix <= budget:
         size = max(1, budget // per_matrix)
@@ -352,7 +389,10 @@ def make_plan(
         if method.source_rank is not None:
             r = method.call(method.source_rank, rank, T, m, n, **params)
         itemsize = compute_dtype(out_dtype).itemsize if method.kind is Kind.MATRICES else out_dtype.itemsize
-        groups.append(_Group(entries, r, itemsize))
+        factored = _adapter_ranks(entries, sources, method) if method.kind is Kind.MATRICES else None
+        if factored is not None:
+            summed, r = factored
+        groups.append(_Group(entries, r, itemsize, None if factored is None else summed))
         ranks.update({entry.key: r for entry in entries})
     # The largest of the smallest pieces: a budget that holds it holds every piece, so the minimum
     # a refusal names is accepted when given back.
