@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from svdfuse import linalg, ops
+from svdfuse import factored, ops
 from svdfuse.methods.registry import Components, Factors, Kind, check_finite_param, register
 
 
@@ -88,18 +88,6 @@ def tsv_m(chunks: Iterator[Components], *, T: int, budget: int | None = None, sc
 # -- from LoRA factors ----------------------------------------------------------------------
 
 
-def _product_svd(L: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact SVD of `L @ R`, L (..., m, w), R (..., w, n) -> U (..., m, q), S (..., q), V (..., n, q),
-    q = min(m, n, w): QR of L and Rᵀ, a q × q SVD. Iso sets every singular value of the sum to
-    their mean, so its smallest directions weigh as much as its largest: Householder QR resolves
-    them to the dtype's rounding, where the float64 Gram route (`factored.exact_factored_svd`)
-    squares their conditioning (trained MiniLM adapters in float64: 8e-5 off the truth, this 3e-8)."""
-    Q_l, C_l = linalg.qr(L)
-    Q_r, C_r = linalg.qr(R.mT)
-    u, S, vh = linalg.svd(C_l @ C_r.mT)
-    return Q_l @ u, S, Q_r @ vh.mT
-
-
 def _factored_sum_svd(chunks: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
     """Exact SVD of Σ_i L_i R_i over chunks of sources, L (G, c, m, r), R (G, c, r, n), peft's
     scale in L -> U (G, m, w), S (G, w), V (G, n, w), w = min(m, n, Σ r). The running sum is kept as
@@ -111,7 +99,7 @@ def _factored_sum_svd(chunks: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, 
         L, R = L.permute(0, 2, 1, 3).reshape(G, m, c * r), R.reshape(G, c * r, R.shape[-1])
         if U is not None:
             L, R = torch.cat([U * S.unsqueeze(-2), L], -1), torch.cat([V.mT, R], -2)
-        U, S, V = _product_svd(L, R)
+        U, S, V = factored.householder_factored_svd(L, R)
     return U, S, V
 
 
@@ -165,7 +153,7 @@ def iso_cts_factored(
         U_c = U * (torch.arange(U.shape[-1], device=U.device) < k_c[:, None]).unsqueeze(-2)  # each matrix's own k_c columns
         for L, R in chunks():
             off = L - U_c.unsqueeze(1) @ (U_c.mT.unsqueeze(1) @ L)
-            parts.append([t[..., :most] for t in _product_svd(off, R)])  # exact: (G, c, m, ≤s), (G, c, ≤s), (G, c, n, ≤s)
+            parts.append([t[..., :most] for t in factored.householder_factored_svd(off, R)])  # exact: (G, c, m, ≤s), (G, c, ≤s), (G, c, n, ≤s)
     merged = []
     for g, (k, s) in enumerate(sizes):
         us, ss, vs = [U[g, :, :k]], [S[g, :k]], [V[g, :, :k]]
