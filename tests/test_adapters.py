@@ -23,7 +23,7 @@ from svdfuse.sources import SourceError
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from _adapters import EPS32, _adapter, _close, _peft_merged  # noqa: E402
+from _adapters import _adapter, _close, _peft_merged, first_key, too_wide, with_dora  # noqa: E402
 
 @pytest.fixture(scope="module")
 def adapters(minilm_dir, tmp_path_factory) -> list[Path]:
@@ -154,15 +154,6 @@ def test_decompose_an_adapter(minilm_dir, adapters, tmp_path):
 # -- peft's other layouts: fan_in_fan_out (GPT-2's Conv1D), convs, embeddings, lora_bias -------------
 
 
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
-    path = tmp_path_factory.mktemp("gpt2") / "base"
-    transformers.GPT2Model(config).save_pretrained(path)
-    return path
-
-
 def test_fan_in_fan_out_matches_peft(gpt2_dir, tmp_path):
     model = transformers.GPT2Model.from_pretrained(gpt2_dir)
     torch.manual_seed(3)
@@ -223,31 +214,16 @@ def _edit(adapter: Path, to: Path, config: dict | None = None, tensors=None) -> 
     return to
 
 
-def _first(weights: dict, part: str) -> str:
-    return sorted(k for k in weights if part in k)[0]
-
-
 def _bad_rank(w):
-    key = _first(w, "lora_B")
+    key = first_key(w, "lora_B")
     w[key] = w[key][:, :-1].contiguous()
     return w
 
 
 def _nan(w):
-    key = _first(w, "lora_A")
+    key = first_key(w, "lora_A")
     w[key] = w[key].clone()
     w[key][0, 0] = float("nan")
-    return w
-
-
-def _dora(w):
-    w[_first(w, "lora_A").replace("lora_A.weight", "lora_magnitude_vector")] = torch.ones(3)
-    return w
-
-
-def _wide(w):
-    key = _first(w, "lora_A")
-    w[key] = torch.zeros(w[key].shape[0], w[key].shape[1] + 1)
     return w
 
 
@@ -257,10 +233,10 @@ def _wide(w):
         ({"use_dora": True}, None, "DoRA"),
         ({"peft_type": "IA3"}, None, "IA3 adapter"),
         ({"peft_type": "LOHA"}, None, "LOHA adapter"),
-        ({}, _dora, "DoRA magnitude vector"),
+        ({}, with_dora, "DoRA magnitude vector"),
         ({}, _bad_rank, "mismatched ranks"),
         ({"rank_pattern": {"query": 3}}, None, "rank_pattern says 3"),
-        ({}, _wide, "do not fit the base's"),
+        ({}, too_wide, "do not fit the base's"),
         ({"base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}, None, "is an adapter of 'meta-llama/Llama-2-7b-hf'"),
     ],
     ids=["dora", "ia3", "loha", "dora-weights", "ranks", "rank_pattern", "shape", "other-base"],

@@ -7,18 +7,19 @@ Adapters: peft LoRAs of a small two-block Linear model with random (non-zero) B,
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 import svdfuse
 from svdfuse.bundle import read_bundle
 from svdfuse.compress import compress_matrix
 from svdfuse.sources import SourceError
+
+from _adapters import peft_deltas
 
 peft = pytest.importorskip("peft")
 
@@ -55,21 +56,6 @@ def make_adapter(base: nn.Module, out: Path, seed: int, r: int = 3, **config) ->
     return out
 
 
-def deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """ΔW = s·B·A per weight, float64, by peft's documented rule, computed here."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    factors = load_file(str(adapter / "adapter_model.safetensors"))
-    out = {}
-    for key, A in factors.items():
-        if ".lora_A." in key:
-            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            B = factors[key.replace("lora_A", "lora_B")]
-            r = A.shape[0]
-            s = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
-            out[f"{module}.weight"] = s * B.double() @ A.double()
-    return out
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("compress")
@@ -90,7 +76,7 @@ def test_cores_and_errors_equal_float64_truth(setup, tmp_path, core, basis):
         assert torch.allclose(U.T @ U, torch.eye(6, dtype=torch.float64), atol=1e-6)
         assert torch.allclose(V.T @ V, torch.eye(6, dtype=torch.float64), atol=1e-6)
         for i, adapter in enumerate(adapters):
-            dW = deltas(adapter)[key]
+            dW = peft_deltas(adapter)[key]
             full = U.T @ dW @ V
             want = full.diagonal() if core == "diagonal" else full
             got = bundle.cores[key][i].double()
@@ -107,7 +93,7 @@ def test_stack_basis_keeps_the_most_energy(setup):
     keep more of Σᵢ ‖Uᵀ ΔWᵢ‖², and the updates' sum would be another (worse) basis."""
     _, _, adapters = setup
     key = "blocks.0.q.weight"
-    dW = [deltas(a)[key] for a in adapters]
+    dW = [peft_deltas(a)[key] for a in adapters]
     dW[1] = -dW[0]  # an update and its opposite: their sum cancels, their basis must not
     U, V, _, _ = compress_matrix([(d, torch.eye(d.shape[1], dtype=torch.float64)) for d in dW], 4)
     gram = sum(d @ d.T for d in dW)
@@ -119,7 +105,7 @@ def test_stack_basis_keeps_the_most_energy(setup):
 def test_axis_basis_spans_the_global_top_components(setup):
     _, _, adapters = setup
     key = "blocks.1.up.weight"
-    dW = [deltas(a)[key] for a in adapters]
+    dW = [peft_deltas(a)[key] for a in adapters]
     svds = [torch.linalg.svd(d, full_matrices=False) for d in dW]
     picks = sorted(((s.item(), i, j) for i, (_, S, _) in enumerate(svds) for j, s in enumerate(S[:6])), reverse=True)[:5]
     want = torch.linalg.qr(torch.stack([svds[i][0][:, j] for _, i, j in picks], 1))[0]

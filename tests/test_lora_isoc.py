@@ -21,15 +21,12 @@ from safetensors.torch import load_file, save_file
 import svdfuse
 from svdfuse.adapters import LoraSource
 
+from _adapters import peft_deltas
+
 M, N = 40, 24  # an odd, non-square shape; the wide one is its transpose
 # (r, lora_alpha, use_rslora) per adapter: Σr = 24 = min(m, n), so the summed update has full
 # rank; no scale is 1, so a dropped scale shows.
 RANDOM = [(8, 16, False), (4, 8, True), (12, 6, False)]
-
-
-def _scale(r: int, alpha: float, rslora: bool) -> float:
-    """peft's documented scale: lora_alpha / r, or lora_alpha / √r with use_rslora."""
-    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 @pytest.fixture(scope="module")
@@ -62,26 +59,12 @@ def _write_adapter(d: Path, base: dict, modules: tuple[str, ...], r: int, alpha:
     return d
 
 
-def _deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """s·B·A of every module of a peft adapter, float64, s from its config by peft's rule."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    factors = load_file(str(adapter / "adapter_model.safetensors"))
-    out = {}
-    for key, A in factors.items():
-        if ".lora_A." in key:
-            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            B = factors[key.replace("lora_A", "lora_B")]
-            alpha = next((v for p, v in (config.get("alpha_pattern") or {}).items() if module.endswith(p)), config["lora_alpha"])
-            out[f"{module}.weight"] = _scale(A.shape[0], alpha, bool(config.get("use_rslora"))) * B.double() @ A.double()
-    return out
-
-
 def _dense_sources(base: dict[str, torch.Tensor], adapters: list[Path], directory: Path, dtype: torch.dtype) -> list[Path]:
     """Each adapted model written whole, W0 + s·B·A in `dtype`."""
     out = []
     for i, adapter in enumerate(adapters):
         model = {k: v.double() for k, v in base.items()}
-        for key, delta in _deltas(adapter).items():
+        for key, delta in peft_deltas(adapter).items():
             model[key] += delta
         out.append(directory / f"dense-{i}.safetensors")
         save_file({k: v.to(dtype).contiguous() for k, v in model.items()}, str(out[-1]))
@@ -138,7 +121,7 @@ def _check(merged: dict, base: dict, adapters: list[Path], dtype: torch.dtype, m
     """Every matrix of `merged` is the base plus the truth's update within `dtype`'s rounding of
     the truth's sensitivity; everything no adapter touches is the base's, bit for bit."""
     eps = torch.finfo(dtype).eps
-    deltas = [_deltas(a) for a in adapters]
+    deltas = [peft_deltas(a) for a in adapters]
     for key, W0 in base.items():
         changes = [d[key] for d in deltas if key in d]
         if not changes:
@@ -310,7 +293,7 @@ def test_a_matrix_saved_whole_falls_back_for_its_group(tiny, tmp_path):
         patch.setattr(LoraSource, "read", read)
         merged = svdfuse.merge([replaced, *adapters[1:]], **options).state_dict()
     assert "layers.1.proj.weight" in reads and "layers.0.out.weight" not in reads
-    deltas = [_deltas(a) for a in adapters[1:]]
+    deltas = [peft_deltas(a) for a in adapters[1:]]
     key = "layers.1.proj.weight"
     want, sensitivity = _truth([whole.double() - base[key].double()] + [d[key] for d in deltas], "iso_c")
     err = (merged[key].double() - base[key].double() - want).abs().max().item()
