@@ -175,7 +175,7 @@ def main() -> None:
                 theirs = _run(_PEFT, {"sources": subset, "k": 64, "shapes": shapes}, timeout=args.peft_timeout)
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 theirs = None
-                print(f"peft did not finish at T = {T}: {err} (exit -9: SIGKILL, on this machine the kernel's OOM killer)")
+                print(f"peft did not finish at T = {T}: {err} (exit -9 is SIGKILL: the kernel log says whether the OOM killer sent it)")
                 results.notes.append(f"peft's svd combination did not finish at T = {T}: {err}")
             for who, got in (("svdfuse axis -> lora", ours), ("peft svd", theirs)):
                 if got is not None:
