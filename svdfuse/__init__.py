@@ -14,11 +14,11 @@ from svdfuse.config import merge_config
 from svdfuse.export import LoraReport, export_lora
 from svdfuse.merging import merge
 from svdfuse.ops import SVDOptions
-from svdfuse.result import LayerReport, MergeReport, MergeResult, SaveFormat
+from svdfuse.report import LayerReport, MergeReport
+from svdfuse.result import MergeResult, SaveFormat
 from svdfuse.sinks import save_hf_directory, save_safetensors
 from svdfuse.sources import SourceError
-
-__version__ = "0.1.0"
+from svdfuse.version import __version__
 
 __all__ = [
     "merge",

@@ -352,7 +352,8 @@ def export_adapter(
         svdfuse.bundle.export_adapter("bundle.safetensors", "mix/", base=model, request={"a": 0.7, "b": 0.3})
     """
     from svdfuse.export import export_lora
-    from svdfuse.result import MergeReport, MergeResult
+    from svdfuse.report import MergeReport
+    from svdfuse.result import MergeResult
     from svdfuse.sinks import check_output
 
     check_output(output)

@@ -9,13 +9,12 @@ built from the `MergeReport`; the writer publishes it with the weights, all-or-n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 from tabulate import tabulate
 
-if TYPE_CHECKING:  # the card reads a report; the result module never needs this one to exist
-    from svdfuse.result import MergeReport
+from svdfuse.report import MergeReport
+from svdfuse.version import __version__
 
 __all__ = ["CARD_NAME", "model_card"]
 
@@ -44,7 +43,6 @@ def model_card(report: MergeReport, title: str) -> str:
         report: the merge's report (sources, method, parameters, per-matrix selection counts).
         title: the heading, usually the output directory's name.
     """
-    from svdfuse import __version__
     from svdfuse.methods import get_method
 
     method = get_method(report.method)

@@ -21,7 +21,8 @@ from svdfuse.lora_out import LoraSink, concatenate, refuse_whole_tensors
 from svdfuse.pipeline import Compute, Merged, Progress
 from svdfuse.plan import DEFAULT_EXCLUDE, Plan, Role, make_plan, svd_fields
 from svdfuse.resources import bound_allocator, default_budget, peak_rss, resolve_device, release_free_memory
-from svdfuse.result import LayerReport, MergeReport, MergeResult
+from svdfuse.report import LayerReport, MergeReport
+from svdfuse.result import MergeResult
 from svdfuse.sinks import LowRank, SafetensorsWriter, check_output, parse_size
 from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 from svdfuse.templates import Template, template_of

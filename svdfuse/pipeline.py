@@ -26,7 +26,7 @@ from svdfuse.methods.trim import TRIM_SHARE, Trim, TrimScope, exact_trim
 from svdfuse.ops import SVDOptions
 from svdfuse.plan import ModelTrim, Role, Task, TensorSpec
 from svdfuse.reference import compute_dtype
-from svdfuse.result import LayerReport
+from svdfuse.report import LayerReport
 from svdfuse.sinks import LowRank
 from svdfuse.sources import ComponentCache, MappingSource, Reader, Source, SourceError
 
