@@ -27,7 +27,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -194,7 +194,10 @@ def export_lora(
                 config, tensors = for_vllm(config, tensors, drop_full_modules=drop_full_modules, where="export_lora")
             (where / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             save_file(tensors, str(where / ADAPTER_WEIGHTS), metadata={"format": "pt", "svdfuse": "lora-export"})
-            reports[name] = report(output if name is None else output / name)
+            written = report(output if name is None else output / name)
+            if serve == "vllm":  # padded: every module at the config's rank, nothing whole
+                written = replace(written, r=config["r"], targets=dict.fromkeys(written.targets, config["r"]), modules_to_save=[], lora_bias=False)
+            reports[name] = written
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -53,7 +53,8 @@ def test_a_merge_exported_for_vllm_is_the_same_model_at_a_vllm_rank(setup, tmp_p
     base, path, adapters, _ = setup
     result = svdfuse.merge([str(a) for a in adapters], 5, base=path, device="cpu", exclude=["head.*"])
     svdfuse.export_lora(result, tmp_path / "plain", base=copy.deepcopy(base))
-    svdfuse.export_lora(result, tmp_path / "vllm", base=copy.deepcopy(base), serve="vllm")
+    report = svdfuse.export_lora(result, tmp_path / "vllm", base=copy.deepcopy(base), serve="vllm")
+    assert report.r == 8 and set(report.targets.values()) == {8}  # the report says what was written
     assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["r"] == 5
     _check_padded(tmp_path / "vllm", 8)  # 5 -> the next of VLLM_RANKS
     assert 8 in VLLM_RANKS
