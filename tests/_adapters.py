@@ -7,10 +7,20 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 EPS32 = torch.finfo(torch.float32).eps
+
+
+class LayoutNet(nn.Module):
+    """A module with every layout peft's LoRA has besides Linear: an embedding and a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.lin = nn.Linear(6, 5)
 
 
 def _train(model: nn.Module, seed: int, steps: int = 3) -> None:
@@ -86,3 +96,15 @@ def too_wide(weights: dict) -> dict:
     key = first_key(weights, "lora_A")
     weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 1)
     return weights
+
+
+def edited_copy(adapter: Path, to: Path, config: dict | None = None, tensors=None) -> Path:
+    """A copy of `adapter` in the new directory `to`, its config updated with `config` and its
+    weights passed through `tensors` (one of the edits above), if given."""
+    to.mkdir()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg.update(config or {})
+    (to / "adapter_config.json").write_text(json.dumps(cfg))
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file(tensors(weights) if tensors else weights, str(to / "adapter_model.safetensors"))
+    return to

@@ -8,7 +8,6 @@ a small conv/embedding net (lora_bias), as in tests/test_adapters.py.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from svdfuse.sources import SafetensorsSource, SourceError
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from _adapters import _adapter, first_key, too_wide, with_dora  # noqa: E402
+from _adapters import LayoutNet, _adapter, edited_copy, first_key, too_wide, with_dora  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -101,21 +100,13 @@ def test_fan_in_fan_out_is_transposed(gpt2_dir, tmp_path):
     assert ("h.0.attn.c_attn", (32, 96)) in [(m.module, m.shape) for m in info.modules]
 
 
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 6)
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.lin = nn.Linear(6, 5)
-
-
 def _net_adapter(root: Path, targets: list[str], bias: bool) -> tuple[Path, Path, nn.Module]:
     torch.manual_seed(0)
-    base = _Net()
+    base = LayoutNet()
     root.mkdir()
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(root / "base.safetensors"))
     config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=targets, init_lora_weights=False, lora_bias=bias)
-    net = _Net()
+    net = LayoutNet()
     net.load_state_dict(base.state_dict())
     model = peft.get_peft_model(net, config)
     model.save_pretrained(root / "a")
@@ -173,16 +164,6 @@ def test_cli_options_that_do_not_apply(minilm_dir, adapters, capsys):
         inspect_adapter(minilm_dir)
 
 
-def _edit(adapter: Path, to: Path, config: dict | None = None, tensors=None) -> Path:
-    to.mkdir()
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    cfg.update(config or {})
-    (to / "adapter_config.json").write_text(json.dumps(cfg))
-    weights = load_file(str(adapter / "adapter_model.safetensors"))
-    save_file(tensors(weights) if tensors else weights, str(to / "adapter_model.safetensors"))
-    return to
-
-
 def _bad_rank(w):
     w[first_key(w, "lora_B")] = w[first_key(w, "lora_B")][:, :-1].contiguous()
     return w
@@ -206,7 +187,7 @@ def _bad_rank(w):
 def test_refusals_are_the_merges_own(minilm_dir, adapters, tmp_path, capsys, config, tensors, needs_base):
     """The same one line as the merge's (its label aside), alone where no base is needed to see it,
     and with --base where one is; on the CLI exit 2 with that line."""
-    bad = _edit(adapters[0], tmp_path / "bad", config, tensors)
+    bad = edited_copy(adapters[0], tmp_path / "bad", config, tensors)
     with pytest.raises(SourceError) as merged:
         svdfuse.merge([bad], 4, base=minilm_dir, device="cpu")
     expected = str(merged.value).replace("source 0 ('bad')", "model ('bad')")

@@ -23,7 +23,7 @@ from svdfuse.sources import SourceError
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from _adapters import _adapter, _close, _peft_merged, first_key, too_wide, with_dora  # noqa: E402
+from _adapters import LayoutNet, _adapter, _close, _peft_merged, edited_copy, first_key, too_wide, with_dora  # noqa: E402
 
 @pytest.fixture(scope="module")
 def adapters(minilm_dir, tmp_path_factory) -> list[Path]:
@@ -165,18 +165,10 @@ def test_fan_in_fan_out_matches_peft(gpt2_dir, tmp_path):
     assert not torch.equal(got["h.0.attn.c_attn.weight"], transformers.GPT2Model.from_pretrained(gpt2_dir).state_dict()["h.0.attn.c_attn.weight"])
 
 
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 6)
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.lin = nn.Linear(6, 5)
-
-
 @pytest.mark.parametrize("targets, bias", [(["conv", "emb", "lin"], False), (["conv", "lin"], True)], ids=["conv+embedding", "lora_bias"])
 def test_conv_embedding_and_bias_loras_match_peft(tmp_path, targets, bias):
     torch.manual_seed(0)
-    base = _Net()
+    base = LayoutNet()
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
     config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=targets, init_lora_weights=False, lora_bias=bias)
     model = peft.get_peft_model(_net_like(base), config)
@@ -194,24 +186,12 @@ def test_conv_embedding_and_bias_loras_match_peft(tmp_path, targets, bias):
 
 
 def _net_like(base: nn.Module) -> nn.Module:
-    net = _Net()
+    net = LayoutNet()
     net.load_state_dict(base.state_dict())
     return net
 
 
 # -- refusals ---------------------------------------------------------------------------------------
-
-
-def _edit(adapter: Path, to: Path, config: dict | None = None, tensors=None) -> Path:
-    to.mkdir()
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    cfg.update(config or {})
-    (to / "adapter_config.json").write_text(json.dumps(cfg))
-    weights = load_file(str(adapter / "adapter_model.safetensors"))
-    if tensors is not None:
-        weights = tensors(weights)
-    save_file(weights, str(to / "adapter_model.safetensors"))
-    return to
 
 
 def _bad_rank(w):
@@ -242,7 +222,7 @@ def _nan(w):
     ids=["dora", "ia3", "loha", "dora-weights", "ranks", "rank_pattern", "shape", "other-base"],
 )
 def test_refused_before_any_work(minilm_dir, adapters, tmp_path, no_work, config, tensors, expected):
-    bad = _edit(adapters[0], tmp_path / "bad", config, tensors)
+    bad = edited_copy(adapters[0], tmp_path / "bad", config, tensors)
     with pytest.raises(SourceError, match=expected) as err:
         svdfuse.merge([bad], 4, base=minilm_dir, device="cpu", output=str(tmp_path / "out"))
     assert "source 0 ('bad')" in str(err.value) and "\n" not in str(err.value)
@@ -250,7 +230,7 @@ def test_refused_before_any_work(minilm_dir, adapters, tmp_path, no_work, config
 
 
 def test_non_finite_factors_named(minilm_dir, adapters, tmp_path):
-    bad = _edit(adapters[0], tmp_path / "bad", None, _nan)
+    bad = edited_copy(adapters[0], tmp_path / "bad", None, _nan)
     with pytest.raises(SourceError, match=r"source 0 \('bad'\): 'base_model\.model\.encoder\.layer\.0\.attention\.self\.query\.lora_A\.weight' holds NaN"):
         svdfuse.merge([bad], 4, base=minilm_dir, device="cpu", output=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
@@ -295,7 +275,7 @@ def test_adapter_needs_a_base(adapters):
 def test_cli_refusal_exits_2(minilm_dir, adapters, tmp_path, capsys):
     from svdfuse.cli import main
 
-    bad = _edit(adapters[0], tmp_path / "bad", {"use_dora": True})
+    bad = edited_copy(adapters[0], tmp_path / "bad", {"use_dora": True})
     assert main(["merge", str(bad), "--base", str(minilm_dir), "-k", "4", "-o", str(tmp_path / "out"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "DoRA" in err and "Traceback" not in err
