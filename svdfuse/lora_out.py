@@ -15,6 +15,7 @@ The layout helpers here are also what `svdfuse.export_lora` writes with.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import warnings
@@ -288,15 +289,30 @@ def concatenate(
     *,
     coefficients: Sequence[float],
     k: int | float | None,
+    budget: int | None = None,
     dtype: torch.dtype = torch.float32,
     **options,
 ) -> dict:
     """Task Arithmetic of adapters as one adapter: per module `[c_1 L_1 … c_T L_T] [R_1; …; R_T]`
     (c_i = scaling · weight_i), or its top-k (an int, or a fraction of min(m, n)) by the factored SVD
     (exact; randomized on the factored operator where Σ r far exceeds k); whole tensors (modules to
-    save, lora_bias) as `W0 + Σ c_i (W_i − W0)`. Returns the config."""
+    save, lora_bias) as `W0 + Σ c_i (W_i − W0)`. Returns the config.
+
+    Every adapter's factors of one module are held at once (the side-by-side product, and its
+    top-k's passes over it): a module whose factors, as stored, converted and laid side by side,
+    exceed `budget` bytes is refused before anything is read."""
     updates: dict[str, Update] = {}
     keys = sorted({key for s in sources for key in s.modules}, key=base.keys().index)
+    for key in keys if budget is not None else ():
+        shape = base.meta(key)[0]
+        touching = [s for s in sources if key in s.modules]
+        held = sum(s.modules[key].rank for s in touching) * (shape[0] + math.prod(shape[1:])) * (touching[0].factor_dtype(key).itemsize + 2 * dtype.itemsize)
+        if held > budget:
+            raise ValueError(
+                f"LoRA output: {key!r} {tuple(shape)}: the {len(touching)} adapters' factors of it take {held / 2**30:.2f} GiB held side by side, "
+                f"above the memory budget of {budget / 2**30:.2f} GiB; raise max_memory (--max-memory), merge fewer adapters, "
+                "or merge by axis (its factors stream in chunks under the budget)"
+            )
     for key in keys:
         if any(s.touched(key) == "dense" for s in sources):
             raise ValueError(f"LoRA output: {key!r} is a LoRA target of one adapter and saved whole by another; merge into a model instead")

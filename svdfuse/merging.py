@@ -235,7 +235,7 @@ def merge(
         if lora is not None and lora["serve"] == "vllm" and not lora["drop_full_modules"]:
             refuse_whole_tensors(sources, base_source)
         if lora is not None and spec.name in ("task_arithmetic", "average") and all(isinstance(s, LoraSource) for s in sources):
-            return _concatenated(spec.name, sources, base_source, base, params, k, output, lora, start)
+            return _concatenated(spec.name, sources, base_source, base, params, k, output, lora, start, budget)
         if lora is not None and spec.kind is Kind.ELEMENTWISE:
             raise ValueError(
                 f"save_format='lora' writes a low-rank merge; {method} merges element by element, which is low-rank only as "
@@ -346,12 +346,12 @@ def _base_name(base: ModelLike, source) -> str | None:
     return getattr(base, "name_or_path", None) or None
 
 
-def _concatenated(method: str, sources: list, base_source, base, params: dict, k, output, lora: dict, start: float) -> MergeReport:
+def _concatenated(method: str, sources: list, base_source, base, params: dict, k, output, lora: dict, start: float, budget: int) -> MergeReport:
     """Task Arithmetic (or Average) of adapters alone, as an adapter: their factors concatenated."""
     T = len(sources)
     weights = params.get("weights") or [1.0] * T
     scale = params.get("scaling", 0.3) if method == "task_arithmetic" else 1.0 / (sum(weights) if params.get("weights") else T)
-    config = concatenate(sources, base_source, output, coefficients=[scale * w for w in weights], k=k,
+    config = concatenate(sources, base_source, output, coefficients=[scale * w for w in weights], k=k, budget=budget,
                          base_name=_base_name(base, base_source), **lora)  # fmt: skip
     return MergeReport(method, [s.label for s in sources], [], time.perf_counter() - start, output=str(output), peak_rss=peak_rss(),
                        base=_base_name(base, base_source), parameters={"k": k, **params, "save_format": "lora", "lora": config})  # fmt: skip

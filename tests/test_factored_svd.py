@@ -226,3 +226,19 @@ def test_decompose_an_adapter_of_lower_rank_that_leaves_a_matrix_alone(tmp_path)
     cached = svdfuse.merge([cache, str(adapters[1])], 4, base=str(base), device="cpu", dtype=F64, svd="exact").state_dict()
     for key, want in direct.items():
         torch.testing.assert_close(cached[key], want, rtol=0, atol=1e-6 * max(want.abs().max().item(), 1.0))
+
+
+def test_task_arithmetic_to_a_lora_holds_a_modules_factors_within_the_budget(tmp_path):
+    """Task Arithmetic of adapters to a LoRA lays every adapter's factors of a module side by side:
+    above the budget it is refused before anything is read or written, naming the module."""
+    base, adapters = _base_and_adapters(tmp_path, [torch.float32] * 2)
+    sources = [str(a) for a in adapters]
+    # layer.0.proj: Σ r = 8 columns of 24 + 16 rows, float32 stored and twice converted: 3840 bytes
+    with pytest.raises(ValueError, match=r"'layer.0.proj.weight' \(24, 16\): the 2 adapters' factors of it take .* above the memory budget"):
+        svdfuse.merge(sources, base=str(base), method="task_arithmetic", scaling=1.0, output=tmp_path / "small", save_format="lora", max_memory="3000B")
+    assert not (tmp_path / "small").exists()
+    svdfuse.merge(sources, base=str(base), method="task_arithmetic", scaling=1.0, output=tmp_path / "fits", save_format="lora", max_memory="4000B")
+    out = load_file(str(tmp_path / "fits" / "adapter_model.safetensors"))
+    got = out["base_model.model.layer.0.proj.lora_B.weight"].to(F64) @ out["base_model.model.layer.0.proj.lora_A.weight"].to(F64)
+    want = _summed(base, adapters)["layer.0.proj.weight"]
+    torch.testing.assert_close(got, want, rtol=0, atol=64 * torch.finfo(torch.float32).eps * want.abs().max().item())
