@@ -50,7 +50,10 @@ def _extensions() -> list:
     with_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     with_cuda = with_cuda and not _flag("SVDFUSE_NO_CUDA")
     # No -std flag: cpp_extension adds the standard this torch's headers require (C++20 for torch 2.14).
-    args = {"cxx": ["-O3"], "nvcc": ["-O3"]}
+    # -fno-trapping-math: no kernel reads the floating-point exception flags, and without it GCC
+    # keeps a comparison's select as a branch (an ordered compare may raise FE_INVALID), so loops
+    # such as the trim's `|τ| > threshold ? τ : 0` do not vectorize. Values are unchanged.
+    args = {"cxx": ["-O3", "-fno-trapping-math"], "nvcc": ["-O3"]}
     if not with_cuda:
         print(f"svdfuse: building svdfuse._C with CPU kernels only ({len(cpp)} sources)")
         return [cpp_extension.CppExtension("svdfuse._C", cpp, extra_compile_args=args["cxx"])]

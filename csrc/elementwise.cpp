@@ -69,7 +69,7 @@ class MT19937 {
  private:
   static constexpr uint32_t kN = 624, kM = 397;
   static uint32_t mix(uint32_t u, uint32_t v) {
-    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ (0u - (v & 1u) & 0x9908b0dfu);
+    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((0u - (v & 1u)) & 0x9908b0dfu);
   }
   void twist() {
     uint32_t j = 0;
@@ -296,24 +296,29 @@ void ties_unit(const TiesArgs& a, const in_t* const* src, const in_t* base, out_
       const in_t* x = src[i] + t;
       float* k = kept.data() + i * tile;
       const float thr = a.threshold[i], w = a.weight ? a.weight[i] : 1.0f;
+      const bool live = !a.keep_none, same_is_zero = a.same_is_zero;
       // entries at the threshold survive up to the cutoff: [t, edge) of this tile
       const int64_t edge = std::clamp<int64_t>(a.cutoff[i] - a.start - t, 0, n);
       uint32_t differs = 0, nonzero = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const float xi = static_cast<float>(x[j]);
-        differs |= xi != x0[j];
-        nonzero |= xi != 0.0f;
-        float d = xi - x0[j];
-        if (a.same_is_zero && xi == x0[j]) {
-          d = 0.0f;
+      // One loop before the cutoff (an entry equal to the threshold survives) and one after (it does
+      // not): each loop body straight-line code, so that it vectorizes.
+      const auto trim = [&](int64_t from, int64_t to, bool at_threshold) {
+        for (int64_t j = from; j < to; ++j) {
+          const float xi = static_cast<float>(x[j]);
+          differs |= xi != x0[j];
+          nonzero |= xi != 0.0f;
+          // the flag first (the loop is split on it), then selects, not branches
+          float d = (same_is_zero && xi == x0[j]) ? 0.0f : xi - x0[j];
+          const float m = std::fabs(d);
+          const bool keep = at_threshold ? m >= thr : m > thr;
+          d *= (keep && live) ? 1.0f : 0.0f;  // a multiply: a NaN survives to be reported
+          d *= w;
+          k[j] = d;
+          sum[j] += d;
         }
-        const float m = std::fabs(d);
-        const bool keep = !a.keep_none && (m > thr || (m == thr && j < edge));
-        d *= keep ? 1.0f : 0.0f;  // a multiply: a NaN survives to be reported
-        d *= w;
-        k[j] = d;
-        sum[j] += d;
-      }
+      };
+      trim(0, edge, true);
+      trim(edge, n, false);
       f.differs[i] |= differs;
       f.nonzero[i] |= nonzero;
     }
@@ -387,75 +392,167 @@ Result ties_block_cpu(at::TensorList sources, const at::Tensor& base, const std:
 }
 
 
-// The bracket pass of the exact trim (svdfuse/methods/trim.py) on a block of fp32 task vectors:
-// per source, how many |τ| lie above hi[i], and the |τ| inside [lo[i], hi[i]] with their flat
-// indices, gathered source by source in flat order. Two parallel regions: count per unit, then gather at the prefix sums.
-Result trim_bracket_cpu(at::TensorList taus, const at::Tensor& lo, const at::Tensor& hi) {
-  const int64_t T = static_cast<int64_t>(taus.size());
-  const int64_t N = T ? taus[0].numel() : 0;
-  for (const at::Tensor& x : taus) {
-    TORCH_CHECK_VALUE(x.dim() == 1 && x.numel() == N && x.is_contiguous() && x.scalar_type() == at::kFloat,
-                      "trim_bracket: each task vector must be contiguous float32 (N,) = [", N, "], found ", x.sizes(), " ",
-                      x.scalar_type());
-  }
-  TORCH_CHECK_TYPE(lo.scalar_type() == at::kFloat && hi.scalar_type() == at::kFloat && lo.numel() == T && hi.numel() == T,
-                   "trim_bracket: lo and hi must be float32 (T,)");
-  const at::Tensor l = lo.contiguous(), h = hi.contiguous();
-  const float* lp = l.const_data_ptr<float>();
-  const float* hp = h.const_data_ptr<float>();
-  std::vector<const float*> x(T);
-  for (int64_t i = 0; i < T; ++i) x[i] = taus[i].const_data_ptr<float>();
+// The bracket pass of the exact trim (svdfuse/methods/trim.py) on a block: per source, how many
+// |τ| = |x_i - x0| (formed here in fp32, as the merge forms it) lie above hi[i], and the |τ| inside
+// [lo[i], hi[i]] with their flat indices, gathered source by source in flat order. Two parallel
+// regions: count per unit, then gather at the prefix sums.
+template <typename in_t>
+Result bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N, const float* lp, const float* hp,
+               bool same_is_zero, const at::TensorOptions& options) {
+  // the flag first (the loop is split on it), then a select, not a branch: the counting loop vectorizes
+  const auto tau = [same_is_zero](const in_t* xi, const in_t* x0, int64_t j) {
+    const float v = static_cast<float>(xi[j]), b = static_cast<float>(x0[j]);
+    const float m = std::fabs(v - b);
+    return (same_is_zero && v == b) ? 0.0f : m;
+  };
+  // One pass: each (unit, source) counts and gathers into a buffer of its own, written without a
+  // branch (every entry stored, the position advanced by whether it is inside: a branch taken for a
+  // few percent of entries at random is mispredicted at every one of them); then one copy into place.
   const int64_t units = (N + kChunk - 1) / kChunk;
-  std::vector<int64_t> above(units * T, 0), inside(units * T, 0);
+  std::vector<int64_t> above(units * T, 0);
+  std::vector<std::vector<float>> found_v(units * T);
+  std::vector<std::vector<int32_t>> found_j(units * T);
   at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> v(kChunk + 1);
+    std::vector<int32_t> jj(kChunk + 1);
     for (int64_t u = b; u < e; ++u) {
-      const int64_t lo_j = u * kChunk, hi_j = std::min(N, lo_j + kChunk);
+      const int64_t lo_j = u * kChunk, n = std::min(N, lo_j + kChunk) - lo_j;
       for (int64_t i = 0; i < T; ++i) {
+        const float l = lp[i], h = hp[i];
+        const in_t* xi = x[i] + lo_j;
+        const in_t* bi = x0 + lo_j;
         int64_t up = 0, in = 0;
-        for (int64_t j = lo_j; j < hi_j; ++j) {
-          const float m = std::fabs(x[i][j]);
-          up += m > hp[i];
-          in += m >= lp[i] && m <= hp[i];
+        for (int64_t j = 0; j < n; ++j) {
+          const float m = tau(xi, bi, j);
+          up += m > h;
+          v[in] = m;
+          jj[in] = static_cast<int32_t>(j);
+          in += (m >= l) & (m <= h);
         }
         above[u * T + i] = up;
-        inside[u * T + i] = in;
+        found_v[u * T + i].assign(v.begin(), v.begin() + in);
+        found_j[u * T + i].assign(jj.begin(), jj.begin() + in);
       }
     }
   });
-  at::Tensor up = at::zeros({T}, l.options().dtype(at::kLong));
-  at::Tensor counts = at::zeros({T}, l.options().dtype(at::kLong));
+  at::Tensor up = at::zeros({T}, options.dtype(at::kLong));
+  at::Tensor counts = at::zeros({T}, options.dtype(at::kLong));
   int64_t* upp = up.mutable_data_ptr<int64_t>();
   int64_t* cp = counts.mutable_data_ptr<int64_t>();
-  std::vector<int64_t> at_(units * T);  // where each (unit, source) writes: source-major, then unit order
+  std::vector<int64_t> at_(units * T);  // where each (unit, source) goes: source-major, then unit order
   int64_t total = 0;
   for (int64_t i = 0; i < T; ++i) {
     for (int64_t u = 0; u < units; ++u) {
+      const int64_t in = static_cast<int64_t>(found_v[u * T + i].size());
       at_[u * T + i] = total;
-      total += inside[u * T + i];
-      cp[i] += inside[u * T + i];
+      total += in;
+      cp[i] += in;
       upp[i] += above[u * T + i];
     }
   }
-  at::Tensor values = at::empty({total}, l.options());
-  at::Tensor index = at::empty({total}, l.options().dtype(at::kLong));
-  float* v = values.mutable_data_ptr<float>();
-  int64_t* ix = index.mutable_data_ptr<int64_t>();
+  at::Tensor values = at::empty({total}, options.dtype(at::kFloat));
+  at::Tensor index = at::empty({total}, options.dtype(at::kLong));
+  float* vp = values.mutable_data_ptr<float>();
+  int64_t* ip = index.mutable_data_ptr<int64_t>();
   at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
     for (int64_t u = b; u < e; ++u) {
-      const int64_t lo_j = u * kChunk, hi_j = std::min(N, lo_j + kChunk);
       for (int64_t i = 0; i < T; ++i) {
-        int64_t at = at_[u * T + i];
-        for (int64_t j = lo_j; j < hi_j; ++j) {
-          const float m = std::fabs(x[i][j]);
-          if (m >= lp[i] && m <= hp[i]) {
-            v[at] = m;
-            ix[at++] = j;
+        const std::vector<float>& fv = found_v[u * T + i];
+        const std::vector<int32_t>& fj = found_j[u * T + i];
+        std::copy(fv.begin(), fv.end(), vp + at_[u * T + i]);
+        for (size_t k = 0; k < fj.size(); ++k) ip[at_[u * T + i] + k] = u * kChunk + fj[k];
+      }
+    }
+  });
+  return {up, counts, values, index};
+}
+
+Result trim_bracket_cpu(at::TensorList sources, const at::Tensor& base, const at::Tensor& lo, const at::Tensor& hi,
+                        bool same_is_zero) {
+  guard("trim_bracket", sources, base, at::kFloat);
+  const int64_t T = static_cast<int64_t>(sources.size()), N = base.size(0);
+  TORCH_CHECK_TYPE(lo.scalar_type() == at::kFloat && hi.scalar_type() == at::kFloat && lo.numel() == T && hi.numel() == T,
+                   "trim_bracket: lo and hi must be float32 (T,)");
+  const at::Tensor b = base.contiguous(), l = lo.contiguous(), h = hi.contiguous();
+  const float* lp = l.const_data_ptr<float>();
+  const float* hp = h.const_data_ptr<float>();
+  const auto run = [&](auto in_tag) {
+    using in_t = decltype(in_tag);
+    std::vector<const in_t*> x(T);
+    for (int64_t i = 0; i < T; ++i) x[i] = static_cast<const in_t*>(sources[i].const_data_ptr());
+    return bracket(x.data(), static_cast<const in_t*>(b.const_data_ptr()), T, N, lp, hp, same_is_zero, l.options());
+  };
+  switch (b.scalar_type()) {
+    case at::kFloat: return run(float{});
+    case at::kBFloat16: return run(c10::BFloat16{});
+    case at::kHalf: return run(c10::Half{});
+    default: TORCH_CHECK_TYPE(false, "trim_bracket: sources must be float32, bfloat16 or float16, found ", b.scalar_type());
+  }
+}
+
+// The order statistics of the exact trim: per source i, of its counts[i] values (concatenated source by
+// source in flat order), the rank[i]-th largest t (NaN above +inf, as torch.kthvalue orders them), how
+// many are > t and == t, and the position among them of the need[i]-th equal to t (need[i] = rank[i]
+// minus the count above t; -1 where every equal one is needed). A rank outside [1, counts[i]] gives NaN
+// and -1 counts. One parallel region over the sources, each a copy and an nth_element.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> trim_select_cpu(const at::Tensor& values, const at::Tensor& counts,
+                                                                            const at::Tensor& rank) {
+  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat && values.dim() == 1, "trim_select: values must be float32 (M,)");
+  TORCH_CHECK_TYPE(counts.scalar_type() == at::kLong && rank.scalar_type() == at::kLong && counts.dim() == 1 &&
+                       rank.sizes() == counts.sizes(),
+                   "trim_select: counts and rank must be int64 (T,)");
+  const int64_t T = counts.numel();
+  const at::Tensor v = values.contiguous(), c = counts.contiguous(), r = rank.contiguous();
+  const float* vp = v.const_data_ptr<float>();
+  const int64_t* cp = c.const_data_ptr<int64_t>();
+  const int64_t* rp = r.const_data_ptr<int64_t>();
+  std::vector<int64_t> offset(T + 1, 0);
+  for (int64_t i = 0; i < T; ++i) offset[i + 1] = offset[i] + cp[i];
+  TORCH_CHECK_VALUE(offset[T] == v.numel(), "trim_select: counts must add up to the values' length ", v.numel(),
+                    ", found ", offset[T]);
+  at::Tensor threshold = at::empty({T}, v.options());
+  at::Tensor greater = at::empty({T}, c.options()), equal = at::empty({T}, c.options()), position = at::empty({T}, c.options());
+  float* tp = threshold.mutable_data_ptr<float>();
+  int64_t* gp = greater.mutable_data_ptr<int64_t>();
+  int64_t* ep = equal.mutable_data_ptr<int64_t>();
+  int64_t* pp = position.mutable_data_ptr<int64_t>();
+  const auto larger = [](float a, float b) { return std::isnan(a) ? !std::isnan(b) : a > b; };
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> scratch;
+    for (int64_t i = b; i < e; ++i) {
+      const float* x = vp + offset[i];
+      const int64_t n = cp[i], k = rp[i];
+      if (k < 1 || k > n) {
+        tp[i] = std::nanf("");
+        gp[i] = ep[i] = pp[i] = -1;
+        continue;
+      }
+      scratch.assign(x, x + n);
+      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), larger);
+      const float t = scratch[k - 1];
+      const bool nan = std::isnan(t);
+      int64_t above = 0, same = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const bool eq = nan ? std::isnan(x[j]) : x[j] == t;
+        above += !eq && larger(x[j], t);
+        same += eq;
+      }
+      tp[i] = t;
+      gp[i] = above;
+      ep[i] = same;
+      const int64_t need = k - above;  // >= 1: the k-th largest is one of the equal ones
+      pp[i] = -1;
+      if (need < same) {
+        for (int64_t j = 0, seen = 0; j < n; ++j) {
+          if ((nan ? std::isnan(x[j]) : x[j] == t) && ++seen == need) {
+            pp[i] = j;
+            break;
           }
         }
       }
     }
   });
-  return {up, counts, values, index};
+  return {threshold, greater, equal, position};
 }
 
 }  // namespace
@@ -466,4 +563,5 @@ TORCH_LIBRARY_IMPL(svdfuse, CPU, m) {
   m.impl("merge_block", &svdfuse::merge_block_cpu);
   m.impl("ties_block", &svdfuse::ties_block_cpu);
   m.impl("trim_bracket", &svdfuse::trim_bracket_cpu);
+  m.impl("trim_select", &svdfuse::trim_select_cpu);
 }

@@ -34,13 +34,14 @@ try:
 except ImportError as err:
     LOAD_ERROR = err
 
-__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task", "check_merge_block", "check_ties_block", "check_gram"]
+__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task", "check_merge_block", "check_ties_block", "check_trim_bracket", "check_trim_select", "check_gram"]
 
 LOWRANK_MATMUL_SCHEMA = (
     "lowrank_matmul(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? base, Tensor? bias, Tensor? task=None) -> Tensor"
 )
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernels are written for
-TRIM_BRACKET_SCHEMA = "trim_bracket(Tensor[] taus, Tensor lo, Tensor hi) -> (Tensor, Tensor, Tensor, Tensor)"
+TRIM_BRACKET_SCHEMA = "trim_bracket(Tensor[] sources, Tensor base, Tensor lo, Tensor hi, bool same_is_zero) -> (Tensor, Tensor, Tensor, Tensor)"
+TRIM_SELECT_SCHEMA = "trim_select(Tensor values, Tensor counts, Tensor rank) -> (Tensor, Tensor, Tensor, Tensor)"
 TIES_BLOCK_SCHEMA = (
     "ties_block(Tensor[] sources, Tensor base, Tensor? weights, Tensor threshold, Tensor cutoff, int start, bool keep_none, "
     "float scale, bool mean, bool positive, bool same_is_zero, bool add_base, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)"
@@ -271,30 +272,45 @@ def _ties_block_fake(
     return base.new_empty((N,), dtype=dtype), *flags, base.new_empty((), dtype=torch.int64)
 
 
-def check_trim_bracket(taus: list[Tensor], lo: Tensor, hi: Tensor) -> None:
+def check_trim_bracket(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor) -> None:
     """The checks of `trim_bracket` (svdfuse.ops.trim_bracket documents the arguments)."""
-    T = len(taus)
-    N = taus[0].numel() if taus else 0
-    for i, t in enumerate(taus):
-        if t.dim() != 1 or t.numel() != N or not t.is_contiguous():
-            raise ValueError(f"trim_bracket: task vector {i} must be contiguous of shape (N,) = {[N]}, found {list(t.shape)}")
-        if t.dtype != torch.float32 or t.device != lo.device:
-            raise TypeError(f"trim_bracket: task vector {i} must be torch.float32 on {lo.device}, found {t.dtype} on {t.device}")
+    check_merge_block(sources, base, torch.ones(len(sources), dtype=torch.float32, device=base.device), None, 0, 0,
+                      torch.float32, "trim_bracket")  # fmt: skip
+    T = len(sources)
     for name, t in (("lo", lo), ("hi", hi)):
-        if list(t.shape) != [T] or t.dtype != torch.float32 or t.device != lo.device:
-            raise TypeError(f"trim_bracket: {name} must be torch.float32 of shape (T,) = {[T]}, found {t.dtype} {list(t.shape)}")
+        if list(t.shape) != [T] or t.dtype != torch.float32 or t.device != base.device:
+            raise TypeError(f"trim_bracket: {name} must be torch.float32 of shape (T,) = {[T]} on {base.device}, found {t.dtype} {list(t.shape)} on {t.device}")
 
 
-def _trim_bracket_default(taus: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_trim_bracket(taus, lo, hi)
-    return reference.trim_bracket(taus, lo, hi)
+def _trim_bracket_default(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor, same_is_zero: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_trim_bracket(sources, base, lo, hi)
+    return reference.trim_bracket(sources, base, lo, hi, same_is_zero)
 
 
-def _trim_bracket_fake(taus: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_trim_bracket(taus, lo, hi)
+def _trim_bracket_fake(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor, same_is_zero: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_trim_bracket(sources, base, lo, hi)
     held = torch.library.get_ctx().new_dynamic_size()
     counts = lo.new_empty(lo.shape, dtype=torch.int64), lo.new_empty(lo.shape, dtype=torch.int64)
     return *counts, lo.new_empty((held,)), lo.new_empty((held,), dtype=torch.int64)
+
+
+def check_trim_select(values: Tensor, counts: Tensor, rank: Tensor) -> None:
+    """The checks of `trim_select` (svdfuse.ops.trim_select documents the arguments)."""
+    if values.dim() != 1 or values.dtype != torch.float32:
+        raise TypeError(f"trim_select: values must be torch.float32 of shape (M,), found {values.dtype} {list(values.shape)}")
+    for name, t in (("counts", counts), ("rank", rank)):
+        if t.dim() != 1 or t.dtype != torch.int64 or t.shape != counts.shape or t.device != values.device:
+            raise TypeError(f"trim_select: {name} must be torch.int64 of shape (T,) = {list(counts.shape)} on {values.device}, found {t.dtype} {list(t.shape)}")
+
+
+def _trim_select_default(values: Tensor, counts: Tensor, rank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_trim_select(values, counts, rank)
+    return reference.trim_select(values, counts, rank)
+
+
+def _trim_select_fake(values: Tensor, counts: Tensor, rank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_trim_select(values, counts, rank)
+    return values.new_empty(counts.shape), *(counts.new_empty(counts.shape) for _ in range(3))
 
 
 # The registrations belong to this library object: re-executing the module (importlib.reload)
@@ -308,6 +324,9 @@ _LIB.define(TIES_BLOCK_SCHEMA)
 _LIB.define(TRIM_BRACKET_SCHEMA)
 _LIB.impl("trim_bracket", _trim_bracket_default, "CompositeExplicitAutograd")
 torch.library.register_fake("svdfuse::trim_bracket", _trim_bracket_fake, lib=_LIB)
+_LIB.define(TRIM_SELECT_SCHEMA)
+_LIB.impl("trim_select", _trim_select_default, "CompositeExplicitAutograd")
+torch.library.register_fake("svdfuse::trim_select", _trim_select_fake, lib=_LIB)
 _LIB.impl("ties_block", _ties_block_default, "CompositeExplicitAutograd")
 torch.library.register_fake("svdfuse::ties_block", _ties_block_fake, lib=_LIB)
 _LIB.impl("merge_block", _merge_block_default, "CompositeExplicitAutograd")

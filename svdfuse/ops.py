@@ -36,6 +36,7 @@ __all__ = [
     "merge_block",
     "ties_block",
     "trim_bracket",
+    "trim_select",
     "core_matmul",
     "gram",
 ]
@@ -440,13 +441,18 @@ def ties_block(
     return _fused_block("ties_block", acc, args)
 
 
-def trim_bracket(taus: Tensor | Sequence[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per source, how many |τ| lie above hi[i], and the |τ| in [lo[i], hi[i]]: the bracket pass of
-    the exact trim (`svdfuse.methods.trim`), every source in one pass.
+def trim_bracket(
+    sources: Tensor | Sequence[Tensor], base: Tensor, lo: Tensor, hi: Tensor, *, same_is_zero: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per source, how many |τ| = |sources_i − base| lie above hi[i], and the |τ| in [lo[i], hi[i]]:
+    the bracket pass of the exact trim (`svdfuse.methods.trim`), every source in one pass, the task
+    vectors formed as it reads (in fp32, as `merge_block` forms them) and never stored.
 
     Args:
-        taus: (T, N) fp32 task vectors, or T contiguous tensors (N,).
+        sources: (T, N), or T contiguous tensors (N,); fp32/bf16/fp16.
+        base: (N,) in the sources' dtype (zeros where `sources` are task vectors already).
         lo, hi: (T,) fp32 bounds of each source's bracket.
+        same_is_zero: an entry equal to the base's is no change even where both are infinite.
 
     Returns:
         above (T,) int64, counts (T,) int64, values (counts.sum(),) fp32 and their flat indices
@@ -454,13 +460,38 @@ def trim_bracket(taus: Tensor | Sequence[Tensor], lo: Tensor, hi: Tensor) -> tup
 
     Example::
 
-        above, counts, values, index = svdfuse.ops.trim_bracket(tau.flatten(1), lo, hi)
+        above, counts, values, index = svdfuse.ops.trim_bracket(W.flatten(1), W0.flatten(), lo, hi)
     """
-    taus = list(taus)
-    _native.check_trim_bracket(taus, lo, hi)
-    if lo.device.type != "cpu" or _native.LOAD_ERROR is not None:
-        return reference.trim_bracket(taus, lo, hi)
-    return torch.ops.svdfuse.trim_bracket.default(taus, lo, hi)
+    sources = list(sources)
+    _native.check_trim_bracket(sources, base, lo, hi)
+    if base.device.type != "cpu" or _native.LOAD_ERROR is not None:
+        return reference.trim_bracket(sources, base, lo, hi, same_is_zero)
+    return torch.ops.svdfuse.trim_bracket.default(sources, base, lo, hi, same_is_zero)
+
+
+def trim_select(values: Tensor, counts: Tensor, rank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Order statistics of T lists of values at once: per list i, its `rank[i]`-th largest value t
+    (NaN above every number, as `torch.kthvalue` orders them), how many are > t and == t, and the
+    position in the list of the (rank[i] − greater[i])-th value equal to t: where the exact trim's
+    ties end (`svdfuse.methods.trim`).
+
+    Args:
+        values: (M,) fp32, the lists one after the other; counts: (T,) int64 their lengths (sum M);
+        rank: (T,) int64, 1 for the largest.
+
+    Returns:
+        threshold (T,) fp32, greater (T,), equal (T,) and position (T,) int64; position is -1
+        where every value equal to t is within the rank; a rank outside [1, counts[i]] gives NaN
+        and -1s.
+
+    Example::
+
+        t, greater, equal, position = svdfuse.ops.trim_select(sample.flatten(), torch.full((T,), n), rank)
+    """
+    _native.check_trim_select(values, counts, rank)
+    if values.device.type != "cpu" or _native.LOAD_ERROR is not None:
+        return reference.trim_select(values, counts, rank)
+    return torch.ops.svdfuse.trim_select.default(values, counts, rank)
 
 
 def core_matmul(

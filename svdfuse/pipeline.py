@@ -22,13 +22,17 @@ from svdfuse import factored
 from svdfuse.adapters import LoraSource, stack_factors
 from svdfuse.methods import Block, Components, Factors, Kind, Method
 from svdfuse.methods.elementwise import MEAN, Linear, Ties, fused
-from svdfuse.methods.trim import TRIM_SHARE, Trim, TrimScope, exact_trim
+from svdfuse.methods.trim import TRIM_SHARE, Blocks, Sample, Trim, TrimScope, exact_trim
 from svdfuse.ops import SVDOptions
 from svdfuse.plan import ModelTrim, Role, Task, TensorSpec
 from svdfuse.reference import compute_dtype
 from svdfuse.report import LayerReport
 from svdfuse.sinks import LowRank
 from svdfuse.sources import ComponentCache, MappingSource, Reader, Source, SourceError
+
+# Rows a trim's sample reads of a tensor larger than a block (at most an eighth of its rows): enough
+# clusters that the spread of their fractions bounds the sample's error.
+_SAMPLE_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -236,18 +240,32 @@ class Compute:
                 + "; a fine-tuned model holds the base's weights plus a change: is this checkpoint complete?"
             )
 
-    def _taus(self, spec: TensorSpec, block: int, offset: int = 0) -> Iterator[tuple[int, Tensor]]:
-        """(flat index of the block's first entry + offset, task vectors of the block (T, R, c)) over `spec`, a trim pass."""
+    def _trim_blocks(self, spec: TensorSpec, block: int, offset: int = 0) -> Iterator[tuple[int, list[Tensor], Tensor]]:
+        """(flat index of the block's first entry + offset, every source's entries, the base's) of
+        `spec`'s row blocks, a trim pass: the task vectors are formed by the op that reads them."""
         rows, c = min(block, spec.rows), spec.row_numel
         W0 = torch.empty((rows, c), dtype=spec.out_dtype, device=self.device)
         W = torch.empty((self.T, rows, c), dtype=spec.out_dtype, device=self.device)
-        for start, stop, w0, w in self._views(spec, block, W0, W):
-            yield offset + start * c, self._stacked_taus(w, w0).reshape(self.T, stop - start, c)
+        for start, _, w0, w in self._views(spec, block, W0, W):
+            yield offset + start * c, w, w0
 
-    def _stacked_taus(self, w: list[Tensor], w0: Tensor) -> Tensor:
-        """The task vectors (T, N) of a block's entries, in the accumulation dtype."""
-        acc = compute_dtype(w0.dtype)
-        return self._task_vectors(torch.stack(w).to(acc), w0.to(acc))
+    def _row_sample(self, spec: TensorSpec, size: int) -> Tensor:
+        """|τ| of `size` entries per source from rows read apart: (T, rows, m) fp32, a fraction of
+        a pass over `spec` (rows are read whole: m entries are taken from each, spread over it)."""
+        c = spec.row_numel
+        rows = min(max(1, spec.rows // 8), max(-(-size // c), _SAMPLE_ROWS))
+        m = max(1, min(c, size // rows))
+        picked = torch.linspace(0, spec.rows - 1, rows).round().long().unique().tolist()
+        columns = torch.linspace(0, c - 1, m).round().long().unique().to(self.device)
+        w0 = torch.empty(c, dtype=spec.out_dtype, device=self.device)
+        w = torch.empty((self.T, c), dtype=spec.out_dtype, device=self.device)
+        out = torch.empty((self.T, len(picked), len(columns)), dtype=torch.float32, device=self.device)
+        for j, row in enumerate(picked):
+            self.reader.base_rows(spec.key, row, row + 1, w0)
+            for i in range(self.T):
+                self.reader.source_rows(i, spec.key, row, row + 1, w[i])
+            out[:, j] = self._task_vectors(w[:, columns].float(), w0[columns].float()).abs_()
+        return out.cpu()
 
     def _whole_model_trim(self, spec: TensorSpec) -> Trim:
         """Tensor `spec`'s view of the whole-model trim; the first call finds it, in passes over
@@ -257,11 +275,14 @@ class Compute:
             def taus() -> Iterator[tuple[int, Tensor]]:
                 for task in scope.tasks:
                     each = task.specs[0]
-                    yield from self._taus(each, task.block, scope.offsets[each.key])
+                    yield from self._trim_blocks(each, task.block, scope.offsets[each.key])
 
             limit = int(TRIM_SHARE * self.budget) // scope.dtype.itemsize
             options = self.trim_options
-            self._model_trim = exact_trim(taus, scope.numel, self.T, options.density, scope.dtype, limit=limit, keep_rule=options.keep)
+            self._model_trim = exact_trim(
+                taus, scope.numel, self.T, options.density, scope.dtype, limit=limit, keep_rule=options.keep,
+                same_is_zero=self.allow_non_finite,
+            )  # fmt: skip
         return dataclasses.replace(self._model_trim, offset=scope.offsets[spec.key])
 
     def _elementwise(self, spec: TensorSpec, block: int) -> Iterator[Merged]:
@@ -295,13 +316,17 @@ class Compute:
             return self._whole_model_trim(spec)
         if spec.rows <= block:
             return None
-        return self._tensor_trim(spec, lambda: self._taus(spec, block))
+        # a sample of rows read apart, not a pass: the trim then reads the tensor once, the merge once more
+        return self._tensor_trim(spec, lambda: self._trim_blocks(spec, block), lambda size: self._row_sample(spec, size))
 
-    def _tensor_trim(self, spec: TensorSpec, taus: Callable[[], Iterator[tuple[int, Tensor]]]) -> Trim:
+    def _tensor_trim(self, spec: TensorSpec, blocks: Blocks, sample: Sample | None = None) -> Trim:
         acc = compute_dtype(spec.out_dtype)
         limit = int(TRIM_SHARE * self.budget) // acc.itemsize  # values bracketing the thresholds
         options = self.trim_options
-        return exact_trim(taus, spec.rows * spec.row_numel, self.T, options.density, acc, limit=limit, keep_rule=options.keep)
+        return exact_trim(
+            blocks, spec.rows * spec.row_numel, self.T, options.density, acc, limit=limit, keep_rule=options.keep,
+            sample=sample, same_is_zero=self.allow_non_finite,
+        )  # fmt: skip
 
     def _fused(self, spec: TensorSpec, block: int, terms: Linear | Ties) -> Iterator[Merged]:
         """One fused op per row block (`merge_block`, `ties_block`): the sources are read in the
@@ -320,9 +345,7 @@ class Compute:
             context = {}
             if isinstance(terms, Ties):
                 if trim is None:  # one block: trimmed from what was just read
-                    tau = self._stacked_taus(w, w0)
-                    trim = self._tensor_trim(spec, lambda: iter([(0, tau)]))  # noqa: B023
-                    del tau
+                    trim = self._tensor_trim(spec, lambda: iter([(0, w, w0)]))  # noqa: B023
                 context["trim"] = trim
             merged = terms.merge_block(
                 w, w0, Block(spec.key, start * c, self.svd.seed), **context,

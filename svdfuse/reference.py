@@ -9,6 +9,8 @@ float64) whatever the storage dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -338,12 +340,39 @@ def ties_block(
     return _with_flags((merged + x0 if add_base else merged).to(dtype), x, x0)
 
 
-def trim_bracket(taus: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _abs_task_vectors(sources: list[Tensor], base: Tensor, same_is_zero: bool) -> Tensor:
+    """|sources_i − base| (T, N) in fp32, an entry equal to the base's 0 with `same_is_zero`."""
+    x, x0 = torch.stack(sources).float(), base.float()
+    tau = x - x0
+    if same_is_zero:
+        tau = tau.masked_fill(x == x0, 0.0)
+    return tau.abs()
+
+
+def trim_bracket(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor, same_is_zero: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`svdfuse.ops.trim_bracket`, op by op."""
-    a = torch.stack(taus).abs() if taus else lo.new_empty((0, 0))
+    a = _abs_task_vectors(sources, base, same_is_zero) if sources else lo.new_empty((0, 0))
     above = (a > hi[:, None]).sum(1)
     within = (a >= lo[:, None]) & (a <= hi[:, None])
     return above, within.sum(1), a[within], within.nonzero()[:, 1].clone()  # storage of its own (offset 0), as the fake impl gives
+
+
+def trim_select(values: Tensor, counts: Tensor, rank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`svdfuse.ops.trim_select`, source by source with `torch.kthvalue` (NaN above every number)."""
+    T = counts.shape[0]
+    threshold = torch.full((T,), math.nan)
+    greater, equal, position = (torch.full((T,), -1, dtype=torch.int64) for _ in range(3))
+    for i, v in enumerate(values.split(counts.tolist())):
+        k = int(rank[i])
+        if not 1 <= k <= v.numel():
+            continue
+        t = v.kthvalue(v.numel() - k + 1).values
+        same = v.isnan() if t.isnan() else v == t
+        threshold[i], greater[i], equal[i] = t, int(((v > t) | (v.isnan() & ~t.isnan())).sum()), int(same.sum())
+        need = k - int(greater[i])
+        if need < int(equal[i]):
+            position[i] = int(same.nonzero()[need - 1, 0])
+    return threshold, greater, equal, position
 
 
 def core_matmul(

@@ -4,6 +4,8 @@ float64 truth, DARE's draws against the method's own masks, the block's flags, e
 The compiled CPU kernel adds the sources in order with the reference's roundings, so on the CPU it
 must equal `reference.merge_block` bit for bit, as well as stay within 2x torch's own error."""
 
+import math
+
 import pytest
 import torch
 
@@ -234,7 +236,7 @@ def test_ties_method_trims_elects_and_averages():
     from svdfuse.methods.trim import exact_trim
 
     tau = torch.tensor([[1.0, -2.0, 0.1, 3.0], [2.0, 1.0, -0.2, -1.0], [-4.0, 0.5, 0.3, 2.0]])
-    trim = exact_trim(lambda: iter([(0, tau)]), 4, 3, 0.5, torch.float32)  # the top 2 of each
+    trim = exact_trim(lambda: iter([(0, tau, None)]), 4, 3, 0.5, torch.float32)  # the top 2 of each
     got = ties(tau.clone(), block=Block("k", 0, 0), trim=trim, density=0.5)
     # kept: [1? no: -2, 3], [2, 1], [-4, 2] -> column sums: -2, -1, 0, 5
     kept = torch.tensor([[0.0, -2.0, 0.0, 3.0], [2.0, 1.0, 0.0, 0.0], [-4.0, 0.0, 0.0, 2.0]])
@@ -291,14 +293,18 @@ def test_triton_merge_block_flags_and_strided_rows(triton_device):
 # -- trim_bracket --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,N", [(3, CHUNK + 999), (1, 5), (4, 0)])
-def test_trim_bracket_counts_and_gathers_like_plain_torch(T, N):
+def test_trim_bracket_counts_and_gathers_like_plain_torch(T, N, dtype):
+    """The bracket of |x_i − x0| formed in fp32 from the sources as stored, against plain torch."""
     pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
-    tau = torch.randn(T, N, generator=torch.Generator().manual_seed(T))
-    tau[:, ::7] = 0.5  # ties at a bound
+    gen = torch.Generator().manual_seed(T)
+    base = torch.randn(N, generator=gen).to(dtype)
+    x = (base.float() + torch.randn(T, N, generator=gen)).to(dtype)
+    x[:, ::7] = (base[::7].float() + 0.5).to(dtype)  # ties at a bound (0.5 off the base, or its rounding)
     lo, hi = torch.full((T,), 0.5), torch.linspace(0.8, 1.2, T)
-    above, counts, values, index = torch.ops.svdfuse.trim_bracket.default(list(tau), lo, hi)
-    a = tau.abs()
+    above, counts, values, index = torch.ops.svdfuse.trim_bracket.default(list(x), base, lo, hi, False)
+    a = (x.double() - base.double()).abs().float()  # exact in fp64, then the one rounding fp32 makes
     assert above.tolist() == (a > hi[:, None]).sum(1).tolist()
     within = (a >= lo[:, None]) & (a <= hi[:, None])
     assert counts.tolist() == within.sum(1).tolist()
@@ -306,7 +312,69 @@ def test_trim_bracket_counts_and_gathers_like_plain_torch(T, N):
     assert torch.equal(index, within.nonzero()[:, 1])
 
 
+def test_trim_bracket_same_is_zero_makes_an_infinite_entry_equal_to_the_base_no_change():
+    pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    base = torch.tensor([-math.inf, 1.0, 2.0, math.inf])
+    x = torch.tensor([[-math.inf, 3.0, 2.0, math.inf]])
+    lo, hi = torch.tensor([0.0]), torch.tensor([1.0])
+    for same_is_zero, above, inside in ((True, 1, 3), (False, 1, 1)):  # inf − inf is NaN: in no bracket
+        got = torch.ops.svdfuse.trim_bracket.default(list(x), base, lo, hi, same_is_zero)
+        assert (int(got[0][0]), int(got[1][0])) == (above, inside), same_is_zero
+        ref = reference.trim_bracket(list(x), base, lo, hi, same_is_zero)
+        assert all(torch.equal(g, r) for g, r in zip(got, ref))
+
+
 def test_trim_bracket_opcheck():
-    tau = torch.randn(3, 300)
-    args = (list(tau), torch.full((3,), 0.5), torch.full((3,), 1.0))
+    x = torch.randn(3, 300)
+    args = (list(x), torch.zeros(300), torch.full((3,), 0.5), torch.full((3,), 1.0), False)
     torch.library.opcheck(torch.ops.svdfuse.trim_bracket.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# -- trim_select ---------------------------------------------------------------------------------
+
+
+def _order_key(v: torch.Tensor) -> torch.Tensor:
+    """v in float64 with NaN above +inf (infinities mapped to ±1e299, NaN to 1e300)."""
+    return torch.where(v.isnan(), 1e300, v.double().clamp(-1e299, 1e299))
+
+
+def _select_by_sort(v: torch.Tensor, k: int) -> tuple[float, int, int, int]:
+    """The k-th largest of v by a full sort (NaN largest), its counts above and equal, and the
+    position of the (k − above)-th equal one, or -1 where all of them are within the rank."""
+    key = _order_key(v)
+    t = key.sort(descending=True).values[k - 1]
+    above, same = int((key > t).sum()), (key == t)
+    need = k - above
+    position = int(same.nonzero()[need - 1, 0]) if need < int(same.sum()) else -1
+    return float(t), above, int(same.sum()), position
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_trim_select_order_statistics_against_a_sort(backend):
+    if backend == "compiled":
+        pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    select = torch.ops.svdfuse.trim_select.default if backend == "compiled" else reference.trim_select
+    gen = torch.Generator().manual_seed(0)
+    lists = [
+        torch.randn(1000, generator=gen),
+        torch.round(torch.randn(777, generator=gen) * 2) / 2,  # many ties at any rank
+        torch.tensor([1.0, math.nan, 3.0, 3.0, math.inf, math.nan, -1.0]),
+        torch.tensor([2.0]),
+        torch.zeros(50),
+    ]
+    for ranks in ([1, 100, 3, 1, 20], [1000, 777, 7, 1, 50], [500, 300, 2, 1, 1], [37, 401, 5, 1, 49]):
+        values = torch.cat(lists)
+        counts = torch.tensor([len(v) for v in lists])
+        t, greater, equal, position = select(values, counts, torch.tensor(ranks))
+        for i, (v, k) in enumerate(zip(lists, ranks)):
+            want_t, want_above, want_equal, want_position = _select_by_sort(v, k)
+            assert float(_order_key(t[i])) == want_t, (backend, i, k)
+            assert (int(greater[i]), int(equal[i]), int(position[i])) == (want_above, want_equal, want_position), (backend, i, k)
+    # a rank outside the list: NaN and -1s, for the caller to fall back
+    t, greater, equal, position = select(torch.ones(3), torch.tensor([3]), torch.tensor([4]))
+    assert t.isnan().all() and greater.tolist() == equal.tolist() == position.tolist() == [-1]
+
+
+def test_trim_select_opcheck():
+    args = (torch.randn(30), torch.tensor([10, 20]), torch.tensor([3, 20]))
+    torch.library.opcheck(torch.ops.svdfuse.trim_select.default, args, test_utils=("test_schema", "test_faketensor"))

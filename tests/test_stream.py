@@ -283,3 +283,44 @@ def test_read_ahead_asks_for_the_next_block_not_the_one_being_read(files, monkey
         assert later, event
         assert any(events[j][0] == "read" for j in range(i + 1, later[0])), (event, events[i + 1 : later[0] + 1])
         assert events[later[0]][3] == stop, event
+
+
+def _rows_read(monkeypatch) -> dict[tuple[int, str], int]:
+    """Counts the rows each source's tensors are read, (source, key) -> rows, from here on."""
+    counts: dict[tuple[int, str], int] = {}
+    source_rows = svdfuse.sources.Reader.source_rows
+
+    def counting(self, i, key, start, stop, out):
+        counts[i, key] = counts.get((i, key), 0) + stop - start
+        return source_rows(self, i, key, start, stop, out)
+
+    monkeypatch.setattr(svdfuse.sources.Reader, "source_rows", counting)
+    return counts
+
+
+def _table_files(tmp_path: Path, rows: int, cols: int, sources: int, row_scales: float) -> tuple[Path, list[Path]]:
+    """A base with one fp32 table and `sources` fine-tunes of it whose rows change by scales 10^±row_scales."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(rows, cols, generator=gen)
+    save_file({"table.weight": base}, tmp_path / "base.safetensors")
+    paths = []
+    for i in range(sources):
+        scale = 10 ** (row_scales * (2 * torch.rand(rows, 1, generator=gen) - 1))
+        save_file({"table.weight": base + 0.01 * scale * torch.randn(rows, cols, generator=gen)}, tmp_path / f"s{i}.safetensors")
+        paths.append(tmp_path / f"s{i}.safetensors")
+    return tmp_path / "base.safetensors", paths
+
+
+@pytest.mark.parametrize("row_scales", [0.0, 1.0], ids=["alike-rows", "rows-10x-apart"])
+def test_ties_reads_a_tensor_larger_than_a_block_twice_and_a_sample_of_its_rows(row_scales, tmp_path, monkeypatch):
+    # The trim's bracket pass and the merge's pass read every row; the bracket's sample reads at
+    # most an eighth of them. A sample taken by a pass of its own would read the rows 3 times, a
+    # bracket that misses (rows of different scales: the sample's rows are clusters) 5 times.
+    rows = 4000
+    base, paths = _table_files(tmp_path, rows, 64, 4, row_scales)
+    expected = svdfuse.merge(paths, base=base, method="ties", density=0.2, device="cpu").state_dict()
+    reads = _rows_read(monkeypatch)
+    svdfuse.merge(paths, base=base, method="ties", density=0.2, device="cpu", output=tmp_path / "out.safetensors", max_memory="8MB")
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["table.weight"], expected["table.weight"])
+    for i in range(len(paths)):
+        assert 2 * rows < reads[i, "table.weight"] <= 2 * rows + rows // 8, (i, reads[i, "table.weight"])
