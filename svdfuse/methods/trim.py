@@ -175,9 +175,25 @@ def _margins(sample: Tensor, p: float) -> Tensor:
 
 def _sample_size(numel: int, sources: int, p: float, limit: int) -> int:
     """Entries to sample per source: enough that the bracket is expected to hold a sixth of `limit`
-    (a wider scope needs a narrower bracket), at least `_SAMPLE`; the sample itself a quarter of it."""
+    (a wider scope needs a narrower bracket), at least `_SAMPLE`; the sample itself a quarter of it.
+    Between those, the size that makes least work of the order statistics: the sample's S entries
+    plus the bracket's ~2·_MARGIN·sqrt(p(1-p)/S)·numel, least at S = (_MARGIN·sqrt(p(1-p))·numel)^(2/3)."""
     needed = (12 * _MARGIN * sources * numel * math.sqrt(p * (1 - p)) / max(limit, 1)) ** 2
-    return int(max(1, min(numel, limit // (4 * sources), max(_SAMPLE, needed))))
+    cheapest = (_MARGIN * math.sqrt(p * (1 - p)) * numel) ** (2 / 3)
+    return int(max(1, min(numel, limit // (4 * sources), max(_SAMPLE, needed, cheapest))))
+
+
+def _bounds(drawn: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(lo, hi) per source: a bracket of the p-quantile of |τ| from a sample (T, clusters, m)."""
+    sources, size = drawn.shape[0], drawn.shape[1] * drawn.shape[2]
+    margin = _margins(drawn, p)
+    flat = drawn.reshape(-1).float().contiguous()
+    whole = torch.full((sources,), size, dtype=torch.int64)
+    # ranks from the top: the bracket's upper end is the (hi_at + 1)-th largest of the sample
+    hi_at, lo_at = (p * size - margin).floor().long(), (p * size + margin).ceil().long()
+    hi = ops.trim_select(flat, whole, (hi_at + 1).clamp(min=1))[0]
+    lo = ops.trim_select(flat, whole, (lo_at + 1).clamp(max=size))[0]
+    return torch.where(lo_at < size, lo, -1.0), torch.where(hi_at >= 0, hi, math.inf)
 
 
 def _bracketed(
@@ -187,17 +203,11 @@ def _bracketed(
     a sample's bracket, or None where the bracket missed. Every entry equal to a threshold lies in
     its bracket, so the cutoff needs no pass of its own: the pass over the scope is one read."""
     p = keep / numel
-    drawn = sample(_sample_size(numel, sources, p, limit))
-    size = drawn.shape[1] * drawn.shape[2]
-    margin = _margins(drawn, p)
-    flat = drawn.reshape(sources, -1).float().contiguous()
-    whole = torch.full((sources,), size, dtype=torch.int64)
-    # ranks from the top: the bracket's upper end is the (hi_at + 1)-th largest of the sample
-    hi_at, lo_at = (p * size - margin).floor().long(), (p * size + margin).ceil().long()
-    hi = ops.trim_select(flat.reshape(-1), whole, (hi_at + 1).clamp(min=1))[0]
-    lo = ops.trim_select(flat.reshape(-1), whole, (lo_at + 1).clamp(max=size))[0]
-    hi = torch.where(hi_at >= 0, hi, math.inf)
-    lo = torch.where(lo_at < size, lo, -1.0)
+    size = _sample_size(numel, sources, p, limit)
+    if size >= numel and 3 * sources * numel <= limit:  # a sample as large as the scope: take it all
+        lo, hi = torch.full((sources,), -1.0), torch.full((sources,), math.inf)
+    else:
+        lo, hi = _bounds(sample(size), p)
     above = torch.zeros(sources, dtype=torch.int64)
     parts: list[tuple[Tensor, Tensor, Tensor]] = []  # per block: values inside, their flat indices, counts per source
     held = 0
