@@ -428,6 +428,9 @@ def ties_block(
     Returns:
         `MergedBlock`; a NaN anywhere in an entry's sources makes it NaN, which `first_bad` sees.
 
+    On CUDA one Triton launch serves it (`svdfuse.kernels.elementwise`); on the CPU the compiled
+    kernel (csrc/elementwise.cpp), bit for bit `reference.ties_block`'s.
+
     Example::
 
         merged = svdfuse.ops.ties_block(W.flatten(1), W0.flatten(), threshold, cutoff)
@@ -438,6 +441,10 @@ def ties_block(
         raise ValueError(f"ties_block: scale must be finite, found {scale}")
     args = (sources, base, weights, threshold, cutoff, start, keep_none, scale, mean, positive, same_is_zero, add_base, dtype or acc)
     _native.check_ties_block(sources, base, weights, threshold, cutoff, start, dtype or acc)
+    if _triton_serves(base):
+        from svdfuse.kernels import elementwise
+
+        return MergedBlock(*elementwise.ties_block(*args))
     return _fused_block("ties_block", acc, args)
 
 

@@ -143,6 +143,9 @@ def cases() -> dict[str, tuple]:
         W = torch.zeros(12, 1536 * 384, dtype=dtype)
         launch = lambda W=W, dtype=dtype: elementwise.merge_block(list(W), W[0], torch.ones(12), 1.0, 12.0, False, True, dtype)  # noqa: E731
         cases[f"merge_block {name}"] = (elementwise, "_merge_block_kernel", launch)
+        thr, cut = torch.zeros(12), torch.zeros(12, dtype=torch.int64)
+        launch = lambda W=W, dtype=dtype, thr=thr, cut=cut: elementwise.ties_block(list(W), W[0], torch.ones(12), thr, cut, 0, False, 1.0, True, False, False, True, dtype)  # noqa: E731
+        cases[f"ties_block {name}"] = (elementwise, "_ties_block_kernel", launch)
     return cases
 
 

@@ -273,6 +273,49 @@ def test_triton_merge_block_within_torch_error(triton_device, dtype, T, N, same,
     assert torch.equal(differs.cpu(), (sources != base).any(1)) and not zero.any() and bad == -1
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N,start", [(5, 2 * 1024 + 7, 0), (1, 7, 5), (3, 1000, 300)])
+@pytest.mark.parametrize("weighted,mean,positive,same", [(False, True, False, False), (True, True, True, True), (True, False, False, False)])
+def test_triton_ties_block_within_torch_error_and_its_flags(triton_device, dtype, T, N, start, weighted, mean, positive, same):
+    from svdfuse.kernels import elementwise
+
+    sources, base = _block(T, N, dtype, seed=T)
+    sources[0, N // 2] = base[N // 2]
+    tau = sources.float() - base.float()
+    threshold = tau.abs().quantile(0.7, dim=1) if N > 1 else tau.abs()[:, 0]
+    cutoff = torch.full((T,), start + N // 2, dtype=torch.int64)
+    weights = torch.linspace(0.5, 1.5, T) if weighted else None
+    args = _ties_args(sources, base, threshold, cutoff, start, weights=weights, scale=0.8, mean=mean, positive=positive, same=same)
+    on = [a.to(triton_device) if isinstance(a, torch.Tensor) else [s.to(triton_device) for s in a] if isinstance(a, list) else a for a in args]
+    value, differs, zero, bad = elementwise.ties_block(*on)
+    index = torch.arange(start, start + N)
+    a = tau.abs()
+    keep = (a > threshold[:, None]) | ((a == threshold[:, None]) & (index < cutoff[:, None]))  # decided in fp32
+    exact = _torch_ties(tau.double(), keep, None if weights is None else weights.double(), 0.8, mean, positive)
+    plain = _torch_ties(tau, keep, weights, 0.8, mean, positive)
+    assert_within_torch_error(value.cpu(), base.double() + exact, plain + base.float())
+    assert torch.equal(differs.cpu(), (sources != base).any(1)) and not zero.any() and bad == -1
+
+
+def test_triton_ties_block_cutoff_keep_none_and_nan(triton_device):
+    """Ties at the threshold survive only before the cutoff; `keep_none` keeps nothing; a NaN is reported."""
+    from svdfuse.kernels import elementwise
+
+    N, start = 2 * 1024 + 5, 100
+    base = torch.zeros(N)
+    sources = torch.stack([torch.full((N,), 0.5), torch.full((N,), -0.5)])
+    sources[1, N - 1] = float("nan")
+    on = lambda t: t.to(triton_device)  # noqa: E731
+    threshold, cutoff = on(torch.tensor([0.5, 0.5])), on(torch.tensor([start + 1000, start + N]))
+    rows = [on(s) for s in sources]
+    value, differs, zero, bad = elementwise.ties_block(rows, on(base), None, threshold, cutoff, start, False, 1.0, False, False, False, True, torch.float32)
+    # before 1000 both survive and cancel (sign 0: nothing agrees); after, only the -0.5 does
+    assert torch.equal(value.cpu()[:1000], torch.zeros(1000)) and torch.equal(value.cpu()[1000:-1], torch.full((N - 1001,), -0.5))
+    assert bad == N - 1 and value[N - 1].isnan() and differs.tolist() == [True, True] and zero.tolist() == [False, False, True]
+    none = elementwise.ties_block(rows[:1], on(base), None, threshold[:1], cutoff[:1], start, True, 1.0, True, False, False, True, torch.float32)[0]
+    assert torch.equal(none.cpu(), torch.zeros(N))
+
+
 def test_triton_merge_block_flags_and_strided_rows(triton_device):
     from svdfuse.kernels import elementwise
 
