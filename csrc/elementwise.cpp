@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -162,13 +163,24 @@ void merge_unit(const Args& a, const in_t* const* src, const in_t* base, out_t* 
   }
 }
 
+// Units handed out one at a time from a shared counter, not split evenly up front: where another job
+// slows one thread (a shared machine), the others take its share instead of waiting for it. `body`
+// runs once per worker with its own scratch and calls `pull()` for units until one is >= units.
+template <typename Body>
+void for_each_unit(int64_t units, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const auto pull = [&next] { return next.fetch_add(1, std::memory_order_relaxed); };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(units, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(pull); });
+}
+
 template <typename in_t, typename out_t>
 void merge_all(const Args& a, const in_t* const* src, const in_t* base, out_t* out, std::vector<Flags>& flags) {
   const int64_t first = a.start / kChunk;
   const int64_t units = static_cast<int64_t>(flags.size());
-  at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
+  for_each_unit(units, [&](const auto& pull) {
     std::vector<MT19937> gens(a.seeds != nullptr ? a.T : 0);
-    for (int64_t u = b; u < e; ++u) {
+    for (int64_t u; (u = pull()) < units;) {
       const int64_t lo = std::max<int64_t>(0, (first + u) * kChunk - a.start);
       const int64_t hi = std::min<int64_t>(a.N, (first + u + 1) * kChunk - a.start);
       merge_unit(a, src, base, out, lo, hi, flags[u], gens);
@@ -359,12 +371,13 @@ void ties_unit(const TiesArgs& a, const in_t* const* src, const in_t* base, out_
   }
 }
 
-// Units of kChunk entries, as merge_block's: one parallel region.
+// Units of kChunk entries, as merge_block's: one parallel region, units handed out one at a time.
 template <typename in_t, typename out_t>
 void ties_all(const TiesArgs& a, const in_t* const* src, const in_t* base, out_t* out, std::vector<Flags>& flags) {
-  at::parallel_for(0, static_cast<int64_t>(flags.size()), 1, [&](int64_t b, int64_t e) {
+  const int64_t units = static_cast<int64_t>(flags.size());
+  for_each_unit(units, [&](const auto& pull) {
     std::vector<float> kept;
-    for (int64_t u = b; u < e; ++u) {
+    for (int64_t u; (u = pull()) < units;) {
       ties_unit(a, src, base, out, u * kChunk, std::min(a.N, (u + 1) * kChunk), flags[u], kept);
     }
   });
@@ -412,10 +425,10 @@ Result bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N, const
   std::vector<int64_t> above(units * T, 0);
   std::vector<std::vector<float>> found_v(units * T);
   std::vector<std::vector<int32_t>> found_j(units * T);
-  at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
+  for_each_unit(units, [&](const auto& pull) {
     std::vector<float> v(kChunk + 1);
     std::vector<int32_t> jj(kChunk + 1);
-    for (int64_t u = b; u < e; ++u) {
+    for (int64_t u; (u = pull()) < units;) {
       const int64_t lo_j = u * kChunk, n = std::min(N, lo_j + kChunk) - lo_j;
       for (int64_t i = 0; i < T; ++i) {
         const float l = lp[i], h = hp[i];
