@@ -10,8 +10,11 @@ its wall time and peak RSS (VmHWM):
 - AXIS, k = 64 per matrix (every adapter's 16 components exact, from QR of its factors);
 - Task Arithmetic (scaling 1) truncated to rank 64 (the same output rank), on the factored operator.
 
-The floor, in the same run: a plain sequential read of the same adapter files (bytes per second of
-the page cache, or the disk where they do not fit). The baseline: peft's
+The floors, in the same run: a plain sequential read of the same adapter files (bytes per second of
+the page cache, or the disk where they do not fit), and for AXIS the float64 Grams of every
+adapter's factors (BᵀB, AAᵀ: 2(m + n)r² flops per module, the work its exact components cannot
+skip) at the rate batched float64 GEMMs of those shapes reach here; `pct_of_compute_floor` is the
+larger floor over the merge's time. The baseline: peft's
 `add_weighted_adapter(combination_type="svd", svd_rank=64)` on the same adapters, which forms every
 ΔW densely and runs a full SVD per module; it cannot finish the 4 layers in reasonable time on 2
 cores, so it runs on the q and v projections of one layer (the modules DESIGN.md's measurement
@@ -28,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -130,6 +134,25 @@ def _files(adapters: list[str]) -> list[str]:
     return [str(Path(a) / "adapter_model.safetensors") for a in adapters]
 
 
+def gram_floor_seconds(modules: dict[str, tuple[int, int]], T: int) -> tuple[float, float]:
+    """(seconds, GFLOP/s): the float64 Grams BᵀB and AAᵀ of T rank-16 adapters of `modules`, the work
+    AXIS's exact components cannot skip, at the rate batched float64 GEMMs of those shapes reach
+    here (measured now, with torch's threads: the compute floor beside the read floor)."""
+    flops = seconds = 0.0
+    for m, n in modules.values():
+        for rows in (m, n):  # B: (m, r) -> BᵀB; A: (r, n) -> A Aᵀ
+            X = torch.randn(64, rows, RANK, dtype=torch.float64)
+            torch.bmm(X.mT, X)
+            best = float("inf")
+            for _ in range(5):
+                start = time.perf_counter()
+                torch.bmm(X.mT, X)
+                best = min(best, time.perf_counter() - start)
+            seconds += T / 64 * best
+            flops += T * 2 * rows * RANK * RANK
+    return seconds, flops / seconds / 1e9
+
+
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--sources", type=int, nargs="+", default=[16, 128, 1000], help="T values (default 16 128 1000)")
@@ -162,6 +185,9 @@ def main() -> None:
             gbps = nbytes / measured["seconds"] / 1e9
             rows.append({"T": T, "modules": len(modules), "method": f"svdfuse {method} -> lora", "adapter_GB": nbytes / 1e9, "seconds": measured["seconds"],
                          "GB_per_s": gbps, "plain_read_GB_per_s": floor, "pct_of_read": 100 * gbps / floor, "peak_rss_GiB": measured["peak_rss"] / 2**30})  # fmt: skip
+            if method == "axis":
+                gram_s, gram_gflops = gram_floor_seconds(modules, T)
+                rows[-1].update({"gram_floor_s": gram_s, "gram_GFLOP_per_s": gram_gflops, "pct_of_compute_floor": 100 * max(gram_s, nbytes / floor / 1e9) / measured["seconds"]})
             results.write()
             print_table(rows[-1:], list(rows[-1]))
         if T in (args.peft or []):

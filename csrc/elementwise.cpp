@@ -24,6 +24,15 @@ namespace svdfuse {
 
 namespace {
 
+// The per-entry loops also in an AVX2 build chosen at load time where the CPU has it (8 floats a
+// vector, not SSE2's 4). Not AVX-512 or FMA: a fused multiply-add would round differently from the
+// reference, which the kernels match bit for bit.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define SVDFUSE_WIDE __attribute__((target_clones("avx2", "default")))
+#else
+#define SVDFUSE_WIDE
+#endif
+
 constexpr int64_t kChunk = 1 << 16;  // DARE's chunk of seeded draws: svdfuse/methods/elementwise.py _CHUNK
 constexpr int64_t kTile = 2048;
 
@@ -101,7 +110,7 @@ struct Flags {
 };
 
 template <typename in_t, typename out_t>
-void merge_unit(const Args& a, const in_t* const* src, const in_t* base, out_t* out, int64_t lo, int64_t hi, Flags& f,
+SVDFUSE_WIDE void merge_unit(const Args& a, const in_t* const* src, const in_t* base, out_t* out, int64_t lo, int64_t hi, Flags& f,
                 std::vector<MT19937>& gens) {
   const bool dare = a.seeds != nullptr;
   if (dare) {
@@ -288,7 +297,7 @@ struct TiesArgs {
 };
 
 template <typename in_t, typename out_t>
-void ties_unit(const TiesArgs& a, const in_t* const* src, const in_t* base, out_t* out, int64_t lo, int64_t hi, Flags& f,
+SVDFUSE_WIDE void ties_unit(const TiesArgs& a, const in_t* const* src, const in_t* base, out_t* out, int64_t lo, int64_t hi, Flags& f,
                std::vector<float>& kept) {
   const int64_t tile = std::clamp<int64_t>(kTiesBytes / (4 * std::max<int64_t>(a.T, 1)), 64, kTile);
   kept.resize(static_cast<size_t>(a.T * tile));
