@@ -415,12 +415,15 @@ Result ties_block_cpu(at::TensorList sources, const at::Tensor& base, const std:
 
 
 // The bracket pass of the exact trim (svdfuse/methods/trim.py) on a block: per source, how many
-// |τ| = |x_i - x0| (formed here in fp32, as the merge forms it) lie above hi[i], and the |τ| inside
-// [lo[i], hi[i]] with their flat indices, gathered source by source in flat order. Two parallel
-// regions: count per unit, then gather at the prefix sums.
+// |τ| = |x_i - x0| (formed here in fp32, as the merge forms it) lie above hi[i], the |τ| strictly
+// between lo[i] and hi[i] with their flat indices (gathered source by source in flat order), and per
+// unit of kChunk entries how many equal lo[i] and hi[i] (counted, not gathered: a bf16 task vector
+// holds few distinct values, and millions of entries may equal a bound; where lo == hi, all count as hi).
+using BracketResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 template <typename in_t>
-Result bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N, const float* lp, const float* hp,
-               bool same_is_zero, const at::TensorOptions& options) {
+BracketResult bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N, const float* lp, const float* hp,
+                      bool same_is_zero, const at::TensorOptions& options) {
   // the flag first (the loop is split on it), then a select, not a branch: the counting loop vectorizes
   const auto tau = [same_is_zero](const in_t* xi, const in_t* x0, int64_t j) {
     const float v = static_cast<float>(xi[j]), b = static_cast<float>(x0[j]);
@@ -432,6 +435,8 @@ Result bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N, const
   // few percent of entries at random is mispredicted at every one of them); then one copy into place.
   const int64_t units = (N + kChunk - 1) / kChunk;
   std::vector<int64_t> above(units * T, 0);
+  at::Tensor bounds = at::zeros({T, units, 2}, options.dtype(at::kLong));
+  int64_t* bp = bounds.mutable_data_ptr<int64_t>();
   std::vector<std::vector<float>> found_v(units * T);
   std::vector<std::vector<int32_t>> found_j(units * T);
   for_each_unit(units, [&](const auto& pull) {
@@ -441,17 +446,22 @@ Result bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N, const
       const int64_t lo_j = u * kChunk, n = std::min(N, lo_j + kChunk) - lo_j;
       for (int64_t i = 0; i < T; ++i) {
         const float l = lp[i], h = hp[i];
+        const bool apart = l != h;
         const in_t* xi = x[i] + lo_j;
         const in_t* bi = x0 + lo_j;
-        int64_t up = 0, in = 0;
+        int64_t up = 0, in = 0, at_lo = 0, at_hi = 0;
         for (int64_t j = 0; j < n; ++j) {
           const float m = tau(xi, bi, j);
           up += m > h;
+          at_hi += m == h;
+          at_lo += apart & (m == l);
           v[in] = m;
           jj[in] = static_cast<int32_t>(j);
-          in += (m >= l) & (m <= h);
+          in += (m > l) & (m < h);
         }
         above[u * T + i] = up;
+        bp[(i * units + u) * 2] = at_lo;
+        bp[(i * units + u) * 2 + 1] = at_hi;
         found_v[u * T + i].assign(v.begin(), v.begin() + in);
         found_j[u * T + i].assign(jj.begin(), jj.begin() + in);
       }
@@ -486,11 +496,11 @@ Result bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N, const
       }
     }
   });
-  return {up, counts, values, index};
+  return {up, counts, values, index, bounds};
 }
 
-Result trim_bracket_cpu(at::TensorList sources, const at::Tensor& base, const at::Tensor& lo, const at::Tensor& hi,
-                        bool same_is_zero) {
+BracketResult trim_bracket_cpu(at::TensorList sources, const at::Tensor& base, const at::Tensor& lo,
+                               const at::Tensor& hi, bool same_is_zero) {
   guard("trim_bracket", sources, base, at::kFloat);
   const int64_t T = static_cast<int64_t>(sources.size()), N = base.size(0);
   TORCH_CHECK_TYPE(lo.scalar_type() == at::kFloat && hi.scalar_type() == at::kFloat && lo.numel() == T && hi.numel() == T,

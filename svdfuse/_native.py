@@ -40,7 +40,7 @@ LOWRANK_MATMUL_SCHEMA = (
     "lowrank_matmul(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? base, Tensor? bias, Tensor? task=None) -> Tensor"
 )
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernels are written for
-TRIM_BRACKET_SCHEMA = "trim_bracket(Tensor[] sources, Tensor base, Tensor lo, Tensor hi, bool same_is_zero) -> (Tensor, Tensor, Tensor, Tensor)"
+TRIM_BRACKET_SCHEMA = "trim_bracket(Tensor[] sources, Tensor base, Tensor lo, Tensor hi, bool same_is_zero) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 TRIM_SELECT_SCHEMA = "trim_select(Tensor values, Tensor counts, Tensor rank) -> (Tensor, Tensor, Tensor, Tensor)"
 TIES_BLOCK_SCHEMA = (
     "ties_block(Tensor[] sources, Tensor base, Tensor? weights, Tensor threshold, Tensor cutoff, int start, bool keep_none, "
@@ -282,16 +282,18 @@ def check_trim_bracket(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tens
             raise TypeError(f"trim_bracket: {name} must be torch.float32 of shape (T,) = {[T]} on {base.device}, found {t.dtype} {list(t.shape)} on {t.device}")
 
 
-def _trim_bracket_default(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor, same_is_zero: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _trim_bracket_default(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor, same_is_zero: bool) -> tuple[Tensor, ...]:
     check_trim_bracket(sources, base, lo, hi)
     return reference.trim_bracket(sources, base, lo, hi, same_is_zero)
 
 
-def _trim_bracket_fake(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor, same_is_zero: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _trim_bracket_fake(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor, same_is_zero: bool) -> tuple[Tensor, ...]:
     check_trim_bracket(sources, base, lo, hi)
     held = torch.library.get_ctx().new_dynamic_size()
     counts = lo.new_empty(lo.shape, dtype=torch.int64), lo.new_empty(lo.shape, dtype=torch.int64)
-    return *counts, lo.new_empty((held,)), lo.new_empty((held,), dtype=torch.int64)
+    units = -(-base.shape[0] // reference.DARE_CHUNK)
+    bounds = lo.new_empty((len(sources), units, 2), dtype=torch.int64)
+    return *counts, lo.new_empty((held,)), lo.new_empty((held,), dtype=torch.int64), bounds
 
 
 def check_trim_select(values: Tensor, counts: Tensor, rank: Tensor) -> None:

@@ -450,24 +450,28 @@ def ties_block(
 
 def trim_bracket(
     sources: Tensor | Sequence[Tensor], base: Tensor, lo: Tensor, hi: Tensor, *, same_is_zero: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per source, how many |τ| = |sources_i − base| lie above hi[i], and the |τ| in [lo[i], hi[i]]:
-    the bracket pass of the exact trim (`svdfuse.methods.trim`), every source in one pass, the task
-    vectors formed as it reads (in fp32, as `merge_block` forms them) and never stored.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per source, how many |τ| = |sources_i − base| lie above hi[i], the |τ| strictly between lo[i]
+    and hi[i], and how many equal each bound: the bracket pass of the exact trim
+    (`svdfuse.methods.trim`), every source in one pass, the task vectors formed as it reads (in
+    fp32, as `merge_block` forms them) and never stored. Entries equal to a bound are counted per
+    `reference.DARE_CHUNK` entries, not gathered: low-precision task vectors hold few distinct
+    values, and a bound may be equalled millions of times.
 
     Args:
         sources: (T, N), or T contiguous tensors (N,); fp32/bf16/fp16.
         base: (N,) in the sources' dtype (zeros where `sources` are task vectors already).
-        lo, hi: (T,) fp32 bounds of each source's bracket.
+        lo, hi: (T,) fp32 bounds of each source's bracket, lo <= hi.
         same_is_zero: an entry equal to the base's is no change even where both are infinite.
 
     Returns:
         above (T,) int64, counts (T,) int64, values (counts.sum(),) fp32 and their flat indices
-        (int64): source 0's in flat order, then source 1's, ...
+        (int64): source 0's in flat order, then source 1's, ...; bounds (T, units, 2) int64: per
+        unit of `DARE_CHUNK` entries, how many equal lo and hi (all counted as hi where lo == hi).
 
     Example::
 
-        above, counts, values, index = svdfuse.ops.trim_bracket(W.flatten(1), W0.flatten(), lo, hi)
+        above, counts, values, index, bounds = svdfuse.ops.trim_bracket(W.flatten(1), W0.flatten(), lo, hi)
     """
     sources = list(sources)
     _native.check_trim_bracket(sources, base, lo, hi)

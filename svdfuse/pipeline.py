@@ -22,7 +22,7 @@ from svdfuse import factored
 from svdfuse.adapters import LoraSource, stack_factors
 from svdfuse.methods import Block, Components, Factors, Kind, Method
 from svdfuse.methods.elementwise import MEAN, Linear, Ties, fused
-from svdfuse.methods.trim import TRIM_SHARE, Blocks, Sample, Trim, TrimScope, exact_trim
+from svdfuse.methods.trim import TRIM_SHARE, Blocks, Locate, Sample, Trim, TrimScope, exact_trim
 from svdfuse.ops import SVDOptions
 from svdfuse.plan import ModelTrim, Role, Task, TensorSpec
 from svdfuse.reference import compute_dtype
@@ -317,16 +317,31 @@ class Compute:
         if spec.rows <= block:
             return None
         # a sample of rows read apart, not a pass: the trim then reads the tensor once, the merge once more
-        return self._tensor_trim(spec, lambda: self._trim_blocks(spec, block), lambda size: self._row_sample(spec, size))
+        return self._tensor_trim(
+            spec, lambda: self._trim_blocks(spec, block), lambda size: self._row_sample(spec, size),
+            lambda i, start, stop: self._flat_range(spec, i, start, stop),
+        )  # fmt: skip
 
-    def _tensor_trim(self, spec: TensorSpec, blocks: Blocks, sample: Sample | None = None) -> Trim:
+    def _tensor_trim(self, spec: TensorSpec, blocks: Blocks, sample: Sample | None = None, locate: Locate | None = None) -> Trim:
         acc = compute_dtype(spec.out_dtype)
         limit = int(TRIM_SHARE * self.budget) // acc.itemsize  # values bracketing the thresholds
         options = self.trim_options
         return exact_trim(
             blocks, spec.rows * spec.row_numel, self.T, options.density, acc, limit=limit, keep_rule=options.keep,
-            sample=sample, same_is_zero=self.allow_non_finite,
+            sample=sample, locate=locate, same_is_zero=self.allow_non_finite,
         )  # fmt: skip
+
+    def _flat_range(self, spec: TensorSpec, i: int, start: int, stop: int) -> Tensor:
+        """|τ| (fp32) of source i's `spec` at flat [start, stop), its rows read again: where a
+        trim's cutoff falls among entries equal to a bound (a unit, not a pass)."""
+        c = spec.row_numel
+        first, last = start // c, -(-stop // c)
+        w0 = torch.empty((last - first) * c, dtype=spec.out_dtype, device=self.device)
+        w = torch.empty((1, (last - first) * c), dtype=spec.out_dtype, device=self.device)
+        self.reader.base_rows(spec.key, first, last, w0)
+        self.reader.source_rows(i, spec.key, first, last, w[0])
+        a, b = start - first * c, stop - first * c
+        return self._task_vectors(w[:, a:b].float(), w0[a:b].float())[0].abs_().cpu()
 
     def _fused(self, spec: TensorSpec, block: int, terms: Linear | Ties) -> Iterator[Merged]:
         """One fused op per row block (`merge_block`, `ties_block`): the sources are read in the

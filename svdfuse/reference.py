@@ -349,12 +349,18 @@ def _abs_task_vectors(sources: list[Tensor], base: Tensor, same_is_zero: bool) -
     return tau.abs()
 
 
-def trim_bracket(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor, same_is_zero: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def trim_bracket(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor, same_is_zero: bool) -> tuple[Tensor, ...]:
     """`svdfuse.ops.trim_bracket`, op by op."""
-    a = _abs_task_vectors(sources, base, same_is_zero) if sources else lo.new_empty((0, 0))
+    a = _abs_task_vectors(sources, base, same_is_zero) if sources else lo.new_empty((0, base.shape[0]))
     above = (a > hi[:, None]).sum(1)
-    within = (a >= lo[:, None]) & (a <= hi[:, None])
-    return above, within.sum(1), a[within], within.nonzero()[:, 1].clone()  # storage of its own (offset 0), as the fake impl gives
+    within = (a > lo[:, None]) & (a < hi[:, None])
+    at_lo = (a == lo[:, None]) & (lo != hi)[:, None]
+    at_hi = a == hi[:, None]
+    units = -(-a.shape[1] // DARE_CHUNK)
+    pad = units * DARE_CHUNK - a.shape[1]
+    per_unit = [torch.nn.functional.pad(m.long(), (0, pad)).reshape(len(sources), units, DARE_CHUNK).sum(2) for m in (at_lo, at_hi)]
+    bounds = torch.stack(per_unit, 2)
+    return above, within.sum(1), a[within], within.nonzero()[:, 1].clone(), bounds  # storage of its own (offset 0), as the fake impl gives
 
 
 def trim_select(values: Tensor, counts: Tensor, rank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

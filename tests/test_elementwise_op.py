@@ -345,14 +345,24 @@ def test_trim_bracket_counts_and_gathers_like_plain_torch(T, N, dtype):
     base = torch.randn(N, generator=gen).to(dtype)
     x = (base.float() + torch.randn(T, N, generator=gen)).to(dtype)
     x[:, ::7] = (base[::7].float() + 0.5).to(dtype)  # ties at a bound (0.5 off the base, or its rounding)
-    lo, hi = torch.full((T,), 0.5), torch.linspace(0.8, 1.2, T)
-    above, counts, values, index = torch.ops.svdfuse.trim_bracket.default(list(x), base, lo, hi, False)
     a = (x.double() - base.double()).abs().float()  # exact in fp64, then the one rounding fp32 makes
+    lo = a[:, ::7][:, :1].reshape(-1) if N else torch.full((T,), 0.5)  # a bound many entries equal
+    hi = torch.linspace(0.8, 1.2, T).maximum(lo)
+    hi[0] = lo[0]  # a bracket of one value: its entries count as hi's
+    above, counts, values, index, bounds = torch.ops.svdfuse.trim_bracket.default(list(x), base, lo, hi, False)
     assert above.tolist() == (a > hi[:, None]).sum(1).tolist()
-    within = (a >= lo[:, None]) & (a <= hi[:, None])
+    within = (a > lo[:, None]) & (a < hi[:, None])
     assert counts.tolist() == within.sum(1).tolist()
     assert torch.equal(values, a[within])  # source by source, each in flat order
     assert torch.equal(index, within.nonzero()[:, 1])
+    units = -(-N // CHUNK)
+    assert list(bounds.shape) == [T, units, 2]
+    for u in range(units):
+        part = a[:, u * CHUNK : (u + 1) * CHUNK]
+        at_lo = ((part == lo[:, None]) & (lo != hi)[:, None]).sum(1)
+        assert bounds[:, u, 0].tolist() == at_lo.tolist() and bounds[:, u, 1].tolist() == (part == hi[:, None]).sum(1).tolist()
+    if N > 7:
+        assert int(bounds[:, :, 1].sum()) > 0 and int(bounds[1:, :, 0].sum()) > 0  # the bounds are equalled
 
 
 def test_trim_bracket_same_is_zero_makes_an_infinite_entry_equal_to_the_base_no_change():
@@ -360,9 +370,9 @@ def test_trim_bracket_same_is_zero_makes_an_infinite_entry_equal_to_the_base_no_
     base = torch.tensor([-math.inf, 1.0, 2.0, math.inf])
     x = torch.tensor([[-math.inf, 3.0, 2.0, math.inf]])
     lo, hi = torch.tensor([0.0]), torch.tensor([1.0])
-    for same_is_zero, above, inside in ((True, 1, 3), (False, 1, 1)):  # inf − inf is NaN: in no bracket
+    for same_is_zero, above, at_lo in ((True, 1, 3), (False, 1, 1)):  # inf − inf is NaN: no count
         got = torch.ops.svdfuse.trim_bracket.default(list(x), base, lo, hi, same_is_zero)
-        assert (int(got[0][0]), int(got[1][0])) == (above, inside), same_is_zero
+        assert (int(got[0][0]), int(got[1][0]), int(got[4][0, 0, 0])) == (above, 0, at_lo), same_is_zero
         ref = reference.trim_bracket(list(x), base, lo, hi, same_is_zero)
         assert all(torch.equal(g, r) for g, r in zip(got, ref))
 

@@ -324,3 +324,36 @@ def test_ties_reads_a_tensor_larger_than_a_block_twice_and_a_sample_of_its_rows(
     assert torch.equal(load_file(tmp_path / "out.safetensors")["table.weight"], expected["table.weight"])
     for i in range(len(paths)):
         assert 2 * rows < reads[i, "table.weight"] <= 2 * rows + rows // 8, (i, reads[i, "table.weight"])
+
+
+def test_ties_of_bf16_sources_whose_threshold_is_equalled_by_millions_of_entries(tmp_path, monkeypatch):
+    """bf16 fine-tunes change most entries by 0 or one unit in the last place: |τ| takes few values,
+    and the threshold falls on one that far more entries equal than survive. Those are counted per
+    unit in the bracket pass, not gathered, and the cutoff's unit read again: still two reads, and
+    exactly the entries a sort keeps (ties to the first in row-major order, mergekit's count)."""
+    gen = torch.Generator().manual_seed(5)
+    rows, cols, T = 4000, 64, 4
+    base = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+    save_file({"table.weight": base}, tmp_path / "base.safetensors")
+    paths = []
+    for i in range(T):
+        save_file({"table.weight": (base.float() + 3e-3 * torch.randn(rows, cols, generator=gen)).to(torch.bfloat16)}, tmp_path / f"s{i}.safetensors")
+        paths.append(tmp_path / f"s{i}.safetensors")
+    reads = _rows_read(monkeypatch)
+    svdfuse.merge(paths, base=tmp_path / "base.safetensors", method="ties", density=0.2, device="cpu", output=tmp_path / "out.safetensors", max_memory="8MB")
+    merged = load_file(tmp_path / "out.safetensors")["table.weight"]
+    for i in range(T):
+        # two passes, the sample, and the rows of the one unit (2^16 entries) the cutoff falls in
+        assert 2 * rows < reads[i, "table.weight"] <= 2 * rows + rows // 8 + (1 << 16) // cols + 1, (i, reads[i, "table.weight"])
+    # the oracle: each source's keep-mask by a stable sort, then TIES in float64
+    tau = torch.stack([load_file(p)["table.weight"].float() - base.float() for p in paths]).reshape(T, -1).double()
+    keep = torch.zeros_like(tau, dtype=torch.bool)
+    for i in range(T):
+        order = torch.sort(-tau[i].abs(), stable=True).indices[: int(0.2 * rows * cols)]
+        keep[i, order] = True
+    assert (tau.abs()[keep.logical_not()].max() == tau.abs()[keep].min()), "the threshold is tied across the cut"
+    t = tau * keep
+    elected = t.sum(0).sign()
+    agree = (t * elected) > 0
+    expected = (t * agree).sum(0) / agree.sum(0).clamp(min=1) + base.double().reshape(-1)
+    assert torch.equal(merged.reshape(-1), expected.to(torch.bfloat16))

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from svdfuse import ops
+from svdfuse import ops, reference
 
-__all__ = ["Trim", "TrimScope", "TrimKeep", "TrimOptions", "trim_options", "kept_entries", "exact_trim", "strided_sample", "TRIM_SHARE"]
+__all__ = ["Trim", "TrimScope", "TrimKeep", "TrimOptions", "trim_options", "kept_entries", "exact_trim", "strided_sample", "blocks_locate", "TRIM_SHARE"]
 
 # Share of a merge's memory budget that the values bracketing the thresholds may take (the
 # plan gives the pieces of a trimmed method the rest).
@@ -124,6 +124,8 @@ class Trim:
 
 Blocks = Callable[[], Iterator[tuple[int, "Tensor | Sequence[Tensor]", "Tensor | None"]]]
 Sample = Callable[[int], Tensor]
+Locate = Callable[[int, int, int], Tensor]  # (source, start, stop) -> |τ| of the source at flat [start, stop), fp32
+_UNIT = reference.DARE_CHUNK  # what ops.trim_bracket counts entries equal to a bound in
 
 
 def _flat(sources: Tensor | Sequence[Tensor], base: Tensor | None) -> tuple[list[Tensor], Tensor]:
@@ -154,6 +156,20 @@ def strided_sample(blocks: Blocks, numel: int, sources: int, same_is_zero: bool 
         return (torch.cat(parts, 1) if len(parts) > 1 else parts[0])[:, :, None]
 
     return sample
+
+
+def blocks_locate(blocks: Blocks, same_is_zero: bool = False) -> Locate:
+    """A `Locate` that finds the range in the blocks (a pass up to it: for scopes held in memory)."""
+
+    def locate(i: int, start: int, stop: int) -> Tensor:
+        for first, x, base in blocks():
+            x, base = _flat(x, base)
+            if first <= start and stop <= first + base.numel():
+                a, b = start - first, stop - first
+                return _tau(x[i][a:b], base[a:b], torch.float32, same_is_zero).abs_().cpu()
+        raise ValueError(f"flat range [{start}, {stop}) lies in no block of the scope")
+
+    return locate
 
 
 def _margins(sample: Tensor, p: float) -> Tensor:
@@ -197,11 +213,13 @@ def _bounds(drawn: Tensor, p: float) -> tuple[Tensor, Tensor]:
 
 
 def _bracketed(
-    blocks: Blocks, sample: Sample, numel: int, sources: int, keep: int, limit: int, same_is_zero: bool
+    blocks: Blocks, sample: Sample, locate: Locate, numel: int, sources: int, keep: int, limit: int, same_is_zero: bool
 ) -> tuple[Tensor, Tensor] | None:
     """(threshold, flat index just past the last entry equal to it that survives) per source from
-    a sample's bracket, or None where the bracket missed. Every entry equal to a threshold lies in
-    its bracket, so the cutoff needs no pass of its own: the pass over the scope is one read."""
+    a sample's bracket [lo, hi], or None where the bracket missed. One pass over the scope gathers
+    the entries strictly inside and counts those equal to a bound per unit: a threshold inside has
+    every entry equal to it gathered; one at a bound has its cutoff in the unit where the count of
+    that bound's entries reaches what survives, which `locate` reads again (a unit, not a pass)."""
     p = keep / numel
     size = _sample_size(numel, sources, p, limit)
     if size >= numel and 3 * sources * numel <= limit:  # a sample as large as the scope: take it all
@@ -210,17 +228,19 @@ def _bracketed(
         lo, hi = _bounds(sample(size), p)
     above = torch.zeros(sources, dtype=torch.int64)
     parts: list[tuple[Tensor, Tensor, Tensor]] = []  # per block: values inside, their flat indices, counts per source
+    units: list[tuple[int, int, Tensor]] = []  # per block: its start, its length, entries equal to lo and hi per unit (T, units, 2)
     held = 0
     for start, x, base in blocks():
         x, base = _flat(x, base)
         # every source in one op: a parallel region per block, never one per source
-        up, counts, values, index = ops.trim_bracket(x, base, lo.to(base.device), hi.to(base.device), same_is_zero=same_is_zero)
+        up, counts, values, index, bounds = ops.trim_bracket(x, base, lo.to(base.device), hi.to(base.device), same_is_zero=same_is_zero)
         above += up.cpu()
         held += 3 * values.numel()  # a value and its int64 index
         if held > limit:
             return None  # too many values inside: leave it to the radix select
         index = index.cpu()
         parts.append((values.cpu(), index + start if start else index, counts.cpu()))
+        units.append((start, base.numel(), bounds.cpu()))
     values, index, counts = parts[0] if parts else (torch.empty(0), torch.empty(0, dtype=torch.int64), torch.zeros(sources, dtype=torch.int64))
     if len(parts) > 1:  # source by source, each in flat order: blocks come in order
         counts = sum(c for _, _, c in parts)
@@ -228,13 +248,43 @@ def _bracketed(
         owner = torch.cat([torch.repeat_interleave(torch.arange(sources), c) for _, _, c in parts])
         order = torch.sort(owner, stable=True).indices
         values, index = values[order], index[order]
-    rank = keep - above  # the threshold is the rank-th largest inside the bracket
-    if not bool(((rank >= 1) & (rank <= counts)).all()):
+    at_lo, at_hi = (sum(b[:, :, j].sum(1) for _, _, b in units) for j in (0, 1))
+    rank = keep - above  # the threshold is the rank-th largest of what is not above hi
+    if not bool(((rank >= 1) & (rank <= at_hi + counts + at_lo)).all()):
         return None
-    threshold, _, _, position = ops.trim_select(values, counts, rank)
+    inside = (rank > at_hi) & (rank <= at_hi + counts)
+    t, _, _, position = ops.trim_select(values, counts, torch.where(inside, rank - at_hi, 1))
     first = torch.cumsum(counts, 0) - counts
-    cutoff = torch.where(position >= 0, index[(first + position).clamp(0, max(index.numel() - 1, 0))] + 1, numel)
-    return threshold.double(), cutoff
+    at = index[(first + position).clamp(0, index.numel() - 1)] if index.numel() else torch.zeros_like(position)
+    cutoff = torch.where(position >= 0, at + 1, numel)
+    threshold = torch.where(rank <= at_hi, hi, torch.where(inside, t, lo)).double()
+    for i in range(sources):
+        if bool(inside[i]):
+            continue
+        bound, need = (1, int(rank[i])) if rank[i] <= at_hi[i] else (0, int(rank[i] - at_hi[i] - counts[i]))
+        if need < int((at_hi if bound else at_lo)[i]):  # some entries equal to the bound are cut: where?
+            cutoff[i] = _cutoff_at_bound(units, locate, i, bound, need, float(threshold[i]))
+        else:
+            cutoff[i] = numel
+    return threshold, cutoff
+
+
+def _cutoff_at_bound(units: list[tuple[int, int, Tensor]], locate: Locate, i: int, bound: int, need: int, value: float) -> int:
+    """The flat index just past source i's `need`-th entry (1-based, in flat order) equal to `value`,
+    a bracket's bound whose entries the bracket pass counted per unit: one unit read again."""
+    before = 0
+    for start, length, counts in units:
+        per_unit = counts[i, :, bound]
+        total = int(per_unit.sum())
+        if before + total < need:
+            before += total
+            continue
+        u = int((torch.cumsum(per_unit, 0) + before >= need).nonzero()[0, 0])
+        before += int(per_unit[:u].sum())
+        lo = start + u * _UNIT
+        tau = locate(i, lo, min(lo + _UNIT, start + length))
+        return lo + int((tau == value).nonzero()[need - before - 1, 0]) + 1
+    raise AssertionError("the bracket's counts hold fewer entries equal to a bound than they said")
 
 
 def _radix(blocks: Blocks, sources: int, keep: int, dtype: torch.dtype, same_is_zero: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -266,7 +316,8 @@ def _radix(blocks: Blocks, sources: int, keep: int, dtype: torch.dtype, same_is_
 
 def exact_trim(
     blocks: Blocks, numel: int, sources: int, density: float, dtype: torch.dtype, limit: int = 1 << 22,
-    keep_rule: TrimKeep = TrimKeep.COUNT, *, sample: Sample | None = None, same_is_zero: bool = False,
+    keep_rule: TrimKeep = TrimKeep.COUNT, *, sample: Sample | None = None, locate: Locate | None = None,
+    same_is_zero: bool = False,
 ) -> Trim:  # fmt: skip
     """The `Trim` keeping the `keep_rule`'s entries (`kept_entries`) of each source's task vector.
 
@@ -281,6 +332,9 @@ def exact_trim(
         keep_rule: `COUNT` breaks ties at the threshold by flat index; `INCLUSIVE` keeps them all.
         sample: draws the bracket's sample, `size` -> |τ| (T, clusters, m) fp32 (rows read
             apart, say, so that it costs a fraction of a pass); default `strided_sample`, a pass.
+        locate: reads one source's |τ| over a flat range of the scope again (a unit of
+            `reference.DARE_CHUNK` entries, where a cutoff falls among entries equal to a bound);
+            default `blocks_locate`, a pass up to it.
         same_is_zero: an entry equal to the base's is no change even where both are infinite.
     """
     keep = kept_entries(numel, density, keep_rule)
@@ -291,7 +345,8 @@ def exact_trim(
     found = None
     if dtype == torch.float32:
         sample = sample or strided_sample(blocks, numel, sources, same_is_zero)
-        found = _bracketed(blocks, sample, numel, sources, keep, limit, same_is_zero)
+        locate = locate or blocks_locate(blocks, same_is_zero)
+        found = _bracketed(blocks, sample, locate, numel, sources, keep, limit, same_is_zero)
     if found is not None:
         threshold, cutoff = found
         if keep_rule is TrimKeep.INCLUSIVE:
