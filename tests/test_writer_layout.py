@@ -189,6 +189,25 @@ def test_a_failure_between_laying_out_the_files_and_the_first_tensor_leaves_noth
     assert list(tmp_path.iterdir()) == [tmp_path / "models"]
 
 
+@pytest.mark.parametrize("output", ["new/parents/out.safetensors", "new/parents/out"])
+def test_a_failed_merge_removes_the_parents_it_created_and_keeps_those_it_found(output, files, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("broke")
+
+    monkeypatch.setattr(svdfuse.merging.Compute, "run", fail)
+    with pytest.raises(RuntimeError):
+        merge_to(files, tmp_path / output)
+    assert list(tmp_path.iterdir()) == [tmp_path / "models"]
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "kept.txt").write_text("the user's")
+    with pytest.raises(RuntimeError):
+        merge_to(files, tmp_path / output)
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["kept.txt"]
+    monkeypatch.undo()
+    merge_to(files, tmp_path / output)  # published: its new parent stays
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["kept.txt", "parents"]
+
+
 def test_only_the_base_directorys_regular_non_weight_files_are_copied(files, tmp_path):
     base, sources = files
     repo = tmp_path / "models" / "models--org--base"  # the Hub's cache: a snapshot's files are links to its blobs
