@@ -125,6 +125,37 @@ def test_everything_is_flushed_to_disk_before_the_rename_and_the_rename_after(fi
     assert ("fsync", events[at][1]) in events[:at] and [event for event in events[at + 1 :] if event[0] == "fsync"] == [("fsync", str(tmp_path))]
 
 
+def test_each_process_flushes_the_files_it_wrote_before_closing_them(files, tmp_path, monkeypatch):
+    # Under torchrun on several machines the publishing rank's fsync cannot flush another
+    # machine's page cache: every process syncs its own descriptors at the commit.
+    opened, synced, closed_unsynced = set(), set(), []
+    real_open, real_fsync, real_close = os.open, os.fsync, os.close
+
+    def open_(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if ".svdfuse-" in os.fspath(path) and flags & os.O_WRONLY:
+            opened.add(fd)
+        return fd
+
+    def fsync(fd):
+        synced.add(fd)
+        real_fsync(fd)
+
+    def close(fd):
+        if fd in opened:
+            opened.discard(fd)
+            if fd not in synced:
+                closed_unsynced.append(fd)
+        synced.discard(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "close", close)
+    merge_to(files, tmp_path / "merged", shard_size="1KB")
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file() and not opened and not closed_unsynced
+
+
 def test_the_sweep_leaves_another_hosts_live_temporary_alone(files, tmp_path, monkeypatch):
     # On a shared file system a merge on another machine writes beside ours; its pid means nothing
     # here. Its temporary name, made as that machine makes it, must survive our merge's sweep.
