@@ -310,8 +310,9 @@ svdfuse.merge(sys.argv[4:], k=6, base=sys.argv[2], device="cpu", output=sys.argv
 """
 
 
-def test_a_merge_is_the_same_bytes_on_one_thread_and_on_two(tmp_path):
-    # Matrices large enough that LAPACK splits its work between threads (at 32 x 32 it does not).
+def _merge_at_threads(tmp_path: Path, threads: list[int], env: dict[str, str]) -> list[bytes]:
+    """The bytes of one AXIS merge run at each thread count, in a fresh process with `env` added."""
+    # Matrices large enough that LAPACK and MKL split their work between threads (at 32 x 32 they do not).
     gen = torch.Generator().manual_seed(0)
     base = {"a.weight": torch.randn(384, 256, generator=gen), "b.weight": torch.randn(256, 384, generator=gen), "a.bias": torch.randn(384, generator=gen)}
     save_file(base, tmp_path / "base.safetensors")
@@ -320,11 +321,24 @@ def test_a_merge_is_the_same_bytes_on_one_thread_and_on_two(tmp_path):
         save_file({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in base.items()}, tmp_path / f"ft{i}.safetensors")
         sources.append(str(tmp_path / f"ft{i}.safetensors"))
     outputs = []
-    for threads in (1, 2):
+    for threads in threads:
         out = tmp_path / f"threads{threads}.safetensors"
-        env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR")}
+        clean = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR")}
         done = subprocess.run([sys.executable, "-c", _THREADS, str(threads), str(tmp_path / "base.safetensors"), str(out), *sources],
-                              env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                              env={**clean, **env}, capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(out.read_bytes())
-    assert outputs[0] == outputs[1]
+    return outputs
+
+
+def test_a_merge_is_the_same_bytes_on_one_thread_and_on_two(tmp_path):
+    one, two = _merge_at_threads(tmp_path, [1, 2], {})
+    assert one == two
+
+
+def test_with_mkls_strict_mode_a_merge_is_the_same_bytes_at_any_thread_count(tmp_path):
+    # README: from three threads up MKL may split a GEMM otherwise; MKL_CBWR=AUTO,STRICT in both runs.
+    if not torch.backends.mkl.is_available():
+        pytest.skip("torch is not built with MKL: MKL_CBWR does not apply")
+    outputs = _merge_at_threads(tmp_path, [1, 3, 4], {"MKL_CBWR": "AUTO,STRICT"})
+    assert outputs[0] == outputs[1] == outputs[2]
