@@ -269,8 +269,11 @@ class SafetensorsWriter:
         file, at = self._where[name]
         offset = at + start * row
         fd, done = self._fds[file], 0
-        while done < len(data):
-            done += os.pwrite(fd, memoryview(data)[done:], offset + done)
+        try:
+            while done < len(data):
+                done += os.pwrite(fd, memoryview(data)[done:], offset + done)
+        except OSError as err:  # pwrite's error names no file: a full disk, a quota, an I/O error
+            raise OSError(err.errno, f"cannot write {name!r} into the output: {err.strerror}", str(self.path)) from None
         self._written[name] = self._written.get(name, 0) + len(data)
 
     def commit(self, expected: Iterable[str], files: Mapping[str, str] | None = None) -> None:
@@ -301,6 +304,8 @@ class SafetensorsWriter:
             for fd in fds.values():
                 if sync:
                     os.fsync(fd)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot flush the output to disk: {err.strerror}", str(self.path)) from None
         finally:
             for fd in fds.values():
                 os.close(fd)

@@ -239,6 +239,22 @@ def test_a_failed_merge_removes_the_parents_it_created_and_keeps_those_it_found(
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["kept.txt", "parents"]
 
 
+@pytest.mark.parametrize("call, message", [("pwrite", "cannot write 'layer.bias' into the output: Disk quota exceeded"),
+                                           ("fsync", "cannot flush the output to disk: Input/output error")])
+def test_a_write_the_disk_refuses_names_the_output_on_one_line_and_leaves_nothing(call, message, files, tmp_path, capsys, monkeypatch):
+    code = errno.EDQUOT if call == "pwrite" else errno.EIO
+
+    def fail(*args):
+        raise OSError(code, os.strerror(code))  # as the kernel's: no file named
+
+    monkeypatch.setattr(os, call, fail)
+    base, sources = files
+    out = tmp_path / "new" / "merged.safetensors"
+    assert main(["merge", "--base", str(base), "-k", "4", "--quiet", "-o", str(out), *sources]) == 2
+    assert capsys.readouterr().err == f"svdfuse merge: error: {message}: {out}\n"
+    assert list(tmp_path.iterdir()) == [tmp_path / "models"]
+
+
 def test_only_the_base_directorys_regular_non_weight_files_are_copied(files, tmp_path):
     base, sources = files
     repo = tmp_path / "models" / "models--org--base"  # the Hub's cache: a snapshot's files are links to its blobs
