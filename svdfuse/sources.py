@@ -416,6 +416,12 @@ class ComponentCache(Source):
                     f"{self.label}: the cached {key}.{part} {tuple(t.shape)} holds {int(torch.isnan(t).sum())} NaN and "
                     f"{int(torch.isinf(t).sum())} Inf values; expected finite factors: the cache is damaged, decompose the source again"
                 )
+        stored = self._store.get(f"{key}.S")
+        if bool((stored < 0).any()) or bool((stored[1:] > stored[:-1]).any()):  # else the first `rank` are not the top ones
+            raise SourceError(
+                f"{self.label}: the cached {key}.S {tuple(stored.shape)} is no spectrum, found {short_repr([round(v, 6) for v in stored[:8].tolist()])}; "
+                "expected non-negative values in non-increasing order: the cache is damaged, decompose the source again"
+            )
         return U, S, V
 
 
