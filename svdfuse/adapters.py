@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from svdfuse import linalg
-from svdfuse.sources import DIRECTORY_KINDS, MappingSource, SafetensorsSource, Source, SourceError, model_file
+from svdfuse.sources import DIRECTORY_KINDS, MappingSource, SafetensorsSource, Source, SourceError, model_file, untrusted_json
 
 __all__ = ["LoraAdapter", "LoraFactors", "LoraSource", "stack_factors", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "is_adapter"]
 
@@ -145,7 +145,7 @@ class LoraAdapter:
         if os.path.lexists(path):  # an adapter's files are read as a model's: inside its directory, regular files
             path = model_file(directory, ADAPTER_CONFIG, self.label, "the adapter directory")
         try:
-            config = json.loads(path.read_text())
+            config = untrusted_json(path.read_text())
         except (OSError, ValueError) as err:
             raise SourceError(f"{self.label}: cannot read {str(path)!r} as a peft adapter config ({type(err).__name__}: {err})") from err
         if not isinstance(config, dict):
@@ -235,7 +235,7 @@ class LoraSource(Source):
         if not recorded or directory is None or not (directory / "config.json").is_file():
             return
         try:
-            name = json.loads((directory / "config.json").read_text()).get("_name_or_path")
+            name = untrusted_json((directory / "config.json").read_text()).get("_name_or_path")
         except (OSError, ValueError, AttributeError):
             return
         hub = lambda s: isinstance(s, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", s) is not None and not os.path.exists(s)  # noqa: E731

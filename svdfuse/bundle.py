@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from svdfuse import ops
 from svdfuse.compress import BUNDLE_FORMAT, CORES
-from svdfuse.sources import SafetensorsSource, SourceError, open_source
+from svdfuse.sources import SafetensorsSource, SourceError, open_source, untrusted_json
 
 if TYPE_CHECKING:
     from svdfuse.export import LoraReport
@@ -100,7 +100,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     if metadata.get("svdfuse") != BUNDLE_FORMAT:
         raise SourceError(f"{label}: is not an svdfuse bundle (its metadata has svdfuse={metadata.get('svdfuse')!r}, expected {BUNDLE_FORMAT!r}); write one with svdfuse compress")
     try:
-        adapters, shapes, k = json.loads(metadata["adapters"]), json.loads(metadata["shapes"]), int(metadata["k"])
+        adapters, shapes, k = untrusted_json(metadata["adapters"]), untrusted_json(metadata["shapes"]), int(metadata["k"])
         core, basis = metadata["core"], metadata["basis"]
     except (KeyError, ValueError) as err:
         raise SourceError(f"{label}: bundle metadata is incomplete or malformed ({type(err).__name__}: {err})") from None

@@ -183,7 +183,7 @@ def _inspect(args: argparse.Namespace) -> None:
     from svdfuse.inspection import adapter_report, inspect_adapter, inspect_model, inspect_report
     from svdfuse.plan import DEFAULT_EXCLUDE
 
-    if Path(args.model).is_dir() and is_adapter(Path(args.model)):
+    if os.path.isdir(args.model) and is_adapter(Path(args.model)):  # os.path: a directory it cannot look into is open_source's to name
         if args.include or args.exclude:
             raise ValueError("--include/--exclude choose a model's tensors; an adapter's modules are all listed (its merge takes them by the base's names)")
         print(adapter_report(inspect_adapter(args.model, base=args.base), per_module=not args.summary))

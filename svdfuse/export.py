@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -45,8 +44,8 @@ from svdfuse.nn.layers import SVDLinear, SVDWeight
 from svdfuse.merging import MERGE_METADATA
 from svdfuse.plan import DEFAULT_EXCLUDE, matches_any, resolve_rank
 from svdfuse.result import MergeResult
-from svdfuse.sinks import check_output, publish, temporary
-from svdfuse.sources import ComponentCache, MappingSource, ModelLike, Source, SourceError, open_source
+from svdfuse.sinks import check_output, discard, publish, temporary
+from svdfuse.sources import ComponentCache, MappingSource, ModelLike, Source, SourceError, open_source, short_repr, untrusted_json
 
 __all__ = ["LoraReport", "export_lora", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
@@ -172,14 +171,17 @@ def export_lora(
         raise ValueError(f"export_lora: serve must be None or 'vllm', and drop_full_modules goes with serve='vllm'; found serve={serve!r}, drop_full_modules={drop_full_modules!r}")
     if rank is not None:
         resolve_rank(rank, 1, 1, "rank")  # its type, sign and fraction range, before the base is loaded
-    module, name_or_path = _base_module(base)
-    base_state = {key: t.detach().cpu() for key, t in module.state_dict().items()}
-    if isinstance(merged, Mapping) and not _is_state_dict(merged):
+    tasks = isinstance(merged, Mapping) and not _is_state_dict(merged)
+    if tasks:
         if not merged:
             raise ValueError("export_lora: the mapping of tasks is empty")
         for name in merged:
             if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-                raise ValueError(f"export_lora: task names become directory names, found {name!r}")
+                raise ValueError(f"export_lora: task names become directory names, found {short_repr(name)}")
+            check_output(output / name)  # a NUL byte, a name too long for the file system: before any work
+    module, name_or_path = _base_module(base)
+    base_state = {key: t.detach().cpu() for key, t in module.state_dict().items()}
+    if tasks:
         built = {name: _build(_read(m, base, base_state, rank, approximate, device, f"task {name!r}"), module, base_state, approximate) for name, m in merged.items()}
     else:
         built = {None: _build(_read(merged, base, base_state, rank, approximate, device, "merged"), module, base_state, approximate)}
@@ -199,7 +201,7 @@ def export_lora(
                 written = replace(written, r=config["r"], targets=dict.fromkeys(written.targets, config["r"]), modules_to_save=[], lora_bias=False)
             reports[name] = written
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     publish(tmp, output)
     return reports[None] if None in reports else reports
@@ -291,7 +293,7 @@ def _from_dense(merged: ModelLike, base, base_state: dict[str, Tensor], rank, ap
     missing = [key for key in base_state if key not in source]
     if missing:
         raise SourceError(f"{source.label}: has no tensor {missing[0]!r} of the base ({len(missing)} of its tensors are missing)")
-    record = json.loads(getattr(source, "metadata", {}).get(MERGE_METADATA, "{}"))
+    record = _merge_record(source)
     _check_base(source, record, base, base_state)
     ranks, tensors = _dense_ranks(source, base_state, record.get("ranks", {}), rank, approximate)
     device = torch.device(device) if device is not None else default_device()
@@ -313,6 +315,24 @@ def _from_dense(merged: ModelLike, base, base_state: dict[str, Tensor], rank, ap
         if off_rank[key]:
             frozen[key] = rest.cpu().reshape(W0.shape)
     return _Merged(factors, frozen, tensors, source.label, off_rank)
+
+
+def _merge_record(source: Source) -> dict:
+    """What `svdfuse merge` recorded in the file (nothing: `{}`), checked as untrusted input: a
+    JSON object whose ranks map matrix names to positive ints and whose base digest is a string."""
+    text = getattr(source, "metadata", {}).get(MERGE_METADATA, "{}")
+    try:
+        record = untrusted_json(text)
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        ranks = record.get("ranks", {})
+        if not isinstance(ranks, dict) or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks.values()):
+            raise ValueError(f"ranks {short_repr(ranks)}, not a map of matrix names to positive ints")
+        if "base_sha256" in record and not isinstance(record["base_sha256"], str):
+            raise ValueError(f"base_sha256 {short_repr(record['base_sha256'])}, not a string")
+    except ValueError as err:
+        raise SourceError(f"{source.label}: its {MERGE_METADATA!r} metadata is damaged ({err}); export the file svdfuse merge wrote") from None
+    return record
 
 
 def _check_base(source: Source, record: dict, base, base_state: dict[str, Tensor]) -> None:

@@ -54,7 +54,7 @@ def inspect_model(
     Reads headers only."""
     if isinstance(include, str) or isinstance(exclude, str):
         raise TypeError("include and exclude take a list of glob patterns, found a str; write include=['fc1.weight']")
-    if isinstance(model, (str, os.PathLike)) and Path(model).is_dir() and is_adapter(Path(model)):
+    if isinstance(model, (str, os.PathLike)) and os.path.isdir(model) and is_adapter(Path(model)):  # os.path: a path it cannot look at is open_source's to name
         raise SourceError(f"model ({Path(model).name!r}): is a peft adapter; inspect it with inspect_adapter(path, base=...) (svdfuse inspect does)")
     source = open_source(model, "model")
     out = []

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,7 @@ from torch import Tensor
 from svdfuse import factored
 from svdfuse.plan import resolve_rank
 from svdfuse.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSource, stack_factors
-from svdfuse.sinks import LowRank, publish, temporary
+from svdfuse.sinks import LowRank, discard, publish, temporary
 from svdfuse.sources import Source
 
 __all__ = ["VLLM_RANKS", "Update", "LoraSink", "concatenate", "for_vllm", "peft_factors", "peft_config", "vllm_rank", "write_adapter"]
@@ -198,7 +197,7 @@ def write_adapter(
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "svdfuse": "lora"})
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     publish(tmp, Path(output))
     return config

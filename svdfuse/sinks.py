@@ -30,7 +30,7 @@ from svdfuse import distributed
 from svdfuse.sources import SAFETENSORS_DTYPES
 from svdfuse.templates import Template
 
-__all__ = ["LowRank", "SafetensorsWriter", "check_output", "publish", "temporary", "parse_size", "save_safetensors", "save_hf_directory", "refuse_existing"]
+__all__ = ["LowRank", "SafetensorsWriter", "check_output", "discard", "publish", "temporary", "parse_size", "save_safetensors", "save_hf_directory", "refuse_existing"]
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -255,7 +255,7 @@ class SafetensorsWriter:
                     f.write(self._headers[name])
                     _reserve(f.fileno(), len(self._headers[name]) + sum(_nbytes(s, d) for _, s, d in self._shards[name]), self.path)
         except BaseException:
-            _remove(tmp)
+            discard(tmp)
             raise
         return tmp
 
@@ -269,8 +269,11 @@ class SafetensorsWriter:
         file, at = self._where[name]
         offset = at + start * row
         fd, done = self._fds[file], 0
-        while done < len(data):
-            done += os.pwrite(fd, memoryview(data)[done:], offset + done)
+        try:
+            while done < len(data):
+                done += os.pwrite(fd, memoryview(data)[done:], offset + done)
+        except OSError as err:  # pwrite's error names no file: a full disk, a quota, an I/O error
+            raise OSError(err.errno, f"cannot write {name!r} into the output: {err.strerror}", str(self.path)) from None
         self._written[name] = self._written.get(name, 0) + len(data)
 
     def commit(self, expected: Iterable[str], files: Mapping[str, str] | None = None) -> None:
@@ -301,6 +304,8 @@ class SafetensorsWriter:
             for fd in fds.values():
                 if sync:
                     os.fsync(fd)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot flush the output to disk: {err.strerror}", str(self.path)) from None
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -309,14 +314,16 @@ class SafetensorsWriter:
         """Remove everything written (every process calls it; rank 0 removes); again, it does nothing."""
         self._close()
         if self._group.rank == 0 and self._tmp is not None:
-            _remove(self._tmp)
+            discard(self._tmp)
             self._tmp = None
 
 
 def temporary(path: Path, *, directory: bool) -> Path:
     """A new empty temporary file or directory beside the output `path`, named so that the next
     writer beside it removes it should this process die (`.NAME.svdfuse-HOST-PID-XXXXXXXX.tmp`).
-    It gets the permissions the umask gives a new file or directory, which the output keeps."""
+    It gets the permissions the umask gives a new file or directory, which the output keeps.
+    Parents it creates are removed with it (`discard`) unless the output is published."""
+    missing = [parent for parent in path.absolute().parents if not os.path.lexists(parent)]
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale(path)
     prefix = f"{_temp_start(path)}{os.getpid()}-"
@@ -327,6 +334,7 @@ def temporary(path: Path, *, directory: bool) -> Path:
                 os.mkdir(tmp, 0o777)  # the umask applies, as for any new directory (tempfile's would be 0700)
             else:
                 os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            _CREATED[tmp] = missing
             return tmp
         except FileExistsError:
             continue
@@ -362,6 +370,21 @@ def _sweep_stale(path: Path) -> None:
         pid = stale.name[len(start) :].split("-", 1)[0]
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             _remove(stale)
+
+
+# A temporary output -> the missing parents `temporary` created for it, deepest first.
+_CREATED: dict[Path, list[Path]] = {}
+
+
+def discard(tmp: Path) -> None:
+    """Remove the temporary output `tmp` and the parents created for it that are still empty:
+    a failed write leaves nothing on disk."""
+    _remove(tmp)
+    for parent in _CREATED.pop(tmp, []):
+        try:
+            parent.rmdir()
+        except OSError:  # holds something now (the published output, another process's file)
+            break
 
 
 def _remove(tmp: Path) -> None:
@@ -406,7 +429,7 @@ def publish(tmp: Path, path: Path) -> None:
     except FileExistsError:
         raise FileExistsError(f"output path {str(path)!r} appeared while writing; svdfuse never overwrites, nothing was written") from None
     finally:
-        _remove(tmp)
+        discard(tmp)
 
 
 def _sync(path: Path, *, tree: bool = True) -> None:

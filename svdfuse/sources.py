@@ -141,8 +141,18 @@ def _header(path: Path) -> tuple[int, dict]:
         (size,) = struct.unpack("<Q", f.read(8))
         if size > min(_MAX_HEADER, os.fstat(f.fileno()).st_size - 8):  # else a hostile size is allocated
             raise ValueError(f"its header claims {size} bytes, more than the file or safetensors' limit holds")
-        header = json.loads(f.read(size))
+        header = untrusted_json(f.read(size))
     return 8 + size, header
+
+
+def untrusted_json(text: str | bytes) -> object:
+    """JSON that came with a model (a header, an index, a config, metadata): a ValueError for
+    any text that is not JSON, nesting too deep for the parser included (a RecursionError
+    otherwise, which no caller would take for bad input)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply (a model's files nest a few levels)") from None
 
 
 _MAX_HEADER = 100_000_000  # safetensors' own limit
@@ -305,7 +315,7 @@ class ComponentCache(Source):
         self._store = store
         if info.get("svdfuse") != CACHE_FORMAT:
             raise SourceError(
-                f"{label}: is a component cache in format {_short(info.get('svdfuse'))}, this svdfuse reads {CACHE_FORMAT!r} "
+                f"{label}: is a component cache in format {short_repr(info.get('svdfuse'))}, this svdfuse reads {CACHE_FORMAT!r} "
                 "(which records the base it was decomposed against, so that a merge can check it); decompose the source again"
             )
         try:
@@ -406,12 +416,18 @@ class ComponentCache(Source):
                     f"{self.label}: the cached {key}.{part} {tuple(t.shape)} holds {int(torch.isnan(t).sum())} NaN and "
                     f"{int(torch.isinf(t).sum())} Inf values; expected finite factors: the cache is damaged, decompose the source again"
                 )
+        stored = self._store.get(f"{key}.S")
+        if bool((stored < 0).any()) or bool((stored[1:] > stored[:-1]).any()):  # else the first `rank` are not the top ones
+            raise SourceError(
+                f"{self.label}: the cached {key}.S {tuple(stored.shape)} is no spectrum, found {short_repr([round(v, 6) for v in stored[:8].tolist()])}; "
+                "expected non-negative values in non-increasing order: the cache is damaged, decompose the source again"
+            )
         return U, S, V
 
 
 def _json(info: Mapping[str, str], name: str, kind: type) -> object:
     """Metadata entry `name`, JSON of a `kind` (a dict, a list)."""
-    value = json.loads(info[name])
+    value = untrusted_json(info[name])
     if not isinstance(value, kind):
         raise TypeError(f"{name!r} holds a {type(value).__name__}, expected a {kind.__name__}")
     return value
@@ -423,10 +439,10 @@ def model_file(directory: Path, name: object, label: str, what: str) -> Path:
     a relative name that stays inside the directory after symbolic links and names a regular file
     is taken, never a path that would open another file of the machine."""
     if not isinstance(name, str):
-        raise SourceError(f"{label}: {what} names {type(name).__name__} {_short(name)}, expected a file name (a string)")
+        raise SourceError(f"{label}: {what} names {type(name).__name__} {short_repr(name)}, expected a file name (a string)")
     relative = Path(name)
     if not name or "\0" in name or relative.is_absolute() or ".." in relative.parts:
-        raise SourceError(f"{label}: {what} names {_short(name)}, expected a relative file name inside the model directory (no absolute path, no '..', no NUL)")
+        raise SourceError(f"{label}: {what} names {short_repr(name)}, expected a relative file name inside the model directory (no absolute path, no '..', no NUL)")
     path = directory / relative
     try:
         mode, real = path.stat().st_mode, path.resolve(strict=True)  # stat first: resolve meets a loop as RuntimeError
@@ -449,7 +465,7 @@ def model_roots(directory: Path) -> list[Path]:
     return [real] if hub is None else [real, hub / "blobs"]
 
 
-def _short(value: object) -> str:
+def short_repr(value: object) -> str:
     """`value` for a message about untrusted input: its repr, cut to 200 characters."""
     text = repr(value)
     return text if len(text) <= 200 else text[:197] + "..."
@@ -465,7 +481,7 @@ def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str,
     if index.stat().st_size > _MAX_HEADER:  # an index lists names: megabytes at most, never a file to read whole
         raise SourceError(f"{label}: {str(index)!r} holds {index.stat().st_size} bytes, more than a shard index ({_MAX_HEADER} at most)")
     try:
-        weight_map = dict(json.loads(index.read_text())["weight_map"])
+        weight_map = dict(untrusted_json(index.read_text())["weight_map"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # UnicodeDecodeError is a ValueError
         raise SourceError(
             f"{label}: {str(index)!r} is not a safetensors index: expected JSON with a 'weight_map' of "

@@ -246,6 +246,22 @@ def test_nan_in_a_cached_spectrum_names_the_cache(problem, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("change", ["negative", "increasing"])
+def test_a_cached_spectrum_out_of_order_or_negative_names_the_cache(change, problem, tmp_path):
+    # The merge takes a cache's first k components as its top k: only a spectrum makes them so.
+    base, sources = problem
+    file = tmp_path / "s0.svd.safetensors"
+    svdfuse.decompose(sources[0], base=base, rank=4, svd=SVD, output=file, device="cpu")
+    with safe_open(str(file), "pt") as f:
+        S = f.get_tensor("l1.weight.S")
+    S = S.flip(0) if change == "increasing" else torch.cat([S[:3], -S[3:]])
+    bad = _rewrite(file, tmp_path, tensors={"l1.weight.S": S})
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(svdfuse.SourceError, match=r"^source 1 \('tampered\.svd\.safetensors'\): the cached l1\.weight\.S \(4,\) is no spectrum, found \[.*\]; expected non-negative values in non-increasing order"):
+        svdfuse.merge([sources[1], bad], k=2, base=base, svd=SVD, device="cpu", output=out)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("rank, message", [("0", "rank must be positive, found 0"), ("1000", r"rank=1000 is larger than min\(m, n\) of 3 matrices"), ("1.5", r"rank as a fraction of min\(m, n\) must be in \(0, 1\], found 1\.5")])
 def test_cli_decompose_speaks_of_the_rank(rank, message, problem, tmp_path, capsys):
     from safetensors.torch import save_file

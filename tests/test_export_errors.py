@@ -101,3 +101,40 @@ def test_without_a_recorded_base_a_residual_near_one_blames_the_base(hf, tmp_pat
     assert "so the base is likely not the one it was merged against" in err, err
     assert err.index("likely not the one") < err.index("--approximate")
     assert main(_export(older, hf["base"], tmp_path / "out")) == 0  # the right base needs no record
+
+
+@pytest.mark.parametrize(
+    "record, found",
+    [
+        ("[1]", "a JSON list, not an object"),
+        ('{"ranks": 5}', "ranks 5, not a map of matrix names to positive ints"),
+        (json.dumps({"ranks": {Q: "2"}}), f"ranks {{'{Q}': '2'}}, not a map of matrix names to positive ints"),
+        (json.dumps({"ranks": {Q: -4}}), f"ranks {{'{Q}': -4}}, not a map of matrix names to positive ints"),
+        (json.dumps({"ranks": {Q: 2}, "base_sha256": 7}), "base_sha256 7, not a string"),
+        ("{", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+        ("[" * 100_000, "JSON nested too deeply (a model's files nest a few levels)"),
+    ],
+    ids=["list", "ranks-int", "rank-str", "rank-negative", "digest-int", "not-json", "deep"],
+)
+def test_a_damaged_merge_record_is_refused_naming_the_file(record, found, hf, tmp_path, capsys):
+    damaged = _rewritten(hf["merged"], tmp_path / "damaged")
+    with safe_open(str(damaged / "model.safetensors"), "pt") as f:
+        state, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    save_file(state, str(damaged / "model.safetensors"), metadata={**meta, MERGE_METADATA: record})
+    assert main(_export(damaged, hf["base"], tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"svdfuse export: error: merged ('damaged'): its 'svdfuse.merge' metadata is damaged ({found}); export the file svdfuse merge wrote"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, found", [("a\0b", "holds a NUL byte"), ("n" * 300, "is too long, 300 bytes")], ids=["nul", "long"])
+def test_a_task_name_no_directory_can_have_is_refused_before_any_work(name, found, hf, tmp_path, no_work, monkeypatch):
+    import svdfuse.export
+
+    def load(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(svdfuse.export, "_base_module", load)
+    with pytest.raises(ValueError, match=f"^output path '.*' ?(: the name '.*' )?{found}"):
+        svdfuse.export.export_lora({name: hf["merged"]}, tmp_path / "out", base=hf["base"], device="cpu")
+    assert list(tmp_path.iterdir()) == []

@@ -125,6 +125,37 @@ def test_everything_is_flushed_to_disk_before_the_rename_and_the_rename_after(fi
     assert ("fsync", events[at][1]) in events[:at] and [event for event in events[at + 1 :] if event[0] == "fsync"] == [("fsync", str(tmp_path))]
 
 
+def test_each_process_flushes_the_files_it_wrote_before_closing_them(files, tmp_path, monkeypatch):
+    # Under torchrun on several machines the publishing rank's fsync cannot flush another
+    # machine's page cache: every process syncs its own descriptors at the commit.
+    opened, synced, closed_unsynced = set(), set(), []
+    real_open, real_fsync, real_close = os.open, os.fsync, os.close
+
+    def open_(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if ".svdfuse-" in os.fspath(path) and flags & os.O_WRONLY:
+            opened.add(fd)
+        return fd
+
+    def fsync(fd):
+        synced.add(fd)
+        real_fsync(fd)
+
+    def close(fd):
+        if fd in opened:
+            opened.discard(fd)
+            if fd not in synced:
+                closed_unsynced.append(fd)
+        synced.discard(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "close", close)
+    merge_to(files, tmp_path / "merged", shard_size="1KB")
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file() and not opened and not closed_unsynced
+
+
 def test_the_sweep_leaves_another_hosts_live_temporary_alone(files, tmp_path, monkeypatch):
     # On a shared file system a merge on another machine writes beside ours; its pid means nothing
     # here. Its temporary name, made as that machine makes it, must survive our merge's sweep.
@@ -186,6 +217,41 @@ def test_a_failure_between_laying_out_the_files_and_the_first_tensor_leaves_noth
     monkeypatch.setattr(svdfuse.distributed.Group, "broadcast", fail)  # inside the writer, its files laid out
     with pytest.raises(type(error)):
         merge_to(files, tmp_path / output)
+    assert list(tmp_path.iterdir()) == [tmp_path / "models"]
+
+
+@pytest.mark.parametrize("output", ["new/parents/out.safetensors", "new/parents/out"])
+def test_a_failed_merge_removes_the_parents_it_created_and_keeps_those_it_found(output, files, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("broke")
+
+    monkeypatch.setattr(svdfuse.merging.Compute, "run", fail)
+    with pytest.raises(RuntimeError):
+        merge_to(files, tmp_path / output)
+    assert list(tmp_path.iterdir()) == [tmp_path / "models"]
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "kept.txt").write_text("the user's")
+    with pytest.raises(RuntimeError):
+        merge_to(files, tmp_path / output)
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["kept.txt"]
+    monkeypatch.undo()
+    merge_to(files, tmp_path / output)  # published: its new parent stays
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["kept.txt", "parents"]
+
+
+@pytest.mark.parametrize("call, message", [("pwrite", "cannot write 'layer.bias' into the output: Disk quota exceeded"),
+                                           ("fsync", "cannot flush the output to disk: Input/output error")])
+def test_a_write_the_disk_refuses_names_the_output_on_one_line_and_leaves_nothing(call, message, files, tmp_path, capsys, monkeypatch):
+    code = errno.EDQUOT if call == "pwrite" else errno.EIO
+
+    def fail(*args):
+        raise OSError(code, os.strerror(code))  # as the kernel's: no file named
+
+    monkeypatch.setattr(os, call, fail)
+    base, sources = files
+    out = tmp_path / "new" / "merged.safetensors"
+    assert main(["merge", "--base", str(base), "-k", "4", "--quiet", "-o", str(out), *sources]) == 2
+    assert capsys.readouterr().err == f"svdfuse merge: error: {message}: {out}\n"
     assert list(tmp_path.iterdir()) == [tmp_path / "models"]
 
 
@@ -260,8 +326,9 @@ svdfuse.merge(sys.argv[4:], k=6, base=sys.argv[2], device="cpu", output=sys.argv
 """
 
 
-def test_a_merge_is_the_same_bytes_on_one_thread_and_on_two(tmp_path):
-    # Matrices large enough that LAPACK splits its work between threads (at 32 x 32 it does not).
+def _merge_at_threads(tmp_path: Path, threads: list[int], env: dict[str, str]) -> list[bytes]:
+    """The bytes of one AXIS merge run at each thread count, in a fresh process with `env` added."""
+    # Matrices large enough that LAPACK and MKL split their work between threads (at 32 x 32 they do not).
     gen = torch.Generator().manual_seed(0)
     base = {"a.weight": torch.randn(384, 256, generator=gen), "b.weight": torch.randn(256, 384, generator=gen), "a.bias": torch.randn(384, generator=gen)}
     save_file(base, tmp_path / "base.safetensors")
@@ -270,11 +337,24 @@ def test_a_merge_is_the_same_bytes_on_one_thread_and_on_two(tmp_path):
         save_file({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in base.items()}, tmp_path / f"ft{i}.safetensors")
         sources.append(str(tmp_path / f"ft{i}.safetensors"))
     outputs = []
-    for threads in (1, 2):
+    for threads in threads:
         out = tmp_path / f"threads{threads}.safetensors"
-        env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR")}
+        clean = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR")}
         done = subprocess.run([sys.executable, "-c", _THREADS, str(threads), str(tmp_path / "base.safetensors"), str(out), *sources],
-                              env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                              env={**clean, **env}, capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(out.read_bytes())
-    assert outputs[0] == outputs[1]
+    return outputs
+
+
+def test_a_merge_is_the_same_bytes_on_one_thread_and_on_two(tmp_path):
+    one, two = _merge_at_threads(tmp_path, [1, 2], {})
+    assert one == two
+
+
+def test_with_mkls_strict_mode_a_merge_is_the_same_bytes_at_any_thread_count(tmp_path):
+    # README: from three threads up MKL may split a GEMM otherwise; MKL_CBWR=AUTO,STRICT in both runs.
+    if not torch.backends.mkl.is_available():
+        pytest.skip("torch is not built with MKL: MKL_CBWR does not apply")
+    outputs = _merge_at_threads(tmp_path, [1, 3, 4], {"MKL_CBWR": "AUTO,STRICT"})
+    assert outputs[0] == outputs[1] == outputs[2]
