@@ -440,7 +440,7 @@ BracketResult bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N
   std::vector<std::vector<float>> found_v(units * T);
   std::vector<std::vector<int32_t>> found_j(units * T);
   for_each_unit(units, [&](const auto& pull) {
-    std::vector<float> v(kChunk + 1);
+    std::vector<float> a(kChunk), v(kChunk + 1);
     std::vector<int32_t> jj(kChunk + 1);
     for (int64_t u; (u = pull()) < units;) {
       const int64_t lo_j = u * kChunk, n = std::min(N, lo_j + kChunk) - lo_j;
@@ -450,11 +450,17 @@ BracketResult bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N
         const in_t* xi = x[i] + lo_j;
         const in_t* bi = x0 + lo_j;
         int64_t up = 0, in = 0, at_lo = 0, at_hi = 0;
+        // |τ| and the counts in a loop that vectorizes (the sources' dtype converted there), then the
+        // compaction, which cannot, over floats alone
         for (int64_t j = 0; j < n; ++j) {
           const float m = tau(xi, bi, j);
           up += m > h;
           at_hi += m == h;
           at_lo += apart & (m == l);
+          a[j] = m;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const float m = a[j];
           v[in] = m;
           jj[in] = static_cast<int32_t>(j);
           in += (m > l) & (m < h);
