@@ -60,14 +60,20 @@ class _Reused:
     as much as reading a chunk of adapters' factors from the page cache."""
 
     def __init__(self) -> None:
-        self._held: dict[tuple[str, torch.dtype], Tensor] = {}
+        self._held: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
 
-    def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
         size = math.prod(shape)
-        held = self._held.get((name, dtype))
+        device = torch.device("cpu") if device is None else device
+        held = self._held.get((name, dtype, device))
         if held is None or held.numel() < size:
-            held = self._held[(name, dtype)] = torch.empty(size, dtype=dtype)
+            self._held.pop((name, dtype, device), None)  # the old one freed before the larger one is taken
+            held = self._held[(name, dtype, device)] = torch.empty(size, dtype=dtype, device=device)
         return held[:size].view(shape)
+
+    def clear(self) -> None:
+        """Free every buffer (before work that sizes its own pieces to the budget)."""
+        self._held.clear()
 
 
 def _extremes(M: Tensor) -> tuple[list, list]:
@@ -133,6 +139,7 @@ class Compute:
         self.trim_options = method.trim(params)
         self.model_trim = model_trim
         self._model_trim: Trim | None = None  # found by the first pass, at the first task that needs it
+        self._row_buffers = _Reused()  # the row blocks of element-wise tensors, one buffer for all of them
 
     def run(self, task: Task, after: Task | None = None) -> Iterator[Merged]:
         """The outputs of `task`; the first piece of `after` (the next task) is read ahead from disk
@@ -145,10 +152,9 @@ class Compute:
             yield from self._copied(spec)
         elif spec.role is Role.ELEMENTWISE or self.method.kind is Kind.ELEMENTWISE:
             yield from self._elementwise(spec, task.block)
-        elif self.method.kind is Kind.FACTORS:
-            yield from self._factors(task)
         else:
-            yield from self._matrices(task)
+            self._row_buffers.clear()  # a matrix group's pieces take the budget: no row blocks held beside them
+            yield from self._factors(task) if self.method.kind is Kind.FACTORS else self._matrices(task)
 
     # -- elementwise: row blocks of one tensor over all sources ---------------------------------
 
@@ -244,8 +250,8 @@ class Compute:
         """(flat index of the block's first entry + offset, every source's entries, the base's) of
         `spec`'s row blocks, a trim pass: the task vectors are formed by the op that reads them."""
         rows, c = min(block, spec.rows), spec.row_numel
-        W0 = torch.empty((rows, c), dtype=spec.out_dtype, device=self.device)
-        W = torch.empty((self.T, rows, c), dtype=spec.out_dtype, device=self.device)
+        W0 = self._row_buffers("base", (rows, c), spec.out_dtype, self.device)
+        W = self._row_buffers("sources", (self.T, rows, c), spec.out_dtype, self.device)
         for start, _, w0, w in self._views(spec, block, W0, W):
             yield offset + start * c, w, w0
 
@@ -349,8 +355,8 @@ class Compute:
         trim = self._trim(spec, block) if isinstance(terms, Ties) else None
         c, rows = spec.row_numel, min(block, spec.rows)
         acc = compute_dtype(spec.out_dtype)
-        W0 = torch.empty((rows, c), dtype=spec.out_dtype, device=self.device)
-        W = torch.empty((self.T, rows, c), dtype=spec.out_dtype, device=self.device)
+        W0 = self._row_buffers("base", (rows, c), spec.out_dtype, self.device)
+        W = self._row_buffers("sources", (self.T, rows, c), spec.out_dtype, self.device)
         whole = whole0 = None
         if spec.role is Role.MATRIX and spec.k is not None and self.want_factors:
             # the whole delta, for its SVD, and the base beside it (a matrix kept in memory anyway)
