@@ -213,4 +213,4 @@ def test_a_failure_midway_leaves_nothing(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(module, "compress_matrix", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         svdfuse.compress(adapters, k=4, base=path, output=tmp_path / "out" / "b.safetensors")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # nor the folder made for the output
