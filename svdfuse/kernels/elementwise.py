@@ -21,6 +21,18 @@ _BLOCK = 1024
 
 
 @triton.jit
+def _store(out, offs, inside, v, x0, bad, N, ADD_BASE: tl.constexpr):
+    """The merged task vector v (plus the base x0) stored in the output's dtype; the first
+    non-finite stored value's offset reported to `bad`."""
+    if ADD_BASE:
+        v += x0
+    value = v.to(out.dtype.element_ty)
+    tl.store(out + offs, value, mask=inside)
+    check = value.to(tl.float32)
+    tl.atomic_min(bad, tl.min(tl.where(inside & ((check - check) != 0.0), offs, N), 0))  # NaN or ±inf
+
+
+@triton.jit
 def _merge_block_kernel(X, stride, X0, weights, out, flags, bad, T, N, scale, divisor, SAME_IS_ZERO: tl.constexpr,
                         ADD_BASE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     # flags: int32 (2T + 1,): [0, T) differs, [T, 2T) source nonzero, 2T base nonzero; bad: int64 (1,), N if none.
@@ -38,12 +50,7 @@ def _merge_block_kernel(X, stride, X0, weights, out, flags, bad, T, N, scale, di
             d = tl.where(x == x0, 0.0, d)  # an infinite entry equal to the base's is no change
         acc += d * tl.load(weights + i)
     v = tl.math.div_rn(acc, divisor) * scale
-    if ADD_BASE:
-        v += x0
-    value = v.to(out.dtype.element_ty)
-    tl.store(out + offs, value, mask=inside)
-    check = value.to(tl.float32)
-    tl.atomic_min(bad, tl.min(tl.where(inside & ((check - check) != 0.0), offs, N), 0))  # NaN or ±inf
+    _store(out, offs, inside, v, x0, bad, N, ADD_BASE)
 
 
 @triton.jit
@@ -98,12 +105,7 @@ def _ties_block_kernel(X, stride, X0, weights, threshold, cutoff, out, flags, ba
     if MEAN:
         v = tl.math.div_rn(v, tl.where(count == 0.0, 1.0, count))
     v = v * scale
-    if ADD_BASE:
-        v += x0
-    value = v.to(out.dtype.element_ty)
-    tl.store(out + offs, value, mask=inside)
-    check = value.to(tl.float32)
-    tl.atomic_min(bad, tl.min(tl.where(inside & ((check - check) != 0.0), offs, N), 0))  # NaN or ±inf
+    _store(out, offs, inside, v, x0, bad, N, ADD_BASE)
 
 
 def _rows(sources: list[Tensor]) -> tuple[Tensor, int]:
@@ -119,6 +121,21 @@ def _rows(sources: list[Tensor]) -> tuple[Tensor, int]:
     return (sources[0], 0) if sources else (torch.empty(0), 0)
 
 
+def _launch(kernel, sources: list[Tensor], base: Tensor, dtype: torch.dtype, inputs: tuple, scalars: tuple, **constexprs) -> tuple[Tensor, Tensor, Tensor, int]:
+    """One launch of an element-wise `kernel(X, stride, X0, *inputs, out, flags, bad, T, N, *scalars,
+    **constexprs, BLOCK)` over a block; returns value (N,) `dtype`, differs (T,), zero (T + 1,) and
+    the first non-finite index or -1."""
+    T, N = len(sources), base.shape[0]
+    X, stride = _rows(sources)
+    out = torch.empty(N, dtype=dtype, device=base.device)
+    flags = torch.zeros(2 * T + 1, dtype=torch.int32, device=base.device)
+    bad = torch.full((1,), N, dtype=torch.int64, device=base.device)
+    if N:
+        kernel[(triton.cdiv(N, _BLOCK),)](X if T else base, stride, base, *inputs, out, flags, bad, T, N, *scalars, **constexprs, BLOCK=_BLOCK)
+    first = int(bad)
+    return out, flags[:T].bool(), ~flags[T:].bool(), -1 if first == N else first
+
+
 def merge_block(
     sources: list[Tensor], base: Tensor, weights: Tensor, scale: float, divisor: float, same_is_zero: bool, add_base: bool,
     dtype: torch.dtype,
@@ -126,18 +143,8 @@ def merge_block(
     """`svdfuse.ops.merge_block` without DARE's masks, inputs checked: T sources (N,) and the base
     (N,) fp32/bf16/fp16, weights (T,) fp32. Returns value (N,) `dtype`, differs (T,), zero (T + 1,)
     and the first non-finite index or -1."""
-    T, N = len(sources), base.shape[0]
-    X, stride = _rows(sources)
-    out = torch.empty(N, dtype=dtype, device=base.device)
-    flags = torch.zeros(2 * T + 1, dtype=torch.int32, device=base.device)
-    bad = torch.full((1,), N, dtype=torch.int64, device=base.device)
-    if N:
-        _merge_block_kernel[(triton.cdiv(N, _BLOCK),)](
-            X if T else base, stride, base, weights, out, flags, bad, T, N, float(scale), float(divisor),
-            SAME_IS_ZERO=same_is_zero, ADD_BASE=add_base, BLOCK=_BLOCK,
-        )  # fmt: skip
-    first = int(bad)
-    return out, flags[:T].bool(), ~flags[T:].bool(), -1 if first == N else first
+    return _launch(_merge_block_kernel, sources, base, dtype, (weights,), (float(scale), float(divisor)),
+                   SAME_IS_ZERO=same_is_zero, ADD_BASE=add_base)  # fmt: skip
 
 
 def ties_block(
@@ -146,16 +153,7 @@ def ties_block(
 ) -> tuple[Tensor, Tensor, Tensor, int]:  # fmt: skip
     """`svdfuse.ops.ties_block`, inputs checked: T sources (N,) and the base (N,) fp32/bf16/fp16,
     weights (T,) fp32 or None, threshold (T,) fp32, cutoff (T,) int64. Returns as `merge_block`."""
-    T, N = len(sources), base.shape[0]
-    X, stride = _rows(sources)
-    out = torch.empty(N, dtype=dtype, device=base.device)
-    flags = torch.zeros(2 * T + 1, dtype=torch.int32, device=base.device)
-    bad = torch.full((1,), N, dtype=torch.int64, device=base.device)
-    if N:
-        _ties_block_kernel[(triton.cdiv(N, _BLOCK),)](
-            X if T else base, stride, base, threshold if weights is None else weights, threshold, cutoff, out, flags, bad,
-            T, N, start, float(scale), HAS_WEIGHTS=weights is not None, KEEP_NONE=keep_none, MEAN=mean, POSITIVE=positive,
-            SAME_IS_ZERO=same_is_zero, ADD_BASE=add_base, BLOCK=_BLOCK,
-        )  # fmt: skip
-    first = int(bad)
-    return out, flags[:T].bool(), ~flags[T:].bool(), -1 if first == N else first
+    weights_or_any = threshold if weights is None else weights  # a pointer the kernel never reads without weights
+    return _launch(_ties_block_kernel, sources, base, dtype, (weights_or_any, threshold, cutoff), (start, float(scale)),
+                   HAS_WEIGHTS=weights is not None, KEEP_NONE=keep_none, MEAN=mean, POSITIVE=positive,
+                   SAME_IS_ZERO=same_is_zero, ADD_BASE=add_base)  # fmt: skip
