@@ -421,15 +421,26 @@ Result ties_block_cpu(at::TensorList sources, const at::Tensor& base, const std:
 // holds few distinct values, and millions of entries may equal a bound; where lo == hi, all count as hi).
 using BracketResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// One source's |τ| over a unit into `a`, with how many lie above h and equal l (where apart) and h.
+template <typename in_t>
+SVDFUSE_WIDE void bracket_counts(const in_t* x, const in_t* x0, int64_t n, float l, float h, bool apart, bool same_is_zero,
+                                 float* a, int64_t& up, int64_t& at_lo, int64_t& at_hi) {
+  int64_t above = 0, low = 0, high = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = static_cast<float>(x[j]), b = static_cast<float>(x0[j]);
+    const float d = std::fabs(v - b);
+    const float m = (same_is_zero && v == b) ? 0.0f : d;  // the flag first: the loop is split on it
+    above += m > h;
+    high += m == h;
+    low += apart & (m == l);
+    a[j] = m;
+  }
+  up = above, at_lo = low, at_hi = high;
+}
+
 template <typename in_t>
 BracketResult bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N, const float* lp, const float* hp,
                       bool same_is_zero, const at::TensorOptions& options) {
-  // the flag first (the loop is split on it), then a select, not a branch: the counting loop vectorizes
-  const auto tau = [same_is_zero](const in_t* xi, const in_t* x0, int64_t j) {
-    const float v = static_cast<float>(xi[j]), b = static_cast<float>(x0[j]);
-    const float m = std::fabs(v - b);
-    return (same_is_zero && v == b) ? 0.0f : m;
-  };
   // One pass: each (unit, source) counts and gathers into a buffer of its own, written without a
   // branch (every entry stored, the position advanced by whether it is inside: a branch taken for a
   // few percent of entries at random is mispredicted at every one of them); then one copy into place.
@@ -452,13 +463,7 @@ BracketResult bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N
         int64_t up = 0, in = 0, at_lo = 0, at_hi = 0;
         // |τ| and the counts in a loop that vectorizes (the sources' dtype converted there), then the
         // compaction, which cannot, over floats alone
-        for (int64_t j = 0; j < n; ++j) {
-          const float m = tau(xi, bi, j);
-          up += m > h;
-          at_hi += m == h;
-          at_lo += apart & (m == l);
-          a[j] = m;
-        }
+        bracket_counts(xi, bi, n, l, h, apart, same_is_zero, a.data(), up, at_lo, at_hi);
         for (int64_t j = 0; j < n; ++j) {
           const float m = a[j];
           v[in] = m;
