@@ -283,11 +283,18 @@ class Compute:
                     each = task.specs[0]
                     yield from self._trim_blocks(each, task.block, scope.offsets[each.key])
 
+            def locate(i: int, start: int, stop: int) -> Tensor:  # a unit lies in one tensor's block
+                for task in scope.tasks:
+                    each, first = task.specs[0], scope.offsets[task.specs[0].key]
+                    if first <= start < first + each.rows * each.row_numel:
+                        return self._flat_range(each, i, start - first, stop - first)
+                raise AssertionError(f"flat index {start} lies in no tensor of the model's trim")
+
             limit = int(TRIM_SHARE * self.budget) // scope.dtype.itemsize
             options = self.trim_options
             self._model_trim = exact_trim(
                 taus, scope.numel, self.T, options.density, scope.dtype, limit=limit, keep_rule=options.keep,
-                same_is_zero=self.allow_non_finite,
+                locate=locate, same_is_zero=self.allow_non_finite,
             )  # fmt: skip
         return dataclasses.replace(self._model_trim, offset=scope.offsets[spec.key])
 

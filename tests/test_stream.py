@@ -357,3 +357,28 @@ def test_ties_of_bf16_sources_whose_threshold_is_equalled_by_millions_of_entries
     agree = (t * elected) > 0
     expected = (t * agree).sum(0) / agree.sum(0).clamp(min=1) + base.double().reshape(-1)
     assert torch.equal(merged.reshape(-1), expected.to(torch.bfloat16))
+
+
+def test_whole_model_ties_of_bf16_sources_reads_only_the_cutoffs_units_again(tmp_path, monkeypatch):
+    """With `trim_scope="model"` the thresholds span every tensor; where one falls on a value many
+    entries share, each source's cutoff unit is read again from its tensor's rows, not found by a
+    pass over the model up to it (one such pass per source would read the model T times more)."""
+    gen = torch.Generator().manual_seed(6)
+    shapes = {"a.weight": (3000, 64), "b.weight": (2000, 64), "c.weight": (64,)}
+    base = {k: torch.randn(s, generator=gen).to(torch.bfloat16) for k, s in shapes.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    T, paths = 4, []
+    for i in range(T):
+        save_file({k: (v.float() + 3e-3 * torch.randn(v.shape, generator=gen)).to(torch.bfloat16) for k, v in base.items()}, tmp_path / f"s{i}.safetensors")
+        paths.append(tmp_path / f"s{i}.safetensors")
+    params = {"method": "ties", "density": 0.2, "trim_scope": "model", "device": "cpu"}
+    expected = svdfuse.merge(paths, base=tmp_path / "base.safetensors", **params).state_dict()
+    reads = _rows_read(monkeypatch)
+    svdfuse.merge(paths, base=tmp_path / "base.safetensors", output=tmp_path / "out.safetensors", max_memory="8MB", **params)
+    merged = load_file(tmp_path / "out.safetensors")
+    assert all(torch.equal(merged[k], expected[k]) for k in shapes)
+    unit_rows = (1 << 16) // 64 + 1
+    for i in range(T):
+        # the model trim's sample and bracket passes, the merge's pass, and one unit's rows
+        read = reads[i, "a.weight"] + reads[i, "b.weight"]
+        assert read <= 3 * 5000 + unit_rows, (i, read)
