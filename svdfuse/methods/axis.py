@@ -47,10 +47,13 @@ def axis(chunks: Iterator[Components], *, k: int, T: int, scaling: float = 1.0) 
             old = pos < S_s.shape[1]
             new = (pos - S_s.shape[1]).clamp(min=0)
             src, comp = new // S.shape[2], new % S.shape[2]
-            keep = old.unsqueeze(-1)
-            fresh = chunk.vectors(layer, src, comp)  # at a kept one's place, a vector formed and discarded
-            pick = lambda kept, new: torch.where(keep, kept.gather(1, pos.clamp(max=kept.shape[1] - 1).unsqueeze(-1).expand(-1, -1, kept.shape[-1])), new)  # noqa: E731
-            U_s, V_s = pick(U_s, fresh[0]), pick(V_s, fresh[1])
+            # the kept vectors at their new places, then the vectors of the chunk's entrants formed
+            # alone (of many sources, most of a later chunk's top-k is kept from before)
+            moved = lambda kept: kept.gather(1, pos.clamp(max=kept.shape[1] - 1).unsqueeze(-1).expand(-1, -1, kept.shape[-1]))  # noqa: E731
+            U_s, V_s = moved(U_s), moved(V_s)
+            entrants = (~old).nonzero(as_tuple=True)  # (layers, places)
+            if entrants[0].numel():
+                U_s[entrants], V_s[entrants] = chunk.vectors(entrants[0], src[entrants], comp[entrants])
             source_s = torch.where(old, source_s.gather(1, pos.clamp(max=S_s.shape[1] - 1)), src + first)
             S_s = values
         first += c
