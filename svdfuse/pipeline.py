@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,16 +262,8 @@ class Compute:
         rows = min(max(1, spec.rows // 8), max(-(-size // c), _SAMPLE_ROWS))
         m = max(1, min(c, size // rows))
         picked = torch.linspace(0, spec.rows - 1, rows).round().long().unique().tolist()
-        columns = torch.linspace(0, c - 1, m).round().long().unique().to(self.device)
-        w0 = torch.empty(c, dtype=spec.out_dtype, device=self.device)
-        w = torch.empty((self.T, c), dtype=spec.out_dtype, device=self.device)
-        out = torch.empty((self.T, len(picked), len(columns)), dtype=torch.float32, device=self.device)
-        for j, row in enumerate(picked):
-            self.reader.base_rows(spec.key, row, row + 1, w0)
-            for i in range(self.T):
-                self.reader.source_rows(i, spec.key, row, row + 1, w[i])
-            out[:, j] = self._task_vectors(w[:, columns].float(), w0[columns].float()).abs_()
-        return out.cpu()
+        columns = torch.linspace(0, c - 1, m).round().long().unique()
+        return torch.stack([self._abs_task_vectors(spec, range(self.T), row, row + 1)[:, columns] for row in picked], 1)
 
     def _whole_model_trim(self, spec: TensorSpec) -> Trim:
         """Tensor `spec`'s view of the whole-model trim; the first call finds it, in passes over
@@ -348,13 +340,19 @@ class Compute:
         """|τ| (fp32) of source i's `spec` at flat [start, stop), its rows read again: where a
         trim's cutoff falls among entries equal to a bound (a unit, not a pass)."""
         c = spec.row_numel
-        first, last = start // c, -(-stop // c)
-        w0 = torch.empty((last - first) * c, dtype=spec.out_dtype, device=self.device)
-        w = torch.empty((1, (last - first) * c), dtype=spec.out_dtype, device=self.device)
+        first = start // c
+        return self._abs_task_vectors(spec, [i], first, -(-stop // c))[0, start - first * c : stop - first * c]
+
+    def _abs_task_vectors(self, spec: TensorSpec, ids: Sequence[int], first: int, last: int) -> Tensor:
+        """|τ| (fp32, on the CPU) of sources `ids` at `spec`'s rows [first, last), read again apart from
+        the row blocks: (len(ids), (last − first) · row_numel)."""
+        n = (last - first) * spec.row_numel
+        w0 = torch.empty(n, dtype=spec.out_dtype, device=self.device)
+        w = torch.empty((len(ids), n), dtype=spec.out_dtype, device=self.device)
         self.reader.base_rows(spec.key, first, last, w0)
-        self.reader.source_rows(i, spec.key, first, last, w[0])
-        a, b = start - first * c, stop - first * c
-        return self._task_vectors(w[:, a:b].float(), w0[a:b].float())[0].abs_().cpu()
+        for j, i in enumerate(ids):
+            self.reader.source_rows(i, spec.key, first, last, w[j])
+        return self._task_vectors(w.float(), w0.float()).abs_().cpu()
 
     def _fused(self, spec: TensorSpec, block: int, terms: Linear | Ties) -> Iterator[Merged]:
         """One fused op per row block (`merge_block`, `ties_block`): the sources are read in the

@@ -382,3 +382,23 @@ def test_whole_model_ties_of_bf16_sources_reads_only_the_cutoffs_units_again(tmp
         # the model trim's sample and bracket passes, the merge's pass, and one unit's rows
         read = reads[i, "a.weight"] + reads[i, "b.weight"]
         assert read <= 3 * 5000 + unit_rows, (i, read)
+
+
+def test_inclusive_ties_reads_no_cutoff_unit_again(tmp_path, monkeypatch):
+    """`trim_keep="inclusive"` keeps every entry equal to the threshold: where the threshold is a
+    bound many entries share, there is no cutoff to find, and no unit is read a second time."""
+    gen = torch.Generator().manual_seed(5)
+    rows, cols, T = 4000, 64, 4
+    base = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+    save_file({"table.weight": base}, tmp_path / "base.safetensors")
+    paths = []
+    for i in range(T):
+        save_file({"table.weight": (base.float() + 3e-3 * torch.randn(rows, cols, generator=gen)).to(torch.bfloat16)}, tmp_path / f"s{i}.safetensors")
+        paths.append(tmp_path / f"s{i}.safetensors")
+    params = {"method": "ties", "density": 0.2, "trim_keep": "inclusive", "device": "cpu"}
+    expected = svdfuse.merge(paths, base=tmp_path / "base.safetensors", **params).state_dict()
+    reads = _rows_read(monkeypatch)
+    svdfuse.merge(paths, base=tmp_path / "base.safetensors", output=tmp_path / "out.safetensors", max_memory="8MB", **params)
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["table.weight"], expected["table.weight"])
+    for i in range(T):
+        assert 2 * rows < reads[i, "table.weight"] <= 2 * rows + rows // 8, (i, reads[i, "table.weight"])

@@ -213,13 +213,14 @@ def _bounds(drawn: Tensor, p: float) -> tuple[Tensor, Tensor]:
 
 
 def _bracketed(
-    blocks: Blocks, sample: Sample, locate: Locate, numel: int, sources: int, keep: int, limit: int, same_is_zero: bool
+    blocks: Blocks, sample: Sample, locate: Locate | None, numel: int, sources: int, keep: int, limit: int, same_is_zero: bool
 ) -> tuple[Tensor, Tensor] | None:
     """(threshold, flat index just past the last entry equal to it that survives) per source from
     a sample's bracket [lo, hi], or None where the bracket missed. One pass over the scope gathers
     the entries strictly inside and counts those equal to a bound per unit: a threshold inside has
     every entry equal to it gathered; one at a bound has its cutoff in the unit where the count of
-    that bound's entries reaches what survives, which `locate` reads again (a unit, not a pass)."""
+    that bound's entries reaches what survives, which `locate` reads again (a unit, not a pass;
+    without `locate`, where every tie survives, no cutoff is found)."""
     p = keep / numel
     size = _sample_size(numel, sources, p, limit)
     if size >= numel and 3 * sources * numel <= limit:  # a sample as large as the scope: take it all
@@ -235,7 +236,7 @@ def _bracketed(
         # every source in one op: a parallel region per block, never one per source
         up, counts, values, index, bounds = ops.trim_bracket(x, base, lo.to(base.device), hi.to(base.device), same_is_zero=same_is_zero)
         above += up.cpu()
-        held += 3 * values.numel()  # a value and its int64 index
+        held += 3 * values.numel() + 2 * bounds.numel()  # a value and its int64 index; int64 counts per unit
         if held > limit:
             return None  # too many values inside: leave it to the radix select
         index = index.cpu()
@@ -258,7 +259,7 @@ def _bracketed(
     at = index[(first + position).clamp(0, index.numel() - 1)] if index.numel() else torch.zeros_like(position)
     cutoff = torch.where(position >= 0, at + 1, numel)
     threshold = torch.where(rank <= at_hi, hi, torch.where(inside, t, lo)).double()
-    for i in range(sources):
+    for i in range(sources if locate is not None else 0):
         if bool(inside[i]):
             continue
         bound, need = (1, int(rank[i])) if rank[i] <= at_hi[i] else (0, int(rank[i] - at_hi[i] - counts[i]))
@@ -345,7 +346,10 @@ def exact_trim(
     found = None
     if dtype == torch.float32:
         sample = sample or strided_sample(blocks, numel, sources, same_is_zero)
-        locate = locate or blocks_locate(blocks, same_is_zero)
+        if keep_rule is TrimKeep.COUNT:  # the inclusive rule keeps every tie: no cutoff to find
+            locate = locate or blocks_locate(blocks, same_is_zero)
+        else:
+            locate = None
         found = _bracketed(blocks, sample, locate, numel, sources, keep, limit, same_is_zero)
     if found is not None:
         threshold, cutoff = found
