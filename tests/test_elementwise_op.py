@@ -431,3 +431,20 @@ def test_trim_select_order_statistics_against_a_sort(backend):
 def test_trim_select_opcheck():
     args = (torch.randn(30), torch.tensor([10, 20]), torch.tensor([3, 20]))
     torch.library.opcheck(torch.ops.svdfuse.trim_select.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_ops_ties_block_routes_to_the_triton_kernel_where_it_serves(triton_device, monkeypatch):
+    """`svdfuse.ops.ties_block` on a device the Triton kernels serve launches `kernels.elementwise.ties_block`."""
+    from svdfuse.kernels import elementwise
+
+    calls = []
+    launch = elementwise.ties_block
+    monkeypatch.setattr(elementwise, "ties_block", lambda *args: (calls.append(1), launch(*args))[1])
+    monkeypatch.setattr(ops, "_triton_serves", lambda t: True)  # as on CUDA; the interpreter runs it here
+    sources, base = _block(3, 1000, torch.float32, seed=1)
+    on = lambda t: t.to(triton_device)  # noqa: E731
+    threshold, cutoff = torch.full((3,), 0.5), torch.full((3,), 500, dtype=torch.int64)
+    got = ops.ties_block([on(s) for s in sources], on(base), on(threshold), on(cutoff), scale=0.8)
+    expected = reference.ties_block(list(sources), base, None, threshold, cutoff, 0, False, 0.8, True, False, False, True, torch.float32)
+    assert calls == [1]
+    torch.testing.assert_close(got.value.cpu(), expected[0], atol=1e-6, rtol=1e-6)
