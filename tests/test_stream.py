@@ -326,19 +326,26 @@ def test_ties_reads_a_tensor_larger_than_a_block_twice_and_a_sample_of_its_rows(
         assert 2 * rows < reads[i, "table.weight"] <= 2 * rows + rows // 8, (i, reads[i, "table.weight"])
 
 
+def _bf16_table_files(tmp_path: Path, rows: int, cols: int, sources: int) -> tuple[torch.Tensor, list[Path]]:
+    """A bf16 base table and fine-tunes that change it by ~3e-3: most entries by 0 or one unit in the
+    last place, so |τ| takes few values. Returns the base tensor and the sources' files."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+    save_file({"table.weight": base}, tmp_path / "base.safetensors")
+    paths = []
+    for i in range(sources):
+        save_file({"table.weight": (base.float() + 3e-3 * torch.randn(rows, cols, generator=gen)).to(torch.bfloat16)}, tmp_path / f"s{i}.safetensors")
+        paths.append(tmp_path / f"s{i}.safetensors")
+    return base, paths
+
+
 def test_ties_of_bf16_sources_whose_threshold_is_equalled_by_millions_of_entries(tmp_path, monkeypatch):
     """bf16 fine-tunes change most entries by 0 or one unit in the last place: |τ| takes few values,
     and the threshold falls on one that far more entries equal than survive. Those are counted per
     unit in the bracket pass, not gathered, and the cutoff's unit read again: still two reads, and
     exactly the entries a sort keeps (ties to the first in row-major order, mergekit's count)."""
-    gen = torch.Generator().manual_seed(5)
     rows, cols, T = 4000, 64, 4
-    base = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
-    save_file({"table.weight": base}, tmp_path / "base.safetensors")
-    paths = []
-    for i in range(T):
-        save_file({"table.weight": (base.float() + 3e-3 * torch.randn(rows, cols, generator=gen)).to(torch.bfloat16)}, tmp_path / f"s{i}.safetensors")
-        paths.append(tmp_path / f"s{i}.safetensors")
+    base, paths = _bf16_table_files(tmp_path, rows, cols, T)
     reads = _rows_read(monkeypatch)
     svdfuse.merge(paths, base=tmp_path / "base.safetensors", method="ties", density=0.2, device="cpu", output=tmp_path / "out.safetensors", max_memory="8MB")
     merged = load_file(tmp_path / "out.safetensors")["table.weight"]
@@ -387,14 +394,8 @@ def test_whole_model_ties_of_bf16_sources_reads_only_the_cutoffs_units_again(tmp
 def test_inclusive_ties_reads_no_cutoff_unit_again(tmp_path, monkeypatch):
     """`trim_keep="inclusive"` keeps every entry equal to the threshold: where the threshold is a
     bound many entries share, there is no cutoff to find, and no unit is read a second time."""
-    gen = torch.Generator().manual_seed(5)
     rows, cols, T = 4000, 64, 4
-    base = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
-    save_file({"table.weight": base}, tmp_path / "base.safetensors")
-    paths = []
-    for i in range(T):
-        save_file({"table.weight": (base.float() + 3e-3 * torch.randn(rows, cols, generator=gen)).to(torch.bfloat16)}, tmp_path / f"s{i}.safetensors")
-        paths.append(tmp_path / f"s{i}.safetensors")
+    base, paths = _bf16_table_files(tmp_path, rows, cols, T)
     params = {"method": "ties", "density": 0.2, "trim_keep": "inclusive", "device": "cpu"}
     expected = svdfuse.merge(paths, base=tmp_path / "base.safetensors", **params).state_dict()
     reads = _rows_read(monkeypatch)
