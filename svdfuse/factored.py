@@ -50,15 +50,30 @@ class FactoredSVD:
 
     def vectors(self, *index: Tensor) -> tuple[Tensor, Tensor]:
         """Components `index` = (batch indices..., component) index tensors, broadcast to (*idx):
-        their U and V as rows, (*idx, m) and (*idx, n)."""
-        *batch, comp = index
+        their U and V as rows, (*idx, m) and (*idx, n). Each factor asked for is widened to float64
+        once, however many of its components are: a product's top components come from few
+        factors, and the widened copies are most of the cost."""
+        *batch, comp = torch.broadcast_tensors(*index)
+        which = torch.zeros_like(comp)  # the flat batch index of each component asked for
+        for i, size in zip(batch, self.L.shape[:-2]):
+            which = which * size + i
+        factors, slot_of = torch.unique(which.flatten(), return_inverse=True)
+        # each asked component's column among its factor's: factors (F), columns (F, r, most)
+        order = torch.argsort(slot_of, stable=True)
+        starts = torch.searchsorted(slot_of[order], torch.arange(len(factors)))
+        column = torch.empty_like(slot_of)
+        column[order] = torch.arange(len(order)) - starts[slot_of[order]]
+        most = int(column.max()) + 1 if column.numel() else 0
 
-        def rows(factor: Tensor, maps: Tensor, pattern: str) -> Tensor:
-            chosen = maps[tuple(batch)]  # (*idx, r, q)
-            column = chosen.gather(-1, comp[..., None, None].expand(*chosen.shape[:-1], 1))[..., 0]
-            return torch.einsum(pattern, _wide(factor[tuple(batch)]), column).to(self.S.dtype)
+        def rows(factor: Tensor, maps: Tensor, transposed: bool) -> Tensor:
+            chosen = maps.flatten(0, -3)[factors]  # (F, r, q)
+            picked = chosen.new_zeros((len(factors), chosen.shape[1], most))
+            picked[slot_of, :, column] = chosen[slot_of, :, comp.flatten()]
+            wide = _wide(factor.flatten(0, -3)[factors])
+            formed = (wide.mT if transposed else wide) @ picked  # (F, m or n, most)
+            return formed[slot_of, :, column].reshape(*comp.shape, -1).to(self.S.dtype)
 
-        return rows(self.L, self.left, "...mr,...r->...m"), rows(self.R, self.right, "...rn,...r->...n")
+        return rows(self.L, self.left, False), rows(self.R, self.right, True)
 
     def resized(self, q: int) -> FactoredSVD:
         """The top q components, with zero ones after the last where q exceeds their number."""
