@@ -36,7 +36,7 @@ from torch import Tensor
 from svdfuse import linalg
 from svdfuse.sources import DIRECTORY_KINDS, MappingSource, SafetensorsSource, Source, SourceError, model_file, untrusted_json
 
-__all__ = ["LoraAdapter", "LoraFactors", "LoraSource", "stack_factors", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "is_adapter"]
+__all__ = ["LoraAdapter", "LoraFactors", "LoraSource", "stack_factors", "refuse_non_finite", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "is_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -320,8 +320,9 @@ class LoraSource(Source):
         return "lora" if key in self.modules else "dense" if key in self.full or key in self.biases else None
 
     def factor_dtype(self, key: str) -> torch.dtype:
-        """The dtype `key`'s factors are stored in."""
-        return self._store.meta(self.modules[key].b)[1]
+        """The dtype that holds `key`'s factors as stored (the wider of the two where they differ)."""
+        module = self.modules[key]
+        return torch.promote_types(self._store.meta(module.a)[1], self._store.meta(module.b)[1])
 
     def factor_bytes(self, key: str) -> int:
         """Bytes of `key`'s stored factors."""
@@ -385,14 +386,20 @@ class LoraSource(Source):
 
 
 def stack_factors(
-    adapters: Sequence[LoraSource], keys: Sequence[str], dtype: torch.dtype | None, *, buffer: Callable[[str, tuple[int, ...], torch.dtype], Tensor] | None = None
+    adapters: Sequence[LoraSource],
+    keys: Sequence[str],
+    dtype: torch.dtype | None,
+    *,
+    buffer: Callable[[str, tuple[int, ...], torch.dtype], Tensor] | None = None,
+    checked: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Every adapter's unscaled factors of the same-shape weights `keys` stacked: L (G, c, m, r),
     R (G, c, r, n) in `dtype` (None: as stored), and their scales (G, c) in float64 (0 where an adapter leaves a key alone;
     ranks padded with zeros to the widest). Read into one buffer in the stored dtype (the widest of
     theirs: no adapter's factors are rounded to another's), converted and checked finite once: a
     thousand adapters cost a few large ops, not thousands of small ones. `buffer(name, shape, dtype)`
-    gives the buffers to read into ("L", "R"; default fresh ones)."""
+    gives the buffers to read into ("L", "R"; default fresh ones). `checked=False` leaves the
+    finite check to the caller (`refuse_non_finite`), which may have a cheaper one."""
     shape = adapters[0].meta(keys[0])[0]
     ranks = {(g, j): a.modules[key].rank for g, key in enumerate(keys) for j, a in enumerate(adapters) if key in a.modules}
     r = max(ranks.values(), default=1)
@@ -407,10 +414,17 @@ def stack_factors(
         adapters[j].read_factors(keys[g], L[g, j, :, :rank], R[g, j, :rank])
         scale[g, j] = adapters[j].modules[keys[g]].scale
     L, R = L.to(dtype or stored), R.to(dtype or stored)
-    if not (linalg.all_finite(L) and linalg.all_finite(R)):
-        for g, j in ranks:  # only to name the culprit
-            adapters[j].check_finite(keys[g], L[g, j], R[g, j])
+    if checked and not (linalg.all_finite(L) and linalg.all_finite(R)):
+        refuse_non_finite(adapters, keys, L, R)
     return L, R, scale
+
+
+def refuse_non_finite(adapters: Sequence[LoraSource], keys: Sequence[str], L: Tensor, R: Tensor) -> None:
+    """Name the adapter and tensor whose factors in `stack_factors`' L, R hold NaN or Inf."""
+    for g, key in enumerate(keys):
+        for j, adapter in enumerate(adapters):
+            if key in adapter.modules:
+                adapter.check_finite(key, L[g, j], R[g, j])
 
 
 def _read_into(source: Source, key: str, start: int, stop: int, out: Tensor) -> None:

@@ -104,7 +104,9 @@ def _balanced_halves(G_l: Tensor, G_r: Tensor, m: int, n: int) -> tuple[Tensor, 
     return C_l, C_r, M_l, M_r
 
 
-def exact_factored_svd(L: Tensor, R: Tensor, dtype: torch.dtype | None = None, *, scale: Tensor | None = None) -> FactoredSVD:
+def exact_factored_svd(
+    L: Tensor, R: Tensor, dtype: torch.dtype | None = None, *, scale: Tensor | None = None, grams: tuple[Tensor, Tensor] | None = None
+) -> FactoredSVD:
     """The exact SVD of `scale · L @ R` without forming it, L (..., m, r), R (..., r, n), `scale`
     (...) or none, in O((m + n) r²): `L = Q_l C_l`, `Rᵀ = Q_r C_r` from the float64 Gram matrices
     `LᵀL`, `R Rᵀ` (`ops.gram`: one pass over the factors, where a Householder QR of each thin factor
@@ -115,8 +117,8 @@ def exact_factored_svd(L: Tensor, R: Tensor, dtype: torch.dtype | None = None, *
     to ~1e-6 of a factor's largest: far below the rounding of factors stored in bf16 or float32.
     L and R are kept as given (any floating dtype): only the vectors asked for are formed, in
     float64, then rounded to `dtype` (default L's), as are S. Zero columns of L (a rank padded to
-    a common width) give zero singular values."""
-    G_l, G_r = ops.gram(L), ops.gram(R, left=False)
+    a common width) give zero singular values. `grams`: `LᵀL`, `R Rᵀ` where the caller has them."""
+    G_l, G_r = grams or (ops.gram(L), ops.gram(R, left=False))
     with linalg.one_thread(L):
         C_l, C_r, M_l, M_r = _balanced_halves(G_l, G_r, L.shape[-2], R.shape[-1])
         if scale is not None:

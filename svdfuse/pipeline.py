@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from svdfuse import factored
-from svdfuse.adapters import LoraSource, stack_factors
+from svdfuse import factored, ops
+from svdfuse.adapters import LoraSource, refuse_non_finite, stack_factors
 from svdfuse.methods import Block, Components, Factors, Kind, Method
 from svdfuse.methods.elementwise import MEAN, Linear, Ties, fused
 from svdfuse.methods.trim import TRIM_SHARE, Blocks, Locate, Sample, Trim, TrimScope, exact_trim
@@ -459,12 +459,20 @@ class Compute:
         adapters cost a few large ops, not thousands of small ones each. `buffer`: where to read
         them (`stack_factors`), so that a group's chunks reuse one memory: the components of a
         chunk are then valid until the next chunk is read."""
-        adapters = [self.reader.sources[i] for i in ids]
-        L, R, scale = (t.to(self.device) for t in stack_factors(adapters, [spec.key for spec in specs], None, buffer=buffer))
+        adapters, keys = [self.reader.sources[i] for i in ids], [spec.key for spec in specs]
+        L, R, scale = (t.to(self.device) for t in stack_factors(adapters, keys, None, buffer=buffer, checked=False))
+        grams = ops.gram(L), ops.gram(R, left=False)
+        # A Gram matrix is finite iff its factor is (stored bf16, fp16 and fp32 values square far
+        # inside float64's range): the check costs r × r per factor, not another read of them all.
+        finite = [[a and b for a, b in zip(*rows)] for rows in zip(_extremes(grams[0])[0], _extremes(grams[1])[0])]  # (G, c)
+        if not all(map(all, finite)):
+            refuse_non_finite(adapters, keys, L, R)
+            g, j = next((g, j) for g, row in enumerate(finite) for j, ok in enumerate(row) if not ok)
+            raise SourceError(f"{adapters[j].label}: the factors of {keys[g]!r} are too large: their float64 Gram matrices overflow")
         for j, i in enumerate(ids):
             self.progress.differs[i] = self.progress.differs[i] or bool((scale[:, j] != 0).any())
         self.progress.advance(sum(a.factor_bytes(spec.key) for a in adapters for spec in specs if spec.key in a.modules))
-        return factored.exact_factored_svd(L, R, dtype, scale=scale).resized(width)
+        return factored.exact_factored_svd(L, R, dtype, scale=scale, grams=grams).resized(width)
 
     def _adapter_chunks(self, specs: tuple[TensorSpec, ...], chunk: int, dtype: torch.dtype) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
         """A group of adapters alone as a method's `factored` merge reads it: each call a pass over
@@ -606,4 +614,3 @@ class Compute:
         if not (_factors_finite(U[None], S[None], V[None])[0] if finite is None else finite):
             raise ValueError(f"{spec.key!r} {spec.shape}: the merged factors are not finite")
         return Merged(spec, 0, value, LayerReport(spec.key, spec.shape, S.shape[-1], counts), residual)
-

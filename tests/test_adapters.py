@@ -229,10 +229,42 @@ def test_refused_before_any_work(minilm_dir, adapters, tmp_path, no_work, config
     assert not (tmp_path / "out").exists()
 
 
-def test_non_finite_factors_named(minilm_dir, adapters, tmp_path):
-    bad = edited_copy(adapters[0], tmp_path / "bad", None, _nan)
-    with pytest.raises(SourceError, match=r"source 0 \('bad'\): 'base_model\.model\.encoder\.layer\.0\.attention\.self\.query\.lora_A\.weight' holds NaN"):
-        svdfuse.merge([bad], 4, base=minilm_dir, device="cpu", output=str(tmp_path / "out"))
+def _inf_in_last_b(w):
+    key = sorted(k for k in w if "lora_B" in k)[-1]
+    w[key] = w[key].clone()
+    w[key][-1, -1] = float("-inf")
+    return w
+
+
+@pytest.mark.parametrize(
+    "edit, position, tensor",
+    [(_nan, 0, r"encoder\.layer\.0\.attention\.self\.query\.lora_A\.weight"), (_inf_in_last_b, 1, r"encoder\.layer\.5\.attention\.self\.value\.lora_B\.weight")],
+    ids=["nan-in-A", "inf-in-B-of-the-second"],
+)  # fmt: skip
+def test_non_finite_factors_named(minilm_dir, adapters, tmp_path, edit, position, tensor):
+    """Named however the merge reads the factors: AXIS (checked by their Gram matrices), Task
+    Arithmetic to a LoRA (checked as read)."""
+    bad = edited_copy(adapters[0], tmp_path / "bad", None, edit)
+    sources = [adapters[1], bad] if position else [bad]
+    expected = rf"source {position} \('bad'\): 'base_model\.model\.{tensor}' holds NaN or Inf"
+    with pytest.raises(SourceError, match=expected):
+        svdfuse.merge(sources, 4, base=minilm_dir, device="cpu", output=str(tmp_path / "out"))
+    with pytest.raises(SourceError, match=expected):
+        svdfuse.merge(sources, base=minilm_dir, method="task_arithmetic", device="cpu", output=str(tmp_path / "out"), save_format="lora")
+    assert not (tmp_path / "out").exists()
+
+
+def test_factors_whose_grams_overflow_float64_are_refused(minilm_dir, adapters, tmp_path):
+    """float64 factors finite but too large to square: refused, naming the module, not a LAPACK error."""
+
+    def huge(w):
+        key = first_key(w, "lora_A")
+        w[key] = w[key].double() * 1e160
+        return w
+
+    big = edited_copy(adapters[0], tmp_path / "big", None, huge)
+    with pytest.raises(SourceError, match=r"source 0 \('big'\): the factors of 'encoder\.layer\.0\.attention\.self\.query\.weight' are too large: their float64 Gram matrices overflow"):
+        svdfuse.merge([big], 4, base=minilm_dir, device="cpu", output=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 

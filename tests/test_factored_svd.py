@@ -152,6 +152,17 @@ def test_adapters_stored_in_different_dtypes_are_read_each_in_its_own(tmp_path):
         torch.testing.assert_close(merged[key] - W0[key].to(F64), delta, rtol=0, atol=1e-12)
 
 
+def test_an_adapter_whose_two_factors_differ_in_dtype_is_read_in_the_wider(tmp_path):
+    """lora_A in float32 and lora_B in bf16 of one adapter: A is not rounded to B's dtype."""
+    base, adapters = _base_and_adapters(tmp_path, [torch.float32])
+    weights = tmp_path / "adapter0" / "adapter_model.safetensors"
+    save_file({k: t.bfloat16() if ".lora_B." in k else t for k, t in load_file(str(weights)).items()}, str(weights))
+    merged = svdfuse.merge([str(adapters[0])], 4, base=str(base), device="cpu", dtype=F64).state_dict()
+    W0 = load_file(str(base))
+    for key, delta in _summed(base, adapters).items():
+        torch.testing.assert_close(merged[key] - W0[key].to(F64), delta, rtol=0, atol=1e-12)
+
+
 def test_axis_forms_only_the_vectors_it_keeps(tmp_path, monkeypatch):
     """Over adapters, AXIS asks each chunk for its kept components alone: forming every vector
     (`FactoredSVD.U` / `.V`) fails here. TSV-M, which keeps a share of each source, still may."""
