@@ -66,12 +66,12 @@ class FactoredSVD:
         most = int(column.max()) + 1 if column.numel() else 0
 
         def rows(factor: Tensor, maps: Tensor, transposed: bool) -> Tensor:
-            chosen = maps.flatten(0, -3)[factors]  # (F, r, q)
-            picked = chosen.new_zeros((len(factors), chosen.shape[1], most))
-            picked[slot_of, :, column] = chosen[slot_of, :, comp.flatten()]
+            chosen = maps.flatten(0, -3)[factors].mT  # (F, q, r)
+            picked = chosen.new_zeros((len(factors), most, chosen.shape[2]))
+            picked[slot_of, column] = chosen[slot_of, comp.flatten()]
             wide = _wide(factor.flatten(0, -3)[factors])
-            formed = (wide.mT if transposed else wide) @ picked  # (F, m or n, most)
-            return formed[slot_of, :, column].reshape(*comp.shape, -1).to(self.S.dtype)
+            formed = picked @ (wide if transposed else wide.mT)  # (F, most, m or n)
+            return formed[slot_of, column].reshape(*comp.shape, -1).to(self.S.dtype)
 
         return rows(self.L, self.left, False), rows(self.R, self.right, True)
 

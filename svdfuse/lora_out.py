@@ -315,11 +315,15 @@ def concatenate(
     for key in keys:
         if any(s.touched(key) == "dense" for s in sources):
             raise ValueError(f"LoRA output: {key!r} is a LoRA target of one adapter and saved whole by another; merge into a model instead")
-        L, R, scale = (t[0] for t in stack_factors(sources, [key], dtype))  # (c, m, r), (c, r, n), (c,)
-        real = torch.arange(L.shape[-1]) < torch.tensor([s.modules[key].rank if key in s.modules else 0 for s in sources])[:, None]  # (c, r): no padding
+        stored_L, stored_R, scale = (t[0] for t in stack_factors(sources, [key], None))  # (c, m, r), (c, r, n), (c,) as stored
+        c, m, r = stored_L.shape
+        real = torch.arange(r) < torch.tensor([s.modules[key].rank if key in s.modules else 0 for s in sources])[:, None]  # (c, r): no padding
         real &= (torch.tensor(coefficients, dtype=dtype) != 0)[:, None]
-        L.mul_((scale.to(dtype) * torch.tensor(coefficients, dtype=dtype))[:, None, None])
-        L, R = L.permute(1, 0, 2).reshape(L.shape[1], -1), R.reshape(-1, R.shape[-1])  # (m, c·r), (c·r, n): one copy of L
+        # side by side, (m, c·r) and (c·r, n): L converted and laid out in one copy, then scaled
+        L = torch.empty((m, c, r), dtype=dtype).copy_(stored_L.permute(1, 0, 2))
+        L = L.mul_((scale.to(dtype) * torch.tensor(coefficients, dtype=dtype))[:, None]).view(m, c * r)
+        R = stored_R.reshape(c * r, -1).to(dtype)
+        del stored_L, stored_R
         if not bool(real.all()):  # padded ranks and zero weights leave no column
             L, R = L[:, real.flatten()], R[real.flatten()]
         rank = None if k is None else resolve_rank(k, L.shape[0], R.shape[1], "k")
