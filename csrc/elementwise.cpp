@@ -18,6 +18,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace svdfuse {
@@ -537,7 +538,71 @@ BracketResult trim_bracket_cpu(at::TensorList sources, const at::Tensor& base, c
 // source in flat order), the rank[i]-th largest t (NaN above +inf, as torch.kthvalue orders them), how
 // many are > t and == t, and the position among them of the need[i]-th equal to t (need[i] = rank[i]
 // minus the count above t; -1 where every equal one is needed). A rank outside [1, counts[i]] gives NaN
-// and -1 counts. One parallel region over the sources, each a copy and an nth_element.
+// and -1 counts. One parallel region over the sources: a radix select where a list holds no NaN and
+// no negative number (|τ| always), else a copy and an nth_element.
+
+// The bits of a non-negative float (sign clear, not NaN) order as the floats do.
+constexpr uint32_t kInfBits = 0x7f800000u;
+constexpr int kRadixBits = 10;
+
+// Largest and smallest bits of a list (a NaN or a set sign bit makes the largest > kInfBits).
+SVDFUSE_WIDE void bits_range(const uint32_t* x, int64_t n, uint32_t& lo, uint32_t& hi) {
+  uint32_t l = 0xffffffffu, h = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    l = std::min(l, x[j]);
+    h = std::max(h, x[j]);
+  }
+  lo = l, hi = h;
+}
+
+// The k-th largest (1-based) of n >= k bit patterns in [lo, hi]: a histogram of kRadixBits-bit digits
+// of (bits - lo) picks the digit's bucket that holds it, and the values in that bucket, copied to
+// `keys`, are narrowed the same way until the bucket is one value. Four histograms taken in turn, so
+// that runs of equal values (ties: low-precision task vectors) do not wait on one counter.
+SVDFUSE_WIDE void count_around(const float* x, int64_t n, float t, int64_t& above, int64_t& same) {
+  int64_t a = 0, e = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    a += x[j] > t;
+    e += x[j] == t;
+  }
+  above = a, same = e;
+}
+
+uint32_t radix_kth_largest(const uint32_t* x, int64_t n, int64_t k, uint32_t lo, uint32_t hi, std::vector<uint32_t>& keys) {
+  constexpr int64_t buckets = int64_t{1} << kRadixBits;
+  std::vector<int64_t> hist(4 * buckets);
+  const uint32_t* cur = x;
+  while (lo != hi) {
+    const int width = 32 - __builtin_clz(hi - lo);
+    const int shift = std::max(0, width - kRadixBits);
+    std::fill(hist.begin(), hist.end(), 0);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      for (int64_t q = 0; q < 4; ++q) ++hist[q * buckets + ((cur[j + q] - lo) >> shift)];
+    }
+    for (; j < n; ++j) ++hist[(cur[j] - lo) >> shift];
+    int64_t b = ((hi - lo) >> shift) + 1, above = 0, in = 0;
+    while (--b >= 0) {
+      in = hist[b] + hist[buckets + b] + hist[2 * buckets + b] + hist[3 * buckets + b];
+      if (above + in >= k) break;
+      above += in;
+    }
+    k -= above;
+    const uint32_t first = lo + (static_cast<uint32_t>(b) << shift);
+    if (shift == 0) return first;
+    const uint32_t last = std::min<uint32_t>(hi, first + ((uint32_t{1} << shift) - 1));
+    if (keys.size() <= static_cast<size_t>(in)) keys.resize(in + 1);  // every key is stored, the next one over it
+    int64_t w = 0;
+    for (j = 0; j < n; ++j) {
+      const uint32_t key = cur[j];
+      keys[w] = key;
+      w += (key >= first) & (key <= last);
+    }
+    cur = keys.data(), n = w, lo = first, hi = last;
+  }
+  return lo;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> trim_select_cpu(const at::Tensor& values, const at::Tensor& counts,
                                                                             const at::Tensor& rank) {
   TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat && values.dim() == 1, "trim_select: values must be float32 (M,)");
@@ -562,6 +627,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> trim_select_cpu(const
   const auto larger = [](float a, float b) { return std::isnan(a) ? !std::isnan(b) : a > b; };
   at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
     std::vector<float> scratch;
+    std::vector<uint32_t> keys;
     for (int64_t i = b; i < e; ++i) {
       const float* x = vp + offset[i];
       const int64_t n = cp[i], k = rp[i];
@@ -570,15 +636,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> trim_select_cpu(const
         gp[i] = ep[i] = pp[i] = -1;
         continue;
       }
-      scratch.assign(x, x + n);
-      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), larger);
-      const float t = scratch[k - 1];
+      const uint32_t* bits = reinterpret_cast<const uint32_t*>(x);
+      uint32_t lo, hi;
+      bits_range(bits, n, lo, hi);
+      float t;
+      if (hi <= kInfBits) {
+        const uint32_t found = radix_kth_largest(bits, n, k, lo, hi, keys);
+        std::memcpy(&t, &found, sizeof t);
+      } else {
+        scratch.assign(x, x + n);
+        std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), larger);
+        t = scratch[k - 1];
+      }
       const bool nan = std::isnan(t);
       int64_t above = 0, same = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const bool eq = nan ? std::isnan(x[j]) : x[j] == t;
-        above += !eq && larger(x[j], t);
-        same += eq;
+      if (hi <= kInfBits) {  // no NaN: plain comparisons, a loop that vectorizes
+        count_around(x, n, t, above, same);
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          const bool eq = nan ? std::isnan(x[j]) : x[j] == t;
+          above += !eq && larger(x[j], t);
+          same += eq;
+        }
       }
       tp[i] = t;
       gp[i] = above;

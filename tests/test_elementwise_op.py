@@ -428,6 +428,29 @@ def test_trim_select_order_statistics_against_a_sort(backend):
     assert t.isnan().all() and greater.tolist() == equal.tolist() == position.tolist() == [-1]
 
 
+def test_trim_select_of_magnitudes_against_a_sort():
+    """Lists of |τ| (no NaN, no sign: the compiled kernel's radix select) of every shape a trim
+    meets: spread over many octaves, in a narrow bracket, bf16's few values with long ties, zeros
+    and infinities, subnormals; ranks at both ends and between."""
+    pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    gen = torch.Generator().manual_seed(1)
+    lists = [
+        torch.randn(20000, generator=gen).abs() * 1e-3,
+        1.0 + torch.rand(3001, generator=gen) * 1e-4,  # a bracket's values: a few thousand ulps apart
+        (torch.randn(5000, generator=gen) * 1e-2).abs().bfloat16().float(),  # ties everywhere
+        torch.cat([torch.zeros(40), torch.full((9,), math.inf), torch.rand(60, generator=gen)]),
+        torch.rand(257, generator=gen) * 1e-40,  # subnormals
+        torch.full((33,), 0.25),
+    ]
+    values, counts = torch.cat(lists), torch.tensor([len(v) for v in lists])
+    for fraction in (0.0, 0.001, 0.2, 0.5, 0.8, 1.0):
+        ranks = torch.tensor([max(1, min(len(v), round(fraction * len(v)))) for v in lists])
+        t, greater, equal, position = torch.ops.svdfuse.trim_select.default(values, counts, ranks)
+        for i, (v, k) in enumerate(zip(lists, ranks.tolist())):
+            want = _select_by_sort(v, k)
+            assert (float(_order_key(t[i])), int(greater[i]), int(equal[i]), int(position[i])) == want, (i, k)
+
+
 def test_trim_select_opcheck():
     args = (torch.randn(30), torch.tensor([10, 20]), torch.tensor([3, 20]))
     torch.library.opcheck(torch.ops.svdfuse.trim_select.default, args, test_utils=("test_schema", "test_faketensor"))
