@@ -21,6 +21,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace svdfuse {
 
 namespace {
@@ -439,6 +443,110 @@ SVDFUSE_WIDE void bracket_counts(const in_t* x, const in_t* x0, int64_t n, float
   up = above, at_lo = low, at_hi = high;
 }
 
+// One source's unit: the counts, and the |τ| strictly inside (lo, hi) with their offsets in the unit
+// gathered into v and jj (room for n + 8). Returns how many were gathered.
+template <typename in_t>
+int64_t bracket_source(const in_t* x, const in_t* x0, int64_t n, float l, float h, bool apart, bool same_is_zero,
+                       float* a, float* v, int32_t* jj, int64_t& up, int64_t& at_lo, int64_t& at_hi);
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// The same with AVX2 where the CPU has it: the gathering as well as the counting in vectors, each
+// group of 8 entries stored whole with its inside lanes moved to the front by a permutation looked up
+// from their mask, the position advanced by their number (no branch, no second loop over the unit).
+#define SVDFUSE_AVX2 __attribute__((target("avx2,f16c,popcnt")))
+
+struct CompressLanes {  // per 8-bit mask, the indices of its set lanes in order, a byte each
+  uint64_t lanes[256];
+  constexpr CompressLanes() : lanes() {
+    for (int mask = 0; mask < 256; ++mask) {
+      uint64_t packed = 0;
+      for (int lane = 0, k = 0; lane < 8; ++lane) {
+        if (mask >> lane & 1) packed |= static_cast<uint64_t>(lane) << (8 * k++);
+      }
+      lanes[mask] = packed;
+    }
+  }
+};
+constexpr CompressLanes kCompress;
+
+SVDFUSE_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+SVDFUSE_AVX2 inline __m256 load8(const c10::BFloat16* p) {  // a bfloat16 is a float's top 16 bits
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+SVDFUSE_AVX2 inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+template <typename in_t>
+SVDFUSE_AVX2 int64_t bracket_source_avx2(const in_t* x, const in_t* x0, int64_t n, float l, float h, bool apart,
+                                          bool same_is_zero, float* v, int32_t* jj, int64_t& up, int64_t& at_lo,
+                                          int64_t& at_hi) {
+  const __m256 H = _mm256_set1_ps(h), L = _mm256_set1_ps(l), sign = _mm256_set1_ps(-0.0f);
+  __m256i above = _mm256_setzero_si256(), high = above, low = above;  // minus the lanes' counts
+  __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i eight = _mm256_set1_epi32(8);
+  int64_t in = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 xv = load8(x + j), bv = load8(x0 + j);
+    __m256 m = _mm256_andnot_ps(sign, _mm256_sub_ps(xv, bv));
+    if (same_is_zero) m = _mm256_andnot_ps(_mm256_cmp_ps(xv, bv, _CMP_EQ_OQ), m);
+    above = _mm256_add_epi32(above, _mm256_castps_si256(_mm256_cmp_ps(m, H, _CMP_GT_OQ)));
+    high = _mm256_add_epi32(high, _mm256_castps_si256(_mm256_cmp_ps(m, H, _CMP_EQ_OQ)));
+    low = _mm256_add_epi32(low, _mm256_castps_si256(_mm256_cmp_ps(m, L, _CMP_EQ_OQ)));
+    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(m, L, _CMP_GT_OQ), _mm256_cmp_ps(m, H, _CMP_LT_OQ));
+    const int mask = _mm256_movemask_ps(inside);
+    const __m256i order = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kCompress.lanes[mask])));
+    _mm256_storeu_ps(v + in, _mm256_permutevar8x32_ps(m, order));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(jj + in), _mm256_permutevar8x32_epi32(index, order));
+    in += __builtin_popcount(static_cast<unsigned>(mask));
+    index = _mm256_add_epi32(index, eight);
+  }
+  alignas(32) int32_t lanes[3][8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), above);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), high);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[2]), low);
+  int64_t counts[3] = {0, 0, 0};
+  for (int c = 0; c < 3; ++c) {
+    for (int k = 0; k < 8; ++k) counts[c] -= lanes[c][k];
+  }
+  for (; j < n; ++j) {
+    const float xi = static_cast<float>(x[j]), b = static_cast<float>(x0[j]);
+    const float m = (same_is_zero && xi == b) ? 0.0f : std::fabs(xi - b);
+    counts[0] += m > h;
+    counts[1] += m == h;
+    counts[2] += m == l;
+    v[in] = m;
+    jj[in] = static_cast<int32_t>(j);
+    in += (m > l) & (m < h);
+  }
+  up = counts[0], at_hi = counts[1], at_lo = apart ? counts[2] : 0;
+  return in;
+}
+
+const bool kHasAvx2 = [] {
+  __builtin_cpu_init();  // this initializer may run before the one that would have done it
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt");
+}();
+#endif
+
+template <typename in_t>
+int64_t bracket_source(const in_t* x, const in_t* x0, int64_t n, float l, float h, bool apart, bool same_is_zero,
+                       float* a, float* v, int32_t* jj, int64_t& up, int64_t& at_lo, int64_t& at_hi) {
+#ifdef SVDFUSE_AVX2
+  if (kHasAvx2) return bracket_source_avx2(x, x0, n, l, h, apart, same_is_zero, v, jj, up, at_lo, at_hi);
+#endif
+  // |τ| and the counts in a loop that vectorizes (the sources' dtype converted there), then the
+  // compaction, which cannot, over floats alone
+  bracket_counts(x, x0, n, l, h, apart, same_is_zero, a, up, at_lo, at_hi);
+  int64_t in = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float m = a[j];
+    v[in] = m;
+    jj[in] = static_cast<int32_t>(j);
+    in += (m > l) & (m < h);
+  }
+  return in;
+}
+
 template <typename in_t>
 BracketResult bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N, const float* lp, const float* hp,
                       bool same_is_zero, const at::TensorOptions& options) {
@@ -452,25 +560,15 @@ BracketResult bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N
   std::vector<std::vector<float>> found_v(units * T);
   std::vector<std::vector<int32_t>> found_j(units * T);
   for_each_unit(units, [&](const auto& pull) {
-    std::vector<float> a(kChunk), v(kChunk + 1);
-    std::vector<int32_t> jj(kChunk + 1);
+    std::vector<float> a(kChunk), v(kChunk + 8);
+    std::vector<int32_t> jj(kChunk + 8);
     for (int64_t u; (u = pull()) < units;) {
       const int64_t lo_j = u * kChunk, n = std::min(N, lo_j + kChunk) - lo_j;
       for (int64_t i = 0; i < T; ++i) {
         const float l = lp[i], h = hp[i];
-        const bool apart = l != h;
-        const in_t* xi = x[i] + lo_j;
-        const in_t* bi = x0 + lo_j;
-        int64_t up = 0, in = 0, at_lo = 0, at_hi = 0;
-        // |τ| and the counts in a loop that vectorizes (the sources' dtype converted there), then the
-        // compaction, which cannot, over floats alone
-        bracket_counts(xi, bi, n, l, h, apart, same_is_zero, a.data(), up, at_lo, at_hi);
-        for (int64_t j = 0; j < n; ++j) {
-          const float m = a[j];
-          v[in] = m;
-          jj[in] = static_cast<int32_t>(j);
-          in += (m > l) & (m < h);
-        }
+        int64_t up = 0, at_lo = 0, at_hi = 0;
+        const int64_t in = bracket_source(x[i] + lo_j, x0 + lo_j, n, l, h, l != h, same_is_zero, a.data(), v.data(),
+                                          jj.data(), up, at_lo, at_hi);
         above[u * T + i] = up;
         bp[(i * units + u) * 2] = at_lo;
         bp[(i * units + u) * 2 + 1] = at_hi;
