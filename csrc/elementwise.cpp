@@ -632,6 +632,41 @@ BracketResult trim_bracket_cpu(at::TensorList sources, const at::Tensor& base, c
   }
 }
 
+// The sample of the exact trim's bracket: |τ| of every source at flat indices first, first + stride,
+// ... (T, m) fp32, formed as the bracket forms them. One parallel region over the T·m entries.
+at::Tensor trim_sample_cpu(at::TensorList sources, const at::Tensor& base, int64_t first, int64_t stride, bool same_is_zero) {
+  guard("trim_sample", sources, base, at::kFloat);
+  TORCH_CHECK_VALUE(first >= 0 && stride >= 1, "trim_sample: first must be >= 0 and stride >= 1, found ", first, " and ", stride);
+  const int64_t T = static_cast<int64_t>(sources.size()), N = base.size(0);
+  const int64_t m = first < N ? (N - first + stride - 1) / stride : 0;
+  at::Tensor out = at::empty({T, m}, base.options().dtype(at::kFloat));
+  float* o = out.mutable_data_ptr<float>();
+  const at::Tensor b = base.contiguous();
+  const auto run = [&](auto in_tag) {
+    using in_t = decltype(in_tag);
+    const in_t* x0 = static_cast<const in_t*>(b.const_data_ptr()) + first;
+    at::parallel_for(0, T * m, kTile, [&](int64_t lo, int64_t hi) {
+      for (int64_t e = lo; e < hi;) {  // a run of one source at a time
+        const int64_t i = e / m, j0 = e - i * m, j1 = std::min(m, j0 + (hi - e));
+        const in_t* x = static_cast<const in_t*>(sources[i].const_data_ptr()) + first;
+        float* row = o + i * m;
+        for (int64_t j = j0; j < j1; ++j) {
+          const float v = static_cast<float>(x[j * stride]), w = static_cast<float>(x0[j * stride]);
+          row[j] = (same_is_zero && v == w) ? 0.0f : std::fabs(v - w);
+        }
+        e += j1 - j0;
+      }
+    });
+  };
+  switch (b.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: TORCH_CHECK_TYPE(false, "trim_sample: sources must be float32, bfloat16 or float16, found ", b.scalar_type());
+  }
+  return out;
+}
+
 // The order statistics of the exact trim: per source i, of its counts[i] values (concatenated source by
 // source in flat order), the rank[i]-th largest t (NaN above +inf, as torch.kthvalue orders them), how
 // many are > t and == t, and the position among them of the need[i]-th equal to t (need[i] = rank[i]
@@ -783,5 +818,6 @@ TORCH_LIBRARY_IMPL(svdfuse, CPU, m) {
   m.impl("merge_block", &svdfuse::merge_block_cpu);
   m.impl("ties_block", &svdfuse::ties_block_cpu);
   m.impl("trim_bracket", &svdfuse::trim_bracket_cpu);
+  m.impl("trim_sample", &svdfuse::trim_sample_cpu);
   m.impl("trim_select", &svdfuse::trim_select_cpu);
 }

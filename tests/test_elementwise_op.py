@@ -383,6 +383,41 @@ def test_trim_bracket_opcheck():
     torch.library.opcheck(torch.ops.svdfuse.trim_bracket.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
+# -- trim_sample ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,N,first,stride", [(3, 3 * CHUNK + 999, 5, 7), (8, 40000, 0, 1), (1, 5, 4, 3), (2, 5, 5, 2), (4, 0, 0, 1)])
+def test_trim_sample_is_the_strided_magnitudes_of_plain_torch(T, N, first, stride, dtype):
+    pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    gen = torch.Generator().manual_seed(N)
+    base = torch.randn(N, generator=gen).to(dtype)
+    x = (base.float() + torch.randn(T, N, generator=gen)).to(dtype)
+    got = torch.ops.svdfuse.trim_sample.default(list(x), base, first, stride, False)
+    expected = (x.double() - base.double()).abs().float()[:, first::stride]  # exact in fp64, then fp32's one rounding
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert torch.equal(ops.trim_sample(x, base, first, stride), expected) and torch.equal(reference.trim_sample(list(x), base, first, stride, False), expected)
+
+
+def test_trim_sample_same_is_zero_and_its_checks():
+    pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    base = torch.tensor([-math.inf, 1.0, 2.0, math.inf, 0.5])
+    x = torch.tensor([[-math.inf, 3.0, 2.0, math.inf, -0.5]])
+    for same_is_zero, expected in ((True, [0.0, 2.0, 0.0, 0.0, 1.0]), (False, [math.nan, 2.0, 0.0, math.nan, 1.0])):
+        got = torch.ops.svdfuse.trim_sample.default(list(x), base, 0, 1, same_is_zero)
+        torch.testing.assert_close(got[0], torch.tensor(expected), rtol=0, atol=0, equal_nan=True)  # inf − inf is NaN
+        torch.testing.assert_close(got, reference.trim_sample(list(x), base, 0, 1, same_is_zero), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="trim_sample: first must be >= 0 and stride >= 1, found 0 and 0"):
+        ops.trim_sample(x, base, 0, 0)
+    with pytest.raises(ValueError, match=r"trim_sample: source 0 must be contiguous of shape \(N,\) = \[5\]"):
+        ops.trim_sample([x[0, :4]], base, 0, 1)
+
+
+def test_trim_sample_opcheck():
+    x = torch.randn(3, 300)
+    torch.library.opcheck(torch.ops.svdfuse.trim_sample.default, (list(x), torch.zeros(300), 2, 7, False), test_utils=("test_schema", "test_faketensor"))
+
+
 # -- trim_select ---------------------------------------------------------------------------------
 
 

@@ -149,10 +149,8 @@ def strided_sample(blocks: Blocks, numel: int, sources: int, same_is_zero: bool 
         parts = []
         for start, x, base in blocks():
             x, base = _flat(x, base)
-            first = (-start) % stride
-            # source by source: each op below a parallel op's size, so no thread-pool round trip
-            b = base[first::stride]
-            parts.append(torch.stack([_tau(x_i[first::stride], b, torch.float32, same_is_zero).abs_() for x_i in x]).cpu())
+            # every source in one op: a parallel region per block, never one per source
+            parts.append(ops.trim_sample(x, base, (-start) % stride, stride, same_is_zero=same_is_zero).cpu())
         return (torch.cat(parts, 1) if len(parts) > 1 else parts[0])[:, :, None]
 
     return sample
