@@ -205,9 +205,8 @@ def _bounds(drawn: Tensor, p: float) -> tuple[Tensor, Tensor]:
     whole = torch.full((sources,), size, dtype=torch.int64)
     # ranks from the top: the bracket's upper end is the (hi_at + 1)-th largest of the sample
     hi_at, lo_at = (p * size - margin).floor().long(), (p * size + margin).ceil().long()
-    # both ends in one call: the sample twice over, once per end
-    ends = ops.trim_select(flat.repeat(2), whole.repeat(2), torch.cat([(hi_at + 1).clamp(min=1), (lo_at + 1).clamp(max=size)]))[0]
-    hi, lo = ends[:sources], ends[sources:]
+    hi = ops.trim_select(flat, whole, (hi_at + 1).clamp(min=1))[0]
+    lo = ops.trim_select(flat, whole, (lo_at + 1).clamp(max=size))[0]
     return torch.where(lo_at < size, lo, -1.0), torch.where(hi_at >= 0, hi, math.inf)
 
 
