@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -164,7 +165,7 @@ def blocks_locate(blocks: Blocks, same_is_zero: bool = False) -> Locate:
             x, base = _flat(x, base)
             if first <= start and stop <= first + base.numel():
                 a, b = start - first, stop - first
-                return _tau(x[i][a:b], base[a:b], torch.float32, same_is_zero).abs_().cpu()
+                return ops.trim_sample([x[i][a:b]], base[a:b], 0, 1, same_is_zero=same_is_zero)[0].cpu()
         raise ValueError(f"flat range [{start}, {stop}) lies in no block of the scope")
 
     return locate
@@ -282,7 +283,9 @@ def _cutoff_at_bound(units: list[tuple[int, int, Tensor]], locate: Locate, i: in
         before += int(per_unit[:u].sum())
         lo = start + u * _UNIT
         tau = locate(i, lo, min(lo + _UNIT, start + length))
-        return lo + int((tau == value).nonzero()[need - before - 1, 0]) + 1
+        # numpy's search runs on this thread: a torch op this size would wake the thread pool, which
+        # costs milliseconds on a busy machine, and a trim may search once per source and tensor
+        return lo + int(np.flatnonzero(tau.numpy() == np.float32(value))[need - before - 1]) + 1
     raise AssertionError("the bracket's counts hold fewer entries equal to a bound than they said")
 
 
