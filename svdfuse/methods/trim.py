@@ -12,11 +12,12 @@ is read twice:
 
 1. a sample of |τ| brackets the threshold: [lo, hi] holds it with overwhelming probability (a
    margin of several standard deviations of the sampled fraction around the sample quantile). It
-   is strided over a tensor held in memory, or taken from rows read apart (a fraction of a pass)
-   for one larger than a block: those rows are clusters, whose spread widens the margin;
+   is strided over a tensor held in memory (`svdfuse.ops.trim_sample`, every source in one op),
+   or taken from rows read apart (a fraction of a pass) for one larger than a block: those rows
+   are clusters, whose spread widens the margin;
 2. one pass (`svdfuse.ops.trim_bracket`, the task vectors formed as it reads) counts the entries
    above hi and gathers the few inside [lo, hi]; the threshold is the right order statistic of
-   those (`svdfuse.ops.trim_select`, every source at once).
+   those (`svdfuse.ops.trim_select`, every source at once: a radix select on the bits of |τ|).
 
 If the bracket misses (a sample that is not representative, or so many equal values that the
 bracket holds more than a block), a radix select over the bits of |τ| (non-negative floats order as
