@@ -245,10 +245,12 @@ def _bracketed(
     values, index, counts = parts[0] if parts else (torch.empty(0), torch.empty(0, dtype=torch.int64), torch.zeros(sources, dtype=torch.int64))
     if len(parts) > 1:  # source by source, each in flat order: blocks come in order
         counts = sum(c for _, _, c in parts)
-        values, index = torch.cat([v for v, _, _ in parts]), torch.cat([i for _, i, _ in parts])
-        owner = torch.cat([torch.repeat_interleave(torch.arange(sources), c) for _, _, c in parts])
-        order = torch.sort(owner, stable=True).indices
-        values, index = values[order], index[order]
+        # numpy's concatenate copies on this thread: torch.cat of the T · blocks pieces took 0.3 s a
+        # call on a busy machine (48 sources), numpy's well under a tenth of that
+        ends = [c.cumsum(0)[:-1].numpy() for _, _, c in parts]
+        split = [(np.split(v.numpy(), e), np.split(i.numpy(), e)) for (v, i, _), e in zip(parts, ends)]
+        values = torch.from_numpy(np.concatenate([v[s] for s in range(sources) for v, _ in split]))
+        index = torch.from_numpy(np.concatenate([i[s] for s in range(sources) for _, i in split]))
     at_lo, at_hi = (sum(b[:, :, j].sum(1) for _, _, b in units) for j in (0, 1))
     rank = keep - above  # the threshold is the rank-th largest of what is not above hi
     if not bool(((rank >= 1) & (rank <= at_hi + counts + at_lo)).all()):
