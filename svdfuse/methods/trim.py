@@ -183,7 +183,8 @@ def _margins(sample: Tensor, p: float) -> Tensor:
     if m > 1 and clusters > 1:
         flat = sample.reshape(T, -1)
         at = min(size, max(1, round(p * size)))
-        t0 = flat.kthvalue(size - at + 1, dim=1).values  # the sample's own p-quantile
+        # the sample's own p-quantile: its at-th largest (trim_select orders NaN as kthvalue does)
+        t0 = ops.trim_select(flat.reshape(-1).float(), torch.full((T,), size), torch.full((T,), at))[0]
         fractions = (sample > t0[:, None, None]).double().mean(2)  # (T, clusters)
         sd = torch.maximum(sd, fractions.std(1) / math.sqrt(clusters))
     return _MARGIN * size * sd + 8
