@@ -758,7 +758,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> trim_select_cpu(const
   int64_t* ep = equal.mutable_data_ptr<int64_t>();
   int64_t* pp = position.mutable_data_ptr<int64_t>();
   const auto larger = [](float a, float b) { return std::isnan(a) ? !std::isnan(b) : a > b; };
-  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+  // a few values in all (a small tensor's): on this thread, not worth a thread-pool round trip
+  const int64_t grain = offset[T] < kChunk ? std::max<int64_t>(T, 1) : 1;
+  at::parallel_for(0, T, grain, [&](int64_t b, int64_t e) {
     std::vector<float> scratch;
     std::vector<uint32_t> keys;
     for (int64_t i = b; i < e; ++i) {
