@@ -18,7 +18,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace svdfuse {
 
@@ -438,6 +443,110 @@ SVDFUSE_WIDE void bracket_counts(const in_t* x, const in_t* x0, int64_t n, float
   up = above, at_lo = low, at_hi = high;
 }
 
+// One source's unit: the counts, and the |τ| strictly inside (lo, hi) with their offsets in the unit
+// gathered into v and jj (room for n + 8). Returns how many were gathered.
+template <typename in_t>
+int64_t bracket_source(const in_t* x, const in_t* x0, int64_t n, float l, float h, bool apart, bool same_is_zero,
+                       float* a, float* v, int32_t* jj, int64_t& up, int64_t& at_lo, int64_t& at_hi);
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// The same with AVX2 where the CPU has it: the gathering as well as the counting in vectors, each
+// group of 8 entries stored whole with its inside lanes moved to the front by a permutation looked up
+// from their mask, the position advanced by their number (no branch, no second loop over the unit).
+#define SVDFUSE_AVX2 __attribute__((target("avx2,f16c,popcnt")))
+
+struct CompressLanes {  // per 8-bit mask, the indices of its set lanes in order, a byte each
+  uint64_t lanes[256];
+  constexpr CompressLanes() : lanes() {
+    for (int mask = 0; mask < 256; ++mask) {
+      uint64_t packed = 0;
+      for (int lane = 0, k = 0; lane < 8; ++lane) {
+        if (mask >> lane & 1) packed |= static_cast<uint64_t>(lane) << (8 * k++);
+      }
+      lanes[mask] = packed;
+    }
+  }
+};
+constexpr CompressLanes kCompress;
+
+SVDFUSE_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+SVDFUSE_AVX2 inline __m256 load8(const c10::BFloat16* p) {  // a bfloat16 is a float's top 16 bits
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+SVDFUSE_AVX2 inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+template <typename in_t>
+SVDFUSE_AVX2 int64_t bracket_source_avx2(const in_t* x, const in_t* x0, int64_t n, float l, float h, bool apart,
+                                          bool same_is_zero, float* v, int32_t* jj, int64_t& up, int64_t& at_lo,
+                                          int64_t& at_hi) {
+  const __m256 H = _mm256_set1_ps(h), L = _mm256_set1_ps(l), sign = _mm256_set1_ps(-0.0f);
+  __m256i above = _mm256_setzero_si256(), high = above, low = above;  // minus the lanes' counts
+  __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i eight = _mm256_set1_epi32(8);
+  int64_t in = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 xv = load8(x + j), bv = load8(x0 + j);
+    __m256 m = _mm256_andnot_ps(sign, _mm256_sub_ps(xv, bv));
+    if (same_is_zero) m = _mm256_andnot_ps(_mm256_cmp_ps(xv, bv, _CMP_EQ_OQ), m);
+    above = _mm256_add_epi32(above, _mm256_castps_si256(_mm256_cmp_ps(m, H, _CMP_GT_OQ)));
+    high = _mm256_add_epi32(high, _mm256_castps_si256(_mm256_cmp_ps(m, H, _CMP_EQ_OQ)));
+    low = _mm256_add_epi32(low, _mm256_castps_si256(_mm256_cmp_ps(m, L, _CMP_EQ_OQ)));
+    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(m, L, _CMP_GT_OQ), _mm256_cmp_ps(m, H, _CMP_LT_OQ));
+    const int mask = _mm256_movemask_ps(inside);
+    const __m256i order = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kCompress.lanes[mask])));
+    _mm256_storeu_ps(v + in, _mm256_permutevar8x32_ps(m, order));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(jj + in), _mm256_permutevar8x32_epi32(index, order));
+    in += __builtin_popcount(static_cast<unsigned>(mask));
+    index = _mm256_add_epi32(index, eight);
+  }
+  alignas(32) int32_t lanes[3][8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), above);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), high);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[2]), low);
+  int64_t counts[3] = {0, 0, 0};
+  for (int c = 0; c < 3; ++c) {
+    for (int k = 0; k < 8; ++k) counts[c] -= lanes[c][k];
+  }
+  for (; j < n; ++j) {
+    const float xi = static_cast<float>(x[j]), b = static_cast<float>(x0[j]);
+    const float m = (same_is_zero && xi == b) ? 0.0f : std::fabs(xi - b);
+    counts[0] += m > h;
+    counts[1] += m == h;
+    counts[2] += m == l;
+    v[in] = m;
+    jj[in] = static_cast<int32_t>(j);
+    in += (m > l) & (m < h);
+  }
+  up = counts[0], at_hi = counts[1], at_lo = apart ? counts[2] : 0;
+  return in;
+}
+
+const bool kHasAvx2 = [] {
+  __builtin_cpu_init();  // this initializer may run before the one that would have done it
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt");
+}();
+#endif
+
+template <typename in_t>
+int64_t bracket_source(const in_t* x, const in_t* x0, int64_t n, float l, float h, bool apart, bool same_is_zero,
+                       float* a, float* v, int32_t* jj, int64_t& up, int64_t& at_lo, int64_t& at_hi) {
+#ifdef SVDFUSE_AVX2
+  if (kHasAvx2) return bracket_source_avx2(x, x0, n, l, h, apart, same_is_zero, v, jj, up, at_lo, at_hi);
+#endif
+  // |τ| and the counts in a loop that vectorizes (the sources' dtype converted there), then the
+  // compaction, which cannot, over floats alone
+  bracket_counts(x, x0, n, l, h, apart, same_is_zero, a, up, at_lo, at_hi);
+  int64_t in = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float m = a[j];
+    v[in] = m;
+    jj[in] = static_cast<int32_t>(j);
+    in += (m > l) & (m < h);
+  }
+  return in;
+}
+
 template <typename in_t>
 BracketResult bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N, const float* lp, const float* hp,
                       bool same_is_zero, const at::TensorOptions& options) {
@@ -451,25 +560,15 @@ BracketResult bracket(const in_t* const* x, const in_t* x0, int64_t T, int64_t N
   std::vector<std::vector<float>> found_v(units * T);
   std::vector<std::vector<int32_t>> found_j(units * T);
   for_each_unit(units, [&](const auto& pull) {
-    std::vector<float> a(kChunk), v(kChunk + 1);
-    std::vector<int32_t> jj(kChunk + 1);
+    std::vector<float> a(kChunk), v(kChunk + 8);
+    std::vector<int32_t> jj(kChunk + 8);
     for (int64_t u; (u = pull()) < units;) {
       const int64_t lo_j = u * kChunk, n = std::min(N, lo_j + kChunk) - lo_j;
       for (int64_t i = 0; i < T; ++i) {
         const float l = lp[i], h = hp[i];
-        const bool apart = l != h;
-        const in_t* xi = x[i] + lo_j;
-        const in_t* bi = x0 + lo_j;
-        int64_t up = 0, in = 0, at_lo = 0, at_hi = 0;
-        // |τ| and the counts in a loop that vectorizes (the sources' dtype converted there), then the
-        // compaction, which cannot, over floats alone
-        bracket_counts(xi, bi, n, l, h, apart, same_is_zero, a.data(), up, at_lo, at_hi);
-        for (int64_t j = 0; j < n; ++j) {
-          const float m = a[j];
-          v[in] = m;
-          jj[in] = static_cast<int32_t>(j);
-          in += (m > l) & (m < h);
-        }
+        int64_t up = 0, at_lo = 0, at_hi = 0;
+        const int64_t in = bracket_source(x[i] + lo_j, x0 + lo_j, n, l, h, l != h, same_is_zero, a.data(), v.data(),
+                                          jj.data(), up, at_lo, at_hi);
         above[u * T + i] = up;
         bp[(i * units + u) * 2] = at_lo;
         bp[(i * units + u) * 2 + 1] = at_hi;
@@ -533,11 +632,110 @@ BracketResult trim_bracket_cpu(at::TensorList sources, const at::Tensor& base, c
   }
 }
 
+// The sample of the exact trim's bracket: |τ| of every source at flat indices first, first + stride,
+// ... (T, m) fp32, formed as the bracket forms them. One parallel region over the T·m entries.
+at::Tensor trim_sample_cpu(at::TensorList sources, const at::Tensor& base, int64_t first, int64_t stride, bool same_is_zero) {
+  guard("trim_sample", sources, base, at::kFloat);
+  TORCH_CHECK_VALUE(first >= 0 && stride >= 1, "trim_sample: first must be >= 0 and stride >= 1, found ", first, " and ", stride);
+  const int64_t T = static_cast<int64_t>(sources.size()), N = base.size(0);
+  const int64_t m = first < N ? (N - first + stride - 1) / stride : 0;
+  at::Tensor out = at::empty({T, m}, base.options().dtype(at::kFloat));
+  float* o = out.mutable_data_ptr<float>();
+  const at::Tensor b = base.contiguous();
+  const auto run = [&](auto in_tag) {
+    using in_t = decltype(in_tag);
+    const in_t* x0 = static_cast<const in_t*>(b.const_data_ptr()) + first;
+    at::parallel_for(0, T * m, kTile, [&](int64_t lo, int64_t hi) {
+      for (int64_t e = lo; e < hi;) {  // a run of one source at a time
+        const int64_t i = e / m, j0 = e - i * m, j1 = std::min(m, j0 + (hi - e));
+        const in_t* x = static_cast<const in_t*>(sources[i].const_data_ptr()) + first;
+        float* row = o + i * m;
+        for (int64_t j = j0; j < j1; ++j) {
+          const float v = static_cast<float>(x[j * stride]), w = static_cast<float>(x0[j * stride]);
+          row[j] = (same_is_zero && v == w) ? 0.0f : std::fabs(v - w);
+        }
+        e += j1 - j0;
+      }
+    });
+  };
+  switch (b.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: TORCH_CHECK_TYPE(false, "trim_sample: sources must be float32, bfloat16 or float16, found ", b.scalar_type());
+  }
+  return out;
+}
+
 // The order statistics of the exact trim: per source i, of its counts[i] values (concatenated source by
 // source in flat order), the rank[i]-th largest t (NaN above +inf, as torch.kthvalue orders them), how
 // many are > t and == t, and the position among them of the need[i]-th equal to t (need[i] = rank[i]
 // minus the count above t; -1 where every equal one is needed). A rank outside [1, counts[i]] gives NaN
-// and -1 counts. One parallel region over the sources, each a copy and an nth_element.
+// and -1 counts. One parallel region over the sources: a radix select where a list holds no NaN and
+// no negative number (|τ| always), else a copy and an nth_element.
+
+// The bits of a non-negative float (sign clear, not NaN) order as the floats do.
+constexpr uint32_t kInfBits = 0x7f800000u;
+constexpr int kRadixBits = 10;
+
+// Largest and smallest bits of a list (a NaN or a set sign bit makes the largest > kInfBits).
+SVDFUSE_WIDE void bits_range(const uint32_t* x, int64_t n, uint32_t& lo, uint32_t& hi) {
+  uint32_t l = 0xffffffffu, h = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    l = std::min(l, x[j]);
+    h = std::max(h, x[j]);
+  }
+  lo = l, hi = h;
+}
+
+// The k-th largest (1-based) of n >= k bit patterns in [lo, hi]: a histogram of kRadixBits-bit digits
+// of (bits - lo) picks the digit's bucket that holds it, and the values in that bucket, copied to
+// `keys`, are narrowed the same way until the bucket is one value. Four histograms taken in turn, so
+// that runs of equal values (ties: low-precision task vectors) do not wait on one counter.
+SVDFUSE_WIDE void count_around(const float* x, int64_t n, float t, int64_t& above, int64_t& same) {
+  int64_t a = 0, e = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    a += x[j] > t;
+    e += x[j] == t;
+  }
+  above = a, same = e;
+}
+
+uint32_t radix_kth_largest(const uint32_t* x, int64_t n, int64_t k, uint32_t lo, uint32_t hi, std::vector<uint32_t>& keys) {
+  constexpr int64_t buckets = int64_t{1} << kRadixBits;
+  std::vector<int64_t> hist(4 * buckets);
+  const uint32_t* cur = x;
+  while (lo != hi) {
+    const int width = 32 - __builtin_clz(hi - lo);
+    const int shift = std::max(0, width - kRadixBits);
+    std::fill(hist.begin(), hist.end(), 0);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      for (int64_t q = 0; q < 4; ++q) ++hist[q * buckets + ((cur[j + q] - lo) >> shift)];
+    }
+    for (; j < n; ++j) ++hist[(cur[j] - lo) >> shift];
+    int64_t b = ((hi - lo) >> shift) + 1, above = 0, in = 0;
+    while (--b >= 0) {
+      in = hist[b] + hist[buckets + b] + hist[2 * buckets + b] + hist[3 * buckets + b];
+      if (above + in >= k) break;
+      above += in;
+    }
+    k -= above;
+    const uint32_t first = lo + (static_cast<uint32_t>(b) << shift);
+    if (shift == 0) return first;
+    const uint32_t last = std::min<uint32_t>(hi, first + ((uint32_t{1} << shift) - 1));
+    if (keys.size() <= static_cast<size_t>(in)) keys.resize(in + 1);  // every key is stored, the next one over it
+    int64_t w = 0;
+    for (j = 0; j < n; ++j) {
+      const uint32_t key = cur[j];
+      keys[w] = key;
+      w += (key >= first) & (key <= last);
+    }
+    cur = keys.data(), n = w, lo = first, hi = last;
+  }
+  return lo;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> trim_select_cpu(const at::Tensor& values, const at::Tensor& counts,
                                                                             const at::Tensor& rank) {
   TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat && values.dim() == 1, "trim_select: values must be float32 (M,)");
@@ -560,8 +758,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> trim_select_cpu(const
   int64_t* ep = equal.mutable_data_ptr<int64_t>();
   int64_t* pp = position.mutable_data_ptr<int64_t>();
   const auto larger = [](float a, float b) { return std::isnan(a) ? !std::isnan(b) : a > b; };
-  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+  // a few values in all (a small tensor's): on this thread, not worth a thread-pool round trip
+  const int64_t grain = offset[T] < kChunk ? std::max<int64_t>(T, 1) : 1;
+  at::parallel_for(0, T, grain, [&](int64_t b, int64_t e) {
     std::vector<float> scratch;
+    std::vector<uint32_t> keys;
     for (int64_t i = b; i < e; ++i) {
       const float* x = vp + offset[i];
       const int64_t n = cp[i], k = rp[i];
@@ -570,15 +771,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> trim_select_cpu(const
         gp[i] = ep[i] = pp[i] = -1;
         continue;
       }
-      scratch.assign(x, x + n);
-      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), larger);
-      const float t = scratch[k - 1];
+      const uint32_t* bits = reinterpret_cast<const uint32_t*>(x);
+      uint32_t lo, hi;
+      bits_range(bits, n, lo, hi);
+      float t;
+      if (hi <= kInfBits) {
+        const uint32_t found = radix_kth_largest(bits, n, k, lo, hi, keys);
+        std::memcpy(&t, &found, sizeof t);
+      } else {
+        scratch.assign(x, x + n);
+        std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), larger);
+        t = scratch[k - 1];
+      }
       const bool nan = std::isnan(t);
       int64_t above = 0, same = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const bool eq = nan ? std::isnan(x[j]) : x[j] == t;
-        above += !eq && larger(x[j], t);
-        same += eq;
+      if (hi <= kInfBits) {  // no NaN: plain comparisons, a loop that vectorizes
+        count_around(x, n, t, above, same);
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          const bool eq = nan ? std::isnan(x[j]) : x[j] == t;
+          above += !eq && larger(x[j], t);
+          same += eq;
+        }
       }
       tp[i] = t;
       gp[i] = above;
@@ -606,5 +820,6 @@ TORCH_LIBRARY_IMPL(svdfuse, CPU, m) {
   m.impl("merge_block", &svdfuse::merge_block_cpu);
   m.impl("ties_block", &svdfuse::ties_block_cpu);
   m.impl("trim_bracket", &svdfuse::trim_bracket_cpu);
+  m.impl("trim_sample", &svdfuse::trim_sample_cpu);
   m.impl("trim_select", &svdfuse::trim_select_cpu);
 }

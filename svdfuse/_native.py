@@ -34,13 +34,14 @@ try:
 except ImportError as err:
     LOAD_ERROR = err
 
-__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task", "check_merge_block", "check_ties_block", "check_trim_bracket", "check_trim_select", "check_gram"]
+__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task", "check_merge_block", "check_ties_block", "check_trim_bracket", "check_trim_sample", "check_trim_select", "check_gram"]
 
 LOWRANK_MATMUL_SCHEMA = (
     "lowrank_matmul(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? base, Tensor? bias, Tensor? task=None) -> Tensor"
 )
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernels are written for
 TRIM_BRACKET_SCHEMA = "trim_bracket(Tensor[] sources, Tensor base, Tensor lo, Tensor hi, bool same_is_zero) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+TRIM_SAMPLE_SCHEMA = "trim_sample(Tensor[] sources, Tensor base, int first, int stride, bool same_is_zero) -> Tensor"
 TRIM_SELECT_SCHEMA = "trim_select(Tensor values, Tensor counts, Tensor rank) -> (Tensor, Tensor, Tensor, Tensor)"
 TIES_BLOCK_SCHEMA = (
     "ties_block(Tensor[] sources, Tensor base, Tensor? weights, Tensor threshold, Tensor cutoff, int start, bool keep_none, "
@@ -296,6 +297,24 @@ def _trim_bracket_fake(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tens
     return *counts, lo.new_empty((held,)), lo.new_empty((held,), dtype=torch.int64), bounds
 
 
+def check_trim_sample(sources: list[Tensor], base: Tensor, first: int, stride: int) -> None:
+    """The checks of `trim_sample` (svdfuse.ops.trim_sample documents the arguments)."""
+    check_merge_block(sources, base, torch.ones(len(sources), dtype=torch.float32, device=base.device), None, 0, 0,
+                      torch.float32, "trim_sample")  # fmt: skip
+    if first < 0 or stride < 1:
+        raise ValueError(f"trim_sample: first must be >= 0 and stride >= 1, found {first} and {stride}")
+
+
+def _trim_sample_default(sources: list[Tensor], base: Tensor, first: int, stride: int, same_is_zero: bool) -> Tensor:
+    check_trim_sample(sources, base, first, stride)
+    return reference.trim_sample(sources, base, first, stride, same_is_zero)
+
+
+def _trim_sample_fake(sources: list[Tensor], base: Tensor, first: int, stride: int, same_is_zero: bool) -> Tensor:
+    check_trim_sample(sources, base, first, stride)
+    return base.new_empty((len(sources), len(range(first, base.shape[0], stride))), dtype=torch.float32)
+
+
 def check_trim_select(values: Tensor, counts: Tensor, rank: Tensor) -> None:
     """The checks of `trim_select` (svdfuse.ops.trim_select documents the arguments)."""
     if values.dim() != 1 or values.dtype != torch.float32:
@@ -326,6 +345,9 @@ _LIB.define(TIES_BLOCK_SCHEMA)
 _LIB.define(TRIM_BRACKET_SCHEMA)
 _LIB.impl("trim_bracket", _trim_bracket_default, "CompositeExplicitAutograd")
 torch.library.register_fake("svdfuse::trim_bracket", _trim_bracket_fake, lib=_LIB)
+_LIB.define(TRIM_SAMPLE_SCHEMA)
+_LIB.impl("trim_sample", _trim_sample_default, "CompositeExplicitAutograd")
+torch.library.register_fake("svdfuse::trim_sample", _trim_sample_fake, lib=_LIB)
 _LIB.define(TRIM_SELECT_SCHEMA)
 _LIB.impl("trim_select", _trim_select_default, "CompositeExplicitAutograd")
 torch.library.register_fake("svdfuse::trim_select", _trim_select_fake, lib=_LIB)

@@ -36,6 +36,7 @@ __all__ = [
     "merge_block",
     "ties_block",
     "trim_bracket",
+    "trim_sample",
     "trim_select",
     "core_matmul",
     "gram",
@@ -478,6 +479,31 @@ def trim_bracket(
     if base.device.type != "cpu" or _native.LOAD_ERROR is not None:
         return reference.trim_bracket(sources, base, lo, hi, same_is_zero)
     return torch.ops.svdfuse.trim_bracket.default(sources, base, lo, hi, same_is_zero)
+
+
+def trim_sample(sources: Tensor | Sequence[Tensor], base: Tensor, first: int, stride: int, *, same_is_zero: bool = False) -> Tensor:
+    """|τ| = |sources_i − base| at flat indices first, first + stride, ... of a block, every source
+    in one call (the task vectors formed in fp32 as `trim_bracket` forms them): the sample that
+    brackets the exact trim's thresholds (`svdfuse.methods.trim.strided_sample`).
+
+    Args:
+        sources: (T, N), or T contiguous tensors (N,); fp32/bf16/fp16.
+        base: (N,) in the sources' dtype (zeros where `sources` are task vectors already).
+        first: the first flat index sampled, >= 0; stride: >= 1.
+        same_is_zero: an entry equal to the base's is no change even where both are infinite.
+
+    Returns:
+        (T, m) fp32, m = len(range(first, N, stride)).
+
+    Example::
+
+        sample = svdfuse.ops.trim_sample(W.flatten(1), W0.flatten(), 0, 7)
+    """
+    sources = list(sources)
+    _native.check_trim_sample(sources, base, first, stride)
+    if base.device.type != "cpu" or _native.LOAD_ERROR is not None:
+        return reference.trim_sample(sources, base, first, stride, same_is_zero)
+    return torch.ops.svdfuse.trim_sample.default(sources, base, first, stride, same_is_zero)
 
 
 def trim_select(values: Tensor, counts: Tensor, rank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

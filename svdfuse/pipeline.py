@@ -263,7 +263,9 @@ class Compute:
         m = max(1, min(c, size // rows))
         picked = torch.linspace(0, spec.rows - 1, rows).round().long().unique().tolist()
         columns = torch.linspace(0, c - 1, m).round().long().unique()
-        return torch.stack([self._abs_task_vectors(spec, range(self.T), row, row + 1)[:, columns] for row in picked], 1)
+        # index_select, not [:, columns]: CPU advanced indexing of a row this size wakes the thread
+        # pool (milliseconds per row on a busy machine, one row at a time)
+        return torch.stack([self._abs_task_vectors(spec, range(self.T), row, row + 1).index_select(1, columns) for row in picked], 1)
 
     def _whole_model_trim(self, spec: TensorSpec) -> Trim:
         """Tensor `spec`'s view of the whole-model trim; the first call finds it, in passes over

@@ -363,6 +363,13 @@ def trim_bracket(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor, sa
     return above, within.sum(1), a[within], within.nonzero()[:, 1].clone(), bounds  # storage of its own (offset 0), as the fake impl gives
 
 
+def trim_sample(sources: list[Tensor], base: Tensor, first: int, stride: int, same_is_zero: bool) -> Tensor:
+    """`svdfuse.ops.trim_sample`, op by op: |τ| at flat indices first, first + stride, ... -> (T, m) fp32."""
+    if not sources:
+        return base.new_empty((0, len(range(first, base.shape[0], stride))), dtype=torch.float32)
+    return _abs_task_vectors([x[first::stride] for x in sources], base[first::stride], same_is_zero)
+
+
 def trim_select(values: Tensor, counts: Tensor, rank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`svdfuse.ops.trim_select`, source by source with `torch.kthvalue` (NaN above every number)."""
     T = counts.shape[0]

@@ -383,6 +383,41 @@ def test_trim_bracket_opcheck():
     torch.library.opcheck(torch.ops.svdfuse.trim_bracket.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
+# -- trim_sample ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,N,first,stride", [(3, 3 * CHUNK + 999, 5, 7), (8, 40000, 0, 1), (1, 5, 4, 3), (2, 5, 5, 2), (4, 0, 0, 1)])
+def test_trim_sample_is_the_strided_magnitudes_of_plain_torch(T, N, first, stride, dtype):
+    pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    gen = torch.Generator().manual_seed(N)
+    base = torch.randn(N, generator=gen).to(dtype)
+    x = (base.float() + torch.randn(T, N, generator=gen)).to(dtype)
+    got = torch.ops.svdfuse.trim_sample.default(list(x), base, first, stride, False)
+    expected = (x.double() - base.double()).abs().float()[:, first::stride]  # exact in fp64, then fp32's one rounding
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert torch.equal(ops.trim_sample(x, base, first, stride), expected) and torch.equal(reference.trim_sample(list(x), base, first, stride, False), expected)
+
+
+def test_trim_sample_same_is_zero_and_its_checks():
+    pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    base = torch.tensor([-math.inf, 1.0, 2.0, math.inf, 0.5])
+    x = torch.tensor([[-math.inf, 3.0, 2.0, math.inf, -0.5]])
+    for same_is_zero, expected in ((True, [0.0, 2.0, 0.0, 0.0, 1.0]), (False, [math.nan, 2.0, 0.0, math.nan, 1.0])):
+        got = torch.ops.svdfuse.trim_sample.default(list(x), base, 0, 1, same_is_zero)
+        torch.testing.assert_close(got[0], torch.tensor(expected), rtol=0, atol=0, equal_nan=True)  # inf − inf is NaN
+        torch.testing.assert_close(got, reference.trim_sample(list(x), base, 0, 1, same_is_zero), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="trim_sample: first must be >= 0 and stride >= 1, found 0 and 0"):
+        ops.trim_sample(x, base, 0, 0)
+    with pytest.raises(ValueError, match=r"trim_sample: source 0 must be contiguous of shape \(N,\) = \[5\]"):
+        ops.trim_sample([x[0, :4]], base, 0, 1)
+
+
+def test_trim_sample_opcheck():
+    x = torch.randn(3, 300)
+    torch.library.opcheck(torch.ops.svdfuse.trim_sample.default, (list(x), torch.zeros(300), 2, 7, False), test_utils=("test_schema", "test_faketensor"))
+
+
 # -- trim_select ---------------------------------------------------------------------------------
 
 
@@ -426,6 +461,29 @@ def test_trim_select_order_statistics_against_a_sort(backend):
     # a rank outside the list: NaN and -1s, for the caller to fall back
     t, greater, equal, position = select(torch.ones(3), torch.tensor([3]), torch.tensor([4]))
     assert t.isnan().all() and greater.tolist() == equal.tolist() == position.tolist() == [-1]
+
+
+def test_trim_select_of_magnitudes_against_a_sort():
+    """Lists of |τ| (no NaN, no sign: the compiled kernel's radix select) of every shape a trim
+    meets: spread over many octaves, in a narrow bracket, bf16's few values with long ties, zeros
+    and infinities, subnormals; ranks at both ends and between."""
+    pytest.importorskip("svdfuse._C", reason="the compiled extension svdfuse._C is not built")
+    gen = torch.Generator().manual_seed(1)
+    lists = [
+        torch.randn(20000, generator=gen).abs() * 1e-3,
+        1.0 + torch.rand(3001, generator=gen) * 1e-4,  # a bracket's values: a few thousand ulps apart
+        (torch.randn(5000, generator=gen) * 1e-2).abs().bfloat16().float(),  # ties everywhere
+        torch.cat([torch.zeros(40), torch.full((9,), math.inf), torch.rand(60, generator=gen)]),
+        torch.rand(257, generator=gen) * 1e-40,  # subnormals
+        torch.full((33,), 0.25),
+    ]
+    values, counts = torch.cat(lists), torch.tensor([len(v) for v in lists])
+    for fraction in (0.0, 0.001, 0.2, 0.5, 0.8, 1.0):
+        ranks = torch.tensor([max(1, min(len(v), round(fraction * len(v)))) for v in lists])
+        t, greater, equal, position = torch.ops.svdfuse.trim_select.default(values, counts, ranks)
+        for i, (v, k) in enumerate(zip(lists, ranks.tolist())):
+            want = _select_by_sort(v, k)
+            assert (float(_order_key(t[i])), int(greater[i]), int(equal[i]), int(position[i])) == want, (i, k)
 
 
 def test_trim_select_opcheck():

@@ -12,11 +12,12 @@ is read twice:
 
 1. a sample of |τ| brackets the threshold: [lo, hi] holds it with overwhelming probability (a
    margin of several standard deviations of the sampled fraction around the sample quantile). It
-   is strided over a tensor held in memory, or taken from rows read apart (a fraction of a pass)
-   for one larger than a block: those rows are clusters, whose spread widens the margin;
+   is strided over a tensor held in memory (`svdfuse.ops.trim_sample`, every source in one op),
+   or taken from rows read apart (a fraction of a pass) for one larger than a block: those rows
+   are clusters, whose spread widens the margin;
 2. one pass (`svdfuse.ops.trim_bracket`, the task vectors formed as it reads) counts the entries
    above hi and gathers the few inside [lo, hi]; the threshold is the right order statistic of
-   those (`svdfuse.ops.trim_select`, every source at once).
+   those (`svdfuse.ops.trim_select`, every source at once: a radix select on the bits of |τ|).
 
 If the bracket misses (a sample that is not representative, or so many equal values that the
 bracket holds more than a block), a radix select over the bits of |τ| (non-negative floats order as
@@ -31,6 +32,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -149,10 +151,8 @@ def strided_sample(blocks: Blocks, numel: int, sources: int, same_is_zero: bool 
         parts = []
         for start, x, base in blocks():
             x, base = _flat(x, base)
-            first = (-start) % stride
-            # source by source: each op below a parallel op's size, so no thread-pool round trip
-            b = base[first::stride]
-            parts.append(torch.stack([_tau(x_i[first::stride], b, torch.float32, same_is_zero).abs_() for x_i in x]).cpu())
+            # every source in one op: a parallel region per block, never one per source
+            parts.append(ops.trim_sample(x, base, (-start) % stride, stride, same_is_zero=same_is_zero).cpu())
         return (torch.cat(parts, 1) if len(parts) > 1 else parts[0])[:, :, None]
 
     return sample
@@ -166,7 +166,7 @@ def blocks_locate(blocks: Blocks, same_is_zero: bool = False) -> Locate:
             x, base = _flat(x, base)
             if first <= start and stop <= first + base.numel():
                 a, b = start - first, stop - first
-                return _tau(x[i][a:b], base[a:b], torch.float32, same_is_zero).abs_().cpu()
+                return ops.trim_sample([x[i][a:b]], base[a:b], 0, 1, same_is_zero=same_is_zero)[0].cpu()
         raise ValueError(f"flat range [{start}, {stop}) lies in no block of the scope")
 
     return locate
@@ -183,7 +183,8 @@ def _margins(sample: Tensor, p: float) -> Tensor:
     if m > 1 and clusters > 1:
         flat = sample.reshape(T, -1)
         at = min(size, max(1, round(p * size)))
-        t0 = flat.kthvalue(size - at + 1, dim=1).values  # the sample's own p-quantile
+        # the sample's own p-quantile: its at-th largest (trim_select orders NaN as kthvalue does)
+        t0 = ops.trim_select(flat.reshape(-1).float(), torch.full((T,), size), torch.full((T,), at))[0]
         fractions = (sample > t0[:, None, None]).double().mean(2)  # (T, clusters)
         sd = torch.maximum(sd, fractions.std(1) / math.sqrt(clusters))
     return _MARGIN * size * sd + 8
@@ -245,10 +246,12 @@ def _bracketed(
     values, index, counts = parts[0] if parts else (torch.empty(0), torch.empty(0, dtype=torch.int64), torch.zeros(sources, dtype=torch.int64))
     if len(parts) > 1:  # source by source, each in flat order: blocks come in order
         counts = sum(c for _, _, c in parts)
-        values, index = torch.cat([v for v, _, _ in parts]), torch.cat([i for _, i, _ in parts])
-        owner = torch.cat([torch.repeat_interleave(torch.arange(sources), c) for _, _, c in parts])
-        order = torch.sort(owner, stable=True).indices
-        values, index = values[order], index[order]
+        # numpy's concatenate copies on this thread: torch.cat of the T · blocks pieces took 0.3 s a
+        # call on a busy machine (48 sources), numpy's well under a tenth of that
+        ends = [c.cumsum(0)[:-1].numpy() for _, _, c in parts]
+        split = [(np.split(v.numpy(), e), np.split(i.numpy(), e)) for (v, i, _), e in zip(parts, ends)]
+        values = torch.from_numpy(np.concatenate([v[s] for s in range(sources) for v, _ in split]))
+        index = torch.from_numpy(np.concatenate([i[s] for s in range(sources) for _, i in split]))
     at_lo, at_hi = (sum(b[:, :, j].sum(1) for _, _, b in units) for j in (0, 1))
     rank = keep - above  # the threshold is the rank-th largest of what is not above hi
     if not bool(((rank >= 1) & (rank <= at_hi + counts + at_lo)).all()):
@@ -284,7 +287,9 @@ def _cutoff_at_bound(units: list[tuple[int, int, Tensor]], locate: Locate, i: in
         before += int(per_unit[:u].sum())
         lo = start + u * _UNIT
         tau = locate(i, lo, min(lo + _UNIT, start + length))
-        return lo + int((tau == value).nonzero()[need - before - 1, 0]) + 1
+        # numpy's search runs on this thread: a torch op this size would wake the thread pool, which
+        # costs milliseconds on a busy machine, and a trim may search once per source and tensor
+        return lo + int(np.flatnonzero(tau.numpy() == np.float32(value))[need - before - 1]) + 1
     raise AssertionError("the bracket's counts hold fewer entries equal to a bound than they said")
 
 
