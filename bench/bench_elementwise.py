@@ -15,6 +15,7 @@ of quiet.
 
     python bench/bench_elementwise.py                      # T = 8, 12, 48; fp32, bf16; memory, streamed
     python bench/bench_elementwise.py --sources 12 --dtypes fp32 --modes memory
+    python bench/bench_elementwise.py --methods ties   # one method: results in elementwise-ties-<device>.json
 """
 
 from __future__ import annotations
@@ -77,13 +78,14 @@ def _spinner() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def run_pass(base: str, files: list[str], T: int, dtype: str, mode: str, load: str, repeats: int, out: Path) -> list[dict]:
+def run_pass(base: str, files: list[str], T: int, dtype: str, mode: str, load: str, repeats: int, out: Path, methods: list[str]) -> list[dict]:
     nbytes = sum(os.path.getsize(f) for f in [base, *files])
     models = None
     if mode == "memory":
         models = (load_file(base), [load_file(f) for f in files])
     rows = []
-    for method, params in METHODS.items():
+    for method in methods:
+        params = METHODS[method]
         read = max(plain_read_gbps([base, *files]) for _ in range(repeats + 1))
 
         runs = iter(range(1000))
@@ -117,11 +119,13 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", default=["memory", "streamed"], choices=["memory", "streamed"])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "svdfuse-bench")
     args = parser.parse_args()
     if args.small:
         args.sources, args.dtypes, args.modes, args.repeats = [2], ["fp32"], ["memory"], 1
-    results = Results("elementwise", torch.device("cpu"), small=args.small, notes=[
+    name = "elementwise" if args.methods == list(METHODS) else "-".join(["elementwise", *args.methods])
+    results = Results(name, torch.device("cpu"), small=args.small, notes=[
         f"{os.cpu_count()} CPUs; machine shared with other jobs: see each row's loadavg (1-minute, start-end of the merge)",
         "merge GB/s: bytes of the T + 1 files over the merge's best wall time; read GB/s: best plain read of the same files, same pass",
         "busy: a process started by this script spins on one core for the whole pass",
@@ -131,14 +135,14 @@ def main() -> None:
             base, files = write_sources(args.cache, T, dtype)
             for mode in args.modes:
                 with tempfile.TemporaryDirectory() as out:
-                    results.add(run_pass(base, files, T, dtype, mode, "quiet", args.repeats, Path(out)))
+                    results.add(run_pass(base, files, T, dtype, mode, "quiet", args.repeats, Path(out), args.methods))
                     spinner = _spinner()
                     try:
-                        busy = run_pass(base, files, T, dtype, mode, "busy", args.repeats, Path(out))
+                        busy = run_pass(base, files, T, dtype, mode, "busy", args.repeats, Path(out), args.methods)
                     finally:
                         spinner.kill()
                         spinner.wait()
-                quiet = {row["method"]: row["merge GB/s"] for row in results.rows[-len(METHODS):]}
+                quiet = {row["method"]: row["merge GB/s"] for row in results.rows[-len(args.methods):]}
                 for row in busy:
                     row["% of quiet"] = round(100 * row["merge GB/s"] / quiet[row["method"]], 1)
                 results.add(busy)
