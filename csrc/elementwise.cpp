@@ -114,6 +114,14 @@ struct Flags {
   int64_t bad = -1;
 };
 
+// Ask for the next tile of a source while this one is computed: T + 1 interleaved streams of a few
+// KB each are more than the hardware prefetcher follows across page boundaries.
+template <typename T>
+inline void prefetch(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(c + b);
+}
+
 template <typename in_t, typename out_t>
 SVDFUSE_WIDE void merge_unit(const Args& a, const in_t* const* src, const in_t* base, out_t* out, int64_t lo, int64_t hi, Flags& f,
                 std::vector<MT19937>& gens) {
@@ -137,8 +145,10 @@ SVDFUSE_WIDE void merge_unit(const Args& a, const in_t* const* src, const in_t* 
       acc[j] = 0.0f;  // torch's sum starts from +0: a lone -0 task vector sums to +0
     }
     f.nonzero[a.T] |= base_nonzero;
+    prefetch(base + t + n, std::min(kTile, hi - t - n));
     for (int64_t i = 0; i < a.T; ++i) {
       const in_t* x = src[i] + t;
+      prefetch(x + n, std::min(kTile, hi - t - n));
       const float w = a.weight[i];
       uint32_t differs = 0, nonzero = 0;
       if (dare) {
@@ -318,8 +328,10 @@ SVDFUSE_WIDE void ties_unit(const TiesArgs& a, const in_t* const* src, const in_
       sum[j] = 0.0f;
     }
     f.nonzero[a.T] |= base_nonzero;
+    prefetch(base + t + n, std::min(tile, hi - t - n));
     for (int64_t i = 0; i < a.T; ++i) {
       const in_t* x = src[i] + t;
+      prefetch(x + n, std::min(tile, hi - t - n));
       float* k = kept.data() + i * tile;
       const float thr = a.threshold[i], w = a.weight ? a.weight[i] : 1.0f;
       const bool live = !a.keep_none, same_is_zero = a.same_is_zero;
