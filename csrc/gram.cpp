@@ -91,7 +91,10 @@ template <int W>
 __attribute__((target("avx2,fma"))) void accumulate_fma(const double* tile, int64_t count, int64_t p, double* acc, bool rows) {
   accumulate_any(tile, count, p, acc, rows);
 }
-const bool kHasFma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+const bool kHasFma = [] {
+  __builtin_cpu_init();  // a static initializer may run before libgcc's own
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}();
 #else
 constexpr bool kHasFma = false;
 void accumulate_fma(const double*, int64_t, int64_t, double*, bool) {}
