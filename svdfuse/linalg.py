@@ -25,7 +25,7 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
-__all__ = ["svd", "qr", "all_finite"]
+__all__ = ["svd", "qr", "lu_factor", "all_finite"]
 
 
 @contextmanager
@@ -51,6 +51,14 @@ def qr(A: Tensor) -> tuple[Tensor, Tensor]:
     with one_thread(A):
         Q, R = torch.linalg.qr(A)
     return Q, R
+
+
+def lu_factor(A: Tensor) -> tuple[Tensor, Tensor]:
+    """LU with partial pivoting of A (..., m, n), as `torch.linalg.lu_factor_ex`: the packed LU
+    (..., m, n) and LAPACK's 1-based row swaps (..., min(m, n)); a zero pivot is no error."""
+    with one_thread(A):
+        LU, pivots, _ = torch.linalg.lu_factor_ex(A)
+    return LU, pivots
 
 
 def svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
