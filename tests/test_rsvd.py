@@ -513,7 +513,7 @@ def test_cpu_path_gives_the_same_bytes_on_any_thread_count(monkeypatch, chunk):
 
 
 def test_cpu_path_raises_a_chunk_error_with_threads_restored(monkeypatch):
-    monkeypatch.setattr(cpu, "_CHUNK_BYTES", 1)  # a chunk a matrix: the error comes from a worker
+    monkeypatch.setattr(cpu, "_CHUNK_BYTES", 12 * 10 * 4)  # a chunk a matrix, on two threads: the third fails
     calls = []
 
     def failing(*args, **kwargs):
