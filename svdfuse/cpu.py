@@ -29,8 +29,9 @@ from torch import Tensor
 from svdfuse import _rsvd
 
 # A chunk: matrices taken together through the whole randomized SVD, at least one. Sized to stay
-# in cache through the 2 + 2q passes (2-core EPYC, 2026-12-07, C1's shapes: 4 MB chunks on two
-# threads 0.55-0.75× the time of the whole batch per pass; 1 MB chunks slower again).
+# in cache through the 2 + 2q passes (2-core EPYC, 2026-12-07, C1's three shape groups: 4 MB
+# chunks on two threads take 0.53-0.62× the time of the whole batch a pass at a time, the same
+# bytes; 16 MB chunks no faster, 1 MB chunks slower).
 _CHUNK_BYTES = 4 << 20
 # Elements converted per op: the copy and the subtraction of a block meet in cache (4× faster
 # than two passes over a whole 5632×2048 matrix), and blocks stay large: every op is a parallel
@@ -41,8 +42,11 @@ _BLOCK_BYTES = 4 << 20
 # GEMMs run at half rate (2026-12-01, 2-core EPYC, `bench/bench_cpu.py --stages`: 4.4 against
 # 9.2 ms for a 5632×118 sketch, the whole C2 SVD 1.33 against 1.54 s).
 ORTHONORMALIZE = _rsvd.householder
-# The power iterations' intermediate bases by LU: 0.2 against 1.0 ms for the Householder QR of
-# seven 384×54 sketches on one thread (2-core EPYC, 2026-12-07); the last basis is ORTHONORMALIZE's.
+# The power iterations' intermediate bases by LU: 0.38 against 1.0 ms for the Householder QR of
+# seven 384×54 sketches on one thread (2-core EPYC, 2026-12-07), C1's largest group 0.84× the
+# time; the last basis is ORTHONORMALIZE's. C1's merged matrices stay within the fp32 paper path's
+# distance of a float64 AXIS: 1.1-3.6e-5 relative over three seeds, Householder throughout
+# 1.1-3.0e-5, the fp32 paper path 1.1-2.1e-5 (ties at the top-k's edge, not the basis, set the worst).
 NORMALIZE = _rsvd.lu_basis
 
 
