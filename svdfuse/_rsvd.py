@@ -37,8 +37,9 @@ def lu_basis(Y: Tensor) -> Tensor:
     matters: P L of Y = P L U (partial pivoting), column-major. L is unit lower trapezoidal with
     entries of at most 1, so the basis is well conditioned and of full rank for any Y (a zero or
     rank-deficient Y gets coordinate directions, as Householder completes its basis), and spans
-    what Y spans where Y has full rank; a quarter of a Householder QR's work with its Q formed
-    (the power iterations of fbpca and scikit-learn's randomized SVD normalize so)."""
+    what Y spans where Y has full rank; a quarter of the flops of a Householder QR with its Q
+    formed (the power iterations of fbpca and scikit-learn's randomized SVD normalize so). The
+    pivots are read back to the host: a CPU tool."""
     m, w = Y.shape[-2:]
     LU, pivots = linalg.lu_factor(Y.reshape(-1, m, w))
     # LAPACK's swaps applied in turn to the row order (on lists: a few dozen swaps a matrix cost
