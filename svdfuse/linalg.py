@@ -8,10 +8,10 @@ minutes of work, so `svd` retries such a batch element in float64, then with LAP
 that are not finite are still refused: that is the caller's error to name.
 
 On the CPU every factorization here (`svd`, `qr`, `lu_factor`) runs on one thread: LAPACK splits
-its work by thread count, so its rounding depends on it, where the GEMMs around it do not (MKL's, at the
-thread counts and shapes measured). A merge is then the same bytes whatever torch's thread count,
-as a torchrun rank (one thread) and a process of its own compute it. The cost, measured on the
-2-core CPU machine (2026-12-07): none at a merge's sizes; LAPACK's threads pay off only on
+its work by thread count, so its rounding depends on it, where the GEMMs around it do not (MKL's,
+at the thread counts and shapes measured). A merge is then the same bytes whatever torch's thread
+count, as a torchrun rank (one thread) and a process of its own compute it. The cost, measured on
+the 2-core CPU machine (2026-12-07): none at a merge's sizes; LAPACK's threads pay off only on
 matrices far wider than a sketch.
 """
 
