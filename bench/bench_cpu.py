@@ -24,10 +24,12 @@ machine absolute times move with its load; the ratios are the result.
     python bench/bench_cpu.py                     # C1 and C2
     python bench/bench_cpu.py --only C2 --stages
     python bench/bench_cpu.py --small             # a smoke run at tiny shapes
+    python bench/bench_cpu.py --only C1 --notes "load 2-4"   # C2's rows kept from the last run
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import torch
@@ -35,7 +37,7 @@ import torch
 import svdfuse
 from bench_merge import axis_paper, merge_components
 from bench_rsvd import accuracy
-from common import Results, arg_parser, interleaved_ms, print_table
+from common import Results, arg_parser, interleaved_ms, print_table, results_path
 from svdfuse import _rsvd, cpu, ops, reference
 from workloads import minilm_sources, rsvd_sources
 
@@ -189,11 +191,23 @@ def c1(repeats: int, small: bool) -> list[dict]:
     return rows
 
 
+def earlier_rows(workloads: set[str], small: bool) -> list[dict]:
+    """The rows of `workloads` in the results file as it stands, each row marked with the
+    date and commit of its run: a run of some workloads (`--only`) keeps the others' figures."""
+    path = results_path("cpu", torch.device("cpu"), small=small)
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    run = f"{earlier['environment']['date']} {earlier['environment']['commit']}"
+    return [row if "run" in row else {"run": run, **row} for row in earlier["rows"] if row.get("workload") in workloads]
+
+
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--only", nargs="+", default=["C1", "C2"], choices=["C1", "C2"])
     parser.add_argument("--stages", action="store_true", help="C2: Householder against CholeskyQR2")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--notes", help="a note for the results file (the machine's load, say)")
     args = parser.parse_args()
     if args.device != "cpu":
         parser.error("the CPU workloads run on the CPU: --device cpu")
@@ -205,7 +219,10 @@ def main() -> None:
         "C2 accuracy: the first source against float64 torch.linalg.svdvals; sigma_rel_leading: the leading rank/4",
         "C1: paper and svd_lowrank on the 37 merged matrices only; svdfuse.merge on the whole state dicts",
     ]
+    if args.notes:
+        notes.append(args.notes)
     results = Results("cpu", torch.device("cpu"), small=args.small, notes=notes)
+    results.add(earlier_rows({"C1", "C2"} - set(args.only), args.small))
     if "C2" in args.only:
         results.add(c2(shape, repeats))
     if "C1" in args.only:

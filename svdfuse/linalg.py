@@ -7,11 +7,11 @@ minutes of work, so `svd` retries such a batch element in float64, then with LAP
 `gesvd` (slower, and converges on every finite matrix), and returns in the input's dtype. Inputs
 that are not finite are still refused: that is the caller's error to name.
 
-On the CPU every factorization here (`svd`, `qr`) runs on one thread: LAPACK splits its work by
-thread count, so its rounding depends on it, where the GEMMs around it do not (MKL's, at the
-thread counts and shapes measured). A merge is then the same bytes whatever torch's thread count,
-as a torchrun rank (one thread) and a process of its own compute it. The cost, measured on the
-2-core CPU machine (2026-12-07): none at a merge's sizes; LAPACK's threads pay off only on
+On the CPU every factorization here (`svd`, `qr`, `lu_factor`) runs on one thread: LAPACK splits
+its work by thread count, so its rounding depends on it, where the GEMMs around it do not (MKL's,
+at the thread counts and shapes measured). A merge is then the same bytes whatever torch's thread
+count, as a torchrun rank (one thread) and a process of its own compute it. The cost, measured on
+the 2-core CPU machine (2026-12-07): none at a merge's sizes; LAPACK's threads pay off only on
 matrices far wider than a sketch.
 """
 
@@ -25,7 +25,7 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
-__all__ = ["svd", "qr", "all_finite"]
+__all__ = ["svd", "qr", "lu_factor", "all_finite"]
 
 
 @contextmanager
@@ -51,6 +51,14 @@ def qr(A: Tensor) -> tuple[Tensor, Tensor]:
     with one_thread(A):
         Q, R = torch.linalg.qr(A)
     return Q, R
+
+
+def lu_factor(A: Tensor) -> tuple[Tensor, Tensor]:
+    """LU with partial pivoting of A (..., m, n), as `torch.linalg.lu_factor_ex`: the packed LU
+    (..., m, n) and LAPACK's 1-based row swaps (..., min(m, n)); a zero pivot is no error."""
+    with one_thread(A):
+        LU, pivots, _ = torch.linalg.lu_factor_ex(A)
+    return LU, pivots
 
 
 def svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
