@@ -319,18 +319,19 @@ def test_an_over_long_name_anywhere_in_the_output_path_is_refused_on_one_line(wh
 
 
 _THREADS = """
-import sys, torch
+import json, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
 import svdfuse
-svdfuse.merge(sys.argv[4:], k=6, base=sys.argv[2], device="cpu", output=sys.argv[3])
+svdfuse.merge(sys.argv[5:], base=sys.argv[2], device="cpu", output=sys.argv[3], **json.loads(sys.argv[4]))
 """
 
 
-def _merge_at_threads(tmp_path: Path, threads: list[int], env: dict[str, str]) -> list[bytes]:
-    """The bytes of one AXIS merge run at each thread count, in a fresh process with `env` added."""
+def _merge_at_threads(tmp_path: Path, threads: list[int], env: dict[str, str], options: dict | None = None, rows: int = 384) -> list[bytes]:
+    """The bytes of one merge (AXIS, k = 6 unless `options` say otherwise) run at each thread count,
+    in a fresh process with `env` added."""
     # Matrices large enough that LAPACK and MKL split their work between threads (at 32 x 32 they do not).
     gen = torch.Generator().manual_seed(0)
-    base = {"a.weight": torch.randn(384, 256, generator=gen), "b.weight": torch.randn(256, 384, generator=gen), "a.bias": torch.randn(384, generator=gen)}
+    base = {"a.weight": torch.randn(rows, 256, generator=gen), "b.weight": torch.randn(256, 384, generator=gen), "a.bias": torch.randn(rows, generator=gen)}
     save_file(base, tmp_path / "base.safetensors")
     sources = []
     for i in range(4):
@@ -340,7 +341,7 @@ def _merge_at_threads(tmp_path: Path, threads: list[int], env: dict[str, str]) -
     for threads in threads:
         out = tmp_path / f"threads{threads}.safetensors"
         clean = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR")}
-        done = subprocess.run([sys.executable, "-c", _THREADS, str(threads), str(tmp_path / "base.safetensors"), str(out), *sources],
+        done = subprocess.run([sys.executable, "-c", _THREADS, str(threads), str(tmp_path / "base.safetensors"), str(out), json.dumps(options or {"k": 6}), *sources],
                               env={**clean, **env}, capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(out.read_bytes())
@@ -350,6 +351,19 @@ def _merge_at_threads(tmp_path: Path, threads: list[int], env: dict[str, str]) -
 def test_a_merge_is_the_same_bytes_on_one_thread_and_on_two(tmp_path):
     one, two = _merge_at_threads(tmp_path, [1, 2], {})
     assert one == two
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"method": "ties", "density": 0.2, "max_memory": "6MB"}, {"method": "ties", "density": 0.2, "trim_scope": "model"},
+     {"method": "dare", "drop_rate": 0.5}, {"method": "task_arithmetic"}],
+    ids=["ties-in-blocks", "ties-model-scope", "dare", "task-arithmetic"],
+)  # fmt: skip
+def test_an_elementwise_merge_is_the_same_bytes_at_any_thread_count(tmp_path, options):
+    """The compiled kernels split a block into units among torch's threads (2048 × 256 entries:
+    eight units a matrix, a trim's sample and bracket across blocks under 6MB)."""
+    outputs = _merge_at_threads(tmp_path, [1, 2, 3], {}, options, rows=2048)
+    assert outputs[0] == outputs[1] == outputs[2]
 
 
 def test_with_mkls_strict_mode_a_merge_is_the_same_bytes_at_any_thread_count(tmp_path):
