@@ -140,6 +140,7 @@ class Compute:
         self.model_trim = model_trim
         self._model_trim: Trim | None = None  # found by the first pass, at the first task that needs it
         self._row_buffers = _Reused()  # the row blocks of element-wise tensors, one buffer for all of them
+        self._factor_buffers = _Reused()  # the adapters' stacked factors, one buffer for all groups read from adapters alone
 
     def run(self, task: Task, after: Task | None = None) -> Iterator[Merged]:
         """The outputs of `task`; the first piece of `after` (the next task) is read ahead from disk
@@ -151,9 +152,12 @@ class Compute:
         if spec.role is Role.COPIED:
             yield from self._copied(spec)
         elif spec.role is Role.ELEMENTWISE or self.method.kind is Kind.ELEMENTWISE:
+            self._factor_buffers.clear()
             yield from self._elementwise(spec, task.block)
         else:
             self._row_buffers.clear()  # a matrix group's pieces take the budget: no row blocks held beside them
+            if self.method.kind is not Kind.FACTORS:
+                self._factor_buffers.clear()  # nor adapters' factors (`source_factors` keeps them for the next group of adapters)
             yield from self._factors(task) if self.method.kind is Kind.FACTORS else self._matrices(task)
 
     # -- elementwise: row blocks of one tensor over all sources ---------------------------------
@@ -518,10 +522,10 @@ class Compute:
         width = self._adapter_width(specs, rank)
         if width is not None:  # the factors in float64 beside their stored copy, and the vectors formed from them, fill a share of the budget
             chunk = max(1, self.budget // (8 * G * (m + n) * max(width, 16) * acc.itemsize))
-            buffer = _Reused()
             for first in range(0, self.T, chunk):
-                yield self._lora(list(range(first, min(first + chunk, self.T))), specs, width, acc, buffer)
+                yield self._lora(list(range(first, min(first + chunk, self.T))), specs, width, acc, self._factor_buffers)
             return
+        self._factor_buffers.clear()  # this group's pieces take the budget
         buffer = None
         for first in range(0, self.T, chunk):
             ids = list(range(first, min(first + chunk, self.T)))
