@@ -223,6 +223,35 @@ def test_chunks_of_adapters_reuse_their_buffers_without_leaking_into_padding(tmp
         torch.testing.assert_close(merged[key] - W0[key].to(F64), delta, rtol=0, atol=1e-12)
 
 
+def test_a_group_read_whole_after_a_group_of_adapters_finds_their_buffers_freed(tmp_path, monkeypatch):
+    """The stacked factors' buffers are kept from one group of adapters to the next, and freed
+    before a group whose sources are read whole (an adapter replacing `layer.1.out` entirely):
+    that group's pieces fill the budget by themselves."""
+    from svdfuse.pipeline import Compute
+
+    base, adapters = _base_and_adapters(tmp_path, [torch.float32] * 2)
+    weights = adapters[1] / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(str(weights)).items() if ".out." not in k}
+    tensors["base_model.model.layer.1.out.weight"] = load_file(str(base))["layer.1.out.weight"] + 0.5
+    save_file(tensors, str(weights))
+    seen: list[tuple[str, bool]] = []
+    lora, read_whole = Compute._lora, Compute._sources
+
+    def traced_lora(self, *args, **kwargs):
+        seen.append(("adapters", bool(self._factor_buffers._held)))
+        return lora(self, *args, **kwargs)
+
+    def traced_sources(self, *args, **kwargs):
+        seen.append(("whole", bool(self._factor_buffers._held)))
+        return read_whole(self, *args, **kwargs)
+
+    monkeypatch.setattr(Compute, "_lora", traced_lora)
+    monkeypatch.setattr(Compute, "_sources", traced_sources)
+    svdfuse.merge([str(a) for a in adapters], 4, base=str(base), device="cpu", dtype=F64)
+    assert ("whole", False) in seen and ("whole", True) not in seen, seen
+    assert [kind for kind, _ in seen].index("adapters") < [kind for kind, _ in seen].index("whole"), seen  # the case at stake
+
+
 def test_decompose_an_adapter_of_lower_rank_that_leaves_a_matrix_alone(tmp_path):
     """A cache holds `rank` components per matrix: an adapter's rank-2 update gives two and zeros,
     a matrix it leaves alone all zeros; merging from the cache equals merging from the adapter."""
