@@ -28,13 +28,13 @@ from svdfuse import reference
 # Loaded at import, quietly (it is cheap and initializes no CUDA), so that the op's kernels are
 # complete for torch.compile from the start; a missing extension is reported at the first call.
 try:
-    import svdfuse._C  # noqa: F401  (loading it registers the compiled kernels of torch.ops.svdfuse.*)
+    import svdfuse._C as _C  # loading it registers the compiled kernels of torch.ops.svdfuse.*
 
     LOAD_ERROR: ImportError | None = None
 except ImportError as err:
     LOAD_ERROR = err
 
-__all__ = ["LOAD_ERROR", "warn_if_missing", "check_lowrank_matmul", "first_bad_task", "check_merge_block", "check_ties_block", "check_trim_bracket", "check_trim_sample", "check_trim_select", "check_gram"]
+__all__ = ["LOAD_ERROR", "warn_if_missing", "read_ranges", "check_lowrank_matmul", "first_bad_task", "check_merge_block", "check_ties_block", "check_trim_bracket", "check_trim_sample", "check_trim_select", "check_gram"]
 
 LOWRANK_MATMUL_SCHEMA = (
     "lowrank_matmul(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? base, Tensor? bias, Tensor? task=None) -> Tensor"
@@ -51,6 +51,13 @@ MERGE_BLOCK_SCHEMA = (
     "merge_block(Tensor[] sources, Tensor base, Tensor weights, float scale, float divisor, Tensor? seeds, int start, "
     "int drop, bool same_is_zero, bool add_base, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)"
 )
+
+
+def read_ranges(ranges: list[tuple[int, int, int, int]], threads: int) -> list[int]:
+    """Bytes read into each (fd, offset, length, address) range, fewer where the file ends early;
+    on `threads` threads at once (csrc/files.cpp). Needs the extension (`LOAD_ERROR is None`);
+    every address the first of `length` writable bytes the caller keeps alive."""
+    return _C.read_ranges(ranges, threads)
 
 
 @functools.cache

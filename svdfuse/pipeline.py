@@ -33,6 +33,7 @@ from svdfuse.sources import ComponentCache, MappingSource, Reader, Source, Sourc
 # Rows a trim's sample reads of a tensor larger than a block (at most an eighth of its rows): enough
 # clusters that the spread of their fractions bounds the sample's error.
 _SAMPLE_ROWS = 512
+_PREFETCH_BYTES = 8 << 20  # of each source, asked of the disk at once ahead of a tensor's row blocks
 
 
 @dataclass(frozen=True)
@@ -175,17 +176,25 @@ class Compute:
         self.progress.advance((self.T + 1) * spec.nbytes)
         yield Merged(spec, 0, base)
 
+    def _row_blocks(self, spec: TensorSpec, block: int) -> Iterator[tuple[int, int]]:
+        """(start row, stop row) of `spec`'s row blocks, the disk asked for the next block before
+        each is read: in windows of `_PREFETCH_BYTES` a source, one advice per file a window (an
+        advice per file per block costs more than a 1 MiB block's read from the page cache)."""
+        window = max(block, _PREFETCH_BYTES // max(1, spec.row_numel * spec.dtype.itemsize))
+        asked = min(block, spec.rows)  # the first block: asked for before the task began (`run`)
+        for start in range(0, spec.rows, block):
+            stop = min(start + block, spec.rows)
+            if asked < min(stop + block, spec.rows):
+                self.reader.prefetch(spec.key, asked, min(asked + window, spec.rows))
+                asked = min(asked + window, spec.rows)
+            yield start, stop
+
     def _reads(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor) -> Iterator[tuple[int, int, Tensor, Tensor]]:
         """(start row, stop row, base rows, source rows) of `spec`, read into the buffers, the next
         block asked of the disk while this one is computed."""
-        for start in range(0, spec.rows, block):
-            stop = min(start + block, spec.rows)
-            if stop < spec.rows:
-                self.reader.prefetch(spec.key, stop, min(stop + block, spec.rows))
+        for start, stop in self._row_blocks(spec, block):
             w0, w = W0[: stop - start], W[:, : stop - start]
-            self.reader.base_rows(spec.key, start, stop, w0)
-            for i in range(self.T):
-                self.reader.source_rows(i, spec.key, start, stop, w[i])
+            self.reader.read_rows(spec.key, start, stop, [(0, w0), *((i + 1, w[i]) for i in range(self.T))])
             yield start, stop, w0, w
 
     def _views(self, spec: TensorSpec, block: int, W0: Tensor, W: Tensor) -> Iterator[tuple[int, int, Tensor, list[Tensor]]]:
@@ -195,20 +204,13 @@ class Compute:
         the buffers. For reading only: a view is the caller's tensor."""
         c = spec.row_numel
         held = [self._held(source, spec) for source in (self.reader.base, *self.reader.sources)]
-        for start in range(0, spec.rows, block):
-            stop = min(start + block, spec.rows)
-            if stop < spec.rows:
-                self.reader.prefetch(spec.key, stop, min(stop + block, spec.rows))
+        for start, stop in self._row_blocks(spec, block):
             rows = []
             for i, t in enumerate(held):
-                if t is not None:
-                    rows.append(t[start * c : stop * c])
-                    continue
-                if i == 0:
-                    out = self.reader.base_rows(spec.key, start, stop, W0[: stop - start])
-                else:
-                    out = self.reader.source_rows(i - 1, spec.key, start, stop, W[i - 1, : stop - start])
-                rows.append(out.reshape(-1))
+                buffer = W0[: stop - start] if i == 0 else W[i - 1, : stop - start]
+                rows.append(buffer if t is None else t[start * c : stop * c])
+            self.reader.read_rows(spec.key, start, stop, [(i, rows[i]) for i, t in enumerate(held) if t is None])
+            rows = [out.reshape(-1) for out in rows]
             yield start, stop, rows[0], rows[1:]
 
     def _held(self, source: Source, spec: TensorSpec) -> Tensor | None:
@@ -432,8 +434,7 @@ class Compute:
         """Sources `ids` of the group into out (G, len(ids), m, n), checked finite, not all zeros
         where the base is not, and against the base."""
         for g, spec in enumerate(specs):
-            for j, i in enumerate(ids):
-                self.reader.source_rows(i, spec.key, 0, spec.rows, out[g, j])
+            self.reader.read_rows(spec.key, 0, spec.rows, [(i + 1, out[g, j]) for j, i in enumerate(ids)])
         finite, zero = _extremes(out)
         base_zero = _extremes(W0)[1]
         for g, j in itertools.product(range(len(specs)), range(len(ids))):

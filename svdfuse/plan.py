@@ -40,6 +40,13 @@ DEFAULT_EXCLUDE: tuple[str, ...] = ("*embed*",)
 # masks and one product; DARE a mask per source.
 _ELEMENTWISE_WORKSPACE = {"ties": 2.5, "dare": 0.6}
 _DEFAULT_WORKSPACE = 0.5
+# Rows of a source an elementwise piece reads at a time, at most: the T + 1 buffers that a block
+# is read into are reused for every block, so held to about 1 MiB a source they stay in the L3
+# cache from the read to the kernel, and their page faults are paid once for a few MiB instead of
+# once per large tensor. Task Arithmetic of 12 MiniLM fp32 files, streamed: 0.57 s with blocks of
+# the whole budget, 0.31 s at 1 MiB, 0.37 s at 256 KiB, 0.34 s at 4 MiB (2-core machine, 2026-12-07).
+# TIES keeps budget-sized blocks: its trim passes pay per block (T = 48 bf16: 1.7 s -> 2.3 s at 1 MiB).
+SOURCE_BLOCK_BYTES = 1 << 20
 
 
 class Role(str, enum.Enum):
@@ -246,7 +253,10 @@ def _elementwise_least(spec: TensorSpec, sources: int, method: Method) -> tuple[
 
 
 def _elementwise_task(spec: TensorSpec, sources: int, method: Method, budget: int) -> Task:
-    rows = _room(budget, _trimmed(method, spec)) // _row_bytes(spec, sources, method)
+    trimmed = _trimmed(method, spec)
+    rows = _room(budget, trimmed) // _row_bytes(spec, sources, method)
+    if not trimmed:
+        rows = min(rows, max(1, SOURCE_BLOCK_BYTES // (spec.row_numel * spec.dtype.itemsize)))
     return Task((spec,), min(spec.rows, rows), (sources + 1) * spec.nbytes)
 
 

@@ -38,7 +38,7 @@ import svdfuse
 from svdfuse.methods import get_method
 from svdfuse.methods.trim import TRIM_SHARE
 from svdfuse.ops import SVDOptions
-from svdfuse.plan import _DEFAULT_WORKSPACE, _ELEMENTWISE_WORKSPACE, _svd_piece_bytes, DEFAULT_EXCLUDE, Role, make_plan
+from svdfuse.plan import _DEFAULT_WORKSPACE, _ELEMENTWISE_WORKSPACE, _svd_piece_bytes, DEFAULT_EXCLUDE, SOURCE_BLOCK_BYTES, Role, make_plan
 from svdfuse.sources import open_source
 
 needs_rss_anon = pytest.mark.skipif(
@@ -225,6 +225,17 @@ def test_planned_row_blocks_and_the_trim_share_fit_the_budget(method, params, bu
         row = (T + 1) * (1 + _ELEMENTWISE_WORKSPACE.get(method, _DEFAULT_WORKSPACE)) * spec.row_numel * 4
         assert task.block < spec.rows, spec.key  # the budget binds: a piece any larger would be seen here
         assert task.block * row + trim <= budget, f"{spec.key}: {task.block} rows of {row:.0f} B + trim {trim} B > {budget} B"
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {}), ("dare", {}), ("ties", {"density": 0.2})], ids=str)
+def test_a_large_budget_reads_cache_sized_row_blocks_except_for_a_trim(method, params):
+    # 4 MiB of rows a source, a 2 GB budget: a method that streams its rows takes them 1 MiB a
+    # source at a time (buffers that stay in cache, reused); TIES keeps budget-sized blocks, as
+    # its trim's passes pay per block
+    rows, cols = 8192, 128
+    plan = _plan({"a.weight": (rows, cols)}, 5, method, 2 << 30, **params)
+    (task,) = plan.tasks
+    assert task.block == (rows if method == "ties" else SOURCE_BLOCK_BYTES // (cols * 4)), task.block
 
 
 @pytest.mark.parametrize("budget", [120_000, 400_000, 900_000])
