@@ -357,9 +357,7 @@ class Compute:
         n = (last - first) * spec.row_numel
         w0 = torch.empty(n, dtype=spec.out_dtype, device=self.device)
         w = torch.empty((len(ids), n), dtype=spec.out_dtype, device=self.device)
-        self.reader.base_rows(spec.key, first, last, w0)
-        for j, i in enumerate(ids):
-            self.reader.source_rows(i, spec.key, first, last, w[j])
+        self.reader.read_rows(spec.key, first, last, [(0, w0), *((i + 1, w[j]) for j, i in enumerate(ids))])
         return self._task_vectors(w.float(), w0.float()).abs_().cpu()
 
     def _fused(self, spec: TensorSpec, block: int, terms: Linear | Ties) -> Iterator[Merged]:

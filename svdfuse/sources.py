@@ -165,24 +165,49 @@ _DIGEST_BLOCK = 64 << 20  # bytes hashed per read: a large tensor is never held 
 
 
 def _digest(source: Source, keys: Sequence[str], quick: bool) -> str:
-    h = hashlib.sha256()
-    buffer = torch.empty(0, dtype=torch.uint8)
+    items: list[bytes | tuple[str, int, int, int]] = []  # each key's description, then its (key, start, stop, bytes) read
     for key in keys:
         shape, dtype = source.meta(key)
-        h.update(json.dumps([key, list(shape), str(dtype)]).encode())
+        items.append(json.dumps([key, list(shape), str(dtype)]).encode())
         rows, row_bytes = (shape[0], torch.Size(shape[1:]).numel() * dtype.itemsize) if shape else (1, dtype.itemsize)
         if not rows or not row_bytes:
             continue
         step = max(1, _DIGEST_BLOCK // row_bytes)
         spans = sorted({(0, 1), (rows - 1, rows)}) if quick else [(a, min(a + step, rows)) for a in range(0, rows, step)]
-        for start, stop in spans:
-            nbytes = (stop - start) * row_bytes
-            if buffer.numel() < nbytes:
-                buffer = torch.empty(nbytes, dtype=torch.uint8)
-            out = buffer[:nbytes].view(dtype)
-            source.read(key, start, stop, out.view((stop - start, *shape[1:])) if shape else out.view(()))
-            h.update(memoryview(buffer[:nbytes].numpy()))
+        items += [(key, start, stop, (stop - start) * row_bytes) for start, stop in spans]
+    h = hashlib.sha256()
+    buffer = torch.empty(0, dtype=torch.uint8)
+    group: list[bytes | tuple[str, int, int, int]] = []
+    size = 0
+    for item in [*items, b""]:
+        nbytes = -(-item[3] // 8) * 8 if isinstance(item, tuple) else 0  # each read 8-byte aligned in the buffer
+        if size + nbytes > _DIGEST_BLOCK or item == b"":  # a block's reads made together, then hashed in order
+            buffer = buffer if buffer.numel() >= size else torch.empty(size, dtype=torch.uint8)
+            _hash_group(h, source, group, buffer)
+            group, size = [], 0
+        group.append(item)
+        size += nbytes
     return h.hexdigest()
+
+
+def _hash_group(h: "hashlib._Hash", source: Source, group: list[bytes | tuple[str, int, int, int]], buffer: Tensor) -> None:
+    """Hash `group`'s descriptions and reads in order, the reads made together into `buffer`."""
+    read: list[Tensor] = []
+    with Batch() as batch:
+        at = 0
+        for item in group:
+            if isinstance(item, bytes):
+                continue
+            key, start, stop, nbytes = item
+            shape, dtype = source.meta(key)
+            raw = buffer[at : at + nbytes]
+            out = raw.view(dtype).view((stop - start, *shape[1:]) if shape else ())
+            batch.read(source, key, start, stop, out) if Batch.takes(source, key, out) else source.read(key, start, stop, out)
+            read.append(raw)
+            at += -(-nbytes // 8) * 8
+    pieces = iter(read)
+    for item in group:
+        h.update(item if isinstance(item, bytes) else memoryview(next(pieces).numpy()))
 
 
 class _OpenFiles:
@@ -221,9 +246,11 @@ class _OpenFiles:
 
     def _close_idle(self, keep: int) -> None:
         """Close the least recently used descriptors that no read holds until at most `keep` are open."""
-        idle = [path for path in self._fds if not self._reading[path]]
-        for path in idle[: max(0, len(self._fds) - keep)]:
-            os.close(self._fds.pop(path))
+        for path in list(self._fds):  # the least recently used first
+            if len(self._fds) <= keep:
+                return
+            if path not in self._reading:
+                os.close(self._fds.pop(path))
 
 
 _FILES = _OpenFiles()
@@ -283,22 +310,17 @@ class SafetensorsSource(Source):
             )
         return shape, SAFETENSORS_DTYPES[name]
 
-    def _span(self, key: str, start: int, stop: int) -> tuple[str, int, int]:
+    def span(self, key: str, start: int, stop: int) -> tuple[str, int, int]:
+        """(file, offset, length) of the bytes of rows [start, stop) of `key`."""
         shape, dtype = self.meta(key)
         row = torch.Size(shape[1:]).numel() * dtype.itemsize
         file, offset = self._where[key]
         return file, offset + start * row, (stop - start) * row
 
     def extents(self, key: str, start: int, stop: int) -> list[tuple[int, int, int]]:
-        file, offset, length = self._span(key, start, stop)
+        file, offset, length = self.span(key, start, stop)
         return [(_FILES.fd(file), offset, length)]
 
-    def ranges(self, key: str, start: int, stop: int, out: Tensor, files: ExitStack) -> tuple[int, int, int, int]:
-        """(fd, offset, length, address) to read rows [start, stop) of `key` into `out` (contiguous,
-        on the CPU, in the stored dtype), its file kept open until `files` closes."""
-        file, offset, length = self._span(key, start, stop)
-        assert out.is_contiguous() and out.nbytes >= length, (out.shape, length)
-        return files.enter_context(_FILES.reading(file)), offset, length, out.data_ptr()
 
     def ends_early(self, key: str) -> SourceError:
         shape, dtype = self.meta(key)
@@ -306,7 +328,7 @@ class SafetensorsSource(Source):
 
     def read(self, key: str, start: int, stop: int, out: Tensor) -> None:
         shape, dtype = self.meta(key)
-        file, offset, length = self._span(key, start, stop)
+        file, offset, length = self.span(key, start, stop)
         direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
         staging = out if direct else torch.empty(out.shape, dtype=dtype)
         view = memoryview(staging.view(-1).view(torch.uint8).numpy()) if length else memoryview(b"")
@@ -660,10 +682,75 @@ def _refuse_copies(sources: list[Source]) -> None:
         earlier.append(source)
 
 
-# Threads that read a row block's files at once (`_native.read_ranges`): one thread copies from the
-# page cache at 12 GB/s, two at 19 GB/s (13 MiniLM fp32 files in 1 MiB blocks, 2-core machine, 2026-12-07).
+# Threads that read a batch at once: one thread copies from the page cache at 12 GB/s, two at
+# 19 GB/s (13 MiniLM fp32 files in 1 MiB blocks, 2-core machine, 2026-12-07).
 _READERS = 4
-_PARALLEL_BYTES = 1 << 20  # a smaller block is read on the calling thread: starting the others costs more
+_PARALLEL_BYTES = 1 << 20  # a smaller batch is read on one thread: starting the others costs more
+
+
+class Batch:
+    """Plain copies from safetensors files (rows of a tensor into a CPU tensor that holds them as
+    stored), collected and made together by the extension (`_native.read_ranges`) when the batch
+    closes: on several threads where they are large, in one call where they are many (a Python
+    read costs ~20 µs; a thousand adapters' factors are 100k reads). A batch holds at most
+    `open_files` files open: reading one more first makes the reads it has. The tensors read into
+    must stay alive until then.
+
+        with Batch() as batch:
+            for source, out in ...:
+                batch.read(source, key, 0, rows, out) if Batch.takes(source, key, out) else source.read(key, 0, rows, out)
+    """
+
+    def __init__(self, open_files: int = 64) -> None:
+        self.open_files = open_files
+        self._files = ExitStack()
+        self._held: dict[str, int] = {}  # file -> its descriptor, kept open until the reads are made
+        self._reads: list[tuple[SafetensorsSource, str]] = []
+        self._ranges: list[tuple[int, int, int, int]] = []
+        self._bytes = 0
+
+    @staticmethod
+    def takes(source: Source, key: str, out: Tensor) -> bool:
+        """Whether reading `key` of `source` into `out` is a plain copy a batch makes."""
+        return (
+            _native.LOAD_ERROR is None and isinstance(source, SafetensorsSource)
+            and out.dtype == source.meta(key)[1] and out.is_contiguous() and out.device.type == "cpu"
+        )  # fmt: skip
+
+    def read(self, source: SafetensorsSource, key: str, start: int, stop: int, out: Tensor) -> None:
+        """Rows [start, stop) of `key` into `out`, when the batch closes (`takes` must hold)."""
+        file, offset, length = source.span(key, start, stop)
+        assert out.nbytes >= length, (out.shape, length)
+        fd = self._held.get(file)
+        if fd is None:
+            if len(self._held) >= self.open_files:
+                self.flush()
+            fd = self._held[file] = self._files.enter_context(_FILES.reading(file))
+        self._reads.append((source, key))
+        self._ranges.append((fd, offset, length, out.data_ptr()))
+        self._bytes += length
+
+    def flush(self) -> None:
+        """Make the reads collected so far."""
+        reads, ranges = self._reads, self._ranges
+        try:
+            threads = min(_READERS, torch.get_num_threads(), len(ranges)) if self._bytes >= _PARALLEL_BYTES else 1
+            done = _native.read_ranges(ranges, threads) if ranges else []
+        finally:
+            self._files.close()
+            self._held, self._reads, self._ranges, self._bytes = {}, [], [], 0
+        for (source, key), (_, _, length, _), n in zip(reads, ranges, done):
+            if n < length:
+                raise source.ends_early(key)
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, kind: type | None, *_: object) -> None:
+        if kind is None:
+            self.flush()
+        else:  # nothing more is read into buffers the error leaves behind
+            self._files.close()
 
 
 class Reader:
@@ -710,24 +797,15 @@ class Reader:
 
     def read_rows(self, key: str, start: int, stop: int, outs: Sequence[tuple[int, Tensor]]) -> None:
         """Rows [start, stop) of `key` of the models `outs` names (0: the base, i + 1: source i)
-        into their tensors (any shapes holding them): all at once on several threads where each is
-        a plain copy from a file. Every read of a merge comes through here."""
+        into their tensors (any shapes holding them); the plain copies from files together, on
+        several threads for a large block (`Batch`). Every read of a merge comes through here."""
         models = (self.base, *self.sources)
-        threads = min(_READERS, torch.get_num_threads(), len(outs))
-        together = (
-            _native.LOAD_ERROR is None and threads > 1 and sum(out.nbytes for _, out in outs) >= _PARALLEL_BYTES
-            and all(isinstance(models[i], SafetensorsSource) and self._direct(models[i], key, out) for i, out in outs)
-        )  # fmt: skip
-        if not together:
+        with Batch() as batch:
             for i, out in outs:
-                self._read(models[i], key, start, stop, out)
-            return
-        with ExitStack() as files:
-            ranges = [models[i].ranges(key, start, stop, out, files) for i, out in outs]
-            done = _native.read_ranges(ranges, threads)
-        for (i, _), (_, _, length, _), n in zip(outs, ranges, done):
-            if n < length:
-                raise models[i].ends_early(key)
+                if self._direct(models[i], key, out) and Batch.takes(models[i], key, out):
+                    batch.read(models[i], key, start, stop, out)
+                else:
+                    self._read(models[i], key, start, stop, out)
 
     def base_rows(self, key: str, start: int, stop: int, out: Tensor) -> Tensor:
         """Rows [start, stop) of the base's `key` into `out` (any shape holding them)."""

@@ -289,7 +289,7 @@ def test_a_blocks_files_are_read_together_on_several_threads(method, tmp_path, m
     calls = _reads_together(monkeypatch)
     svdfuse.merge(paths, base=base, method=method, device="cpu", output=tmp_path / "out.safetensors")
     assert torch.equal(load_file(tmp_path / "out.safetensors")["table.weight"], expected["table.weight"])
-    assert calls and all(call == (min(4, torch.get_num_threads()), 5) for call in calls), calls
+    assert (min(4, torch.get_num_threads()), 5) in calls, calls
 
 
 @_needs_threads
@@ -309,14 +309,13 @@ def test_files_being_read_together_keep_their_descriptors_however_few_may_be_ope
     assert len(bounded._fds) <= 2 and not bounded._reading
 
 
-@pytest.mark.parametrize("together", [True, False], ids=["together", "one at a time"])
+@pytest.mark.parametrize("together", [True, False], ids=["together", "cast one at a time"])
 def test_a_file_cut_short_during_the_merge_is_named_and_nothing_is_written(together, tmp_path, monkeypatch):
+    # read as stored, the block's files are read together by the extension; cast to float64 first, one by one
     base, paths = _table_files(tmp_path, 2000, 64, 4, 1.0)
     if together and (svdfuse._native.LOAD_ERROR is not None or torch.get_num_threads() < 2):
         pytest.skip("the extension reads a block's files together on 2 or more threads")
-    if not together:
-        monkeypatch.setattr(svdfuse.sources, "_READERS", 1)
-    calls = _reads_together(monkeypatch) if together else []
+    calls = _reads_together(monkeypatch)
     read_rows = svdfuse.sources.Reader.read_rows
 
     def cutting(self, key, start, stop, outs):  # source 2's file loses its last rows once opened
@@ -326,7 +325,7 @@ def test_a_file_cut_short_during_the_merge_is_named_and_nothing_is_written(toget
 
     monkeypatch.setattr(svdfuse.sources.Reader, "read_rows", cutting)
     with pytest.raises(svdfuse.SourceError, match=r"^source 2 \('s2\.safetensors'\): tensor 'table\.weight' \(2000, 64\) torch\.float32 ends early: the file was truncated after it was opened$"):
-        svdfuse.merge(paths, base=base, method="task_arithmetic", device="cpu", output=tmp_path / "out.safetensors")
+        svdfuse.merge(paths, base=base, method="task_arithmetic", device="cpu", output=tmp_path / "out.safetensors", dtype=None if together else "float64")
     assert bool(calls) == together
     assert not (tmp_path / "out.safetensors").exists()
 
