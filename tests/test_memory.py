@@ -227,15 +227,24 @@ def test_planned_row_blocks_and_the_trim_share_fit_the_budget(method, params, bu
         assert task.block * row + trim <= budget, f"{spec.key}: {task.block} rows of {row:.0f} B + trim {trim} B > {budget} B"
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["files", "in memory"])
 @pytest.mark.parametrize("method, params", [("task_arithmetic", {}), ("dare", {}), ("ties", {"density": 0.2})], ids=str)
-def test_a_large_budget_reads_cache_sized_row_blocks_except_for_a_trim(method, params):
-    # 4 MiB of rows a source, a 2 GB budget: a method that streams its rows takes them 1 MiB a
-    # source at a time (buffers that stay in cache, reused); TIES keeps budget-sized blocks, as
-    # its trim's passes pay per block
+def test_a_large_budget_reads_cache_sized_row_blocks_except_for_a_trim(method, params, held, tmp_path):
+    # 4 MiB of rows a source, a 2 GB budget: a method that reads its rows from files takes them
+    # 1 MiB a source at a time (buffers that stay in cache, reused); TIES keeps budget-sized blocks,
+    # as its trim's passes pay per block, and so do models held in memory (nothing is read)
     rows, cols = 8192, 128
-    plan = _plan({"a.weight": (rows, cols)}, 5, method, 2 << 30, **params)
+    if held:
+        plan = _plan({"a.weight": (rows, cols)}, 5, method, 2 << 30, **params)
+    else:
+        save_file({"a.weight": torch.zeros(rows, cols)}, tmp_path / "model.safetensors")
+        model = open_source(tmp_path / "model.safetensors", "model")
+        plan = make_plan(
+            model, [model] * 5, get_method(method), None,
+            include=None, exclude=DEFAULT_EXCLUDE, dtype=None, budget=2 << 30, svd=SVDOptions(), params=params,
+        )  # fmt: skip
     (task,) = plan.tasks
-    assert task.block == (rows if method == "ties" else SOURCE_BLOCK_BYTES // (cols * 4)), task.block
+    assert task.block == (rows if method == "ties" or held else SOURCE_BLOCK_BYTES // (cols * 4)), task.block
 
 
 @pytest.mark.parametrize("budget", [120_000, 400_000, 900_000])
