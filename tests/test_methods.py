@@ -227,3 +227,16 @@ def test_atlas_learns_one_coefficient_per_source_and_tensor_and_nothing_else():
     assert not torch.allclose(lam, torch.full_like(lam, 1 / 3))
     taus = torch.stack([s["a.weight"] - base.a.weight.detach() for s in sources])
     torch.testing.assert_close(model.a.weight, base.a.weight + torch.tensordot(lam, taus, dims=1))
+
+
+def test_axis_scaling_multiplies_the_merged_task_matrix_and_defaults_to_the_paper():
+    base, sources = _problem()
+    plain = svdfuse.merge(sources, base=base, method="axis", k=3, device="cpu").state_dict()
+    unit = svdfuse.merge(sources, base=base, method="axis", k=3, scaling=1.0, device="cpu").state_dict()
+    third = svdfuse.merge(sources, base=base, method="axis", k=3, scaling=1 / 3, device="cpu").state_dict()
+    for key in ("a.weight", "b.weight"):
+        torch.testing.assert_close(unit[key], plain[key], atol=0, rtol=0)
+        torch.testing.assert_close(third[key] - base[key], (plain[key] - base[key]) / 3, atol=1e-12, rtol=0)
+    torch.testing.assert_close(third["a.bias"], plain["a.bias"], atol=0, rtol=0)  # non-matrix tensors: averaged, unscaled
+    with pytest.raises(ValueError, match="axis: scaling must be a finite number"):
+        svdfuse.merge(sources, base=base, method="axis", k=3, scaling=float("nan"), device="cpu")

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from svdfuse import ops
-from svdfuse.methods.registry import Factors, Kind, register
+from svdfuse.methods.registry import Factors, Kind, check_finite_param, register
 
 
 def _axis_rank(k: int, T: int, m: int, n: int) -> int:
@@ -17,17 +17,19 @@ def _axis_rank(k: int, T: int, m: int, n: int) -> int:
 
 @register(
     "axis", reference_url="https://arxiv.org/abs/2508.19353", kind=Kind.FACTORS, needs_k=True, source_rank=_axis_rank,
-    follows="the AXIS paper: raw singular values, one global top-k per matrix; non-matrix tensors averaged",
+    follows="the AXIS paper: raw singular values, one global top-k per matrix, unscaled; non-matrix tensors averaged",
 )  # fmt: skip
-def axis(chunks: Iterator[tuple[Tensor, Tensor, Tensor]], *, k: int, T: int) -> Factors:
+def axis(chunks: Iterator[tuple[Tensor, Tensor, Tensor]], *, k: int, T: int, scaling: float = 1.0) -> Factors:
     """Keep the k largest components by singular value over all sources, sum them and
-    re-orthogonalize.
+    re-orthogonalize; times `scaling` (1: the paper's sum at full size; 1/T puts it on
+    Average's scale).
 
     chunks: factors of consecutive sources, U (G, c, m, r), S (G, c, r), V (G, c, n, r) -> Factors
     of rank k, with counts (G, T) per source. Only the running top-k is held between chunks: the
     top-k of a union is the top-k of the union of its parts' top-k, and the kept components,
     which come from lower source indices, go first, so ties still go to the lower source index.
     """
+    check_finite_param("axis", "scaling", scaling)
     U_s = S_s = V_s = source_s = None
     first = 0
     for U, S, V in chunks:
@@ -50,4 +52,4 @@ def axis(chunks: Iterator[tuple[Tensor, Tensor, Tensor]], *, k: int, T: int) -> 
             S_s = values
         first += c
     U_t, S_t, V_t = ops.reorthogonalize(U_s.mT, S_s, V_s.mT)
-    return Factors(U_t, S_t, V_t, torch.nn.functional.one_hot(source_s, T).sum(1))
+    return Factors(U_t, S_t * scaling, V_t, torch.nn.functional.one_hot(source_s, T).sum(1))
