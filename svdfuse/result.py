@@ -141,7 +141,9 @@ class MergeResult:
                 out[key] = self.tensors[key]
         return out
 
-    def to_module(self, base: nn.Module, n: int | float | None = None, *, trainable: int | float | None = None) -> nn.Module:
+    def to_module(
+        self, base: nn.Module, n: int | float | None = None, *, basis: str = "delta", trainable: int | float | None = None
+    ) -> nn.Module:
         """A copy of `base` carrying the merge, ready for `svdfuse.adapt` and serving.
 
         `nn.Linear` layers become `svdfuse.nn.SVDLinear` (low-rank forward), `nn.Conv1d/2d/3d`
@@ -150,6 +152,12 @@ class MergeResult:
         (transposed conv kernels, say) get an `svdfuse.nn.SVDWeight` parametrization. `n` is N, the
         number of top singular values each layer trains (int, or fraction of min(m, n)), as in
         `svdfuse.adapt`; None trains all k. (`trainable=` is its former name, deprecated.)
+
+        `basis` says which singular values those are: "delta" (default), the merge's own
+        components of the task matrix Δ_m (the top-k it kept); "weight", the top-`n` singular
+        components of each merged weight W0 + Δ_m itself (one float64 SVD per matrix; the rest of
+        the weight frozen), which every method's merge can take and which never trains a σ = 0
+        direction. Either way the module starts from the same merged weights.
         """
         if trainable is not None:
             warnings.warn("to_module(trainable=...) is deprecated; pass n=..., as to svdfuse.adapt", DeprecationWarning, stacklevel=2)
@@ -158,7 +166,7 @@ class MergeResult:
 
         # Integer buffers are the base's by construction: the module keeps its own.
         merged = {key: t for key, t in self.tensors.items() if t.is_floating_point()}
-        return attach(base, self.components, self.frozen, merged, self.matrices, self.report.method, n)
+        return attach(base, self.components, self.frozen, merged, self.matrices, self.report.method, n, basis)
 
     def to_lora(self, output: str | os.PathLike, *, base: nn.Module | str | os.PathLike, approximate: bool = False):
         """Write the merge as a peft LoRA adapter of `base` in the new directory `output`:

@@ -320,3 +320,47 @@ def test_stacked_model_on_cuda_serves_each_request_with_its_tasks_sigma(cuda):
     with torch.no_grad(), serve_tasks(stacked, ids):
         y = stacked(x)
     _assert_rows_match(y, [model(x).detach() for model in models], ids.cpu())
+
+
+class _Mixed(nn.Module):
+    """Every kind of merged layer: attention (SVDMultiheadAttention), linear, conv (SVDConv) and a
+    transposed conv (SVDWeight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 6)
+        self.conv = nn.Conv1d(4, 6, 3)
+        self.up = nn.ConvTranspose1d(6, 4, 3)
+
+
+@pytest.mark.parametrize("method,params", [("axis", {"k": 2}), ("task_arithmetic", {"k": 2}), ("average", {"k": 5})])
+def test_weight_basis_starts_from_the_merged_weights_and_trains_their_own_top_singular_values(method, params):
+    torch.manual_seed(0)
+    base = _Mixed().double()
+    sources = []
+    for i in range(3):
+        gen = torch.Generator().manual_seed(20 + i)
+        sources.append({key: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for key, v in base.state_dict().items()})
+    result = svdfuse.merge(sources, base=base, method=method, device="cpu", **params)
+    model = result.to_module(base, 3, basis="weight")
+    expected = materialize(result.to_module(base)).state_dict()
+    found = materialize(copy.deepcopy(model)).state_dict()
+    assert found.keys() == expected.keys()
+    for key in expected:  # float64 truth: the same merged weights at init
+        torch.testing.assert_close(found[key], expected[key], atol=1e-12, rtol=0)
+    layers = dict(svdfuse.nn.svd_layers(model))
+    assert len(layers) == len(result.components)
+    tops = {key: torch.linalg.svdvals(expected[key].reshape(U.shape[0], -1))[:3] for key, (U, _, _) in result.components.items()}
+    matched = set()
+    for layer in layers.values():
+        assert layer.sigma.numel() == 3 and layer.sigma_frozen.numel() == 0
+        key = next(k for k, top in tops.items() if torch.allclose(layer.sigma.detach(), top, atol=1e-12, rtol=0))
+        matched.add(key)
+    assert matched == set(tops)  # every layer trains its own merged weight's top 3 σ
+
+
+def test_basis_must_be_delta_or_weight():
+    base, result = _merged_block()
+    with pytest.raises(ValueError, match="basis must be one of 'delta', 'weight', found 'merged'"):
+        result.to_module(base, basis="merged")

@@ -23,14 +23,19 @@ from svdfuse.nn.conv import SVDConv, is_plain_conv
 from svdfuse.nn.layers import (
     Excess, LowRankLayer, SVDLinear, SVDWeight, TaskCoefficients, _requested, _SingularValues, _dense_linear,
 )  # fmt: skip
+from svdfuse.plan import resolve_rank
 
 # name -> (U (m, k), S (k,), V (n, k)) of every merged matrix that has components.
 Components = dict[str, tuple[Tensor, Tensor, Tensor]]
 
 __all__ = [
     "svd_layers", "adaptable_layers", "set_trainable", "materialize", "attach", "parametrize_tensor", "sigma_banks",
-    "count_tasks",
+    "count_tasks", "weight_spectrum", "BASES",
 ]  # fmt: skip
+
+# What Stage 2 trains: the merge's own components of Δ_m ("delta"), or the top singular
+# components of the merged weight W0 + Δ_m itself ("weight").
+BASES = ("delta", "weight")
 
 
 def adaptable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -141,6 +146,25 @@ def _merged_linear(
     return _dense_linear(own[key], bias).requires_grad_(False)
 
 
+def weight_spectrum(components: Components, frozen: dict[str, Tensor], n: int | float | None) -> tuple[Components, dict[str, Tensor]]:
+    """Re-split each merged weight W = W0 + U diag(σ) Vᵀ (m, d) along its own SVD: its top-`n`
+    singular components (int, or fraction of min(m, d); None: as many as the merge kept) and the
+    frozen rest W − U_n diag(σ_n) V_nᵀ, in W0's shape. Computed in float64, so the weight a layer
+    starts from is the merged one to float64 rounding."""
+    new_components: Components = {}
+    new_frozen = dict(frozen)
+    for key, (U, S, V) in components.items():
+        weight0 = frozen[key]
+        m, d = U.shape[0], V.shape[0]
+        count = U.shape[1] if n is None else resolve_rank(n, m, d, f"{key}: trainable singular values")
+        W = weight0.to(torch.float64).reshape(m, d) + (U.to(torch.float64) * S.to(torch.float64)) @ V.to(torch.float64).T
+        Uw, Sw, Vhw = torch.linalg.svd(W, full_matrices=False)
+        Uw, Sw, Vw = Uw[:, :count], Sw[:count], Vhw[:count].T
+        new_frozen[key] = (W - (Uw * Sw) @ Vw.T).reshape(weight0.shape).to(weight0.dtype)
+        new_components[key] = (Uw.to(U.dtype), Sw.to(S.dtype), Vw.to(V.dtype))
+    return new_components, new_frozen
+
+
 def attach(
     base: nn.Module,
     components: Components,
@@ -149,9 +173,15 @@ def attach(
     matrices: list[str],
     method: str,
     trainable: int | float | None = None,
+    basis: str = "delta",
 ) -> nn.Module:
     """Implementation of `MergeResult.to_module`: a deep copy of `base` holding a merge given as
-    plain data (name -> factors, frozen parts, dense tensors; the names merged as matrices)."""
+    plain data (name -> factors, frozen parts, dense tensors; the names merged as matrices).
+    `basis="weight"` swaps the components for the merged weights' own top-`trainable` SVD."""
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {', '.join(map(repr, BASES))}, found {basis!r}")
+    if basis == "weight":
+        components, frozen = weight_spectrum(components, frozen, trainable)
     model = copy.deepcopy(base)
     own = model.state_dict()
     for key in list(components) + list(tensors):
