@@ -90,7 +90,7 @@ def quick_config(cache: Path | None = None) -> StudyConfig:
     """Vision (every package it needs installs from PyPI), three tasks, two shot settings, two
     seeds, short training, two learning rates: the whole protocol in minutes."""
     config = StudyConfig(
-        modalities=("vision",), tasks={"vision": ("mnist_rot90", "mnist_invert", "photo_quadrant")}, val=100, test=500,
+        modalities=("vision",), tasks={"vision": ("mnist_rot90", "mnist_invert", "mnist_parity")}, val=100, test=500,
         shots=(4, 16), tune_shots=16, seeds=(0, 1), source_seeds_at=None, lrs=(0.01, 0.1), schedule=Schedule(epochs=4, patience=2),
         bases=("delta",), finetune_lrs={"vision": (3e-4,)}, finetune=Schedule(epochs=3, head_lr=1e-3, patience=2), resamples=500,
     )

@@ -82,13 +82,16 @@ def fit_head(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], classes: 
     mean, std = train[0].mean(0), train[0].std(0).nan_to_num(1.0).clamp_min(1e-6)
     scaled = lambda x: ((x - mean) / std).numpy()  # noqa: E731
     best = None
+    # Cs ascending, each fit starting from the last one's solution: a few iterations each, where
+    # a cold start at C = 1 on a thousand-dimensional embedding takes hundreds.
+    clf = LogisticRegression(max_iter=1000, warm_start=True)
     for C in HEAD_CS:
-        clf = LogisticRegression(C=C, max_iter=1000).fit(scaled(train[0]), train[1].numpy())
+        clf.set_params(C=C).fit(scaled(train[0]), train[1].numpy())
         score = clf.score(scaled(val[0]), val[1].numpy())
         if best is None or score > best[0]:
-            best = (score, clf)
-    score, clf = best
-    coef, intercept = torch.tensor(clf.coef_, dtype=torch.float32), torch.tensor(clf.intercept_, dtype=torch.float32)
+            best = (score, clf.coef_.copy(), clf.intercept_.copy())
+    score, coef, intercept = best
+    coef, intercept = torch.tensor(coef, dtype=torch.float32), torch.tensor(intercept, dtype=torch.float32)
     if coef.shape[0] == 1:  # sklearn keeps one row for two classes: logit of class 1 minus that of class 0
         coef, intercept = torch.cat([-coef / 2, coef / 2]), torch.cat([-intercept / 2, intercept / 2])
     if coef.shape[0] != classes:
