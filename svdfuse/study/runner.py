@@ -78,7 +78,7 @@ class StudyConfig:
     lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)
     schedule: Schedule = Schedule(epochs=20)
     bases: tuple[str, ...] = ("delta", "weight")
-    finetune_lrs: dict[str, tuple[float, ...]] = field(default_factory=lambda: {"text": (1e-4, 3e-4), "vision": (1e-4, 3e-4, 1e-3)})
+    finetune_lrs: dict[str, tuple[float, ...]] = field(default_factory=lambda: {"text": (1e-4, 3e-4), "vision": (3e-5, 1e-4, 3e-4)})
     finetune: Schedule = Schedule(epochs=10, head_lr=1e-3, patience=3)
     precheck_margin: float = 5.0
     sources: str = "finetune"
@@ -92,7 +92,7 @@ def quick_config(cache: Path | None = None) -> StudyConfig:
     config = StudyConfig(
         modalities=("vision",), tasks={"vision": ("mnist_rot90", "mnist_invert", "mnist_parity")}, val=100, test=500,
         shots=(4, 16), tune_shots=16, seeds=(0, 1), source_seeds_at=None, lrs=(0.01, 0.1), schedule=Schedule(epochs=4, patience=2),
-        bases=("delta",), finetune_lrs={"vision": (3e-4,)}, finetune=Schedule(epochs=3, head_lr=1e-3, patience=2), resamples=500,
+        bases=("delta",), finetune_lrs={"vision": (1e-4,)}, finetune=Schedule(epochs=4, head_lr=1e-3, patience=2), resamples=500,
     )
     return replace(config, cache=cache) if cache is not None else config
 
