@@ -188,7 +188,7 @@ def _toy_modality(monkeypatch, tasks=("a", "b", "c")):
 def _toy_config(tmp_path, **changes) -> StudyConfig:
     config = StudyConfig(
         modalities=("toy",), val=60, test=120, shots=(4, 16), tune_shots=16, seeds=(0, 1), source_seeds_at=16, lrs=(0.01, 0.1),
-        schedule=Schedule(epochs=2, patience=2), bases=("weight",), finetune_lrs={"toy": (3e-3,)}, finetune=Schedule(epochs=4),
+        schedule=Schedule(epochs=2, patience=2), bases=("weight",), finetune_lrs={"toy": (3e-3, 1e-3)}, finetune=Schedule(epochs=4),
         precheck_margin=-100.0, resamples=100, cache=tmp_path / "cache",
     )
     return replace(config, **changes)
@@ -279,6 +279,8 @@ def test_study_end_to_end_on_a_toy_modality(tmp_path, monkeypatch):
     for row in runs:
         assert len(row["correct"]) == 120 and row["test"] == pytest.approx(100 * row["correct"].count("1") / 120)
         assert row["source_seed"] == (row["seed"] if row["shots"] == 16 else 0)
+    for lrs in info["finetune_lr"].values():  # chosen among both at seed 0, kept for seed 1
+        assert set(lrs) == {0, 1} and lrs[1] == lrs[0] and lrs[0] in (3e-3, 1e-3)
     table = (out / "results.md").read_text()
     assert "AXIS (weight) − baseline, 16-shot" in table and "Chosen on validation" in table
     # the cache is reused, and a cache from another protocol version stops the next run before any work

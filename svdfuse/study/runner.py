@@ -168,12 +168,13 @@ def tune(
 
 def _fine_tune_sources(mod: _Modality, seed: int) -> dict[str, dict[str, torch.Tensor]]:
     """Each task's top fine-tuned on its whole pool with seed `seed` (cached), the lr chosen per
-    task on its validation split; checked against the linear probe (`precheck_sources`)."""
+    task on its validation split at seed 0; checked against the linear probe (`precheck_sources`)."""
     config, out, scores = mod.config, {}, {}
     for task in mod.tasks:
         pool, feats = mod.pools[task.name], mod.features[task.name]
         best = None
-        for lr in config.finetune_lrs[mod.name]:
+        # The lr is chosen at seed 0 (which runs first); other seeds re-fine-tune at that lr.
+        for lr in config.finetune_lrs[mod.name] if seed == 0 else (mod.finetune_lr[task.name][0],):
             key = cache_key(protocol=mod.key(task.name), finetune=config.finetune, lr=lr, seed=seed)
             path = config.cache / "finetunes" / f"{mod.name}-{task.name}-lr{lr:g}-seed{seed}.pt"
             cached = load_cached(path, key, task.name)
