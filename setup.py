@@ -50,10 +50,17 @@ def _extensions() -> list:
     with_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     with_cuda = with_cuda and not _flag("SVDFUSE_NO_CUDA")
     # No -std flag: cpp_extension adds the standard this torch's headers require (C++20 for torch 2.14).
-    args = {"cxx": ["-O3"], "nvcc": ["-O3"]}
+    # -fno-trapping-math: no kernel reads the floating-point exception flags, and without it GCC
+    # keeps a comparison's select as a branch (an ordered compare may raise FE_INVALID), so loops
+    # such as the trim's `|τ| > threshold ? τ : 0` do not vectorize. Values are unchanged.
+    # -fopenmp: at::parallel_for is an OpenMP region compiled into the caller; without the flag a
+    # kernel's "parallel" loop runs on one thread. The extension then needs libgomp.so.1, the
+    # runtime torch already loaded, so torch.set_num_threads governs its threads too.
+    args = {"cxx": ["-O3", "-fno-trapping-math", "-fopenmp"], "nvcc": ["-O3", "-Xcompiler", "-fopenmp"]}
+    link = ["-fopenmp"]
     if not with_cuda:
         print(f"svdfuse: building svdfuse._C with CPU kernels only ({len(cpp)} sources)")
-        return [cpp_extension.CppExtension("svdfuse._C", cpp, extra_compile_args=args["cxx"])]
+        return [cpp_extension.CppExtension("svdfuse._C", cpp, extra_compile_args=args["cxx"], extra_link_args=link)]
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         # With no GPU to read the arch from, torch would compile for every arch it knows; Hopper is our target.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
@@ -61,7 +68,7 @@ def _extensions() -> list:
         f"svdfuse: building svdfuse._C with CPU and CUDA kernels ({len(cpp) + len(cu)} sources, "
         f"CUDA_HOME={cpp_extension.CUDA_HOME}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})"
     )
-    return [cpp_extension.CUDAExtension("svdfuse._C", cpp + cu, extra_compile_args=args)]
+    return [cpp_extension.CUDAExtension("svdfuse._C", cpp + cu, extra_compile_args=args, extra_link_args=link)]
 
 
 setup(

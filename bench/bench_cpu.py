@@ -24,10 +24,12 @@ machine absolute times move with its load; the ratios are the result.
     python bench/bench_cpu.py                     # C1 and C2
     python bench/bench_cpu.py --only C2 --stages
     python bench/bench_cpu.py --small             # a smoke run at tiny shapes
+    python bench/bench_cpu.py --only C1 --notes "load 2-4"   # C2's rows kept from the last run
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import torch
@@ -35,7 +37,7 @@ import torch
 import svdfuse
 from bench_merge import axis_paper, merge_components
 from bench_rsvd import accuracy
-from common import Results, arg_parser, interleaved_ms, print_table
+from common import Results, arg_parser, interleaved_ms, print_table, results_path
 from svdfuse import _rsvd, cpu, ops, reference
 from workloads import minilm_sources, rsvd_sources
 
@@ -43,6 +45,7 @@ P, Q = ops.DEFAULT_OVERSAMPLE, ops.DEFAULT_POWER_ITERS
 C2 = dict(sources=8, m=5632, n=2048, rank=102)
 C2_SMALL = dict(sources=2, m=704, n=256, rank=12)
 C1 = dict(sources=6, k=38)
+C1_SMALL = dict(sources=2, k=8)
 
 
 def gemm_pass_fns(deltas: list[torch.Tensor], width: int) -> dict:
@@ -131,31 +134,38 @@ def matrix_keys(base: dict) -> list[str]:
     return [key for key, t in base.items() if t.dim() == 2 and t.is_floating_point() and "embeddings" not in key]
 
 
-def axis_svd_lowrank(base: dict, sources: list[dict], k: int) -> dict:
-    """AXIS with one batched `torch.svd_lowrank` per shape group (all matrices × all sources)."""
+def axis_svd_lowrank(base: dict, sources: list[dict], k: int, niter: int = Q) -> dict:
+    """AXIS with one batched `torch.svd_lowrank` per shape group (all matrices × all sources),
+    `niter` power iterations."""
     groups = defaultdict(list)
     for key in matrix_keys(base):
         groups[tuple(base[key].shape)].append(key)
     out = {}
     for keys in groups.values():
         delta = torch.stack([torch.stack([src[key] - base[key] for src in sources]) for key in keys])  # (G, T, m, n)
-        U, S, V = torch.svd_lowrank(delta.flatten(0, 1), q=k + P, niter=Q)
+        U, S, V = torch.svd_lowrank(delta.flatten(0, 1), q=k + P, niter=niter)
         U, S, V = (t.unflatten(0, delta.shape[:2]) for t in (U, S, V))
         for g, key in enumerate(keys):
             out[key] = merge_components(list(U[g, ..., :k]), list(S[g, :, :k]), list(V[g, ..., :k]), k)
     return out
 
 
-def c1(repeats: int, small: bool) -> list[dict]:
-    T, k = (2, 8) if small else (C1["sources"], C1["k"])
-    base, sources = minilm_sources(T)
+def c1_workload(small: bool) -> tuple[dict, list[dict], dict, list[dict]]:
+    """C1's base and sources (whole state dicts, what `merge` gets) and the same restricted to the
+    merged matrices (what the baselines get); `small`: 2 sources, two layers' matrices only."""
+    base, sources = minilm_sources(C1_SMALL["sources"] if small else C1["sources"])
     keys = matrix_keys(base)
-    if small:  # two layers' matrices
+    if small:
         keys = [key for key in keys if ".layer.0." in key or ".layer.1." in key]
     base_m = {key: base[key] for key in keys}
     sources_m = [{key: src[key] for key in keys} for src in sources]
-    if small:
-        base, sources = base_m, sources_m
+    return (base_m, sources_m, base_m, sources_m) if small else (base, sources, base_m, sources_m)
+
+
+def c1(repeats: int, small: bool) -> list[dict]:
+    T, k = (C1_SMALL if small else C1)["sources"], (C1_SMALL if small else C1)["k"]
+    base, sources, base_m, sources_m = c1_workload(small)
+    keys = list(base_m)
     shapes = defaultdict(list)
     for key in keys:
         shapes[tuple(base[key].shape)].append(torch.stack([src[key] - base[key] for src in sources]))
@@ -181,11 +191,23 @@ def c1(repeats: int, small: bool) -> list[dict]:
     return rows
 
 
+def earlier_rows(workloads: set[str], small: bool) -> list[dict]:
+    """The rows of `workloads` in the results file as it stands, each row marked with the
+    date and commit of its run: a run of some workloads (`--only`) keeps the others' figures."""
+    path = results_path("cpu", torch.device("cpu"), small=small)
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    run = f"{earlier['environment']['date']} {earlier['environment']['commit']}"
+    return [row if "run" in row else {"run": run, **row} for row in earlier["rows"] if row.get("workload") in workloads]
+
+
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--only", nargs="+", default=["C1", "C2"], choices=["C1", "C2"])
     parser.add_argument("--stages", action="store_true", help="C2: Householder against CholeskyQR2")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--notes", help="a note for the results file (the machine's load, say)")
     args = parser.parse_args()
     if args.device != "cpu":
         parser.error("the CPU workloads run on the CPU: --device cpu")
@@ -197,7 +219,10 @@ def main() -> None:
         "C2 accuracy: the first source against float64 torch.linalg.svdvals; sigma_rel_leading: the leading rank/4",
         "C1: paper and svd_lowrank on the 37 merged matrices only; svdfuse.merge on the whole state dicts",
     ]
+    if args.notes:
+        notes.append(args.notes)
     results = Results("cpu", torch.device("cpu"), small=args.small, notes=notes)
+    results.add(earlier_rows({"C1", "C2"} - set(args.only), args.small))
     if "C2" in args.only:
         results.add(c2(shape, repeats))
     if "C1" in args.only:

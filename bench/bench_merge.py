@@ -57,6 +57,10 @@ def axis_paper(base: dict, sources: list[dict], k: int) -> dict:
     return out
 
 
+# --small (and the pytest-benchmark suite under SVDFUSE_BENCH_SMALL=1): a smoke run's M1.
+SMALL = dict(sources=3, k=8, blocks=2, paper_blocks=1, shrink=8)
+
+
 def subset(state: dict, blocks: int) -> dict:
     return {key: t for key, t in state.items() if int(key[len(VIT_B32_PREFIX) + 1 :].split(".")[0]) < blocks}
 
@@ -70,10 +74,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.small:
-        args.sources, args.k, args.blocks, args.paper_blocks, args.repeats = 3, 8, 2, 1, 1
+        args.sources, args.k, args.blocks, args.paper_blocks, args.repeats = SMALL["sources"], SMALL["k"], SMALL["blocks"], SMALL["paper_blocks"], 1
     device = torch.device(args.device)
     T, k = args.sources, args.k
-    base, sources = vit_b32_sources(args.blocks, T, device, biases=True)
+    base, sources = vit_b32_sources(args.blocks, T, device, biases=True, shrink=SMALL["shrink"] if args.small else 1)
     base_sub, sources_sub = subset(base, args.paper_blocks), [subset(s, args.paper_blocks) for s in sources]
     matrices = [key for key, t in base.items() if t.dim() == 2]
     result = {}

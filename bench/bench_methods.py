@@ -59,6 +59,9 @@ def iso_cts_published(base: dict, sources: list[dict], common: float = 0.8) -> d
 
 
 PUBLISHED = {"tsv_m": tsv_m_published, "iso_cts": iso_cts_published}
+# --small (and the pytest-benchmark suite under SVDFUSE_BENCH_SMALL=1): ViT-B/32 blocks, source
+# counts, and every size divided by 8.
+SMALL = dict(blocks=1, sources=[3], shrink=8)
 
 
 def main() -> None:
@@ -68,13 +71,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.small:
-        args.blocks, args.sources, args.repeats = 1, [3], 1
+        args.blocks, args.sources, args.repeats = SMALL["blocks"], SMALL["sources"], 1
     device = torch.device(args.device)
     results = Results("methods", device, small=args.small,
                       notes=["published path timed once (no warm-up; seconds per call) and its output used as the truth"])
     print(f"{'method':8} {'T':>3} {'matrices':>8} {'svd':>10} {'published ms':>13} {'svdfuse ms':>11} {'speed-up':>9} {'rel diff':>9}")
     for T in args.sources:
-        base, sources = vit_b32_sources(args.blocks, T, device)
+        base, sources = vit_b32_sources(args.blocks, T, device, shrink=SMALL["shrink"] if args.small else 1)
         torch.linalg.svd(next(iter(base.values()))[:64, :64])  # the solver's one-time set-up is not the published path's cost
         for method, published in PUBLISHED.items():
             # Seconds per call: timed once, without warm-up, and its output kept as the truth.

@@ -6,7 +6,9 @@ Workloads (sources written once as safetensors files under --cache, page cache w
 - `llama`: 8 Llama-shaped bf16 sources (hidden 2048, intermediate 5632, 4 layers, 32000-token
   embedding and head), the C4 workload of DESIGN.md §4;
 - `7b-layer`: one decoder layer of a 7B Llama (4096×4096 attention, 4096×11008 MLP, 32000×4096
-  embedding and head), bf16, T = 16 (0.93 GB a model).
+  embedding and head), bf16, T = 16 (0.93 GB a model);
+- `tiny`: one Llama-shaped layer of hidden 64 (32000-token embedding and head), bf16: a smoke run
+  (the pytest-benchmark suite's under SVDFUSE_BENCH_SMALL=1).
 
 Each merge runs in a fresh process (`svdfuse.merge(..., output=DIR, max_memory=...)`), which
 reports its wall time and peak RSS (VmHWM, the merge process's own high-water mark: sources are
@@ -91,7 +93,8 @@ def write_sources(cache: Path, workload: str, T: int) -> tuple[str, list[str]]:
     base_file = root / "base.safetensors"
     base = None
     if not base_file.exists():
-        base = {"minilm": _minilm_base, "llama": _llama_base, "7b-layer": lambda: _llama_base(4096, 11008, 1)}[workload]()
+        base = {"minilm": _minilm_base, "llama": _llama_base, "7b-layer": lambda: _llama_base(4096, 11008, 1),
+                "tiny": lambda: _llama_base(64, 176, 1)}[workload]()
         save_file(base, base_file)
     files = []
     for i in range(T):
@@ -169,14 +172,14 @@ def run_merge(base: str, files: list[str], method: str, budget: str) -> dict:
 
 def main() -> None:
     parser = arg_parser(__doc__)
-    parser.add_argument("--workload", choices=["minilm", "llama", "7b-layer"], default="minilm")
+    parser.add_argument("--workload", choices=["minilm", "llama", "7b-layer", "tiny"], default="minilm")
     parser.add_argument("--sources", type=int, nargs="+", help="T values (default: 8 48 for minilm, 8 for llama)")
     parser.add_argument("--methods", nargs="+", default=["average", "task_arithmetic", "ties", "dare", "axis"])
     parser.add_argument("--budget", default="2GB", help="max_memory of every merge (default 2GB)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "svdfuse-bench"))
     parser.add_argument("--mergekit", help="path of mergekit-yaml (mergekit 0.1.5) to time on the same minilm files")
     args = parser.parse_args()
-    counts = args.sources or {"minilm": [8, 48], "llama": [8], "7b-layer": [16]}[args.workload]
+    counts = args.sources or {"minilm": [8, 48], "llama": [8], "7b-layer": [16], "tiny": [2]}[args.workload]
     results = Results(f"scale_{args.workload}", torch.device("cpu"), notes=[f"2 cores; OMP threads {torch.get_num_threads()}; warm page cache"])
     rows = results.rows
     for T in counts:

@@ -32,6 +32,10 @@ BF16_GEMM_FLOPS = 744e12
 TF32_GEMM_FLOPS = 394e12
 FP32_FLOPS = 51e12
 
+# SVDFUSE_BENCH_SMALL=1: the pytest-benchmark suites run on the CPU at the scripts' --small shapes,
+# so that CI executes every suite in seconds (with --benchmark-disable); such timings mean nothing.
+SMALL = os.environ.get("SVDFUSE_BENCH_SMALL") == "1"
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -191,13 +195,19 @@ def environment(device: torch.device) -> dict[str, str]:
     }
 
 
+def results_path(name: str, device: torch.device, *, small: bool = False, env: dict | None = None) -> Path:
+    """bench/results/<name>-<device>.json (<name>-<device>-small.json for smoke runs)."""
+    env = env or environment(device)
+    slug = env["device"].replace(" ", "_").replace("/", "_") or device.type
+    return RESULTS / f"{name}-{slug}{'-small' if small else ''}.json"
+
+
 def record(name: str, device: torch.device, rows: list[dict], *, small: bool = False, notes: Sequence[str] = ()) -> Path:
     """Write `rows` with the environment and `notes` to bench/results/<name>-<device>.json;
     smoke runs (`small`) go to <name>-<device>-small.json, which git ignores. Returns the path."""
     RESULTS.mkdir(exist_ok=True)
     env = environment(device)
-    slug = env["device"].replace(" ", "_").replace("/", "_") or device.type
-    path = RESULTS / f"{name}-{slug}{'-small' if small else ''}.json"
+    path = results_path(name, device, small=small, env=env)
     tmp = path.with_name(path.name + ".tmp")  # never a half-written file, even when a time limit kills the run
     tmp.write_text(json.dumps({"environment": env, "notes": list(notes), "rows": rows}, indent=1) + "\n")
     os.replace(tmp, path)

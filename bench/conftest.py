@@ -5,6 +5,9 @@
 
 Every suite needs CUDA and skips without it (checked when a test runs, never at collection);
 SVDFUSE_BENCH_DEVICE=cpu runs them on the CPU instead, to smoke-test a `-k` subset (full shapes).
+SVDFUSE_BENCH_SMALL=1 runs every suite on the CPU at the scripts' --small shapes, what CI does:
+
+    SVDFUSE_BENCH_SMALL=1 python -m pytest bench/ --benchmark-disable -q   # executes each once
 pytest-benchmark times wall clock around `fn(); torch.cuda.synchronize()`, so µs-scale ops include
 launch overhead here; the scripts' CUDA-event and CUDA-graph timings are the headline numbers.
 The repository's `python -m pytest` (testpaths = tests) never collects this directory.
@@ -17,12 +20,12 @@ import os
 import pytest
 import torch
 
-from common import sync
+from common import SMALL, sync
 
 
 @pytest.fixture
 def cuda() -> torch.device:
-    if os.environ.get("SVDFUSE_BENCH_DEVICE") == "cpu":
+    if SMALL or os.environ.get("SVDFUSE_BENCH_DEVICE") == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         pytest.skip("benchmark suites need a CUDA device")

@@ -33,7 +33,7 @@ BUDGET_S=${BUDGET_S:-300}
 WORKERS=${WORKERS:-8}  # pytest-xdist processes: Triton's cold compiles are CPU-bound, the machine has 16 cores
 TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-90}  # per GPU test: a cold compile takes seconds, a hung kernel forever
 BUILD_CAP=115  # in the background, from the end of the preflight
-TRITON_TESTS=(tests/test_rsvd.py tests/test_small_svd.py tests/test_topk.py)
+TRITON_TESTS=(tests/test_rsvd.py tests/test_small_svd.py tests/test_topk.py tests/test_elementwise_op.py)
 CUDA_TESTS=(tests/test_lowrank_matmul.py tests/test_nn.py tests/test_adapt.py tests/test_merge.py)
 WHEELS=(open_clip_torch ftfy wcwidth)
 

@@ -1,6 +1,7 @@
 """C1 and C2: the CPU workloads of bench_cpu.py, with their GEMM floors as benchmarks of their own.
 
-They run on the CPU whatever the machine has (no `cuda` fixture):
+They run on the CPU whatever the machine has (no `cuda` fixture); SVDFUSE_BENCH_SMALL=1 takes
+bench_cpu.py's --small shapes:
 
     python -m pytest bench/test_bench_cpu.py --benchmark-only
 """
@@ -14,23 +15,24 @@ pytest.importorskip("pytest_benchmark")
 import torch  # noqa: E402
 
 import svdfuse  # noqa: E402
-from bench_cpu import C1, C2, P, Q, axis_svd_lowrank, matrix_keys  # noqa: E402
+from bench_cpu import C1, C1_SMALL, C2, C2_SMALL, P, Q, axis_svd_lowrank, c1_workload  # noqa: E402
 from bench_merge import axis_paper  # noqa: E402
+from common import SMALL  # noqa: E402
 from svdfuse import ops, reference  # noqa: E402
-from workloads import minilm_sources, rsvd_sources  # noqa: E402
+from workloads import rsvd_sources  # noqa: E402
+
+C1_SHAPE, C2_SHAPE = (C1_SMALL, C2_SMALL) if SMALL else (C1, C2)
 
 
 @functools.cache
 def _c2():
-    A, W0 = rsvd_sources(C2["sources"], C2["m"], C2["n"], torch.device("cpu"))
+    A, W0 = rsvd_sources(C2_SHAPE["sources"], C2_SHAPE["m"], C2_SHAPE["n"], torch.device("cpu"))
     return A.bfloat16(), W0.bfloat16()
 
 
 @functools.cache
 def _c1():
-    base, sources = minilm_sources(C1["sources"])
-    keys = matrix_keys(base)
-    return base, sources, {key: base[key] for key in keys}, [{key: src[key] for key in keys} for src in sources]
+    return c1_workload(SMALL)
 
 
 def _gemm_passes(deltas: list[torch.Tensor], width: int):
@@ -48,9 +50,9 @@ def _gemm_passes(deltas: list[torch.Tensor], width: int):
 
 @pytest.mark.parametrize("method", ["svdfuse", "reference", "svd_lowrank", "gemm floor"])
 def test_c2(benchmark, method):
-    benchmark.group = "C2 rSVD 8 x 5632x2048 bf16, rank 102"
+    benchmark.group = "C2 rSVD {sources} x {m}x{n} bf16, rank {rank}".format(**C2_SHAPE)
     A, W0 = _c2()
-    r = C2["rank"]
+    r = C2_SHAPE["rank"]
     w = r + P
     fns = {
         "svdfuse": lambda: ops.truncated_svd(A, r, base=W0),
@@ -63,9 +65,9 @@ def test_c2(benchmark, method):
 
 @pytest.mark.parametrize("method", ["svdfuse", "svd_lowrank", "paper", "gemm floor"])
 def test_c1(benchmark, method):
-    benchmark.group = "C1 AXIS, 6 MiniLM sources, k = 38"
+    benchmark.group = "C1 AXIS, {sources} MiniLM sources, k = {k}".format(**C1_SHAPE)
     base, sources, base_m, sources_m = _c1()
-    k = C1["k"]
+    k = C1_SHAPE["k"]
     shapes: dict = {}
     for key in base_m:
         shapes.setdefault(tuple(base_m[key].shape), []).append(torch.stack([src[key] - base_m[key] for src in sources_m]))

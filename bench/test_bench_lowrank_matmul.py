@@ -1,4 +1,4 @@
-"""L1–L3 and the merged-model forwards of bench_lowrank_matmul.py."""
+"""L1–L3 and the merged-model forwards of bench_lowrank_matmul.py (its SMALL grid with SVDFUSE_BENCH_SMALL=1)."""
 
 import functools
 
@@ -9,10 +9,12 @@ pytest.importorskip("pytest_benchmark")
 import torch  # noqa: E402
 
 import merged_models  # noqa: E402
-from bench_lowrank_matmul import FULL, layer, supports_task  # noqa: E402
+from bench_lowrank_matmul import FULL, SMALL, layer, supports_task  # noqa: E402
+from common import SMALL as SMALL_RUN  # noqa: E402
 from svdfuse import ops  # noqa: E402
 
-SINGLE = [(w, d, K, b) for w in ("L1", "L2") for d in FULL[w]["d"] for K in FULL[w]["K"] for b in FULL[w]["batch"]]
+GRID = SMALL if SMALL_RUN else FULL
+SINGLE = [(w, d, K, b) for w in ("L1", "L2") for d in GRID[w]["d"] for K in GRID[w]["K"] for b in GRID[w]["batch"]]
 
 
 @pytest.mark.parametrize("method", ["svdfuse", "two_matmul", "dense"])
@@ -32,11 +34,11 @@ def test_lowrank_matmul(cuda, timed, benchmark, workload, d, K, batch, method):
 
 
 @pytest.mark.parametrize("sigma", ["per_row", "one"])
-@pytest.mark.parametrize("d", FULL["L3"]["d"])
+@pytest.mark.parametrize("d", GRID["L3"]["d"])
 def test_per_row_sigma(cuda, timed, benchmark, d, sigma):
     if not supports_task():
         pytest.skip("ops.lowrank_matmul in this checkout has no `task` argument")
-    batch, K = 64, 128
+    batch, K = (GRID["L3"]["batch"][0], GRID["L3"]["K"][0]) if SMALL_RUN else (64, 128)
     benchmark.group = f"L3 d={d} K={K} batch={batch}"
     U, S_tasks, V = layer(d, K, torch.bfloat16, cuda, tasks=batch)
     x = torch.randn(batch, d, device=cuda, dtype=torch.bfloat16)
@@ -50,11 +52,11 @@ def test_per_row_sigma(cuda, timed, benchmark, d, sigma):
 
 @functools.cache
 def _model(name: str, device):
-    return merged_models.build(name, device, torch.bfloat16)
+    return merged_models.build(name, device, torch.bfloat16, small=SMALL_RUN, sources=2 if SMALL_RUN else 3)
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "dense"])
-@pytest.mark.parametrize("batch", FULL["models"]["batch"])
+@pytest.mark.parametrize("batch", GRID["models"]["batch"])
 @pytest.mark.parametrize("name", ["minilm", "vit-b-32"])
 def test_model_forward(cuda, timed, benchmark, name, batch, kind):
     missing = merged_models.available()[name]

@@ -62,18 +62,19 @@ def rsvd_sources(
 
 
 def vit_b32_sources(
-    blocks: int, T: int, device: torch.device, seed: int = 0, *, prefix: str = VIT_B32_PREFIX, biases: bool = False
+    blocks: int, T: int, device: torch.device, seed: int = 0, *, prefix: str = VIT_B32_PREFIX, biases: bool = False, shrink: int = 1
 ) -> tuple[dict, list[dict]]:
-    """A base and T sources with ViT-B/32 visual block shapes, as state dicts on `device`.
+    """A base and T sources with ViT-B/32 visual block shapes (every size divided by `shrink`:
+    smoke runs), as state dicts on `device`.
 
     Task matrices have a decaying spectrum (rank-32 signal + noise); with `biases` every block
     also carries its biases and LayerNorms (averaged by a merge), shifted per source.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
-    base = {f"{prefix}.{b}.{name}": torch.randn(shape, generator=gen, device=device) * 0.02
+    base = {f"{prefix}.{b}.{name}": torch.randn([size // shrink for size in shape], generator=gen, device=device) * 0.02
             for b in range(blocks) for name, shape in VIT_B32_BLOCK.items()}
     if biases:
-        base |= {f"{prefix}.{b}.{name}": torch.randn(size, generator=gen, device=device) * 0.02
+        base |= {f"{prefix}.{b}.{name}": torch.randn(size // shrink, generator=gen, device=device) * 0.02
                  for b in range(blocks) for name, size in VIT_B32_BIASES.items()}
     sources = []
     for _ in range(T):

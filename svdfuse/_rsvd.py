@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,7 +29,33 @@ def gaussian(n: int, width: int, dtype: torch.dtype, device: torch.device, seed:
 def householder(Y: Tensor) -> Tensor:
     """Orthonormal basis of the columns of Y (..., m, w) by Householder QR: exact for rank-deficient
     and zero Y (the basis is completed with orthonormal columns)."""
-    return torch.linalg.qr(Y).Q
+    return linalg.qr(Y)[0]
+
+
+def lu_basis(Y: Tensor) -> Tensor:
+    """A basis of the columns of Y (..., m, w), w <= m, for a sketch whose span is all that
+    matters: P L of Y = P L U (partial pivoting), column-major. L is unit lower trapezoidal with
+    entries of at most 1, so the basis is well conditioned and of full rank for any Y (a zero or
+    rank-deficient Y gets coordinate directions, as Householder completes its basis), and spans
+    what Y spans where Y has full rank; a quarter of the flops of a Householder QR with its Q
+    formed (the power iterations of fbpca and scikit-learn's randomized SVD normalize so). The
+    pivots are read back to the host: a CPU tool."""
+    m, w = Y.shape[-2:]
+    LU, pivots = linalg.lu_factor(Y.reshape(-1, m, w))
+    # LAPACK's swaps applied in turn to the row order (on lists: a few dozen swaps a matrix cost
+    # less there than one tensor op): row r of L U is row order[r] of Y.
+    orders = []
+    for swaps in pivots.tolist():
+        order = list(range(m))
+        for i, j in enumerate(swaps):
+            order[i], order[j - 1] = order[j - 1], order[i]
+        orders.append(order)
+    L = LU.tril_(-1)
+    L.diagonal(dim1=-2, dim2=-1).fill_(1)
+    Lt = L.mT  # (c, w, m), contiguous: LAPACK's factors are column-major
+    index = torch.from_numpy(np.array(orders, dtype=np.int64).reshape(-1, m)).unsqueeze(1).expand_as(Lt)
+    basis = torch.empty_like(Lt).scatter_(-1, index, Lt).mT
+    return basis.reshape(Y.shape)
 
 
 def _cholesky_qr(Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -77,16 +104,21 @@ def randomized_svd(
     power_iters: int,
     *,
     orthonormalize: Callable[[Tensor], Tensor] = cholesky_qr2,
+    normalize: Callable[[Tensor], Tensor] | None = None,
     projected_svd: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] = tall_svd,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rank-`rank` SVD of the `A - base` that `project` multiplies by, from the sketch (A - base) Ω.
 
-    omega: (n, w) with rank <= w <= min(m, n). Every power iteration re-orthonormalizes both
-    sides; 2 + 2·power_iters products in all. Returns U (..., m, rank), S (..., rank), V (..., n, rank).
+    omega: (n, w) with rank <= w <= min(m, n). Every power iteration takes a basis of both sides'
+    sketches by `normalize` (only their spans matter there; None: `orthonormalize`), and the last
+    sketch is orthonormalized; 2 + 2·power_iters products in all. Returns U (..., m, rank),
+    S (..., rank), V (..., n, rank).
     """
-    Q = orthonormalize(project(omega))
+    normalize = normalize or orthonormalize
+    Q = project(omega)
     for _ in range(power_iters):
-        Q = orthonormalize(project(Q, transpose=True))
-        Q = orthonormalize(project(Q))
+        Q = normalize(project(normalize(Q), transpose=True))
+        Q = project(Q)
+    Q = orthonormalize(Q)
     Vb, S, Ub = projected_svd(project(Q, transpose=True))  # (A - base)ᵀ Q = Bᵀ = Vb S Ubᵀ
     return Q @ Ub[..., :rank], S[..., :rank], Vb[..., :rank]

@@ -71,7 +71,7 @@ def decompose(
     if output is not None:
         check_output(output)
     base_source = open_source(base, "base")
-    src = open_source(source, "source 0")
+    src = open_source(source, "source 0", base_source)
     if isinstance(src, ComponentCache):
         raise SourceError(f"{src.label}: is already a component cache; decompose the fine-tuned model itself")
     device = resolve_device(device)
@@ -114,6 +114,8 @@ def _decomposed(plan: Plan, compute: Compute) -> Iterator[tuple[str, int, Tensor
         if spec.role is Role.MATRIX:
             W0 = compute.read_group(task.specs, spec.out_dtype)
             U, S, V = next(compute.source_factors(task, W0, spec.k))  # one source: one chunk
+            # An adapter of rank below k (or that leaves the matrix alone) has fewer components: zeros after them.
+            U, S, V = (torch.nn.functional.pad(t, (0, spec.k - t.shape[-1])) for t in (U, S, V))
             for g, spec in enumerate(task.specs):
                 yield from ((f"{spec.key}.{part}", 0, t[g, 0].cpu()) for part, t in zip("USV", (U, S, V)))
             continue

@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 from tabulate import tabulate
 
-from svdfuse.result import MergeReport
+from svdfuse.report import MergeReport
+from svdfuse.version import __version__
 
 __all__ = ["CARD_NAME", "model_card"]
 
@@ -42,7 +43,6 @@ def model_card(report: MergeReport, title: str) -> str:
         report: the merge's report (sources, method, parameters, per-matrix selection counts).
         title: the heading, usually the output directory's name.
     """
-    from svdfuse import __version__
     from svdfuse.methods import get_method
 
     method = get_method(report.method)

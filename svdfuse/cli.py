@@ -1,9 +1,10 @@
-"""The `svdfuse` command line: `svdfuse merge ...` (flags or `--config FILE`), `decompose`, `inspect`, `methods`, `export lora`, `study` and `demo`."""
+"""The `svdfuse` command line: `svdfuse merge ...` (flags or `--config FILE`), `decompose`, `inspect`, `methods`, `export lora`, `compress`, `study` and `demo`."""
 
 from __future__ import annotations
 
 import argparse
 import enum
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -125,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("sources", nargs="*", help=".safetensors files or Hugging Face model directories fine-tuned from BASE")
     merge.add_argument("--config", metavar="YAML", help="run the merge a YAML file describes: svdfuse's keys, or a mergekit config (merge_method: ...)")
     merge.add_argument("--base", help="the pre-trained model: a .safetensors file or a Hugging Face directory")
-    merge.add_argument("-k", type=_k, help="per matrix, an int or a fraction of min(m, n): components kept (axis, required) or the rank adapted in Stage 2 (other methods)")
+    merge.add_argument("-k", "--rank", dest="k", type=_k, help="per matrix, an int or a fraction of min(m, n): components kept (axis, required), the rank adapted in Stage 2 (other methods), or a LoRA output's rank (task_arithmetic of adapters)")
     merge.add_argument("-o", "--output", help="new .safetensors file, or new directory (Hugging Face layout); with --config, overrides its output")
     merge.add_argument("--method", default="axis", choices=sorted(METHODS), help="merge method (default: axis)")
     _add_method_params(merge)
@@ -138,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--shard-size", default="5GB", help="largest shard of a directory output, e.g. 2GB (default 5GB)")
     merge.add_argument("--allow-non-finite", action="store_true", help="merge non-matrix tensors holding NaN or inf instead of refusing them")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument("--format", dest="save_format", choices=("model", "lora"), default="model", help="write the merged model (default), or a peft LoRA adapter directory from the merged factors")
+    merge.add_argument("--for", dest="serve", choices=("vllm",), help="with --format lora: loadable by vLLM (ranks padded to its max_lora_rank values, no whole modules)")
+    merge.add_argument("--drop-full-modules", action="store_true", help="with --for vllm: leave tensors no LoRA update carries at the base's value (a warning) instead of refusing")
 
     dec = sub.add_parser("decompose", help="store a source's top-r SVD factors (a component cache, a valid merge source)")
     dec.add_argument("source", help="a fine-tuned model: a .safetensors file or a Hugging Face directory")
@@ -153,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     sub.add_parser("methods", help="list the merge methods: paper, parameters, and which paper or tool each default follows")
     _add_export(sub)
+    _add_compress(sub)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in digits task (offline, CPU or GPU)")
     demo.add_argument("-k", type=_k, default=0.25, help="components kept per matrix (default 0.25 of min(m, n))")
@@ -165,17 +170,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_inspect(sub) -> None:
-    inspect = sub.add_parser("inspect", help="list a model's tensors and which a merge would take as matrices")
-    inspect.add_argument("model", help="a .safetensors file, a Hugging Face directory or a component cache")
+    inspect = sub.add_parser("inspect", help="list a model's tensors and which a merge would take as matrices, or a LoRA adapter's modules")
+    inspect.add_argument("model", help="a .safetensors file, a Hugging Face directory, a component cache or a peft LoRA adapter directory")
     inspect.add_argument("--include", action="append", metavar="PATTERN", help="merge only matrices whose name matches (glob; repeatable)")
     inspect.add_argument("--exclude", action="append", metavar="PATTERN", help="never merge these as matrices (default: *embed*)")
-    inspect.add_argument("--summary", action="store_true", help="only the totals per role, not every tensor")
+    inspect.add_argument("--base", help="for an adapter: check that it fits this base model, and name each module's base tensor")
+    inspect.add_argument("--summary", action="store_true", help="only the totals per role (an adapter: the summary), not every tensor")
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from svdfuse.inspection import inspect_model, inspect_report
+    from svdfuse.adapters import is_adapter
+    from svdfuse.inspection import adapter_report, inspect_adapter, inspect_model, inspect_report
     from svdfuse.plan import DEFAULT_EXCLUDE
 
+    if os.path.isdir(args.model) and is_adapter(Path(args.model)):  # os.path: a directory it cannot look into is open_source's to name
+        if args.include or args.exclude:
+            raise ValueError("--include/--exclude choose a model's tensors; an adapter's modules are all listed (its merge takes them by the base's names)")
+        print(adapter_report(inspect_adapter(args.model, base=args.base), per_module=not args.summary))
+        return
+    if args.base is not None:
+        raise ValueError(f"--base is for a peft adapter directory; {args.model!r} is not one (no adapter_config.json or adapter_model.safetensors)")
     tensors = inspect_model(args.model, include=args.include, exclude=args.exclude or DEFAULT_EXCLUDE)
     print(inspect_report(tensors, per_tensor=not args.summary))
 
@@ -266,6 +280,9 @@ def _merge(args: argparse.Namespace) -> None:
         shard_size=args.shard_size,
         progress=not args.quiet,
         allow_non_finite=args.allow_non_finite,
+        save_format="lora" if args.save_format == "lora" else "auto",
+        serve=args.serve,
+        drop_full_modules=args.drop_full_modules,
         **params,
     )
     if distributed.current().rank == 0:
@@ -305,18 +322,64 @@ def _add_export(sub) -> None:
             "(or --rank); the biases of those layers go in lora_B's bias, other changed modules in modules_to_save."
         ),
     )
-    lora.add_argument("merged", help="the merged model: a .safetensors file or a Hugging Face directory")
+    lora.add_argument("merged", nargs="?", help="the merged model: a .safetensors file or a Hugging Face directory (or --bundle)")
     lora.add_argument("--base", required=True, help="the pre-trained model: a Hugging Face directory (its module types decide the layout)")
     lora.add_argument("-o", "--output", required=True, help="new adapter directory (adapter_config.json, adapter_model.safetensors)")
     lora.add_argument("-r", "--rank", type=_k, help="components per matrix, an int or a fraction of min(m, n) (default: the merge's k, recorded by svdfuse merge)")
     lora.add_argument("--approximate", action="store_true", help="allow a lossy adapter: truncate updates above the rank, leave tensors no adapter holds at the base's value")
     lora.add_argument("--device", help="where to decompose (default: cuda if available)")
+    lora.add_argument("--bundle", help="instead of MERGED: a bundle from svdfuse compress, with --adapter or --mix")
+    which = lora.add_mutually_exclusive_group()
+    which.add_argument("--adapter", help="the bundle's adapter to export, by name")
+    which.add_argument("--mix", type=_mix, help="a weighted mix of the bundle's adapters: NAME=W,NAME=W,...")
+    lora.add_argument("--for", dest="serve", choices=("vllm",), help="loadable by vLLM (one rank padded to its max_lora_rank values, no whole modules)")
+    lora.add_argument("--drop-full-modules", action="store_true", help="with --for vllm: leave tensors no LoRA update carries at the base's value (a warning) instead of refusing")
+
+
+def _add_compress(sub) -> None:
+    compress = sub.add_parser("compress", help="many adapters of one base on one shared basis per matrix: a bundle, servable in one batch")
+    compress.add_argument("adapters", nargs="+", help="peft LoRA adapter directories or full fine-tunes of BASE")
+    compress.add_argument("--base", required=True, help="the pre-trained model: a .safetensors file or a Hugging Face directory")
+    compress.add_argument("-k", type=_k, required=True, help="basis columns per matrix: an int or a fraction of min(m, n)")
+    compress.add_argument("-o", "--output", required=True, help="new bundle: a .safetensors file, or a directory (sharded)")
+    compress.add_argument("--core", default="full", choices=["full", "diagonal"], help="per adapter and matrix: a K×K core (default) or K values")
+    compress.add_argument("--basis", choices=["stack", "axis"], help="top-K SVD of the side-by-side updates, or AXIS's global top-K (default: stack for full cores, axis for diagonal)")
+    compress.add_argument("--max-memory", help="memory budget, e.g. 4GB (default: half of the available memory)")
+
+
+def _compress(args: argparse.Namespace) -> None:
+    from svdfuse.compress import compress
+
+    report = compress(args.adapters, k=args.k, base=args.base, output=args.output, core=args.core, basis=args.basis, max_memory=args.max_memory)
+    print(report.table())
+
+
+def _mix(text: str) -> dict[str, float]:
+    mix = {}
+    for part in text.split(","):
+        name, sep, weight = part.partition("=")
+        try:
+            mix[name.strip()] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT,..., found {part!r}") from None
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT,..., found {part!r}")
+    return mix
 
 
 def _export(args: argparse.Namespace) -> None:
     from svdfuse.export import export_lora
 
-    report = export_lora(args.merged, args.output, base=args.base, rank=args.rank, approximate=args.approximate, device=args.device)
+    if args.bundle is not None or args.merged is None:
+        if args.bundle is None or args.merged is not None or (args.adapter is None) == (args.mix is None):
+            raise ValueError("export lora: give MERGED, or --bundle BUNDLE with one of --adapter NAME or --mix NAME=W,...")
+        from svdfuse.bundle import export_adapter
+
+        vllm = dict(serve=args.serve, drop_full_modules=args.drop_full_modules)
+        print(export_adapter(args.bundle, args.output, base=args.base, request=args.adapter or args.mix, **vllm).table())
+        return
+    report = export_lora(args.merged, args.output, base=args.base, rank=args.rank, approximate=args.approximate, device=args.device,
+                         serve=args.serve, drop_full_modules=args.drop_full_modules)  # fmt: skip
     print(report.table())
 
 
@@ -337,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     merge = lambda args: _merge_config(args, argv[1:]) if args.config else _merge(args)  # noqa: E731
     commands = {
-        "merge": merge, "decompose": _decompose, "inspect": _inspect, "export": _export, "study": _study, "demo": _demo,
+        "merge": merge, "decompose": _decompose, "inspect": _inspect, "export": _export, "compress": _compress, "study": _study, "demo": _demo,
         "methods": lambda _: print(methods_table()),
     }
     try:
@@ -361,8 +424,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _say(line: str) -> None:
-    """One line on stderr (every progress bar is closed, ending its line, before an error gets here)."""
-    print(line, file=sys.stderr)
+    """One line on stderr (every progress bar is closed, ending its line, before an error gets here),
+    in one write: torchrun's ranks share the stream, and a line written in pieces interleaves."""
+    data = line + "\n"
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (captured, in a notebook)
+        sys.stderr.write(data)
+        return
+    sys.stderr.flush()
+    os.write(fd, data.encode(sys.stderr.encoding or "utf-8", errors="backslashreplace"))
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -18,6 +18,12 @@ it); any other is svdfuse's, which names every argument of `svdfuse.merge`:
     shard_size: 2GB
     max_memory: 4GB
     allow_non_finite: false
+    format: lora                   # model (default), or a peft LoRA adapter directory as output
+    for: vllm                      # with format: lora, loadable by vLLM
+    drop_full_modules: false       # with for: vllm, leave whole modules at the base's value
+    rank: 16                       # k's other name, as the CLI's -k/--rank (a LoRA output's rank)
+
+A source may be a peft LoRA adapter directory of `base`, alone or beside full fine-tunes.
 
 The file is read within the bounds of `svdfuse.config_file` (it may come from anyone); both
 dialects are validated by strict pydantic schemas before any model is opened (a value of another
@@ -98,6 +104,10 @@ class SvdfuseConfig(_Strict):
     shard_size: Any = "5GB"
     max_memory: Any = None
     allow_non_finite: bool = False
+    format: Literal["model", "lora"] = "model"
+    for_: Literal["vllm"] | None = Field(None, alias="for")
+    drop_full_modules: bool = False
+    rank: Any = None
 
     @field_validator("method")
     @classmethod
@@ -106,7 +116,7 @@ class SvdfuseConfig(_Strict):
             raise ValueError(f"unknown merge method {shown(method)}; known: {', '.join(sorted(METHODS))}")
         return method
 
-    @field_validator("k")
+    @field_validator("k", "rank")
     @classmethod
     def _a_count(cls, k: Any) -> Any:
         # the API's own rule: an int or a float fraction, never a bool or a str
@@ -144,9 +154,22 @@ class SvdfuseConfig(_Strict):
             raise ValueError(f"sources[{weighted[0]}].weight: method {self.method!r} takes no per-source weights")
         if weighted and "weights" in self.parameters:
             raise ValueError("give per-source weights either as sources[i].weight or as parameters.weights, not both")
-        if method.needs_k and self.k is None:
+        if self.k is not None and self.rank is not None:
+            raise ValueError("give k or rank (its other name, as the CLI's -k/--rank), not both")
+        if method.needs_k and self.k is None and self.rank is None:
             raise ValueError(f"method {self.method!r} needs k, the number of components kept per matrix (int or fraction)")
+        self._lora_output()
         return self
+
+    def _lora_output(self) -> None:
+        """The LoRA output's keys by `svdfuse.merge`'s rules, named as this file's keys."""
+        if self.format != "lora" and (self.for_ is not None or self.drop_full_modules):
+            given = "for" if self.for_ is not None else "drop_full_modules"
+            raise ValueError(f"{given}: shapes a LoRA output; add format: lora")
+        if self.drop_full_modules and self.for_ is None:
+            raise ValueError("drop_full_modules: is for `for: vllm`; a plain adapter keeps whole modules in modules_to_save")
+        if self.format == "lora" and self.output is not None and Path(self.output).suffix == ".safetensors":
+            raise ValueError(f"output: format: lora writes a new adapter directory, found {shown(self.output)}")
 
 
 def _check_values(method: Method, parameters: dict[str, Any]) -> None:
@@ -190,10 +213,11 @@ def _native(raw: dict, path: Path, text: str) -> MergeRequest:
         # a source without a weight counts once, as in an unweighted merge
         params["weights"] = [1.0 if s.weight is None else s.weight for s in config.sources]
     kwargs = dict(
-        k=config.k, base=config.base, method=config.method, include=config.include, exclude=tuple(config.exclude),
+        k=config.k if config.rank is None else config.rank, base=config.base, method=config.method, include=config.include, exclude=tuple(config.exclude),
         svd=SVDOptions(**config.svd.model_dump()), dtype=DTYPES[config.dtype] if config.dtype else None,
         device=config.device, output=config.output, max_memory=config.max_memory, shard_size=config.shard_size,
-        allow_non_finite=config.allow_non_finite, **params,
+        allow_non_finite=config.allow_non_finite, save_format="lora" if config.format == "lora" else "auto", serve=config.for_,
+        drop_full_modules=config.drop_full_modules, **params,
     )
     return MergeRequest(_labelled(entries, path), kwargs, text)
 

@@ -24,11 +24,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
-import shutil
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +35,8 @@ from tabulate import tabulate
 from torch import Tensor, nn
 
 from svdfuse import linalg
+from svdfuse.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from svdfuse.lora_out import Update, for_vllm, peft_config, peft_factors
 from svdfuse.nn.attention import SVDMultiheadAttention
 from svdfuse.nn.conv import SVDConv
 from svdfuse.nn.convert import materialize, svd_layers
@@ -44,14 +44,12 @@ from svdfuse.nn.layers import SVDLinear, SVDWeight
 from svdfuse.merging import MERGE_METADATA
 from svdfuse.plan import DEFAULT_EXCLUDE, matches_any, resolve_rank
 from svdfuse.result import MergeResult
-from svdfuse.sinks import check_output, publish, temporary
-from svdfuse.sources import ComponentCache, ModelLike, SourceError, open_source
+from svdfuse.sinks import check_output, discard, publish, temporary
+from svdfuse.sources import ComponentCache, MappingSource, ModelLike, Source, SourceError, open_source, short_repr, untrusted_json
 
 __all__ = ["LoraReport", "export_lora", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
+_PREFIX = PEFT_PREFIX
 
 # name -> (U (m, r), S (r,), V (n, r)): a weight's update U diag(S) Vᵀ, in its matrix shape.
 Factors = dict[str, tuple[Tensor, Tensor, Tensor]]
@@ -113,6 +111,8 @@ def export_lora(
     rank: int | float | None = None,
     approximate: bool = False,
     device: torch.device | str | None = None,
+    serve: str | None = None,
+    drop_full_modules: bool = False,
 ) -> LoraReport | dict[str, LoraReport]:
     """Write a merge, or Stage-2 adaptations of one, as peft LoRA adapters of `base`.
 
@@ -136,20 +136,28 @@ def export_lora(
         base: the pre-trained model as an `nn.Module` (its module types decide each update's
             layout), or a Hugging Face directory (loaded with transformers, as its config's
             architecture).
-        rank: for a dense merged model only: components per matrix, an int or a fraction of
-            min(m, n). Default: the ranks `svdfuse merge` recorded in the file (without them, the
-            changed weights a merge would take as matrices, embedding tables excluded, at `rank`).
+        rank: for a dense merged model only: components per matrix, an int (at most min(m, n)
+            of every changed matrix) or a fraction of min(m, n). Default: the ranks `svdfuse
+            merge` recorded in the file (without them, the changed weights a merge would take as
+            matrices, embedding tables excluded, at `rank`). Below a recorded rank only with
+            `approximate=True`.
         approximate: allow an adapter that does not reproduce the merge: a matrix whose merged
             update is not of rank k (a merge by a method other than AXIS keeps a dense residual
             beyond the top-k components) becomes its best rank-k approximation, and a changed
             tensor no adapter can hold keeps the base's value. The report gives each one's error.
         device: where to decompose dense merged models (default: CUDA when available).
+        serve: "vllm" makes every adapter loadable by vLLM's multi-LoRA loader: one rank for all
+            its modules, padded with zero components to the next of its `max_lora_rank` values,
+            and no whole modules or lora_B biases (refused, or with `drop_full_modules` left at
+            the base's value with a warning).
 
     Returns:
         A `LoraReport`, or for a mapping a name -> `LoraReport` dict.
 
     Raises:
-        ValueError: naming the tensor or module that an adapter cannot represent, and why.
+        ValueError: naming the tensor or module that an adapter cannot represent, and why; a
+            rank it cannot honour; a merged tensor with NaN or inf; a base other than the one
+            `svdfuse merge` recorded.
 
     Example::
 
@@ -159,17 +167,24 @@ def export_lora(
     """
     output = Path(output)
     check_output(output)
-    module, name_or_path = _base_module(base)
-    base_state = {key: t.detach().cpu() for key, t in module.state_dict().items()}
-    if isinstance(merged, Mapping) and not _is_state_dict(merged):
+    if serve not in (None, "vllm") or (drop_full_modules and serve is None):
+        raise ValueError(f"export_lora: serve must be None or 'vllm', and drop_full_modules goes with serve='vllm'; found serve={serve!r}, drop_full_modules={drop_full_modules!r}")
+    if rank is not None:
+        resolve_rank(rank, 1, 1, "rank")  # its type, sign and fraction range, before the base is loaded
+    tasks = isinstance(merged, Mapping) and not _is_state_dict(merged)
+    if tasks:
         if not merged:
             raise ValueError("export_lora: the mapping of tasks is empty")
         for name in merged:
             if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-                raise ValueError(f"export_lora: task names become directory names, found {name!r}")
-        built = {name: _build(_read(m, base_state, rank, device, f"task {name!r}"), module, base_state, approximate) for name, m in merged.items()}
+                raise ValueError(f"export_lora: task names become directory names, found {short_repr(name)}")
+            check_output(output / name)  # a NUL byte, a name too long for the file system: before any work
+    module, name_or_path = _base_module(base)
+    base_state = {key: t.detach().cpu() for key, t in module.state_dict().items()}
+    if tasks:
+        built = {name: _build(_read(m, base, base_state, rank, approximate, device, f"task {name!r}"), module, base_state, approximate) for name, m in merged.items()}
     else:
-        built = {None: _build(_read(merged, base_state, rank, device, "merged"), module, base_state, approximate)}
+        built = {None: _build(_read(merged, base, base_state, rank, approximate, device, "merged"), module, base_state, approximate)}
     reports: dict = {}
     tmp = temporary(output, directory=True)
     try:
@@ -177,11 +192,16 @@ def export_lora(
             where = tmp if name is None else tmp / name
             where.mkdir(exist_ok=True)
             config["base_model_name_or_path"] = name_or_path
+            if serve == "vllm":
+                config, tensors = for_vllm(config, tensors, drop_full_modules=drop_full_modules, where="export_lora")
             (where / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             save_file(tensors, str(where / ADAPTER_WEIGHTS), metadata={"format": "pt", "svdfuse": "lora-export"})
-            reports[name] = report(output if name is None else output / name)
+            written = report(output if name is None else output / name)
+            if serve == "vllm":  # padded: every module at the config's rank, nothing whole
+                written = replace(written, r=config["r"], targets=dict.fromkeys(written.targets, config["r"]), modules_to_save=[], lora_bias=False)
+            reports[name] = written
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     publish(tmp, output)
     return reports[None] if None in reports else reports
@@ -214,7 +234,7 @@ def _base_module(base: nn.Module | str | os.PathLike) -> tuple[nn.Module, str | 
     return model.eval(), str(path)
 
 
-def _read(merged, base_state: dict[str, Tensor], rank, device, label: str) -> _Merged:
+def _read(merged, base, base_state: dict[str, Tensor], rank, approximate: bool, device, label: str) -> _Merged:
     if isinstance(merged, MergeResult):
         if rank is not None:
             raise ValueError(f"export_lora: {label} is a MergeResult, whose ranks are its merge's k; rank= is for dense merged models")
@@ -225,7 +245,7 @@ def _read(merged, base_state: dict[str, Tensor], rank, device, label: str) -> _M
         if rank is not None:
             raise ValueError(f"export_lora: {label} holds svdfuse layers, whose ranks are their merge's k; rank= is for dense merged models")
         return _from_module(merged, label)
-    return _from_dense(merged, base_state, rank, device, label)
+    return _from_dense(merged, base, base_state, rank, approximate, device, label)
 
 
 def _from_module(model: nn.Module, label: str) -> _Merged:
@@ -260,7 +280,7 @@ def _from_module(model: nn.Module, label: str) -> _Merged:
     return _Merged(factors, frozen, {k: v.detach().cpu() for k, v in dense.items() if k not in factors}, label)
 
 
-def _from_dense(merged: ModelLike, base_state: dict[str, Tensor], rank, device, label: str) -> _Merged:
+def _from_dense(merged: ModelLike, base, base_state: dict[str, Tensor], rank, approximate: bool, device, label: str) -> _Merged:
     """Decompose each changed matrix of a dense merged model again, `W − W0`, at its rank."""
     from svdfuse import ops
     from svdfuse.resources import default_device
@@ -273,35 +293,18 @@ def _from_dense(merged: ModelLike, base_state: dict[str, Tensor], rank, device, 
     missing = [key for key in base_state if key not in source]
     if missing:
         raise SourceError(f"{source.label}: has no tensor {missing[0]!r} of the base ({len(missing)} of its tensors are missing)")
-    recorded = json.loads(getattr(source, "metadata", {}).get(MERGE_METADATA, "{}")).get("ranks", {})
+    record = _merge_record(source)
+    _check_base(source, record, base, base_state)
+    ranks, tensors = _dense_ranks(source, base_state, record.get("ranks", {}), rank, approximate)
     device = torch.device(device) if device is not None else default_device()
     factors: Factors = {}
     frozen: dict[str, Tensor] = {}
-    tensors: dict[str, Tensor] = {}
     off_rank: dict[str, float] = {}
-    for key, W0 in base_state.items():
-        W = source.get(key)
-        if tuple(W.shape) != tuple(W0.shape):
-            raise SourceError(f"{source.label}: {key!r} has shape {tuple(W.shape)}, the base has {tuple(W0.shape)}")
-        if torch.equal(W, W0.to(W.dtype)):
-            continue
-        # Without recorded ranks, what `svdfuse merge` would merge as matrices (embedding tables are not).
-        matrix = key in recorded if recorded else W.dim() >= 2 and key.endswith("weight") and not matches_any(key, DEFAULT_EXCLUDE)
-        if not matrix:
-            tensors[key] = W
-            continue
+    for key, r in ranks.items():
+        W, W0 = source.get(key), base_state[key]
         m, n = W.shape[0], W[0].numel()
-        if key in recorded:
-            r = int(recorded[key])
-        elif rank is not None:
-            r = resolve_rank(rank, m, n, f"{key}: rank")
-        else:
-            raise ValueError(
-                f"export_lora: {source.label} records no rank for {key!r} (it was not written by svdfuse merge, or merged "
-                "without k), so the adapter's rank is unknown: pass rank= (--rank), an int or a fraction of min(m, n)"
-            )
         W64, W064 = W.reshape(m, n).to(device, torch.float64), W0.reshape(m, n).to(device, torch.float64)
-        U, S, V = ops.truncated_svd(W64, min(r, m, n), base=W064)
+        U, S, V = ops.truncated_svd(W64, r, base=W064)
         factors[key] = (U.cpu(), S.cpu(), V.cpu())
         rest = W64 - (U * S) @ V.T  # W0 plus what the factors leave out
         residual = torch.linalg.norm(rest - W064).item()
@@ -314,11 +317,93 @@ def _from_dense(merged: ModelLike, base_state: dict[str, Tensor], rank, device, 
     return _Merged(factors, frozen, tensors, source.label, off_rank)
 
 
+def _merge_record(source: Source) -> dict:
+    """What `svdfuse merge` recorded in the file (nothing: `{}`), checked as untrusted input: a
+    JSON object whose ranks map matrix names to positive ints and whose base digest is a string."""
+    text = getattr(source, "metadata", {}).get(MERGE_METADATA, "{}")
+    try:
+        record = untrusted_json(text)
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        ranks = record.get("ranks", {})
+        if not isinstance(ranks, dict) or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks.values()):
+            raise ValueError(f"ranks {short_repr(ranks)}, not a map of matrix names to positive ints")
+        if "base_sha256" in record and not isinstance(record["base_sha256"], str):
+            raise ValueError(f"base_sha256 {short_repr(record['base_sha256'])}, not a string")
+    except ValueError as err:
+        raise SourceError(f"{source.label}: its {MERGE_METADATA!r} metadata is damaged ({err}); export the file svdfuse merge wrote") from None
+    return record
+
+
+def _check_base(source: Source, record: dict, base, base_state: dict[str, Tensor]) -> None:
+    """Refuse a base other than the one `svdfuse merge` recorded (by the digest of its merged
+    matrices): `W − W0` against another `W0` is no update of the merge."""
+    if "base_sha256" not in record:
+        return  # written before merges recorded their base, or by another tool
+    if isinstance(base, nn.Module):
+        found = MappingSource("base", {key: base_state[key] for key in record["ranks"] if key in base_state})
+    else:
+        found = open_source(base, "base")
+    if any(key not in found for key in record["ranks"]) or found.digest(record["ranks"], quick=True) != record["base_sha256"]:
+        raise SourceError(
+            f"{source.label}: was merged against another base (recorded as {record.get('base')!r}): {found.label} differs in the "
+            f"content or dtype of the {len(record['ranks'])} matrices it was merged against; export with the base it was merged against"
+        )
+
+
+def _dense_ranks(source: Source, base_state: dict[str, Tensor], recorded: dict, rank, approximate: bool) -> tuple[dict[str, int], dict[str, Tensor]]:
+    """(changed matrix -> its adapter rank, every other changed tensor -> its merged value), every
+    tensor checked before any decomposition: shape, finite values, the rank against the matrix
+    and against the merge's recorded rank."""
+    ranks: dict[str, int] = {}
+    tensors: dict[str, Tensor] = {}
+    for key, W0 in base_state.items():
+        W = source.get(key)
+        if tuple(W.shape) != tuple(W0.shape):
+            raise SourceError(f"{source.label}: {key!r} has shape {tuple(W.shape)}, the base has {tuple(W0.shape)}")
+        if torch.equal(W, W0.to(W.dtype)):
+            continue
+        if W.is_floating_point() and not linalg.all_finite(W):
+            bad = W.numel() - int(torch.isfinite(W).sum())
+            raise SourceError(f"{source.label}: {key!r} {tuple(W.shape)} holds {bad} non-finite values (NaN or inf) of {W.numel()}; no adapter reproduces it")
+        # Without recorded ranks, what `svdfuse merge` would merge as matrices (embedding tables are not).
+        matrix = key in recorded if recorded else W.dim() >= 2 and key.endswith("weight") and not matches_any(key, DEFAULT_EXCLUDE)
+        if not matrix:
+            tensors[key] = W
+            continue
+        m, n = W.shape[0], W[0].numel()
+        merged_rank = int(recorded[key]) if key in recorded else None
+        if rank is not None:
+            r = resolve_rank(rank, m, n, f"{key}: rank")
+        elif merged_rank is not None:
+            r = merged_rank
+        else:
+            raise ValueError(
+                f"export_lora: {source.label} records no rank for {key!r} (it was not written by svdfuse merge, or merged "
+                "without k), so the adapter's rank is unknown: pass rank= (--rank), an int or a fraction of min(m, n)"
+            )
+        if r > min(m, n):
+            raise ValueError(f"export_lora: {source.label}: rank {r} is more than min(m, n) = {min(m, n)} of {key!r} {tuple(W.shape)}")
+        if merged_rank is not None and r < merged_rank and not approximate:
+            raise ValueError(
+                f"export_lora: {source.label}: rank {r} is below the rank {merged_rank} it was merged at ({key!r}), so the adapter "
+                f"cannot reproduce it: export at rank {merged_rank} or more, or pass approximate=True (--approximate) for its best rank-{r} approximation"
+            )
+        ranks[key] = r
+    return ranks, tensors
+
+
 def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], approximate: bool):
     """(adapter config, adapter tensors, report maker) of one merge."""
     modules = dict(module.named_modules())
     approximated: dict[str, float] = {}
-    updates: dict[str, tuple[str, Tensor, Tensor, int]] = {}  # module -> (kind, A, B, rank)
+    # A base other than the merge's leaves most of W − W0 beyond any low rank: say so before --approximate.
+    far = sum(e > 0.5 for e in merged.off_rank.values())
+    other_base = (
+        f"{far} of its {len(merged.off_rank)} changed matrices keep a residual above 0.5, so the base is likely not the one it "
+        "was merged against: export with that base; if it is, "
+    ) if far > len(merged.off_rank) / 2 else ""  # fmt: skip
+    updates: dict[str, tuple[str, Update, None, int]] = {}  # module -> (kind, update, None, rank)
     for key, factors in merged.factors.items():
         if key not in base_state:
             raise ValueError(f"export_lora: {merged.label}: the base has no tensor {key!r}; export with the base the merge was made from")
@@ -330,7 +415,7 @@ def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], ap
                 raise ValueError(
                     f"export_lora: {merged.label}: {key!r} is not of rank {S.shape[0]}: beyond its top {S.shape[0]} components "
                     f"the merged update keeps a residual of relative norm {error:.3g}, which a rank-{S.shape[0]} adapter "
-                    "cannot hold (methods other than AXIS keep it dense); merge by AXIS, export at a higher rank, or pass "
+                    f"cannot hold (methods other than AXIS keep it dense); {other_base}merge by AXIS, export at a higher rank, or pass "
                     "approximate=True (--approximate) for the best rank-k approximation"
                 )
             U, S, V, error = _best_rank(merged.frozen[key], W0, U, S, V)
@@ -349,10 +434,9 @@ def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], ap
     bias_changed = sorted(key for key in changed if key in bias_keys)
     lora_bias = bool(bias_changed)
     tensors: dict[str, Tensor] = {}
-    for name, (kind, A, B, _) in updates.items():
-        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{_PREFIX}{name}.{a_name}"] = A
-        tensors[f"{_PREFIX}{name}.{b_name}"] = B
+    for name, (kind, update, _, _) in updates.items():
+        tensors.update({f"{_PREFIX}{name}.{part}": t for part, t in peft_factors(update).items()})
+        B = update.L
         if lora_bias:
             if kind == "embedding" or getattr(modules[name], "bias", None) is None:
                 raise ValueError(
@@ -391,29 +475,8 @@ def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], ap
             tensors[f"{_PREFIX}{full}"] = changed.get(full, merged.tensors.get(full, base_state[full])).contiguous()
     _check_modules_to_save(to_save, list(modules))
     ranks = {name: rank for name, (_, _, _, rank) in updates.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
-    # peft looks a module's rank up as re.match(rf"(.*\.)?({key})$", name): a leading ^ keeps a
-    # key from also matching a longer name that ends in it.
-    pattern = {f"^{re.escape(name)}": rank for name, rank in ranks.items() if rank != r}
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "target_modules": _target_modules(list(updates), list(modules)),
-        "modules_to_save": sorted(to_save) or None,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "lora_bias": lora_bias,
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
+    config = peft_config(ranks, list(modules), modules_to_save=to_save, lora_bias=lora_bias)
+    r = config["r"]
 
     def report(path: Path) -> LoraReport:
         return LoraReport(path, r, ranks, sorted(to_save), lora_bias, approximated)
@@ -421,8 +484,8 @@ def _build(merged: _Merged, module: nn.Module, base_state: dict[str, Tensor], ap
     return config, tensors, report
 
 
-def _layout(modules: dict[str, nn.Module], owner_name: str, attr: str, key: str, U: Tensor, S: Tensor, V: Tensor) -> tuple[str, Tensor, Tensor, int]:
-    """(kind, lora_A, lora_B, rank) of the update U diag(S) Vᵀ of weight `key` in peft's layout for its module."""
+def _layout(modules: dict[str, nn.Module], owner_name: str, attr: str, key: str, U: Tensor, S: Tensor, V: Tensor) -> tuple[str, Update, None, int]:
+    """(kind, `Update` (L = U diag(S), R = Vᵀ), None, rank) of weight `key`'s update, laid out for its module."""
     owner = modules.get(owner_name)
     parent = modules.get(owner_name.rpartition(".")[0]) if owner_name else None
     rank = S.shape[0]
@@ -435,9 +498,9 @@ def _layout(modules: dict[str, nn.Module], owner_name: str, attr: str, key: str,
         )
     if owner is None or attr != "weight" or owner_name == "":
         raise ValueError(f"export_lora: {key!r} is not the weight of a layer peft's LoRA can adapt (Linear, Conv1d/2d/3d, Embedding)")
-    B, A = (U * S).contiguous(), V.T.contiguous()
+    update = lambda kind: (kind, Update(kind, (U * S).contiguous(), V.T.contiguous(), tuple(owner.weight.shape)), None, rank)  # noqa: E731
     if isinstance(owner, nn.Linear):
-        return "linear", A, B, rank
+        return update("linear")
     if type(owner) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         why = []
         if owner.groups != 1:
@@ -448,10 +511,9 @@ def _layout(modules: dict[str, nn.Module], owner_name: str, attr: str, key: str,
             why.append(f"padding_mode={owner.padding_mode!r} (peft's lora_A conv pads with zeros)")
         if why:
             raise ValueError(f"export_lora: {key!r}: a LoRA adapter cannot reproduce this {kind_name}'s update: {'; '.join(why)}")
-        ones = (1,) * (owner.weight.dim() - 2)
-        return "conv", A.reshape(rank, *owner.weight.shape[1:]), B.reshape(*B.shape, *ones), rank
-    if type(owner) is nn.Embedding:  # peft: delta = (lora_embedding_B @ lora_embedding_A)ᵀ, (num, dim)
-        return "embedding", U.T.contiguous(), (V * S).contiguous(), rank
+        return update("conv")
+    if type(owner) is nn.Embedding:
+        return update("embedding")
     raise ValueError(
         f"export_lora: {key!r} belongs to a {kind_name}, which peft's LoRA does not adapt (Linear, Conv1d/2d/3d, Embedding)"
     )
@@ -478,15 +540,6 @@ def _best_rank(frozen: Tensor, W0: Tensor, U: Tensor, S: Tensor, V: Tensor) -> t
     error = (torch.linalg.norm(Sf[k:]) / max(torch.linalg.norm(Sf).item(), 1e-300)).item()
     dtype = U.dtype
     return Uf[:, :k].to(dtype), Sf[:k].to(dtype), Vh[:k].T.to(dtype), error
-
-
-def _target_modules(targets: list[str], names: list[str]) -> list[str] | str:
-    """`target_modules` naming exactly `targets`: peft takes a listed name to mean that module or
-    any whose name ends in '.' + it, so where that would reach further, a regex it matches whole."""
-    wanted = set(targets)
-    if any(n not in wanted and n.endswith(f".{target}") for target in targets for n in names):
-        return "|".join(re.escape(name) for name in sorted(targets))
-    return sorted(targets)
 
 
 def _check_modules_to_save(to_save: list[str], names: list[str]) -> None:

@@ -13,13 +13,16 @@ import torch
 from tqdm.auto import tqdm
 
 from svdfuse import arguments, distributed
+from svdfuse.adapters import LoraSource
 from svdfuse.card import card_files
 from svdfuse.methods import Kind, check_weights, get_method
 from svdfuse.ops import SVDOptions
+from svdfuse.lora_out import LoraSink, concatenate, refuse_whole_tensors
 from svdfuse.pipeline import Compute, Merged, Progress
 from svdfuse.plan import DEFAULT_EXCLUDE, Plan, Role, make_plan, svd_fields
 from svdfuse.resources import bound_allocator, default_budget, peak_rss, resolve_device, release_free_memory
-from svdfuse.result import LayerReport, MergeReport, MergeResult
+from svdfuse.report import LayerReport, MergeReport
+from svdfuse.result import MergeResult
 from svdfuse.sinks import LowRank, SafetensorsWriter, check_output, parse_size
 from svdfuse.sources import ModelLike, Reader, SourceError, open_source, open_sources
 from svdfuse.templates import Template, template_of
@@ -88,24 +91,16 @@ class _FileSink:
 
 def _run(tasks: list, compute: Compute, sink, group: distributed.Group) -> list[LayerReport]:
     """Compute this rank's tasks into the sink; every rank learns of a failure on any rank before
-    anything is published. Returns the layer reports of all ranks."""
+    anything is published (and the output is removed). Returns the layer reports of all ranks."""
     layers: list[LayerReport] = []
-    failure = None
     bound_allocator()
-    try:
+    with group.together(undo=sink.abort):
         for i, task in enumerate(tasks):
             for item in compute.run(task, tasks[i + 1] if i + 1 < len(tasks) else None):
                 sink.write(item)
                 if item.layer is not None:
                     layers.append(item.layer)
             release_free_memory()
-    except Exception as err:
-        failure = err
-    failures = group.gather(None if failure is None else f"rank {group.rank}: {type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    if any(failures):
-        raise distributed.PeerFailure("merge failed on another process: " + "; ".join(f for f in failures if f))
     return [layer for ranks in group.gather(layers) for layer in ranks]
 
 
@@ -133,6 +128,9 @@ def merge(
     progress: bool | None = None,
     allow_non_finite: bool = False,
     config_text: str | None = None,
+    save_format: str = "auto",
+    serve: str | None = None,
+    drop_full_modules: bool = False,
     **params: Any,
 ) -> MergeResult | MergeReport:
     """Merge fine-tuned `models` of one `base`, by AXIS (arXiv 2508.19353) or another method.
@@ -180,6 +178,13 @@ def merge(
             be finite regardless.
         config_text: the configuration file this merge comes from (`svdfuse.merge_config`),
             quoted in the model card.
+        save_format: "auto" (the merged model), or "lora": `output` is a new peft adapter
+            directory written from the merged factors (AXIS, TSV-M: rank k; Task Arithmetic or
+            Average of adapters alone: their exact concatenation, or its top-k when k is given).
+        serve: with save_format="lora", "vllm" makes the adapter loadable by vLLM (one rank,
+            padded to the next of its max_lora_rank values; no whole modules).
+        drop_full_modules: for serve="vllm", leave changed tensors no LoRA update carries
+            (modules_to_save, biases) at the base's value, with a warning, instead of refusing.
         params: the method's parameters, e.g. `density=0.2` for "ties".
 
     Returns:
@@ -193,59 +198,95 @@ def merge(
         svdfuse.merge(checkpoints, k=0.05, base="llama", output="merged/", max_memory="8GB", shard_size="2GB")
     """
     start = time.perf_counter()
-    spec = get_method(method)
-    params = spec.check_params(params)
-    svd = arguments.svd_options(svd)
-    k = None if k is None else arguments.count(k, "k")
-    dtype = None if dtype is None else arguments.dtype(dtype)
-    if spec.needs_k and k is None:
-        raise TypeError(f"method {method!r} needs k, the number of components kept per matrix (int or fraction)")
-    include, exclude = arguments.patterns(include, "include"), arguments.patterns(exclude, "exclude")
     group = distributed.current()
-    if group.active and output is None:
-        raise ValueError(f"a merge over {group.world} processes writes its result to files: pass output=PATH")
-    budget = parse_size(max_memory, "max_memory") if max_memory is not None else default_budget(_local_processes(group))
-    shard_bytes = parse_size(shard_size, "shard_size")
-    if output is not None:
-        check_output(output)
-    device = resolve_device(device)
-    base_source = open_source(base, "base")
-    sources = open_sources(models, base)
-    if params.get("weights") is not None:
-        check_weights(method, params["weights"], len(sources))
-    plan = make_plan(
-        base_source, sources, spec, k, include=include, exclude=exclude, dtype=dtype, budget=budget, svd=svd, params=params,
+    given = dict(  # as given, before the checks normalize them: what the processes compare
+        method=method, k=k, params=params, include=include, exclude=exclude, svd=svd, dtype=dtype, device=device, output=output,
+        max_memory=max_memory, shard_size=shard_size, allow_non_finite=allow_non_finite, config_text=config_text,
+        save_format=save_format, serve=serve, drop_full_modules=drop_full_modules,
     )
-    if all(s.role is Role.COPIED for s in plan.specs):
-        raise ValueError(f"{base_source.label}: no floating-point tensor to merge ({len(plan.specs)} integer tensors); svdfuse merges weights")
-    if not plan.matrices and (include is not None or spec.kind is not Kind.ELEMENTWISE):
-        raise ValueError(
-            f"include={None if include is None else list(include)} and exclude={list(exclude)} leave no weight with 2 or more "
-            f"dims to merge as a matrix; {method} would only average the other tensors"
+    failure = None
+    try:  # every rank checks, then all agree on the request and on whether the checks passed
+        spec = get_method(method)
+        params = spec.check_params(params)
+        svd = arguments.svd_options(svd)
+        k = None if k is None else arguments.count(k, "k")
+        dtype = None if dtype is None else arguments.dtype(dtype)
+        if spec.needs_k and k is None:
+            raise TypeError(f"method {method!r} needs k, the number of components kept per matrix (int or fraction)")
+        include, exclude = arguments.patterns(include, "include"), arguments.patterns(exclude, "exclude")
+        if group.active and output is None:
+            raise ValueError(f"a merge over {group.world} processes writes its result to files: pass output=PATH")
+        budget = parse_size(max_memory, "max_memory") if max_memory is not None else default_budget(_local_processes(group))
+        shard_bytes = parse_size(shard_size, "shard_size")
+        if output is not None:
+            check_output(output)
+        lora = _lora_options(save_format, serve, drop_full_modules, output)
+        if lora is not None and group.active:
+            raise ValueError(f"save_format='lora' is written by one process, found {group.world}: run it without torchrun")
+        device = resolve_device(device)
+    except Exception as err:
+        failure = err
+    distributed.agree(group, lambda: _request(models, base, **given), failure)
+    if max_memory is None:
+        budget = min(group.gather(budget))  # one plan for all: the tightest machine's default
+    with group.together():
+        base_source = open_source(base, "base")
+        sources = open_sources(models, base, base_source)
+        if lora is not None and lora["serve"] == "vllm" and not lora["drop_full_modules"]:
+            refuse_whole_tensors(sources, base_source)
+        if lora is not None and spec.name in ("task_arithmetic", "average") and all(isinstance(s, LoraSource) for s in sources):
+            return _concatenated(spec.name, sources, base_source, base, params, k, output, lora, start, budget)
+        if lora is not None and spec.kind is Kind.ELEMENTWISE:
+            raise ValueError(
+                f"save_format='lora' writes a low-rank merge; {method} merges element by element, which is low-rank only as "
+                "task_arithmetic or average of LoRA adapters alone: merge by axis or tsv_m, or write a model"
+            )
+        if params.get("weights") is not None:
+            check_weights(method, params["weights"], len(sources))
+        plan = make_plan(
+            base_source, sources, spec, k, include=include, exclude=exclude, dtype=dtype, budget=budget, svd=svd, params=params,
         )
+        if all(s.role is Role.COPIED for s in plan.specs):
+            raise ValueError(f"{base_source.label}: no floating-point tensor to merge ({len(plan.specs)} integer tensors); svdfuse merges weights")
+        if not plan.matrices and (include is not None or spec.kind is not Kind.ELEMENTWISE):
+            raise ValueError(
+                f"include={None if include is None else list(include)} and exclude={list(exclude)} leave no weight with 2 or more "
+                f"dims to merge as a matrix; {method} would only average the other tensors"
+            )
+    distributed.agree(group, lambda: {  # the same paths may hold other files on another machine
+        "base contents": f"{base_source.label}: {base_source.fingerprint(quick=True)}",
+        "source contents": [f"{source.label}: {source.fingerprint(quick=True)}" for source in sources],
+    }, None)  # fmt: skip
     mine = distributed.partition([task.nbytes for task in plan.tasks], group.world)[group.rank]
     tasks = [plan.tasks[i] for i in mine]
-    if output is not None:
-        template = template_of(base, base_source.directory) if Path(output).suffix != ".safetensors" else None
-        entries = [(s.key, s.shape, s.out_dtype) for s in plan.specs]
-        ranks = {s.key: s.k for s in plan.matrices if s.k is not None}
-        metadata = {MERGE_METADATA: json.dumps({"method": method, "ranks": ranks}, separators=(",", ":"))}
-        sink = _FileSink(SafetensorsWriter(output, entries, shard_size=shard_bytes, template=template, metadata=metadata))
-    else:
-        sink = _MemorySink(plan, template_of(base, base_source.directory))
-    bar = tqdm(
-        total=sum(task.nbytes for task in tasks), unit="B", unit_scale=True, unit_divisor=1024,
-        desc=f"merge ({method})", disable=True if group.rank != 0 else (None if progress is None else not progress),
-    )
-    try:
+    sink = bar = None
+    try:  # from the moment the writer exists, any exit but the commit removes what it wrote
+        if lora is not None:
+            sink = LoraSink(output, base_source, sources, base_name=_base_name(base, base_source), **lora)
+        elif output is not None:
+            template = template_of(base, base_source.directory) if Path(output).suffix != ".safetensors" else None
+            entries = [(s.key, s.shape, s.out_dtype) for s in plan.specs]
+            ranks = {s.key: s.k for s in plan.matrices if s.k is not None}
+            record: dict[str, Any] = {"method": method, "ranks": ranks}
+            if ranks:  # which base: an export against another one is refused (`export_lora`)
+                record |= {"base": _base_name(base, base_source) or base_source.label, "base_sha256": base_source.digest(ranks, quick=True)}
+            metadata = {MERGE_METADATA: json.dumps(record, separators=(",", ":"))}
+            sink = _FileSink(SafetensorsWriter(output, entries, shard_size=shard_bytes, template=template, metadata=metadata))
+        else:
+            sink = _MemorySink(plan, template_of(base, base_source.directory))
+        bar = tqdm(
+            total=sum(task.nbytes for task in tasks), unit="B", unit_scale=True, unit_divisor=1024,
+            desc=f"merge ({method})", disable=True if group.rank != 0 else (None if progress is None else not progress),
+        )
         state = Progress([False] * len(sources), bar.update)
         compute = Compute(
-            spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, progress=state,
+            spec, Reader(base_source, sources, dtype), svd=svd, device=device, params=params, want_factors=output is None, want_base=lora is None, progress=state,
             budget=budget, model_trim=plan.model_trim, allow_non_finite=allow_non_finite,
         )
         layers = _run(tasks, compute, sink, group)
         bar.close()
-        _check_changed(sources, state.differs, group)
+        with group.together(undo=sink.abort):
+            _check_changed(sources, state.differs, group)
         position = {s.key: i for i, s in enumerate(plan.specs)}
         layers.sort(key=lambda layer: position[layer.key])  # groups follow shapes; users read in model order
         report = MergeReport(
@@ -255,10 +296,65 @@ def merge(
         )
         sink.commit([s.key for t in tasks for s in t.specs], report)
     except BaseException:
-        bar.close()
-        sink.abort()
+        if bar is not None:
+            bar.close()
+        if sink is not None:
+            sink.abort()
         raise
     return sink.result(report)
+
+
+def _request(models, base, **options: Any) -> dict[str, Any]:
+    """What every process of a merge must agree on before opening anything, comparable across
+    processes: the models by `distributed.fingerprint`, the output as an absolute path, the device
+    by its type (each rank has its own GPU), every other option as its repr."""
+    if isinstance(models, Mapping):
+        named = [[repr(name), distributed.fingerprint(model)] for name, model in models.items()]
+    elif isinstance(models, Sequence) and not isinstance(models, (str, bytes)):
+        named = [distributed.fingerprint(model) for model in models]
+    else:
+        named = [distributed.fingerprint(models)]
+    device, output = options.pop("device"), options.pop("output")
+    request: dict[str, Any] = {"sources": named, "base": distributed.fingerprint(base)}
+    request.update({name: repr(value) for name, value in options.items()})
+    request["device"] = repr(getattr(device, "type", device))
+    request["output"] = os.path.abspath(output) if isinstance(output, (str, os.PathLike)) else repr(output)
+    return request
+
+
+def _lora_options(save_format: str, serve: str | None, drop_full_modules: bool, output) -> dict | None:
+    """The LoRA output's options, checked before any work; None for a model output."""
+    if save_format not in ("auto", "lora"):
+        raise ValueError(f"save_format must be 'auto' or 'lora', found {save_format!r}")
+    if serve not in (None, "vllm"):
+        raise ValueError(f"serve must be None or 'vllm', found {serve!r}")
+    if save_format != "lora":
+        if serve is not None or drop_full_modules:
+            raise ValueError("serve= and drop_full_modules= shape a LoRA output: pass save_format='lora' (--format lora)")
+        return None
+    if output is None or Path(output).suffix == ".safetensors":
+        raise ValueError(f"save_format='lora' writes a new adapter directory: pass output=DIR, found {output!r}")
+    if drop_full_modules and serve is None:
+        raise ValueError("drop_full_modules= is for serve='vllm' (--for vllm); a plain adapter keeps whole modules in modules_to_save")
+    return {"serve": serve, "drop_full_modules": drop_full_modules}
+
+
+def _base_name(base: ModelLike, source) -> str | None:
+    """What the adapter's config records as its base: the base directory, or a module's name."""
+    if source.directory is not None:
+        return str(source.directory)
+    return getattr(base, "name_or_path", None) or None
+
+
+def _concatenated(method: str, sources: list, base_source, base, params: dict, k, output, lora: dict, start: float, budget: int) -> MergeReport:
+    """Task Arithmetic (or Average) of adapters alone, as an adapter: their factors concatenated."""
+    T = len(sources)
+    weights = params.get("weights") or [1.0] * T
+    scale = params.get("scaling", 0.3) if method == "task_arithmetic" else 1.0 / (sum(weights) if params.get("weights") else T)
+    config = concatenate(sources, base_source, output, coefficients=[scale * w for w in weights], k=k, budget=budget,
+                         base_name=_base_name(base, base_source), **lora)  # fmt: skip
+    return MergeReport(method, [s.label for s in sources], [], time.perf_counter() - start, output=str(output), peak_rss=peak_rss(),
+                       base=_base_name(base, base_source), parameters={"k": k, **params, "save_format": "lora", "lora": config})  # fmt: skip
 
 
 def _card_parameters(spec, k, params: dict, include, exclude, dtype, svd: SVDOptions) -> dict:

@@ -24,6 +24,7 @@ import torch
 
 from svdfuse import arguments
 from svdfuse import cpu
+from svdfuse.adapters import LoraSource
 from svdfuse.methods import Kind, Method
 from svdfuse.methods.trim import TRIM_SHARE, TrimScope
 from svdfuse.ops import SVDOptions
@@ -210,18 +211,43 @@ def _too_small(budget: int, need: int, what: str) -> ValueError:
     )
 
 
-def _elementwise_tasks(spec: TensorSpec, sources: int, method: Method, budget: int) -> Task:
-    acc = compute_dtype(spec.out_dtype).itemsize
+def _trimmed(method: Method, spec: TensorSpec) -> bool:
+    """Whether `spec`'s pieces share the budget with a trim's search (the floating tensors of TIES)."""
+    return method.trim_density is not None and spec.role is not Role.COPIED
+
+
+def _room(budget: int, trimmed: bool) -> int:
+    """What a piece may hold of `budget`: all of it, or beside a trim what the values bracketing its
+    thresholds leave (they may hold `TRIM_SHARE` of the budget, the pipeline's `exact_trim` limit)."""
+    return budget - int(TRIM_SHARE * budget) if trimmed else budget
+
+
+def _row_bytes(spec: TensorSpec, sources: int, method: Method) -> int:
+    """Bytes one row of an elementwise piece holds: the base's and every source's rows in the
+    accumulation dtype with the method's temporaries (an integer tensor: the base's and one source's)."""
     if spec.role is Role.COPIED:
-        per_row = 2 * spec.row_numel * spec.dtype.itemsize  # the base's rows and one source's
-    else:
-        workspace = _ELEMENTWISE_WORKSPACE.get(method.name, _DEFAULT_WORKSPACE) if method.kind is Kind.ELEMENTWISE else _DEFAULT_WORKSPACE
-        per_row = math.ceil((sources + 1) * (1 + workspace) * spec.row_numel * acc)
-    if method.trim_density is not None and spec.role is not Role.COPIED:
-        budget -= int(TRIM_SHARE * budget)  # held by the values that bracket the trim thresholds
-    if per_row > budget:
-        raise _too_small(budget, per_row, f"one row of {spec.key!r} {spec.shape} over {sources} sources")
-    return Task((spec,), min(spec.rows, budget // per_row), (sources + 1) * spec.nbytes)
+        return 2 * spec.row_numel * spec.dtype.itemsize
+    workspace = _ELEMENTWISE_WORKSPACE.get(method.name, _DEFAULT_WORKSPACE) if method.kind is Kind.ELEMENTWISE else _DEFAULT_WORKSPACE
+    return math.ceil((sources + 1) * (1 + workspace) * spec.row_numel * compute_dtype(spec.out_dtype).itemsize)
+
+
+def _elementwise_least(spec: TensorSpec, sources: int, method: Method) -> tuple[int, str]:
+    """(the smallest budget whose room holds one row of `spec`, what that piece is)."""
+    per_row, trimmed = _row_bytes(spec, sources, method), _trimmed(method, spec)
+    what = f"one row of {spec.key!r} {spec.shape} over {sources} sources"
+    if not trimmed:
+        return per_row, what
+    least = math.ceil(per_row / (1 - TRIM_SHARE))  # then exact: the room grows with the budget, by at most a byte a step
+    while _room(least - 1, True) >= per_row:
+        least -= 1
+    while _room(least, True) < per_row:
+        least += 1
+    return least, f"{what}, beside the {TRIM_SHARE:.0%} of the budget that {method.name}'s trim holds,"
+
+
+def _elementwise_task(spec: TensorSpec, sources: int, method: Method, budget: int) -> Task:
+    rows = _room(budget, _trimmed(method, spec)) // _row_bytes(spec, sources, method)
+    return Task((spec,), min(spec.rows, rows), (sources + 1) * spec.nbytes)
 
 
 def _svd_piece_bytes(m: int, n: int, matrices: int, sources: int, width: int, itemsize: int) -> int:
@@ -234,25 +260,75 @@ def _svd_piece_bytes(m: int, n: int, matrices: int, sources: int, width: int, it
     return data + working + sketches + m * n * 4
 
 
-def _matrix_tasks(
-    entries: list[TensorSpec], sources: int, method: Method, rank: int, oversample: int, budget: int, itemsize: int
-) -> list[Task]:
-    m, n = entries[0].m, entries[0].n
-    width = min(rank + oversample, m, n)
-    read = lambda g: g * (sources + 1) * m * n * entries[0].dtype.itemsize  # noqa: E731
-    per_matrix = _svd_piece_bytes(m, n, 1, sources, width, itemsize)
-    if per_matrix <= budget or method.kind is not Kind.FACTORS:
-        if per_matrix > budget:
-            raise _too_small(budget, per_matrix, f"{method.name} over {sources} sources of one {m}x{n} matrix ({entries[0].key!r})")
+def _adapter_ranks(entries: list[TensorSpec], sources: Sequence[Source], method: Method) -> tuple[int, int] | None:
+    """(Σ r at the group's widest matrix, the widest adapter's r) when `method` merges the group
+    from the adapters' factors (`Method.factored`; every source an adapter that replaces none of
+    its matrices whole), else None."""
+    if method.factored is None or not all(isinstance(s, LoraSource) and all(s.touched(e.key) != "dense" for e in entries) for s in sources):
+        return None
+    ranks = [[s.modules[e.key].rank for s in sources if e.key in s.modules] for e in entries]
+    return max(map(sum, ranks)), max(max(r, default=1) for r in ranks)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Same-shape matrices merged together: `rank` components per source, pieces of `itemsize`
+    buffers; `summed`: Σ r where the group is merged from adapters' factors (`_adapter_ranks`; then
+    `rank` is the widest adapter's)."""
+
+    entries: list[TensorSpec]
+    rank: int
+    itemsize: int
+    summed: int | None = None
+
+    def piece_bytes(self, matrices: int, sources: int, oversample: int) -> int:
+        m, n = self.entries[0].m, self.entries[0].n
+        if self.summed is not None:  # `sources` adapters' factors beside the held part
+            return self.held_bytes(matrices) + matrices * sources * self.adapter_bytes()
+        return _svd_piece_bytes(m, n, matrices, sources, min(self.rank + oversample, m, n), self.itemsize)
+
+    def held_bytes(self, matrices: int) -> int:
+        """A factored group's bytes whatever its adapters: the base and the merged output, and the
+        running sum's factors (at most min(m, n) wide) with their QR and SVD copies."""
+        m, n = self.entries[0].m, self.entries[0].n
+        return matrices * (2 * m * n + 4 * (m + n) * min(m, n, self.summed)) * self.itemsize
+
+    def adapter_bytes(self) -> int:
+        """A factored group's bytes per matrix per adapter of a chunk: its factors and their copies."""
+        m, n = self.entries[0].m, self.entries[0].n
+        return 8 * (m + n) * max(self.rank, 16) * self.itemsize
+
+
+def _matrix_least(group: _Group, sources: int, method: Method, oversample: int) -> tuple[int, str]:
+    """(the smallest budget that holds one piece of `group`, what that piece is): one matrix over
+    one source at a time for methods that stream sources, else over all of them."""
+    m, n, key = group.entries[0].m, group.entries[0].n, group.entries[0].key
+    if group.summed is not None:
+        return group.piece_bytes(1, 1, oversample), f"{method.name} of one {m}x{n} matrix ({key!r}) from the adapters' factors, one adapter at a time"
+    if method.kind is Kind.FACTORS:
+        return group.piece_bytes(1, 1, oversample), f"{method.name} of one {m}x{n} matrix ({key!r}) one source at a time"
+    return group.piece_bytes(1, sources, oversample), f"{method.name} over {sources} sources of one {m}x{n} matrix ({key!r})"
+
+
+def _matrix_tasks(group: _Group, sources: int, method: Method, oversample: int, budget: int) -> list[Task]:
+    entries = group.entries
+    read = lambda g: g * (sources + 1) * entries[0].m * entries[0].n * entries[0].dtype.itemsize  # noqa: E731
+    if group.summed is not None:  # as many matrices as hold their part and one adapter each; the rest of the budget is the chunk
+        size = max(1, min(len(entries), budget // group.piece_bytes(1, 1, oversample)))
+        tasks = []
+        for i in range(0, len(entries), size):
+            part = entries[i : i + size]
+            chunk = max(1, (budget - group.held_bytes(len(part))) // (len(part) * group.adapter_bytes()))
+            tasks.append(Task(tuple(part), min(chunk, sources), read(len(part))))
+        return tasks
+    per_matrix = group.piece_bytes(1, sources, oversample)
+    if per_matrix <= budget:
         size = max(1, budget // per_matrix)
         return [Task(tuple(entries[i : i + size]), sources, read(len(entries[i : i + size]))) for i in range(0, len(entries), size)]
-    # One matrix over all sources does not fit: stream it through source chunks.
+    # One matrix over all sources does not fit (a method that streams sources): stream it through source chunks.
     chunk = 1
-    while chunk < sources and _svd_piece_bytes(m, n, 1, chunk + 1, width, itemsize) <= budget:
+    while chunk < sources and group.piece_bytes(1, chunk + 1, oversample) <= budget:
         chunk += 1
-    need = _svd_piece_bytes(m, n, 1, 1, width, itemsize)
-    if need > budget:
-        raise _too_small(budget, need, f"{method.name} of one {m}x{n} matrix ({entries[0].key!r}) one source at a time")
     return [Task((entry,), chunk, read(1)) for entry in entries]
 
 
@@ -298,25 +374,39 @@ def make_plan(
             f"{rank_name}={k} is larger than min(m, n) of {len(too_small)} matrices (e.g. {too_small[:3]}); "
             f"give {rank_name} as a fraction of min(m, n), or exclude them with a name pattern"
         )
-    tasks = []
+    T = len(sources)
+    elementwise: list[TensorSpec] = []
     by_shape: dict[tuple[int, int, int | None, torch.dtype], list[TensorSpec]] = {}
     for spec in specs:
         if spec.role is Role.MATRIX and method.kind is not Kind.ELEMENTWISE:
             by_shape.setdefault((spec.m, spec.n, spec.k, spec.out_dtype), []).append(spec)
         else:
-            tasks.append(_elementwise_tasks(spec, len(sources), method, budget))
+            elementwise.append(spec)
+    groups = []
     ranks: dict[str, int] = {}  # components each source gives, per matrix (methods working from per-source SVDs)
     for (m, n, rank, out_dtype), entries in by_shape.items():
         r = rank or 1
         if method.source_rank is not None:
-            r = method.call(method.source_rank, rank, len(sources), m, n, **params)
+            r = method.call(method.source_rank, rank, T, m, n, **params)
         itemsize = compute_dtype(out_dtype).itemsize if method.kind is Kind.MATRICES else out_dtype.itemsize
-        tasks += _matrix_tasks(entries, len(sources), method, r, svd.oversample, budget, itemsize)
+        factored = _adapter_ranks(entries, sources, method) if method.kind is Kind.MATRICES else None
+        if factored is not None:
+            summed, r = factored
+        groups.append(_Group(entries, r, itemsize, None if factored is None else summed))
         ranks.update({entry.key: r for entry in entries})
+    # The largest of the smallest pieces: a budget that holds it holds every piece, so the minimum
+    # a refusal names is accepted when given back.
+    least = [_elementwise_least(spec, T, method) for spec in elementwise] + [_matrix_least(g, T, method, svd.oversample) for g in groups]
+    need, what = max(least, key=lambda pair: pair[0], default=(0, ""))
+    if need > budget:
+        raise _too_small(budget, need, what)
+    tasks = [_elementwise_task(spec, T, method, budget) for spec in elementwise]
+    for group in groups:
+        tasks += _matrix_tasks(group, T, method, svd.oversample, budget)
     _check_caches(base, sources, method, svd, ranks)
     trim = method.trim(params)
     model_trim = _model_trim(tasks) if trim is not None and trim.scope is TrimScope.MODEL else None
-    return Plan(specs, tasks, len(sources), budget, model_trim)
+    return Plan(specs, tasks, T, budget, model_trim)
 
 
 def _model_trim(tasks: list[Task]) -> ModelTrim:

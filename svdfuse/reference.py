@@ -9,6 +9,8 @@ float64) whatever the storage dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -233,8 +235,179 @@ def reorthogonalize(U_s: Tensor, S_s: Tensor, V_s: Tensor) -> tuple[Tensor, Tens
     with orthonormal U_t, V_t and S_t descending.
     """
     acc = compute_dtype(U_s.dtype)
-    Qu, Ru = torch.linalg.qr(U_s.to(acc))
-    Qv, Rv = torch.linalg.qr(V_s.to(acc))
+    Qu, Ru = linalg.qr(U_s.to(acc))
+    Qv, Rv = linalg.qr(V_s.to(acc))
     core = (Ru * S_s.to(acc).unsqueeze(-2)) @ Rv.mT
     Uc, S_t, Vch = linalg.svd(core)
     return Qu @ Uc, S_t, Qv @ Vch.mT
+
+
+# DARE's draws come in chunks of a tensor's flat index space, each chunk from its own seeded CPU
+# generator (svdfuse.methods.elementwise.survivors names the seeds).
+DARE_CHUNK = 1 << 16
+
+
+def dare_keep(seeds: Tensor, start: int, numel: int, drop: int) -> Tensor:
+    """DARE's keep-mask of `numel` entries from flat index `start`: entry j survives iff the uniform
+    draw torch.rand makes for it is >= drop / 2^24. seeds: (chunks,) int64, one per chunk
+    `DARE_CHUNK` from chunk start // DARE_CHUNK on. Returns bool (numel,), on the CPU."""
+    first = start // DARE_CHUNK
+    draws = torch.cat([torch.rand(DARE_CHUNK, generator=torch.Generator().manual_seed(int(s))) for s in seeds.tolist()])
+    return draws[start - first * DARE_CHUNK :][:numel] >= drop / 2**24
+
+
+def merge_block(
+    sources: list[Tensor],
+    base: Tensor,
+    weights: Tensor,
+    scale: float,
+    divisor: float,
+    seeds: Tensor | None,
+    start: int,
+    drop: int,
+    same_is_zero: bool,
+    add_base: bool,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`svdfuse.ops.merge_block`, op by op: the task vectors, weighted, masked, summed, divided,
+    scaled, the base added, cast; and the block's flags."""
+    acc = compute_dtype(base.dtype)
+    x, x0, tau = _task_vectors(sources, base, acc, same_is_zero)
+    tau = tau * weights.to(acc)[:, None]
+    if seeds is not None:
+        tau = tau * torch.stack([dare_keep(s, start, x.shape[1], drop) for s in seeds]).to(tau.device)
+    merged = _in_order(tau) / torch.tensor(divisor, dtype=acc) * torch.tensor(scale, dtype=acc)
+    return _with_flags((merged + x0 if add_base else merged).to(dtype), x, x0)
+
+
+def _task_vectors(sources: list[Tensor], base: Tensor, acc: torch.dtype, same_is_zero: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The block's sources x (T, N) and base x0 (N,) in `acc`, and τ = x − x0 (0 where equal, with `same_is_zero`)."""
+    x, x0 = torch.stack(sources).to(acc) if sources else base.new_empty((0, base.shape[0]), dtype=acc), base.to(acc)
+    tau = x - x0
+    return x, x0, tau.masked_fill(x == x0, 0.0) if same_is_zero else tau
+
+
+def _with_flags(out: Tensor, x: Tensor, x0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`out` and the block's flags, as the fused ops return them: differs (T,), zero (T + 1,), first bad index."""
+    differs = (x != x0).any(1)
+    zero = torch.cat([(x == 0).all(1), (x0 == 0).all()[None]])
+    bad = (~torch.isfinite(out)).nonzero()
+    first_bad = bad[0, 0] if len(bad) else torch.tensor(-1)
+    return out, differs, zero, first_bad.to(device=x.device, dtype=torch.int64)
+
+
+def _in_order(terms: Tensor) -> Tensor:
+    """The sum over the first dim added in order, as the kernels add (torch.sum may pair terms)."""
+    total = torch.zeros(terms.shape[1:], dtype=terms.dtype, device=terms.device)
+    for t in terms:
+        total = total + t
+    return total
+
+
+def ties_block(
+    sources: list[Tensor],
+    base: Tensor,
+    weights: Tensor | None,
+    threshold: Tensor,
+    cutoff: Tensor,
+    start: int,
+    keep_none: bool,
+    scale: float,
+    mean: bool,
+    positive: bool,
+    same_is_zero: bool,
+    add_base: bool,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`svdfuse.ops.ties_block`, op by op: trim, weight, elect, combine the agreeing values; flags."""
+    acc = compute_dtype(base.dtype)
+    x, x0, tau = _task_vectors(sources, base, acc, same_is_zero)
+    a = tau.abs()
+    index = torch.arange(start, start + x.shape[1], device=x.device)
+    keep = (a > threshold[:, None]) | ((a == threshold[:, None]) & (index < cutoff[:, None]))
+    t = tau * (keep & (not keep_none))
+    if weights is not None:
+        t = t * weights[:, None]
+    elected = _in_order(t).sign()
+    if positive:
+        elected[elected == 0] = 1
+    agree = (t * elected) > 0
+    merged = _in_order(t * agree)
+    if mean:
+        count = _in_order(agree.to(acc) * (1.0 if weights is None else weights[:, None]))
+        merged = merged / count.masked_fill(count == 0, 1)
+    merged = merged * torch.tensor(scale, dtype=acc)
+    return _with_flags((merged + x0 if add_base else merged).to(dtype), x, x0)
+
+
+def _abs_task_vectors(sources: list[Tensor], base: Tensor, same_is_zero: bool) -> Tensor:
+    """|sources_i − base| (T, N) in fp32, an entry equal to the base's 0 with `same_is_zero`."""
+    x, x0 = torch.stack(sources).float(), base.float()
+    tau = x - x0
+    if same_is_zero:
+        tau = tau.masked_fill(x == x0, 0.0)
+    return tau.abs()
+
+
+def trim_bracket(sources: list[Tensor], base: Tensor, lo: Tensor, hi: Tensor, same_is_zero: bool) -> tuple[Tensor, ...]:
+    """`svdfuse.ops.trim_bracket`, op by op."""
+    a = _abs_task_vectors(sources, base, same_is_zero) if sources else lo.new_empty((0, base.shape[0]))
+    above = (a > hi[:, None]).sum(1)
+    within = (a > lo[:, None]) & (a < hi[:, None])
+    at_lo = (a == lo[:, None]) & (lo != hi)[:, None]
+    at_hi = a == hi[:, None]
+    units = -(-a.shape[1] // DARE_CHUNK)
+    pad = units * DARE_CHUNK - a.shape[1]
+    per_unit = [torch.nn.functional.pad(m.long(), (0, pad)).reshape(len(sources), units, DARE_CHUNK).sum(2) for m in (at_lo, at_hi)]
+    bounds = torch.stack(per_unit, 2)
+    return above, within.sum(1), a[within], within.nonzero()[:, 1].clone(), bounds  # storage of its own (offset 0), as the fake impl gives
+
+
+def trim_sample(sources: list[Tensor], base: Tensor, first: int, stride: int, same_is_zero: bool) -> Tensor:
+    """`svdfuse.ops.trim_sample`, op by op: |τ| at flat indices first, first + stride, ... -> (T, m) fp32."""
+    if not sources:
+        return base.new_empty((0, len(range(first, base.shape[0], stride))), dtype=torch.float32)
+    return _abs_task_vectors([x[first::stride] for x in sources], base[first::stride], same_is_zero)
+
+
+def trim_select(values: Tensor, counts: Tensor, rank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`svdfuse.ops.trim_select`, source by source with `torch.kthvalue` (NaN above every number)."""
+    T = counts.shape[0]
+    threshold = torch.full((T,), math.nan)
+    greater, equal, position = (torch.full((T,), -1, dtype=torch.int64) for _ in range(3))
+    for i, v in enumerate(values.split(counts.tolist())):
+        k = int(rank[i])
+        if not 1 <= k <= v.numel():
+            continue
+        t = v.kthvalue(v.numel() - k + 1).values
+        same = v.isnan() if t.isnan() else v == t
+        threshold[i], greater[i], equal[i] = t, int(((v > t) | (v.isnan() & ~t.isnan())).sum()), int(same.sum())
+        need = k - int(greater[i])
+        if need < int(equal[i]):
+            position[i] = int(same.nonzero()[need - 1, 0])
+    return threshold, greater, equal, position
+
+
+def core_matmul(
+    x: Tensor, U: Tensor, C: Tensor, V: Tensor, base: Tensor | None, bias: Tensor | None, task: Tensor
+) -> Tensor:
+    """`x Wbᵀ + ((x V) C[task]ᵀ) Uᵀ + bias` row by row; x: (..., n), U: (m, K), C: (num_tasks, K, K),
+    V: (n, K), task: x.shape[:-1] -> (..., m). A row whose id is outside [0, num_tasks) gets NaN."""
+    acc = compute_dtype(x.dtype)
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1]).to(acc)
+    ids = task.reshape(-1)
+    valid = (ids >= 0) & (ids < C.shape[0])
+    cores = C.to(acc).index_select(0, ids.clamp(0, C.shape[0] - 1))  # (rows, K, K)
+    t = torch.einsum("rk,rjk->rj", x2 @ V.to(acc), cores).masked_fill(~valid[:, None], float("nan"))
+    y = t @ U.to(acc).T
+    if base is not None:
+        y = y + x2 @ base.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype).reshape(*x.shape[:-1], U.shape[0])
+
+
+def gram(x: Tensor, left: bool) -> Tensor:
+    """`svdfuse.ops.gram`: `xᵀx` (left) or `x xᵀ` of x (..., a, b) in float64, by a float64 copy."""
+    w = x.to(torch.float64)
+    return w.mT @ w if left else w @ w.mT

@@ -5,6 +5,9 @@ Stage 2 adapts only σ, so adaptations of the same merge share U, V, W0 and ever
 (num_tasks, K); inside `serve_tasks`, each request of a batch runs with its own task's σ: through
 `svdfuse.ops.lowrank_matmul(..., task=...)`, one launch per linear layer for the whole batch, and
 in conv layers by scaling each request's rank-K channels with its task's σ.
+
+Bundles (`svdfuse.compress`: many independent adapters on one shared basis) serve the same way,
+each request with its adapter or a mix of them: `load_bundle` and `serve_bundle` (`svdfuse.bundle`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from svdfuse._native import first_bad_task
+from svdfuse.bundle import load_bundle, serve_bundle
 from svdfuse.nn.convert import count_tasks, sigma_banks, svd_layers
 from svdfuse.nn.layers import LowRankLayer, SVDWeight
 
-__all__ = ["stack_tasks", "serve_tasks"]
+__all__ = ["stack_tasks", "serve_tasks", "load_bundle", "serve_bundle"]
 
 
 def _structure(model: nn.Module) -> dict[str, type]:
@@ -166,3 +170,4 @@ def serve_tasks(model: nn.Module, task_ids: Tensor) -> Iterator[nn.Module]:
     finally:
         for (_, layer), ids_before in zip(banks, previous):
             layer.task_ids = ids_before
+

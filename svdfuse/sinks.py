@@ -15,8 +15,8 @@ import errno
 import json
 import os
 import shutil
+import secrets
 import socket
-import tempfile
 from glob import escape as glob_escape
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,11 +28,10 @@ from torch import Tensor
 
 from svdfuse import distributed
 from svdfuse.sources import SAFETENSORS_DTYPES
+from svdfuse.templates import Template
 
-__all__ = ["LowRank", "SafetensorsWriter", "check_output", "publish", "temporary", "parse_size", "save_safetensors", "save_hf_directory", "refuse_existing"]
+__all__ = ["LowRank", "SafetensorsWriter", "check_output", "discard", "publish", "temporary", "parse_size", "save_safetensors", "save_hf_directory", "refuse_existing"]
 
-# Files of a Hugging Face directory that hold weights: replaced, never copied from the base.
-_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx")
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -44,11 +43,12 @@ class LowRank:
     """A merged matrix kept as factors: `frozen + U diag(S) Vᵀ` in the shape of `frozen`.
 
     frozen: the part Stage 2 leaves alone, in the model's shape (the base weight, plus the dense
-    residual of a method whose merge is not rank k, then in the accumulation dtype); U (m, k),
-    S (k,), V (n, k) in the accumulation dtype.
+    residual of a method whose merge is not rank k, then in the accumulation dtype), or None
+    where the sink takes the update alone (a LoRA output: the base is not read); U (m, k), S (k,),
+    V (n, k) in the accumulation dtype.
     """
 
-    frozen: Tensor
+    frozen: Tensor | None
     U: Tensor
     S: Tensor
     V: Tensor
@@ -89,25 +89,49 @@ def refuse_existing(path: Path) -> None:
 
 
 def check_output(path: str | os.PathLike, nbytes: int = 0) -> Path:
-    """Refuse, before any work, an output `path` that cannot be written: one that exists, whose
-    parent is not a writable directory, whose name is too long for its file system, or that needs
-    more than the free space (`nbytes`). Returns it as a Path."""
+    """Refuse, before any work, an output `path` that cannot be written: one with a NUL byte or a
+    name too long for its file system, one that exists, whose parent is not a writable directory,
+    or that needs more than the free space (`nbytes`). Returns it as a Path."""
+    if "\0" in os.fspath(path):
+        raise ValueError(f"output path {os.fspath(path)!r} holds a NUL byte, which no file name can")
     path = Path(path)
-    refuse_existing(path)
-    parent = path.parent
-    while not parent.exists():  # the writer creates missing parents; the first existing one decides
+    parent = path.absolute().parent
+    while not _exists(parent, path):  # the writer creates missing parents; the first existing one decides
         parent = parent.parent
+    longest = os.pathconf(parent, "PC_NAME_MAX")
+    for name in path.absolute().relative_to(parent).parts:
+        if len(os.fsencode(name)) > longest:
+            raise ValueError(
+                f"output path {_shorten(str(path))!r}: the name {_shorten(name)!r} is too long, {len(os.fsencode(name))} bytes; "
+                f"this file system allows {longest}"
+            )
+    if len(os.fsencode(str(path.absolute()))) >= os.pathconf(parent, "PC_PATH_MAX"):
+        raise ValueError(f"output path {_shorten(str(path))!r} is too long, {len(os.fsencode(str(path.absolute())))} bytes; this system allows {os.pathconf(parent, 'PC_PATH_MAX') - 1}")
+    refuse_existing(path)
     if not parent.is_dir():
         raise NotADirectoryError(f"output path {str(path)!r}: {str(parent)!r} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"output path {str(path)!r}: directory {str(parent)!r} is not writable")
-    longest = os.pathconf(parent, "PC_NAME_MAX")
-    if len(os.fsencode(path.name)) > longest:
-        raise ValueError(f"output name {path.name[:40]!r}... is {len(os.fsencode(path.name))} bytes; this file system allows {longest}")
     free = shutil.disk_usage(parent).free
     if nbytes > free:
         raise OSError(errno.ENOSPC, f"output needs {_human(nbytes)} but {str(parent)!r} has {_human(free)} free", str(path))
     return path
+
+
+def _exists(directory: Path, output: Path) -> bool:
+    try:
+        directory.lstat()
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as err:  # a loop of links, no permission: say which, on one line
+        if err.errno == errno.ENAMETOOLONG:
+            return False  # cannot exist; its name is refused next
+        raise OSError(err.errno, f"output path {_shorten(str(output))!r}: cannot look at {_shorten(str(directory))!r}: {err.strerror}") from None
+
+
+def _shorten(text: str, keep: int = 60) -> str:
+    return text if len(text) <= keep else text[: keep - 3] + "..."
 
 
 def _human(nbytes: int) -> str:
@@ -115,18 +139,6 @@ def _human(nbytes: int) -> str:
         if nbytes >= size:
             return f"{nbytes / size:.2f} {unit}"
     return f"{nbytes} bytes"
-
-
-def _template_ignore(*outputs: Path):
-    # Weight files are replaced, never copied; and when the output lies inside the template
-    # (saving into the base directory) its temporary directory must not be copied into itself.
-    weights = shutil.ignore_patterns(*_WEIGHT_FILES)
-    skip = {out.resolve() for out in outputs}
-
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        return set(weights(directory, names)) | {name for name in names if (Path(directory) / name).resolve() in skip}
-
-    return ignore
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -157,12 +169,15 @@ class SafetensorsWriter:
         tensors: (name, shape, dtype) of every tensor, in model order.
         shard_size: bytes per shard of a directory (a tensor larger than it gets a shard alone).
         template: a Hugging Face directory whose non-weight files (config, tokenizer) are copied,
-            or a `svdfuse.templates.Template` (a config from a transformers module, too).
+            or a `svdfuse.templates.Template` (a config from a transformers module, too); a file
+            it cannot copy (a broken link, a loop) is refused before anything is written.
         metadata: extra string entries of every file's `__metadata__`.
 
     Under torch.distributed every process creates the writer with the same arguments and writes
     its own tensors; rank 0 lays out the files and publishes the output after all are done
-    (`commit`). Used as a context manager, leaving with an exception removes everything written.
+    (`commit`); a failure on any process is raised on all (`distributed.Group.settle`) and
+    removes the output. Used as a context manager, leaving with an exception removes everything
+    written; an exception while it is being created leaves nothing either.
     """
 
     def __init__(
@@ -177,7 +192,10 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.single = self.path.suffix == ".safetensors"
         self._group = distributed.current()
-        check_output(self.path, sum(_nbytes(shape, dtype) for _, shape, dtype in tensors))
+        self._fds: dict[str, int] = {}
+        self._tmp: Path | None = None
+        with self._group.together():
+            check_output(self.path, sum(_nbytes(shape, dtype) for _, shape, dtype in tensors))
         self._shapes = {name: (tuple(shape), dtype) for name, shape, dtype in tensors}
         self._shards = self._layout(tensors, shard_size)
         self._headers: dict[str, bytes] = {}
@@ -186,10 +204,17 @@ class SafetensorsWriter:
             self._headers[file], offsets = _header(entries, dict(metadata or {}))
             self._where.update({name: (file, offset) for name, offset in offsets.items()})
         self._written: dict[str, int] = {}  # name -> bytes written so far
-        self._fds: dict[str, int] = {}
-        tmp = self._create(template) if self._group.rank == 0 else None
-        self._tmp = Path(self._group.broadcast(str(tmp) if tmp else None))
-        self._group.barrier()
+        try:  # from here on, whatever happens removes what was laid out
+            with self._group.together():
+                if self._group.rank == 0:
+                    self._tmp = self._create(template)
+            self._tmp = Path(self._group.broadcast(None if self._tmp is None else str(self._tmp)))
+            with self._group.together(undo=self.abort):
+                for file in self._shards:  # every process opens its files now: one that cannot write fails before any work
+                    self._fds[file] = os.open(self._tmp if self.single else self._tmp / file, os.O_WRONLY)
+        except BaseException:
+            self.abort()
+            raise
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
@@ -216,31 +241,23 @@ class SafetensorsWriter:
             return {"model.safetensors": shards[0]}
         return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": entries for i, entries in enumerate(shards)}
 
-    def _create(self, template: str | os.PathLike | None) -> Path:
+    def _create(self, template: str | os.PathLike | Template | None) -> Path:
+        if template is not None and not isinstance(template, Template):
+            template = Template(directory=Path(template))
+        skip = {self.path.absolute()}
+        copies = template.files(skip) if template is not None and not self.single else []  # refused here, before anything exists
         tmp = temporary(self.path, directory=not self.single)
-        if self.single:
-            files = {self.path.name: tmp}
-        else:
-            if hasattr(template, "write"):  # a `svdfuse.templates.Template`: files and a config from a module
-                template.write(tmp, _template_ignore(tmp, self.path))
-            elif template is not None:
-                shutil.copytree(template, tmp, ignore=_template_ignore(tmp, self.path), dirs_exist_ok=True)
-            files = {name: tmp / name for name in self._shards}
         try:
-            for name, file in files.items():
-                with open(file, "wb") as f:
+            if template is not None and not self.single:
+                template.write(tmp, copies)
+            for name in self._shards:
+                with open(tmp if self.single else tmp / name, "r+b" if self.single else "xb") as f:
                     f.write(self._headers[name])
                     _reserve(f.fileno(), len(self._headers[name]) + sum(_nbytes(s, d) for _, s, d in self._shards[name]), self.path)
         except BaseException:
-            _remove(tmp)
+            discard(tmp)
             raise
         return tmp
-
-    def _file(self, name: str) -> int:
-        file = self._where[name][0]
-        if file not in self._fds:
-            self._fds[file] = os.open(self._tmp if self.single else self._tmp / file, os.O_WRONLY)
-        return self._fds[file]
 
     def write(self, name: str, value: Tensor, start: int = 0) -> None:
         """Write `value`, the rows [start, start + len) of tensor `name` (all of it by default)."""
@@ -249,10 +266,14 @@ class SafetensorsWriter:
             raise ValueError(f"writer: {name!r} is {shape} {dtype}, given a block {tuple(value.shape)} {value.dtype}")
         data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         row = torch.Size(shape[1:]).numel() * dtype.itemsize
-        offset = self._where[name][1] + start * row
-        fd, done = self._file(name), 0
-        while done < len(data):
-            done += os.pwrite(fd, memoryview(data)[done:], offset + done)
+        file, at = self._where[name]
+        offset = at + start * row
+        fd, done = self._fds[file], 0
+        try:
+            while done < len(data):
+                done += os.pwrite(fd, memoryview(data)[done:], offset + done)
+        except OSError as err:  # pwrite's error names no file: a full disk, a quota, an I/O error
+            raise OSError(err.errno, f"cannot write {name!r} into the output: {err.strerror}", str(self.path)) from None
         self._written[name] = self._written.get(name, 0) + len(data)
 
     def commit(self, expected: Iterable[str], files: Mapping[str, str] | None = None) -> None:
@@ -260,45 +281,63 @@ class SafetensorsWriter:
         with `files` (name -> text, e.g. a model card) added to a directory output."""
         if files and self.single:
             raise ValueError(f"writer: {str(self.path)!r} is one file; {', '.join(files)} can only go into a directory")
-        missing = [name for name in expected if self._written.get(name, 0) != _nbytes(*self._shapes[name])]
-        if missing:
-            raise RuntimeError(f"writer: {len(missing)} tensors were not written completely (e.g. {missing[:3]})")
-        for fd in self._fds.values():
-            os.fsync(fd)
-            os.close(fd)
-        self._fds = {}
-        self._group.barrier()
-        if self._group.rank == 0:
-            if not self.single and len(self._shards) > 1:
-                total = sum(_nbytes(s, d) for s, d in self._shapes.values())
-                weight_map = {name: file for file, entries in self._shards.items() for name, _, _ in entries}
-                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-                (self._tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            for name, text in (files or {}).items():
-                (self._tmp / name).write_text(text)  # replaces the base's copy (its README.md)
-            publish(self._tmp, self.path)
-        self._group.barrier()
+        with self._group.together(undo=self.abort):  # every rank's bytes are on disk before rank 0 publishes
+            missing = [name for name in expected if self._written.get(name, 0) != _nbytes(*self._shapes[name])]
+            if missing:
+                raise RuntimeError(f"writer: {len(missing)} tensors were not written completely (e.g. {', '.join(map(repr, missing[:3]))})")
+            self._close(sync=True)
+        with self._group.together(undo=self.abort):
+            if self._group.rank == 0:
+                if not self.single and len(self._shards) > 1:
+                    total = sum(_nbytes(s, d) for s, d in self._shapes.values())
+                    weight_map = {name: file for file, entries in self._shards.items() for name, _, _ in entries}
+                    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                    (self._tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+                for name, text in (files or {}).items():
+                    (self._tmp / name).write_text(text)  # replaces the base's copy (its README.md)
+                tmp, self._tmp = self._tmp, None
+                publish(tmp, self.path)
+
+    def _close(self, sync: bool = False) -> None:
+        fds, self._fds = self._fds, {}
+        try:
+            for fd in fds.values():
+                if sync:
+                    os.fsync(fd)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot flush the output to disk: {err.strerror}", str(self.path)) from None
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def abort(self) -> None:
-        """Remove everything written (every process calls it; rank 0 removes)."""
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
-        if self._group.rank == 0:
-            _remove(self._tmp)
+        """Remove everything written (every process calls it; rank 0 removes); again, it does nothing."""
+        self._close()
+        if self._group.rank == 0 and self._tmp is not None:
+            discard(self._tmp)
+            self._tmp = None
 
 
 def temporary(path: Path, *, directory: bool) -> Path:
     """A new empty temporary file or directory beside the output `path`, named so that the next
-    writer beside it removes it should this process die (`.NAME.svdfuse-HOST-PID-XXXXXXXX.tmp`)."""
+    writer beside it removes it should this process die (`.NAME.svdfuse-HOST-PID-XXXXXXXX.tmp`).
+    It gets the permissions the umask gives a new file or directory, which the output keeps.
+    Parents it creates are removed with it (`discard`) unless the output is published."""
+    missing = [parent for parent in path.absolute().parents if not os.path.lexists(parent)]
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale(path)
     prefix = f"{_temp_start(path)}{os.getpid()}-"
-    if directory:
-        return Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+    while True:
+        tmp = path.parent / f"{prefix}{secrets.token_hex(4)}.tmp"
+        try:
+            if directory:
+                os.mkdir(tmp, 0o777)  # the umask applies, as for any new directory (tempfile's would be 0700)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            _CREATED[tmp] = missing
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _temp_start(path: Path) -> str:
@@ -333,6 +372,21 @@ def _sweep_stale(path: Path) -> None:
             _remove(stale)
 
 
+# A temporary output -> the missing parents `temporary` created for it, deepest first.
+_CREATED: dict[Path, list[Path]] = {}
+
+
+def discard(tmp: Path) -> None:
+    """Remove the temporary output `tmp` and the parents created for it that are still empty:
+    a failed write leaves nothing on disk."""
+    _remove(tmp)
+    for parent in _CREATED.pop(tmp, []):
+        try:
+            parent.rmdir()
+        except OSError:  # holds something now (the published output, another process's file)
+            break
+
+
 def _remove(tmp: Path) -> None:
     if tmp.is_dir():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -364,14 +418,31 @@ def _rename_noreplace(tmp: Path, path: Path) -> None:
 
 
 def publish(tmp: Path, path: Path) -> None:
-    """Rename the finished `tmp` to `path`, never replacing what appeared there meanwhile; `tmp` is gone after."""
+    """Rename the finished `tmp` to `path`, never replacing what appeared there meanwhile; `tmp` is gone after.
+    Its data reach the disk before the rename, and the rename after it: a crash leaves the old
+    state or the whole output, never a renamed output with missing data."""
     # Never replace a path created while we wrote (os.rename would replace a file or an empty directory).
     try:
+        _sync(tmp)
         _rename_noreplace(tmp, path)
+        _sync(path.parent, tree=False)  # its entry alone: the parent holds the user's other files
     except FileExistsError:
         raise FileExistsError(f"output path {str(path)!r} appeared while writing; svdfuse never overwrites, nothing was written") from None
     finally:
-        _remove(tmp)
+        discard(tmp)
+
+
+def _sync(path: Path, *, tree: bool = True) -> None:
+    """fsync `path`, and with `tree` everything in it if it is a directory (the directory's entries last)."""
+    if tree and path.is_dir():
+        for entry in path.iterdir():
+            if entry.is_dir() or entry.is_file():
+                _sync(entry)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_state_dict(

@@ -15,7 +15,7 @@ import stat
 import struct
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -47,10 +47,19 @@ class Source:
         label: how errors name this source, e.g. "source 3 ('ft-cars.safetensors')".
         directory: the Hugging Face model directory it came from, if any (its config is reused on save).
         derived: whether it stands for another model (a component cache, for the source it was
-            decomposed from): such a source is compared with the others by `fingerprint`.
+            decomposed from; a peft adapter, for the model it makes of its base): such a source is
+            compared with the others by `fingerprint`.
+        fingerprints: what `fingerprint` digests: a model's tensors ("tensors") or an adapter's
+            factors ("lora"); two sources of different kinds are never compared. None: either (a
+            cache answers with its source's).
+        copy_reason: why a derived source equal to another is the same model, for the error.
     """
 
     derived = False
+    fingerprints: str | None = "tensors"
+    copy_reason = ""
+    # whether `read` fills an `out` of any dtype itself (a factored source forms W0 + ΔW in it)
+    reads_any_dtype = False
 
     def __init__(self, label: str, directory: Path | None = None) -> None:
         self.label = label
@@ -132,8 +141,18 @@ def _header(path: Path) -> tuple[int, dict]:
         (size,) = struct.unpack("<Q", f.read(8))
         if size > min(_MAX_HEADER, os.fstat(f.fileno()).st_size - 8):  # else a hostile size is allocated
             raise ValueError(f"its header claims {size} bytes, more than the file or safetensors' limit holds")
-        header = json.loads(f.read(size))
+        header = untrusted_json(f.read(size))
     return 8 + size, header
+
+
+def untrusted_json(text: str | bytes) -> object:
+    """JSON that came with a model (a header, an index, a config, metadata): a ValueError for
+    any text that is not JSON, nesting too deep for the parser included (a RecursionError
+    otherwise, which no caller would take for bad input)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply (a model's files nest a few levels)") from None
 
 
 _MAX_HEADER = 100_000_000  # safetensors' own limit
@@ -288,13 +307,15 @@ class ComponentCache(Source):
     """
 
     derived = True
+    fingerprints = None
+    copy_reason = "a component cache stands for the source it was decomposed from"
 
     def __init__(self, label: str, store: Source, info: Mapping[str, str]) -> None:
         super().__init__(label, store.directory)
         self._store = store
         if info.get("svdfuse") != CACHE_FORMAT:
             raise SourceError(
-                f"{label}: is a component cache in format {_short(info.get('svdfuse'))}, this svdfuse reads {CACHE_FORMAT!r} "
+                f"{label}: is a component cache in format {short_repr(info.get('svdfuse'))}, this svdfuse reads {CACHE_FORMAT!r} "
                 "(which records the base it was decomposed against, so that a merge can check it); decompose the source again"
             )
         try:
@@ -395,27 +416,33 @@ class ComponentCache(Source):
                     f"{self.label}: the cached {key}.{part} {tuple(t.shape)} holds {int(torch.isnan(t).sum())} NaN and "
                     f"{int(torch.isinf(t).sum())} Inf values; expected finite factors: the cache is damaged, decompose the source again"
                 )
+        stored = self._store.get(f"{key}.S")
+        if bool((stored < 0).any()) or bool((stored[1:] > stored[:-1]).any()):  # else the first `rank` are not the top ones
+            raise SourceError(
+                f"{self.label}: the cached {key}.S {tuple(stored.shape)} is no spectrum, found {short_repr([round(v, 6) for v in stored[:8].tolist()])}; "
+                "expected non-negative values in non-increasing order: the cache is damaged, decompose the source again"
+            )
         return U, S, V
 
 
 def _json(info: Mapping[str, str], name: str, kind: type) -> object:
     """Metadata entry `name`, JSON of a `kind` (a dict, a list)."""
-    value = json.loads(info[name])
+    value = untrusted_json(info[name])
     if not isinstance(value, kind):
         raise TypeError(f"{name!r} holds a {type(value).__name__}, expected a {kind.__name__}")
     return value
 
 
-def _shard_path(directory: Path, name: object, label: str, what: str) -> Path:
+def model_file(directory: Path, name: object, label: str, what: str) -> Path:
     """`directory / name` for a file name that a model directory's own files give (`what` names
     the giver: the directory, its shard index): such names come with the model, from anywhere. Only
     a relative name that stays inside the directory after symbolic links and names a regular file
     is taken, never a path that would open another file of the machine."""
     if not isinstance(name, str):
-        raise SourceError(f"{label}: {what} names {type(name).__name__} {_short(name)}, expected a file name (a string)")
+        raise SourceError(f"{label}: {what} names {type(name).__name__} {short_repr(name)}, expected a file name (a string)")
     relative = Path(name)
     if not name or "\0" in name or relative.is_absolute() or ".." in relative.parts:
-        raise SourceError(f"{label}: {what} names {_short(name)}, expected a relative file name inside the model directory (no absolute path, no '..', no NUL)")
+        raise SourceError(f"{label}: {what} names {short_repr(name)}, expected a relative file name inside the model directory (no absolute path, no '..', no NUL)")
     path = directory / relative
     try:
         mode, real = path.stat().st_mode, path.resolve(strict=True)  # stat first: resolve meets a loop as RuntimeError
@@ -423,14 +450,14 @@ def _shard_path(directory: Path, name: object, label: str, what: str) -> Path:
         raise SourceError(f"{label}: {what} names {name!r}, which does not exist in {str(directory)!r}") from None
     except OSError as err:  # a symbolic link loop, permission denied on a directory, ...
         raise SourceError(f"{label}: {what} names {name!r}, which cannot be read ({err.strerror})") from None
-    if not any(real.is_relative_to(root) for root in _roots(directory)):
+    if not any(real.is_relative_to(root) for root in model_roots(directory)):
         raise SourceError(f"{label}: {what} names {name!r}, which links to {str(real)!r} outside the model directory; svdfuse reads only files inside it")
     if not stat.S_ISREG(mode):
         raise SourceError(f"{label}: {what} names {name!r}, which is not a regular file")
     return path
 
 
-def _roots(directory: Path) -> list[Path]:
+def model_roots(directory: Path) -> list[Path]:
     """Where the files of a model directory may really be: inside it, and for a snapshot of the
     Hugging Face hub cache (`models--org--name/snapshots/REVISION`), in that repository's blobs."""
     real = directory.resolve()
@@ -438,7 +465,7 @@ def _roots(directory: Path) -> list[Path]:
     return [real] if hub is None else [real, hub / "blobs"]
 
 
-def _short(value: object) -> str:
+def short_repr(value: object) -> str:
     """`value` for a message about untrusted input: its repr, cut to 200 characters."""
     text = repr(value)
     return text if len(text) <= 200 else text[:197] + "..."
@@ -447,14 +474,14 @@ def _short(value: object) -> str:
 def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str, Path] | None] | None:
     """The weight files of a Hugging Face directory and its index's name -> shard map (None: one file)."""
     if os.path.lexists(directory / "model.safetensors"):
-        return [_shard_path(directory, "model.safetensors", label, "the model directory")], None
+        return [model_file(directory, "model.safetensors", label, "the model directory")], None
     if not os.path.lexists(directory / "model.safetensors.index.json"):
         return None
-    index = _shard_path(directory, "model.safetensors.index.json", label, "the model directory")
+    index = model_file(directory, "model.safetensors.index.json", label, "the model directory")
     if index.stat().st_size > _MAX_HEADER:  # an index lists names: megabytes at most, never a file to read whole
         raise SourceError(f"{label}: {str(index)!r} holds {index.stat().st_size} bytes, more than a shard index ({_MAX_HEADER} at most)")
     try:
-        weight_map = dict(json.loads(index.read_text())["weight_map"])
+        weight_map = dict(untrusted_json(index.read_text())["weight_map"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # UnicodeDecodeError is a ValueError
         raise SourceError(
             f"{label}: {str(index)!r} is not a safetensors index: expected JSON with a 'weight_map' of "
@@ -463,13 +490,21 @@ def _hf_weight_files(directory: Path, label: str) -> tuple[list[Path], dict[str,
     shards: dict[str, Path] = {}
     for key, name in weight_map.items():
         if not isinstance(name, str) or name not in shards:
-            shards[name] = _shard_path(directory, name, label, f"{str(index)!r}, for {key!r},")
+            shards[name] = model_file(directory, name, label, f"{str(index)!r}, for {key!r},")
     resolved = {key: shards[name] for key, name in weight_map.items()}
     return sorted(set(resolved.values())), resolved
 
 
-def open_source(model: ModelLike, label: str) -> Source:
-    """Wrap `model` as a `Source`; `label` names it in errors ("source 2", "base")."""
+# Directories that hold another kind of source than a model, tried in order before a Hugging Face
+# model directory: (directory, label, base) -> a Source, or None when the directory is not of that
+# kind. Source kinds built on this module register here (`svdfuse.adapters`: peft adapters), so
+# that this module never imports them.
+DIRECTORY_KINDS: list[Callable[[Path, str, Source | None], Source | None]] = []
+
+
+def open_source(model: ModelLike, label: str, base: Source | None = None) -> Source:
+    """Wrap `model` as a `Source`; `label` names it in errors ("source 2", "base"). A peft adapter
+    directory is read as the model it makes of `base`."""
     if isinstance(model, Source):
         return model
     if isinstance(model, nn.Module):
@@ -492,11 +527,15 @@ def open_source(model: ModelLike, label: str) -> Source:
     except OSError as err:  # a symbolic link loop, a name too long, ...
         raise SourceError(f"{label}: cannot read {str(path)!r}: {err.strerror}") from None
     if path.is_dir():
+        for opens in DIRECTORY_KINDS:
+            source = opens(path, label, base)
+            if source is not None:
+                return source
         found = _hf_weight_files(path, label)
         if found is not None:
             return SafetensorsSource(label, found[0], directory=path, index=found[1])
         if os.path.lexists(path / "pytorch_model.bin"):
-            bin_file = _shard_path(path, "pytorch_model.bin", label, "the model directory")
+            bin_file = model_file(path, "pytorch_model.bin", label, "the model directory")
             if not zipfile.is_zipfile(bin_file):
                 raise SourceError(
                     f"{label}: cannot read {str(bin_file)!r} as a torch checkpoint: it is not a zip archive (torch.save's "
@@ -534,10 +573,13 @@ def _identity(model: ModelLike) -> tuple:
     return ("object", id(model))
 
 
-def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike], base: ModelLike | None = None) -> list[Source]:
+def open_sources(
+    models: Sequence[ModelLike] | Mapping[str, ModelLike], base: ModelLike | None = None, base_source: Source | None = None
+) -> list[Source]:
     """Open source models labelled "source 2" (a list) or "source 2 ('cars')" (a name -> model
     mapping). The same model twice (also as its own component cache), or the base among them, is
-    refused: its components would count twice, or it adds nothing."""
+    refused: its components would count twice, or it adds nothing. Adapters are read against
+    `base_source`."""
     single = (str, bytes, os.PathLike, torch.nn.Module, Source)
     is_state_dict = isinstance(models, Mapping) and any(isinstance(v, Tensor) for v in models.values())
     if isinstance(models, single) or is_state_dict:
@@ -554,7 +596,7 @@ def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike], base: Mo
             what = f" ({os.fspath(model)!r})" if isinstance(model, (str, os.PathLike)) else ""
             raise SourceError(f"{label} is the same model as {first}{what}; give each source once (its components would count twice)"
                               if first != "the base" else f"{label} is the base itself{what}; a source must be a model fine-tuned from it")
-    sources = [open_source(model, label) for label, (_, model) in zip(labels, named)]
+    sources = [open_source(model, label, base_source) for label, (_, model) in zip(labels, named)]
     if any(source.derived for source in sources):
         _refuse_copies(sources)
     return sources
@@ -562,17 +604,23 @@ def open_sources(models: Sequence[ModelLike] | Mapping[str, ModelLike], base: Mo
 
 def _refuse_copies(sources: list[Source]) -> None:
     """Refuse a model given twice where one of the two is derived (the source beside its cache, two
-    caches of one source): compared by fingerprint, the quick one first, so that only a likely copy
-    is read whole. Models given as they are were told apart by `_identity`, before any was read."""
-    for i, source in enumerate(sources):
-        for other in sources[:i]:
-            if not (source.derived or other.derived):
-                continue
-            if source.fingerprint(quick=True) == other.fingerprint(quick=True) and source.fingerprint() == other.fingerprint():
+    caches of one source, two copies of one adapter): compared by fingerprint, the quick one first,
+    so that only a likely copy is read whole; an adapter and a full model are never compared (nor
+    read for it). Models given as they are were told apart by `_identity`, before any was read."""
+    caches = any(source.fingerprints is None for source in sources)
+    seen: dict[str, list[Source]] = {}  # quick fingerprint -> the sources before this one: a thousand adapters, not a million pairs
+    for source in sources:
+        if not (source.derived or caches):
+            continue
+        earlier = seen.setdefault(source.fingerprint(quick=True), [])
+        for other in earlier:
+            kinds = {source.fingerprints, other.fingerprints} - {None}
+            if (source.derived or other.derived) and len(kinds) <= 1 and source.fingerprint() == other.fingerprint():
+                why = other if other.fingerprints is None else source  # a cache explains the pair, else two adapters
                 raise SourceError(
-                    f"{source.label} is the same model as {other.label} (a component cache stands for the source it was "
-                    "decomposed from); give each source once (its components would count twice)"
+                    f"{source.label} is the same model as {other.label} ({why.copy_reason}); give each source once (its components would count twice)"
                 )
+        earlier.append(source)
 
 
 class Reader:
@@ -597,6 +645,8 @@ class Reader:
 
     def _read(self, source: Source, key: str, start: int, stop: int, out: Tensor) -> None:
         stored = source.meta(key)[1]
+        if source.reads_any_dtype:  # formed in the wider of out's and the merge's dtype, rounded once
+            stored = out.dtype if self.dtype is None or self.dtype.itemsize >= out.dtype.itemsize else self.dtype
         cast = self.dtype is not None and self.dtype != stored
         if not cast and out.dtype == stored and out.is_contiguous() and out.device.type == "cpu":
             source.read(key, start, stop, out)

@@ -104,6 +104,9 @@ def adapt(
         print(report.trainable, report.epoch_losses[-1])
     """
     start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        hint = ": build it with result.to_module(base_model)" if hasattr(model, "to_module") else ""
+        raise TypeError(f"adapt: model must be an nn.Module with svdfuse layers, found {type(model).__name__}{hint}")
     n = arguments.count(n, "n")
     if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise ValueError(f"adapt: epochs must be a positive int, found {epochs!r}")

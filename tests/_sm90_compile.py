@@ -112,7 +112,7 @@ def _counts(found: list, base: int = 10, loads: bool = False) -> dict[str, int]:
 def cases() -> dict[str, tuple]:
     """name -> (module, kernel attribute, launch): the launchers at the workloads' real shapes
     (DESIGN.md §4: W1/W3 768², W2 4096², sketch widths 92/32/144; AXIS top-k; Jacobi cores)."""
-    from svdfuse.kernels import rsvd, small_svd, topk
+    from svdfuse.kernels import elementwise, rsvd, small_svd, topk
 
     def project(dtype, n=768, w=92, transpose=False, precision="ieee", m=None):
         m = m or n
@@ -139,6 +139,13 @@ def cases() -> dict[str, tuple]:
     for w in (92, 144):
         M = torch.zeros(2, w, w)
         cases[f"small_svd w{w}"] = (small_svd, "_small_svd_kernel", lambda M=M: small_svd.small_svd(M))
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):  # a 12-source MiniLM row block
+        W = torch.zeros(12, 1536 * 384, dtype=dtype)
+        launch = lambda W=W, dtype=dtype: elementwise.merge_block(list(W), W[0], torch.ones(12), 1.0, 12.0, False, True, dtype)  # noqa: E731
+        cases[f"merge_block {name}"] = (elementwise, "_merge_block_kernel", launch)
+        thr, cut = torch.zeros(12), torch.zeros(12, dtype=torch.int64)
+        launch = lambda W=W, dtype=dtype, thr=thr, cut=cut: elementwise.ties_block(list(W), W[0], torch.ones(12), thr, cut, 0, False, 1.0, True, False, False, True, dtype)  # noqa: E731
+        cases[f"ties_block {name}"] = (elementwise, "_ties_block_kernel", launch)
     return cases
 
 

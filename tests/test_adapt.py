@@ -105,6 +105,8 @@ def test_adapt_needs_svd_layers_and_batches():
     base, result = _merged()
     with pytest.raises(ValueError, match="no batches"):
         svdfuse.adapt(result.to_module(base), [], n=2, progress=False)
+    with pytest.raises(TypeError, match=r"^adapt: model must be an nn.Module with svdfuse layers, found MergeResult: build it with result.to_module\(base_model\)$"):
+        svdfuse.adapt(result, _data(), n=2, progress=False)
 
 
 @pytest.mark.parametrize(

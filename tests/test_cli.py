@@ -69,7 +69,7 @@ def test_cli_rejects_a_malformed_k_in_one_line(model_files, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["merge", "--base", str(tmp_path / "base.safetensors"), "-k", "ten", "-o", "x.safetensors", *sources])
     assert exit.value.code == 2
-    assert capsys.readouterr().err == "svdfuse merge: error: argument -k: expected an int (components) or a float fraction, found 'ten' (see svdfuse merge --help)\n"
+    assert capsys.readouterr().err == "svdfuse merge: error: argument -k/--rank: expected an int (components) or a float fraction, found 'ten' (see svdfuse merge --help)\n"
 
 
 def _one_line_refusal(argv, capsys, *expected):

@@ -169,6 +169,19 @@ def test_a_cache_of_an_older_format_is_refused_with_what_to_do(problem, tmp_path
         svdfuse.merge([old, sources[1]], k=4, base=base, svd=SVD, device="cpu")
 
 
+def test_duplicate_checks_read_each_source_once(problem, tmp_path, monkeypatch):
+    # Caches among sources: each raw source's quick fingerprint is read once, not once per cache.
+    base, sources = problem
+    files = [tmp_path / f"s{i}.svd.safetensors" for i in range(2)]
+    for source, file in zip(sources, files):
+        svdfuse.decompose(source, base=base, rank=4, svd=SVD, output=file, device="cpu")
+    read = []
+    fingerprint = svdfuse.sources.Source.fingerprint
+    monkeypatch.setattr(svdfuse.sources.Source, "fingerprint", lambda self, quick=False: read.append(quick) or fingerprint(self, quick=quick))
+    svdfuse.sources.open_sources([*files, *sources[2:]], base)
+    assert read.count(True) == len(sources) - 2  # the raw ones; a cache answers from its record
+
+
 def test_a_source_beside_its_own_cache_is_the_same_source_twice(problem, tmp_path):
     from safetensors.torch import save_file
 
@@ -230,6 +243,22 @@ def test_nan_in_a_cached_spectrum_names_the_cache(problem, tmp_path):
     out = tmp_path / "merged.safetensors"
     with pytest.raises(svdfuse.SourceError, match=r"^source 1 \('tampered\.svd\.safetensors'\): the cached l1\.weight\.S \(4,\) holds 1 NaN and 0 Inf values; expected finite factors"):
         svdfuse.merge([sources[1], bad], k=4, base=base, svd=SVD, device="cpu", output=out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("change", ["negative", "increasing"])
+def test_a_cached_spectrum_out_of_order_or_negative_names_the_cache(change, problem, tmp_path):
+    # The merge takes a cache's first k components as its top k: only a spectrum makes them so.
+    base, sources = problem
+    file = tmp_path / "s0.svd.safetensors"
+    svdfuse.decompose(sources[0], base=base, rank=4, svd=SVD, output=file, device="cpu")
+    with safe_open(str(file), "pt") as f:
+        S = f.get_tensor("l1.weight.S")
+    S = S.flip(0) if change == "increasing" else torch.cat([S[:3], -S[3:]])
+    bad = _rewrite(file, tmp_path, tensors={"l1.weight.S": S})
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(svdfuse.SourceError, match=r"^source 1 \('tampered\.svd\.safetensors'\): the cached l1\.weight\.S \(4,\) is no spectrum, found \[.*\]; expected non-negative values in non-increasing order"):
+        svdfuse.merge([sources[1], bad], k=2, base=base, svd=SVD, device="cpu", output=out)
     assert not out.exists()
 
 

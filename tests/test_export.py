@@ -129,7 +129,7 @@ def batch(minilm_dir):
 
 
 def test_adapter_config_names_the_real_modules_at_rank_k(result, minilm_base, tmp_path):
-    report = result.to_lora(tmp_path / "adapter", base=minilm_base)  # = svdfuse.export_lora(result, ...)
+    report = svdfuse.export_lora(result, tmp_path / "adapter", base=minilm_base)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     linear = sorted(name for name, m in minilm_base.named_modules() if isinstance(m, nn.Linear))
     norms = sorted(name for name, m in minilm_base.named_modules() if isinstance(m, nn.LayerNorm))

@@ -6,6 +6,7 @@ dtype's eps and the size, against float64 truth."""
 from __future__ import annotations
 
 import pytest
+import scipy.linalg
 import torch
 
 import svdfuse
@@ -75,9 +76,10 @@ def test_hard_matrices(m, n, dtype):
 @pytest.fixture(params=["raises", "nan"])
 def gesdd_fails(request, monkeypatch):
     """torch.linalg.svd failing on every float32 input (raising as LAPACK does, or returning NaN as
-    a GPU solver may), or on every input (`fails["all"] = True`); counts the calls."""
-    real = torch.linalg.svd
-    fails = {"all": False, "calls": 0}
+    a GPU solver may), or on every input (`fails["all"] = True`), where scipy's divide-and-conquer
+    `gesdd` fails too (the same LAPACK routine); counts torch's calls and records scipy's drivers."""
+    real, real_scipy = torch.linalg.svd, scipy.linalg.svd
+    fails = {"all": False, "calls": 0, "drivers": []}
 
     def svd(A, *args, **kwargs):
         fails["calls"] += 1
@@ -88,7 +90,14 @@ def gesdd_fails(request, monkeypatch):
             return U, torch.full_like(S, float("nan")), Vh
         return real(A, *args, **kwargs)
 
+    def scipy_svd(a, *args, lapack_driver="gesdd", **kwargs):
+        fails["drivers"].append(lapack_driver)
+        if lapack_driver == "gesdd" and fails["all"]:
+            raise scipy.linalg.LinAlgError("SVD did not converge")
+        return real_scipy(a, *args, lapack_driver=lapack_driver, **kwargs)
+
     monkeypatch.setattr(torch.linalg, "svd", svd)
+    monkeypatch.setattr(scipy.linalg, "svd", scipy_svd)
     return fails
 
 
@@ -100,6 +109,8 @@ def test_a_convergence_failure_falls_back_and_is_still_right(everywhere, gesdd_f
     assert U.shape == (3, 40, 24) and S.shape == (3, 24) and Vh.shape == (3, 24, 24)
     check_svd(batch, U, S, Vh)
     assert gesdd_fails["calls"] >= 2  # the failing call, then the retries
+    # The last resort is QR iteration, once per matrix, never the divide-and-conquer that just failed.
+    assert gesdd_fails["drivers"] == (["gesvd"] * 3 if everywhere else [])
 
 
 def test_non_finite_input_is_still_an_error():

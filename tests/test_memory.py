@@ -13,12 +13,17 @@ The bound is pinned at two numbers of sources (T = 6 and 24, sources 4x the budg
 AXIS, for TIES (the elementwise method with the most temporaries) and for TIES trimmed over the
 whole model (a first pass over every tensor finds the thresholds), and the probe is shown to
 see a merge that holds many sources at once: the same merge with an unbounded budget.
+
+Below the probe's resolution, the plan's own accounting is pinned: every piece it cuts, with the
+share of the budget TIES's trim holds beside it, fits `max_memory` (a piece a few percent too
+large is caught there, not in RSS), and the minimum a refusal names is accepted when given back.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,8 +35,13 @@ import torch
 from safetensors.torch import save_file
 
 import svdfuse
+from svdfuse.methods import get_method
+from svdfuse.methods.trim import TRIM_SHARE
+from svdfuse.ops import SVDOptions
+from svdfuse.plan import _DEFAULT_WORKSPACE, _ELEMENTWISE_WORKSPACE, _svd_piece_bytes, DEFAULT_EXCLUDE, Role, make_plan
+from svdfuse.sources import open_source
 
-pytestmark = pytest.mark.skipif(
+needs_rss_anon = pytest.mark.skipif(
     not sys.platform.startswith("linux") or "RssAnon" not in Path("/proc/self/status").read_text(),
     reason="needs Linux /proc/self/status RssAnon",
 )
@@ -139,6 +149,7 @@ def _probe(directory: Path, method: str, budget: int, sources: int, tmp_path: Pa
     return measured
 
 
+@needs_rss_anon
 @pytest.mark.parametrize("method", ["axis", "ties", "ties-model"])
 def test_peak_memory_is_the_budget_plus_a_constant_for_few_and_many_sources(method, models, tmp_path):
     few = _probe(models, method, BUDGET, SOURCES_FEW, tmp_path)
@@ -150,6 +161,7 @@ def test_peak_memory_is_the_budget_plus_a_constant_for_few_and_many_sources(meth
     assert SOURCES_MANY * MODEL_BYTES > 10 * BUDGET  # the sources are far larger than the budget
 
 
+@needs_rss_anon
 @pytest.mark.parametrize("method", ["axis", "ties"])
 def test_the_probe_sees_a_merge_that_holds_many_sources_at_once(method, models, tmp_path):
     # With a budget for everything, a piece holds every source of many layers (AXIS) or of the whole
@@ -187,3 +199,68 @@ def test_freed_pieces_leave_resident_memory_once_merge_bounds_the_allocator():
     kept = {how: int(subprocess.run([sys.executable, "-c", _FREED, how], env=env, capture_output=True, text=True, check=True).stdout) for how in ("free", "bound")}
     assert kept["free"] > 8 * 2**20, kept  # the probe sees glibc keep a freed 10 MiB block
     assert kept["bound"] < 2**20, kept
+
+
+def _plan(shapes: dict[str, tuple[int, ...]], sources: int, method: str, budget: int, k: int | None = None, **params):
+    """The plan of a merge of fp32 tensors of `shapes` (only shapes and dtypes are read)."""
+    tensors = {key: torch.zeros(shape) for key, shape in shapes.items()}
+    return make_plan(
+        open_source(tensors, "base"), [open_source(tensors, f"source {i}") for i in range(sources)], get_method(method), k,
+        include=None, exclude=DEFAULT_EXCLUDE, dtype=None, budget=budget, svd=SVDOptions(), params=params,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("budget", [40_000, 100_000, 333_333])
+@pytest.mark.parametrize(
+    "method, params", [("ties", {"density": 0.2}), ("ties", {"density": 0.2, "trim_scope": "model"}), ("dare", {}), ("average", {})], ids=str
+)
+def test_planned_row_blocks_and_the_trim_share_fit_the_budget(method, params, budget):
+    # Each row of a piece holds the base's and the T sources' rows in fp32 with the method's measured
+    # temporaries; TIES's trim may hold TRIM_SHARE of the budget beside it (the pipeline's limit).
+    T = 5
+    plan = _plan({"a.weight": (3000, 6), "b.bias": (20000,), "c.weight": (400, 40)}, T, method, budget, **params)
+    trim = int(TRIM_SHARE * budget) if method == "ties" else 0
+    for task in plan.tasks:
+        spec = task.specs[0]
+        row = (T + 1) * (1 + _ELEMENTWISE_WORKSPACE.get(method, _DEFAULT_WORKSPACE)) * spec.row_numel * 4
+        assert task.block < spec.rows, spec.key  # the budget binds: a piece any larger would be seen here
+        assert task.block * row + trim <= budget, f"{spec.key}: {task.block} rows of {row:.0f} B + trim {trim} B > {budget} B"
+
+
+@pytest.mark.parametrize("budget", [120_000, 400_000, 900_000])
+@pytest.mark.parametrize("method, k", [("axis", 3), ("tsv_m", None)])
+def test_planned_source_chunks_fit_the_budget(method, k, budget):
+    # 40 sources of 48x40 matrices do not fit at once: each matrix streams through chunks of sources.
+    T, m, n = 40, 48, 40
+    width = min((k if method == "axis" else min(m, n) // T) + SVDOptions().oversample, m, n)
+    plan = _plan({"a.weight": (m, n), "b.weight": (m, n)}, T, method, budget, k=k)
+    chunks = [task for task in plan.tasks if task.specs[0].role is Role.MATRIX]
+    assert len(chunks) == 2
+    for task in chunks:
+        assert 1 <= task.block < T  # streamed: a chunk any larger would be seen here
+        piece = _svd_piece_bytes(m, n, len(task.specs), task.block, width, 4)
+        assert piece <= budget, f"{task.block} sources: {piece} B > {budget} B"
+
+
+_LEAST = re.compile(r"give at least max_memory=(\d+)KiB")
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [("ties", {"density": 0.3}), ("ties", {"density": 0.3, "trim_scope": "model"}), ("average", {}), ("dare", {}), ("axis", {"k": 2}), ("tsv_m", {}), ("iso_c", {})],
+    ids=str,
+)
+def test_the_minimum_a_refusal_names_is_accepted_and_a_kib_less_is_not(method, params):
+    # The tensors needing the largest pieces come last, so a refusal at the first piece that does not
+    # fit would name a minimum the next one refuses.
+    gen = torch.Generator().manual_seed(0)
+    base = {"a.bias": torch.randn(40, generator=gen), "c.weight": torch.randn(48, 16, generator=gen), "w.weight": torch.randn(30, 200, generator=gen)}
+    sources = [{key: v + 0.1 * torch.randn(v.shape, generator=gen) for key, v in base.items()} for _ in range(3)]
+    merge = lambda budget: svdfuse.merge(sources, base=base, method=method, max_memory=budget, device="cpu", progress=False, **params)  # noqa: E731
+    with pytest.raises(ValueError, match="max_memory=100 B is smaller than the smallest piece") as refused:
+        merge(100)
+    least = int(_LEAST.search(str(refused.value)).group(1))
+    assert "'w.weight'" in str(refused.value)
+    merge(f"{least}KiB")
+    with pytest.raises(ValueError, match="is smaller than the smallest piece"):
+        merge(f"{least - 1}KiB")

@@ -269,3 +269,26 @@ def test_dtype_casts_every_input_before_merging(method, k, tmp_path):
     stored = svdfuse.merge([bf16(s) for s in sources], k=k, base=bf16(base), method=method, device="cpu")
     for key, value in stored.state_dict().items():
         assert torch.equal(cast.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("method", ["axis", "iso_c"])
+def test_a_groups_checks_name_its_own_matrix_and_source(method):
+    """A group's sources are checked together: each refusal names the matrix and source at fault,
+    and a matrix all zeros in the base and a source (unused heads, say) is no fault."""
+    gen = torch.Generator().manual_seed(3)
+    keys = [f"blocks.{i}.fc.weight" for i in range(3)]
+    base = {key: torch.randn(12, 8, generator=gen) for key in keys}
+    base[keys[0]] = torch.zeros(12, 8)
+    sources = [{key: W0 + 0.1 * torch.randn(12, 8, generator=gen) for key, W0 in base.items()} for _ in range(3)]
+    sources[1][keys[0]] = torch.zeros(12, 8)
+    params = {"k": 2} if method == "axis" else {}
+    svdfuse.merge(sources, base=base, method=method, device="cpu", **params)
+    zeroed = [dict(s) for s in sources]
+    zeroed[2][keys[1]] = torch.zeros(12, 8)
+    with pytest.raises(svdfuse.SourceError, match=rf"source 2: tensor '{keys[1]}' \(12, 8\) is all zeros where the base's is not"):
+        svdfuse.merge(zeroed, base=base, method=method, device="cpu", **params)
+    poisoned = [dict(s) for s in sources]
+    poisoned[1][keys[2]] = poisoned[1][keys[2]].clone()
+    poisoned[1][keys[2]][4, 5] = float("inf")
+    with pytest.raises(svdfuse.SourceError, match=rf"source 1: '{keys[2]}' of shape \(12, 8\) holds 0 NaN and 1 Inf values"):
+        svdfuse.merge(poisoned, base=base, method=method, device="cpu", **params)

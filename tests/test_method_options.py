@@ -191,6 +191,7 @@ def test_iso_cts_common_subspace_sizes_follow_the_paper_or_the_official_code():
     # Half-way cases round to even as Python's round does: (7 - 2) / 2 = 2.5 -> 2.
     assert common_subspace(7, 2, common=2 / 7 + 1e-9, fill_rank=True) == (3, 2)
     assert common_subspace(768, 20, common_size=600) == (600, 8)
+    assert common_subspace(7, 2, common_size=7) == (7, 0)  # the whole rank common: Iso-C's directions
     with pytest.raises(ValueError, match=r"common_size must be an int in \[0, r\] = \[0, 7\]"):
         common_subspace(7, 2, common_size=8)
     with pytest.raises(ValueError, match="common_size gives k_c itself and fill_rank shifts the k_c of common; give one of them"):
@@ -214,7 +215,10 @@ def _iso_cts_ref(taus, k_c, s, scaling):
     return scaling * torch.cat(ss).mean() * _polar_ref(torch.cat(us, 1)) @ _polar_ref(torch.cat(vs, 1)).T
 
 
-@pytest.mark.parametrize("params", [{"fill_rank": True}, {"common_size": 4}, {"common_size": 3}, {"common": 0.7, "fill_rank": True}], ids=str)
+# common_size=7 is the whole rank of b.weight (7x10): every direction common, none per task.
+@pytest.mark.parametrize(
+    "params", [{"fill_rank": True}, {"common_size": 4}, {"common_size": 3}, {"common_size": 7}, {"common": 0.7, "fill_rank": True}], ids=str
+)
 def test_iso_cts_common_size_options_match_the_formula(params):
     base, sources = _problem(torch.float64, "continuous", T=2)
     params = {"common": 0.5, **params}

@@ -139,6 +139,25 @@ def test_dare_drops_at_the_rate_rescales_and_is_seeded():
     torch.testing.assert_close(plain - base["w.weight"], merged * (1 - p), atol=1e-12, rtol=0)
 
 
+def test_dare_draws_each_source_its_own_mask():
+    # Two sources with the same task vector: (merged - base) · (1 - p) / tau counts the sources that
+    # kept each entry. Masks drawn independently per source drop an entry from both with probability
+    # p², one mask shared by the sources with probability p.
+    gen = torch.Generator().manual_seed(5)
+    base = {"w.weight": torch.randn(200, 150, generator=gen, dtype=torch.float64)}
+    tau = torch.randn(200, 150, generator=gen, dtype=torch.float64)
+    p = 0.5
+    sources = [{"w.weight": base["w.weight"] + tau} for _ in range(2)]  # two models with equal values
+    merged = svdfuse.merge(sources, base=base, method="dare", drop_rate=p, device="cpu")
+    kept = (merged.state_dict()["w.weight"] - base["w.weight"]) * (1 - p) / tau
+    count = kept.round()
+    torch.testing.assert_close(kept, count, atol=1e-9, rtol=0)
+    n = count.numel()
+    for sources, chance in ((0, p * p), (1, 2 * p * (1 - p)), (2, (1 - p) ** 2)):
+        seen = (count == sources).double().mean().item()
+        assert abs(seen - chance) < 5 * math.sqrt(chance * (1 - chance) / n), (sources, seen, chance)
+
+
 def test_more_sources_than_the_rank_allows_is_explicit():
     base, sources = _problem(T=8, seed=3)  # min(m, n) of b.weight is 7 < 8 sources
     with pytest.raises(ValueError, match=r"tsv_m: 8 sources x 0 components per source do not fit the rank 7 of a 7x10"):

@@ -75,6 +75,18 @@ def hf_dir(state: dict, path: Path) -> Path:
     return path
 
 
+def lora_adapter(path: Path, gen: torch.Generator) -> None:
+    """A peft LoRA adapter of the blocks' c_fc, in peft's layout and config."""
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_fc"]}))
+    prefix = "base_model.model.visual.transformer.resblocks"
+    factors = {}
+    for i in range(2):
+        factors[f"{prefix}.{i}.mlp.c_fc.lora_A.weight"] = torch.randn(4, WIDTH, generator=gen)
+        factors[f"{prefix}.{i}.mlp.c_fc.lora_B.weight"] = torch.randn(HIDDEN, 4, generator=gen)
+    save_file(factors, path / "adapter_model.safetensors")
+
+
 def make_world(root: Path) -> dict:
     """The files the README names, in `root`, and the Python names its blocks use."""
     torch.manual_seed(0)
@@ -92,6 +104,7 @@ def make_world(root: Path) -> dict:
     for i, state in enumerate(sources, 1):
         hf_dir(state, root / f"ft-task{i}")
     (root / "merge.yaml").write_text("base: base-model\nsources: [ft-task1, ft-task2, ft-task3]\nmethod: ties\nparameters: {density: 0.2}\n")
+    lora_adapter(root / "lora-adapter", gen=torch.Generator().manual_seed(4))
     gen = torch.Generator().manual_seed(1)
     loader = [(torch.randn(8, WIDTH, generator=gen), torch.randint(0, WIDTH, (8,), generator=gen)) for _ in range(2)]
     return {"base_model": base_model, "base": base, "sources": sources, "loader": loader, "checkpoints": [root / f"ft-task{i}" for i in (1, 2, 3)]}
@@ -201,3 +214,8 @@ def test_minilm_section_runs_as_one_script(tmp_path):
     assert float(re.search(r"merge_and_unload vs the merge: (\S+)", out)[1]) < 1e-5
     assert float(re.search(r"adapter 'question' vs its svdfuse model: (\S+)", out)[1]) < 1e-4
     assert "BertModel" in out and (tmp_path / "merged-module" / "config.json").is_file()
+    # an adapter inspected against its base, and adapters merged from a configuration
+    ranks = sum(v.shape[0] for k, v in load_file(tmp_path / "lora-1" / "adapter_model.safetensors").items() if "lora_A" in k)
+    assert re.search(r"^fits base\s+minilm", out, flags=re.M) and re.search(rf"^total rank\s+{ranks:,}$", out, flags=re.M)
+    assert json.loads((tmp_path / "lora-config" / "adapter_config.json").read_text())["r"] == 16  # rank 12, padded for vLLM
+    assert re.search(r"^encoder\.layer\.0\.attention\.self\.query\s+linear\s+16\s", out, flags=re.M)

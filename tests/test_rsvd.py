@@ -6,6 +6,7 @@ against Eckart–Young, and the CPU path over storage dtypes, odd shapes, broadc
 chunking."""
 
 import os
+import threading
 
 import pytest
 import torch
@@ -175,6 +176,29 @@ def test_cholesky_qr2_falls_back_to_householder_only_where_cholesky_cannot(monke
     taken = {names[i] for Yb in fell_back for i in range(len(names)) for y in Yb if torch.equal(y, Y[i])}
     # fp64 Grams carry the κ = 1e6 sketch; only a basis that must be completed falls back.
     assert taken == {"rank3", "zero", "repeated"}
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 10), (2, 2, 37, 29), (1, 7, 7), (0, 9, 4)])
+def test_lu_basis_is_p_l_of_the_sketch(shape):
+    # P L of torch's LU, permuted exactly: Y = basis U, entries of at most 1, unit "diagonal" rows.
+    Y = torch.randn(shape, generator=torch.Generator().manual_seed(21)).mT.contiguous().mT  # as the CPU's products leave it
+    basis = _rsvd.lu_basis(Y)
+    P, L, U = torch.linalg.lu(Y)
+    assert basis.shape == Y.shape
+    assert torch.equal(basis, P @ L)
+    scale = Y.abs().amax().item() if Y.numel() else 0.0
+    torch.testing.assert_close(basis @ U, Y, atol=8 * Y.shape[-2] * torch.finfo(Y.dtype).eps * scale, rtol=0)
+
+
+def test_lu_basis_of_a_zero_or_rank_deficient_sketch_has_full_rank():
+    # What it adds beyond Y's span are coordinate directions: still a basis for the next product.
+    gen = torch.Generator().manual_seed(22)
+    Y = torch.stack([torch.zeros(30, 8), torch.randn(30, 2, generator=gen) @ torch.randn(2, 8, generator=gen)])
+    basis = _rsvd.lu_basis(Y).double()
+    assert (torch.linalg.cond(basis) < 30).all(), torch.linalg.cond(basis)
+    assert torch.equal(_rsvd.lu_basis(Y[:1]), torch.eye(30, 8).unsqueeze(0))
+    within = basis @ torch.linalg.lstsq(basis, Y.double()).solution  # Y lies in the span
+    torch.testing.assert_close(within, Y.double(), atol=1e-5, rtol=0)
 
 
 def test_cholesky_qr2_nan_stays_visible():
@@ -414,6 +438,7 @@ def test_cpu_path_with_cholesky_qr2_falls_back_where_it_must_and_stays_correct(m
     # stored, so without a base: fp32 rounding of base + Δ makes Δ full rank at ~1e-6, which
     # CholeskyQR2 with fp64 Grams rightly carries.)
     monkeypatch.setattr(cpu, "ORTHONORMALIZE", _rsvd.cholesky_qr2)
+    monkeypatch.setattr(cpu, "NORMALIZE", None)  # every sketch's basis by CholeskyQR2
     fell_back = _count_fallbacks(monkeypatch)
     m, n, rank, q = 40, 30, 6, 2
     decay = torch.arange(1, 31, dtype=torch.float64) ** -1.0
@@ -423,9 +448,11 @@ def test_cpu_path_with_cholesky_qr2_falls_back_where_it_must_and_stays_correct(m
         fell_back.clear()
         A, B = (delta[i], None) if name == "rank 2" else ((base + delta[i]).float(), base.float())
         U, S, V = (t.double() for t in cpu.randomized_svd(A.float(), rank, B, oversample=4, power_iters=q, seed=0))
-        # The sketch of a rank-2 matrix must fall back; later sketches hold the completed basis's
-        # directions at rounding level, κ ≈ 1e7, which fp64 Grams may carry. Zero: every time.
-        expected_fallbacks = {"full rank": [0], "rank 2": range(1, 2 + 2 * q), "zero": [1 + 2 * q]}[name]
+        # A rank-2 matrix stored in fp32 is full rank at rounding level: each sketch holds its
+        # other directions at κ ≈ 1e7, which fp64 Grams may carry or not, as the products' order
+        # of summation rounds them; certified or fallen back, the results below are exact. Zero:
+        # every time.
+        expected_fallbacks = {"full rank": [0], "rank 2": range(0, 2 + 2 * q), "zero": [1 + 2 * q]}[name]
         assert len(fell_back) in expected_fallbacks, (name, len(fell_back))
         eps = _rounding(torch.float32, m, n)
         atol = 1e-3 * expected[i, 0].item() if name == "full rank" else 8 * eps * max(1.0, expected[i, 0].item())
@@ -449,6 +476,62 @@ def test_truncated_svd_on_cpu_runs_the_cpu_path(dtype):
         options = dict(oversample=ops.DEFAULT_OVERSAMPLE, power_iters=ops.DEFAULT_POWER_ITERS, seed=0, precision="tf32")
         for g, w in zip(emulated, reference.randomized_svd(A, 5, B, **options)):
             assert torch.equal(g, w)
+
+
+def _fresh_thread_default() -> int:
+    """torch's thread count as a thread started now sees it."""
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    worker.start()
+    worker.join()
+    return seen[0]
+
+
+@pytest.mark.parametrize("chunk", [None, 2 * 37 * 29 * 4])
+def test_cpu_path_gives_the_same_bytes_on_any_thread_count(monkeypatch, chunk):
+    # Chunks are shared among torch's threads, each on one thread: the thread count may not change
+    # a byte (a chunk's products and factorizations are the same ops on any), and the caller's
+    # thread settings are as they were. (How the batch is cut may round differently: it is the
+    # same for a given call whatever the threads.)
+    delta, base = _slow(37, 29, 6, seed=16)
+    A, B = (base + delta).reshape(2, 3, 37, 29).float(), base.float()
+    if chunk is not None:
+        monkeypatch.setattr(cpu, "_CHUNK_BYTES", chunk)  # two matrices a chunk: three chunks
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            # worked on in place, and converted chunk by chunk
+            runs.append([cpu.randomized_svd(A, 5, b, oversample=4, power_iters=2, seed=0) for b in (None, B)])
+            assert torch.get_num_threads() == _fresh_thread_default() == count
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for got, want in zip(run, runs[0]):
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_cpu_path_raises_a_chunk_error_with_threads_restored(monkeypatch):
+    monkeypatch.setattr(cpu, "_CHUNK_BYTES", 12 * 10 * 4)  # a chunk a matrix, on two threads: the third fails
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:
+            raise RuntimeError("chunk failed")
+        return _rsvd_driver(*args, **kwargs)
+
+    _rsvd_driver = _rsvd.randomized_svd
+    monkeypatch.setattr(_rsvd, "randomized_svd", failing)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="chunk failed"):
+            cpu.randomized_svd(torch.randn(4, 12, 10), 3, None, oversample=2, power_iters=1, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_cpu_path_empty_batch():

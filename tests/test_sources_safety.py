@@ -245,3 +245,61 @@ def test_a_huge_shard_index_is_refused_unread(tmp_path, monkeypatch):
         with pytest.raises(SourceError, match=r"^source 0 \('model'\): '.*model\.safetensors\.index\.json' holds 100000001 bytes, more than a shard index \(100000000 at most\)$"):
             open_source(directory, "source 0")
     assert not paths
+
+
+_DEEP = "[" * 100_000  # Python's JSON parser meets it as a RecursionError
+
+
+def _deep_index(directory: Path) -> Path:
+    tensors = _tensors()
+    _sharded(directory, tensors, _map(tensors))
+    (directory / "model.safetensors.index.json").write_text('{"weight_map": ' + _DEEP)
+    return directory
+
+
+def _deep_header(directory: Path) -> Path:
+    directory.mkdir()
+    header = _DEEP.encode()
+    (directory / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    return directory / "model.safetensors"
+
+
+def _deep_cache(directory: Path) -> Path:
+    directory.mkdir()
+    metadata = {"svdfuse": sources_module.CACHE_FORMAT, "rank": "2", "svd": _DEEP}
+    save_file(_tensors(), str(directory / "c.svd.safetensors"), metadata=metadata)
+    return directory / "c.svd.safetensors"
+
+
+def _deep_adapter_config(directory: Path) -> Path:
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text('{"peft_type": ' + _DEEP)
+    save_file(_tensors(), str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+@pytest.mark.parametrize("make", [_deep_index, _deep_header, _deep_cache, _deep_adapter_config], ids=["index", "header", "cache", "adapter"])
+def test_json_nested_past_the_parser_is_a_one_line_error_naming_the_source(make, tmp_path, capsys):
+    model = make(tmp_path / "model")
+    assert main(["inspect", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"svdfuse inspect: error: model ('{model.name}'): "), err
+    assert "JSON nested too deeply" in err and "internal error" not in err and "RecursionError" not in err, err
+
+
+def test_inspect_of_a_path_it_cannot_look_at_names_the_model(tmp_path, capsys, monkeypatch):
+    # As another user: a directory above the model without search permission (root reads anything).
+    model = tmp_path / "closed" / "model.safetensors"
+    model.parent.mkdir()
+    save_file(_tensors(), str(model))
+    real = os.stat
+
+    def stat(path, *args, **kwargs):
+        if os.fspath(path) == str(model):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert main(["inspect", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"svdfuse inspect: error: model ('model.safetensors'): cannot read '{model}': permission denied (on it or a directory above it)\n"

@@ -145,7 +145,7 @@ def test_cli_streams_with_a_budget_and_shards(files, tmp_path, capsys):
     assert "memory budget 0.00 GiB" in printed and "peak RSS" in printed and f"wrote {out}" in printed
     assert (out / "model.safetensors.index.json").is_file()
     assert main([*args[:-4], "--max-memory", "lots", "-o", str(tmp_path / "x"), *sources]) == 2
-    assert "max_memory must be a size" in capsys.readouterr().err
+    assert "--max-memory must be a size" in capsys.readouterr().err
 
 
 def _free_port() -> int:
@@ -283,3 +283,123 @@ def test_read_ahead_asks_for_the_next_block_not_the_one_being_read(files, monkey
         assert later, event
         assert any(events[j][0] == "read" for j in range(i + 1, later[0])), (event, events[i + 1 : later[0] + 1])
         assert events[later[0]][3] == stop, event
+
+
+def _rows_read(monkeypatch) -> dict[tuple[int, str], int]:
+    """Counts the rows each source's tensors are read, (source, key) -> rows, from here on."""
+    counts: dict[tuple[int, str], int] = {}
+    source_rows = svdfuse.sources.Reader.source_rows
+
+    def counting(self, i, key, start, stop, out):
+        counts[i, key] = counts.get((i, key), 0) + stop - start
+        return source_rows(self, i, key, start, stop, out)
+
+    monkeypatch.setattr(svdfuse.sources.Reader, "source_rows", counting)
+    return counts
+
+
+def _table_files(tmp_path: Path, rows: int, cols: int, sources: int, row_scales: float) -> tuple[Path, list[Path]]:
+    """A base with one fp32 table and `sources` fine-tunes of it whose rows change by scales 10^±row_scales."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(rows, cols, generator=gen)
+    save_file({"table.weight": base}, tmp_path / "base.safetensors")
+    paths = []
+    for i in range(sources):
+        scale = 10 ** (row_scales * (2 * torch.rand(rows, 1, generator=gen) - 1))
+        save_file({"table.weight": base + 0.01 * scale * torch.randn(rows, cols, generator=gen)}, tmp_path / f"s{i}.safetensors")
+        paths.append(tmp_path / f"s{i}.safetensors")
+    return tmp_path / "base.safetensors", paths
+
+
+@pytest.mark.parametrize("row_scales", [0.0, 1.0], ids=["alike-rows", "rows-10x-apart"])
+def test_ties_reads_a_tensor_larger_than_a_block_twice_and_a_sample_of_its_rows(row_scales, tmp_path, monkeypatch):
+    # The trim's bracket pass and the merge's pass read every row; the bracket's sample reads at
+    # most an eighth of them. A sample taken by a pass of its own would read the rows 3 times, a
+    # bracket that misses (rows of different scales: the sample's rows are clusters) 5 times.
+    rows = 4000
+    base, paths = _table_files(tmp_path, rows, 64, 4, row_scales)
+    expected = svdfuse.merge(paths, base=base, method="ties", density=0.2, device="cpu").state_dict()
+    reads = _rows_read(monkeypatch)
+    svdfuse.merge(paths, base=base, method="ties", density=0.2, device="cpu", output=tmp_path / "out.safetensors", max_memory="8MB")
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["table.weight"], expected["table.weight"])
+    for i in range(len(paths)):
+        assert 2 * rows < reads[i, "table.weight"] <= 2 * rows + rows // 8, (i, reads[i, "table.weight"])
+
+
+def _bf16_table_files(tmp_path: Path, rows: int, cols: int, sources: int) -> tuple[torch.Tensor, list[Path]]:
+    """A bf16 base table and fine-tunes that change it by ~3e-3: most entries by 0 or one unit in the
+    last place, so |τ| takes few values. Returns the base tensor and the sources' files."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+    save_file({"table.weight": base}, tmp_path / "base.safetensors")
+    paths = []
+    for i in range(sources):
+        save_file({"table.weight": (base.float() + 3e-3 * torch.randn(rows, cols, generator=gen)).to(torch.bfloat16)}, tmp_path / f"s{i}.safetensors")
+        paths.append(tmp_path / f"s{i}.safetensors")
+    return base, paths
+
+
+def test_ties_of_bf16_sources_whose_threshold_is_equalled_by_millions_of_entries(tmp_path, monkeypatch):
+    """bf16 fine-tunes change most entries by 0 or one unit in the last place: |τ| takes few values,
+    and the threshold falls on one that far more entries equal than survive. Those are counted per
+    unit in the bracket pass, not gathered, and the cutoff's unit read again: still two reads, and
+    exactly the entries a sort keeps (ties to the first in row-major order, mergekit's count)."""
+    rows, cols, T = 4000, 64, 4
+    base, paths = _bf16_table_files(tmp_path, rows, cols, T)
+    reads = _rows_read(monkeypatch)
+    svdfuse.merge(paths, base=tmp_path / "base.safetensors", method="ties", density=0.2, device="cpu", output=tmp_path / "out.safetensors", max_memory="8MB")
+    merged = load_file(tmp_path / "out.safetensors")["table.weight"]
+    for i in range(T):
+        # two passes, the sample, and the rows of the one unit (2^16 entries) the cutoff falls in
+        assert 2 * rows < reads[i, "table.weight"] <= 2 * rows + rows // 8 + (1 << 16) // cols + 1, (i, reads[i, "table.weight"])
+    # the oracle: each source's keep-mask by a stable sort, then TIES in float64
+    tau = torch.stack([load_file(p)["table.weight"].float() - base.float() for p in paths]).reshape(T, -1).double()
+    keep = torch.zeros_like(tau, dtype=torch.bool)
+    for i in range(T):
+        order = torch.sort(-tau[i].abs(), stable=True).indices[: int(0.2 * rows * cols)]
+        keep[i, order] = True
+    assert (tau.abs()[keep.logical_not()].max() == tau.abs()[keep].min()), "the threshold is tied across the cut"
+    t = tau * keep
+    elected = t.sum(0).sign()
+    agree = (t * elected) > 0
+    expected = (t * agree).sum(0) / agree.sum(0).clamp(min=1) + base.double().reshape(-1)
+    assert torch.equal(merged.reshape(-1), expected.to(torch.bfloat16))
+
+
+def test_whole_model_ties_of_bf16_sources_reads_only_the_cutoffs_units_again(tmp_path, monkeypatch):
+    """With `trim_scope="model"` the thresholds span every tensor; where one falls on a value many
+    entries share, each source's cutoff unit is read again from its tensor's rows, not found by a
+    pass over the model up to it (one such pass per source would read the model T times more)."""
+    gen = torch.Generator().manual_seed(6)
+    shapes = {"a.weight": (3000, 64), "b.weight": (2000, 64), "c.weight": (64,)}
+    base = {k: torch.randn(s, generator=gen).to(torch.bfloat16) for k, s in shapes.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    T, paths = 4, []
+    for i in range(T):
+        save_file({k: (v.float() + 3e-3 * torch.randn(v.shape, generator=gen)).to(torch.bfloat16) for k, v in base.items()}, tmp_path / f"s{i}.safetensors")
+        paths.append(tmp_path / f"s{i}.safetensors")
+    params = {"method": "ties", "density": 0.2, "trim_scope": "model", "device": "cpu"}
+    expected = svdfuse.merge(paths, base=tmp_path / "base.safetensors", **params).state_dict()
+    reads = _rows_read(monkeypatch)
+    svdfuse.merge(paths, base=tmp_path / "base.safetensors", output=tmp_path / "out.safetensors", max_memory="8MB", **params)
+    merged = load_file(tmp_path / "out.safetensors")
+    assert all(torch.equal(merged[k], expected[k]) for k in shapes)
+    unit_rows = (1 << 16) // 64 + 1
+    for i in range(T):
+        # the model trim's sample and bracket passes, the merge's pass, and one unit's rows
+        read = reads[i, "a.weight"] + reads[i, "b.weight"]
+        assert read <= 3 * 5000 + unit_rows, (i, read)
+
+
+def test_inclusive_ties_reads_no_cutoff_unit_again(tmp_path, monkeypatch):
+    """`trim_keep="inclusive"` keeps every entry equal to the threshold: where the threshold is a
+    bound many entries share, there is no cutoff to find, and no unit is read a second time."""
+    rows, cols, T = 4000, 64, 4
+    base, paths = _bf16_table_files(tmp_path, rows, cols, T)
+    params = {"method": "ties", "density": 0.2, "trim_keep": "inclusive", "device": "cpu"}
+    expected = svdfuse.merge(paths, base=tmp_path / "base.safetensors", **params).state_dict()
+    reads = _rows_read(monkeypatch)
+    svdfuse.merge(paths, base=tmp_path / "base.safetensors", output=tmp_path / "out.safetensors", max_memory="8MB", **params)
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["table.weight"], expected["table.weight"])
+    for i in range(T):
+        assert 2 * rows < reads[i, "table.weight"] <= 2 * rows + rows // 8, (i, reads[i, "table.weight"])

@@ -37,8 +37,26 @@ def test_exact_trim_matches_a_sort_with_ties_for_any_block_size(dtype, limit):
             for block in (4, R):
                 def blocks():
                     for s in range(0, R, block):
-                        yield s * n, tau[:, s : s + block].clone()
+                        yield s * n, tau[:, s : s + block].clone(), None
 
                 trim = exact_trim(blocks, R * n, T, density, dtype, limit=limit)
                 got = torch.cat([trim.mask(tau[:, s : s + block], s * n) for s in range(0, R, block)], 1)
                 assert torch.equal(got, expected), (values, density, block, (got != expected).nonzero()[:3].tolist())
+
+
+def test_the_bracket_margin_widens_for_a_sample_of_alike_rows():
+    """A sample read as whole rows is a cluster sample: where each row's entries are alike, the
+    sampled fraction above a threshold varies like a sample of rows, not of entries, and the
+    bracket's margin must follow (6 deviations of each); for independent entries it stays binomial."""
+    from svdfuse.methods.trim import _MARGIN, _margins
+
+    gen = torch.Generator().manual_seed(0)
+    clusters, m, p = 100, 50, 0.2
+    size = clusters * m
+    alike = torch.ones(1, clusters, m) + 1e-3 * torch.rand(1, clusters, m, generator=gen)
+    alike[:, : int(p * clusters)] += 9.0  # a fifth of the rows hold every large entry
+    independent = torch.rand(1, clusters, m, generator=gen)
+    by_rows = _MARGIN * size * math.sqrt(p * (1 - p) / clusters)
+    by_entries = _MARGIN * size * math.sqrt(p * (1 - p) / size)
+    assert float(_margins(alike, p)[0]) >= 0.9 * by_rows  # ~7x the binomial margin
+    assert float(_margins(independent, p)[0]) <= 1.5 * by_entries + 8

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.sm90
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTIONS = ["rsvd fp32 ieee", "rsvd fp32 ieee transposed", "rsvd fp32 tf32", "rsvd fp32 tf32x3", "rsvd bf16 ieee",
                "rsvd bf16 ieee transposed", "rsvd fp32 ieee W2", "rsvd fp32 ieee W2 whole"]  # fmt: skip
-DEFAULTS = [*PROJECTIONS, "rsvd fp32 ieee unaligned", "topk 20x76", "topk 400x16"]
+DEFAULTS = [*PROJECTIONS, "rsvd fp32 ieee unaligned", "topk 20x76", "topk 400x16", "merge_block fp32", "merge_block bf16",
+            "ties_block fp32", "ties_block bf16"]
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,6 @@
 """
 
 from svdfuse.methods import axis, elementwise, spectral  # noqa: F401  (importing registers them)
-from svdfuse.methods.registry import METHODS, Block, Factors, Kind, Method, check_finite_param, check_weights, get_method, register
+from svdfuse.methods.registry import METHODS, Block, Components, Factors, Kind, Method, check_finite_param, check_weights, get_method, register
 
-__all__ = ["Kind", "Factors", "Block", "Method", "METHODS", "get_method", "register", "check_finite_param", "check_weights"]
+__all__ = ["Kind", "Factors", "Components", "Block", "Method", "METHODS", "get_method", "register", "check_finite_param", "check_weights"]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from svdfuse import ops
-from svdfuse.methods.registry import Factors, Kind, check_finite_param, register
+from svdfuse.methods.registry import Components, Factors, Kind, check_finite_param, register
 
 
 def _axis_rank(k: int, T: int, m: int, n: int) -> int:
@@ -19,7 +19,7 @@ def _axis_rank(k: int, T: int, m: int, n: int) -> int:
     "axis", reference_url="https://arxiv.org/abs/2508.19353", kind=Kind.FACTORS, needs_k=True, source_rank=_axis_rank,
     follows="the AXIS paper: raw singular values, one global top-k per matrix, unscaled; non-matrix tensors averaged",
 )  # fmt: skip
-def axis(chunks: Iterator[tuple[Tensor, Tensor, Tensor]], *, k: int, T: int, scaling: float = 1.0) -> Factors:
+def axis(chunks: Iterator[Components], *, k: int, T: int, scaling: float = 1.0) -> Factors:
     """Keep the k largest components by singular value over all sources, sum them and
     re-orthogonalize; times `scaling` (1: the paper's sum at full size; 1/T puts it on
     Average's scale).
@@ -27,17 +27,19 @@ def axis(chunks: Iterator[tuple[Tensor, Tensor, Tensor]], *, k: int, T: int, sca
     chunks: factors of consecutive sources, U (G, c, m, r), S (G, c, r), V (G, c, n, r) -> Factors
     of rank k, with counts (G, T) per source. Only the running top-k is held between chunks: the
     top-k of a union is the top-k of the union of its parts' top-k, and the kept components,
-    which come from lower source indices, go first, so ties still go to the lower source index.
+    which come from lower source indices, go first, so ties still go to the lower source index;
+    of a chunk, only the singular vectors that enter the top-k are formed (`Components.vectors`).
     """
     check_finite_param("axis", "scaling", scaling)
     U_s = S_s = V_s = source_s = None
     first = 0
-    for U, S, V in chunks:
+    for chunk in chunks:
+        S = chunk.S
         G, c = S.shape[:2]
         layer = torch.arange(G, device=S.device).unsqueeze(1)
         if S_s is None:
             values, source, comp = ops.topk_components(S, min(k, S.shape[1] * S.shape[2]))
-            U_s, V_s = U[layer, source, :, comp], V[layer, source, :, comp]  # (G, k, m), (G, k, n)
+            U_s, V_s = chunk.vectors(layer, source, comp)  # (G, k, m), (G, k, n)
             S_s, source_s = values, source + first
         else:
             pool_S = torch.cat([S_s, S.flatten(1)], 1)[:, None]  # (G, 1, kept + c·r): kept ones first
@@ -45,9 +47,13 @@ def axis(chunks: Iterator[tuple[Tensor, Tensor, Tensor]], *, k: int, T: int, sca
             old = pos < S_s.shape[1]
             new = (pos - S_s.shape[1]).clamp(min=0)
             src, comp = new // S.shape[2], new % S.shape[2]
-            keep = old.unsqueeze(-1)
-            pick = lambda kept, fresh: torch.where(keep, kept.gather(1, pos.clamp(max=kept.shape[1] - 1).unsqueeze(-1).expand(-1, -1, kept.shape[-1])), fresh[layer, src, :, comp])  # noqa: E731
-            U_s, V_s = pick(U_s, U), pick(V_s, V)
+            # the kept vectors at their new places, then the vectors of the chunk's entrants formed
+            # alone (of many sources, most of a later chunk's top-k is kept from before)
+            moved = lambda kept: kept.gather(1, pos.clamp(max=kept.shape[1] - 1).unsqueeze(-1).expand(-1, -1, kept.shape[-1]))  # noqa: E731
+            U_s, V_s = moved(U_s), moved(V_s)
+            entrants = (~old).nonzero(as_tuple=True)  # (layers, places)
+            if entrants[0].numel():
+                U_s[entrants], V_s[entrants] = chunk.vectors(entrants[0], src[entrants], comp[entrants])
             source_s = torch.where(old, source_s.gather(1, pos.clamp(max=S_s.shape[1] - 1)), src + first)
             S_s = values
         first += c

@@ -10,12 +10,16 @@ from __future__ import annotations
 import enum
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from svdfuse.methods.registry import Block, Kind, check_finite_param, check_weights, register
+from svdfuse import ops, reference
+from svdfuse.methods.registry import Block, Kind, Method, check_finite_param, check_weights, register
 from svdfuse.methods.trim import Trim, TrimKeep, TrimScope
+from svdfuse.reference import compute_dtype
 
 
 class Disjoint(str, enum.Enum):
@@ -25,26 +29,68 @@ class Disjoint(str, enum.Enum):
     SUM = "sum"  # their sum (FusionBench's default merge_func)
 
 
-# Elements of one source per step of TIES: the T sources of a step stay in cache across its passes.
-_STEP_BYTES = 1 << 22
+@dataclass(frozen=True)
+class Linear:
+    """A merge that is a weighted sum of the task vectors, `Σ_i w_i keep_i τ_i / divisor · scale`,
+    which `svdfuse.ops.merge_block` computes with the block's checks in one read of the block
+    (Average, Task Arithmetic, DARE). `mean`: the divisor is T, or Σ_i w_i with weights (else 1);
+    `drop_rate`: DARE's, its masks seeded per entry (`chunk_seeds`)."""
+
+    weights: tuple[float, ...] | None = None
+    scale: float = 1.0
+    mean: bool = False
+    drop_rate: float | None = None
+
+    def merge_block(
+        self, W: Tensor | Sequence[Tensor], W0: Tensor, block: Block, *, same_is_zero: bool = False, add_base: bool = True, dtype: torch.dtype | None = None
+    ) -> ops.MergedBlock:
+        """The merge of a block: W (T, N) or T tensors (N,), the sources' entries, W0 (N,) the base's,
+        from flat index `block.start` of tensor `block.key`; see `svdfuse.ops.merge_block`."""
+        T = len(W)
+        acc = compute_dtype(W0.dtype)
+        weights = None if self.weights is None else torch.tensor(self.weights, dtype=acc, device=W0.device)
+        divisor = 1.0
+        if self.mean:
+            divisor = float(T) if weights is None else weights.sum().item()  # Σw rounded as the weights are
+        seeds = None
+        if self.drop_rate is not None:
+            seeds = chunk_seeds(block.seed, block.key, T, block.start, W0.shape[0])
+        return ops.merge_block(
+            W, W0, weights, scale=self.scale, divisor=divisor, seeds=seeds, start=block.start,
+            drop_rate=self.drop_rate or 0.0, same_is_zero=same_is_zero, add_base=add_base, dtype=dtype,
+        )  # fmt: skip
+
+    def apply(self, tau: Tensor, block: Block | None = None) -> Tensor:
+        """The merged task vector of task vectors `tau` (T, R, *s) -> (R, *s)."""
+        flat = tau.reshape(tau.shape[0], -1)
+        merged = self.merge_block(flat, torch.zeros_like(flat[0]), block or Block("", 0, 0), add_base=False)
+        return merged.value.reshape(tau.shape[1:])
 
 
-def _weighted(method: str, tau: Tensor, weights: Sequence[float] | None) -> Tensor | None:
-    """Multiply each source's task vector by its weight in place; the weights as (T, 1, ...), or None."""
+MEAN = Linear(mean=True)  # the mean task vector: non-matrix tensors of the matrix methods
+
+
+def _weights(method: str, weights: Sequence[float] | None, T: int) -> tuple[float, ...] | None:
     if weights is None:
         return None
-    check_weights(method, weights, tau.shape[0])
-    w = torch.tensor(weights, dtype=tau.dtype, device=tau.device).reshape((-1,) + (1,) * (tau.dim() - 1))
-    tau.mul_(w)
-    return w
+    check_weights(method, weights, T)
+    return tuple(float(w) for w in weights)
+
+
+def _average(T: int, *, weights: Sequence[float] | None = None) -> Linear:
+    return Linear(_weights("average", weights, T), mean=True)
 
 
 @register("average", reference_url="https://arxiv.org/abs/2203.05482", kind=Kind.ELEMENTWISE, follows="the model soups paper: the uniform mean")
 def average(tau: Tensor, *, weights: Sequence[float] | None = None) -> Tensor:
     """Model soup: the mean of the sources, i.e. the mean task vector; with `weights` (one per
     source) the weighted mean `Σ_i w_i τ_i / Σ_i w_i`."""
-    w = _weighted("average", tau, weights)
-    return tau.mean(0) if w is None else tau.sum(0).div_(w.sum())
+    return _average(tau.shape[0], weights=weights).apply(tau)
+
+
+def _task_arithmetic(T: int, *, scaling: float = 0.3, weights: Sequence[float] | None = None) -> Linear:
+    check_finite_param("task_arithmetic", "scaling", scaling)
+    return Linear(_weights("task_arithmetic", weights, T), scale=scaling)
 
 
 @register(
@@ -54,9 +100,7 @@ def average(tau: Tensor, *, weights: Sequence[float] | None = None) -> Tensor:
 def task_arithmetic(tau: Tensor, *, scaling: float = 0.3, weights: Sequence[float] | None = None) -> Tensor:
     """`scaling · Σ_i w_i (W_i − W0)` (w_i = 1 without `weights`); 0.3 is the value the paper
     found best for many tasks."""
-    check_finite_param("task_arithmetic", "scaling", scaling)
-    _weighted("task_arithmetic", tau, weights)
-    return tau.sum(0).mul_(scaling)
+    return _task_arithmetic(tau.shape[0], scaling=scaling, weights=weights).apply(tau)
 
 
 @register(
@@ -96,39 +140,57 @@ def ties(
     `Σ_i w_i τ̂_i [agree] / Σ_i w_i [agree]`. `zero_sign`: the sign elected where the trimmed
     values sum to exactly 0: "none" (nothing agrees, the entry keeps the base) or "positive"
     (+1, as mergekit 0.1.5 does)."""
+    terms = _ties(tau.shape[0], density=density, scaling=scaling, disjoint=disjoint, weights=weights, zero_sign=zero_sign)
+    flat = tau.reshape(tau.shape[0], -1)
+    merged = terms.merge_block(flat, torch.zeros_like(flat[0]), block, trim=trim, add_base=False)
+    return merged.value.reshape(tau.shape[1:])
+
+
+@dataclass(frozen=True)
+class Ties:
+    """TIES's settings as `svdfuse.ops.ties_block` takes them; the trim comes per tensor."""
+
+    weights: tuple[float, ...] | None
+    scaling: float
+    mean: bool
+    positive: bool
+
+    def merge_block(
+        self, W: Tensor | Sequence[Tensor], W0: Tensor, block: Block, *, trim: Trim, same_is_zero: bool = False,
+        add_base: bool = True, dtype: torch.dtype | None = None,
+    ) -> ops.MergedBlock:  # fmt: skip
+        """The merge of a block (as `Linear.merge_block`) under `trim`, the block's first entry at
+        flat index `block.start` of its tensor."""
+        acc = compute_dtype(W0.dtype)
+        weights = None if self.weights is None else torch.tensor(self.weights, dtype=acc, device=W0.device)
+        return ops.ties_block(
+            W, W0, trim.threshold.to(W0.device, acc), trim.cutoff.to(W0.device), start=block.start + trim.offset,
+            keep_none=trim.keep_none, weights=weights, scale=self.scaling, mean=self.mean, positive=self.positive,
+            same_is_zero=same_is_zero, add_base=add_base, dtype=dtype,
+        )  # fmt: skip
+
+
+def _ties(
+    T: int, *, density: float = 0.2, scaling: float = 1.0, disjoint: Disjoint = Disjoint.MEAN,
+    weights: Sequence[float] | None = None, zero_sign: str = "none",
+) -> Ties:  # fmt: skip
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"ties: density must be in [0, 1], found {density}")
     if zero_sign not in ("none", "positive"):
         raise ValueError(f"ties: zero_sign must be 'none' or 'positive', found {zero_sign!r}")
     check_finite_param("ties", "scaling", scaling)
-    mean = Disjoint(disjoint) is Disjoint.MEAN
-    T = tau.shape[0]
-    if weights is not None:
-        check_weights("ties", weights, T)
-    w = None if weights is None else torch.tensor(weights, dtype=tau.dtype, device=tau.device)[:, None]
-    flat = tau.reshape(T, -1)
-    out = torch.empty(flat.shape[1], dtype=tau.dtype, device=tau.device)
-    step = max(1024, _STEP_BYTES // (T * tau.element_size()))
-    for s in range(0, flat.shape[1], step):
-        t = flat[:, s : s + step]
-        t.mul_(trim.mask(t, block.start + s))  # a multiply, not a select: a NaN survives to be reported
-        if w is not None:
-            t.mul_(w)
-        elected = t.sum(0).sign_()
-        if zero_sign == "positive":
-            elected[elected == 0] = 1
-        agree = (t * elected) > 0  # same nonzero sign as the elected one
-        agreeing = t.mul_(agree).sum(0)
-        if mean:
-            count = agree.sum(0) if w is None else (agree * w).sum(0)
-            agreeing.div_(count.masked_fill_(count == 0, 1))
-        out[s : s + step] = agreeing.mul_(scaling)
-    return out.reshape(tau.shape[1:])
+    return Ties(_weights("ties", weights, T), scaling, Disjoint(disjoint) is Disjoint.MEAN, zero_sign == "positive")
 
 
 # DARE's random numbers come in fixed chunks of a tensor's flat index space, each from its own
 # seeded generator: any block of a tensor draws the same numbers whatever the blocks around it.
-_CHUNK = 1 << 16
+_CHUNK = reference.DARE_CHUNK
+
+
+def chunk_seeds(seed: int, key: str, sources: int, start: int, numel: int) -> Tensor:
+    """The seeds of DARE's draws for `numel` entries of tensor `key` from flat index `start`: (sources, chunks) int64."""
+    chunks = range(start // _CHUNK, -(-(start + numel) // _CHUNK))
+    return torch.tensor([[zlib.crc32(f"{seed}:{key}:{i}:{c}".encode()) for c in chunks] for i in range(sources)], dtype=torch.int64)
 
 
 def survivors(seed: int, key: str, source: int, start: int, shape: torch.Size, drop_rate: float, device: torch.device) -> Tensor:
@@ -138,15 +200,23 @@ def survivors(seed: int, key: str, source: int, start: int, shape: torch.Size, d
     numbers come from CPU generators seeded per chunk of `_CHUNK` entries, so a mask does not
     depend on how the tensor is cut into blocks, on the device or on the number of processes.
     """
-    stop = start + shape.numel()
-    salt = f"{seed}:{key}:{source}:"
     parts = []
-    for chunk in range(start // _CHUNK, -(-stop // _CHUNK)):
-        gen = torch.Generator().manual_seed(zlib.crc32((salt + str(chunk)).encode()))
+    for chunk_seed in chunk_seeds(seed, key, source + 1, start, shape.numel())[source].tolist():
+        gen = torch.Generator().manual_seed(chunk_seed)
         parts.append(torch.rand(_CHUNK, generator=gen))
     draws = torch.cat(parts) if len(parts) > 1 else parts[0]
     offset = start - (start // _CHUNK) * _CHUNK
     return (draws[offset : offset + shape.numel()] >= drop_rate).reshape(shape).to(device)
+
+
+def _dare(
+    T: int, *, drop_rate: float = 0.9, rescale: bool = True, scaling: float = 1.0, weights: Sequence[float] | None = None
+) -> Linear:
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"dare: drop_rate must be in [0, 1), found {drop_rate}")
+    check_finite_param("dare", "scaling", scaling)
+    factor = scaling / (1.0 - drop_rate) if rescale else scaling
+    return Linear(_weights("dare", weights, T), scale=factor, drop_rate=drop_rate)
 
 
 @register(
@@ -160,12 +230,15 @@ def dare(
     """DARE: drop each task-vector entry with probability `drop_rate`, rescale the survivors by
     1 / (1 − drop_rate) (when `rescale`), then add them up as Task Arithmetic with `scaling`
     (and per-source `weights`, as mergekit's dare_linear). The masks are seeded by the merge's
-    seed (`SVDOptions.seed`)."""
-    if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"dare: drop_rate must be in [0, 1), found {drop_rate}")
-    check_finite_param("dare", "scaling", scaling)
-    _weighted("dare", tau, weights)
-    for i in range(tau.shape[0]):
-        tau[i].mul_(survivors(block.seed, block.key, i, block.start, tau.shape[1:], drop_rate, tau.device))
-    factor = scaling / (1.0 - drop_rate) if rescale else scaling
-    return tau.sum(0).mul_(factor)
+    seed (`SVDOptions.seed`): entry j of source i survives iff `survivors` keeps it."""
+    return _dare(tau.shape[0], drop_rate=drop_rate, rescale=rescale, scaling=scaling, weights=weights).apply(tau, block)
+
+
+_FUSED = {"average": _average, "task_arithmetic": _task_arithmetic, "dare": _dare, "ties": _ties}
+
+
+def fused(method: Method, T: int, params: dict[str, Any]) -> Linear | Ties | None:
+    """The settings of elementwise `method` under `params` (checked as the method checks them) as
+    its fused op takes them: `Linear` (`merge_block`) or `Ties` (`ties_block`); None for others."""
+    terms = _FUSED.get(method.name)
+    return None if terms is None else method.call(terms, T, **params)

@@ -11,12 +11,16 @@ A method is one of three kinds, by what it needs to see at once:
   `trim_scope` and `trim_keep`, where the method has them, its `TrimScope` and `TrimKeep`).
 - `Kind.FACTORS` (AXIS, TSV-M): per-source truncated SVDs combined. `source_rank(k, T, m, n,
   **params)` says how many components each source needs; `merge(chunks, *, k, T, **params)` takes
-  an iterator of `(U (G, c, m, r), S (G, c, r), V (G, c, n, r))`, the factors of consecutive
-  sources of a group of G same-shape matrices, and returns `Factors`. The factors may come from an
+  an iterator of `Components` (U (G, c, m, r), S (G, c, r), V (G, c, n, r)), the factors of
+  consecutive sources of a group of G same-shape matrices, and returns `Factors`. A chunk is
+  valid until the next is asked for (its memory may be reused). The factors may come from an
   SVD on the fly or from per-source caches (`svdfuse.decompose`), and any number of sources streams
   through a bounded buffer.
 - `Kind.MATRICES` (Iso-C, Iso-CTS): `W0: (G, m, n)`, `W: (G, T, m, n)` -> `Factors` or a dense
-  `(G, m, n)`; all sources of a group at once.
+  `(G, m, n)`; all sources of a group at once. A method may also give `factored(chunks, *, T,
+  **params)`, the same merge of a group whose sources are all LoRA adapters, from their factors:
+  `chunks()` starts a pass over them, `(L (G, c, m, r), R (G, c, r, n))` of consecutive sources
+  (peft's scale in L), so no m×n matrix per source is ever formed.
 
 Tensors that are not merged as matrices take the mean task vector unless the method is
 elementwise; a method may give its own rule for them (`others`, on a row block `tau: (T, R, *s)`,
@@ -33,8 +37,8 @@ import enum
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,7 +46,7 @@ from torch import Tensor
 
 from svdfuse.methods.trim import TrimKeep, TrimOptions, TrimScope, trim_options
 
-__all__ = ["Kind", "Factors", "Block", "Method", "METHODS", "get_method", "register", "check_finite_param", "check_weights"]
+__all__ = ["Kind", "Factors", "Components", "Block", "Method", "METHODS", "get_method", "register", "check_finite_param", "check_weights"]
 
 
 class Kind(str, enum.Enum):
@@ -64,6 +68,27 @@ class Factors(NamedTuple):
     S: Tensor
     V: Tensor
     counts: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Components:
+    """The components of c consecutive sources of a group, what a `Kind.FACTORS` method takes:
+    U (G, c, m, r), S (G, c, r), V (G, c, n, r). Unpacks as `U, S, V`; a method that keeps a few
+    of them asks for those alone (`vectors`), which `factored.FactoredSVD` (the same interface, for
+    adapters) forms without forming the rest."""
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter((self.U, self.S, self.V))
+
+    def vectors(self, *index: Tensor) -> tuple[Tensor, Tensor]:
+        """Components `index` = (layer, source, component) index tensors, broadcast to (*idx): their
+        U and V as rows, (*idx, m) and (*idx, n)."""
+        *batch, comp = index
+        return self.U[(*batch, slice(None), comp)], self.V[(*batch, slice(None), comp)]
 
 
 @dataclass(frozen=True)
@@ -109,6 +134,7 @@ class Method:
         follows: which paper or tool each default follows where they disagree, in a sentence.
         others: for non-elementwise methods, `(tau (T, R, *s), **params) -> (R, *s)`, the merged
             task vector of tensors not merged as matrices (default: the mean).
+        factored: for `Kind.MATRICES`, its merge of LoRA adapters from their factors (module docstring).
     """
 
     name: str
@@ -120,12 +146,13 @@ class Method:
     trim_density: str | None = None
     follows: str = ""
     others: Callable[..., Tensor] | None = None
+    factored: Callable[..., Any] | None = None
 
     def params(self) -> dict[str, Any]:
         """The method's own parameters and their defaults."""
         context = {"k", "svd", "keys", "block", "trim", "T", "seed"}
         out = {}
-        for fn in filter(None, (self.merge, self.source_rank, self.others)):
+        for fn in filter(None, (self.merge, self.source_rank, self.others, self.factored)):
             for name, p in inspect.signature(fn).parameters.items():
                 if p.kind is p.KEYWORD_ONLY and name not in context:
                     out[name] = p.default
@@ -196,6 +223,7 @@ def register(
     trim_density: str | None = None,
     follows: str,
     others: Callable[..., Tensor] | None = None,
+    factored: Callable[..., Any] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register `fn` as the merge rule of method `name`; `follows` says which paper or tool its defaults follow."""
 
@@ -204,7 +232,10 @@ def register(
             raise ValueError(f"merge method {name!r} is already registered")
         if not follows:
             raise ValueError(f"merge method {name!r}: say which paper or tool its defaults follow (follows=...)")
-        METHODS[name] = Method(name, reference_url, kind, fn, needs_k, source_rank, trim_density, follows, others)
+        method = Method(name, reference_url, kind, fn, needs_k, source_rank, trim_density, follows, others, factored)
+        if factored is not None and set(method.params()) != set(replace(method, factored=None).params()):
+            raise ValueError(f"merge method {name!r}: its factored merge must take the parameters its merge takes")
+        METHODS[name] = method
         return fn
 
     return decorate

@@ -7,12 +7,17 @@ ties at the threshold going to the entries first in row-major (model) order (`CO
 paper's "top k%", mergekit), or every entry at least the (floor(density · numel) + 1)-th largest
 |τ| (`INCLUSIVE`: the TIES authors' code and FusionBench, `kthvalue(numel − floor(density · numel))`
 then `>=`). A scope may be larger than the memory budget, so the threshold is found over its row
-blocks, exactly, in two passes:
+blocks, exactly, in one pass and a sample, so that with the merge's own pass each source block
+is read twice:
 
-1. a strided sample of |τ| brackets the threshold: [lo, hi] holds it with overwhelming
-   probability (a margin of several binomial standard deviations around the sample quantile);
-2. one pass counts the entries above hi and gathers the few inside [lo, hi]; the threshold is the
-   right order statistic of those.
+1. a sample of |τ| brackets the threshold: [lo, hi] holds it with overwhelming probability (a
+   margin of several standard deviations of the sampled fraction around the sample quantile). It
+   is strided over a tensor held in memory (`svdfuse.ops.trim_sample`, every source in one op),
+   or taken from rows read apart (a fraction of a pass) for one larger than a block: those rows
+   are clusters, whose spread widens the margin;
+2. one pass (`svdfuse.ops.trim_bracket`, the task vectors formed as it reads) counts the entries
+   above hi and gathers the few inside [lo, hi]; the threshold is the right order statistic of
+   those (`svdfuse.ops.trim_select`, every source at once: a radix select on the bits of |τ|).
 
 If the bracket misses (a sample that is not representative, or so many equal values that the
 bracket holds more than a block), a radix select over the bits of |τ| (non-negative floats order as
@@ -24,22 +29,24 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Trim", "TrimScope", "TrimKeep", "TrimOptions", "trim_options", "kept_entries", "exact_trim", "TRIM_SHARE"]
+from svdfuse import ops, reference
+
+__all__ = ["Trim", "TrimScope", "TrimKeep", "TrimOptions", "trim_options", "kept_entries", "exact_trim", "strided_sample", "blocks_locate", "TRIM_SHARE"]
 
 # Share of a merge's memory budget that the values bracketing the thresholds may take (the
 # plan gives the pieces of a trimmed method the rest).
 TRIM_SHARE = 0.25
 
-Blocks = Callable[[], Iterator[tuple[int, Tensor]]]
 _BITS = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}  # sign bit excluded
 _WINDOW = 16
-_SAMPLE = 1 << 14  # largest sample per source: its bracket holds ~4% of a tensor at density 0.2
+_SAMPLE = 1 << 14  # smallest sample per source: its bracket holds ~4% of a tensor at density 0.2
 _MARGIN = 6.0  # binomial standard deviations on each side of the sample quantile
 
 
@@ -117,60 +124,176 @@ class Trim:
         return (a > thr) | ((a == thr) & (index < cut.reshape(shape)))
 
 
-def _sample(blocks: Blocks, numel: int, sources: int, size: int) -> Tensor:
-    """|τ| at every `stride`-th flat index (an odd stride, so rows and columns are both visited): (T, ≤ size)."""
-    stride = max(1, numel // size) | 1
-    parts = []
-    for start, tau in blocks():
-        first = (-start) % stride
-        parts.append(torch.stack([tau[i].reshape(-1)[first::stride].abs().float().cpu() for i in range(sources)]))
-    return torch.cat(parts, 1)
+Blocks = Callable[[], Iterator[tuple[int, "Tensor | Sequence[Tensor]", "Tensor | None"]]]
+Sample = Callable[[int], Tensor]
+Locate = Callable[[int, int, int], Tensor]  # (source, start, stop) -> |τ| of the source at flat [start, stop), fp32
+_UNIT = reference.DARE_CHUNK  # what ops.trim_bracket counts entries equal to a bound in
 
 
-def _bracketed(blocks: Blocks, numel: int, sources: int, keep: int, limit: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(threshold, entries above it, entries equal to it) per source from a sample's bracket, or
-    None where the bracket missed."""
-    # The sample and its order statistics take at most a quarter of what the bracket may hold.
-    sample = _sample(blocks, numel, sources, min(_SAMPLE, max(1024, limit // (8 * sources))))
-    size = sample.shape[1]
+def _flat(sources: Tensor | Sequence[Tensor], base: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    """A block as T flat sources and a flat base (zeros where the sources are task vectors already)."""
+    flat = [x.reshape(-1) for x in sources]
+    return flat, (torch.zeros_like(flat[0]) if base is None else base.reshape(-1))
+
+
+def _tau(x: Tensor, base: Tensor, dtype: torch.dtype, same_is_zero: bool) -> Tensor:
+    """One source's task vector `x − base` in `dtype` (an entry equal to the base's 0 with `same_is_zero`)."""
+    tau = x.to(dtype) - base.to(dtype)
+    return tau.masked_fill_(x == base, 0.0) if same_is_zero else tau
+
+
+def strided_sample(blocks: Blocks, numel: int, sources: int, same_is_zero: bool = False) -> Sample:
+    """A `Sample` of |τ| at every `stride`-th flat index of the scope (an odd stride, so rows and
+    columns are both visited): (T, ≤ size, 1), each entry its own cluster. Reads every block."""
+
+    def sample(size: int) -> Tensor:
+        stride = max(1, numel // size) | 1
+        parts = []
+        for start, x, base in blocks():
+            x, base = _flat(x, base)
+            # every source in one op: a parallel region per block, never one per source
+            parts.append(ops.trim_sample(x, base, (-start) % stride, stride, same_is_zero=same_is_zero).cpu())
+        return (torch.cat(parts, 1) if len(parts) > 1 else parts[0])[:, :, None]
+
+    return sample
+
+
+def blocks_locate(blocks: Blocks, same_is_zero: bool = False) -> Locate:
+    """A `Locate` that finds the range in the blocks (a pass up to it: for scopes held in memory)."""
+
+    def locate(i: int, start: int, stop: int) -> Tensor:
+        for first, x, base in blocks():
+            x, base = _flat(x, base)
+            if first <= start and stop <= first + base.numel():
+                a, b = start - first, stop - first
+                return ops.trim_sample([x[i][a:b]], base[a:b], 0, 1, same_is_zero=same_is_zero)[0].cpu()
+        raise ValueError(f"flat range [{start}, {stop}) lies in no block of the scope")
+
+    return locate
+
+
+def _margins(sample: Tensor, p: float) -> Tensor:
+    """Half-widths, in ranks of the sample, of a bracket that holds the p-quantile: `_MARGIN`
+    standard deviations of the sampled fraction above it, plus 8. sample: (T, clusters, m), the
+    entries of a cluster (a row read) possibly alike, so the deviation is the larger of the
+    binomial one and the spread of the clusters' own fractions -> (T,) float64."""
+    T, clusters, m = sample.shape
+    size = clusters * m
+    sd = torch.full((T,), math.sqrt(p * (1 - p) / size), dtype=torch.float64)
+    if m > 1 and clusters > 1:
+        flat = sample.reshape(T, -1)
+        at = min(size, max(1, round(p * size)))
+        # the sample's own p-quantile: its at-th largest (trim_select orders NaN as kthvalue does)
+        t0 = ops.trim_select(flat.reshape(-1).float(), torch.full((T,), size), torch.full((T,), at))[0]
+        fractions = (sample > t0[:, None, None]).double().mean(2)  # (T, clusters)
+        sd = torch.maximum(sd, fractions.std(1) / math.sqrt(clusters))
+    return _MARGIN * size * sd + 8
+
+
+def _sample_size(numel: int, sources: int, p: float, limit: int) -> int:
+    """Entries to sample per source: enough that the bracket is expected to hold a sixth of `limit`
+    (a wider scope needs a narrower bracket), at least `_SAMPLE`; the sample itself a quarter of it.
+    Between those, the size that makes least work of the order statistics: the sample's S entries
+    plus the bracket's ~2·_MARGIN·sqrt(p(1-p)/S)·numel, least at S = (_MARGIN·sqrt(p(1-p))·numel)^(2/3)."""
+    needed = (12 * _MARGIN * sources * numel * math.sqrt(p * (1 - p)) / max(limit, 1)) ** 2
+    cheapest = (_MARGIN * math.sqrt(p * (1 - p)) * numel) ** (2 / 3)
+    return int(max(1, min(numel, limit // (4 * sources), max(_SAMPLE, needed, cheapest))))
+
+
+def _bounds(drawn: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(lo, hi) per source: a bracket of the p-quantile of |τ| from a sample (T, clusters, m)."""
+    sources, size = drawn.shape[0], drawn.shape[1] * drawn.shape[2]
+    margin = _margins(drawn, p)
+    flat = drawn.reshape(-1).float().contiguous()
+    whole = torch.full((sources,), size, dtype=torch.int64)
+    # ranks from the top: the bracket's upper end is the (hi_at + 1)-th largest of the sample
+    hi_at, lo_at = (p * size - margin).floor().long(), (p * size + margin).ceil().long()
+    hi = ops.trim_select(flat, whole, (hi_at + 1).clamp(min=1))[0]
+    lo = ops.trim_select(flat, whole, (lo_at + 1).clamp(max=size))[0]
+    return torch.where(lo_at < size, lo, -1.0), torch.where(hi_at >= 0, hi, math.inf)
+
+
+def _bracketed(
+    blocks: Blocks, sample: Sample, locate: Locate | None, numel: int, sources: int, keep: int, limit: int, same_is_zero: bool
+) -> tuple[Tensor, Tensor] | None:
+    """(threshold, flat index just past the last entry equal to it that survives) per source from
+    a sample's bracket [lo, hi], or None where the bracket missed. One pass over the scope gathers
+    the entries strictly inside and counts those equal to a bound per unit: a threshold inside has
+    every entry equal to it gathered; one at a bound has its cutoff in the unit where the count of
+    that bound's entries reaches what survives, which `locate` reads again (a unit, not a pass;
+    without `locate`, where every tie survives, no cutoff is found)."""
     p = keep / numel
-    margin = _MARGIN * math.sqrt(size * p * (1 - p)) + 8
-    hi_at, lo_at = math.floor(p * size - margin), math.ceil(p * size + margin)  # ranks from the top
-    # the (r+1)-th largest is the (size - r)-th smallest
-    hi = sample.kthvalue(size - hi_at, dim=1).values if hi_at >= 0 else torch.full((sources,), math.inf)
-    lo = sample.kthvalue(size - lo_at, dim=1).values if lo_at < size else torch.full((sources,), -1.0)
+    size = _sample_size(numel, sources, p, limit)
+    if size >= numel and 3 * sources * numel <= limit:  # a sample as large as the scope: take it all
+        lo, hi = torch.full((sources,), -1.0), torch.full((sources,), math.inf)
+    else:
+        lo, hi = _bounds(sample(size), p)
     above = torch.zeros(sources, dtype=torch.int64)
-    inside: list[list[Tensor]] = [[] for _ in range(sources)]
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []  # per block: values inside, their flat indices, counts per source
+    units: list[tuple[int, int, Tensor]] = []  # per block: its start, its length, entries equal to lo and hi per unit (T, units, 2)
     held = 0
-    scratch = None  # |τ| of one source's block, reused: a fresh one per source costs its page faults
-    for _, tau in blocks():
-        for i in range(sources):
-            need = tau[i].numel()
-            if scratch is None or scratch.numel() < need:
-                scratch = torch.empty(need, dtype=tau.dtype, device=tau.device)
-            a = torch.abs(tau[i].reshape(-1), out=scratch[:need])
-            h, low = hi[i].item(), lo[i].item()
-            above[i] += int((a > h).sum())
-            chosen = a[(a >= low) & (a <= h)]
-            held += chosen.numel()
-            if held > limit:
-                return None  # too many values inside: leave it to the radix select
-            inside[i].append(chosen.cpu())
-    threshold = torch.empty(sources, dtype=torch.float64)
-    greater, equal = above.clone(), torch.zeros(sources, dtype=torch.int64)
-    for i in range(sources):
-        values = torch.cat(inside[i]) if inside[i] else torch.empty(0)
-        rank = keep - int(above[i])  # the threshold is the rank-th largest inside the bracket
-        if not 1 <= rank <= values.numel():
-            return None
-        t = values.kthvalue(values.numel() - rank + 1).values
-        threshold[i] = t.double()
-        greater[i] += int((values > t).sum())
-        equal[i] = int((values == t).sum())
-    return threshold, greater, equal
+    for start, x, base in blocks():
+        x, base = _flat(x, base)
+        # every source in one op: a parallel region per block, never one per source
+        up, counts, values, index, bounds = ops.trim_bracket(x, base, lo.to(base.device), hi.to(base.device), same_is_zero=same_is_zero)
+        above += up.cpu()
+        held += 3 * values.numel() + 2 * bounds.numel()  # a value and its int64 index; int64 counts per unit
+        if held > limit:
+            return None  # too many values inside: leave it to the radix select
+        index = index.cpu()
+        parts.append((values.cpu(), index + start if start else index, counts.cpu()))
+        units.append((start, base.numel(), bounds.cpu()))
+    values, index, counts = parts[0] if parts else (torch.empty(0), torch.empty(0, dtype=torch.int64), torch.zeros(sources, dtype=torch.int64))
+    if len(parts) > 1:  # source by source, each in flat order: blocks come in order
+        counts = sum(c for _, _, c in parts)
+        # numpy's concatenate copies on this thread: torch.cat of the T · blocks pieces took 0.3 s a
+        # call on a busy machine (48 sources), numpy's well under a tenth of that
+        ends = [c.cumsum(0)[:-1].numpy() for _, _, c in parts]
+        split = [(np.split(v.numpy(), e), np.split(i.numpy(), e)) for (v, i, _), e in zip(parts, ends)]
+        values = torch.from_numpy(np.concatenate([v[s] for s in range(sources) for v, _ in split]))
+        index = torch.from_numpy(np.concatenate([i[s] for s in range(sources) for _, i in split]))
+    at_lo, at_hi = (sum(b[:, :, j].sum(1) for _, _, b in units) for j in (0, 1))
+    rank = keep - above  # the threshold is the rank-th largest of what is not above hi
+    if not bool(((rank >= 1) & (rank <= at_hi + counts + at_lo)).all()):
+        return None
+    inside = (rank > at_hi) & (rank <= at_hi + counts)
+    t, _, _, position = ops.trim_select(values, counts, torch.where(inside, rank - at_hi, 1))
+    first = torch.cumsum(counts, 0) - counts
+    at = index[(first + position).clamp(0, index.numel() - 1)] if index.numel() else torch.zeros_like(position)
+    cutoff = torch.where(position >= 0, at + 1, numel)
+    threshold = torch.where(rank <= at_hi, hi, torch.where(inside, t, lo)).double()
+    for i in range(sources if locate is not None else 0):
+        if bool(inside[i]):
+            continue
+        bound, need = (1, int(rank[i])) if rank[i] <= at_hi[i] else (0, int(rank[i] - at_hi[i] - counts[i]))
+        if need < int((at_hi if bound else at_lo)[i]):  # some entries equal to the bound are cut: where?
+            cutoff[i] = _cutoff_at_bound(units, locate, i, bound, need, float(threshold[i]))
+        else:
+            cutoff[i] = numel
+    return threshold, cutoff
 
 
-def _radix(blocks: Blocks, sources: int, keep: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _cutoff_at_bound(units: list[tuple[int, int, Tensor]], locate: Locate, i: int, bound: int, need: int, value: float) -> int:
+    """The flat index just past source i's `need`-th entry (1-based, in flat order) equal to `value`,
+    a bracket's bound whose entries the bracket pass counted per unit: one unit read again."""
+    before = 0
+    for start, length, counts in units:
+        per_unit = counts[i, :, bound]
+        total = int(per_unit.sum())
+        if before + total < need:
+            before += total
+            continue
+        u = int((torch.cumsum(per_unit, 0) + before >= need).nonzero()[0, 0])
+        before += int(per_unit[:u].sum())
+        lo = start + u * _UNIT
+        tau = locate(i, lo, min(lo + _UNIT, start + length))
+        # numpy's search runs on this thread: a torch op this size would wake the thread pool, which
+        # costs milliseconds on a busy machine, and a trim may search once per source and tensor
+        return lo + int(np.flatnonzero(tau.numpy() == np.float32(value))[need - before - 1]) + 1
+    raise AssertionError("the bracket's counts hold fewer entries equal to a bound than they said")
+
+
+def _radix(blocks: Blocks, sources: int, keep: int, dtype: torch.dtype, same_is_zero: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(threshold bits' value, entries above it, entries equal to it) by a radix select on |τ|'s bits."""
     int_dtype, nbits = _BITS[dtype]
     prefix = torch.zeros(sources, dtype=torch.int64)  # the top bits of the threshold found so far
@@ -180,9 +303,10 @@ def _radix(blocks: Blocks, sources: int, keep: int, dtype: torch.dtype) -> tuple
         width = min(_WINDOW, shift)
         shift -= width
         hist = torch.zeros((sources, 1 << width), dtype=torch.int64)
-        for _, tau in blocks():
+        for _, x, base in blocks():
+            x, base = _flat(x, base)
             for i in range(sources):
-                bits = tau[i].abs().contiguous().view(int_dtype).flatten()
+                bits = _tau(x[i], base, dtype, same_is_zero).abs_().view(int_dtype)
                 if shift + width < nbits:  # narrowed to the entries that share the bits found so far
                     bits = bits[(bits >> (shift + width)) == int(prefix[i])]
                 hist[i] += torch.bincount((bits >> shift) & ((1 << width) - 1), minlength=1 << width).cpu()
@@ -197,34 +321,57 @@ def _radix(blocks: Blocks, sources: int, keep: int, dtype: torch.dtype) -> tuple
 
 
 def exact_trim(
-    blocks: Blocks, numel: int, sources: int, density: float, dtype: torch.dtype, limit: int = 1 << 22, keep_rule: TrimKeep = TrimKeep.COUNT
-) -> Trim:
+    blocks: Blocks, numel: int, sources: int, density: float, dtype: torch.dtype, limit: int = 1 << 22,
+    keep_rule: TrimKeep = TrimKeep.COUNT, *, sample: Sample | None = None, locate: Locate | None = None,
+    same_is_zero: bool = False,
+) -> Trim:  # fmt: skip
     """The `Trim` keeping the `keep_rule`'s entries (`kept_entries`) of each source's task vector.
 
     Args:
-        blocks: called once per pass; yields (flat index of the block's first entry, τ block
-            (T, R, *s)) over the whole scope in order: one tensor's rows, or every tensor of a
-            model one after the other (blocks of different tensors may differ in shape).
+        blocks: called once per pass; yields (flat index of the block's first entry, the block of
+            every source (T, R, *s) or T tensors, the base's block or None) over the whole scope
+            in order: one tensor's rows, or every tensor of a model one after the other (blocks of
+            different tensors may differ in shape). The task vectors are the sources minus the
+            base (the sources themselves where the base is None), formed as they are read.
         numel: entries of the scope; sources: T; dtype: τ's dtype (fp32 or fp64).
         limit: most bracketed values held at once before falling back to the radix select.
         keep_rule: `COUNT` breaks ties at the threshold by flat index; `INCLUSIVE` keeps them all.
+        sample: draws the bracket's sample, `size` -> |τ| (T, clusters, m) fp32 (rows read
+            apart, say, so that it costs a fraction of a pass); default `strided_sample`, a pass.
+        locate: reads one source's |τ| over a flat range of the scope again (a unit of
+            `reference.DARE_CHUNK` entries, where a cutoff falls among entries equal to a bound);
+            default `blocks_locate`, a pass up to it.
+        same_is_zero: an entry equal to the base's is no change even where both are infinite.
     """
     keep = kept_entries(numel, density, keep_rule)
     if keep == 0:
         return Trim(torch.zeros(sources, dtype=dtype), torch.zeros(sources, dtype=torch.int64), keep_none=True)
     if keep >= numel:
         return Trim(torch.zeros(sources, dtype=dtype), torch.full((sources,), numel, dtype=torch.int64))
-    found = _bracketed(blocks, numel, sources, keep, limit) if dtype == torch.float32 else None
-    threshold, greater, equal = found if found is not None else _radix(blocks, sources, keep, dtype)
+    found = None
+    if dtype == torch.float32:
+        sample = sample or strided_sample(blocks, numel, sources, same_is_zero)
+        if keep_rule is TrimKeep.COUNT:  # the inclusive rule keeps every tie: no cutoff to find
+            locate = locate or blocks_locate(blocks, same_is_zero)
+        else:
+            locate = None
+        found = _bracketed(blocks, sample, locate, numel, sources, keep, limit, same_is_zero)
+    if found is not None:
+        threshold, cutoff = found
+        if keep_rule is TrimKeep.INCLUSIVE:
+            cutoff = torch.full((sources,), numel, dtype=torch.int64)
+        return Trim(threshold.to(dtype), cutoff)
+    threshold, greater, equal = _radix(blocks, sources, keep, dtype, same_is_zero)
     threshold = threshold.to(dtype)
     need = keep - greater  # how many entries equal to the threshold survive
     cutoff = torch.full((sources,), numel, dtype=torch.int64)
     partial = (need < equal) & (keep_rule is TrimKeep.COUNT)
     if bool(partial.any()):
         seen = torch.zeros(sources, dtype=torch.int64)
-        for start, tau in blocks():
+        for start, x, base in blocks():
+            x, base = _flat(x, base)
             for i in partial.nonzero()[:, 0].tolist():
-                where = (tau[i].abs().flatten() == threshold[i].item()).nonzero()[:, 0].cpu()
+                where = (_tau(x[i], base, dtype, same_is_zero).abs_() == threshold[i].item()).nonzero()[:, 0].cpu()
                 take = int(need[i] - seen[i])
                 if 0 < take <= len(where):
                     cutoff[i] = start + int(where[take - 1]) + 1
