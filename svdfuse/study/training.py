@@ -22,8 +22,10 @@ from torch import Tensor, nn
 from svdfuse.study.tasks import StudyError
 
 # Everything that changes what a cached artifact means bumps this: older caches are refused.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HEAD_CS = (0.001, 0.01, 0.1, 1.0)
+# Standardization divides by at least this fraction of the mean feature std (see `fit_head`).
+HEAD_STD_FLOOR = 0.1
 
 __all__ = [
     "Batches", "Schedule", "Trained", "accuracy", "correct", "embed", "fit_head", "train", "cache_key", "load_cached",
@@ -79,7 +81,12 @@ def fit_head(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], classes: 
     (requires_grad off) and its validation accuracy (%)."""
     from sklearn.linear_model import LogisticRegression
 
-    mean, std = train[0].mean(0), train[0].std(0).nan_to_num(1.0).clamp_min(1e-6)
+    mean, std = train[0].mean(0), train[0].std(0).nan_to_num(1.0)
+    # A ReLU feature that fires on a handful of examples has a std ~1e-4 of the others'; scaled to
+    # unit variance, it got a weight of ~1e3 in the folded head, so the first change of that feature
+    # by a fine-tune or Stage 2 swung the logits and training never left its start. Floored, such
+    # a feature counts for as little as it varies.
+    std = std.clamp_min(max(HEAD_STD_FLOOR * std.mean().item(), 1e-6))
     scaled = lambda x: ((x - mean) / std).numpy()  # noqa: E731
     best = None
     # Cs ascending, each fit starting from the last one's solution: a few iterations each, where
