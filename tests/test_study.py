@@ -146,8 +146,8 @@ def test_cache_from_another_protocol_or_other_data_is_refused_naming_the_task(tm
     assert load_cached(tmp_path / "none.pt", "abc", "digits") is None
     with pytest.raises(StudyError, match=r"^task digits: cache .* was made from other data or settings \(key abc, expected abd\)"):
         load_cached(path, "abd", "digits")
-    monkeypatch.setattr("svdfuse.study.training.PROTOCOL_VERSION", 3)
-    with pytest.raises(StudyError, match=r"^task digits: cache .* is from study protocol 2, this is protocol 3"):
+    monkeypatch.setattr("svdfuse.study.training.PROTOCOL_VERSION", PROTOCOL_VERSION + 1)
+    with pytest.raises(StudyError, match=rf"^task digits: cache .* is from study protocol {PROTOCOL_VERSION}, this is protocol {PROTOCOL_VERSION + 1}"):
         load_cached(path, "abc", "digits")
     assert [p.name for p in path.parent.iterdir()] == ["vision-digits.pt"]  # no temporary left
 
@@ -263,6 +263,22 @@ def test_a_feature_that_fires_on_one_example_gets_no_large_weight_in_the_probe()
     assert head.weight[:, -1].abs().max() <= head.weight[:, :-1].abs().max()
 
 
+def test_the_probe_fits_on_one_blas_thread(monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_info
+
+    threads, fit = [], LogisticRegression.fit
+
+    def counting(self, *args, **kwargs):
+        threads.append(max(pool["num_threads"] for pool in threadpool_info()))
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", counting)
+    y = torch.arange(30) % 3
+    fit_head((torch.randn(30, 4) + y[:, None], y), (torch.randn(30, 4) + y[:, None], y), 3)
+    assert threads and set(threads) == {1}
+
+
 def test_training_keeps_the_best_validation_epoch_and_trains_the_head_jointly():
     target, sources = _toy_targets()[0]
     model = body(target, sources, Variant("task_arithmetic", "delta"), merge(target, sources, Variant("task_arithmetic", "delta"), {"scaling": 0.3}))
@@ -274,6 +290,21 @@ def test_training_keeps_the_best_validation_epoch_and_trains_the_head_jointly():
     kept = train(net, [(net[0].parameters(), 0.05), (head.parameters(), 1e-3)], target.train, target.val, Schedule(epochs=5, patience=5), seed=0)
     assert accuracy(net, *target.val) == pytest.approx(kept.val)
     assert all(p.requires_grad for p in head.parameters())
+
+
+def test_a_source_fine_tunes_from_a_new_zero_head(tmp_path, monkeypatch):
+    _toy_modality(monkeypatch)
+    heads, fit = [], runner.train
+
+    def recording(model, groups, *args, **kwargs):
+        heads.append(model[-1].weight.detach().clone())
+        return fit(model, groups, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train", recording)
+    mod = runner._Modality("toy", _toy_config(tmp_path, finetune_lrs={"toy": (3e-3,)}), lambda _: None)
+    mod.sources(0)
+    assert len(heads) == 3 and all(not h.any() for h in heads)
+    assert all(mod.probes[t][0].weight.any() for t in ("a", "b", "c"))  # the probe it does not start from
 
 
 def test_study_end_to_end_on_a_toy_modality(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 1. Data: each task split once into a training pool, validation and test (`tasks.split_task`);
    the pretrained bottom's features cached, versioned by protocol and data.
-2. Sources: each task's top fine-tuned on its whole pool (with its head, from a linear probe),
+2. Sources: each task's top fine-tuned on its whole pool (with a new head, zero at the start),
    the learning rate chosen per task on its validation split; cached the same way. Pre-check:
    every source beats the linear probe on its own validation split by `precheck_margin` points.
 3. Tuning, on validation only (targets built without their test split): per variant, its merge
@@ -79,7 +79,7 @@ class StudyConfig:
     schedule: Schedule = Schedule(epochs=20)
     bases: tuple[str, ...] = ("delta", "weight")
     finetune_lrs: dict[str, tuple[float, ...]] = field(default_factory=lambda: {"text": (1e-4, 3e-4), "vision": (3e-5, 1e-4, 3e-4)})
-    finetune: Schedule = Schedule(epochs=10, head_lr=1e-3, patience=3)
+    finetune: Schedule = Schedule(epochs=10, head_lr=1e-2, patience=10)
     precheck_margin: float = 5.0
     sources: str = "finetune"
     resamples: int = 2000
@@ -88,14 +88,14 @@ class StudyConfig:
 
 def quick_config(cache: Path | None = None) -> StudyConfig:
     """Vision (every package it needs installs from PyPI), three tasks, two shot settings, two
-    seeds, short Stage 2: the whole protocol in minutes. The tasks are those whose sources beat
-    their linear probe by the pre-check's margin at these sizes: mnist_rot90, photo_rotation and
-    digits (the other MNIST quarters' 550-example pools do not; photo_which's and
-    photo_quadrant's probes are within 5 points of 100%)."""
+    seeds, short Stage 2: the whole protocol in minutes. Its tasks are three whose sources beat
+    their linear probe by the pre-check's margin: mnist_rot90, photo_rotation and mnist_invert
+    (digits, mnist and mnist_parity fall 0.5-2 points short; photo_which's and photo_quadrant's
+    probes are within 5 points of 100%, so no source can)."""
     config = StudyConfig(
-        modalities=("vision",), tasks={"vision": ("mnist_rot90", "photo_rotation", "digits")}, val=200, test=500,
+        modalities=("vision",), tasks={"vision": ("mnist_rot90", "photo_rotation", "mnist_invert")}, val=200, test=500,
         shots=(4, 16), tune_shots=16, seeds=(0, 1), source_seeds_at=None, lrs=(0.01, 0.1), schedule=Schedule(epochs=4, patience=2),
-        bases=("delta",), finetune_lrs={"vision": (1e-4, 3e-4)}, finetune=Schedule(epochs=10, head_lr=1e-3, patience=3), resamples=500,
+        bases=("delta",), finetune_lrs={"vision": (1e-4, 3e-4)}, resamples=500,
     )
     return replace(config, cache=cache) if cache is not None else config
 
@@ -182,7 +182,13 @@ def _fine_tune_sources(mod: _Modality, seed: int) -> dict[str, dict[str, torch.T
             path = config.cache / "finetunes" / f"{mod.name}-{task.name}-lr{lr:g}-seed{seed}.pt"
             cached = load_cached(path, key, task.name)
             if cached is None:
-                top, head = copy.deepcopy(mod.backbone.top).requires_grad_(True), copy.deepcopy(mod.probes[task.name][0])
+                # A new head: one started from the probe already fits a pool of a few hundred
+                # examples (1280 features), and its small loss leaves the top little to learn
+                # (mnist_invert's source, 200 validation examples: 91.5% from the probe, 95.0% new).
+                probed = mod.probes[task.name][0]
+                top, head = copy.deepcopy(mod.backbone.top).requires_grad_(True), torch.nn.Linear(probed.in_features, probed.out_features)
+                torch.nn.init.zeros_(head.weight)
+                torch.nn.init.zeros_(head.bias)
                 model = torch.nn.Sequential(top, head)
                 kept = train(model, [(top.parameters(), lr), (head.parameters(), config.finetune.head_lr)], feats["train"], feats["val"], config.finetune, seed)
                 cached = {"top": {k: v.detach().clone() for k, v in top.state_dict().items()}, "val": kept.val}
