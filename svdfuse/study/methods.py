@@ -1,152 +1,162 @@
-"""The compared methods, each through svdfuse's public API, at matched trainable parameters.
+"""The compared methods, each through svdfuse's public API, and how each is adapted to a target.
 
-Every merge method + Stage 2 trains exactly N singular values per merged matrix:
-- AXIS keeps K = `k` per matrix (the paper's 10%); where N > K, Stage 2 extends each layer by
-  N − K directions orthogonal to U and V with σ = 0 (`excess="extend"`), so the count matches.
-- The other merges are made with k = N: the top-N SVD components of each merged task matrix are
-  trained, the rest stays frozen (`svdfuse.merge` with `k`).
-- "pretrained": the pretrained weights alone, with the top-N singular values of each *weight
-  matrix itself* trained (a merge of the one pretrained model over a zero base).
-- aTLAS (`svdfuse.atlas`) trains one coefficient per source and tensor, whatever N: its count is
-  reported beside its accuracy. The linear probe and the target's full fine-tune are references.
+A variant is a merge method and what its Stage 2 trains (the basis):
+- "delta": the top-N singular components of the merged task matrix Δ_m (the merge made with
+  k = max(K, N), so no direction is padded);
+- "weight": the top-N singular components of the merged weight W0 + Δ_m itself
+  (`to_module(basis="weight")`), for every method;
+- "extend" (AXIS only): the paper's K = 10% components, extended to N by directions with σ = 0.
+References: "pretrained" (the pretrained weights' own top-N σ), aTLAS (one coefficient per source
+and tensor) and the linear probe (the head alone).
 
-Method parameters are svdfuse's defaults, except DARE's scaling, set to Task Arithmetic's 0.3
-(DARE is Task Arithmetic over dropped-and-rescaled task vectors); nothing is tuned per method.
+Every variant's head is trained the same way (`stage2`): a linear probe refitted on that
+variant's merged features, then trained jointly with its Stage-2 parameters by `training.train`.
 """
 
 from __future__ import annotations
 
 import copy
-import time
+import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import svdfuse
-from svdfuse.study.training import Batches, accuracy
+from svdfuse.nn import set_trainable
+from svdfuse.study.training import Schedule, correct, embed, fit_head, train
 
-__all__ = ["MERGES", "REFERENCES", "METHOD_LABELS", "Target", "RunResult", "run_method", "noisy", "pruned"]
+__all__ = ["MERGES", "Variant", "Target", "Outcome", "variants", "grid", "merge", "body", "probe", "stage2"]
 
-MERGES = ("axis", "axis_exact", "average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c")
-REFERENCES = ("pretrained", "atlas", "linear_probe", "finetune")
-METHOD_LABELS = {
-    "axis": "AXIS (rSVD) + S2", "axis_exact": "AXIS (exact SVD) + S2", "average": "Average + S2",
-    "task_arithmetic": "Task Arithmetic + S2", "ties": "TIES + S2", "dare": "DARE + S2", "tsv_m": "TSV-M + S2",
-    "iso_c": "Iso-C + S2", "pretrained": "Pretrained + S2 (own top σ)", "atlas": "aTLAS",
-    "linear_probe": "Linear probe (pretrained)", "finetune": "Full fine-tune on target",
-}
-_PARAMS: dict[str, dict[str, Any]] = {"dare": {"scaling": 0.3}}
+MERGES = ("axis", "average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c")
+AXIS_BASES = ("delta", "weight", "extend")
+LABELS = {
+    "axis": "AXIS", "average": "Average", "task_arithmetic": "Task Arithmetic", "ties": "TIES", "dare": "DARE", "tsv_m": "TSV-M",
+    "iso_c": "Iso-C", "pretrained": "Pretrained", "atlas": "aTLAS", "linear_probe": "Linear probe",
+}  # fmt: skip
+_SCALED = {"axis", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c"}
+_DENSITY = {"ties": ("density", (0.2, 0.5)), "dare": ("drop_rate", (0.5, 0.9))}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method and what its Stage 2 trains: "delta", "weight", "extend" (merges), "weight"
+    (pretrained), "coefficients" (aTLAS) or "head" (linear probe)."""
+
+    method: str
+    basis: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/{self.basis}"
+
+    @property
+    def label(self) -> str:
+        return f"{LABELS[self.method]} ({self.basis})"
+
+
+def variants(bases: tuple[str, ...]) -> list[Variant]:
+    """AXIS in its three Stage-2 variants, every other merge in `bases`, then the references."""
+    out = [Variant("axis", b) for b in AXIS_BASES]
+    out += [Variant(m, b) for m in MERGES[1:] for b in bases]
+    return out + [Variant("pretrained", "weight"), Variant("atlas", "coefficients"), Variant("linear_probe", "head")]
+
+
+def grid(variant: Variant, sources: int, k: float) -> list[dict[str, float]]:
+    """The merge parameters tried on validation: the scale (1/T, 0.3, 1) of every method that has
+    one, TIES's density and DARE's drop rate, AXIS's K where Stage 2 does not fix it."""
+    axes: dict[str, tuple[float, ...]] = {}
+    if variant.method in _SCALED:
+        axes["scaling"] = tuple(sorted({1 / sources, 0.3, 1.0}))
+    if variant.method in _DENSITY:
+        name, values = _DENSITY[variant.method]
+        axes[name] = values
+    if variant == Variant("axis", "weight"):
+        axes["k"] = (k, 2 * k)
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
 
 @dataclass
 class Target:
-    """One leave-one-out target: the pretrained top, the target's frozen head and its data."""
+    """One leave-one-out target: the pretrained top (features -> embedding), its merged matrices,
+    the few-shot training examples, validation and test (None while tuning: never read there)."""
 
     name: str
     top: nn.Module
     base: dict[str, Tensor]
-    head: nn.Linear
     include: list[str]
+    classes: int
     train: tuple[Any, Tensor]
     val: tuple[Any, Tensor]
-    test: tuple[Any, Tensor]
+    test: tuple[Any, Tensor] | None
+    n: float
     k: float
-    epochs: int
-    lr: float
-    batch: int
+
+    def without_test(self) -> Target:
+        return replace(self, test=None)
 
 
 @dataclass
-class RunResult:
-    """One method on one target: accuracies (%) before Stage 2 (merge alone) and after, trainable scalars."""
+class Outcome:
+    """One variant on one target after Stage 2: validation accuracy (%) of the kept epoch, that
+    epoch, test correctness per example (None while tuning), trainable scalars (head excluded)."""
 
-    merged_val: float | None
-    merged_test: float | None
     val: float
-    test: float
+    epoch: int
+    test: Tensor | None
     trainable: int
-    seconds: float
-    cpu_seconds: float
 
 
-def _merge(target: Target, sources: Mapping[str, dict[str, Tensor]], method: str, n: float, seed: int) -> nn.Module:
-    if method in ("axis", "axis_exact"):
-        svd = svdfuse.SVDOptions(method="randomized" if method == "axis" else "exact", seed=seed)
-        result = svdfuse.merge(sources, k=target.k, base=target.base, method="axis", include=target.include, svd=svd, device="cpu", progress=False)
-    elif method == "pretrained":
+def merge(target: Target, sources: Mapping[str, dict[str, Tensor]], variant: Variant, params: Mapping[str, float]) -> Any:
+    """`variant`'s merge of `sources` for `target` (a `MergeResult`), or None where there is none
+    (aTLAS, the linear probe). Exact SVDs: the merge rule does not depend on a seed."""
+    exact = svdfuse.SVDOptions(method="exact")
+    common = {"include": target.include, "svd": exact, "device": "cpu", "progress": False}
+    if variant.method == "pretrained":
         zeros = {key: torch.zeros_like(value) for key, value in target.base.items()}
-        result = svdfuse.merge(
-            {"pretrained": target.base}, k=n, base=zeros, method="average", include=target.include, svd=svdfuse.SVDOptions(method="exact"),
-            device="cpu", progress=False,
-        )
+        return svdfuse.merge({"pretrained": target.base}, k=target.n, base=zeros, method="average", **common)
+    if variant.method not in MERGES:
+        return None
+    params = dict(params)
+    if variant.method == "axis":
+        k = {"delta": max(target.k, target.n), "extend": target.k}.get(variant.basis, params.pop("k", target.k))
     else:
-        # The merge rule does not depend on the SVD, only which top-N directions Stage 2 trains: exact.
-        svd = svdfuse.SVDOptions(method="exact", seed=seed)
-        result = svdfuse.merge(
-            sources, k=n, base=target.base, method=method, include=target.include, svd=svd, device="cpu", progress=False, **_PARAMS.get(method, {})
-        )
-    return result.to_module(target.top)
+        k = target.n
+    return svdfuse.merge(sources, k=k, base=target.base, method=variant.method, **params, **common)
 
 
-def run_method(target: Target, sources: Mapping[str, dict[str, Tensor]], method: str, n: float, seed: int, finetuned: dict[str, Tensor] | None = None) -> RunResult:
-    """Build `method`'s model for `target` from `sources`, measure it, adapt it (Stage 2 or aTLAS
-    coefficients) with seed `seed`, measure again. `finetuned` is the target's own fine-tune (for
-    the "finetune" reference)."""
-    start, cpu = time.perf_counter(), time.process_time()
-    torch.manual_seed(seed)
-    if method in ("linear_probe", "finetune"):
-        top = copy.deepcopy(target.top)
-        if method == "finetune":
-            top.load_state_dict(finetuned)
-        model = nn.Sequential(top, target.head)
-        trainable = sum(p.numel() for p in target.head.parameters()) + (sum(p.numel() for p in top.parameters()) if method == "finetune" else 0)
-        val, test = accuracy(model, *target.val), accuracy(model, *target.test)
-        return RunResult(None, None, val, test, trainable, time.perf_counter() - start, time.process_time() - cpu)
-    if method == "atlas":
-        body = svdfuse.atlas(sources, base=target.base, module=target.top, device="cpu")
-    else:
-        body = _merge(target, sources, method, n, seed)
-    model = nn.Sequential(body, target.head)
-    merged_val, merged_test = accuracy(model, *target.val), accuracy(model, *target.test)
-    report = svdfuse.adapt(
-        model, Batches(target.train[0], target.train[1], target.batch, seed), n=n, epochs=target.epochs, lr=target.lr,
-        excess="extend", progress=False,
-    )
-    val, test = accuracy(model, *target.val), accuracy(model, *target.test)
-    return RunResult(merged_val, merged_test, val, test, report.trainable, time.perf_counter() - start, time.process_time() - cpu)
+def body(target: Target, sources: Mapping[str, dict[str, Tensor]], variant: Variant, merged: Any) -> nn.Module:
+    """A fresh model of `variant` (features -> embedding) with its Stage-2 parameters trainable."""
+    if variant.method == "linear_probe":
+        return copy.deepcopy(target.top).requires_grad_(False)
+    if variant.method == "atlas":
+        module = svdfuse.atlas(sources, base=target.base, module=target.top, include=target.include, device="cpu")
+        set_trainable(module, target.n)
+        return module
+    if variant.basis == "extend":
+        module = merged.to_module(target.top)
+        set_trainable(module, target.n, excess="extend")
+        return module
+    module = merged.to_module(target.top, target.n, basis="weight" if variant.basis == "weight" else "delta")
+    set_trainable(module, target.n)
+    return module
 
 
-# ---------------------------------------------------------------------------------- robustness
+def probe(model: nn.Module, target: Target) -> tuple[nn.Linear, float]:
+    """A linear probe fitted on `model`'s features of the target's few-shot examples: the head and
+    its validation accuracy (%)."""
+    train_emb = embed(model, target.train[0])
+    return fit_head((train_emb, target.train[1]), (embed(model, target.val[0]), target.val[1]), target.classes)
 
 
-def noisy(base: dict[str, Tensor], source: dict[str, Tensor], scale: float, seed: int) -> dict[str, Tensor]:
-    """`source` with Gaussian noise added to each floating tensor's task vector Δ, the noise's
-    Frobenius norm `scale`·‖Δ‖_F (its entries' std `scale`·‖Δ‖_F / sqrt(numel))."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, value in source.items():
-        delta = value - base[key]
-        if not value.is_floating_point() or delta.norm() == 0:
-            out[key] = value.clone()
-            continue
-        noise = torch.randn(value.shape, generator=gen, dtype=value.dtype)
-        out[key] = value + noise * (scale * delta.norm() / noise.norm())
-    return out
-
-
-def pruned(base: dict[str, Tensor], source: dict[str, Tensor], fraction: float) -> dict[str, Tensor]:
-    """`source` with each tensor's task vector magnitude-pruned: its `fraction` smallest |Δ|
-    entries set to 0 (ties broken by position)."""
-    out = {}
-    for key, value in source.items():
-        delta = (value - base[key]).flatten()
-        drop = int(fraction * delta.numel())
-        if drop > 0 and value.is_floating_point():
-            smallest = delta.abs().argsort(stable=True)[:drop]
-            delta = delta.clone()
-            delta[smallest] = 0
-        out[key] = base[key] + delta.view_as(value)
-    return out
+def stage2(model: nn.Module, target: Target, lr: float, schedule: Schedule, seed: int) -> Outcome:
+    """Refit the probe on `model`'s features, then train it jointly with `model`'s trainable
+    parameters (learning rate `lr`; the head at `schedule.head_lr`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    head, _ = probe(model, target)
+    full = nn.Sequential(model, head)
+    kept = train(full, [(params, lr), (head.parameters(), schedule.head_lr)], target.train, target.val, schedule, seed)
+    test = correct(full, *target.test) if target.test is not None else None
+    return Outcome(kept.val, kept.epoch, test, sum(p.numel() for p in params))

