@@ -79,9 +79,11 @@ class _Reused:
 
 def _extremes(M: Tensor) -> tuple[list, list]:
     """Which matrices of M (..., m, n) are finite and which are all zeros, as nested lists (...):
-    one pass over M in all (`aminmax` carries NaN and ±inf, and needs no temporary), where a
-    check per matrix costs a parallel region each, ~16 ms of thread wake-up on a busy machine."""
-    low, high = torch.aminmax(M.flatten(-2), dim=-1)
+    two reductions over M in all (`amin`, `amax` carry NaN and ±inf, and need no temporary), where
+    a check per matrix costs a parallel region each, ~16 ms of thread wake-up on a busy machine.
+    Not `aminmax`: on the CPU it reads 3.7 GB/s where `amax` reads 43 (fp32, 2-core machine, 2026-12-07)."""
+    flat = M.flatten(-2)
+    low, high = flat.amin(-1), flat.amax(-1)
     finite = torch.isfinite(low) & torch.isfinite(high)
     return finite.tolist(), ((low == 0) & (high == 0)).tolist()
 
