@@ -43,10 +43,11 @@ _DEFAULT_WORKSPACE = 0.5
 # Rows of a source an elementwise piece reads from files at a time, at most: the T + 1 buffers that
 # a block is read into are reused for every block, so held to about 1 MiB a source they stay in the
 # L3 cache from the read to the kernel, and their page faults are paid once for a few MiB instead of
-# once per large tensor. Models held in memory are not read (the kernel takes views): their blocks
-# stay budget-sized, fewer kernel calls (Average of 8 MiniLM fp32 in memory: 0.107 s capped, 0.095 s not). Task Arithmetic of 12 MiniLM fp32 files, streamed: 0.57 s with blocks of
-# the whole budget, 0.31 s at 1 MiB, 0.37 s at 256 KiB, 0.34 s at 4 MiB (2-core machine, 2026-12-07).
-# TIES keeps budget-sized blocks: its trim passes pay per block (T = 48 bf16: 1.7 s -> 2.3 s at 1 MiB).
+# once per large tensor. Task Arithmetic of 12 MiniLM fp32 files, streamed: 0.57 s with blocks of the
+# whole budget, 0.31 s at 1 MiB, 0.37 s at 256 KiB, 0.34 s at 4 MiB (2-core machine, 2026-12-07).
+# Models held in memory are not read (the kernel takes views): their blocks stay budget-sized, fewer
+# kernel calls (Average of 8 MiniLM fp32 in memory: 0.107 s capped, 0.095 s not). TIES keeps
+# budget-sized blocks: its trim passes pay per block (T = 48 bf16: 1.7 s -> 2.3 s at 1 MiB).
 SOURCE_BLOCK_BYTES = 1 << 20
 
 

@@ -175,19 +175,25 @@ def _digest(source: Source, keys: Sequence[str], quick: bool) -> str:
         step = max(1, _DIGEST_BLOCK // row_bytes)
         spans = sorted({(0, 1), (rows - 1, rows)}) if quick else [(a, min(a + step, rows)) for a in range(0, rows, step)]
         items += [(key, start, stop, (stop - start) * row_bytes) for start, stop in spans]
+    # items of up to _DIGEST_BLOCK bytes of reads at a time: read together, then hashed in order
     h = hashlib.sha256()
-    buffer = torch.empty(0, dtype=torch.uint8)
+    buffer = torch.empty(0, dtype=torch.uint8)  # one for every group: fresh memory costs its page faults each time
     group: list[bytes | tuple[str, int, int, int]] = []
     size = 0
-    for item in [*items, b""]:
-        nbytes = -(-item[3] // 8) * 8 if isinstance(item, tuple) else 0  # each read 8-byte aligned in the buffer
-        if size + nbytes > _DIGEST_BLOCK or item == b"":  # a block's reads made together, then hashed in order
+    for item in [*items, None]:
+        nbytes = _aligned(item[3]) if isinstance(item, tuple) else 0
+        if item is None or (group and size + nbytes > _DIGEST_BLOCK):
             buffer = buffer if buffer.numel() >= size else torch.empty(size, dtype=torch.uint8)
             _hash_group(h, source, group, buffer)
             group, size = [], 0
-        group.append(item)
-        size += nbytes
+        if item is not None:
+            group.append(item)
+            size += nbytes
     return h.hexdigest()
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 8) * 8  # each read 8-byte aligned in a group's buffer, for any dtype's view
 
 
 def _hash_group(h: "hashlib._Hash", source: Source, group: list[bytes | tuple[str, int, int, int]], buffer: Tensor) -> None:
@@ -204,7 +210,7 @@ def _hash_group(h: "hashlib._Hash", source: Source, group: list[bytes | tuple[st
             out = raw.view(dtype).view((stop - start, *shape[1:]) if shape else ())
             batch.read(source, key, start, stop, out) if Batch.takes(source, key, out) else source.read(key, start, stop, out)
             read.append(raw)
-            at += -(-nbytes // 8) * 8
+            at += _aligned(nbytes)
     pieces = iter(read)
     for item in group:
         h.update(item if isinstance(item, bytes) else memoryview(next(pieces).numpy()))
@@ -321,8 +327,8 @@ class SafetensorsSource(Source):
         file, offset, length = self.span(key, start, stop)
         return [(_FILES.fd(file), offset, length)]
 
-
     def ends_early(self, key: str) -> SourceError:
+        """The error of a read of `key` that found fewer bytes than the header promised."""
         shape, dtype = self.meta(key)
         return SourceError(f"{self.label}: tensor {key!r} {shape} {dtype} ends early: the file was truncated after it was opened")
 
