@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 namespace svdfuse {
@@ -107,7 +108,7 @@ void accumulate(const double* tile, int64_t count, int64_t p, double* acc, bool 
 // out (r × r) = xᵀx (left: the vectors are x's a rows of length b) or x xᵀ (right: its b columns
 // of length a), x (a, b) row-major. `tile` and `acc`: the thread's scratch.
 template <typename T>
-void gram_one(const T* x, int64_t a, int64_t b, bool left, double* out, std::vector<double>& tile, std::vector<double>& acc) {
+void gram_one_portable(const T* x, int64_t a, int64_t b, bool left, double* out, std::vector<double>& tile, std::vector<double>& acc) {
   const int64_t r = left ? b : a;
   const int64_t p = (r + 3) & ~int64_t{3};
   const int64_t count = left ? a : b;
@@ -136,6 +137,133 @@ void gram_one(const T* x, int64_t a, int64_t b, bool left, double* out, std::vec
   for (int64_t i = 0; i < r; ++i) {
     for (int64_t j = 0; j < r; ++j) out[i * r + j] = j >= i ? acc[i * p + j] : acc[j * p + i];
   }
+}
+
+// The AVX-512 build, chosen at load time where the CPU has it (and SVDFUSE_NO_AVX512 is unset): the
+// factors widened to float64 eight values at a time by masked loads, and the sums in 8-lane
+// registers. The left Gram takes 4 × 16 blocks of outer products (8 registers of sums, 4 broadcasts
+// and 2 loads per vector), the right one 4 × 4 blocks of dot products along the rows (16 registers,
+// 8 loads per 8 columns), each reduced once per tile. 2-core x86-64 (AMD EPYC), 2026-12-07, 1000 bf16
+// factors 4096 × 16 (131 MB) on two threads: left 30 ms with the AVX2 build, 12 ms with this one;
+// right 44 ms, 11 ms.
+#if defined(__GNUC__) && defined(__x86_64__)
+// GCC 12's own AVX-512 headers trip its uninitialized-value warnings (_mm512_undefined_*).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#define SVDFUSE_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl")))
+
+SVDFUSE_AVX512 inline __m512d load8(const double* x, __mmask8 m) { return _mm512_maskz_loadu_pd(m, x); }
+SVDFUSE_AVX512 inline __m512d load8(const float* x, __mmask8 m) { return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x)); }
+SVDFUSE_AVX512 inline __m512d load8(const c10::Half* x, __mmask8 m) { return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(m, x))); }
+SVDFUSE_AVX512 inline __m512d load8(const c10::BFloat16* x, __mmask8 m) {  // a bfloat16 is a float's top 16 bits
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(m, x));
+  return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+}
+
+// x[0, n) widened into out[0, n rounded up to 8), the padding zero.
+template <typename T>
+SVDFUSE_AVX512 inline void widen(const T* x, int64_t n, double* out) {
+  for (int64_t k = 0; k < n; k += 8) {
+    const __mmask8 m = n - k >= 8 ? __mmask8{0xFF} : static_cast<__mmask8>((1u << (n - k)) - 1);
+    _mm512_storeu_pd(out + k, load8(x + k, m));
+  }
+}
+
+// acc rows [i, i + NR), columns [c, c + 8·NW) += Σ_t v_t[i + a] · v_t[c:], the tile's `count` vectors of p values.
+template <int NR, int NW>
+SVDFUSE_AVX512 inline void outer_block(const double* tile, int64_t count, int64_t p, int64_t i, int64_t c, double* acc) {
+  __m512d s[NR][NW];
+  for (int a = 0; a < NR; ++a) {
+    for (int w = 0; w < NW; ++w) s[a][w] = _mm512_setzero_pd();
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    const double* v = tile + t * p;
+    __m512d col[NW];
+    for (int w = 0; w < NW; ++w) col[w] = _mm512_loadu_pd(v + c + 8 * w);
+    for (int a = 0; a < NR; ++a) {
+      const __m512d e = _mm512_set1_pd(v[i + a]);
+      for (int w = 0; w < NW; ++w) s[a][w] = _mm512_fmadd_pd(e, col[w], s[a][w]);
+    }
+  }
+  for (int a = 0; a < NR; ++a) {
+    for (int w = 0; w < NW; ++w) {
+      double* sum = acc + (i + a) * p + c + 8 * w;
+      _mm512_storeu_pd(sum, _mm512_add_pd(_mm512_loadu_pd(sum), s[a][w]));
+    }
+  }
+}
+
+// acc rows [i, i + 4), columns [j, j + 4) += the dot products of the tile's rows (p rows of `width`
+// values, a multiple of 8).
+SVDFUSE_AVX512 inline void dot_block(const double* tile, int64_t width, int64_t p, int64_t i, int64_t j, double* acc) {
+  __m512d s[4][4];
+  for (int a = 0; a < 4; ++a) {
+    for (int b = 0; b < 4; ++b) s[a][b] = _mm512_setzero_pd();
+  }
+  for (int64_t k = 0; k < width; k += 8) {
+    __m512d x[4], y[4];
+    for (int a = 0; a < 4; ++a) x[a] = _mm512_loadu_pd(tile + (i + a) * width + k);
+    for (int b = 0; b < 4; ++b) y[b] = _mm512_loadu_pd(tile + (j + b) * width + k);
+    for (int a = 0; a < 4; ++a) {
+      for (int b = 0; b < 4; ++b) s[a][b] = _mm512_fmadd_pd(x[a], y[b], s[a][b]);
+    }
+  }
+  for (int a = 0; a < 4; ++a) {
+    for (int b = 0; b < 4; ++b) acc[(i + a) * p + j + b] += _mm512_reduce_add_pd(s[a][b]);
+  }
+}
+
+// gram_one's AVX-512 build: p = r rounded up to 8, tiles of `per` (a multiple of 8) vectors or columns.
+template <typename T>
+SVDFUSE_AVX512 void gram_one_avx512(const T* x, int64_t a, int64_t b, bool left, double* out, std::vector<double>& tile, std::vector<double>& acc) {
+  const int64_t r = left ? b : a;
+  const int64_t p = (r + 7) & ~int64_t{7};
+  const int64_t count = left ? a : b;
+  const int64_t per = std::max<int64_t>(8, kTileDoubles / p) & ~int64_t{7};
+  tile.assign(per * p, 0.0);
+  acc.assign(p * p, 0.0);
+  for (int64_t first = 0; first < count; first += per) {
+    const int64_t n = std::min(per, count - first);
+    if (left) {
+      for (int64_t k = 0; k < n; ++k) widen(x + (first + k) * b, r, tile.data() + k * p);
+      for (int64_t i = 0; i < p; i += 4) {  // the blocks on or above the diagonal
+        int64_t c = i & ~int64_t{7};
+        for (; c + 16 <= p; c += 16) outer_block<4, 2>(tile.data(), n, p, i, c, acc.data());
+        if (c < p) outer_block<4, 1>(tile.data(), n, p, i, c, acc.data());
+      }
+    } else {
+      const int64_t width = (n + 7) & ~int64_t{7};
+      for (int64_t i = 0; i < a; ++i) {
+        double* v = tile.data() + i * per;
+        widen(x + i * b + first, n, v);
+        std::fill(v + width, v + per, 0.0);
+      }
+      for (int64_t i = 0; i < p; i += 4) {
+        for (int64_t j = i; j < p; j += 4) dot_block(tile.data(), per, p, i, j, acc.data());
+      }
+    }
+  }
+  for (int64_t i = 0; i < r; ++i) {
+    for (int64_t j = 0; j < r; ++j) out[i * r + j] = j >= i ? acc[i * p + j] : acc[j * p + i];
+  }
+}
+
+const bool kHasAvx512 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c") && std::getenv("SVDFUSE_NO_AVX512") == nullptr;
+}();
+#else
+constexpr bool kHasAvx512 = false;
+template <typename T>
+void gram_one_avx512(const T*, int64_t, int64_t, bool, double*, std::vector<double>&, std::vector<double>&) {}
+#endif
+
+// out (r × r) = xᵀx or x xᵀ, by the widest build the CPU runs.
+template <typename T>
+void gram_one(const T* x, int64_t a, int64_t b, bool left, double* out, std::vector<double>& tile, std::vector<double>& acc) {
+  kHasAvx512 ? gram_one_avx512(x, a, b, left, out, tile, acc) : gram_one_portable(x, a, b, left, out, tile, acc);
 }
 
 at::Tensor gram_cpu(const at::Tensor& x_in, bool left) {

@@ -572,7 +572,8 @@ def gram(x: Tensor, left: bool = True) -> Tensor:
         ValueError, TypeError: x has fewer than two dims or another dtype.
 
     On the CPU the compiled kernel (csrc/gram.cpp) converts a cache-sized tile at a time and
-    accumulates in float64 (a thousand adapters' factors are never copied to float64 whole);
+    accumulates in float64 (a thousand adapters' factors are never copied to float64 whole), in
+    AVX-512 registers where the CPU has them (`SVDFUSE_NO_AVX512=1` picks the AVX2 build);
     elsewhere, or without the extension, `reference.gram`: a float64 copy and one batched GEMM.
 
     Example::

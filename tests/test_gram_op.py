@@ -3,6 +3,10 @@ thin factors read in their own dtype. Against float64 truth with a bound from fl
 the sums (the products of bf16, fp16 and fp32 values are exact in float64), the compiled CPU kernel
 against the reference, odd layouts and sizes, errors, opcheck."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -39,6 +43,14 @@ def test_gram_within_float64_rounding_and_equal_to_reference(native_op, dtype, l
     _within_float64_sums(got, x, left)
     _within_float64_sums(reference.gram(x, left), x, left)
     _within_float64_sums(ops.gram(x, left), x, left)
+
+
+def test_the_build_for_cpus_without_avx512_too(native_op):
+    """This file's sums under SVDFUSE_NO_AVX512=1: the AVX2 or portable build, which a CPU without
+    AVX-512 runs, where this one runs the AVX-512 build."""
+    env = {**os.environ, "SVDFUSE_NO_AVX512": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "rounding or layout"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:]
 
 
 def test_any_layout_and_empty_sizes(native_op):
