@@ -86,6 +86,28 @@ def test_zero_columns_and_scale():
     torch.testing.assert_close(U * S[..., None, :] @ V.mT, W, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("dependent", ["none", "L", "R"])
+def test_singular_values_from_the_grams_alone(dependent):
+    """`factored.singular_values` (what AXIS ranks every component by) against float64 truth: the
+    top ones to float64's rounding; a direction a factor repeats (columns of L or rows of R
+    dependent) at the truth's ~ε·σ₁, not the √ε·σ₁ that σ² from a near-singular Cholesky leaves."""
+    L, R = _factors(5, 40, 30, 6, 1, seed=3)
+    L[1, :, 2] = 0  # a direction L lacks and R has (peft starts B at zero): σ = 0 exactly
+    if dependent == "L":
+        L[..., 4:] = L[..., :2] * torch.tensor([2.0, -0.5], dtype=F64)
+    if dependent == "R":
+        R[..., 4:, :] = R[..., :2, :] * 3.0
+    scale = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=F64)
+    S = factored.singular_values(L.mT @ L, R @ R.mT, 40, 30, scale)
+    truth = _truth(scale[:, None, None] * L, R)
+    live = 4 if dependent != "none" else 6
+    torch.testing.assert_close(S[:, :live], truth[:, :live], rtol=1e-12, atol=1e-14 * truth[:, :1].amax().item())
+    assert (S[:, live:] <= 64 * torch.finfo(F64).eps * truth[:, :1]).all()
+    assert (S[3] == 0).all()
+    if dependent == "none":  # by the route from the Grams alone; the fallback's is ~ε·σ₁
+        assert S[1, -1] == 0
+
+
 def test_vectors_are_the_chosen_columns_and_resized_pads_with_zero_components():
     L, R = (t.float() for t in _factors(6, 32, 24, 4, 1))
     L, R = L.reshape(2, 3, 32, 4), R.reshape(2, 3, 4, 24)
