@@ -94,7 +94,7 @@ def test_ranks_whose_files_differ_at_the_same_path_refuse_before_any_work(files,
         "    if 's1.safetensors' in self.label:\n"
         "        out.add_(1)\n"
         "s.SafetensorsSource.read = read\n"
-        "s.Batch.takes = staticmethod(lambda *a: False)\n"  # every read through `read`, none batched
+        "s.Batch.available = staticmethod(lambda: False)\n"  # every read through `read`, none batched
         "import svdfuse.pipeline as p\ndef run(*a, **k):\n    raise AssertionError('work started')\np.Compute.run = run\n"
     )
     run = _torchrun(tmp_path, [("", _merge_args(root, out, sources)), (other_copy, _merge_args(root, out, sources))])

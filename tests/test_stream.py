@@ -228,6 +228,14 @@ def test_many_source_files_share_a_bounded_set_of_descriptors(files, monkeypatch
     assert len(bounded._fds) <= 3
 
 
+@pytest.mark.parametrize("soft,kept", [(1024, 512), (20000, 4096), (100, 64)])
+def test_the_files_kept_open_are_half_the_descriptor_limit_within_bounds(monkeypatch, soft, kept):
+    from svdfuse import sources as sources_module
+
+    monkeypatch.setattr(sources_module.resource, "getrlimit", lambda which: (soft, 1 << 20))
+    assert sources_module._OpenFiles().limit == kept
+
+
 def test_read_ahead_asks_for_the_bytes_of_the_rows_it_names(files, monkeypatch):
     root, sources = files
     calls = []
