@@ -12,8 +12,8 @@ its wall time and peak RSS (VmHWM):
 
 The floors, in the same run: a plain sequential read of the same adapter files (bytes per second of
 the page cache, or the disk where they do not fit), and for AXIS the float64 Grams of every
-adapter's factors (BᵀB, AAᵀ: 2(m + n)r² flops per module, the work its exact components cannot
-skip) at the rate batched float64 GEMMs of those shapes reach here; `pct_of_compute_floor` is the
+adapter's factors (BᵀB, AAᵀ: their upper triangles, (m + n)r(r + 1) flops per module, the work its exact components cannot
+skip) at the rate of a large float64 GEMM here; `pct_of_compute_floor` is the
 larger floor over the merge's time. The baseline: peft's
 `add_weighted_adapter(combination_type="svd", svd_rank=64)` on the same adapters, which forms every
 ΔW densely and runs a full SVD per module; it cannot finish the 4 layers in reasonable time on 2
@@ -136,21 +136,19 @@ def _files(adapters: list[str]) -> list[str]:
 
 def gram_floor_seconds(modules: dict[str, tuple[int, int]], T: int) -> tuple[float, float]:
     """(seconds, GFLOP/s): the float64 Grams BᵀB and AAᵀ of T rank-16 adapters of `modules`, the work
-    AXIS's exact components cannot skip, at the rate batched float64 GEMMs of those shapes reach
-    here (measured now, with torch's threads: the compute floor beside the read floor)."""
-    flops = seconds = 0.0
-    for m, n in modules.values():
-        for rows in (m, n):  # B: (m, r) -> BᵀB; A: (r, n) -> A Aᵀ
-            X = torch.randn(64, rows, RANK, dtype=torch.float64)
-            torch.bmm(X.mT, X)
-            best = float("inf")
-            for _ in range(5):
-                start = time.perf_counter()
-                torch.bmm(X.mT, X)
-                best = min(best, time.perf_counter() - start)
-            seconds += T / 64 * best
-            flops += T * 2 * rows * RANK * RANK
-    return seconds, flops / seconds / 1e9
+    AXIS's exact components cannot skip (their upper triangles: rows · r(r + 1) flops a factor), at
+    the rate of a large float64 GEMM here (torch.mm 2048 × 2048, torch's threads, measured now): the
+    hardware's compute floor beside the read floor."""
+    X = torch.randn(2048, 2048, dtype=torch.float64)
+    torch.mm(X, X)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(X, X)
+        best = min(best, time.perf_counter() - start)
+    rate = 2 * 2048**3 / best
+    flops = sum(T * rows * RANK * (RANK + 1) for m, n in modules.values() for rows in (m, n))
+    return flops / rate, rate / 1e9
 
 
 def main() -> None:

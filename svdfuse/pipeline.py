@@ -480,7 +480,7 @@ class Compute:
         for j, i in enumerate(ids):
             self.progress.differs[i] = self.progress.differs[i] or bool((scale[:, j] != 0).any())
         self.progress.advance(sum(a.factor_bytes(spec.key) for a in adapters for spec in specs if spec.key in a.modules))
-        return factored.exact_factored_svd(L, R, dtype, scale=scale, grams=grams).resized(width)
+        return factored.exact_factored_svd(L, R, dtype, scale=scale, grams=grams, buffer=buffer).resized(width)
 
     def _adapter_chunks(self, specs: tuple[TensorSpec, ...], chunk: int, dtype: torch.dtype) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
         """A group of adapters alone as a method's `factored` merge reads it: each call a pass over
