@@ -214,6 +214,7 @@ class LoraSource(Source):
     def __init__(self, label: str, directory: Path, base: Source) -> None:
         super().__init__(label, None)
         self.adapter_dir, self.base = directory, base
+        self._spans: dict[str, tuple[torch.dtype, tuple[str, int, int], tuple[str, int, int]] | None] = {}
         self.parsed = adapter = LoraAdapter(label, directory)
         self.config, self.store = adapter.config, adapter.store
         self._check_base(self.config.get("base_model_name_or_path"))
@@ -341,11 +342,16 @@ class LoraSource(Source):
             L.copy_(self.store.get(module.a).T)
             R.copy_(self.store.get(module.b).T)
 
-    @functools.cache
     def factor_spans(self, key: str) -> tuple[torch.dtype, tuple[str, int, int], tuple[str, int, int]] | None:
         """Where `read_factors` of `key` is two plain copies as stored (a linear or conv module in a
         safetensors file, both factors of one dtype): that dtype and the (file, offset, length) of
-        B (m × r values: L's) and of A (r × n values: R's); else None."""
+        B (m × r values: L's) and of A (r × n values: R's); else None. Kept once found: a merge
+        asks for every module of every adapter once a pass."""
+        if key not in self._spans:
+            self._spans[key] = self._factor_spans(key)
+        return self._spans[key]
+
+    def _factor_spans(self, key: str) -> tuple[torch.dtype, tuple[str, int, int], tuple[str, int, int]] | None:
         module = self.modules[key]
         if module.kind not in ("linear", "conv") or not isinstance(self.store, SafetensorsSource):
             return None
