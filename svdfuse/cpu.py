@@ -21,12 +21,11 @@ EPYC, 2026-12-07). A matrix too large for a chunk is taken alone on all of torch
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
-from svdfuse import _rsvd
+from svdfuse import _rsvd, linalg
 
 # A chunk: matrices taken together through the whole randomized SVD, at least one. Sized to stay
 # in cache through the 2 + 2q passes (2-core EPYC, 2026-12-07, C1's three shape groups: 4 MB
@@ -80,21 +79,6 @@ def _project(D: Tensor) -> _rsvd.Project:
     return project
 
 
-def _on_threads(work, items: list, workers: int) -> None:
-    """`work(item)` for every item, on `workers` threads of one torch thread each (inline when one)."""
-    if workers <= 1 or len(items) <= 1:
-        for item in items:
-            work(item)
-        return
-    threads = torch.get_num_threads()
-    try:
-        with ThreadPoolExecutor(min(workers, len(items)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            for _ in pool.map(work, items):  # re-raises a chunk's error here
-                pass
-    finally:
-        torch.set_num_threads(threads)  # the threads' setting also became the default of new threads
-
-
 def randomized_svd(
     A: Tensor, rank: int, base: Tensor | None = None, *, oversample: int, power_iters: int, seed: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,7 +118,7 @@ def randomized_svd(
         for full, part in zip((U, S, V), out):
             full[first : first + hi - lo] = part
 
-    _on_threads(work, chunks, _workers(m, n, U.element_size()))
+    linalg.on_threads(work, chunks, _workers(m, n, U.element_size()))
     return U.reshape(*out_batch, m, rank), S.reshape(*out_batch, rank), V.reshape(*out_batch, n, rank)
 
 

@@ -174,6 +174,32 @@ def singular_values(G_l: Tensor, G_r: Tensor, m: int, n: int, scale: Tensor | No
     return S
 
 
+_PART = 1024  # products a thread takes at a time: a few ms of LAPACK calls
+
+
+def _singular_values_on_threads(G_l: Tensor, G_r: Tensor, m: int, n: int, scale: Tensor | None) -> Tensor:
+    """`singular_values` of a batch, its parts on torch's threads, each part's small factorizations
+    on one of them (`linalg.on_threads`: 0.16 s against 0.27 s on one thread for 16 000 products of
+    rank 16, 2-core machine, 2026-12-07; torch runs a batch's LAPACK calls one after another)."""
+    shape, r = G_l.shape[:-2], G_l.shape[-1]
+    flat_l, flat_r = G_l.reshape(-1, r, r), G_r.reshape(-1, r, r)
+    flat_s = None if scale is None else scale.reshape(-1)
+    S = torch.empty((flat_l.shape[0], r), dtype=torch.float64, device=G_l.device)
+
+    def part(start: int) -> None:
+        at = slice(start, start + _PART)
+        S[at] = singular_values(flat_l[at], flat_r[at], m, n, None if flat_s is None else flat_s[at])
+
+    parts = range(0, flat_l.shape[0], _PART)
+    if G_l.device.type == "cpu" and torch.get_num_threads() > 1 and len(parts) > 1:
+        linalg.on_threads(part, parts, torch.get_num_threads())
+    else:
+        with linalg.one_thread(G_l):
+            for start in parts:
+                part(start)
+    return S.reshape(*shape, r)
+
+
 def exact_factored_svd(
     L: Tensor,
     R: Tensor,
@@ -198,8 +224,7 @@ def exact_factored_svd(
     `R Rᵀ` where the caller has them; `buffer(name, shape, dtype)`: scratch memory the caller
     reuses (default fresh)."""
     grams = grams or (ops.gram(L), ops.gram(R, left=False))
-    with linalg.one_thread(L):
-        S = singular_values(*grams, L.shape[-2], R.shape[-1], scale)
+    S = _singular_values_on_threads(*grams, L.shape[-2], R.shape[-1], scale)
     q = min(L.shape[-2], R.shape[-1], L.shape[-1])
     return FactoredSVD(L, R, S[..., :q].to(dtype or L.dtype), grams, scale, buffer)
 

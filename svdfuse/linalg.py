@@ -17,15 +17,19 @@ matrices far wider than a sketch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor
 
-__all__ = ["svd", "qr", "lu_factor", "all_finite"]
+__all__ = ["svd", "qr", "lu_factor", "all_finite", "one_thread", "on_threads"]
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -44,6 +48,23 @@ def one_thread(A: Tensor) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def on_threads(work: Callable[[T], None], items: Sequence[T], workers: int) -> None:
+    """`work(item)` for every item, on `workers` threads of one torch thread each (inline when one),
+    the items handed out as threads come free: where another job slows one thread, the other
+    takes its share. An item's error is raised here."""
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            work(item)
+        return
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(min(workers, len(items)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for _ in pool.map(work, items):  # re-raises an item's error here
+                pass
+    finally:
+        torch.set_num_threads(threads)  # the threads' setting also became the default of new threads
 
 
 def qr(A: Tensor) -> tuple[Tensor, Tensor]:

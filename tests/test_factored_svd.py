@@ -108,6 +108,25 @@ def test_singular_values_from_the_grams_alone(dependent):
         assert S[1, -1] == 0
 
 
+def test_a_large_batch_of_products_split_over_threads_gives_every_products_values(monkeypatch):
+    """More products than a thread takes at once (`factored._PART`, made small here): the parts
+    on torch's threads give what one call on the whole batch gives, every product its own."""
+    monkeypatch.setattr(factored, "_PART", 7)
+    L, R = _factors(60, 30, 20, 5, 1, seed=4)
+    scale = torch.linspace(-1, 2, 60, dtype=F64)
+    grams = (L.mT @ L).reshape(3, 20, 5, 5), (R @ R.mT).reshape(3, 20, 5, 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        S = factored._singular_values_on_threads(*grams, 30, 20, scale.reshape(3, 20))
+    finally:
+        torch.set_num_threads(threads)
+    assert S.shape == (3, 20, 5)
+    whole = factored.singular_values(L.mT @ L, R @ R.mT, 30, 20, scale)
+    torch.testing.assert_close(S.reshape(60, 5), whole, rtol=1e-13, atol=0)
+    torch.testing.assert_close(S.reshape(60, 5), _truth(scale[:, None, None] * L, R), rtol=1e-12, atol=1e-14)
+
+
 def test_vectors_are_the_chosen_columns_and_resized_pads_with_zero_components():
     L, R = (t.float() for t in _factors(6, 32, 24, 4, 1))
     L, R = L.reshape(2, 3, 32, 4), R.reshape(2, 3, 4, 24)
