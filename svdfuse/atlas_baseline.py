@@ -57,7 +57,7 @@ def atlas(
     """
     device = resolve_device(device)
     base_source = open_source(base, "base")
-    sources = open_sources(models, base)
+    sources = open_sources(models, base, base_source)
     # The plan only checks the sources against the base here: aTLAS holds every task vector anyway.
     plan = make_plan(
         base_source, sources, get_method("average"), None, include=None, exclude=(), dtype=dtype, budget=1 << 62, svd=SVDOptions(), params={}

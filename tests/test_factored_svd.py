@@ -183,6 +183,23 @@ def _summed(base: Path, adapters: list[Path]) -> dict[str, torch.Tensor]:
     return out
 
 
+def test_atlas_takes_adapters_as_sources_their_task_vectors_the_adapters_updates(tmp_path):
+    """aTLAS over peft adapters: each coefficient scales an adapter's s·B·A, read against the base
+    (`svdfuse.atlas` opened them without the base, and refused every adapter)."""
+    base_path, adapters = _base_and_adapters(tmp_path, [torch.float32, torch.float32])
+    base = load_file(str(base_path))
+    module = torch.nn.Module()
+    module.layer = torch.nn.ModuleList([torch.nn.ModuleDict({"proj": torch.nn.Linear(16, 24)}),
+                                        torch.nn.ModuleDict({"proj": torch.nn.Linear(16, 24), "out": torch.nn.Linear(24, 16)})])  # fmt: skip
+    module.load_state_dict(base)
+    model = svdfuse.atlas(adapters, base=base_path, module=module, init=1.0, device="cpu")
+    summed = _summed(base_path, adapters)
+    weights = {"layer.0.proj.weight": model.layer[0].proj.weight, "layer.1.proj.weight": model.layer[1].proj.weight, "layer.1.out.weight": model.layer[1].out.weight}
+    for key, weight in weights.items():
+        torch.testing.assert_close(weight.to(F64), base[key].to(F64) + summed[key], rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.layer[1].out.bias, base["layer.1.out.bias"], rtol=0, atol=0)
+
+
 def test_adapters_stored_in_different_dtypes_are_read_each_in_its_own(tmp_path):
     """AXIS keeping every component of a bf16 adapter and a float32 one is their exact sum: a
     float32 adapter read through a bf16 buffer would be off by bf16's rounding (~4e-3)."""
