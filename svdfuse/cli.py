@@ -201,6 +201,7 @@ def _add_study_parser(sub: argparse._SubParsersAction) -> None:
     study.add_argument("--quick", action="store_true", help="vision, three tasks, two shot settings, two seeds: minutes")
     study.add_argument("--modality", action="append", choices=["text", "vision"], help="run only this modality (repeatable)")
     study.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    study.add_argument("--sources", choices=["finetune", "lora"], help="the sources: fine-tuned tops (default) or peft LoRA adapters of them, merged from their factors (the LoRA track)")
 
 
 def _study(args: argparse.Namespace) -> None:
@@ -217,6 +218,8 @@ def _study(args: argparse.Namespace) -> None:
         config = replace(config, cache=args.cache)
     if args.modality:
         config = replace(config, modalities=tuple(args.modality))
+    if args.sources:
+        config = replace(config, sources=args.sources)
     run_study(config, Path(args.output), log=lambda line: print(line, flush=True))
     print(f"wrote {Path(args.output) / 'results.json'}, {Path(args.output) / 'results.md'}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import replace
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import svdfuse
 from svdfuse.study import runner
 from svdfuse.study.backbones import Backbone
 from svdfuse.study.methods import Target, Variant, body, grid, merge, stage2, variants
@@ -332,6 +334,65 @@ def test_study_end_to_end_on_a_toy_modality(tmp_path, monkeypatch):
     with pytest.raises(StudyError, match=rf"^task a: cache .* is from study protocol {PROTOCOL_VERSION}, this is protocol 99"):
         run_study(config, tmp_path / "again", log=lambda _: None)
     assert not (tmp_path / "again").exists()
+
+
+def test_the_lora_track_hands_over_peft_adapters_that_merge_as_their_dense_tops(tmp_path, monkeypatch):
+    """LoRA sources: a peft adapter directory per task, trained on every merged matrix and on
+    nothing else, whose dense top (peft's `merge_and_unload`) is W0 + B·A; svdfuse's merge of the
+    adapters (from their factors) against the float64 merge of those dense tops, for Task
+    Arithmetic and AXIS, within float32's rounding of the weights."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    _toy_modality(monkeypatch)
+    trained, fit = [], runner.train
+
+    def recording(model, groups, *args, **kwargs):
+        groups = list(groups)
+        kept = fit(model, groups, *args, **kwargs)
+        trained.append((groups[0][1], kept.val))
+        return kept
+
+    monkeypatch.setattr(runner, "train", recording)
+    config = _toy_config(tmp_path, sources="lora", lora_rank=4, lora_lrs={"toy": (3e-3, 1e-2)})
+    mod = runner._Modality("toy", config, lambda _: None)
+    sources = mod.sources(0)
+    assert sorted(sources) == ["a", "b", "c"]
+    for i, task in enumerate(("a", "b", "c")):  # each task's lr: the better of its two on validation
+        (lr1, val1), (lr2, val2) = trained[2 * i : 2 * i + 2]
+        assert mod.finetune_lr[task][0] == (lr1 if val1 >= val2 else lr2)
+    eps = torch.finfo(torch.float32).eps
+    base64 = {k: v.double() for k, v in mod.base.items()}
+    dense64 = {}
+    for task, directory in sources.items():
+        assert sorted(p.name for p in directory.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        factors = load_file(str(directory / "adapter_model.safetensors"))
+        dense64[task] = dict(base64)
+        for name in ("0", "2"):  # lora_alpha = r: peft's scale is 1
+            B, A = (factors[f"base_model.model.{name}.lora_{part}.weight"].double() for part in "BA")
+            dense64[task][f"{name}.weight"] = base64[f"{name}.weight"] + B @ A
+        peft_top = PeftModel.from_pretrained(copy.deepcopy(mod.backbone.top), directory).merge_and_unload().state_dict()
+        assert [k for k, v in peft_top.items() if not torch.equal(v, mod.base[k])] == ["0.weight", "2.weight"]
+        for key, value in peft_top.items():
+            torch.testing.assert_close(value.double(), dense64[task][key], rtol=0, atol=4 * eps * mod.base[key].abs().max().item())
+    common = {"base": mod.base, "include": mod.backbone.include, "device": "cpu", "progress": False, "svd": svdfuse.SVDOptions(method="exact")}
+    for method, params in (("task_arithmetic", {"scaling": 1.0}), ("axis", {"k": 3})):
+        got = svdfuse.merge(sources, method=method, **params, **common).state_dict()
+        want = svdfuse.merge(dense64, method=method, **params, **{**common, "base": base64}).state_dict()
+        for key, value in want.items():
+            torch.testing.assert_close(got[key].double(), value, rtol=0, atol=16 * eps * mod.base[key].abs().max().item(), msg=lambda m: f"{method} {key}: {m}")  # noqa: B023
+    # the cache: a second run reads the same adapters back
+    again = runner._Modality("toy", config, lambda _: None).sources(0)
+    for task, directory in again.items():
+        assert (directory / "adapter_model.safetensors").read_bytes() == (sources[task] / "adapter_model.safetensors").read_bytes()
+
+
+def test_the_study_runs_end_to_end_on_lora_sources(tmp_path, monkeypatch):
+    _toy_modality(monkeypatch)
+    config = _toy_config(tmp_path, sources="lora", lora_rank=4, lora_lrs={"toy": (3e-3,)}, seeds=(0,), shots=(16,))
+    results = run_study(config, tmp_path / "study", log=lambda _: None)
+    assert results["config"]["sources"] == "lora"
+    assert len(results["runs"]) == 3 * 7 and all(len(row["correct"]) == 120 for row in results["runs"])
 
 
 def test_a_failed_precheck_leaves_no_results(tmp_path, monkeypatch):

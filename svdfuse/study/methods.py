@@ -109,9 +109,10 @@ class Outcome:
     trainable: int
 
 
-def merge(target: Target, sources: Mapping[str, dict[str, Tensor]], variant: Variant, params: Mapping[str, float]) -> Any:
-    """`variant`'s merge of `sources` for `target` (a `MergeResult`), or None where there is none
-    (aTLAS, the linear probe). Exact SVDs: the merge rule does not depend on a seed."""
+def merge(target: Target, sources: Mapping[str, Any], variant: Variant, params: Mapping[str, float]) -> Any:
+    """`variant`'s merge of `sources` (state dicts of the top, or peft adapter directories of it:
+    the LoRA track) for `target` (a `MergeResult`), or None where there is none (aTLAS, the linear
+    probe). Exact SVDs: the merge rule does not depend on a seed."""
     exact = svdfuse.SVDOptions(method="exact")
     common = {"include": target.include, "svd": exact, "device": "cpu", "progress": False}
     if variant.method == "pretrained":
@@ -127,7 +128,7 @@ def merge(target: Target, sources: Mapping[str, dict[str, Tensor]], variant: Var
     return svdfuse.merge(sources, k=k, base=target.base, method=variant.method, **params, **common)
 
 
-def body(target: Target, sources: Mapping[str, dict[str, Tensor]], variant: Variant, merged: Any) -> nn.Module:
+def body(target: Target, sources: Mapping[str, Any], variant: Variant, merged: Any) -> nn.Module:
     """A fresh model of `variant` (features -> embedding) with its Stage-2 parameters trainable."""
     if variant.method == "linear_probe":
         return copy.deepcopy(target.top).requires_grad_(False)

