@@ -388,11 +388,17 @@ def test_the_lora_track_hands_over_peft_adapters_that_merge_as_their_dense_tops(
 
 
 def test_the_study_runs_end_to_end_on_lora_sources(tmp_path, monkeypatch):
+    """Rank-2 adapters: two sources span 4 directions of the 8 × 24 first matrix, where N asks
+    for 5; the delta bases train those 4, the weight bases N."""
     _toy_modality(monkeypatch)
-    config = _toy_config(tmp_path, sources="lora", lora_rank=4, lora_lrs={"toy": (3e-3,)}, seeds=(0,), shots=(16,))
+    config = _toy_config(tmp_path, sources="lora", lora_rank=2, lora_lrs={"toy": (3e-3,)}, seeds=(0,), shots=(16,), n=0.7)
     results = run_study(config, tmp_path / "study", log=lambda _: None)
     assert results["config"]["sources"] == "lora"
-    assert len(results["runs"]) == 3 * 7 and all(len(row["correct"]) == 120 for row in results["runs"])
+    runs = results["runs"]
+    assert len(runs) == 3 * 7 and all(len(row["correct"]) == 120 for row in runs)
+    trainable = {row["variant"]: row["trainable"] for row in runs if row["target"] == "a"}
+    # 0.weight (24 × 8): N = 5, Σr = 4; 2.weight (16 × 24): N = 11, Σr = 4
+    assert trainable["axis/delta"] == 4 + 4 and trainable["task_arithmetic/weight"] == 5 + 11
 
 
 def test_a_failed_precheck_leaves_no_results(tmp_path, monkeypatch):

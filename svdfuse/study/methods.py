@@ -2,7 +2,8 @@
 
 A variant is a merge method and what its Stage 2 trains (the basis):
 - "delta": the top-N singular components of the merged task matrix Δ_m (the merge made with
-  k = max(K, N), so no direction is padded);
+  k = max(K, N), so no direction is padded; where the sources span fewer than N, as LoRA
+  adapters of rank r span T·r, all of them);
 - "weight": the top-N singular components of the merged weight W0 + Δ_m itself
   (`to_module(basis="weight")`), for every method;
 - "extend" (AXIS only): the paper's K = 10% components, extended to N by directions with σ = 0.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -140,8 +142,16 @@ def body(target: Target, sources: Mapping[str, Any], variant: Variant, merged: A
         module = merged.to_module(target.top)
         set_trainable(module, target.n, excess="extend")
         return module
-    module = merged.to_module(target.top, target.n, basis="weight" if variant.basis == "weight" else "delta")
-    set_trainable(module, target.n)
+    if variant.basis == "weight":
+        module = merged.to_module(target.top, target.n, basis="weight")
+        set_trainable(module, target.n)
+        return module
+    # A delta spans at most what its sources do: on the LoRA track, Σ r of the adapters merged,
+    # which may be fewer than N; it then trains all of them (each run records its trainable count).
+    module = merged.to_module(target.top)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="excess='clip'")
+        set_trainable(module, target.n, excess="clip")
     return module
 
 
