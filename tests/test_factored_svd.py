@@ -200,6 +200,26 @@ def test_atlas_takes_adapters_as_sources_their_task_vectors_the_adapters_updates
     torch.testing.assert_close(model.layer[1].out.bias, base["layer.1.out.bias"], rtol=0, atol=0)
 
 
+def test_tsv_m_of_adapters_of_lower_rank_than_its_budget_keeps_all_their_components(tmp_path):
+    """TSV-M's budget floor(min(m, n) / T) = 8 components a task, adapters of rank 4: each task
+    gives its 4 (the rest are zero), polar-orthogonalized together, against float64 truth."""
+    base_path, adapters = _base_and_adapters(tmp_path, [torch.float32, torch.float32])
+    base = load_file(str(base_path))
+    merged = svdfuse.merge(adapters, base=base_path, method="tsv_m", device="cpu", progress=False).state_dict()
+    polar = lambda X: (lambda U, S, Vh: U @ Vh)(*torch.linalg.svd(X, full_matrices=False))  # noqa: E731
+    for key in ("layer.0.proj.weight", "layer.1.proj.weight", "layer.1.out.weight"):
+        parts = []
+        for adapter in adapters:
+            f = load_file(str(adapter / "adapter_model.safetensors"))
+            name = key.removesuffix(".weight")
+            delta = 2 * f[f"base_model.model.{name}.lora_B.weight"].to(F64) @ f[f"base_model.model.{name}.lora_A.weight"].to(F64)
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            parts.append((U[:, :4], S[:4], Vh[:4].mT))
+        U, S, V = (torch.cat([p[i] for p in parts], -1 if i != 1 else 0) for i in range(3))
+        truth = polar(U) @ torch.diag(S) @ polar(V).mT
+        torch.testing.assert_close(merged[key].to(F64) - base[key].to(F64), truth, rtol=0, atol=1e-5)
+
+
 def test_adapters_stored_in_different_dtypes_are_read_each_in_its_own(tmp_path):
     """AXIS keeping every component of a bf16 adapter and a float32 one is their exact sum: a
     float32 adapter read through a bf16 buffer would be off by bf16's rounding (~4e-3)."""

@@ -69,13 +69,16 @@ def tsv_m(chunks: Iterator[Components], *, T: int, budget: int | None = None, sc
     decomposition) and sum; times `scaling`. More tasks than the matrix has room for
     (T · budget > min(m, n)) is an error, not a silent truncation.
 
-    chunks: U (G, c, m, r), S (G, c, r), V (G, c, n, r) of consecutive sources, r >= budget.
+    chunks: U (G, c, m, r), S (G, c, r), V (G, c, n, r) of consecutive sources, r >= budget, or
+    r < budget where every source has only r components (LoRA adapters of rank r, their exact
+    components: the rest are zero, and a zero component's arbitrary vectors would only tilt the
+    polar factors of the others).
     """
     check_finite_param("tsv_m", "scaling", scaling)
     parts = [tuple(chunk) for chunk in chunks]  # (U, S, V) of each
     G, _, m, r = parts[0][0].shape
     n = parts[0][2].shape[2]
-    b = _tsv_rank(None, T, m, n, budget=budget)
+    b = min(_tsv_rank(None, T, m, n, budget=budget), r)
     U = torch.cat([p[0][..., :b] for p in parts], 1)  # (G, T, m, b)
     S = torch.cat([p[1][..., :b] for p in parts], 1)
     V = torch.cat([p[2][..., :b] for p in parts], 1)
