@@ -166,8 +166,10 @@ def test_peak_memory_is_the_budget_plus_a_constant_for_few_and_many_sources(meth
 def test_the_probe_sees_a_merge_that_holds_many_sources_at_once(method, models, tmp_path):
     # With a budget for everything, a piece holds every source of many layers (AXIS) or of the whole
     # embedding table (TIES): the probe must see it far above the bound, or the test above proves nothing.
+    # TIES's piece is the 25 models' tables, 25 × 8.8 MiB = 220 MiB (measured +239 to +250 MiB): twice
+    # the bound, where three times (240 MiB) sat inside that range and failed one CI run in a few.
     whole = _probe(models, method, 1 << 40, SOURCES_MANY, tmp_path)
-    assert whole["peak_delta"] > 3 * (BUDGET + SLACK), f"+{whole['peak_delta'] / 2**20:.1f} MiB"
+    assert whole["peak_delta"] > 2 * (BUDGET + SLACK), f"+{whole['peak_delta'] / 2**20:.1f} MiB"
 
 
 _FREED = r"""
