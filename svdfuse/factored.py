@@ -20,7 +20,7 @@ from svdfuse import linalg, ops
 
 Buffers = Callable[[str, tuple[int, ...], torch.dtype], Tensor]  # name, shape, dtype -> memory to use
 
-__all__ = ["FactoredSVD", "exact_factored_svd", "householder_factored_svd", "factored_svd"]
+__all__ = ["FactoredSVD", "exact_factored_svd", "singular_values", "householder_factored_svd", "factored_svd"]
 
 
 class FactoredSVD:
@@ -41,7 +41,7 @@ class FactoredSVD:
         self.buffer = buffer or (lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=L.device))
 
     @functools.cached_property
-    def _all_maps(self) -> tuple[Tensor, Tensor]:
+    def _all_maps(self) -> tuple[Tensor, Tensor, Tensor]:
         return self._maps(None)
 
     @property
