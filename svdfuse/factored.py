@@ -149,24 +149,25 @@ def singular_values(G_l: Tensor, G_r: Tensor, m: int, n: int, scale: Tensor | No
     singular to rounding (a Cholesky pivot within r² of the level `_balanced_halves` drops, or a
     failed Cholesky) takes the route of the vectors instead, which drops that direction (σ ~ ε·σ₁,
     where σ² from `Cᵀ G_r C` would leave √ε·σ₁)."""
-    G_l, G_r, _ = _balance(G_l, G_r)
-    live = (G_l.diagonal(dim1=-2, dim2=-1) > 0) & (G_r.diagonal(dim1=-2, dim2=-1) > 0)
+    B_l, B_r, _ = _balance(G_l, G_r)
+    live = (B_l.diagonal(dim1=-2, dim2=-1) > 0) & (B_r.diagonal(dim1=-2, dim2=-1) > 0)
     both = live[..., :, None] & live[..., None, :]
-    eye = torch.eye(G_l.shape[-1], dtype=G_l.dtype, device=G_l.device)
-    singular = torch.zeros(live.shape[:-1], dtype=torch.bool, device=live.device)
-    halves = []
-    for G, rows in ((G_l, m), (G_r, n)):
+    eye = torch.eye(B_l.shape[-1], dtype=B_l.dtype, device=B_l.device)
+
+    def cholesky(G: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        """G's Cholesky factor (lacking directions as identity) and whether G is singular to rounding."""
         C, info = torch.linalg.cholesky_ex(torch.where(both, G, eye))
         level = G.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True) * max(rows, G.shape[-1]) * G.shape[-1] ** 2 * torch.finfo(G.dtype).eps
-        singular |= (info != 0) | (live & (C.diagonal(dim1=-2, dim2=-1) ** 2 <= level)).any(-1)
-        halves.append(C)
-    C = halves[0]
-    core = torch.where(both, C.mT @ G_r @ C, -eye)  # a lacking direction: an eigenvalue −1, clamped to σ = 0 below
+        return C, (info != 0) | (live & (C.diagonal(dim1=-2, dim2=-1) ** 2 <= level)).any(-1)
+
+    C, singular_l = cholesky(B_l, m)
+    singular = singular_l | cholesky(B_r, n)[1]
+    core = torch.where(both, C.mT @ B_r @ C, -eye)  # a lacking direction: an eigenvalue −1, clamped to σ = 0 below
     lam = torch.linalg.eigvalsh(core).flip(-1)
     if scale is not None:
         lam = lam * _wide(scale)[..., None] ** 2
     S = lam.clamp(min=0).sqrt()
-    if singular.any():
+    if singular.any():  # `_balanced_halves` balances the Grams itself
         C_l, C_r, _, _ = _balanced_halves(G_l[singular], G_r[singular], m, n)
         if scale is not None:
             C_l = C_l * _wide(scale)[singular][..., None, None]

@@ -138,3 +138,14 @@ def test_public_functions_are_not_shadowed_by_their_modules():
         assert callable(getattr(svdfuse, name))
         with pytest.raises(ModuleNotFoundError):
             importlib.import_module(f"svdfuse.{name}")
+
+
+def test_study_sources_flag_picks_the_lora_track(tmp_path, monkeypatch):
+    import svdfuse.study
+
+    seen = []
+    monkeypatch.setattr(svdfuse.study, "run_study", lambda config, out, log: seen.append((config, out)))
+    assert main(["study", "--quick", "--sources", "lora", "--cache", str(tmp_path), "-o", str(tmp_path / "out")]) == 0
+    assert main(["study", "--quick", "--cache", str(tmp_path), "-o", str(tmp_path / "out")]) == 0
+    assert [config.sources for config, _ in seen] == ["lora", "finetune"]
+    assert seen[0][0].modalities == ("vision",) and seen[0][1] == tmp_path / "out"
