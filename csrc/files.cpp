@@ -5,13 +5,20 @@
 // spinning after a block, would compete with them. The threads here are that same OpenMP team.
 #include "files.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <vector>
 
+#include <sys/uio.h>
 #include <unistd.h>
 
 namespace {
+
+// Reads in flight at once for what the page cache does not hold: a thousand adapters' digests
+// are 56 000 reads of 32 bytes scattered over 10 GB, 2.8 s one at a time from a cold disk
+// against 0.75 s sixteen at a time (virtio disk of the 2-core machine, 2026-12-07).
+constexpr int kDiskDepth = 16;
 
 struct Range {
   int fd;
@@ -20,12 +27,29 @@ struct Range {
   unsigned long long address;
 };
 
-// Bytes of `r` read before the end of the file (a short count: the file was truncated), or -errno.
-long long read_range(const Range& r) {
+// Bytes of `r` read from `done` on, before the end of the file (a short count: the file was
+// truncated), or -errno. `cached`: copy only what the page cache holds, stopping at the first byte
+// the disk must give (then *waits is set: the rest is for a blocking read); a filesystem that
+// cannot tell gets a blocking read at once.
+long long read_range(const Range& r, long long done, bool cached, char* waits) {
   char* out = reinterpret_cast<char*>(static_cast<uintptr_t>(r.address));
-  long long done = 0;
   while (done < r.length) {
-    ssize_t n = pread(r.fd, out + done, static_cast<size_t>(r.length - done), static_cast<off_t>(r.offset + done));
+    size_t size = static_cast<size_t>(r.length - done);
+    off_t at = static_cast<off_t>(r.offset + done);
+#ifdef RWF_NOWAIT
+    iovec to{out + done, size};
+    ssize_t n = cached ? preadv2(r.fd, &to, 1, at, RWF_NOWAIT) : pread(r.fd, out + done, size, at);
+    if (n < 0 && cached && errno == EAGAIN) {
+      *waits = 1;
+      break;
+    }
+    if (n < 0 && cached && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)) {
+      cached = false;
+      continue;
+    }
+#else
+    ssize_t n = pread(r.fd, out + done, size, at);
+#endif
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return -errno;
     if (n == 0) break;
@@ -56,10 +80,24 @@ PyObject* svdfuse_read_ranges(PyObject*, PyObject* args) {
   }
   Py_DECREF(seq);
   std::vector<long long> done(ranges.size());
+  std::vector<char> waits(ranges.size(), 0);
   Py_BEGIN_ALLOW_THREADS
-  // dynamic: a thread the machine keeps busy elsewhere takes fewer ranges
+  // What the page cache holds first, on `threads` threads (copies: more threads than cores gain
+  // nothing); dynamic: a thread the machine keeps busy elsewhere takes fewer ranges. A miss starts
+  // the kernel's read-ahead of that range and leaves the rest to the second pass.
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads > 0 ? threads : 1)
-  for (Py_ssize_t i = 0; i < count; ++i) done[static_cast<size_t>(i)] = read_range(ranges[static_cast<size_t>(i)]);
+  for (Py_ssize_t i = 0; i < count; ++i) done[static_cast<size_t>(i)] = read_range(ranges[static_cast<size_t>(i)], 0, true, &waits[static_cast<size_t>(i)]);
+  // Then what the disk must give, kDiskDepth reads in flight: one thread's reads would wait for
+  // the disk one at a time.
+  std::vector<size_t> pending;
+  for (size_t i = 0; i < ranges.size(); ++i)
+    if (waits[i] && done[i] >= 0) pending.push_back(i);
+  const int depth = static_cast<int>(std::min<size_t>(pending.size(), static_cast<size_t>(std::max(threads, kDiskDepth))));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(depth > 0 ? depth : 1)
+  for (Py_ssize_t p = 0; p < static_cast<Py_ssize_t>(pending.size()); ++p) {
+    const size_t i = pending[static_cast<size_t>(p)];
+    done[i] = read_range(ranges[i], done[i], false, nullptr);
+  }
   Py_END_ALLOW_THREADS
   PyObject* result = PyList_New(count);
   if (result == nullptr) return nullptr;

@@ -287,6 +287,50 @@ def _reads_together(monkeypatch) -> list[tuple[int, int]]:
     return calls
 
 
+def _evicted(path: Path) -> bool:
+    """Drop `path`'s clean pages from the page cache; whether a read that may not wait for the disk now fails."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        return False
+    except (BlockingIOError, AttributeError):
+        return True  # AttributeError: no RWF_NOWAIT here, the pages may still be cached: read either way
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(svdfuse._native.LOAD_ERROR is not None, reason="reads ranges with the extension")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ranges_the_page_cache_lacks_in_whole_or_part_are_read_from_the_disk(threads, tmp_path):
+    # read_ranges copies what the page cache holds, then reads the rest from the disk many at a
+    # time: 8 MiB dropped from the cache, a range's first half read back into it, every range's
+    # bytes the file's, a range past the end short
+    data = torch.randint(0, 256, (8 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "cold.bin"
+    path.write_bytes(data.numpy().tobytes())
+    if not _evicted(path):
+        pytest.skip("this filesystem keeps the file's pages cached (tmpfs): nothing is read from a disk")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, 1 << 20, 3 << 20)  # [3 MiB, 4 MiB) cached again: the range over 3.5-4.5 MiB is half in the cache
+        spans = [(0, 4096), (12345, 300_000), (7 << 19, 1 << 20), (5 << 20, 3 << 20), ((8 << 20) - 100, 1000)]
+        out = torch.zeros(sum(n for _, n in spans), dtype=torch.uint8)
+        at, ranges = 0, []
+        for offset, length in spans:
+            ranges.append((fd, offset, length, out.data_ptr() + at))
+            at += length
+        done = svdfuse._native.read_ranges(ranges, threads)
+    finally:
+        os.close(fd)
+    assert done == [4096, 300_000, 1 << 20, 3 << 20, 100]
+    at = 0
+    for (offset, length), n in zip(spans, done):
+        assert torch.equal(out[at : at + n], data[offset : offset + n]), (offset, length)
+        at += length
+
+
 @_needs_threads
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_a_blocks_files_are_read_together_on_several_threads(method, tmp_path, monkeypatch):
