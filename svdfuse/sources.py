@@ -14,6 +14,7 @@ import os
 import resource
 import stat
 import struct
+import threading
 import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -230,34 +231,40 @@ class _OpenFiles:
     closed first): a merge of hundreds of sharded sources would otherwise exhaust the process's
     descriptors, one per shard per source. A descriptor being read is never closed: a block's
     reads of many files run together (`Reader.read_rows`), and a closed number may be reused by
-    another file mid-read."""
+    another file mid-read. Safe across threads (`advise` runs beside the merge's reads): a
+    descriptor is taken and marked read under one lock."""
 
     def __init__(self, limit: int | None = None) -> None:
         self.limit = limit or _descriptors_to_keep()
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._reading: Counter[str] = Counter()
+        self._lock = threading.RLock()
 
     @contextmanager
     def reading(self, path: str) -> Iterator[int]:
         """An open descriptor of `path`, kept open until the block ends."""
-        fd = self.fd(path)
-        self._reading[path] += 1
+        with self._lock:
+            fd = self.fd(path)
+            self._reading[path] += 1
         try:
             yield fd
         finally:
-            self._reading[path] -= 1
-            if not self._reading[path]:
-                del self._reading[path]
-            if len(self._fds) > self.limit:  # more files were read at once than may stay open
-                self._close_idle(self.limit)
+            with self._lock:
+                self._reading[path] -= 1
+                if not self._reading[path]:
+                    del self._reading[path]
+                if len(self._fds) > self.limit:  # more files were read at once than may stay open
+                    self._close_idle(self.limit)
 
     def fd(self, path: str) -> int:
-        if path in self._fds:
-            self._fds.move_to_end(path)
-            return self._fds[path]
-        self._close_idle(self.limit - 1)
-        self._fds[path] = fd = os.open(path, os.O_RDONLY)
-        return fd
+        """An open descriptor of `path`, which opening other files may close (`reading` holds it)."""
+        with self._lock:
+            if path in self._fds:
+                self._fds.move_to_end(path)
+                return self._fds[path]
+            self._close_idle(self.limit - 1)
+            self._fds[path] = fd = os.open(path, os.O_RDONLY)
+            return fd
 
     def _close_idle(self, keep: int) -> None:
         """Close the least recently used descriptors that no read holds until at most `keep` are open."""
@@ -713,6 +720,20 @@ def _refuse_copies(sources: list[Source]) -> None:
 # 19 GB/s (13 MiniLM fp32 files in 1 MiB blocks, 2-core machine, 2026-12-07).
 _READERS = 4
 _PARALLEL_BYTES = 1 << 20  # a smaller batch is read on one thread: starting the others costs more
+
+
+def advise(spans: Iterable[tuple[str, int, int]]) -> None:
+    """Ask the kernel to start reading the (file, offset, length) spans into the page cache (where
+    it takes advice): the disk works while the caller computes, on a thread of its own (the
+    kernel may hold a large request until most of it is queued)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        for file, offset, length in spans:
+            with _FILES.reading(file) as fd:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass  # advice only: the read itself names what is wrong with the file
 
 
 class Batch:

@@ -347,3 +347,38 @@ def test_real_minilm_adapters_equal_the_dense_route(minilm_dir, full_rank, tmp_p
     dense = svdfuse.merge(_dense_sources(base, full_rank, tmp_path, torch.float64), **options).state_dict()
     _check(factored, base, full_rank, torch.float64, method)
     _check(dense, base, full_rank, torch.float64, method)
+
+
+def test_axis_over_chunks_of_adapters_asks_the_disk_for_each_next_chunk(tmp_path, monkeypatch):
+    """20 rank-2 adapters of one 512×512 matrix, 6 to a chunk under a 7 MB budget: once a chunk is
+    read, the next one's factors are asked for (every byte of them, no other), beside the work."""
+    import threading
+
+    import svdfuse.pipeline as pipeline
+
+    torch.manual_seed(4)
+    base = {"proj.weight": torch.randn(512, 512)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    adapters = [_write_adapter(tmp_path / f"lora-{t}", base, ("proj",), 2, 3.0) for t in range(20)]
+    options = dict(base=tmp_path / "base.safetensors", method="axis", device="cpu", dtype=torch.float64, progress=False)
+    advised, chunks = [], []
+    real_read = pipeline.stack_factors
+    monkeypatch.setattr(pipeline, "advise", lambda spans: advised.extend(spans))
+    monkeypatch.setattr(pipeline, "stack_factors", lambda group, *a, **kw: chunks.append(len(group)) or real_read(group, *a, **kw))
+    chunked = svdfuse.merge(adapters, 6, max_memory="7MB", **options).state_dict()
+    for thread in threading.enumerate():
+        if thread.name == "svdfuse-advise":
+            thread.join()
+    assert chunks == [6, 6, 6, 2], chunks
+    files = {str(next(a.glob("*.safetensors"))): a for a in adapters}
+    assert sorted({files[file] for file, _, _ in advised}) == sorted(adapters[6:])
+    for path in adapters[6:]:
+        weights = path / "adapter_model.safetensors"
+        with open(weights, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        data = 8 + int.from_bytes(open(weights, "rb").read(8), "little")
+        want = sorted((str(weights), data + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__")
+        assert sorted(s for s in advised if s[0] == str(weights)) == want
+    whole = svdfuse.merge(adapters, 6, **options).state_dict()
+    for key, want in whole.items():
+        torch.testing.assert_close(chunked[key], want, rtol=0, atol=1e-12 * max(want.abs().max().item(), 1.0))
