@@ -20,12 +20,17 @@ larger floor over the merge's time. The baseline: peft's
 cores, so it runs on the q and v projections of one layer (the modules DESIGN.md's measurement
 used), beside svdfuse's AXIS on exactly those inputs.
 
+AXIS runs twice: from a warm page cache, and from a cold one (`--cold`, default on: every adapter
+file and the base dropped from the page cache by `posix_fadvise(DONTNEED)` before the plain read
+and again before the merge, so both read the disk; skipped where the filesystem keeps its pages).
+
     python bench/bench_lora.py                   # T = 16, 128, 1000; peft at T = 16
     python bench/bench_lora.py --sources 16 --peft 16
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -134,6 +139,26 @@ def _files(adapters: list[str]) -> list[str]:
     return [str(Path(a) / "adapter_model.safetensors") for a in adapters]
 
 
+def evicted(files: list[str]) -> bool:
+    """Drop `files`' pages from the page cache (clean ones: each file synced first); whether it
+    worked (a read that may not wait for the disk fails on the first file afterwards)."""
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    fd = os.open(files[0], os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def gram_floor_seconds(modules: dict[str, tuple[int, int]], T: int) -> tuple[float, float]:
     """(seconds, GFLOP/s): the float64 Grams BᵀB and AAᵀ of T rank-16 adapters of `modules`, the work
     AXIS's exact components cannot skip (their upper triangles: rows · r(r + 1) flops a factor), at
@@ -159,6 +184,7 @@ def main() -> None:
     parser.add_argument("--budget", default="4GB", help="max_memory of every merge (default 4GB)")
     parser.add_argument("--peft-timeout", type=float, default=1800, help="seconds peft's svd combination may take before it counts as not finished (default 1800)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "svdfuse-bench-lora"))
+    parser.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True, help="AXIS again from a cold page cache (default on)")
     args = parser.parse_args()
     layers = 1 if args.small else 4
     modules = {f"model.layers.{i}.{p}": shape for i in range(layers) for p, shape in PROJECTIONS.items()}
@@ -181,13 +207,27 @@ def main() -> None:
                 params = {"scaling": 1.0} if method == "task_arithmetic" else {}
                 measured = _run(_RUN, {"base": base, "sources": adapters, "k": 64, "method": method, "output": f"{tmp}/out", "budget": args.budget, "params": params})
             gbps = nbytes / measured["seconds"] / 1e9
-            rows.append({"T": T, "modules": len(modules), "method": f"svdfuse {method} -> lora", "adapter_GB": nbytes / 1e9, "seconds": measured["seconds"],
+            rows.append({"T": T, "modules": len(modules), "method": f"svdfuse {method} -> lora", "page_cache": "warm", "adapter_GB": nbytes / 1e9, "seconds": measured["seconds"],
                          "GB_per_s": gbps, "plain_read_GB_per_s": floor, "pct_of_read": 100 * gbps / floor, "peak_rss_GiB": measured["peak_rss"] / 2**30})  # fmt: skip
             if method == "axis":
                 gram_s, gram_gflops = gram_floor_seconds(modules, T)
                 rows[-1].update({"gram_floor_s": gram_s, "gram_GFLOP_per_s": gram_gflops, "pct_of_compute_floor": 100 * max(gram_s, nbytes / floor / 1e9) / measured["seconds"]})
             results.write()
             print_table(rows[-1:], list(rows[-1]))
+        if args.cold and "axis" in args.methods:
+            files = [*_files(adapters), base]
+            if not evicted(files):
+                results.notes.append("cold rows skipped: this filesystem keeps the files' pages cached")
+            else:
+                cold_floor = plain_read_gbps(_files(adapters))
+                evicted(files)
+                with tempfile.TemporaryDirectory() as tmp:
+                    measured = _run(_RUN, {"base": base, "sources": adapters, "k": 64, "method": "axis", "output": f"{tmp}/out", "budget": args.budget, "params": {}})
+                gbps = nbytes / measured["seconds"] / 1e9
+                rows.append({"T": T, "modules": len(modules), "method": "svdfuse axis -> lora", "page_cache": "cold", "adapter_GB": nbytes / 1e9, "seconds": measured["seconds"],
+                             "GB_per_s": gbps, "plain_read_GB_per_s": cold_floor, "pct_of_read": 100 * gbps / cold_floor, "peak_rss_GiB": measured["peak_rss"] / 2**30})  # fmt: skip
+                results.write()
+                print_table(rows[-1:], list(rows[-1]))
         if T in (args.peft or []):
             qv = {k: v for k, v in modules.items() if k.startswith("model.layers.0.") and k.endswith(("q_proj", "v_proj"))}
             sbase, subset = write_workload(root, "small-qv" if args.small else "llama7b-qv", qv, T)
@@ -203,7 +243,7 @@ def main() -> None:
                 results.notes.append(f"peft's svd combination did not finish at T = {T}: {err}")
             for who, got in (("svdfuse axis -> lora", ours), ("peft svd", theirs)):
                 if got is not None:
-                    rows.append({"T": T, "modules": len(qv), "method": who, "adapter_GB": nb / 1e9, "seconds": got["seconds"], "GB_per_s": nb / got["seconds"] / 1e9,
+                    rows.append({"T": T, "modules": len(qv), "method": who, "page_cache": "warm", "adapter_GB": nb / 1e9, "seconds": got["seconds"], "GB_per_s": nb / got["seconds"] / 1e9,
                                  "plain_read_GB_per_s": None, "pct_of_read": None, "peak_rss_GiB": got["peak_rss"] / 2**30})  # fmt: skip
             if theirs is not None:
                 rows[-1]["speedup_of_svdfuse"] = theirs["seconds"] / ours["seconds"]
