@@ -89,7 +89,7 @@ def randomized_svd(
     """
     acc = torch.float64 if A.dtype == torch.float64 else torch.float32
     m, n = A.shape[-2:]
-    out_batch = torch.broadcast_shapes(A.shape[:-2], () if base is None else base.shape[:-2])
+    out_batch = linalg.broadcast_shapes(A.shape[:-2], () if base is None else base.shape[:-2])
     batch = out_batch or torch.Size([1])
     # Chunks stay within one row of the innermost batch dim and are filled by one op each: a base
     # broadcast over the sources of a group (or over everything) is a stride-0 view there, never copied.

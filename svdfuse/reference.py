@@ -130,7 +130,7 @@ def _broadcast_matmul(B: Tensor, X: Tensor) -> Tensor:
     B once per broadcast batch entry): those dims are folded into the columns of X instead."""
     if X.dim() == 2 or B.shape[:-2] == X.shape[:-2]:
         return B @ X
-    batch = torch.broadcast_shapes(B.shape[:-2], X.shape[:-2])
+    batch = linalg.broadcast_shapes(B.shape[:-2], X.shape[:-2])
     nb = len(batch)
     B = B.reshape((1,) * (nb - (B.dim() - 2)) + B.shape)
     X = X.expand(*batch, *X.shape[-2:])

@@ -5,6 +5,9 @@ dtype's eps and the size, against float64 truth."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import scipy.linalg
 import torch
@@ -134,3 +137,33 @@ def test_merges_survive_svd_failures_with_the_same_result(method, k, gesdd_fails
         expected = svdfuse.merge(sources, **{**kwargs, "dtype": torch.float64}).state_dict()[key]
         scale = expected.abs().amax().item()
         assert (value.double() - expected).abs().amax().item() <= 10 * 24 * eps * max(scale, 1.0), key
+
+
+@pytest.mark.parametrize("shapes", [((), ()), ((3,), ()), ((2, 1), (1, 4)), ((5, 1, 3), (4, 1)), ((0,), (1,)), ((1, 0), (3, 1)), ((2, 3), (2, 3), (1, 3)), ((7,),)])
+def test_broadcast_shapes_is_torchs(shapes):
+    assert linalg.broadcast_shapes(*shapes) == torch.broadcast_shapes(*shapes)
+
+
+@pytest.mark.parametrize("shapes", [((2,), (3,)), ((0,), (2,)), ((2, 3), (4, 3)), ((4, 1), (1, 3), (2, 3))])
+def test_shapes_that_do_not_broadcast_are_refused_as_by_torch(shapes):
+    with pytest.raises(RuntimeError):
+        torch.broadcast_shapes(*shapes)
+    with pytest.raises(RuntimeError, match="do not broadcast"):
+        linalg.broadcast_shapes(*shapes)
+
+
+def test_a_merge_by_randomized_svd_imports_no_sympy(tmp_path):
+    # torch.broadcast_shapes imports torch._refs and sympy at its first call: 0.27 s of every
+    # process that merges; svdfuse's own broadcast keeps them out (a fresh process, as the CLI's)
+    code = (
+        "import sys, torch, svdfuse\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "base = {'layer.weight': torch.randn(64, 48, generator=g)}\n"
+        "sources = [{'layer.weight': base['layer.weight'] + 0.1 * torch.randn(64, 48, generator=g)} for _ in range(3)]\n"
+        "svdfuse.merge(sources, 4, base=base, method='axis', device='cpu', svd='randomized')\n"
+        "svdfuse.merge(sources, 4, base=base, method='axis', device='cpu', svd='exact')\n"
+        "print('sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from svdfuse import _rsvd
+from svdfuse import _rsvd, linalg
 from svdfuse.kernels.small_svd import small_svd
 
 # Untuned starting points (no GPU measurement yet; `bench_rsvd.py --stages` sweeps them): a tile as
@@ -148,7 +148,7 @@ def rsvd_project(
     if X.shape[-2] != N:
         raise ValueError(f"rsvd_project: X must be (..., {N}, w), found {tuple(X.shape)}")
     X = X.to(torch.float32)
-    batch = torch.broadcast_shapes(A.shape[:-2], X.shape[:-2], () if base is None else base.shape[:-2])
+    batch = linalg.broadcast_shapes(A.shape[:-2], X.shape[:-2], () if base is None else base.shape[:-2])
     C = torch.empty(*batch, M, W, dtype=torch.float32, device=A.device)
     if C.numel() == 0:
         return C.zero_()
