@@ -146,6 +146,7 @@ class Compute:
         self._model_trim: Trim | None = None  # found by the first pass, at the first task that needs it
         self._row_buffers = _Reused()  # the row blocks of element-wise tensors, one buffer for all of them
         self._factor_buffers = _Reused()  # the adapters' stacked factors, one buffer for all groups read from adapters alone
+        self._source_buffers = _Reused()  # a group's source matrices, one buffer for all groups read dense
 
     def run(self, task: Task, after: Task | None = None) -> Iterator[Merged]:
         """The outputs of `task`; the first piece of `after` (the next task) is read ahead from disk
@@ -157,12 +158,12 @@ class Compute:
         if spec.role is Role.COPIED:
             yield from self._copied(spec)
         elif spec.role is Role.ELEMENTWISE or self.method.kind is Kind.ELEMENTWISE:
-            self._factor_buffers.clear()
+            self._factor_buffers.clear(), self._source_buffers.clear()
             yield from self._elementwise(spec, task.block)
         else:
             self._row_buffers.clear()  # a matrix group's pieces take the budget: no row blocks held beside them
-            if self.method.kind is not Kind.FACTORS:
-                self._factor_buffers.clear()  # nor adapters' factors (`source_factors` keeps them for the next group of adapters)
+            if self.method.kind is not Kind.FACTORS:  # nor a factored merge's (`source_factors` keeps them for the next group)
+                self._factor_buffers.clear(), self._source_buffers.clear()
             yield from self._factors(task) if self.method.kind is Kind.FACTORS else self._matrices(task)
 
     # -- elementwise: row blocks of one tensor over all sources ---------------------------------
@@ -537,13 +538,14 @@ class Compute:
         acc = compute_dtype(specs[0].out_dtype)
         width = self._adapter_width(specs, rank)
         if width is not None:  # the factors in float64 beside their stored copy, and the vectors formed from them, fill a share of the budget
+            self._source_buffers.clear()
             chunk = max(1, self.budget // (8 * G * (m + n) * max(width, 16) * acc.itemsize))
             parts = [list(range(first, min(first + chunk, self.T))) for first in range(0, self.T, chunk)]
             for ids, then in zip(parts, [*parts[1:], None]):
                 yield self._lora(ids, specs, width, acc, self._factor_buffers, then)
             return
         self._factor_buffers.clear()  # this group's pieces take the budget
-        buffer = None
+        buffer = None  # reused from group to group: fresh memory costs a page fault per 4 KB (`_Reused`)
         for first in range(0, self.T, chunk):
             ids = list(range(first, min(first + chunk, self.T)))
             factored = [i for i in ids if self._factored(i, specs)]
@@ -551,7 +553,7 @@ class Compute:
             parts: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
             if raw:
                 if buffer is None:
-                    buffer = torch.empty((G, min(chunk, self.T), m, n), dtype=W0.dtype, device=self.device)
+                    buffer = self._source_buffers("W", (G, min(chunk, self.T), m, n), W0.dtype, self.device)
                 W = self._sources(specs, W0, raw, buffer[:, : len(raw)])
                 if W.dtype == compute_dtype(W.dtype):  # the task matrices in place: no working copy of them
                     U, S, V = self.svd.truncated_svd(W.sub_(W0.unsqueeze(1)), rank)

@@ -331,6 +331,47 @@ def test_a_group_read_whole_after_a_group_of_adapters_finds_their_buffers_freed(
     assert [kind for kind, _ in seen].index("adapters") < [kind for kind, _ in seen].index("whole"), seen  # the case at stake
 
 
+def _replaced_whole(base: Path, adapter: Path, modules: list[str]) -> None:
+    """Make `adapter` replace `modules` whole (as modules_to_save does) instead of updating them."""
+    weights = adapter / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(str(weights)).items() if not any(f".{m}." in f".{k}" for m in modules)}
+    for module in modules:
+        tensors[f"base_model.model.{module}.weight"] = load_file(str(base))[f"{module}.weight"] + 0.5
+    save_file(tensors, str(weights))
+
+
+def _trace_buffers(monkeypatch, method: str) -> list[tuple[bool, bool]]:
+    """(source buffers held, factor buffers held) at each call of `Compute.<method>`, from here on."""
+    from svdfuse.pipeline import Compute
+
+    seen: list[tuple[bool, bool]] = []
+    real = getattr(Compute, method)
+
+    def traced(self, *args, **kwargs):
+        seen.append((bool(self._source_buffers._held), bool(self._factor_buffers._held)))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Compute, method, traced)
+    return seen
+
+
+def test_groups_read_whole_share_one_buffer_which_a_group_of_adapters_after_them_frees(tmp_path, monkeypatch):
+    """Successive groups read whole reuse one buffer for their sources (fresh memory costs a page
+    fault per 4 KB: a second of 4 GB of sources); a group of adapters alone frees it first."""
+    base, adapters = _base_and_adapters(tmp_path / "both", [torch.float32] * 2)
+    _replaced_whole(base, adapters[1], ["layer.0.proj", "layer.1.out"])  # both groups read whole
+    groups = _trace_buffers(monkeypatch, "source_factors")
+    svdfuse.merge([str(a) for a in adapters], 4, base=str(base), device="cpu", dtype=F64)
+    assert groups == [(False, False), (True, False)], f"the second group read whole took fresh memory for its sources: {groups}"
+    base, adapters = _base_and_adapters(tmp_path / "then", [torch.float32] * 2)
+    _replaced_whole(base, adapters[1], ["layer.0.proj"])  # the proj group read whole, then the out group from adapters alone
+    groups.clear()
+    factored = _trace_buffers(monkeypatch, "_lora")  # also the proj group's adapter 0, beside adapter 1 read whole
+    svdfuse.merge([str(a) for a in adapters], 4, base=str(base), device="cpu", dtype=F64)
+    assert len(groups) == 2 and groups[1][0], groups  # the case at stake: the sources' buffer held when the adapters' group begins
+    assert not factored[-1][0], f"the group of adapters kept the sources' buffer of the group before it: {factored}"
+
+
 def test_decompose_an_adapter_of_lower_rank_that_leaves_a_matrix_alone(tmp_path):
     """A cache holds `rank` components per matrix: an adapter's rank-2 update gives two and zeros,
     a matrix it leaves alone all zeros; merging from the cache equals merging from the adapter."""
