@@ -89,6 +89,12 @@ class _FileSink:
         return report
 
 
+# A task that read less leaves at most about that much free heap behind, which the next one
+# reuses: trimming after each of them (~0.3 ms a call) cost 11% of an in-memory TIES of 12
+# MiniLM bf16 sources (2-core machine, 2026-12-07).
+_TRIM_AFTER_BYTES = 64 << 20
+
+
 def _run(tasks: list, compute: Compute, sink, group: distributed.Group) -> list[LayerReport]:
     """Compute this rank's tasks into the sink; every rank learns of a failure on any rank before
     anything is published (and the output is removed). Returns the layer reports of all ranks."""
@@ -100,7 +106,8 @@ def _run(tasks: list, compute: Compute, sink, group: distributed.Group) -> list[
                 sink.write(item)
                 if item.layer is not None:
                     layers.append(item.layer)
-            release_free_memory()
+            if task.nbytes >= _TRIM_AFTER_BYTES:
+                release_free_memory()
     return [layer for ranks in group.gather(layers) for layer in ranks]
 
 
