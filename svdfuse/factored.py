@@ -78,8 +78,9 @@ class FactoredSVD:
         """Components `index` = (batch indices..., component) index tensors, broadcast to (*idx):
         their U and V as rows, (*idx, m) and (*idx, n). Each factor asked for is widened to float64
         once, however many of its components are: a product's top components come from few
-        factors, and the widened copies are most of the cost, into `buffer("wide", ...)` (fresh
-        memory's page faults cost 13 ms per 64 factors 4096 × 16, the copy 1 ms)."""
+        factors, and the widened copies are most of the cost, gathered into `buffer("chosen", ...)`
+        and widened into `buffer("wide", ...)` (fresh memory's page faults cost 13 ms per 64 factors
+        4096 × 16, the copy 1 ms)."""
         *batch, comp = torch.broadcast_tensors(*index)
         which = torch.zeros_like(comp)  # the flat batch index of each component asked for
         for i, size in zip(batch, self.L.shape[:-2]):
@@ -97,8 +98,10 @@ class FactoredSVD:
             chosen = chosen.mT  # (F, q, r)
             picked = chosen.new_zeros((len(factors), most, chosen.shape[2]))
             picked[slot_of, column] = chosen[slot_of, comp.flatten()]
-            chosen_factors = factor.flatten(0, -3)[factors]
-            wide = self.buffer("wide", chosen_factors.shape, torch.float64).copy_(chosen_factors)
+            flat = factor.flatten(0, -3)
+            shape = (len(factors), *flat.shape[1:])
+            stored = torch.index_select(flat, 0, factors, out=self.buffer("chosen", shape, flat.dtype))
+            wide = self.buffer("wide", shape, torch.float64).copy_(stored)
             formed = picked @ (wide if transposed else wide.mT)  # (F, most, m or n)
             return formed[slot_of, column].reshape(*comp.shape, -1).to(self.S.dtype)
 
