@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,33 @@ class LoraFactors:
     bias: str | None = None
 
 
+class _Layouts:
+    """The last few layouts' parsed results, by layout: an adapter whose config and tensor
+    headers equal another's has the same modules (and, on the same base, the same placement), so a
+    thousand adapters trained alike are parsed and checked against the base once, not a thousand
+    times (~0.35 ms each: 2-core machine, 2026-12-07). Only what parsed without error is kept; the
+    values are shared and never changed."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size, self._held = size, OrderedDict()
+
+    def get(self, key: tuple) -> tuple | None:
+        value = self._held.get(key)
+        if value is not None:
+            self._held.move_to_end(key)
+        return value
+
+    def put(self, key: tuple, value: tuple) -> tuple:
+        self._held[key] = value
+        while len(self._held) > self.size:
+            self._held.popitem(last=False)
+        return value
+
+
+_PARSED = _Layouts()  # layout -> (modules, full)
+_PLACED = _Layouts()  # (id(base), layout) -> (base, modules, full, biases)
+
+
 class LoraAdapter:
     """A peft LoRA adapter directory read on its own: its config, its factors' headers and what
     each targets; no tensor data is read and no base is needed. What svdfuse refuses (DoRA,
@@ -123,6 +151,17 @@ class LoraAdapter:
         self.label, self.directory = label, directory
         self.config = self._config(directory)
         self.store = self._weights(directory)
+        # what the config and the tensors' names, shapes and dtypes say: the same for a thousand
+        # adapters trained alike, parsed once (`_Layouts`); None: not known from headers alone
+        self.layout = (json.dumps(self.config, sort_keys=True), self.store.layout()) if isinstance(self.store, SafetensorsSource) else None
+        parsed = None if self.layout is None else _PARSED.get(self.layout)
+        self.modules, self.full = parsed or self._parse()
+        if parsed is None and self.layout is not None:
+            _PARSED.put(self.layout, (self.modules, self.full))
+
+    def _parse(self) -> tuple[dict[str, LoraFactors], dict[str, str]]:
+        """`modules` and `full` from the config and the tensors' names and shapes."""
+        label = self.label
         self.modules: dict[str, LoraFactors] = {}
         self.full: dict[str, str] = {}
         parts: dict[str, dict[str, str]] = {}
@@ -139,6 +178,7 @@ class LoraAdapter:
             parts.setdefault(found["module"], {})[found["part"]] = key
         for module, have in parts.items():
             self.modules[module] = self._factors(module, have)
+        return self.modules, self.full
 
     def _config(self, directory: Path) -> dict:
         path = directory / ADAPTER_CONFIG
@@ -218,7 +258,16 @@ class LoraSource(Source):
         self.parsed = adapter = LoraAdapter(label, directory)
         self.config, self.store = adapter.config, adapter.store
         self._check_base(self.config.get("base_model_name_or_path"))
-        base_keys = set(base.keys())
+        placed = None if adapter.layout is None else _PLACED.get((id(base), adapter.layout))
+        if placed is None or placed[0] is not base:
+            placed = (base, *self._place(adapter))
+            if adapter.layout is not None:
+                _PLACED.put((id(base), adapter.layout), placed)
+        _, self.modules, self.full, self.biases = placed
+
+    def _place(self, adapter: LoraAdapter) -> tuple[dict[str, LoraModule], dict[str, str], dict[str, tuple[str, float]]]:
+        """`modules`, `full` and `biases`: the adapter's modules on the base's tensors, checked to fit."""
+        base_keys = set(self.base.keys())
         self.modules: dict[str, LoraModule] = {}
         self.full: dict[str, str] = {}
         self.biases: dict[str, tuple[str, float]] = {}  # base bias name -> (lora_B.bias key, scale)
@@ -227,6 +276,7 @@ class LoraSource(Source):
         for factors in adapter.modules.values():
             self._add(factors, base_keys)
         self._check_full()
+        return self.modules, self.full, self.biases
 
     # -- opening ---------------------------------------------------------------------------
 

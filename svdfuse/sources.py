@@ -332,6 +332,11 @@ class SafetensorsSource(Source):
     def keys(self) -> list[str]:
         return list(self._meta)
 
+    def layout(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+        """Every tensor's name, shape and stored dtype as the headers give them, in their order:
+        files of equal layouts differ in their values alone."""
+        return tuple((key, shape, dtype) for key, (shape, dtype) in self._meta.items())
+
     def __contains__(self, key: str) -> bool:
         return key in self._meta
 

@@ -402,3 +402,37 @@ def test_task_arithmetic_to_a_lora_holds_a_modules_factors_within_the_budget(tmp
     got = out["base_model.model.layer.0.proj.lora_B.weight"].to(F64) @ out["base_model.model.layer.0.proj.lora_A.weight"].to(F64)
     want = _summed(base, adapters)["layer.0.proj.weight"]
     torch.testing.assert_close(got, want, rtol=0, atol=64 * torch.finfo(torch.float32).eps * want.abs().max().item())
+
+
+def test_adapters_of_one_layout_are_parsed_and_placed_on_the_base_once(tmp_path, monkeypatch):
+    """Five adapters with equal configs and headers are parsed once and placed on the base once
+    (a thousand community adapters are one layout); one with another lora_alpha is parsed on its
+    own, with its own scale; another base places them again; a merge of them all is their sum."""
+    import shutil
+
+    import svdfuse.adapters as adapters_module
+    from svdfuse.sources import open_source
+
+    base, adapters = _base_and_adapters(tmp_path, [torch.float32] * 5)
+    other = tmp_path / "alpha16"
+    shutil.copytree(adapters[0], other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 16}))
+    monkeypatch.setattr(adapters_module, "_PARSED", adapters_module._Layouts())
+    monkeypatch.setattr(adapters_module, "_PLACED", adapters_module._Layouts())
+    calls = []
+    for cls, name in ((adapters_module.LoraAdapter, "_parse"), (adapters_module.LoraSource, "_place")):
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, *a, real=real, name=name: calls.append(name) or real(self, *a))
+    base_source = open_source(str(base), "base")
+    opened = [open_source(str(a), f"source {i}", base_source) for i, a in enumerate([*adapters, other])]
+    assert calls == ["_parse", "_place", "_parse", "_place"], calls
+    key = "layer.0.proj.weight"
+    assert [s.modules[key].scale for s in opened] == [2.0] * 5 + [4.0]
+    assert [s.modules[key].a for s in opened] == [opened[0].modules[key].a] * 6
+    again = open_source(str(adapters[0]), "source 0", open_source(str(base), "the base again"))
+    assert calls[4:] == ["_place"] and again.modules[key].scale == 2.0
+    merged = svdfuse.merge([str(a) for a in adapters], base=str(base), method="task_arithmetic", scaling=1.0, device="cpu", dtype=F64).state_dict()
+    W0 = load_file(str(base))
+    for key, delta in _summed(base, adapters).items():
+        torch.testing.assert_close(merged[key] - W0[key].to(F64), delta, rtol=0, atol=1e-12)
