@@ -125,11 +125,10 @@ class _Layouts:
             self._held.move_to_end(key)
         return value
 
-    def put(self, key: tuple, value: tuple) -> tuple:
+    def put(self, key: tuple, value: tuple) -> None:
         self._held[key] = value
         while len(self._held) > self.size:
             self._held.popitem(last=False)
-        return value
 
 
 _PARSED = _Layouts()  # layout -> (modules, full)

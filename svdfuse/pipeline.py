@@ -158,13 +158,18 @@ class Compute:
         if spec.role is Role.COPIED:
             yield from self._copied(spec)
         elif spec.role is Role.ELEMENTWISE or self.method.kind is Kind.ELEMENTWISE:
-            self._factor_buffers.clear(), self._source_buffers.clear()
+            self._free_group_buffers()
             yield from self._elementwise(spec, task.block)
         else:
             self._row_buffers.clear()  # a matrix group's pieces take the budget: no row blocks held beside them
             if self.method.kind is not Kind.FACTORS:  # nor a factored merge's (`source_factors` keeps them for the next group)
-                self._factor_buffers.clear(), self._source_buffers.clear()
+                self._free_group_buffers()
             yield from self._factors(task) if self.method.kind is Kind.FACTORS else self._matrices(task)
+
+    def _free_group_buffers(self) -> None:
+        """Free what `source_factors` keeps from one group to the next (its pieces take the budget)."""
+        self._factor_buffers.clear()
+        self._source_buffers.clear()
 
     # -- elementwise: row blocks of one tensor over all sources ---------------------------------
 
@@ -493,8 +498,8 @@ class Compute:
         """Ask the disk for adapters `ids`' factors of `keys` on a thread of its own, while this one
         computes (a thousand adapters by AXIS from a cold page cache, 2-core machine, 2026-12-07: 10.0 s
         against 12.1 s)."""
-        spans = [span for i in ids for key in keys if key in self.reader.sources[i].modules
-                 for span in (self.reader.sources[i].factor_spans(key) or (None,))[1:]]  # fmt: skip
+        found = [self.reader.sources[i].factor_spans(key) for i in ids for key in keys if key in self.reader.sources[i].modules]
+        spans = [span for where in found if where is not None for span in where[1:]]  # B's and A's (file, offset, length)
         threading.Thread(target=advise, args=(spans,), name="svdfuse-advise", daemon=True).start()
 
     def _adapter_chunks(self, specs: tuple[TensorSpec, ...], chunk: int, dtype: torch.dtype) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:

@@ -104,9 +104,9 @@ class Source:
         t = self.get(key)
         out.copy_((t.reshape(1) if t.dim() == 0 else t[start:stop]).reshape(out.shape))
 
-    def extents(self, key: str, start: int, stop: int) -> list[tuple[int, int, int]]:
-        """(file descriptor, offset, length) of the bytes of rows [start, stop) of `key`, for
-        read-ahead; empty for sources that are not files."""
+    def extents(self, key: str, start: int, stop: int) -> list[tuple[str, int, int]]:
+        """(file, offset, length) of the bytes of rows [start, stop) of `key`, for read-ahead
+        (`advise`); empty for sources that are not files."""
         return []
 
 
@@ -356,9 +356,8 @@ class SafetensorsSource(Source):
         file, offset = self._where[key]
         return file, offset + start * row, (stop - start) * row
 
-    def extents(self, key: str, start: int, stop: int) -> list[tuple[int, int, int]]:
-        file, offset, length = self.span(key, start, stop)
-        return [(_FILES.fd(file), offset, length)]
+    def extents(self, key: str, start: int, stop: int) -> list[tuple[str, int, int]]:
+        return [self.span(key, start, stop)]
 
     def ends_early(self, key: str) -> SourceError:
         """The error of a read of `key` that found fewer bytes than the header promised."""
@@ -493,7 +492,7 @@ class ComponentCache(Source):
     def read(self, key: str, start: int, stop: int, out: Tensor) -> None:
         self._store.read(self._whole(key), start, stop, out)
 
-    def extents(self, key: str, start: int, stop: int) -> list[tuple[int, int, int]]:
+    def extents(self, key: str, start: int, stop: int) -> list[tuple[str, int, int]]:
         return [] if key in self.matrices else self._store.extents(key, start, stop)
 
     def get(self, key: str) -> Tensor:
@@ -729,8 +728,9 @@ _PARALLEL_BYTES = 1 << 20  # a smaller batch is read on one thread: starting the
 
 def advise(spans: Iterable[tuple[str, int, int]]) -> None:
     """Ask the kernel to start reading the (file, offset, length) spans into the page cache (where
-    it takes advice): the disk works while the caller computes, on a thread of its own (the
-    kernel may hold a large request until most of it is queued)."""
+    it takes advice), each file held open meanwhile: the disk works while the caller computes. A
+    large request may be held until most of it is queued: advice of many megabytes goes on a thread
+    of its own (`Compute._advise`)."""
     if not hasattr(os, "posix_fadvise"):
         return
     try:
@@ -883,12 +883,7 @@ class Reader:
 
     def prefetch(self, key: str, start: int, stop: int) -> None:
         """Start reading rows [start, stop) of `key` of every file-backed model into the page cache."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        for source in (self.base, *self.sources):
-            for fd, offset, length in source.extents(key, start, stop) if key in source else ():
-                if length:
-                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        advise(span for source in (self.base, *self.sources) if key in source for span in source.extents(key, start, stop) if span[2])
 
     def non_finite(self, key: str, start: int, stop: int, shape: tuple[int, ...]) -> str | None:
         """Why rows [start, stop) of `key` are not finite in some model, or None: read again, only

@@ -532,3 +532,41 @@ def test_inclusive_ties_reads_no_cutoff_unit_again(tmp_path, monkeypatch):
     assert torch.equal(load_file(tmp_path / "out.safetensors")["table.weight"], expected["table.weight"])
     for i in range(T):
         assert 2 * rows < reads[i, "table.weight"] <= 2 * rows + rows // 8, (i, reads[i, "table.weight"])
+
+
+def test_the_descriptor_cache_hands_each_thread_its_own_files_descriptor(tmp_path):
+    # `advise` takes descriptors on a thread of its own while the merge reads: under the cache's
+    # lock a descriptor is the named file's and stays open while held, however the threads interleave
+    import sys
+    import threading
+
+    from svdfuse.sources import _OpenFiles
+
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"f{i}")
+        paths[-1].write_bytes(bytes([i]) * 16)
+    files, wrong = _OpenFiles(limit=2), []
+
+    def work(offset: int) -> None:
+        for n in range(3000):
+            i = (n * 7 + offset) % len(paths)
+            try:
+                with files.reading(str(paths[i])) as fd:
+                    got = os.pread(fd, 1, 0)
+            except Exception as err:  # noqa: BLE001 - a closed descriptor or the cache's own bookkeeping torn: both wrong
+                got = repr(err)
+            if got != bytes([i]):
+                wrong.append((i, got))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes: races show
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong, wrong[:5]

@@ -47,11 +47,11 @@ def test_flips_and_swapped_halves_are_what_their_labels_say():
     from svdfuse.study import tasks
 
     x, _, _ = tasks._photo_patches(8, seed=4)
-    flipped, kind = tasks._photo_flip(None)
+    flipped, kind = tasks.VISION_TASKS["photo_flip"].load(None)
     for img, k, want in zip(flipped[:4], kind[:4], (x[0], x[1].flip(2), x[2].flip(1), x[3].flip(1).flip(2))):
         assert torch.equal(img, want), k
     x, _, _ = tasks._photo_patches(8, seed=6)
-    swapped, kind = tasks._photo_halves(None)
+    swapped, kind = tasks.VISION_TASKS["photo_halves"].load(None)
     h = tasks.IMAGE_SIZE // 2
     assert torch.equal(swapped[1][:, :, :h], x[1][:, :, h:]) and torch.equal(swapped[2][:, :h], x[2][:, h:])
     assert torch.equal(swapped[3][:, :h, :h], x[3][:, h:, h:]) and torch.equal(swapped[0], x[0]) and list(kind[:4]) == [0, 1, 2, 3]

@@ -73,8 +73,7 @@ class StudyConfig:
     # (seed 0, validation, 2026-12-07: pl_sentence 74.0% against 68.5%, hedge 74.0 / 67.0,
     # polarity_fr 74.5 / 68.5, polarity_nl 89.0 / 80.0); bbc_topic's probe is at 95.0% (its source
     # 96.0), pl_review's source 62.5 against 59.0; spam (250 examples) and polarity_de (200) are too
-    # small for 500 test + 2 x 200 examples. Vision: the tasks whose sources beat their probe by the margin with this config's fine-tune
-    # (seed 0, validation, 2026-12-07: digits_rot90 98.0% against 90.0%, photo_rotation 92.5 / 80.5,
+    # small for 500 test + 2 x 200 examples. Vision: likewise (seed 0, validation, 2026-12-07: digits_rot90 98.0% against 90.0%, photo_rotation 92.5 / 80.5,
     # photo_flip 94.5 / 80.0, photo_halves 97.0 / 89.5). An MNIST quarter's pool (550) holds ~55
     # examples a class, short of the 64-shot setting; on halves (pools of 1800) the probe gains as
     # much as the sources: rot90 98.0 / 93.0, inverted 96.5 / 92.0, inverted and rotated 98.5 / 94.0,

